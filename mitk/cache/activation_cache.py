@@ -1,0 +1,122 @@
+"""ActivationCache: the activations of one forward, keyed by validated hook name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from mitk.errors import MitkError, UnknownHookError
+from mitk.hooks import HookKind, name
+
+
+class NotCachedError(MitkError, KeyError):
+    """A valid hook name whose activation was not stored in this cache."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class CachedModel(Protocol):
+    """What the cache needs from a model: its hook names (and, for analysis, weights)."""
+
+    hook_dict: Mapping[str, Any]
+
+
+CacheKey = str | tuple[Any, ...]
+
+
+class ActivationCache(Mapping[str, Tensor]):
+    """A read-only mapping from hook name to activation.
+
+    Keys may be full names (``"blocks.0.attn.hook_pattern"``) or the typed
+    short form ``cache["pattern", 0]`` / ``cache["scale", 1, "ln2"]``. A name
+    the model does not have raises ``UnknownHookError`` with suggestions; a
+    real name that was not cached raises ``NotCachedError`` saying how to
+    cache it.
+    """
+
+    def __init__(
+        self,
+        activations: dict[str, Tensor],
+        model: CachedModel,
+        has_batch_dim: bool = True,
+        gradients: dict[str, Tensor] | None = None,
+    ) -> None:
+        self._acts = activations
+        self._grads = gradients or {}
+        self.model = model
+        self.has_batch_dim = has_batch_dim
+
+    def _resolve(self, key: CacheKey) -> str:
+        if isinstance(key, tuple):
+            kind, *rest = key
+            key = name(kind, *rest)
+        if not isinstance(key, str):
+            raise TypeError(f"cache keys are hook names or (kind, layer) tuples, got {key!r}")
+        if key not in self.model.hook_dict:
+            raise UnknownHookError(key, self.model.hook_dict)
+        return key
+
+    def __getitem__(self, key: CacheKey) -> Tensor:
+        full = self._resolve(key)
+        if full not in self._acts:
+            raise NotCachedError(
+                f"hook {full!r} exists but was not cached in this run; include it in "
+                "run_with_cache(names_filter=...) (or leave names_filter=None to cache everything)"
+            )
+        return self._acts[full]
+
+    def grad(self, key: CacheKey) -> Tensor:
+        """Gradient of the output w.r.t. a cached activation (``run_with_cache(incl_bwd=True)``)."""
+        full = self._resolve(key)
+        if full not in self._grads:
+            raise NotCachedError(
+                f"no gradient cached for {full!r}; run_with_cache(..., incl_bwd=True) stores them"
+            )
+        return self._grads[full]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._acts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._acts)
+
+    def __len__(self) -> int:
+        return len(self._acts)
+
+    def get_act(self, kind: HookKind, layer: int | None = None, norm: str | None = None) -> Tensor:
+        """Typed lookup: ``cache.get_act("resid_pre", 3)``."""
+        return self[name(kind, layer, norm)]
+
+    def to(self, device: str | torch.device) -> ActivationCache:
+        """A copy with every tensor on ``device``."""
+        move = {k: v.to(device) for k, v in self._acts.items()}
+        grads = {k: v.to(device) for k, v in self._grads.items()}
+        return ActivationCache(move, self.model, self.has_batch_dim, grads)
+
+    def remove_batch_dim(self) -> ActivationCache:
+        """A copy with the batch axis dropped; the batch must have size 1."""
+        if not self.has_batch_dim:
+            return self
+        sizes = {v.shape[0] for v in self._acts.values()}
+        if sizes - {1}:
+            raise ValueError(f"remove_batch_dim needs batch size 1, cache has {sorted(sizes)}")
+        acts = {k: v[0] for k, v in self._acts.items()}
+        grads = {k: v[0] for k, v in self._grads.items()}
+        return ActivationCache(acts, self.model, has_batch_dim=False, gradients=grads)
+
+    def summary(self) -> str:
+        """One line per cached activation: name, shape, dtype and RMS (for a quick look)."""
+        width = max((len(k) for k in self._acts), default=0)
+        lines = [f"{'hook':<{width}}  {'shape':<22} {'dtype':<14} rms"]
+        for key, value in self._acts.items():
+            rms = value.float().pow(2).mean().sqrt().item() if value.numel() else float("nan")
+            shape = str(tuple(value.shape))
+            lines.append(f"{key:<{width}}  {shape:<22} {str(value.dtype):<14} {rms:.4g}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self)} activations, has_batch_dim={self.has_batch_dim})"

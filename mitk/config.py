@@ -1,0 +1,179 @@
+"""TransformerConfig: the one description of a model's shape and variant choices.
+
+Frozen and validated on construction, so a model built from a config can trust
+every field. ``to_json``/``from_json`` round-trip exactly; unknown keys in a
+JSON file are an error rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+import json
+from typing import Any, Literal, get_args
+
+from mitk.errors import ConfigError
+
+ActFn = Literal["gelu", "gelu_tanh", "relu", "silu"]
+Normalization = Literal["layernorm", "rmsnorm"]
+Positional = Literal["learned", "sinusoidal", "rotary", "alibi", "none"]
+AttentionBackend = Literal["auto", "sdpa", "eager"]
+DType = Literal["float32", "float64", "float16", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and variant choices of a transformer; every field is validated."""
+
+    d_model: int
+    """Width of the residual stream."""
+    n_layers: int
+    """Number of transformer blocks."""
+    n_heads: int
+    """Query heads per attention layer."""
+    d_vocab: int
+    """Vocabulary size: token ids lie in ``[0, d_vocab)``."""
+    n_ctx: int
+    """Longest sequence the positional scheme was trained for."""
+    d_head: int = -1
+    """Width of one head; -1 means ``d_model // n_heads``."""
+    d_mlp: int = -1
+    """Hidden width of the MLP; -1 means ``4 * d_model``; 0 means no MLP (attention-only)."""
+    n_key_value_heads: int = -1
+    """Key/value heads (grouped-query attention); -1 means ``n_heads``."""
+    act_fn: ActFn = "gelu_tanh"
+    """MLP nonlinearity; ``gelu_tanh`` is GPT-2's ``gelu_new``."""
+    gated_mlp: bool = False
+    """Gated MLP (``act(x W_gate) * (x W_in)``), as in SwiGLU/GeGLU."""
+    normalization: Normalization = "layernorm"
+    """Norm used before each sublayer and at the end."""
+    norm_eps: float = 1e-5
+    """Epsilon added to the variance inside every norm."""
+    positional: Positional = "learned"
+    """How position enters the model."""
+    rotary_dim: int = -1
+    """Dimensions of each head that rotary embeddings rotate; -1 means ``d_head``."""
+    rotary_base: float = 10000.0
+    """Base of the rotary frequency ladder."""
+    causal: bool = True
+    """Causal (decoder) attention; False gives bidirectional (encoder) attention."""
+    parallel_attn_mlp: bool = False
+    """Attention and MLP both read ``resid_pre`` and add into the stream together."""
+    attn_qkv_bias: bool = True
+    """Query/key/value projections carry biases."""
+    attn_out_bias: bool = True
+    """Attention output projection carries a bias."""
+    mlp_bias: bool = True
+    """MLP projections carry biases."""
+    unembed_bias: bool = False
+    """The unembedding carries a bias ``b_U``."""
+    attn_scale: float = -1.0
+    """Multiplier on ``q·k``; -1 means ``1/sqrt(d_head)``."""
+    attention_backend: AttentionBackend = "auto"
+    """``auto`` fuses attention unless a hook needs scores/patterns; ``sdpa``/``eager`` force one path."""
+    dtype: DType = "float32"
+    """Dtype of the weights and activations."""
+    architecture: str = "gpt2"
+    """Family the weights came from (informational; used when loading and reporting)."""
+    default_prepend_bos: bool = True
+    """Whether ``to_tokens`` prepends the BOS token unless told otherwise."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (source checkpoint, training run); never read by the forward."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: fill the derived defaults once, here
+        if self.d_head == -1 and self.n_heads > 0:
+            set_(self, "d_head", self.d_model // self.n_heads)
+        if self.d_mlp == -1:
+            set_(self, "d_mlp", 4 * self.d_model)
+        if self.n_key_value_heads == -1:
+            set_(self, "n_key_value_heads", self.n_heads)
+        if self.rotary_dim == -1:
+            set_(self, "rotary_dim", self.d_head)
+        if self.attn_scale == -1.0 and self.d_head > 0:
+            set_(self, "attn_scale", self.d_head**-0.5)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx", "d_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.d_mlp, int) or self.d_mlp < 0:
+            raise ConfigError(f"d_mlp must be >= 0 (0 = attention-only), got {self.d_mlp!r}")
+        if self.n_key_value_heads <= 0 or self.n_heads % self.n_key_value_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of "
+                f"n_key_value_heads ({self.n_key_value_heads})"
+            )
+        if self.positional == "rotary" and not (
+            0 < self.rotary_dim <= self.d_head and self.rotary_dim % 2 == 0
+        ):
+            raise ConfigError(
+                f"rotary_dim must be even and in (0, d_head={self.d_head}], got {self.rotary_dim}"
+            )
+        if self.norm_eps <= 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.attn_scale <= 0:
+            raise ConfigError(f"attn_scale must be positive, got {self.attn_scale}")
+        for name, literal in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in get_args(literal):
+                raise ConfigError(f"{name} must be one of {get_args(literal)}, got {value!r}")
+
+    @property
+    def has_mlp(self) -> bool:
+        """True unless the model is attention-only."""
+        return self.d_mlp > 0
+
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads sharing one key/value head (1 for plain multi-head attention)."""
+        return self.n_heads // self.n_key_value_heads
+
+    def replace(self, **changes: Any) -> TransformerConfig:
+        """A copy with some fields changed, validated again."""
+        return TransformerConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of every field."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """Indented JSON; ``from_json(cfg.to_json()) == cfg``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
+        """Build from a dict; unknown or missing required keys raise ``ConfigError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown TransformerConfig field(s): {', '.join(unknown)}")
+        required = [
+            f.name
+            for f in fields(cls)
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in data
+        ]
+        if required:
+            raise ConfigError(f"missing TransformerConfig field(s): {', '.join(required)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TransformerConfig:
+        """Inverse of ``to_json``."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object")
+        return cls.from_dict(data)
+
+
+_CHOICES: dict[str, Any] = {
+    "act_fn": ActFn,
+    "normalization": Normalization,
+    "positional": Positional,
+    "attention_backend": AttentionBackend,
+    "dtype": DType,
+}

@@ -1,0 +1,58 @@
+"""Exception types raised by mitk.
+
+Every error a caller can trigger with bad input is a subclass of both
+``MitkError`` and the built-in type a Python user would expect (``ValueError``
+for bad values and shapes, ``KeyError`` for unknown names), so existing
+``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+import difflib
+
+
+class MitkError(Exception):
+    """Base class for every error mitk raises on purpose."""
+
+
+class ConfigError(MitkError, ValueError):
+    """A configuration field is missing, out of range or inconsistent."""
+
+
+class InvalidTokensError(MitkError, ValueError):
+    """Token ids have the wrong dtype, rank or lie outside ``[0, d_vocab)``."""
+
+
+class SequenceTooLongError(MitkError, ValueError):
+    """The input is longer than the model's positional scheme supports."""
+
+
+class ShapeMismatchError(MitkError, ValueError):
+    """A tensor (an input, or a hook's replacement) has the wrong shape."""
+
+
+class HookError(MitkError, ValueError):
+    """A hook was registered in a way that could not fire as asked."""
+
+
+class UnsupportedModelError(MitkError, ValueError):
+    """A checkpoint uses an architecture or option mitk cannot reproduce."""
+
+
+class UnknownHookError(MitkError, KeyError):
+    """A hook name does not exist on this model.
+
+    The message lists the closest valid names so a typo is one glance away.
+    """
+
+    def __init__(self, name: str, valid: Iterable[str], what: str = "hook name") -> None:
+        valid = list(valid)
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        self.name = name
+        self.suggestions = close
+        super().__init__(f"unknown {what} {name!r}{hint} ({len(valid)} valid names exist)")
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return str(self.args[0])

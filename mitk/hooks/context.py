@@ -1,0 +1,45 @@
+"""The ``hooks(...)`` context manager: attach hooks for a block, always detach on exit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+from mitk.hooks.hook_point import BackwardHookFn, ForwardHookFn, HookPoint
+from mitk.hooks.registry import NamePredicate, resolve_names
+
+HookSpec = tuple[str | NamePredicate, ForwardHookFn]
+BwdHookSpec = tuple[str | NamePredicate, BackwardHookFn]
+
+
+@contextmanager
+def attached_hooks(
+    points: Mapping[str, HookPoint],
+    fwd_hooks: Sequence[HookSpec] = (),
+    bwd_hooks: Sequence[BwdHookSpec] = (),
+) -> Iterator[None]:
+    """Attach ``(name_or_predicate, fn)`` hooks to ``points`` for the duration of the block.
+
+    Every name is validated before anything is attached, so a typo never leaves
+    half the hooks in place. Exactly the hooks this call added are removed on
+    exit, whether the block returns or raises; hooks added by an enclosing
+    context stay.
+    """
+    plan: list[tuple[list, object]] = []
+    for specs, attr in ((fwd_hooks, "fwd_fns"), (bwd_hooks, "bwd_fns")):
+        for selector, fn in specs:
+            if not callable(fn):
+                raise TypeError(f"hook for {selector!r} is not callable: {fn!r}")
+            for hook_name in resolve_names(selector, points):
+                plan.append((getattr(points[hook_name], attr), fn))
+    try:
+        for fns, fn in plan:
+            fns.append(fn)
+        yield
+    finally:
+        for fns, fn in reversed(plan):
+            # remove this exact registration (identity, last occurrence first)
+            for i in range(len(fns) - 1, -1, -1):
+                if fns[i] is fn:
+                    del fns[i]
+                    break

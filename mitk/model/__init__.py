@@ -1,0 +1,15 @@
+"""The hookable transformer: components, forward, loading and saving."""
+
+from mitk.model.attention import Attention
+from mitk.model.block import TransformerBlock
+from mitk.model.pretrained import supported_architectures
+from mitk.model.tokenization import NoTokenizerError
+from mitk.model.transformer import HookedTransformer
+
+__all__ = [
+    "Attention",
+    "HookedTransformer",
+    "NoTokenizerError",
+    "TransformerBlock",
+    "supported_architectures",
+]

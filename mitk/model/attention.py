@@ -1,0 +1,158 @@
+"""Multi-head (and grouped-query) self-attention with a fused and an explicit path.
+
+Weights are stored packed, as one ``[d_model, (n_heads + 2 * n_kv_heads) * d_head]``
+matrix, so the projection is one matmul; the per-head TransformerLens views
+(``W_Q [head, d_model, d_head]`` ...) are views into that storage, so editing
+them in place edits the model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from mitk.config import TransformerConfig
+from mitk.hooks import HookPoint
+from mitk.model.linear import affine
+from mitk.model.masks import AttentionMask
+
+Backend = Literal["auto", "sdpa", "eager"]
+
+
+class Attention(nn.Module):
+    """Self-attention of one layer.
+
+    Hooks: ``hook_q``/``hook_k``/``hook_v``/``hook_z`` ``[batch, pos, head, d_head]``
+    (keys and values keep the key-value head count), ``hook_attn_scores`` and
+    ``hook_pattern`` ``[batch, head, query_pos, key_pos]`` (scores are masked
+    with -inf). After each forward ``last_path`` says which path ran and why.
+    """
+
+    def __init__(self, cfg: TransformerConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        n_q, n_kv, d_head = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+        self.W_qkv = nn.Parameter(torch.empty(cfg.d_model, (n_q + 2 * n_kv) * d_head))
+        self.b_qkv = (
+            nn.Parameter(torch.zeros((n_q + 2 * n_kv) * d_head)) if cfg.attn_qkv_bias else None
+        )
+        self.W_o = nn.Parameter(torch.empty(n_q * d_head, cfg.d_model))
+        self.b_o = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.attn_out_bias else None
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        self.hook_attn_scores = HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+        self.last_path = "not run"
+
+    # --- TransformerLens-shaped views into the packed weights -------------------------
+    def _qkv_slice(self, which: int) -> tuple[int, int, int]:
+        n_q, n_kv, d_head = self.cfg.n_heads, self.cfg.n_key_value_heads, self.cfg.d_head
+        starts = (0, n_q * d_head, (n_q + n_kv) * d_head)
+        heads = (n_q, n_kv, n_kv)
+        return starts[which], starts[which] + heads[which] * d_head, heads[which]
+
+    def _w(self, which: int) -> Tensor:
+        lo, hi, heads = self._qkv_slice(which)
+        return self.W_qkv[:, lo:hi].view(self.cfg.d_model, heads, self.cfg.d_head).permute(1, 0, 2)
+
+    def _b(self, which: int) -> Tensor:
+        lo, hi, heads = self._qkv_slice(which)
+        if self.b_qkv is None:
+            return self.W_qkv.new_zeros(heads, self.cfg.d_head)
+        return self.b_qkv[lo:hi].view(heads, self.cfg.d_head)
+
+    @property
+    def W_Q(self) -> Tensor:
+        """``[head, d_model, d_head]``"""
+        return self._w(0)
+
+    @property
+    def W_K(self) -> Tensor:
+        """``[kv_head, d_model, d_head]``"""
+        return self._w(1)
+
+    @property
+    def W_V(self) -> Tensor:
+        """``[kv_head, d_model, d_head]``"""
+        return self._w(2)
+
+    @property
+    def b_Q(self) -> Tensor:
+        """``[head, d_head]`` (zeros when the model has no q bias)."""
+        return self._b(0)
+
+    @property
+    def b_K(self) -> Tensor:
+        """``[kv_head, d_head]``"""
+        return self._b(1)
+
+    @property
+    def b_V(self) -> Tensor:
+        """``[kv_head, d_head]``"""
+        return self._b(2)
+
+    @property
+    def W_O(self) -> Tensor:
+        """``[head, d_head, d_model]``"""
+        return self.W_o.view(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+
+    @property
+    def b_O(self) -> Tensor:
+        """``[d_model]`` (zeros when the model has no output bias)."""
+        return self.b_o if self.b_o is not None else self.W_o.new_zeros(self.cfg.d_model)
+
+    # --- forward ----------------------------------------------------------------------
+    def choose_path(self, backend: Backend) -> str:
+        """``"sdpa"`` or ``"eager: <reason>"`` for this forward, per the fused-attention rule."""
+        if backend == "eager":
+            return "eager: attention_backend='eager'"
+        if backend == "sdpa":
+            return "sdpa"
+        needing = [h.name for h in (self.hook_attn_scores, self.hook_pattern) if h.has_hooks]
+        return f"eager: hooked {', '.join(needing)}" if needing else "sdpa"
+
+    def forward(self, x: Tensor, mask: AttentionMask, backend: Backend = "auto") -> Tensor:
+        cfg = self.cfg
+        batch, pos, _ = x.shape
+        qkv = affine(x, self.W_qkv, self.b_qkv).view(
+            batch, pos, cfg.n_heads + 2 * cfg.n_key_value_heads, cfg.d_head
+        )
+        q, k, v = qkv.split([cfg.n_heads, cfg.n_key_value_heads, cfg.n_key_value_heads], dim=2)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        # [batch, head, pos, d_head] is the layout both paths compute in
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        self.last_path = self.choose_path(backend)
+        if self.last_path == "sdpa":
+            z = self._fused(q, k, v, mask)
+        else:
+            z = self._explicit(q, k, v, mask)
+        z = self.hook_z(z.transpose(1, 2))
+        return affine(z.reshape(batch, pos, cfg.n_heads * cfg.d_head), self.W_o, self.b_o)
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        gqa = self.cfg.n_key_value_heads != self.cfg.n_heads
+        if mask.is_plain_causal:
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.cfg.attn_scale, enable_gqa=gqa
+            )
+        dense = None if mask.is_full else mask.dense(q.device)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense, scale=self.cfg.attn_scale, enable_gqa=gqa
+        )
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        group = self.cfg.kv_group_size
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.cfg.attn_scale
+        if not mask.is_full:
+            scores = scores.masked_fill(~mask.dense(q.device), float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1).to(v.dtype))
+        return pattern @ v

@@ -1,0 +1,43 @@
+"""Token embedding, positional embedding and unembedding."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mitk.config import TransformerConfig
+from mitk.model.linear import affine
+
+
+class Embed(nn.Module):
+    """Token ids to vectors: ``W_E [d_vocab, d_model]``."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.W_E[tokens]
+
+
+class PosEmbed(nn.Module):
+    """Learned absolute positions: ``W_pos [n_ctx, d_model]``, indexed by position id."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+
+    def forward(self, position_ids: Tensor) -> Tensor:
+        return self.W_pos[position_ids]
+
+
+class Unembed(nn.Module):
+    """Residual stream to logits: ``W_U [d_model, d_vocab]`` and optional ``b_U``."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return affine(x, self.W_U, self.b_U)

@@ -1,0 +1,55 @@
+"""Normalisation layers with hooks on the scale and the normalised output."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from mitk.config import TransformerConfig
+from mitk.hooks import HookPoint
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over ``d_model`` with ``hook_scale`` ``[batch, pos, 1]`` and ``hook_normalized``.
+
+    Runs the fused kernel unless ``hook_scale`` is hooked; then it computes the
+    scale explicitly so the hook can read or replace it.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.b = nn.Parameter(torch.zeros(cfg.d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.hook_scale.has_hooks:
+            out = F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+        else:
+            centred = x - x.mean(-1, keepdim=True)
+            scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            out = centred / scale * self.w + self.b
+        return self.hook_normalized(out)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (no centring, no bias) with the same hooks as ``LayerNorm``."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.w)
+
+
+def make_norm(cfg: TransformerConfig) -> LayerNorm | RMSNorm:
+    """The norm layer the config asks for."""
+    return LayerNorm(cfg) if cfg.normalization == "layernorm" else RMSNorm(cfg)

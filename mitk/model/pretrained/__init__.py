@@ -1,0 +1,104 @@
+"""Loading and saving checkpoints: Hugging Face directories and models, and mitk's own format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mitk.config import TransformerConfig
+from mitk.errors import UnsupportedModelError
+from mitk.model.pretrained.files import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    has_tokenizer,
+    read_safetensors_dir,
+)
+from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
+
+NATIVE_CONFIG = "mitk_config.json"
+NATIVE_WEIGHTS = "model.safetensors"
+
+ConfigFn = Callable[..., TransformerConfig]
+StateFn = Callable[[dict[str, Tensor], TransformerConfig], dict[str, Tensor]]
+# Hugging Face ``model_type`` -> (config converter, state-dict converter)
+CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
+    "gpt2": (gpt2_config, gpt2_state_dict),
+}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def supported_architectures() -> list[str]:
+    """Hugging Face ``model_type`` values mitk can convert."""
+    return sorted(CONVERTERS)
+
+
+def convert_hf(hf_config: dict[str, Any], hf_state: dict[str, Tensor], **overrides: Any):
+    """(TransformerConfig, mitk state dict) for a Hugging Face config dict and state dict."""
+    model_type = hf_config.get("model_type")
+    if model_type not in CONVERTERS:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_architectures())}"
+        )
+    make_config, make_state = CONVERTERS[model_type]
+    cfg = make_config(hf_config, **overrides)
+    return cfg, make_state(hf_state, cfg)
+
+
+def load_pretrained(
+    model_cls: Any,
+    source: str | Path | nn.Module,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    tokenizer: Any = None,
+    attention_backend: str | None = None,
+) -> Any:
+    """Build ``model_cls`` from a HF directory, a mitk save directory or an in-memory HF model."""
+    overrides: dict[str, Any] = {}
+    if dtype is not None:
+        overrides["dtype"] = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+    if attention_backend is not None:
+        overrides["attention_backend"] = attention_backend
+    if isinstance(source, nn.Module):
+        hf_config = source.config.to_dict()
+        cfg, state = convert_hf(hf_config, source.state_dict(), **overrides)
+    else:
+        directory = Path(source)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{source!s} is not a directory holding a checkpoint")
+        if (directory / NATIVE_CONFIG).exists():
+            cfg = TransformerConfig.from_json((directory / NATIVE_CONFIG).read_text())
+            cfg = cfg.replace(**overrides) if overrides else cfg
+            state = read_safetensors_dir(directory)
+        elif (directory / "config.json").exists():
+            hf_config = json.loads((directory / "config.json").read_text())
+            cfg, state = convert_hf(hf_config, read_safetensors_dir(directory), **overrides)
+        else:
+            raise FileNotFoundError(f"{directory} has neither {NATIVE_CONFIG} nor config.json")
+        if tokenizer is None and has_tokenizer(directory):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = model_cls(cfg, tokenizer=tokenizer, seed=None)
+    model.load_state_dict(state, strict=True)
+    return model.to(device) if device is not None else model
+
+
+def save_native(model: Any, directory: Path) -> Path:
+    """Write ``model`` in mitk's own format; ``load_pretrained`` reads it back exactly."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(model.state_dict(), directory / NATIVE_WEIGHTS)
+    atomic_write_text(model.cfg.to_json(), directory / NATIVE_CONFIG)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,87 @@
+"""Text in and out: the tokenizer methods of the transformer, when one is attached."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mitk.config import TransformerConfig
+from mitk.errors import MitkError
+
+
+class NoTokenizerError(MitkError, RuntimeError):
+    """A text method was called on a model that has no tokenizer attached."""
+
+
+class TextInterface:
+    """Mixin: ``to_tokens``, ``to_str_tokens``, ``to_string``, ``tokenize`` over a HF tokenizer."""
+
+    cfg: TransformerConfig
+    tokenizer: Any
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise NoTokenizerError(
+                "this model has no tokenizer; pass token id tensors, or attach one with "
+                "model.set_tokenizer(transformers.AutoTokenizer.from_pretrained(path))"
+            )
+        return self.tokenizer
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Attach a Hugging Face tokenizer; a pad token is borrowed from EOS when missing."""
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+
+    def tokenize(
+        self,
+        text: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str = "right",
+    ) -> tuple[Tensor, Tensor]:
+        """Token ids ``[batch, pos]`` and the attention mask ``[batch, pos]`` (1 = real token).
+
+        ``prepend_bos`` defaults to ``cfg.default_prepend_bos``; sequences of
+        different lengths are padded on ``padding_side`` ("right" or "left").
+        """
+        tok = self._require_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        if prepend_bos is None:
+            prepend_bos = self.cfg.default_prepend_bos
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if prepend_bos and tok.bos_token_id is not None:
+            ids = [[tok.bos_token_id, *seq] for seq in ids]
+        width = max(len(seq) for seq in ids)
+        tokens = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            cols = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+            tokens[row, cols] = torch.tensor(seq, dtype=torch.long)
+            mask[row, cols] = 1
+        return tokens, mask
+
+    def to_tokens(
+        self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str = "right"
+    ) -> Tensor:
+        """Token ids ``[batch, pos]`` (padding with the pad token; see ``tokenize`` for the mask)."""
+        return self.tokenize(text, prepend_bos, padding_side)[0]
+
+    def to_str_tokens(self, text: str | Tensor, prepend_bos: bool | None = None) -> list[str]:
+        """The token strings of one text or one 1-D (or ``[1, pos]``) token tensor."""
+        tok = self._require_tokenizer()
+        if isinstance(text, str):
+            ids = self.to_tokens(text, prepend_bos)[0].tolist()
+        else:
+            ids = text.reshape(-1).tolist() if text.ndim <= 1 or text.shape[0] == 1 else None
+            if ids is None:
+                raise ValueError("to_str_tokens takes one sequence; index the batch first")
+        return [tok.decode([i]) for i in ids]
+
+    def to_string(self, tokens: Tensor) -> str | list[str]:
+        """Decode ``[pos]`` to one string or ``[batch, pos]`` to a list of strings."""
+        tok = self._require_tokenizer()
+        if tokens.ndim == 1:
+            return tok.decode(tokens.tolist())
+        return [tok.decode(row.tolist()) for row in tokens]

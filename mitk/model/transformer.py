@@ -1,0 +1,307 @@
+"""HookedTransformer: the model, its forward, and the hook/cache entry points."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mitk.cache import ActivationCache
+from mitk.config import TransformerConfig
+from mitk.errors import HookError
+from mitk.hooks import (
+    BwdHookSpec,
+    HookPoint,
+    HookSpec,
+    NameSelector,
+    attached_hooks,
+    collect_hook_points,
+    layer_of,
+    resolve_names,
+)
+from mitk.model.block import TransformerBlock
+from mitk.model.embed import Embed, PosEmbed, Unembed
+from mitk.model.inputs import checked_attention_mask, checked_residual, checked_tokens
+from mitk.model.loss import next_token_loss
+from mitk.model.masks import AttentionMask, position_ids_from_mask
+from mitk.model.norms import make_norm
+from mitk.model.tokenization import TextInterface
+from mitk.model.weights import WeightViews
+
+ReturnType = Literal["logits", "hidden", "loss"]
+ModelInput = Tensor | str | list[str]
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class HookedTransformer(WeightViews, TextInterface, nn.Module):
+    """A transformer whose every activation is reachable through a named HookPoint.
+
+    Build one from a ``TransformerConfig`` (random init) or with
+    ``HookedTransformer.from_pretrained(path_or_model)``. ``hook_dict`` maps
+    every hook name to its HookPoint.
+    """
+
+    def __init__(self, cfg: TransformerConfig, tokenizer: Any = None, seed: int | None = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        if cfg.positional == "learned":
+            self.pos_embed = PosEmbed(cfg)
+            self.hook_pos_embed = HookPoint()
+        elif cfg.positional != "none":
+            raise NotImplementedError(f"positional scheme {cfg.positional!r} is not built yet")
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = make_norm(cfg)
+        self.unembed = Unembed(cfg)
+        self.hook_dict: dict[str, HookPoint] = collect_hook_points(self)
+        self.attention_backend = cfg.attention_backend
+        self.tokenizer = None
+        self.set_tokenizer(tokenizer)
+        if seed is not None:  # None: the caller loads weights next, so skip the init work
+            self.init_weights(seed)
+        self.to(_DTYPES[cfg.dtype])
+
+    # --- construction -----------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 style init: N(0, 0.02), output projections scaled by 1/sqrt(2 n_layers)."""
+        gen = torch.Generator().manual_seed(seed)
+        for pname, param in self.named_parameters():
+            leaf = pname.rsplit(".", 1)[-1]
+            if leaf in ("w",):
+                param.fill_(1.0)
+            elif leaf.startswith("b"):
+                param.zero_()
+            else:
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if leaf in ("W_o", "W_out") else 0.02
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path | nn.Module, **kwargs: Any) -> HookedTransformer:
+        """Load from a local Hugging Face directory, a mitk save, or an in-memory HF model.
+
+        Weights load unprocessed, so outputs equal the original model's. A
+        tokenizer found in the directory is attached.
+        """
+        from mitk.model.pretrained import load_pretrained
+
+        return load_pretrained(cls, source, **kwargs)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write mitk's own format (``mitk_config.json`` + ``model.safetensors``, plus tokenizer)."""
+        from mitk.model.pretrained import save_native
+
+        return save_native(self, Path(directory))
+
+    # --- forward ----------------------------------------------------------------------
+    def forward(
+        self,
+        input: ModelInput,
+        attention_mask: Tensor | None = None,
+        return_type: ReturnType = "logits",
+        *,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        logit_positions: int | slice | Tensor | None = None,
+        tokens: Tensor | None = None,
+    ) -> Tensor:
+        """Run the model.
+
+        - ``input``: token ids ``[batch, pos]`` (or ``[pos]``), text (needs a
+          tokenizer; padding and mask are handled), or with ``start_at_layer``
+          a residual stream ``[batch, pos, d_model]``.
+        - ``attention_mask``: ``[batch, pos]``, 1 at real tokens; left or right padding.
+        - ``return_type``: ``"logits"`` ``[batch, pos, d_vocab]``, ``"hidden"``
+          (after the final norm) ``[batch, pos, d_model]``, or ``"loss"`` (mean
+          next-token cross-entropy over real tokens; with ``start_at_layer`` pass
+          ``tokens``).
+        - ``stop_at_layer=L``: run blocks ``0..L-1`` and return the residual
+          stream entering block L, ``[batch, pos, d_model]`` (negative L counts
+          from the end).
+        - ``logit_positions``: unembed only these positions (int, slice or 1-D
+          index tensor); the pos axis is kept.
+        """
+        cfg = self.cfg
+        if isinstance(input, (str, list)):
+            if attention_mask is not None:
+                raise ValueError("pass either text (the mask is built for you) or an attention_mask")
+            input, attention_mask = self.tokenize(input)
+            input, attention_mask = input.to(self.W_E.device), attention_mask.to(self.W_E.device)
+        first = self._layer_index(start_at_layer, "start_at_layer", default=0)
+        last = self._layer_index(stop_at_layer, "stop_at_layer", default=cfg.n_layers)
+        if start_at_layer is None:
+            tokens = checked_tokens(input, cfg)
+            key_valid = checked_attention_mask(attention_mask, tuple(tokens.shape))
+            resid = self._embed(tokens, key_valid)
+        else:
+            resid = checked_residual(input, cfg)
+            key_valid = checked_attention_mask(attention_mask, tuple(resid.shape[:2]))
+        mask = AttentionMask(cfg.causal, resid.shape[1], resid.shape[1], key_valid)
+        for block in self.blocks[first:last]:
+            resid = block(resid, mask, self.attention_backend)
+        if stop_at_layer is not None:
+            return resid
+        hidden = self.ln_final(resid)
+        if return_type == "hidden":
+            return hidden
+        if return_type == "logits":
+            if logit_positions is not None:
+                index = (
+                    slice(logit_positions, logit_positions + 1 or None)
+                    if isinstance(logit_positions, int)
+                    else logit_positions
+                )
+                hidden = hidden[:, index]
+            return self.unembed(hidden)
+        if return_type == "loss":
+            if tokens is None:
+                raise ValueError("return_type='loss' with start_at_layer needs tokens=")
+            tokens = checked_tokens(tokens, cfg).to(hidden.device)
+            return next_token_loss(hidden, tokens, key_valid, self.unembed)
+        raise ValueError(f"return_type must be 'logits', 'hidden' or 'loss', got {return_type!r}")
+
+    def _embed(self, tokens: Tensor, key_valid: Tensor | None) -> Tensor:
+        tokens = tokens.to(self.W_E.device)
+        resid = self.hook_embed(self.embed(tokens))
+        if self.cfg.positional == "learned":
+            positions = position_ids_from_mask(key_valid, tokens.shape[1], tokens.device)
+            # expand (a view) so the hook sees [batch, pos, d_model] like every other residual write
+            pos_embed = self.pos_embed(positions).expand(resid.shape)
+            resid = resid + self.hook_pos_embed(pos_embed)
+        return resid
+
+    def _layer_index(self, layer: int | None, what: str, default: int) -> int:
+        if layer is None:
+            return default
+        n = self.cfg.n_layers
+        if not -n <= layer <= n:
+            raise ValueError(f"{what}={layer} is outside [-{n}, {n}] for a {n}-layer model")
+        return layer % n if layer < 0 else layer
+
+    def attention_paths(self) -> list[str]:
+        """Per layer, which attention path the last forward ran (``"sdpa"`` or ``"eager: why"``)."""
+        return [block.attn.last_path for block in self.blocks]
+
+    # --- hooks and caching -------------------------------------------------------------
+    def hooks(
+        self, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[BwdHookSpec] = ()
+    ) -> Any:
+        """Context manager: hooks attached inside the block, removed on exit even on error.
+
+        Each hook is ``(name_or_predicate, fn)``; ``fn(activation, hook)`` may
+        return a replacement of the same shape. Backward hooks receive the
+        gradient w.r.t. the activation; they stay attached to the graph built
+        inside the block, so ``loss.backward()`` after the block still fires them.
+        """
+        return attached_hooks(self.hook_dict, fwd_hooks, bwd_hooks)
+
+    def reset_hooks(self) -> None:
+        """Detach every hook from every HookPoint (a safety net; contexts already clean up)."""
+        for point in self.hook_dict.values():
+            point.clear()
+
+    def hooks_that_fire(self, start_at_layer: int | None, stop_at_layer: int | None) -> list[str]:
+        """Hook names a forward with these layer bounds passes through."""
+        first = self._layer_index(start_at_layer, "start_at_layer", 0)
+        last = self._layer_index(stop_at_layer, "stop_at_layer", self.cfg.n_layers)
+        fired = []
+        for hook_name in self.hook_dict:
+            layer = layer_of(hook_name)
+            if layer is None:
+                is_final = hook_name.startswith("ln_final.")
+                ok = stop_at_layer is None if is_final else start_at_layer is None
+            else:
+                ok = first <= layer < last
+            if ok:
+                fired.append(hook_name)
+        return fired
+
+    def _check_fire(self, specs: Sequence[tuple[Any, Any]], kwargs: dict[str, Any]) -> None:
+        start, stop = kwargs.get("start_at_layer"), kwargs.get("stop_at_layer")
+        if start is None and stop is None:
+            return
+        fire = set(self.hooks_that_fire(start, stop))
+        for selector, _ in specs:
+            if isinstance(selector, str) and selector in self.hook_dict and selector not in fire:
+                raise HookError(
+                    f"hook {selector!r} would never fire with start_at_layer={start}, "
+                    f"stop_at_layer={stop}"
+                )
+
+    def run_with_hooks(
+        self,
+        input: ModelInput,
+        *args: Any,
+        fwd_hooks: Sequence[HookSpec] = (),
+        bwd_hooks: Sequence[BwdHookSpec] = (),
+        **kwargs: Any,
+    ) -> Tensor:
+        """One forward with temporary hooks (see ``hooks``); other arguments go to ``forward``."""
+        self._check_fire([*fwd_hooks, *bwd_hooks], kwargs)
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(input, *args, **kwargs)
+
+    def run_with_cache(
+        self,
+        input: ModelInput,
+        *args: Any,
+        names_filter: NameSelector = None,
+        device: str | torch.device | None = None,
+        incl_bwd: bool = False,
+        remove_batch_dim: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Tensor, ActivationCache]:
+        """Forward, storing activations; returns ``(output, ActivationCache)``.
+
+        ``names_filter`` is a hook name, a list of names, a predicate on names,
+        or None for every hook the forward passes through. Activations are
+        detached (and moved to ``device`` if given). ``incl_bwd=True`` also
+        backpropagates the (scalar) output and stores each gradient
+        (``cache.grad(name)``).
+        """
+        if isinstance(names_filter, (str, list, tuple)):
+            names = resolve_names(names_filter, self.hook_dict)
+            self._check_fire([(n, None) for n in names], kwargs)
+        else:
+            fire = self.hooks_that_fire(kwargs.get("start_at_layer"), kwargs.get("stop_at_layer"))
+            names = resolve_names(names_filter, {n: None for n in fire})
+        acts: dict[str, Tensor] = {}
+        grads: dict[str, Tensor] = {}
+
+        def keep(store: dict[str, Tensor]) -> Any:
+            def hook(act: Tensor, point: HookPoint) -> None:
+                act = act.detach()
+                store[point.name] = act if device is None else act.to(device)
+
+            return hook
+
+        fwd = [(n, keep(acts)) for n in names]
+        bwd = [(n, keep(grads)) for n in names] if incl_bwd else []
+        with self.hooks(fwd, bwd):
+            out = self(input, *args, **kwargs)
+            if incl_bwd:
+                if out.numel() != 1:
+                    raise ValueError("incl_bwd=True needs a scalar output, e.g. return_type='loss'")
+                out.backward()
+        cache = ActivationCache(acts, self, gradients=grads)
+        return out, cache.remove_batch_dim() if remove_batch_dim else cache
+
+    @contextmanager
+    def backend(self, name: Literal["auto", "sdpa", "eager"]) -> Iterator[None]:
+        """Temporarily force an attention backend (restored on exit)."""
+        previous, self.attention_backend = self.attention_backend, name
+        try:
+            yield
+        finally:
+            self.attention_backend = previous

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from mitk.config import TransformerConfig
+from mitk.errors import HookError
 from mitk.hooks import HookPoint
 from mitk.model.linear import affine
 from mitk.model.masks import AttentionMask
@@ -112,9 +113,13 @@ class Attention(nn.Module):
         """``"sdpa"`` or ``"eager: <reason>"`` for this forward, per the fused-attention rule."""
         if backend == "eager":
             return "eager: attention_backend='eager'"
-        if backend == "sdpa":
-            return "sdpa"
         needing = [h.name for h in (self.hook_attn_scores, self.hook_pattern) if h.has_hooks]
+        if backend == "sdpa" and needing:
+            # the fused kernel never materialises scores or patterns: refuse rather than skip hooks
+            raise HookError(
+                f"attention_backend='sdpa' cannot fire {', '.join(needing)}: the fused kernel "
+                "computes no scores or pattern; use 'auto' or 'eager'"
+            )
         return f"eager: hooked {', '.join(needing)}" if needing else "sdpa"
 
     def forward(self, x: Tensor, mask: AttentionMask, backend: Backend = "auto") -> Tensor:

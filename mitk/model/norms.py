@@ -13,8 +13,9 @@ from mitk.hooks import HookPoint
 class LayerNorm(nn.Module):
     """LayerNorm over ``d_model`` with ``hook_scale`` ``[batch, pos, 1]`` and ``hook_normalized``.
 
-    Runs the fused kernel unless ``hook_scale`` is hooked; then it computes the
-    scale explicitly so the hook can read or replace it.
+    ``hook_normalized`` sees ``(x - mean) / scale`` before the elementwise
+    weight and bias (as in TransformerLens). The fused kernel runs when neither
+    hook is attached; otherwise the hooked pieces are computed explicitly.
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -26,13 +27,15 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.hook_scale.has_hooks:
-            out = F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
-        else:
+        if self.hook_scale.has_hooks:
             centred = x - x.mean(-1, keepdim=True)
             scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-            out = centred / scale * self.w + self.b
-        return self.hook_normalized(out)
+            normalized = centred / scale
+        elif self.hook_normalized.has_hooks:
+            normalized = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+        else:
+            return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
+        return self.hook_normalized(normalized) * self.w + self.b
 
 
 class RMSNorm(nn.Module):
@@ -47,7 +50,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        return self.hook_normalized(x / scale * self.w)
+        return self.hook_normalized(x / scale) * self.w
 
 
 def make_norm(cfg: TransformerConfig) -> LayerNorm | RMSNorm:

@@ -133,7 +133,9 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
           index tensor); the pos axis is kept.
         """
         cfg = self.cfg
-        if isinstance(input, (str, list)):
+        if isinstance(input, str) or (
+            isinstance(input, list) and input and all(isinstance(t, str) for t in input)
+        ):
             if attention_mask is not None:
                 raise ValueError("pass either text (the mask is built for you) or an attention_mask")
             input, attention_mask = self.tokenize(input)

@@ -1,5 +1,9 @@
 """TransformerLens-style weight properties, stacked over layers.
 
+A weight the model does not have (``W_in`` of an attention-only model)
+raises ``UnsupportedModelError``, not ``AttributeError``, because
+``nn.Module.__getattr__`` would replace the message with a generic one.
+
 Each property builds a fresh stacked tensor (``torch.stack`` copies), so read
 from them freely but edit weights through the per-layer views
 (``model.blocks[L].attn.W_Q``), which share storage with the parameters.
@@ -11,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from mitk.errors import UnsupportedModelError
 
 
 def _zeros_or(param: Tensor | None, like: Tensor, size: int) -> Tensor:
@@ -29,7 +35,7 @@ class WeightViews:
 
     def _stack_mlp(self, get: Callable[[nn.Module], Tensor]) -> Tensor:
         if not hasattr(self.blocks[0], "mlp"):
-            raise AttributeError("this model is attention-only: it has no MLP weights")
+            raise UnsupportedModelError("this model is attention-only: it has no MLP weights")
         return self._stack(lambda b: get(b.mlp))
 
     @property
@@ -42,7 +48,7 @@ class WeightViews:
         """``[n_ctx, d_model]`` (learned positions only)."""
         pos_embed = getattr(self, "pos_embed", None)
         if pos_embed is None:
-            raise AttributeError("this model has no learned positional embedding W_pos")
+            raise UnsupportedModelError("this model has no learned positional embedding W_pos")
         return pos_embed.W_pos
 
     @property
@@ -104,7 +110,7 @@ class WeightViews:
     def W_gate(self) -> Tensor:
         """``[n_layers, d_model, d_mlp]`` (gated MLPs only)."""
         if self.blocks[0].mlp.W_gate is None:
-            raise AttributeError("this model's MLP is not gated: it has no W_gate")
+            raise UnsupportedModelError("this model's MLP is not gated: it has no W_gate")
         return self._stack_mlp(lambda m: m.W_gate)
 
     @property

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
-from mitk.errors import UnsupportedModelError
+from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.pretrained.files import (
     atomic_save_safetensors,
     atomic_write_text,
@@ -42,16 +42,15 @@ def supported_architectures() -> list[str]:
     return sorted(CONVERTERS)
 
 
-def convert_hf(hf_config: dict[str, Any], hf_state: dict[str, Tensor], **overrides: Any):
-    """(TransformerConfig, mitk state dict) for a Hugging Face config dict and state dict."""
+def hf_converters(hf_config: dict[str, Any]) -> tuple[ConfigFn, StateFn]:
+    """The converters for a Hugging Face config, or an error listing what is supported."""
     model_type = hf_config.get("model_type")
     if model_type not in CONVERTERS:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_architectures())}"
+            f"model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(supported_architectures())}"
         )
-    make_config, make_state = CONVERTERS[model_type]
-    cfg = make_config(hf_config, **overrides)
-    return cfg, make_state(hf_state, cfg)
+    return CONVERTERS[model_type]
 
 
 def load_pretrained(
@@ -70,8 +69,9 @@ def load_pretrained(
     if attention_backend is not None:
         overrides["attention_backend"] = attention_backend
     if isinstance(source, nn.Module):
-        hf_config = source.config.to_dict()
-        cfg, state = convert_hf(hf_config, source.state_dict(), **overrides)
+        make_config, make_state = hf_converters(source.config.to_dict())
+        cfg = make_config(source.config.to_dict(), **overrides)
+        state = make_state(source.state_dict(), cfg)
     else:
         directory = Path(source)
         if not directory.is_dir():
@@ -82,7 +82,12 @@ def load_pretrained(
             state = read_safetensors_dir(directory)
         elif (directory / "config.json").exists():
             hf_config = json.loads((directory / "config.json").read_text())
-            cfg, state = convert_hf(hf_config, read_safetensors_dir(directory), **overrides)
+            make_config, make_state = hf_converters(hf_config)
+            try:
+                cfg = make_config(hf_config, **overrides)
+            except KeyError as err:
+                raise ConfigError(f"{directory / 'config.json'} lacks field {err}") from err
+            state = make_state(read_safetensors_dir(directory), cfg)
         else:
             raise FileNotFoundError(f"{directory} has neither {NATIVE_CONFIG} nor config.json")
         if tokenizer is None and has_tokenizer(directory):

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models and checkpoints written to temp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mitk import HookedTransformer, TransformerConfig
+from tests.checkpoints import save_gpt2
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 3-layer GPT-2 saved as a Hugging Face directory, with a word tokenizer."""
+    return save_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir: Path) -> HookedTransformer:
+    """mitk's load of ``gpt2_dir`` (shared: tests must not leave hooks or edits behind)."""
+    return HookedTransformer.from_pretrained(gpt2_dir)
+
+
+@pytest.fixture
+def tiny_cfg() -> TransformerConfig:
+    return TransformerConfig(d_model=32, n_layers=2, n_heads=4, d_vocab=50, n_ctx=16)
+
+
+@pytest.fixture
+def tiny(tiny_cfg: TransformerConfig) -> HookedTransformer:
+    return HookedTransformer(tiny_cfg, seed=1)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(1, 97, (3, 12), generator=torch.Generator().manual_seed(0))

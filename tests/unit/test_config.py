@@ -1,0 +1,88 @@
+"""TransformerConfig: derived defaults, validation and JSON round-trip."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+import pytest
+
+from mitk import TransformerConfig
+from mitk.errors import ConfigError
+
+BASE = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_vocab": 100, "n_ctx": 32}
+
+
+def test_derived_defaults() -> None:
+    cfg = TransformerConfig(**BASE)
+    assert (cfg.d_head, cfg.d_mlp, cfg.n_key_value_heads, cfg.rotary_dim) == (16, 256, 4, 16)
+    assert cfg.attn_scale == pytest.approx(16**-0.5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"d_model": 0}, "d_model must be a positive int"),
+        ({"n_layers": -1}, "n_layers"),
+        ({"n_heads": 2.5}, "n_heads"),
+        ({"n_key_value_heads": 3}, "multiple of n_key_value_heads"),
+        ({"act_fn": "swishy"}, "act_fn must be one of"),
+        ({"positional": "relative"}, "positional must be one of"),
+        ({"attention_backend": "flash"}, "attention_backend must be one of"),
+        ({"norm_eps": 0.0}, "norm_eps"),
+        ({"positional": "rotary", "rotary_dim": 7}, "rotary_dim must be even"),
+        ({"d_mlp": -3}, "d_mlp"),
+    ],
+)
+def test_invalid_fields_are_named(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TransformerConfig(**{**BASE, **change})
+
+
+def test_config_is_frozen() -> None:
+    cfg = TransformerConfig(**BASE)
+    with pytest.raises(AttributeError):
+        cfg.d_model = 3  # type: ignore[misc]
+
+
+def test_from_dict_rejects_unknown_and_missing_keys() -> None:
+    with pytest.raises(ConfigError, match="unknown TransformerConfig field"):
+        TransformerConfig.from_dict({**BASE, "n_embd": 3})
+    with pytest.raises(ConfigError, match="missing TransformerConfig field"):
+        TransformerConfig.from_dict({"d_model": 4})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        TransformerConfig.from_json("{nope")
+
+
+@given(
+    n_heads=st.sampled_from([1, 2, 4, 8]),
+    kv_div=st.sampled_from([1, 2]),
+    d_head=st.integers(1, 32),
+    d_mlp=st.integers(0, 128),
+    act_fn=st.sampled_from(["gelu", "gelu_tanh", "relu", "silu"]),
+    normalization=st.sampled_from(["layernorm", "rmsnorm"]),
+    gated=st.booleans(),
+    parallel=st.booleans(),
+)
+def test_json_round_trip(
+    n_heads: int,
+    kv_div: int,
+    d_head: int,
+    d_mlp: int,
+    act_fn: str,
+    normalization: str,
+    gated: bool,
+    parallel: bool,
+) -> None:
+    cfg = TransformerConfig(
+        **{**BASE, "n_heads": n_heads},
+        n_key_value_heads=max(1, n_heads // kv_div),
+        d_head=d_head,
+        d_mlp=d_mlp,
+        act_fn=act_fn,  # type: ignore[arg-type]
+        normalization=normalization,  # type: ignore[arg-type]
+        gated_mlp=gated,
+        parallel_attn_mlp=parallel,
+        extra={"source": "test"},
+    )
+    assert TransformerConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.replace(n_layers=5).n_layers == 5

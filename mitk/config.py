@@ -69,7 +69,7 @@ class TransformerConfig:
     attn_scale: float = -1.0
     """Multiplier on ``q·k``; -1 means ``1/sqrt(d_head)``."""
     attention_backend: AttentionBackend = "auto"
-    """``auto`` fuses attention unless a hook needs scores/patterns; ``sdpa``/``eager`` force one path."""
+    """``auto``: fused unless a hook needs scores/patterns; ``sdpa``/``eager`` force a path."""
     dtype: DType = "float32"
     """Dtype of the weights and activations."""
     architecture: str = "gpt2"

@@ -7,7 +7,7 @@ Axis names, written once so every module spells them the same way:
 
 from __future__ import annotations
 
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 Tokens = Int[Tensor, "batch pos"]
@@ -21,6 +21,7 @@ Scalar = Float[Tensor, ""]
 
 __all__ = [
     "AttentionMask",
+    "Bool",
     "Float",
     "Int",
     "Logits",

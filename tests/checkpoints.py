@@ -7,7 +7,26 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-WORDS = "the cat sat on a mat and dog ran to big red house when it was very late".split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "and",
+    "dog",
+    "ran",
+    "to",
+    "big",
+    "red",
+    "house",
+    "when",
+    "it",
+    "was",
+    "very",
+    "late",
+]
 SPECIALS = ["<|endoftext|>", "<unk>"]
 
 

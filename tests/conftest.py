@@ -5,10 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from jaxtyping import install_import_hook
+
+# Every annotated function in these packages gets its jaxtyping shapes checked at test time.
+# mitk.config is left out on purpose: it validates its own fields, and those checks (with their
+# messages) are what the config tests assert.
+with install_import_hook(
+    ["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analysis", "mitk.sae"], "beartype.beartype"
+):
+    from mitk import HookedTransformer, TransformerConfig
+
 import pytest
 import torch
 
-from mitk import HookedTransformer, TransformerConfig
 from tests.checkpoints import save_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from mitk.errors import MitkError, UnknownHookError
-from mitk.hooks import HookKind, name
+from mitk.hooks import name
 
 
 class NotCachedError(MitkError, KeyError):
@@ -19,10 +19,12 @@ class NotCachedError(MitkError, KeyError):
         return str(self.args[0])
 
 
+@runtime_checkable
 class CachedModel(Protocol):
     """What the cache needs from a model: its hook names (and, for analysis, weights)."""
 
-    hook_dict: Mapping[str, Any]
+    @property
+    def hook_dict(self) -> Mapping[str, Any]: ...
 
 
 CacheKey = str | tuple[Any, ...]
@@ -87,7 +89,7 @@ class ActivationCache(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self._acts)
 
-    def get_act(self, kind: HookKind, layer: int | None = None, norm: str | None = None) -> Tensor:
+    def get_act(self, kind: str, layer: int | None = None, norm: str | None = None) -> Tensor:
         """Typed lookup: ``cache.get_act("resid_pre", 3)``."""
         return self[name(kind, layer, norm)]
 
@@ -115,7 +117,7 @@ class ActivationCache(Mapping[str, Tensor]):
         for key, value in self._acts.items():
             rms = value.float().pow(2).mean().sqrt().item() if value.numel() else float("nan")
             shape = str(tuple(value.shape))
-            lines.append(f"{key:<{width}}  {shape:<22} {str(value.dtype):<14} {rms:.4g}")
+            lines.append(f"{key:<{width}}  {shape:<22} {value.dtype!s:<14} {rms:.4g}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

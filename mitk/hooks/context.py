@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from mitk.hooks.hook_point import BackwardHookFn, ForwardHookFn, HookPoint
 from mitk.hooks.registry import NamePredicate, resolve_names
@@ -25,7 +26,7 @@ def attached_hooks(
     exit, whether the block returns or raises; hooks added by an enclosing
     context stay.
     """
-    plan: list[tuple[list, object]] = []
+    plan: list[tuple[list[Any], Any]] = []
     for specs, attr in ((fwd_hooks, "fwd_fns"), (bwd_hooks, "bwd_fns")):
         for selector, fn in specs:
             if not callable(fn):

@@ -42,8 +42,11 @@ _NORM_LEVEL = {"scale", "normalized"}
 NORMS = ("ln1", "ln2")
 
 
-def name(kind: HookKind, layer: int | None = None, norm: str | None = None) -> str:
-    """The canonical hook name for ``kind`` at ``layer``.
+def name(kind: str, layer: int | None = None, norm: str | None = None) -> str:
+    """The canonical hook name for ``kind`` (one of ``HookKind``) at ``layer``.
+
+    ``kind`` is typed ``str`` because it often comes from users (CLI flags,
+    specs); an unknown kind is a runtime error with suggestions.
 
     ``norm`` picks ``"ln1"``/``"ln2"`` for ``scale``/``normalized``; with no
     layer those two refer to the final norm (``ln_final``). Raises

@@ -3,6 +3,7 @@
 from mitk.model.attention import Attention
 from mitk.model.block import TransformerBlock
 from mitk.model.pretrained import supported_architectures
+from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.tokenization import NoTokenizerError
 from mitk.model.transformer import HookedTransformer
 
@@ -11,5 +12,6 @@ __all__ = [
     "HookedTransformer",
     "NoTokenizerError",
     "TransformerBlock",
+    "embedded_models",
     "supported_architectures",
 ]

@@ -19,8 +19,12 @@ from mitk.errors import HookError
 from mitk.hooks import HookPoint
 from mitk.model.linear import affine
 from mitk.model.masks import AttentionMask
+from mitk.shapes import Float
 
 Backend = Literal["auto", "sdpa", "eager"]
+Queries = Float[Tensor, "batch head pos d_head"]
+KeysValues = Float[Tensor, "batch kv_head key_pos d_head"]
+Mixed = Float[Tensor, "batch head pos d_head"]
 
 
 class Attention(nn.Module):
@@ -122,7 +126,9 @@ class Attention(nn.Module):
             )
         return f"eager: hooked {', '.join(needing)}" if needing else "sdpa"
 
-    def forward(self, x: Tensor, mask: AttentionMask, backend: Backend = "auto") -> Tensor:
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], mask: AttentionMask, backend: Backend = "auto"
+    ) -> Float[Tensor, "batch pos d_model"]:
         cfg = self.cfg
         batch, pos, _ = x.shape
         qkv = affine(x, self.W_qkv, self.b_qkv).view(
@@ -140,7 +146,7 @@ class Attention(nn.Module):
         z = self.hook_z(z.transpose(1, 2))
         return affine(z.reshape(batch, pos, cfg.n_heads * cfg.d_head), self.W_o, self.b_o)
 
-    def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    def _fused(self, q: Queries, k: KeysValues, v: KeysValues, mask: AttentionMask) -> Mixed:
         gqa = self.cfg.n_key_value_heads != self.cfg.n_heads
         if mask.is_plain_causal:
             return F.scaled_dot_product_attention(
@@ -151,7 +157,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=dense, scale=self.cfg.attn_scale, enable_gqa=gqa
         )
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    def _explicit(self, q: Queries, k: KeysValues, v: KeysValues, mask: AttentionMask) -> Mixed:
         group = self.cfg.kv_group_size
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

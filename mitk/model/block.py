@@ -10,6 +10,7 @@ from mitk.model.attention import Attention, Backend
 from mitk.model.masks import AttentionMask
 from mitk.model.mlp import MLP
 from mitk.model.norms import make_norm
+from mitk.shapes import Float
 
 
 class TransformerBlock(nn.Module):
@@ -35,7 +36,12 @@ class TransformerBlock(nn.Module):
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid: Tensor, mask: AttentionMask, backend: Backend = "auto") -> Tensor:
+    def forward(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        mask: AttentionMask,
+        backend: Backend = "auto",
+    ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid), mask, backend))
         if not self.cfg.has_mlp:

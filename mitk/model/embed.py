@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
 from mitk.model.linear import affine
+from mitk.shapes import Float, Int
 
 
 class Embed(nn.Module):
@@ -16,7 +17,7 @@ class Embed(nn.Module):
         super().__init__()
         self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         return self.W_E[tokens]
 
 
@@ -27,7 +28,9 @@ class PosEmbed(nn.Module):
         super().__init__()
         self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
 
-    def forward(self, position_ids: Tensor) -> Tensor:
+    def forward(
+        self, position_ids: Int[Tensor, "#batch pos"]
+    ) -> Float[Tensor, "#batch pos d_model"]:
         return self.W_pos[position_ids]
 
 
@@ -39,5 +42,5 @@ class Unembed(nn.Module):
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         return affine(x, self.W_U, self.b_U)

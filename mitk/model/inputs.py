@@ -32,7 +32,8 @@ def checked_tokens(tokens: object, cfg: TransformerConfig) -> Tensor:
         tokens = tokens[None]
     if tokens.ndim != 2:
         raise InvalidTokensError(
-            f"tokens must be [batch, pos] (or [pos]), got rank {tokens.ndim} shape {tuple(tokens.shape)}"
+            f"tokens must be [batch, pos] (or [pos]), "
+            f"got rank {tokens.ndim} shape {tuple(tokens.shape)}"
         )
     if tokens.shape[1] == 0:
         raise InvalidTokensError("tokens has no positions")
@@ -79,7 +80,9 @@ def checked_attention_mask(mask: object, shape: tuple[int, int]) -> Tensor | Non
 def checked_residual(resid: object, cfg: TransformerConfig) -> Tensor:
     """A ``[batch, pos, d_model]`` float tensor to start a forward from mid-model."""
     if not isinstance(resid, Tensor) or not resid.is_floating_point():
-        raise ShapeMismatchError("start_at_layer needs a float residual stream [batch, pos, d_model]")
+        raise ShapeMismatchError(
+            "start_at_layer needs a float residual stream [batch, pos, d_model]"
+        )
     if resid.ndim != 3 or resid.shape[-1] != cfg.d_model:
         raise ShapeMismatchError(
             f"residual stream must be [batch, pos, {cfg.d_model}], got {tuple(resid.shape)}"

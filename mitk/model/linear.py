@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mitk.shapes import Float
 
-def affine(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+
+def affine(
+    x: Float[Tensor, "*lead d_in"],
+    weight: Float[Tensor, "d_in d_out"],
+    bias: Float[Tensor, " d_out"] | None,
+) -> Float[Tensor, "*lead d_out"]:
     """``x @ weight + bias`` for ``x [..., d_in]`` and ``weight [d_in, d_out]``.
 
     Flattening the leading axes turns this into a single ``addmm`` (the same

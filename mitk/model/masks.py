@@ -54,7 +54,9 @@ class AttentionMask:
         return self._dense
 
 
-def position_ids_from_mask(attention_mask: Tensor | None, seq_len: int, device: torch.device) -> Tensor:
+def position_ids_from_mask(
+    attention_mask: Tensor | None, seq_len: int, device: torch.device
+) -> Tensor:
     """Position of each token counting real tokens only, so left padding does not shift positions.
 
     Returns ``[batch or 1, pos]``; padded slots get position 0.

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mitk.config import TransformerConfig
 from mitk.hooks import HookPoint
 from mitk.model.linear import affine
+from mitk.shapes import Float
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -42,7 +43,7 @@ class MLP(nn.Module):
             self.hook_pre_linear = HookPoint()
         self.hook_post = HookPoint()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if self.W_gate is None:
             post = self.act(self.hook_pre(affine(x, self.W_in, self.b_in)))
         else:
@@ -50,4 +51,3 @@ class MLP(nn.Module):
             linear = self.hook_pre_linear(affine(x, self.W_in, self.b_in))
             post = self.act(gate) * linear
         return affine(self.hook_post(post), self.W_out, self.b_out)
-

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mitk.config import TransformerConfig
 from mitk.hooks import HookPoint
+from mitk.shapes import Float
 
 
 class LayerNorm(nn.Module):
@@ -26,7 +27,7 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if self.hook_scale.has_hooks:
             centred = x - x.mean(-1, keepdim=True)
             scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
@@ -48,7 +49,7 @@ class RMSNorm(nn.Module):
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x / scale) * self.w
 

@@ -65,7 +65,7 @@ class TextInterface:
     def to_tokens(
         self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str = "right"
     ) -> Tensor:
-        """Token ids ``[batch, pos]`` (padding with the pad token; see ``tokenize`` for the mask)."""
+        """Token ids ``[batch, pos]`` padded with the pad token; ``tokenize`` also gives the mask."""
         return self.tokenize(text, prepend_bos, padding_side)[0]
 
     def to_str_tokens(self, text: str | Tensor, prepend_bos: bool | None = None) -> list[str]:
@@ -74,9 +74,9 @@ class TextInterface:
         if isinstance(text, str):
             ids = self.to_tokens(text, prepend_bos)[0].tolist()
         else:
-            ids = text.reshape(-1).tolist() if text.ndim <= 1 or text.shape[0] == 1 else None
-            if ids is None:
+            if text.ndim > 1 and text.shape[0] != 1:
                 raise ValueError("to_str_tokens takes one sequence; index the batch first")
+            ids = text.reshape(-1).tolist()
         return [tok.decode([i]) for i in ids]
 
     def to_string(self, tokens: Tensor) -> str | list[str]:

@@ -32,6 +32,7 @@ from mitk.model.masks import AttentionMask, position_ids_from_mask
 from mitk.model.norms import make_norm
 from mitk.model.tokenization import TextInterface
 from mitk.model.weights import WeightViews
+from mitk.shapes import Bool, Float, Int
 
 ReturnType = Literal["logits", "hidden", "loss"]
 ModelInput = Tensor | str | list[str]
@@ -99,7 +100,7 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         return load_pretrained(cls, source, **kwargs)
 
     def save(self, directory: str | Path) -> Path:
-        """Write mitk's own format (``mitk_config.json`` + ``model.safetensors``, plus tokenizer)."""
+        """Write mitk's format: ``mitk_config.json``, ``model.safetensors`` and any tokenizer."""
         from mitk.model.pretrained import save_native
 
         return save_native(self, Path(directory))
@@ -114,8 +115,8 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         logit_positions: int | slice | Tensor | None = None,
-        tokens: Tensor | None = None,
-    ) -> Tensor:
+        tokens: Int[Tensor, "batch pos"] | None = None,
+    ) -> Float[Tensor, "..."]:
         """Run the model.
 
         - ``input``: token ids ``[batch, pos]`` (or ``[pos]``), text (needs a
@@ -137,18 +138,20 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
             isinstance(input, list) and input and all(isinstance(t, str) for t in input)
         ):
             if attention_mask is not None:
-                raise ValueError("pass either text (the mask is built for you) or an attention_mask")
+                raise ValueError(
+                    "pass either text (the mask is built for you) or an attention_mask"
+                )
             input, attention_mask = self.tokenize(input)
             input, attention_mask = input.to(self.W_E.device), attention_mask.to(self.W_E.device)
         first = self._layer_index(start_at_layer, "start_at_layer", default=0)
         last = self._layer_index(stop_at_layer, "stop_at_layer", default=cfg.n_layers)
         if start_at_layer is None:
             tokens = checked_tokens(input, cfg)
-            key_valid = checked_attention_mask(attention_mask, tuple(tokens.shape))
+            key_valid = checked_attention_mask(attention_mask, (tokens.shape[0], tokens.shape[1]))
             resid = self._embed(tokens, key_valid)
         else:
             resid = checked_residual(input, cfg)
-            key_valid = checked_attention_mask(attention_mask, tuple(resid.shape[:2]))
+            key_valid = checked_attention_mask(attention_mask, (resid.shape[0], resid.shape[1]))
         mask = AttentionMask(cfg.causal, resid.shape[1], resid.shape[1], key_valid)
         for block in self.blocks[first:last]:
             resid = block(resid, mask, self.attention_backend)
@@ -173,7 +176,9 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
             return next_token_loss(hidden, tokens, key_valid, self.unembed)
         raise ValueError(f"return_type must be 'logits', 'hidden' or 'loss', got {return_type!r}")
 
-    def _embed(self, tokens: Tensor, key_valid: Tensor | None) -> Tensor:
+    def _embed(
+        self, tokens: Int[Tensor, "batch pos"], key_valid: Bool[Tensor, "batch pos"] | None
+    ) -> Float[Tensor, "batch pos d_model"]:
         tokens = tokens.to(self.W_E.device)
         resid = self.hook_embed(self.embed(tokens))
         if self.cfg.positional == "learned":
@@ -193,7 +198,7 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
 
     def attention_paths(self) -> list[str]:
         """Per layer, which attention path the last forward ran (``"sdpa"`` or ``"eager: why"``)."""
-        return [block.attn.last_path for block in self.blocks]
+        return [str(block.attn.last_path) for block in self.blocks]
 
     # --- hooks and caching -------------------------------------------------------------
     def hooks(

@@ -12,9 +12,10 @@ from them freely but edit weights through the per-layer views
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mitk.errors import UnsupportedModelError
 
@@ -24,16 +25,17 @@ def _zeros_or(param: Tensor | None, like: Tensor, size: int) -> Tensor:
 
 
 class WeightViews:
-    """Mixin for the transformer: ``W_E``, ``W_Q`` ``[n_layers, n_heads, d_model, d_head]`` and kin."""
+    """Mixin for the transformer: ``W_E``, ``W_Q [n_layers, n_heads, d_model, d_head]`` and kin."""
 
-    blocks: nn.ModuleList
-    embed: nn.Module
-    unembed: nn.Module
+    # provided by the transformer; typed Any because nn.Module attribute access is untyped
+    blocks: Any
+    embed: Any
+    unembed: Any
 
-    def _stack(self, get: Callable[[nn.Module], Tensor]) -> Tensor:
+    def _stack(self, get: Callable[[Any], Tensor]) -> Tensor:
         return torch.stack([get(block) for block in self.blocks])
 
-    def _stack_mlp(self, get: Callable[[nn.Module], Tensor]) -> Tensor:
+    def _stack_mlp(self, get: Callable[[Any], Tensor]) -> Tensor:
         if not hasattr(self.blocks[0], "mlp"):
             raise UnsupportedModelError("this model is attention-only: it has no MLP weights")
         return self._stack(lambda b: get(b.mlp))

@@ -40,7 +40,9 @@ def _shared_hooks(n_layers: int) -> list[str]:
 
 # transformer-lens 3.x deprecates its classic class in favour of the bridge; we still compare
 # against it because it is what most published interpretability code ran on.
-tl_deprecation = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+tl_deprecation = pytest.mark.filterwarnings(
+    "ignore:HookedTransformer is deprecated:DeprecationWarning"
+)
 
 
 def _tl_hooked_transformer(gpt2_dir: Path):  # returns transformer_lens.HookedTransformer
@@ -114,7 +116,9 @@ def test_every_shared_hook_matches_tl_hooked_transformer(
 
 
 @tl_deprecation
-def test_weight_properties_match_tl_shapes_and_values(gpt2_dir: Path, gpt2: HookedTransformer) -> None:
+def test_weight_properties_match_tl_shapes_and_values(
+    gpt2_dir: Path, gpt2: HookedTransformer
+) -> None:
     tl = _tl_hooked_transformer(gpt2_dir)
     for attr in ["W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O",
                  "W_in", "b_in", "W_out", "b_out", "W_U", "b_U"]:  # fmt: skip

@@ -56,7 +56,10 @@ def test_backend_override(model: HookedTransformer) -> None:
         ops = op_counts(lambda: model(tokens))
     assert ops[SDPA_OP] == 0 and ops[SOFTMAX_OP] == 3
     assert model.attention_backend == "auto"
-    with model.backend("sdpa"), pytest.raises(HookError, match="cannot fire blocks.0.attn.hook_pattern"):
+    with (
+        model.backend("sdpa"),
+        pytest.raises(HookError, match=r"cannot fire blocks\.0\.attn\.hook_pattern"),
+    ):
         # the fused kernel computes no pattern: a hook on it must fail, not be skipped
         model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_pattern")
     assert not any(p.has_hooks for p in model.hook_dict.values())
@@ -81,10 +84,14 @@ def test_both_paths_agree(model: HookedTransformer, padding: str | None) -> None
 
 
 def test_grouped_query_attention_paths_agree() -> None:
-    cfg = TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_key_value_heads=2, d_vocab=50, n_ctx=16)
+    cfg = TransformerConfig(
+        d_model=32, n_layers=2, n_heads=4, n_key_value_heads=2, d_vocab=50, n_ctx=16
+    )
     model = HookedTransformer(cfg, seed=4)
     tokens = torch.randint(0, 50, (2, 9))
-    _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_k", "blocks.0.attn.hook_q"])
+    _, cache = model.run_with_cache(
+        tokens, names_filter=["blocks.0.attn.hook_k", "blocks.0.attn.hook_q"]
+    )
     assert cache["blocks.0.attn.hook_k"].shape == (2, 9, 2, 8)
     assert cache["blocks.0.attn.hook_q"].shape == (2, 9, 4, 8)
     with torch.no_grad():

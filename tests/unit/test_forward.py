@@ -24,7 +24,9 @@ def test_residual_identities_hold(gpt2: HookedTransformer, tokens: torch.Tensor)
             torch.testing.assert_close(post, cache["resid_pre", layer + 1])
 
 
-def test_cached_activations_are_not_mutated_later(gpt2: HookedTransformer, tokens: torch.Tensor) -> None:
+def test_cached_activations_are_not_mutated_later(
+    gpt2: HookedTransformer, tokens: torch.Tensor
+) -> None:
     with torch.no_grad():
         _, cache = gpt2.run_with_cache(tokens, names_filter=lambda n: "resid_pre" in n)
         again = gpt2(tokens, stop_at_layer=1)
@@ -75,7 +77,9 @@ def test_loss_equals_cross_entropy_of_logits(
         chunked = loss_module.next_token_loss(
             gpt2(tokens, return_type="hidden"), tokens, None, gpt2.unembed, chunk=3
         )
-        from_residual = gpt2(gpt2(tokens, stop_at_layer=1), start_at_layer=1, return_type="loss", tokens=tokens)
+        from_residual = gpt2(
+            gpt2(tokens, stop_at_layer=1), start_at_layer=1, return_type="loss", tokens=tokens
+        )
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(chunked, expected)
     torch.testing.assert_close(from_residual, expected)
@@ -117,3 +121,11 @@ def test_stacked_weight_shapes(tiny: HookedTransformer) -> None:
     }
     for attr, shape in expected.items():
         assert tuple(getattr(tiny, attr).shape) == shape, attr
+
+
+def test_jaxtyping_shapes_are_enforced_at_test_time(tiny: HookedTransformer) -> None:
+    from jaxtyping import TypeCheckError
+
+    # Unembed would happily map [batch, d_model]; its annotation says [batch, pos, d_model]
+    with pytest.raises(TypeCheckError, match="batch pos d_model"):
+        tiny.unembed(torch.rand(2, tiny.cfg.d_model))

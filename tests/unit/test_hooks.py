@@ -17,7 +17,7 @@ def test_typed_builders_spell_canonical_names() -> None:
     assert hooks.name("normalized") == "ln_final.hook_normalized"
     assert hooks.name("embed") == "hook_embed"
     with pytest.raises(UnknownHookError, match="did you mean 'resid_pre'"):
-        hooks.name("resid_pr", 0)  # type: ignore[arg-type]
+        hooks.name("resid_pr", 0)
     with pytest.raises(ValueError, match="needs a layer"):
         hooks.name("z")
 
@@ -27,7 +27,7 @@ def test_every_built_name_exists_on_the_model(tiny: HookedTransformer) -> None:
              "attn_scores", "pattern", "z", "pre", "post"]  # fmt: skip
     for layer in range(tiny.cfg.n_layers):
         for kind in kinds:
-            assert hooks.name(kind, layer) in tiny.hook_dict  # type: ignore[arg-type]
+            assert hooks.name(kind, layer) in tiny.hook_dict
 
 
 @pytest.mark.parametrize(
@@ -48,8 +48,10 @@ def test_unknown_hook_names_are_rejected_with_suggestions(tiny: HookedTransforme
 
 
 def test_cache_lookup_unknown_and_uncached_names(tiny: HookedTransformer) -> None:
-    _, cache = tiny.run_with_cache(torch.randint(0, 50, (1, 5)), names_filter="blocks.0.hook_resid_pre")
-    with pytest.raises(UnknownHookError, match="did you mean 'blocks.0.hook_resid_pre'"):
+    _, cache = tiny.run_with_cache(
+        torch.randint(0, 50, (1, 5)), names_filter="blocks.0.hook_resid_pre"
+    )
+    with pytest.raises(UnknownHookError, match=r"did you mean 'blocks\.0\.hook_resid_pre'"):
         cache["blocks.0.hook_resid_pr"]
     with pytest.raises(KeyError, match="exists but was not cached"):
         cache["blocks.1.hook_resid_pre"]
@@ -89,7 +91,9 @@ def test_hooks_removed_when_forward_raises(tiny: HookedTransformer) -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        tiny.run_with_hooks(torch.randint(0, 50, (1, 4)), fwd_hooks=[("blocks.1.hook_mlp_out", boom)])
+        tiny.run_with_hooks(
+            torch.randint(0, 50, (1, 4)), fwd_hooks=[("blocks.1.hook_mlp_out", boom)]
+        )
     assert not any(p.has_hooks for p in tiny.hook_dict.values())
     with pytest.raises(RuntimeError, match="boom"), tiny.hooks(fwd_hooks=[("hook_embed", boom)]):
         tiny(torch.randint(0, 50, (1, 4)))
@@ -113,7 +117,9 @@ def test_wrong_shape_replacement_names_the_hook(tiny: HookedTransformer) -> None
             fwd_hooks=[("blocks.0.attn.hook_z", lambda a, h: a[:, :2])],
         )
     with pytest.raises(HookError, match="returned str"):
-        tiny.run_with_hooks(torch.randint(0, 50, (1, 4)), fwd_hooks=[("hook_embed", lambda a, h: "x")])
+        tiny.run_with_hooks(
+            torch.randint(0, 50, (1, 4)), fwd_hooks=[("hook_embed", lambda a, h: "x")]
+        )
 
 
 def test_backward_hooks_see_the_gradient_of_the_activation(tiny: HookedTransformer) -> None:
@@ -150,7 +156,9 @@ def test_backward_hook_replacing_the_gradient(tiny: HookedTransformer) -> None:
 
 def test_backward_hook_under_no_grad_fails_loudly(tiny: HookedTransformer) -> None:
     with torch.no_grad(), pytest.raises(HookError, match="does not require grad"):
-        tiny.run_with_hooks(torch.randint(0, 50, (1, 4)), bwd_hooks=[("hook_embed", lambda g, h: None)])
+        tiny.run_with_hooks(
+            torch.randint(0, 50, (1, 4)), bwd_hooks=[("hook_embed", lambda g, h: None)]
+        )
 
 
 def test_hooks_outside_the_layers_run_are_refused(tiny: HookedTransformer) -> None:

@@ -8,7 +8,9 @@ import torch
 from mitk import HookedTransformer
 
 
-def pad_batch(seqs: list[torch.Tensor], side: str, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    seqs: list[torch.Tensor], side: str, pad: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     tokens = torch.full((len(seqs), width), pad)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -53,6 +55,6 @@ def test_text_input_pads_and_masks_for_you(gpt2: HookedTransformer) -> None:
     with torch.no_grad():
         batched = gpt2(texts)
         solo = gpt2("a dog ran")
-    tokens, mask = gpt2.tokenize(texts)
+    _, mask = gpt2.tokenize(texts)
     assert mask[1].tolist() == [1, 1, 1, 1, 0, 0, 0]  # BOS + 3 words, right-padded
     torch.testing.assert_close(batched[1, :4], solo[0], atol=1e-5, rtol=0)

@@ -79,4 +79,4 @@ def test_attention_only_model_has_no_mlp_hooks() -> None:
     model = HookedTransformer(cfg)
     assert not any("mlp" in n or "resid_mid" in n for n in model.hook_dict)
     with pytest.raises(UnsupportedModelError, match="attention-only"):
-        model.W_in
+        _ = model.W_in

@@ -18,6 +18,7 @@ from mitk.model.pretrained.files import (
     has_tokenizer,
     read_safetensors_dir,
 )
+from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
 
 NATIVE_CONFIG = "mitk_config.json"
@@ -65,17 +66,18 @@ def load_pretrained(
     """Build ``model_cls`` from a HF directory, a mitk save directory or an in-memory HF model."""
     overrides: dict[str, Any] = {}
     if dtype is not None:
-        overrides["dtype"] = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+        overrides["dtype"] = (
+            _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+        )
     if attention_backend is not None:
         overrides["attention_backend"] = attention_backend
     if isinstance(source, nn.Module):
-        make_config, make_state = hf_converters(source.config.to_dict())
-        cfg = make_config(source.config.to_dict(), **overrides)
+        hf_dict: dict[str, Any] = source.config.to_dict()  # type: ignore[union-attr,operator]
+        make_config, make_state = hf_converters(hf_dict)
+        cfg = make_config(hf_dict, **overrides)
         state = make_state(source.state_dict(), cfg)
     else:
-        directory = Path(source)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"{source!s} is not a directory holding a checkpoint")
+        directory = _locate(source)
         if (directory / NATIVE_CONFIG).exists():
             cfg = TransformerConfig.from_json((directory / NATIVE_CONFIG).read_text())
             cfg = cfg.replace(**overrides) if overrides else cfg
@@ -97,6 +99,20 @@ def load_pretrained(
     model = model_cls(cfg, tokenizer=tokenizer, seed=None)
     model.load_state_dict(state, strict=True)
     return model.to(device) if device is not None else model
+
+
+def _locate(source: str | Path) -> Path:
+    """The directory for a path or an embedded model name."""
+    directory = Path(source)
+    if directory.is_dir():
+        return directory
+    embedded = embedded_models()
+    if isinstance(source, str) and source in embedded:
+        return embedded[source]
+    raise FileNotFoundError(
+        f"{source!s} is not a directory holding a checkpoint nor an embedded model "
+        f"(embedded: {', '.join(embedded) or 'none'})"
+    )
 
 
 def save_native(model: Any, directory: Path) -> Path:

@@ -40,7 +40,7 @@ def read_safetensors_dir(directory: Path) -> dict[str, Tensor]:
 
 
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """Write a safetensors file via a temp file and ``os.replace``, so readers never see half a file."""
+    """Write safetensors via a temp file and ``os.replace``: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

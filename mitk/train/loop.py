@@ -1,0 +1,112 @@
+"""A small language-model training loop: AdamW, warmup + cosine, atomic checkpoints, resume."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mitk.errors import ConfigError, MitkError
+from mitk.model import HookedTransformer
+from mitk.train.checkpoint import load_checkpoint, save_checkpoint
+from mitk.train.schedule import warmup_cosine
+
+BatchFn = Callable[[int], Tensor]
+
+
+class NonFiniteLossError(MitkError, FloatingPointError):
+    """Training produced NaN/inf; the last good checkpoint is left untouched."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and schedule settings for ``train_language_model``."""
+
+    steps: int = 2000
+    """Optimiser steps in total."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    warmup: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (applied to matrices only, not norms or biases)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints, when a checkpoint directory is given."""
+    log_every: int = 50
+    """Steps between recorded metrics."""
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.warmup < 0 or self.lr <= 0:
+            raise ConfigError(f"steps and lr must be positive and warmup >= 0: {self}")
+        if self.checkpoint_every <= 0 or self.log_every <= 0:
+            raise ConfigError("checkpoint_every and log_every must be positive")
+
+
+def _optimizer(model: HookedTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def train_language_model(
+    model: HookedTransformer,
+    batch_fn: BatchFn,
+    cfg: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train ``model`` on next-token loss over ``batch_fn(step)`` batches; returns logged metrics.
+
+    ``batch_fn`` must be a pure function of the step (seed it from the step),
+    which is what makes a resumed run identical to an uninterrupted one. With
+    ``resume=True`` training continues from ``checkpoint_dir``'s last complete
+    checkpoint. A non-finite loss raises ``NonFiniteLossError`` before the
+    optimiser touches the weights.
+    """
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    optimizer = _optimizer(model, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup)
+    )
+    start, history = 0, []
+    if resume and directory is not None:
+        meta = load_checkpoint(directory, model, optimizer)
+        if meta is not None:
+            start, history = meta["step"], meta["history"]
+            schedule.last_epoch = start - 1
+            schedule.step()  # recompute the lr for `start` from the schedule itself
+    model.train()
+    bar = tqdm(range(start, cfg.steps), disable=not progress, desc="train", initial=start,
+               total=cfg.steps)  # fmt: skip
+    for step in bar:
+        loss = model(batch_fn(step), return_type="loss")
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; weights not updated")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            history.append({"step": done, "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if directory is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            meta = {"step": done, "history": history, "train_config": asdict(cfg)}
+            save_checkpoint(directory, model, optimizer, meta)
+    model.eval()
+    return history

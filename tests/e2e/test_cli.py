@@ -1,0 +1,61 @@
+"""The command line as a user runs it: subprocesses, exit codes, output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_mitk(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mitk", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_demo_shows_induction_on_the_embedded_model() -> None:
+    done = run_mitk("demo", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    # the repeated half is predictable only through an induction circuit
+    assert result["loss_repeated_half"] < 0.5 * result["loss_first_half"]
+    late = [row for row in result["predictions"] if row["pos"] > 20]
+    assert all(row["top"][0][0] == row["next"] for row in late if row["next"] is not None)
+    assert "blocks.1.attn.hook_pattern" in result["cached"]
+
+
+def test_demo_human_output() -> None:
+    done = run_mitk("demo")
+    assert done.returncode == 0, done.stderr
+    assert "blocks.0.hook_resid_pre" in done.stdout and "top predictions" in done.stdout
+
+
+def test_models_lists_the_embedded_model() -> None:
+    done = run_mitk("models", "--json")
+    assert done.returncode == 0, done.stderr
+    listing = json.loads(done.stdout)
+    assert "toy-induction" in [m["name"] for m in listing["embedded"]]
+    assert "gpt2" in listing["architectures"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--model", "no-such-model"], "not a directory holding a checkpoint"),
+        (["demo", "--half", "nope"], "Invalid value"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args: list[str], message: str) -> None:
+    done = run_mitk(*args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_help_on_every_command() -> None:
+    for args in (["--help"], ["demo", "--help"], ["models", "--help"]):
+        done = run_mitk(*args)
+        assert done.returncode == 0 and "Usage" in done.stdout

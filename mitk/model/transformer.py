@@ -145,13 +145,16 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
             input, attention_mask = input.to(self.W_E.device), attention_mask.to(self.W_E.device)
         first = self._layer_index(start_at_layer, "start_at_layer", default=0)
         last = self._layer_index(stop_at_layer, "stop_at_layer", default=cfg.n_layers)
+        device = self.W_E.device
         if start_at_layer is None:
-            tokens = checked_tokens(input, cfg)
+            tokens = checked_tokens(input, cfg).to(device)
             key_valid = checked_attention_mask(attention_mask, (tokens.shape[0], tokens.shape[1]))
+            key_valid = None if key_valid is None else key_valid.to(device)
             resid = self._embed(tokens, key_valid)
         else:
-            resid = checked_residual(input, cfg)
+            resid = checked_residual(input, cfg).to(device)
             key_valid = checked_attention_mask(attention_mask, (resid.shape[0], resid.shape[1]))
+            key_valid = None if key_valid is None else key_valid.to(device)
         mask = AttentionMask(cfg.causal, resid.shape[1], resid.shape[1], key_valid)
         for block in self.blocks[first:last]:
             resid = block(resid, mask, self.attention_backend)
@@ -179,7 +182,6 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
     def _embed(
         self, tokens: Int[Tensor, "batch pos"], key_valid: Bool[Tensor, "batch pos"] | None
     ) -> Float[Tensor, "batch pos d_model"]:
-        tokens = tokens.to(self.W_E.device)
         resid = self.hook_embed(self.embed(tokens))
         if self.cfg.positional == "learned":
             positions = position_ids_from_mask(key_valid, tokens.shape[1], tokens.device)

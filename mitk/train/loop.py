@@ -78,20 +78,19 @@ def train_language_model(
     """
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     optimizer = _optimizer(model, cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, cfg.steps, cfg.warmup)
-    )
     start, history = 0, []
     if resume and directory is not None:
         meta = load_checkpoint(directory, model, optimizer)
         if meta is not None:
             start, history = meta["step"], meta["history"]
-            schedule.last_epoch = start - 1
-            schedule.step()  # recompute the lr for `start` from the schedule itself
     model.train()
     bar = tqdm(range(start, cfg.steps), disable=not progress, desc="train", initial=start,
                total=cfg.steps)  # fmt: skip
     for step in bar:
+        # the lr is a pure function of the step, so a resumed run needs no scheduler state
+        lr = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         loss = model(batch_fn(step), return_type="loss")
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"loss is {loss.item()} at step {step}; weights not updated")
@@ -100,10 +99,9 @@ def train_language_model(
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        schedule.step()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            history.append({"step": done, "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
+            history.append({"step": done, "loss": loss.item(), "lr": lr})
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if directory is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             meta = {"step": done, "history": history, "train_config": asdict(cfg)}

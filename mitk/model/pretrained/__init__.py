@@ -98,6 +98,7 @@ def load_pretrained(
             tokenizer = AutoTokenizer.from_pretrained(directory)
     model = model_cls(cfg, tokenizer=tokenizer, seed=None)
     model.load_state_dict(state, strict=True)
+    model.eval()  # like Hugging Face: loaded models are for inference unless told otherwise
     return model.to(device) if device is not None else model
 
 

@@ -1,5 +1,6 @@
 """Activation caches and (in later work) the residual-stream decompositions read from them."""
 
 from mitk.cache.activation_cache import ActivationCache, CachedModel, NotCachedError
+from mitk.cache.residual_stack import ResidualStack
 
-__all__ = ["ActivationCache", "CachedModel", "NotCachedError"]
+__all__ = ["ActivationCache", "CachedModel", "NotCachedError", "ResidualStack"]

@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from mitk.cache import decompose
+from mitk.cache.residual_stack import ResidualStack
 from mitk.errors import MitkError, UnknownHookError
 from mitk.hooks import name
 
@@ -21,10 +23,16 @@ class NotCachedError(MitkError, KeyError):
 
 @runtime_checkable
 class CachedModel(Protocol):
-    """What the cache needs from a model: its hook names (and, for analysis, weights)."""
+    """What the cache needs from a model: hook names, config and blocks (for decompositions)."""
 
     @property
     def hook_dict(self) -> Mapping[str, Any]: ...
+
+    @property
+    def cfg(self) -> Any: ...
+
+    @property
+    def blocks(self) -> Any: ...
 
 
 CacheKey = str | tuple[Any, ...]
@@ -109,6 +117,29 @@ class ActivationCache(Mapping[str, Tensor]):
         acts = {k: v[0] for k, v in self._acts.items()}
         grads = {k: v[0] for k, v in self._grads.items()}
         return ActivationCache(acts, self.model, has_batch_dim=False, gradients=grads)
+
+    # --- residual-stream decompositions (see mitk.cache.decompose) ----------------------
+    def decompose_resid(self, layer: int | None = None) -> ResidualStack:
+        """Embeddings and each sublayer's output before ``layer``; sums to the stream there."""
+        return decompose.decompose_resid(self, layer)
+
+    def stack_head_results(self, layer: int | None = None) -> ResidualStack:
+        """One write per head plus each layer's output bias; per layer they sum to attn_out."""
+        return decompose.stack_head_results(self, layer)
+
+    def stack_neuron_results(
+        self, layer: int, neurons: list[int] | Tensor | None = None
+    ) -> ResidualStack:
+        """Per-neuron writes of one MLP plus its output bias."""
+        return decompose.stack_neuron_results(self, layer, neurons)
+
+    def accumulated_resid(self, layer: int | None = None) -> ResidualStack:
+        """The stream entering each block up to ``layer`` (None adds the final stream)."""
+        return decompose.accumulated_resid(self, layer)
+
+    def apply_ln_to_stack(self, stack: ResidualStack, layer: int | None = None) -> ResidualStack:
+        """Centre and divide each component by the norm's cached scale at ``layer``."""
+        return decompose.apply_ln_to_stack(self, stack, layer)
 
     def summary(self) -> str:
         """One line per cached activation: name, shape, dtype and RMS (for a quick look)."""

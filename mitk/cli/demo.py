@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import torch
 import typer
 
 from mitk.model import HookedTransformer
-from mitk.train.induction_data import repeated_random_tokens
+from mitk.sequences import repeated_random_tokens
+
+
+def _top(log_probs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    probs, ids = log_probs.exp().topk(k)
+    return [(int(i), float(p)) for p, i in zip(probs, ids, strict=True)]
 
 
 def demo(
@@ -28,12 +34,12 @@ def demo(
     nll = -log_probs[:-1].gather(-1, tokens[0, 1:, None])[:, 0]
     first, repeat = nll[:half].mean().item(), nll[half + 1 :].mean().item()
     shown = [half - 2, half - 1, 2 * half - 2, 2 * half - 1]
-    predictions = [
+    predictions: list[dict[str, Any]] = [
         {
             "pos": pos,
             "token": int(tokens[0, pos]),
             "next": int(tokens[0, pos + 1]) if pos + 1 < tokens.shape[1] else None,
-            "top": [(int(i), float(p)) for p, i in zip(*log_probs[pos].exp().topk(top))],
+            "top": _top(log_probs[pos], top),
         }
         for pos in shown
     ]

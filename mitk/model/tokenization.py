@@ -65,7 +65,7 @@ class TextInterface:
     def to_tokens(
         self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str = "right"
     ) -> Tensor:
-        """Token ids ``[batch, pos]`` padded with the pad token; ``tokenize`` also gives the mask."""
+        """Token ids ``[batch, pos]``, padded with the pad token (``tokenize`` adds the mask)."""
         return self.tokenize(text, prepend_bos, padding_side)[0]
 
     def to_str_tokens(self, text: str | Tensor, prepend_bos: bool | None = None) -> list[str]:

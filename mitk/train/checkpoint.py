@@ -19,7 +19,7 @@ LATEST = "latest"
 def save_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
 ) -> Path:
-    """Write ``directory/latest`` atomically: a complete new folder replaces the old in one rename."""
+    """Write ``directory/latest`` atomically: a complete folder replaces the old by renaming."""
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory, prefix=".ckpt-"))
     tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())

@@ -17,7 +17,7 @@ import torch
 
 from mitk.config import TransformerConfig
 from mitk.model import HookedTransformer
-from mitk.train.induction_data import repeated_random_tokens, repeated_segments
+from mitk.sequences import periodic_segments, repeated_random_tokens
 from mitk.train.loop import TrainConfig, train_language_model
 
 MODEL = TransformerConfig(
@@ -31,21 +31,25 @@ MODEL = TransformerConfig(
     attn_out_bias=True,
     architecture="mitk-attn-only",
     default_prepend_bos=True,
-    extra={"trained_on": "repeated random segments (mitk.train.induction_data)", "bos": 0},
+    extra={"trained_on": "periodic random segments (mitk.sequences)", "bos": 0},
 )
-TRAIN = TrainConfig(steps=8000, lr=3e-3, warmup=200, weight_decay=0.05, checkpoint_every=500)
+TRAIN = TrainConfig(steps=2000, lr=1e-3, warmup=100, weight_decay=0.05, checkpoint_every=500)
 BATCH, SEQ_LEN, SEED = 64, 64, 0
 
 
 def batch_for_step(step: int) -> torch.Tensor:
     """The training batch at ``step``: seeded by the step so resumed runs see the same data."""
     gen = torch.Generator().manual_seed(SEED * 1_000_003 + step)
-    return repeated_segments(BATCH, SEQ_LEN, MODEL.d_vocab, gen)
+    return periodic_segments(BATCH, SEQ_LEN, MODEL.d_vocab, gen)
 
 
-def induction_loss_gap(model: HookedTransformer, half: int = 24, batch: int = 64) -> tuple[float, float]:
+def induction_loss_gap(
+    model: HookedTransformer, half: int = 24, batch: int = 64
+) -> tuple[float, float]:
     """Mean loss on the first and on the repeated half of fresh repeated random sequences."""
-    tokens = repeated_random_tokens(batch, half, model.cfg.d_vocab, torch.Generator().manual_seed(99))
+    tokens = repeated_random_tokens(
+        batch, half, model.cfg.d_vocab, torch.Generator().manual_seed(99)
+    )
     with torch.no_grad():
         logits = model(tokens)
     nll = torch.nn.functional.cross_entropy(
@@ -63,7 +67,9 @@ def main() -> None:
     torch.manual_seed(SEED)
     model = HookedTransformer(MODEL, seed=SEED)
     cfg = TrainConfig(**{**TRAIN.__dict__, "steps": args.steps})
-    train_language_model(model, batch_for_step, cfg, args.checkpoints, resume=args.checkpoints is not None)
+    train_language_model(
+        model, batch_for_step, cfg, args.checkpoints, resume=args.checkpoints is not None
+    )
     first, repeat = induction_loss_gap(model)
     print(f"loss on first half {first:.3f}, on repeated half {repeat:.3f}")
     model.save(args.out)

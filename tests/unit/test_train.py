@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
 
 from mitk import HookedTransformer, TransformerConfig
-from mitk.train import (
-    NonFiniteLossError,
-    TrainConfig,
-    repeated_random_tokens,
-    repeated_segments,
-    train_language_model,
-)
+from mitk.sequences import periodic_segments, repeated_random_tokens
+from mitk.train import NonFiniteLossError, TrainConfig, train_language_model
 from mitk.train.schedule import warmup_cosine
 
 CFG = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=20, n_ctx=24, d_mlp=32)
 
 
 def batches(step: int) -> torch.Tensor:
-    return repeated_segments(8, 24, 20, torch.Generator().manual_seed(step), min_segment=4)
+    return periodic_segments(8, 24, 20, torch.Generator().manual_seed(step))
 
 
 def test_schedule_warms_up_then_decays_to_the_floor() -> None:
     values = [warmup_cosine(s, total=100, warmup=10, floor=0.1) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))
     assert warmup_cosine(100, total=100, warmup=10, floor=0.1) == pytest.approx(0.1)
 
 
@@ -35,7 +31,9 @@ def test_loss_goes_down() -> None:
     model = HookedTransformer(CFG, seed=0)
     fixed = batches(0)  # one batch over and over: memorisable, so the loss must fall
     history = train_language_model(
-        model, lambda step: fixed, TrainConfig(steps=60, lr=1e-2, warmup=5, log_every=10),
+        model,
+        lambda step: fixed,
+        TrainConfig(steps=60, lr=1e-2, warmup=5, log_every=10),
         progress=False,
     )
     assert history[-1]["loss"] < history[0]["loss"] - 0.3
@@ -57,7 +55,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
         train_language_model(interrupted, dies_at_step_9, cfg, tmp_path, progress=False)
     resumed = HookedTransformer(CFG, seed=123)  # different init: everything must come from disk
     history = train_language_model(resumed, batches, cfg, tmp_path, resume=True, progress=False)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert [h["step"] for h in history] == [2, 4, 6, 8, 10, 12]
 
@@ -90,7 +90,11 @@ def test_probe_sequences_repeat_exactly() -> None:
     tokens = repeated_random_tokens(3, 7, 50, torch.Generator().manual_seed(0))
     assert tokens.shape == (3, 15) and (tokens[:, 0] == 0).all()
     assert torch.equal(tokens[:, 1:8], tokens[:, 8:])
-    segs = repeated_segments(16, 40, 50, torch.Generator().manual_seed(0))
+    segs = periodic_segments(16, 40, 50, torch.Generator().manual_seed(0), max_period=9)
     assert segs.shape == (16, 40) and (segs[:, 1:] > 0).all()
-    with pytest.raises(ValueError, match="no room"):
-        repeated_segments(1, 10, 50, torch.Generator(), min_segment=8)
+    # every row repeats with some period <= 9 after BOS
+    assert all(
+        any(torch.equal(row[1 : 40 - p], row[1 + p :]) for p in range(4, 10)) for row in segs
+    )
+    with pytest.raises(ValueError, match="no period fits"):
+        periodic_segments(1, 10, 50, torch.Generator(), min_period=8)

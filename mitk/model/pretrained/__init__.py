@@ -12,13 +12,13 @@ from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
 from mitk.errors import ConfigError, UnsupportedModelError
+from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.pretrained.files import (
     atomic_save_safetensors,
     atomic_write_text,
     has_tokenizer,
     read_safetensors_dir,
 )
-from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
 
 NATIVE_CONFIG = "mitk_config.json"

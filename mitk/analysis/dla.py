@@ -1,0 +1,178 @@
+"""Direct logit attribution: how much each component's write moves a logit (difference).
+
+The final norm is linear once its scale is fixed, and the forward fixed it, so
+with the cached scale every write ``x_i`` contributes exactly
+``x_i · centre(w ⊙ Δ) / scale`` to the logit difference along
+``Δ = W_U[:, answer] - W_U[:, wrong]``. Adding the norm's bias term and the
+unembedding bias makes the components sum to the model's actual logit
+difference, which the result carries to check against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from mitk.cache import ActivationCache
+from mitk.errors import ShapeMismatchError
+from mitk.hooks import name
+from mitk.shapes import Float, Int
+
+By = Literal["component", "head", "neuron"]
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Direct contributions to a logit (difference), one row per component.
+
+    ``values`` is ``[component, batch]``; ``labels`` names the components;
+    ``actual`` is the model's logit (difference) per prompt, which
+    ``values.sum(0)`` reproduces.
+    """
+
+    values: Float[Tensor, "component batch"]
+    labels: list[str]
+    actual: Float[Tensor, " batch"]
+
+    def total(self) -> Float[Tensor, " batch"]:
+        """Sum over components: equals ``actual`` up to float error."""
+        return self.values.sum(0)
+
+    def top(self, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` components with the largest mean attribution over the batch."""
+        mean = self.values.mean(1)
+        order = mean.abs().argsort(descending=True)[:k]
+        return [(self.labels[i], float(mean[i])) for i in order]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table: one row per (component, prompt)."""
+        values = self.values.detach().float().cpu()
+        n_comp, n_batch = values.shape
+        return pd.DataFrame({
+            "component": [label for label in self.labels for _ in range(n_batch)],
+            "prompt": list(range(n_batch)) * n_comp,
+            "attribution": values.reshape(-1).tolist(),
+        })  # fmt: skip
+
+
+def _positions(pos: int | Tensor, batch: int, seq: int) -> Int[Tensor, " batch"]:
+    index = torch.as_tensor(pos).long().reshape(-1).expand(batch) if not isinstance(pos, int) \
+        else torch.full((batch,), pos)  # fmt: skip
+    if index.shape[0] != batch:
+        raise ShapeMismatchError(f"pos has {index.shape[0]} entries for a batch of {batch}")
+    if bool(((index < -seq) | (index >= seq)).any()):
+        raise ShapeMismatchError(f"pos {index.tolist()} outside a sequence of length {seq}")
+    return index % seq
+
+
+def _per_prompt(tokens: Tensor | int | list[int], batch: int, what: str) -> Int[Tensor, " batch"]:
+    out = torch.as_tensor(tokens).long().reshape(-1)
+    if out.shape[0] == 1:
+        out = out.expand(batch)
+    if out.shape[0] != batch:
+        raise ShapeMismatchError(
+            f"{what} has {out.shape[0]} entries; expected one per prompt ({batch})"
+        )
+    return out
+
+
+def _writes_at(
+    cache: ActivationCache, by: By, rows: Tensor, cols: Tensor
+) -> tuple[list[str], list[Tensor]]:
+    """Every write into the final stream at one position per prompt, as ``[n, batch, d_model]``."""
+    model = cache.model
+    pick = lambda t: t[rows, cols]  # noqa: E731  [batch, pos, ...] -> [batch, ...]
+    labels, blocks = ["embed"], [pick(cache["hook_embed"])[None]]
+    if "hook_pos_embed" in model.hook_dict:
+        labels.append("pos_embed")
+        blocks.append(pick(cache["hook_pos_embed"])[None])
+    for layer in range(model.cfg.n_layers):
+        if by == "head":
+            z = pick(cache[name("z", layer)])  # [batch, head, d_head]
+            attn = model.blocks[layer].attn
+            blocks.append(torch.einsum("bhd,hdm->hbm", z, attn.W_O))
+            blocks.append(attn.b_O.expand(rows.shape[0], -1)[None])
+            labels += [f"L{layer}H{h}" for h in range(z.shape[1])] + [f"L{layer}_attn_bias"]
+        else:
+            blocks.append(pick(cache[name("attn_out", layer)])[None])
+            labels.append(f"{layer}_attn_out")
+        if not model.cfg.has_mlp:
+            continue
+        if by == "neuron":
+            mlp = model.blocks[layer].mlp
+            post = pick(cache[name("post", layer)])  # [batch, d_mlp]
+            blocks.append(torch.einsum("bn,nm->nbm", post, mlp.W_out))
+            bias = mlp.b_out if mlp.b_out is not None else mlp.W_out.new_zeros(mlp.W_out.shape[1])
+            blocks.append(bias.expand(rows.shape[0], -1)[None])
+            labels += [f"L{layer}N{n}" for n in range(post.shape[1])] + [f"L{layer}_mlp_bias"]
+        else:
+            blocks.append(pick(cache[name("mlp_out", layer)])[None])
+            labels.append(f"{layer}_mlp_out")
+    return labels, blocks
+
+
+def logit_attribution(
+    model: Any,
+    cache: ActivationCache,
+    answer_tokens: Int[Tensor, " batch"] | int | list[int],
+    wrong_tokens: Int[Tensor, " batch"] | int | list[int] | None = None,
+    pos: int | Int[Tensor, " batch"] = -1,
+    by: By = "component",
+) -> Attribution:
+    """Attribute each prompt's answer logit (minus the wrong answer's, if given) to components.
+
+    ``by="component"``: embeddings, each attention and MLP output; ``"head"``:
+    each head plus each layer's attention bias; ``"neuron"``: each MLP neuron
+    plus each MLP's bias. Every variant ends with ``ln_final.b`` and ``b_U``,
+    so the values sum to the actual logit (difference). ``pos`` is one
+    position for all prompts or one per prompt (e.g. the last real token under
+    right padding). The cache must hold what the chosen ``by`` reads plus
+    ``ln_final.hook_scale`` (``run_with_cache`` with no filter caches all).
+    """
+    if by not in ("component", "head", "neuron"):
+        raise ValueError(f"by must be 'component', 'head' or 'neuron', got {by!r}")
+    embed = cache["hook_embed"]
+    batch, seq = embed.shape[0], embed.shape[1]
+    rows, cols = torch.arange(batch), _positions(pos, batch, seq)
+    answers = _per_prompt(answer_tokens, batch, "answer_tokens")
+    delta = model.W_U[:, answers].T  # [batch, d_model]
+    bias_delta = model.b_U[answers]
+    if wrong_tokens is not None:
+        wrong = _per_prompt(wrong_tokens, batch, "wrong_tokens")
+        delta = delta - model.W_U[:, wrong].T
+        bias_delta = bias_delta - model.b_U[wrong]
+    norm = model.ln_final
+    direction = delta * norm.w
+    if model.cfg.normalization == "layernorm":
+        direction = direction - direction.mean(-1, keepdim=True)
+    direction = direction / cache[name("scale")][rows, cols]  # [batch, d_model] / [batch, 1]
+    labels, blocks = _writes_at(cache, by, rows, cols)
+    values = [torch.einsum("nbm,bm->nb", block, direction) for block in blocks]
+    ln_bias = getattr(norm, "b", None)
+    constant = [(delta * ln_bias).sum(-1) if ln_bias is not None else torch.zeros_like(bias_delta)]
+    values += [constant[0][None], bias_delta[None]]
+    labels += ["ln_final.b", "b_U"]
+    actual = _actual_logit_diff(model, cache, rows, cols, answers, wrong_tokens, batch)
+    return Attribution(torch.cat(values).detach(), labels, actual)
+
+
+def _actual_logit_diff(
+    model: Any,
+    cache: ActivationCache,
+    rows: Tensor,
+    cols: Tensor,
+    answers: Tensor,
+    wrong_tokens: Tensor | int | list[int] | None,
+    batch: int,
+) -> Float[Tensor, " batch"]:
+    final = cache[name("resid_post", model.cfg.n_layers - 1)][rows, cols]  # [batch, d_model]
+    with torch.no_grad():
+        logits = model.unembed(model.ln_final(final[:, None]))[:, 0]
+    actual = logits[rows, answers]
+    if wrong_tokens is not None:
+        actual = actual - logits[rows, _per_prompt(wrong_tokens, batch, "wrong_tokens")]
+    return actual.detach()

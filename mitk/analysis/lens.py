@@ -1,0 +1,63 @@
+"""Logit lens: read the residual stream after each layer through the final norm and unembedding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from mitk.cache import ActivationCache
+from mitk.shapes import Float, Int
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """Logits the model would output if it stopped early.
+
+    ``logits`` is ``[layer, batch, pos, d_vocab]`` with one row per snapshot in
+    ``labels`` (``"0_pre"`` is the embeddings, ``"final_post"`` the real output).
+    Each snapshot goes through the final norm with its own scale, recomputed,
+    since the cached final scale belongs to the last stream only.
+    """
+
+    logits: Float[Tensor, "layer batch pos d_vocab"]
+    labels: list[str]
+
+    def token_logits(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "layer batch pos"]:
+        """The logit of ``tokens[b, p]`` at every snapshot (e.g. each position's next token)."""
+        index = tokens[None, ..., None].expand(self.logits.shape[0], -1, -1, 1)
+        return self.logits.gather(-1, index)[..., 0]
+
+    def token_ranks(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "layer batch pos"]:
+        """Rank (0 = top) of ``tokens[b, p]`` among all logits at every snapshot."""
+        target = self.token_logits(tokens)[..., None]
+        return (self.logits > target).sum(-1)
+
+    def to_frame(self, tokens: Int[Tensor, "batch pos"]) -> pd.DataFrame:
+        """Long table: one row per (layer, batch, pos) with the logit and rank of ``tokens``."""
+        logit = self.token_logits(tokens).detach().float().cpu()
+        rank = self.token_ranks(tokens).cpu()
+        n_layer, n_batch, n_pos = logit.shape
+        return pd.DataFrame({
+            "layer": [label for label in self.labels for _ in range(n_batch * n_pos)],
+            "batch": [b for _ in range(n_layer) for b in range(n_batch) for _ in range(n_pos)],
+            "pos": [p for _ in range(n_layer * n_batch) for p in range(n_pos)],
+            "logit": logit.reshape(-1).tolist(),
+            "rank": rank.reshape(-1).tolist(),
+        })  # fmt: skip
+
+
+def logit_lens(model: Any, cache: ActivationCache) -> LogitLens:
+    """Apply the final norm and unembedding to each accumulated residual snapshot.
+
+    Needs every ``hook_resid_pre`` and the last ``hook_resid_post`` cached.
+    The last snapshot reproduces the model's logits exactly.
+    """
+    stack = cache.accumulated_resid()
+    with torch.no_grad():
+        flat = stack.tensor.flatten(0, 1)  # [layer * batch, pos, d_model]
+        logits = model.unembed(model.ln_final(flat))
+    return LogitLens(logits.view(*stack.tensor.shape[:3], -1), stack.labels)

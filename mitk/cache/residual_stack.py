@@ -1,0 +1,57 @@
+"""ResidualStack: a set of labelled writes into the residual stream, one per component."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+from torch import Tensor
+
+from mitk.shapes import Float
+
+
+@dataclass(frozen=True)
+class ResidualStack:
+    """Per-component vectors in residual space.
+
+    ``tensor`` is ``[component, batch, pos, d_model]`` and ``labels[i]`` names
+    component ``i`` (``"embed"``, ``"0_attn_out"``, ``"L1H3"``, ...). Summing
+    over the component axis gives back the residual stream the stack was
+    decomposed from (for decompositions; an accumulated stack is a sequence of
+    snapshots instead).
+    """
+
+    tensor: Float[Tensor, "component batch pos d_model"]
+    labels: list[str]
+
+    def __post_init__(self) -> None:
+        if self.tensor.shape[0] != len(self.labels):
+            raise ValueError(
+                f"{len(self.labels)} labels for {self.tensor.shape[0]} components in the stack"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def total(self) -> Float[Tensor, "batch pos d_model"]:
+        """Sum over components."""
+        return self.tensor.sum(0)
+
+    def select(self, labels: list[str]) -> ResidualStack:
+        """The sub-stack with these components, in the order given."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        missing = [label for label in labels if label not in index]
+        if missing:
+            raise KeyError(f"no component(s) {missing} in this stack")
+        return ResidualStack(self.tensor[[index[label] for label in labels]], list(labels))
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table: one row per (component, batch, pos) with the write's L2 norm."""
+        norms = self.tensor.detach().float().norm(dim=-1).cpu()
+        n_comp, n_batch, n_pos = norms.shape
+        return pd.DataFrame({
+            "component": [label for label in self.labels for _ in range(n_batch * n_pos)],
+            "batch": [b for _ in range(n_comp) for b in range(n_batch) for _ in range(n_pos)],
+            "pos": [p for _ in range(n_comp * n_batch) for p in range(n_pos)],
+            "norm": norms.reshape(-1).tolist(),
+        })  # fmt: skip

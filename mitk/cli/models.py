@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
 
@@ -11,7 +12,7 @@ from mitk.model import embedded_models, supported_architectures
 
 
 def models(
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """List the embedded models and the Hugging Face architectures mitk converts."""
     rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -15,21 +16,31 @@ def run_mitk(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_demo_shows_induction_on_the_embedded_model() -> None:
-    done = run_mitk("demo", "--json")
+def test_demo_finds_induction_and_writes_a_self_contained_report(tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    done = run_mitk("demo", "--json", "--out", str(out))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     # the repeated half is predictable only through an induction circuit
-    assert result["loss_repeated_half"] < 0.5 * result["loss_first_half"]
-    late = [row for row in result["predictions"] if row["pos"] > 20]
-    assert all(row["top"][0][0] == row["next"] for row in late if row["next"] is not None)
+    assert result["loss_repeated_half"] < 0.1 * result["loss_first_half"]
+    late = [row for row in result["predictions"] if row["pos"] > 20 and row["next"] is not None]
+    assert late and all(row["top"][0][0] == row["next"] for row in late)
     assert "blocks.1.attn.hook_pattern" in result["cached"]
+    heads = {h["label"]: h for h in result["heads"]}
+    assert max(heads.values(), key=lambda h: h["induction"])["layer"] == 1
+    assert max(heads.values(), key=lambda h: h["previous_token"])["layer"] == 0
+    assert result["top_attributions"][0][0].startswith("L1H")  # induction heads write the answer
+    page = out.read_text()
+    assert result["report"] == str(out)
+    assert "<script src=" not in page  # plotly.js is inlined: renders with no network
+    assert page.count("Plotly.newPlot") >= 3 and "toy-induction" in page
 
 
-def test_demo_human_output() -> None:
-    done = run_mitk("demo")
+def test_demo_human_output(tmp_path: Path) -> None:
+    done = run_mitk("demo", "--out", str(tmp_path / "r.html"))
     assert done.returncode == 0, done.stderr
     assert "blocks.0.hook_resid_pre" in done.stdout and "top predictions" in done.stdout
+    assert "report written to" in done.stdout
 
 
 def test_models_lists_the_embedded_model() -> None:

@@ -1,0 +1,69 @@
+"""Figures for analysis results: each maps a result to a plotly Figure and never runs a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from torch import Tensor
+
+from mitk.shapes import Float
+
+
+def dla_bar(attribution: Any, prompt: int | None = None, title: str | None = None) -> go.Figure:
+    """Bars of direct logit attribution per component (mean over prompts unless one is chosen).
+
+    ``attribution`` is a ``mitk.analysis.dla.Attribution``; its ``labels`` label the bars.
+    """
+    values = attribution.values.detach().float().cpu()
+    series = values[:, prompt] if prompt is not None else values.mean(1)
+    colours = ["#c0392b" if v < 0 else "#2471a3" for v in series.tolist()]
+    fig = go.Figure(go.Bar(x=attribution.labels, y=series.tolist(), marker_color=colours))
+    which = f"prompt {prompt}" if prompt is not None else f"mean over {values.shape[1]} prompts"
+    fig.update_layout(
+        title=title or f"Direct logit attribution ({which})",
+        xaxis_title="component",
+        yaxis_title="contribution to logit (difference)",
+    )
+    return fig
+
+
+def head_scores_heatmap(scores: pd.DataFrame, column: str, title: str | None = None) -> go.Figure:
+    """Layer × head heatmap of one detector column from ``head_detector_scores``."""
+    if column not in scores.columns:
+        raise KeyError(f"no column {column!r}; have {list(scores.columns)}")
+    grid = scores.pivot(index="layer", columns="head", values=column)
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=[f"H{h}" for h in grid.columns],
+            y=[f"L{layer}" for layer in grid.index],
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            colorbar={"title": "score"},
+        )
+    )
+    fig.update_layout(title=title or f"{column.replace('_', '-')} score per head",
+                      yaxis_autorange="reversed")  # fmt: skip
+    return fig
+
+
+def composition_heatmap(
+    scores: Float[Tensor, "layer head layer2 head2"],
+    baseline: float | None = None,
+    title: str = "Composition scores (writer → reader)",
+) -> go.Figure:
+    """Writer head × reader head heatmap; with a baseline the colour centres on chance."""
+    n_layers, n_heads = scores.shape[0], scores.shape[1]
+    labels = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
+    grid = scores.detach().float().cpu().reshape(n_layers * n_heads, n_layers * n_heads)
+    heatmap: dict[str, Any] = {"colorscale": "Viridis"}
+    if baseline is not None:
+        heatmap = {"colorscale": "RdBu_r", "zmid": baseline}
+        title = f"{title}; random baseline {baseline:.3f}"
+    fig = go.Figure(go.Heatmap(z=grid.tolist(), x=labels, y=labels, **heatmap))
+    fig.update_layout(title=title, xaxis_title="reader", yaxis_title="writer",
+                      yaxis_autorange="reversed")  # fmt: skip
+    return fig

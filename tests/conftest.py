@@ -10,10 +10,17 @@ from jaxtyping import install_import_hook
 # Every annotated function in these packages gets its jaxtyping shapes checked at test time.
 # mitk.config is left out on purpose: it validates its own fields, and those checks (with their
 # messages) are what the config tests assert.
-with install_import_hook(
-    ["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analysis", "mitk.sae"], "beartype.beartype"
-):
+# Only modules first imported inside the block are checked, so every checked package is
+# imported here, before any test module imports it.
+with install_import_hook(["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analysis"],
+                         "beartype.beartype"):  # fmt: skip
     from mitk import HookedTransformer, TransformerConfig
+    import mitk.analysis.circuits
+    import mitk.analysis.composition
+    import mitk.analysis.detectors
+    import mitk.analysis.dla
+    import mitk.analysis.lens
+    import mitk.analysis.patching  # noqa: F401
 
 import pytest
 import torch

@@ -2,6 +2,7 @@
 
 from mitk.model.attention import Attention
 from mitk.model.block import TransformerBlock
+from mitk.model.factored_matrix import FactoredMatrix
 from mitk.model.pretrained import supported_architectures
 from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.tokenization import NoTokenizerError
@@ -9,6 +10,7 @@ from mitk.model.transformer import HookedTransformer
 
 __all__ = [
     "Attention",
+    "FactoredMatrix",
     "HookedTransformer",
     "NoTokenizerError",
     "TransformerBlock",

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
+from mitk.model.factored_matrix import FactoredMatrix
 
 
 def _zeros_or(param: Tensor | None, like: Tensor, size: int) -> Tensor:
@@ -28,6 +30,7 @@ class WeightViews:
     """Mixin for the transformer: ``W_E``, ``W_Q [n_layers, n_heads, d_model, d_head]`` and kin."""
 
     # provided by the transformer; typed Any because nn.Module attribute access is untyped
+    cfg: TransformerConfig
     blocks: Any
     embed: Any
     unembed: Any
@@ -102,6 +105,29 @@ class WeightViews:
     def b_O(self) -> Tensor:
         """``[n_layers, d_model]``"""
         return self._stack(lambda b: b.attn.b_O)
+
+    def _per_query_head(self, kv: Tensor) -> Tensor:
+        # grouped-query attention: query head h reads kv head h // group, as the forward does
+        return kv.repeat_interleave(self.cfg.kv_group_size, dim=1)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``[n_layers, n_heads, d_model, d_model]`` factored as ``W_Q @ W_Kᵀ``.
+
+        Row-vector convention: the (unscaled, bias-free) score of query input
+        ``x_q`` on key input ``x_k`` is ``x_q @ QK @ x_kᵀ``. Key heads are
+        repeated to one per query head for grouped-query models.
+        """
+        return FactoredMatrix(self.W_Q, self._per_query_head(self.W_K).mT)
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``[n_layers, n_heads, d_model, d_model]`` factored as ``W_V @ W_O``.
+
+        A head writes ``pattern @ x @ OV`` into the residual stream (biases
+        aside). Value heads are repeated to one per query head for grouped-query models.
+        """
+        return FactoredMatrix(self._per_query_head(self.W_V), self.W_O)
 
     @property
     def W_in(self) -> Tensor:

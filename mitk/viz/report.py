@@ -7,12 +7,13 @@ import html
 import os
 from pathlib import Path
 import tempfile
+from typing import TypeAlias
 
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-Content = go.Figure | pd.DataFrame | str
+Content: TypeAlias = go.Figure | pd.DataFrame | str
 
 
 @dataclass(frozen=True)

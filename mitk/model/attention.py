@@ -25,6 +25,8 @@ Backend = Literal["auto", "sdpa", "eager"]
 Queries = Float[Tensor, "batch head pos d_head"]
 KeysValues = Float[Tensor, "batch kv_head key_pos d_head"]
 Mixed = Float[Tensor, "batch head pos d_head"]
+# keys and values of earlier positions, in the compute layout [batch, kv_head, past_pos, d_head]
+PastKV = tuple[Tensor, Tensor]
 
 
 class Attention(nn.Module):
@@ -127,8 +129,17 @@ class Attention(nn.Module):
         return f"eager: hooked {', '.join(needing)}" if needing else "sdpa"
 
     def forward(
-        self, x: Float[Tensor, "batch pos d_model"], mask: AttentionMask, backend: Backend = "auto"
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        mask: AttentionMask,
+        backend: Backend = "auto",
+        past_kv: PastKV | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """Attend from ``x``'s positions; ``past_kv`` supplies keys/values of earlier positions.
+
+        With ``past_kv`` the queries are the last ``pos`` positions of a longer
+        sequence (``mask.k_len`` long); the hooks see only the new positions.
+        """
         cfg = self.cfg
         batch, pos, _ = x.shape
         qkv = affine(x, self.W_qkv, self.b_qkv).view(
@@ -138,6 +149,8 @@ class Attention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         # [batch, head, pos, d_head] is the layout both paths compute in
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         self.last_path = self.choose_path(backend)
         if self.last_path == "sdpa":
             z = self._fused(q, k, v, mask)

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
 from mitk.hooks import HookPoint
-from mitk.model.attention import Attention, Backend
+from mitk.model.attention import Attention, Backend, PastKV
 from mitk.model.masks import AttentionMask
 from mitk.model.mlp import MLP
 from mitk.model.norms import make_norm
@@ -41,9 +41,11 @@ class TransformerBlock(nn.Module):
         resid: Float[Tensor, "batch pos d_model"],
         mask: AttentionMask,
         backend: Backend = "auto",
+        past_kv: PastKV | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """One block; ``past_kv`` (keys/values of earlier positions) goes to the attention."""
         resid = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), mask, backend))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), mask, backend, past_kv))
         if not self.cfg.has_mlp:
             return self.hook_resid_post(resid + attn_out)
         if self.cfg.parallel_attn_mlp:

@@ -48,7 +48,7 @@ class AttentionMask:
             allowed = (k_idx <= q_idx) if self.causal else torch.ones_like(k_idx <= q_idx)
             allowed = allowed[None, None]
             if self.key_valid is not None:
-                kv = self.key_valid.to(device)[:, None, None, :]
+                kv = self.key_valid.to(device).bool()[:, None, None, :]
                 allowed = allowed & (kv | (k_idx == q_idx)[None, None])
             self._dense = allowed
         return self._dense

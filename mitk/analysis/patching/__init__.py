@@ -1,0 +1,42 @@
+"""Causal interventions: activation, attribution and edge patching, ablations, metrics."""
+
+from mitk.analysis.patching.ablation import mean_ablation, resample_ablation, zero_ablation
+from mitk.analysis.patching.activation import PatchResult, activation_patch
+from mitk.analysis.patching.attribution import attribution_patch, compare_with_activation_patching
+from mitk.analysis.patching.edges import EdgeScores, edge_attribution_patch
+from mitk.analysis.patching.metrics import (
+    KLToClean,
+    LogitDiff,
+    LogProb,
+    PositionMetric,
+    Prob,
+    kl_to_clean,
+    log_prob,
+    logit_diff,
+    prob,
+)
+from mitk.analysis.patching.sites import GRANULARITIES, SITES, Site
+
+__all__ = [
+    "GRANULARITIES",
+    "SITES",
+    "EdgeScores",
+    "KLToClean",
+    "LogProb",
+    "LogitDiff",
+    "PatchResult",
+    "PositionMetric",
+    "Prob",
+    "Site",
+    "activation_patch",
+    "attribution_patch",
+    "compare_with_activation_patching",
+    "edge_attribution_patch",
+    "kl_to_clean",
+    "log_prob",
+    "logit_diff",
+    "mean_ablation",
+    "prob",
+    "resample_ablation",
+    "zero_ablation",
+]

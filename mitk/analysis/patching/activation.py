@@ -1,0 +1,196 @@
+"""Activation patching: swap one run's activation into another and measure what it restores.
+
+Denoising (the default) runs the corrupted prompts and patches in clean
+activations; noising runs the clean prompts and patches in corrupted ones.
+Every patched variant of a sweep goes through the batched engine, and the
+numbers equal a one-forward-per-variant loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from mitk.analysis.patching.engine import BaseRun, Variant, metric_fn, run_variants
+from mitk.analysis.patching.metrics import PositionMetric
+from mitk.analysis.patching.sites import Granularity, Site, site_for
+from mitk.errors import ShapeMismatchError
+from mitk.hooks import name
+from mitk.shapes import Float, Int
+
+Direction = Literal["denoising", "noising"]
+AXES: dict[str, tuple[str, ...]] = {
+    "layer": ("layer",),
+    "pos": ("layer", "pos"),
+    "head": ("layer", "head"),
+    "head_pos": ("layer", "head", "pos"),
+}
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """Metric after each patch, with the unpatched baselines.
+
+    ``per_prompt`` is ``[batch, layer, ...]`` with one axis per granularity
+    dimension (``axes`` names them); ``values`` averages over prompts.
+    ``clean``/``corrupted`` are the metric on the unpatched runs, per prompt.
+    """
+
+    per_prompt: Float[Tensor, "batch ..."]
+    clean: Float[Tensor, " batch"]
+    corrupted: Float[Tensor, " batch"]
+    site: str
+    per: str
+    direction: str
+    layers: list[int]
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Names of the axes of ``values`` (``per_prompt`` has ``batch`` first)."""
+        return AXES[self.per]
+
+    @property
+    def values(self) -> Float[Tensor, "..."]:
+        """Mean over prompt pairs of the patched metric."""
+        return self.per_prompt.mean(0)
+
+    def normalized(self) -> Float[Tensor, "..."]:
+        """``(patched - corrupted) / (clean - corrupted)`` on prompt means: 1 = fully restored.
+
+        Means are taken before dividing, so one prompt whose baselines
+        coincide cannot blow the ratio up.
+        """
+        clean, corrupted = self.clean.mean(), self.corrupted.mean()
+        return (self.values - corrupted) / (clean - corrupted)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table: one row per layer/pos/head cell with the raw and normalised value."""
+        values, normalized = self.values.cpu(), self.normalized().cpu()
+        grids = torch.meshgrid(*[torch.arange(n) for n in values.shape], indexing="ij")
+        frame = pd.DataFrame(
+            {axis: g.reshape(-1).tolist() for axis, g in zip(self.axes, grids, strict=True)}
+        )
+        frame["layer"] = [self.layers[i] for i in frame["layer"]]
+        frame["value"] = values.reshape(-1).tolist()
+        frame["normalized"] = normalized.reshape(-1).tolist()
+        frame["site"], frame["direction"] = self.site, self.direction
+        return frame
+
+
+def _cells(per: Granularity, n_pos: int, n_heads: int) -> list[tuple[int | None, int | None]]:
+    """(pos, head) of each variant within one layer, in the order ``values`` lays them out."""
+    if per == "layer":
+        return [(None, None)]
+    if per == "pos":
+        return [(p, None) for p in range(n_pos)]
+    if per == "head":
+        return [(None, h) for h in range(n_heads)]
+    return [(p, h) for h in range(n_heads) for p in range(n_pos)]
+
+
+def _heads_at(model: Any, site: Site) -> int:
+    return int(model.cfg.n_key_value_heads if site.kv_heads else model.cfg.n_heads)
+
+
+def check_pair(clean: Tensor, corrupted: Tensor, mask: Tensor | None) -> None:
+    if clean.shape != corrupted.shape:
+        raise ShapeMismatchError(
+            f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)} "
+            "must have the same [batch, pos] shape so positions line up"
+        )
+    if mask is not None and tuple(mask.shape) != tuple(clean.shape):
+        raise ShapeMismatchError(
+            f"attention_mask {tuple(mask.shape)} must match the tokens {tuple(clean.shape)}"
+        )
+
+
+def activation_patch(
+    model: Any,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: Any,
+    site: str = "resid_pre",
+    per: Granularity = "layer",
+    *,
+    direction: Direction = "denoising",
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    layers: list[int] | None = None,
+    memory_budget_gb: float = 2.0,
+) -> PatchResult:
+    """Patch ``site`` at every layer (and position / head, per ``per``) and record ``metric``.
+
+    ``metric`` is a ready-made metric (``mitk.analysis.patching.metrics``) or
+    any callable from logits ``[batch, pos, d_vocab]`` to ``[batch]``. Clean
+    and corrupted prompts must line up position by position; a shared
+    ``attention_mask`` handles padding. ``memory_budget_gb`` bounds the
+    activations of one batched forward (an estimate, fp32).
+    """
+    if direction not in ("denoising", "noising"):
+        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    where = site_for(site, per)
+    check_pair(clean_tokens, corrupted_tokens, attention_mask)
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    if any(not 0 <= layer < n_layers for layer in layers):
+        raise ValueError(f"layers {layers} must lie in [0, {n_layers})")
+    batch, seq = clean_tokens.shape
+    fn, answer_pos = metric_fn(metric, batch, seq)
+
+    first = min(layers)
+    downstream = range(first, n_layers)  # the wavefront reads keys/values of every later layer
+    names = [name(kind, layer) for kind in ("resid_pre", "k", "v") for layer in downstream]
+    names += [where.hook(layer) for layer in layers]
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(
+            clean_tokens, attention_mask=attention_mask, names_filter=sorted(set(names))
+        )
+        corrupt_logits, corrupt_cache = model.run_with_cache(
+            corrupted_tokens, attention_mask=attention_mask, names_filter=sorted(set(names))
+        )
+    rows = torch.arange(batch)
+    if answer_pos is not None:
+        clean_logits, corrupt_logits = (
+            clean_logits[rows, answer_pos],
+            corrupt_logits[rows, answer_pos],
+        )
+        if isinstance(metric, PositionMetric):
+            metric.prepare(clean_logits)
+    clean_metric, corrupt_metric = fn(clean_logits), fn(corrupt_logits)
+
+    denoising = direction == "denoising"
+    base_cache, source_cache = (
+        (corrupt_cache, clean_cache) if denoising else (clean_cache, corrupt_cache)
+    )
+    base = BaseRun(
+        resid_pre={layer: base_cache[name("resid_pre", layer)] for layer in downstream},
+        keys={layer: base_cache[name("k", layer)].transpose(1, 2) for layer in downstream},
+        values={layer: base_cache[name("v", layer)].transpose(1, 2) for layer in downstream},
+        base_site={layer: base_cache[where.hook(layer)] for layer in layers},
+        source_site={layer: source_cache[where.hook(layer)] for layer in layers},
+        attention_mask=None if attention_mask is None else attention_mask.bool(),
+        answer_pos=answer_pos,
+        base_logits=corrupt_logits if denoising else clean_logits,
+        base_metric=corrupt_metric if denoising else clean_metric,
+    )
+    n_heads = _heads_at(model, where)
+    variants = [
+        Variant(layer, pos, head) for layer in layers for pos, head in _cells(per, seq, n_heads)
+    ]
+    out = run_variants(
+        model, base, where, variants, fn, memory_budget_gb * 2**30
+    )  # [variant, batch]
+    shape = {"layer": (), "pos": (seq,), "head": (n_heads,), "head_pos": (n_heads, seq)}[per]
+    per_prompt = out.T.reshape(batch, len(layers), *shape)
+    return PatchResult(
+        per_prompt=per_prompt.detach(),
+        clean=clean_metric.detach(),
+        corrupted=corrupt_metric.detach(),
+        site=site,
+        per=per,
+        direction=direction,
+        layers=layers,
+    )

@@ -1,21 +1,44 @@
-"""``mitk demo``: the README's main job, on an embedded model, ending in an HTML report."""
+"""``mitk demo``: the README's main job: find the embedded model's circuit, write a report."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import pandas as pd
 import torch
 import typer
 
+from mitk.analysis.composition import CompositionBaseline, composition_baseline, composition_scores
 from mitk.analysis.detectors import head_detector_scores
 from mitk.analysis.dla import Attribution, logit_attribution
+from mitk.analysis.patching import PatchResult, activation_patch, logit_diff
 from mitk.model import HookedTransformer
 from mitk.sequences import repeated_random_tokens
-from mitk.viz import Section, dla_bar, head_scores_heatmap, write_report
+from mitk.viz import (
+    Section,
+    composition_heatmap,
+    dla_bar,
+    head_scores_heatmap,
+    patching_heatmap,
+    write_report,
+)
 
 DEFAULT_OUT = Path("mitk-demo/report.html")
+
+
+@dataclass(frozen=True)
+class Findings:
+    """Everything the demo measured, for printing, JSON and the report."""
+
+    losses: tuple[float, float]
+    attribution: Attribution
+    detectors: pd.DataFrame
+    k_composition: torch.Tensor
+    baseline: CompositionBaseline
+    patching: PatchResult
 
 
 def _top(log_probs: torch.Tensor, k: int) -> list[tuple[int, float]]:
@@ -37,27 +60,39 @@ def _predictions(tokens: torch.Tensor, log_probs: torch.Tensor, half: int, top: 
     ]
 
 
-def _report(
-    out: Path, model_name: str, net: HookedTransformer, half: int, batch: int, seed: int,
-    losses: tuple[float, float], attribution: Attribution, detectors: Any,
-) -> Path:  # fmt: skip
+def _patch_heads(net: HookedTransformer, tokens: torch.Tensor, half: int, seed: int) -> PatchResult:
+    """Denoise each head's output: clean = repeated segment, corrupted = a different first copy."""
+    other = repeated_random_tokens(tokens.shape[0], half, net.cfg.d_vocab,
+                                   torch.Generator().manual_seed(seed + 2))  # fmt: skip
+    corrupted = tokens.clone()
+    corrupted[:, 1 : half + 1] = other[:, 1 : half + 1]
+    # at the second-to-last position the clean context predicts the last token; the
+    # corrupted context would predict what followed that token in its own first copy
+    metric = logit_diff(tokens[:, -1], corrupted[:, half], pos=-2)
+    return activation_patch(net, tokens, corrupted, metric, "z", "head")
+
+
+def _report(out: Path, model_name: str, net: HookedTransformer, half: int, batch: int,
+            seed: int, found: Findings) -> Path:  # fmt: skip
     header = {
         "model": f"{model_name} ({net.cfg.n_layers} layers, d_model {net.cfg.d_model}, "
         f"{net.cfg.n_heads} heads)",
         "prompts": f"{batch} sequences: BOS + {half} random tokens, repeated once (seed {seed})",
-        "loss": f"first half {losses[0]:.3f} nats, repeated half {losses[1]:.3f} nats",
+        "loss": f"first half {found.losses[0]:.3f} nats, repeated half {found.losses[1]:.3f} nats",
     }
     sections = [
-        Section(
-            "Direct logit attribution of the correct next token",
-            dla_bar(attribution),
-            note="At the second-to-last position, each head's direct contribution to the logit "
-            "of the token that follows; the bars sum to the model's logit.",
-        ),
-        Section("Previous-token heads", head_scores_heatmap(detectors, "previous_token")),
-        Section("Induction heads", head_scores_heatmap(detectors, "induction")),
-        Section("Head detector scores", detectors),
-    ]
+        Section("Direct logit attribution of the correct next token", dla_bar(found.attribution),
+                note="At the second-to-last position, each head's direct contribution to the "
+                "logit of the token that follows; the bars sum to the model's logit."),
+        Section("Previous-token heads", head_scores_heatmap(found.detectors, "previous_token")),
+        Section("Induction heads", head_scores_heatmap(found.detectors, "induction")),
+        Section("K-composition", composition_heatmap(found.k_composition, found.baseline.mean),
+                note=f"Random baseline {found.baseline.mean:.3f} ± {found.baseline.std:.3f}."),
+        Section("Activation patching of each head's output", patching_heatmap(found.patching),
+                note="Clean: the repeated sequence; corrupted: a different first copy. 1 means "
+                "patching that head alone restores the clean logit difference."),
+        Section("Head detector scores", found.detectors),
+    ]  # fmt: skip
     return write_report(out, f"mitk demo: {model_name}", header, sections)
 
 
@@ -72,47 +107,78 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where to write the HTML report.")] = DEFAULT_OUT,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """Cache a forward on repeated random tokens, attribute, detect heads, write a report."""
+    """Cache a forward on repeated random tokens, find the circuit, write an HTML report."""
     net = HookedTransformer.from_pretrained(model)
-    tokens = repeated_random_tokens(
-        batch, half, net.cfg.d_vocab, torch.Generator().manual_seed(seed)
-    )
+    gen = torch.Generator().manual_seed(seed)
+    tokens = repeated_random_tokens(batch, half, net.cfg.d_vocab, gen)
     with torch.no_grad():
         logits, cache = net.run_with_cache(tokens)
     log_probs = logits.log_softmax(-1)
     nll = -log_probs[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
-    losses = (nll[:, :half].mean().item(), nll[:, half + 1 :].mean().item())
-    attribution = logit_attribution(net, cache, tokens[:, -1], pos=-2, by="head")
-    detectors = head_detector_scores(net, half=half, seed=seed + 1)
-    path = _report(out, model, net, half, batch, seed, losses, attribution, detectors)
+    found = Findings(
+        losses=(nll[:, :half].mean().item(), nll[:, half + 1 :].mean().item()),
+        attribution=logit_attribution(net, cache, tokens[:, -1], pos=-2, by="head"),
+        detectors=head_detector_scores(net, half=half, seed=seed + 1),
+        k_composition=composition_scores(net, "K"),
+        baseline=composition_baseline(net, "K"),
+        patching=_patch_heads(net, tokens, half, seed),
+    )
+    path = _report(out, model, net, half, batch, seed, found)
     predictions = _predictions(tokens, log_probs, half, top)
     if as_json:
-        result = {
-            "model": model,
-            "loss_first_half": losses[0],
-            "loss_repeated_half": losses[1],
-            "cached": {k: list(v.shape) for k, v in cache.items()},
-            "predictions": predictions,
-            "top_attributions": attribution.top(5),
-            "heads": detectors.to_dict(orient="records"),
-            "report": str(path),
-        }
-        typer.echo(json.dumps(result))
-        return
+        _print_json(model, cache, found, predictions, path)
+    else:
+        _print_text(model, net, batch, half, cache, found, predictions, path)
+
+
+def _print_json(
+    model: str, cache: Any, found: Findings, predictions: list[dict], path: Path
+) -> None:
+    result = {
+        "model": model,
+        "loss_first_half": found.losses[0],
+        "loss_repeated_half": found.losses[1],
+        "cached": {k: list(v.shape) for k, v in cache.items()},
+        "predictions": predictions,
+        "top_attributions": found.attribution.top(5),
+        "heads": found.detectors.to_dict(orient="records"),
+        "k_composition_max": float(found.k_composition.max()),
+        "k_composition_baseline": list(found.baseline),
+        "patching_normalized": found.patching.normalized().tolist(),
+        "report": str(path),
+    }
+    typer.echo(json.dumps(result))
+
+
+def _print_text(model: str, net: HookedTransformer, batch: int, half: int, cache: Any,
+                found: Findings, predictions: list[dict], path: Path) -> None:  # fmt: skip
     cfg = net.cfg
     typer.echo(f"model {model}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads")
     typer.echo(f"input: {batch} x (BOS + {half} random tokens, then the same {half} again)\n")
     typer.echo(cache.summary())
-    typer.echo(f"\nloss on first half {losses[0]:.3f} nats, on repeated half {losses[1]:.3f} nats")
+    first, repeat = found.losses
+    typer.echo(f"\nloss on first half {first:.3f} nats, on repeated half {repeat:.3f} nats")
     typer.echo("top predictions for prompt 0 (token id: probability):")
     for row in predictions:
         tops = ", ".join(f"{i}: {p:.2f}" for i, p in row["top"])
         typer.echo(f"  pos {row['pos']:>3} token {row['token']:>4} -> next {row['next']}  [{tops}]")
     typer.echo("\nlargest direct logit attributions (mean over prompts):")
-    for label, value in attribution.top(5):
+    for label, value in found.attribution.top(5):
         typer.echo(f"  {label:<14} {value:+.3f}")
-    best = detectors.loc[detectors["induction"].idxmax()]
-    prev = detectors.loc[detectors["previous_token"].idxmax()]
+    heads = found.detectors
+    best, prev = heads.loc[heads["induction"].idxmax()], heads.loc[heads["previous_token"].idxmax()]
     typer.echo(f"\nstrongest previous-token head {prev['label']} ({prev['previous_token']:.2f}), "
                f"strongest induction head {best['label']} ({best['induction']:.2f})")  # fmt: skip
+    flat = found.k_composition.flatten().argmax().item()
+    n_heads = cfg.n_heads
+    writer, reader = divmod(flat, cfg.n_layers * n_heads)
+    typer.echo(
+        f"strongest K-composition L{writer // n_heads}H{writer % n_heads} -> "
+        f"L{reader // n_heads}H{reader % n_heads}: {found.k_composition.max():.3f} "
+        f"(random baseline {found.baseline.mean:.3f} ± {found.baseline.std:.3f})"
+    )
+    recovery = found.patching.normalized()
+    layer, head = divmod(int(recovery.flatten().argmax()), recovery.shape[1])
+    typer.echo(f"patching one head restores most: L{layer}H{head} "
+               f"({recovery.max():.2f} of the clean logit difference)")  # fmt: skip
     typer.echo(f"\nreport written to {path.resolve()}")

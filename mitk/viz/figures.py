@@ -67,3 +67,25 @@ def composition_heatmap(
     fig.update_layout(title=title, xaxis_title="reader", yaxis_title="writer",
                       yaxis_autorange="reversed")  # fmt: skip
     return fig
+
+
+def patching_heatmap(result: Any, normalized: bool = True, title: str | None = None) -> go.Figure:
+    """Heatmap of a 2-D patching result (``[layer, pos]`` or ``[layer, head]``).
+
+    Normalised recovery uses a 0–1 scale; raw effects a diverging scale centred at 0.
+    """
+    values = (result.normalized() if normalized else result.values).detach().float().cpu()
+    if values.ndim != 2:
+        raise ValueError(f"patching_heatmap needs a 2-D result, got axes {result.axes}")
+    column_axis = result.axes[1]
+    columns = [f"H{i}" if column_axis == "head" else str(i) for i in range(values.shape[1])]
+    scale: dict[str, Any] = {"zmin": 0, "zmax": 1, "colorscale": "Blues"} if normalized \
+        else {"zmid": 0, "colorscale": "RdBu"}  # fmt: skip
+    fig = go.Figure(go.Heatmap(z=values.tolist(), x=columns,
+                               y=[f"L{layer}" for layer in result.layers], **scale))  # fmt: skip
+    what = "recovery (normalised)" if normalized else "metric"
+    fig.update_layout(
+        title=title or f"Patching {result.site} per {result.per}: {what}",
+        xaxis_title=column_axis, yaxis_title="layer", yaxis_autorange="reversed",
+    )  # fmt: skip
+    return fig

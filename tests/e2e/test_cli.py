@@ -30,10 +30,14 @@ def test_demo_finds_induction_and_writes_a_self_contained_report(tmp_path: Path)
     assert max(heads.values(), key=lambda h: h["induction"])["layer"] == 1
     assert max(heads.values(), key=lambda h: h["previous_token"])["layer"] == 0
     assert result["top_attributions"][0][0].startswith("L1H")  # induction heads write the answer
+    low, spread = result["k_composition_baseline"]
+    assert result["k_composition_max"] > low + 5 * spread  # the circuit's K-composition
+    recovery = result["patching_normalized"]  # [layer, head]
+    assert max(recovery[1]) > max(recovery[0])  # layer-1 heads carry the answer
     page = out.read_text()
     assert result["report"] == str(out)
     assert "<script src=" not in page  # plotly.js is inlined: renders with no network
-    assert page.count("Plotly.newPlot") >= 3 and "toy-induction" in page
+    assert page.count("Plotly.newPlot") >= 5 and "toy-induction" in page
 
 
 def test_demo_human_output(tmp_path: Path) -> None:

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from mitk.analysis.dla import Attribution
-from mitk.viz import Section, composition_heatmap, dla_bar, head_scores_heatmap, write_report
+from mitk.viz import (
+    Section,
+    composition_heatmap,
+    dla_bar,
+    head_scores_heatmap,
+    patching_heatmap,
+    write_report,
+)
 
 
 def attribution() -> Attribution:
@@ -58,3 +65,17 @@ def test_report_is_one_self_contained_file(tmp_path: Path) -> None:
     # plotly.js is inlined exactly once however many figures there are
     assert page.count("plotly.js v") == 1 and page.count("Plotly.newPlot") == 2
     assert "1.235" in page and "plain &amp; simple" in page
+
+
+def test_patching_heatmap_axes() -> None:
+    from mitk.analysis.patching import PatchResult
+
+    result = PatchResult(
+        per_prompt=torch.tensor([[[0.0, 1.0], [2.0, 3.0]]]), clean=torch.tensor([2.0]),
+        corrupted=torch.tensor([0.0]), site="z", per="head", direction="denoising", layers=[0, 1],
+    )  # fmt: skip
+    heat = patching_heatmap(result).data[0]
+    assert list(heat.x) == ["H0", "H1"] and list(heat.y) == ["L0", "L1"]
+    assert heat.z[1][1] == pytest.approx(1.5) and heat.zmax == 1
+    raw = patching_heatmap(result, normalized=False).data[0]
+    assert raw.z[1][1] == pytest.approx(3.0) and raw.zmid == 0

@@ -20,7 +20,8 @@ with install_import_hook(["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analys
     import mitk.analysis.detectors
     import mitk.analysis.dla
     import mitk.analysis.lens
-    import mitk.analysis.patching  # noqa: F401
+    import mitk.analysis.patching
+    import mitk.analysis.patching.path  # noqa: F401
 
 import pytest
 import torch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -189,9 +191,12 @@ def test_bad_inputs(model, pair) -> None:
         activation_patch(model, clean, corrupted, metric, "resid_pr")
     with pytest.raises(ValueError, match="supports per="):
         activation_patch(model, clean, corrupted, metric, "resid_pre", "head")
-    # at test time the shared "batch pos" annotation rejects it first (a TypeError)
-    with pytest.raises((ShapeMismatchError, TypeError), match="same|pos"):
+    # at test time the shared "batch pos" annotation rejects it first (a TypeError); users,
+    # and the unwrapped function, get the ShapeMismatchError
+    with pytest.raises(TypeError, match="corrupted_tokens"):
         activation_patch(model, clean, corrupted[:, :5], metric)
+    with pytest.raises(ShapeMismatchError, match="same"):
+        inspect.unwrap(activation_patch)(model, clean, corrupted[:, :5], metric)
     with pytest.raises((ValueError, TypeError), match="direction"):
         activation_patch(model, clean, corrupted, metric, direction="sideways")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="layers"):

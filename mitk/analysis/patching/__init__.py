@@ -1,4 +1,4 @@
-"""Causal interventions: activation, attribution and edge patching, ablations, metrics."""
+"""Causal interventions: activation, path, attribution and edge patching; ablations; metrics."""
 
 from mitk.analysis.patching.ablation import mean_ablation, resample_ablation, zero_ablation
 from mitk.analysis.patching.activation import PatchResult, activation_patch
@@ -15,6 +15,7 @@ from mitk.analysis.patching.metrics import (
     logit_diff,
     prob,
 )
+from mitk.analysis.patching.path import PathPatchResult, path_patch, path_patch_heads
 from mitk.analysis.patching.sites import GRANULARITIES, SITES, Site
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "LogProb",
     "LogitDiff",
     "PatchResult",
+    "PathPatchResult",
     "PositionMetric",
     "Prob",
     "Site",
@@ -36,6 +38,8 @@ __all__ = [
     "log_prob",
     "logit_diff",
     "mean_ablation",
+    "path_patch",
+    "path_patch_heads",
     "prob",
     "resample_ablation",
     "zero_ablation",

@@ -9,20 +9,18 @@ numbers equal a one-forward-per-variant loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from mitk.analysis.patching.engine import BaseRun, Variant, metric_fn, run_variants
-from mitk.analysis.patching.metrics import PositionMetric
+from mitk.analysis.patching.engine import BaseRun, Variant, run_variants
+from mitk.analysis.patching.pair import Direction, check_patch_inputs, run_pair
 from mitk.analysis.patching.sites import Granularity, Site, site_for
-from mitk.errors import ShapeMismatchError
 from mitk.hooks import name
 from mitk.shapes import Float, Int
 
-Direction = Literal["denoising", "noising"]
 AXES: dict[str, tuple[str, ...]] = {
     "layer": ("layer",),
     "pos": ("layer", "pos"),
@@ -96,18 +94,6 @@ def _heads_at(model: Any, site: Site) -> int:
     return int(model.cfg.n_key_value_heads if site.kv_heads else model.cfg.n_heads)
 
 
-def check_pair(clean: Tensor, corrupted: Tensor, mask: Tensor | None) -> None:
-    if clean.shape != corrupted.shape:
-        raise ShapeMismatchError(
-            f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)} "
-            "must have the same [batch, pos] shape so positions line up"
-        )
-    if mask is not None and tuple(mask.shape) != tuple(clean.shape):
-        raise ShapeMismatchError(
-            f"attention_mask {tuple(mask.shape)} must match the tokens {tuple(clean.shape)}"
-        )
-
-
 def activation_patch(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -129,42 +115,20 @@ def activation_patch(
     ``attention_mask`` handles padding. ``memory_budget_gb`` bounds the
     activations of one batched forward (an estimate, fp32).
     """
-    if direction not in ("denoising", "noising"):
-        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    check_patch_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
     where = site_for(site, per)
-    check_pair(clean_tokens, corrupted_tokens, attention_mask)
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     if any(not 0 <= layer < n_layers for layer in layers):
         raise ValueError(f"layers {layers} must lie in [0, {n_layers})")
     batch, seq = clean_tokens.shape
-    fn, answer_pos = metric_fn(metric, batch, seq)
-
     first = min(layers)
     downstream = range(first, n_layers)  # the wavefront reads keys/values of every later layer
     names = [name(kind, layer) for kind in ("resid_pre", "k", "v") for layer in downstream]
     names += [where.hook(layer) for layer in layers]
-    with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(
-            clean_tokens, attention_mask=attention_mask, names_filter=sorted(set(names))
-        )
-        corrupt_logits, corrupt_cache = model.run_with_cache(
-            corrupted_tokens, attention_mask=attention_mask, names_filter=sorted(set(names))
-        )
-    rows = torch.arange(batch)
-    if answer_pos is not None:
-        clean_logits, corrupt_logits = (
-            clean_logits[rows, answer_pos],
-            corrupt_logits[rows, answer_pos],
-        )
-        if isinstance(metric, PositionMetric):
-            metric.prepare(clean_logits)
-    clean_metric, corrupt_metric = fn(clean_logits), fn(corrupt_logits)
-
+    runs = run_pair(model, clean_tokens, corrupted_tokens, metric, names, attention_mask)
     denoising = direction == "denoising"
-    base_cache, source_cache = (
-        (corrupt_cache, clean_cache) if denoising else (clean_cache, corrupt_cache)
-    )
+    base_cache, source_cache = runs.base_and_source(direction)
     base = BaseRun(
         resid_pre={layer: base_cache[name("resid_pre", layer)] for layer in downstream},
         keys={layer: base_cache[name("k", layer)].transpose(1, 2) for layer in downstream},
@@ -172,23 +136,23 @@ def activation_patch(
         base_site={layer: base_cache[where.hook(layer)] for layer in layers},
         source_site={layer: source_cache[where.hook(layer)] for layer in layers},
         attention_mask=None if attention_mask is None else attention_mask.bool(),
-        answer_pos=answer_pos,
-        base_logits=corrupt_logits if denoising else clean_logits,
-        base_metric=corrupt_metric if denoising else clean_metric,
+        answer_pos=runs.answer_pos,
+        base_logits=runs.corrupt_logits if denoising else runs.clean_logits,
+        base_metric=runs.corrupt_metric if denoising else runs.clean_metric,
     )
     n_heads = _heads_at(model, where)
     variants = [
         Variant(layer, pos, head) for layer in layers for pos, head in _cells(per, seq, n_heads)
     ]
     out = run_variants(
-        model, base, where, variants, fn, memory_budget_gb * 2**30
+        model, base, where, variants, runs.fn, memory_budget_gb * 2**30
     )  # [variant, batch]
     shape = {"layer": (), "pos": (seq,), "head": (n_heads,), "head_pos": (n_heads, seq)}[per]
     per_prompt = out.T.reshape(batch, len(layers), *shape)
     return PatchResult(
         per_prompt=per_prompt.detach(),
-        clean=clean_metric.detach(),
-        corrupted=corrupt_metric.detach(),
+        clean=runs.clean_metric,
+        corrupted=runs.corrupt_metric,
         site=site,
         per=per,
         direction=direction,

@@ -13,14 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mitk.analysis.patching.activation import (
-    Direction,
-    PatchResult,
-    activation_patch,
-    check_pair,
-)
+from mitk.analysis.patching.activation import PatchResult, activation_patch
 from mitk.analysis.patching.engine import metric_fn
 from mitk.analysis.patching.metrics import PositionMetric
+from mitk.analysis.patching.pair import Direction, check_patch_inputs, metric_at
 from mitk.analysis.patching.sites import Granularity, Site, site_for
 from mitk.shapes import Float, Int
 
@@ -41,12 +37,6 @@ def _reduce(site: Site, per: str, contribution: Tensor) -> Tensor:
     return summed
 
 
-def _metric_of_logits(fn: Any, logits: Tensor, answer_pos: Tensor | None) -> Tensor:
-    if answer_pos is None:
-        return fn(logits)
-    return fn(logits[torch.arange(logits.shape[0]), answer_pos])
-
-
 def attribution_patch(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -65,10 +55,8 @@ def attribution_patch(
     depends on linearly; an estimate elsewhere (compare with
     ``compare_with_activation_patching``).
     """
-    if direction not in ("denoising", "noising"):
-        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
+    check_patch_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
     where = site_for(site, per)
-    check_pair(clean_tokens, corrupted_tokens, attention_mask)
     batch, seq = clean_tokens.shape
     fn, answer_pos = metric_fn(metric, batch, seq)
     hooks = [where.hook(layer) for layer in range(model.cfg.n_layers)]
@@ -89,12 +77,12 @@ def attribution_patch(
         base_logits = model.run_with_hooks(
             base_tokens, attention_mask=attention_mask, fwd_hooks=[(h, keep) for h in hooks]
         )
-        base_metric = _metric_of_logits(fn, base_logits, answer_pos)
+        base_metric = metric_at(fn, base_logits, answer_pos)
         base_metric.sum().backward()  # prompts are independent: each row gets its own gradient
     model.zero_grad(set_to_none=True)
     if direction == "denoising":
         corrupt_metric = base_metric.detach()
-        clean_metric = _metric_of_logits(fn, clean_logits, answer_pos)
+        clean_metric = metric_at(fn, clean_logits, answer_pos)
         source_cache: Any = clean_cache
     else:
         clean_metric = base_metric.detach()
@@ -102,7 +90,7 @@ def attribution_patch(
             corrupt_logits, source_cache = model.run_with_cache(
                 corrupted_tokens, attention_mask=attention_mask, names_filter=hooks
             )
-        corrupt_metric = _metric_of_logits(fn, corrupt_logits, answer_pos)
+        corrupt_metric = metric_at(fn, corrupt_logits, answer_pos)
     per_layer = []
     for hook in hooks:
         act = acts[hook]

@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mitk.analysis.patching.activation import Direction, check_pair
 from mitk.analysis.patching.engine import metric_fn
 from mitk.analysis.patching.metrics import PositionMetric
+from mitk.analysis.patching.pair import Direction, check_patch_inputs, metric_at
 from mitk.hooks import name
 from mitk.shapes import Float, Int
 
@@ -120,7 +120,7 @@ def edge_attribution_patch(
     attention+MLP block reads one normalised input per sublayer; only the
     attention's is scored there.
     """
-    check_pair(clean_tokens, corrupted_tokens, attention_mask)
+    check_patch_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
     cfg = model.cfg
     batch, seq = clean_tokens.shape
     fn, answer_pos = metric_fn(metric, batch, seq)
@@ -151,7 +151,7 @@ def edge_attribution_patch(
             fwd_hooks=[(n, lambda a, h: acts.__setitem__(h.name, a.detach())) for n in names],
             bwd_hooks=[(r.normalized_hook, keep_grad) for r in readers],
         )
-        value = fn(logits) if answer_pos is None else fn(logits[rows, answer_pos])
+        value = metric_at(fn, logits, answer_pos)
         value.sum().backward()  # prompts are independent: each row gets its own gradient
     model.zero_grad(set_to_none=True)
 

@@ -25,19 +25,17 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from mitk.analysis.patching.engine import bytes_per_token, metric_fn
-from mitk.analysis.patching.metrics import PositionMetric
-from mitk.errors import ShapeMismatchError
+from mitk.analysis.patching.engine import bytes_per_token
+from mitk.analysis.patching.pair import Direction, check_patch_inputs, run_pair
 from mitk.hooks import HookPoint, name
 from mitk.shapes import Bool, Float, Int
 
-Direction = Literal["denoising", "noising"]
 CHANNELS: tuple[str, ...] = ("q", "k", "v")
 Head = tuple[int, int]
 Receiver = tuple[int, int, str]
@@ -103,20 +101,6 @@ class _Runs:
     corrupt_metric: Tensor
 
 
-def _check_inputs(clean: Tensor, corrupted: Tensor, mask: Tensor | None, direction: str) -> None:
-    if direction not in ("denoising", "noising"):
-        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}")
-    if clean.shape != corrupted.shape:
-        raise ShapeMismatchError(
-            f"clean tokens {tuple(clean.shape)} and corrupted tokens {tuple(corrupted.shape)} "
-            "must have the same [batch, pos] shape so positions line up"
-        )
-    if mask is not None and tuple(mask.shape) != tuple(clean.shape):
-        raise ShapeMismatchError(
-            f"attention_mask {tuple(mask.shape)} must match the tokens {tuple(clean.shape)}"
-        )
-
-
 def _check_head(model: Any, layer: int, head: int, what: str) -> None:
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if not (0 <= layer < n_layers and 0 <= head < n_heads):
@@ -172,26 +156,8 @@ def _prepare(
     names = [name(kind, layer) for kind in ("z", "resid_pre") for layer in range(n_layers)]
     if model.cfg.has_mlp:
         names += [name("mlp_out", layer) for layer in range(n_layers)]
-    batch, seq = clean.shape
-    fn, answer_pos = metric_fn(metric, batch, seq)
-    with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(
-            clean, attention_mask=mask, names_filter=names
-        )
-        corrupt_logits, corrupt_cache = model.run_with_cache(
-            corrupted, attention_mask=mask, names_filter=names
-        )
-    if answer_pos is not None:
-        rows = torch.arange(batch, device=clean_logits.device)
-        answer_pos = answer_pos.to(clean_logits.device)
-        clean_logits, corrupt_logits = (
-            clean_logits[rows, answer_pos],
-            corrupt_logits[rows, answer_pos],
-        )
-        if isinstance(metric, PositionMetric):
-            metric.prepare(clean_logits)
-    clean_metric, corrupt_metric = fn(clean_logits).detach(), fn(corrupt_logits).detach()
-    base, source = (corrupt_cache, clean_cache) if denoising else (clean_cache, corrupt_cache)
+    pair = run_pair(model, clean, corrupted, metric, names, mask)
+    base, source = pair.base_and_source("denoising" if denoising else "noising")
     layers = range(n_layers)
     return _Runs(
         base_z={layer: base[name("z", layer)] for layer in layers},
@@ -201,11 +167,11 @@ def _prepare(
         else {},
         base_resid={layer: base[name("resid_pre", layer)] for layer in layers},
         mask=mask,
-        answer_pos=answer_pos,
-        metric=fn,
-        base_metric=corrupt_metric if denoising else clean_metric,
-        clean_metric=clean_metric,
-        corrupt_metric=corrupt_metric,
+        answer_pos=pair.answer_pos,
+        metric=pair.fn,
+        base_metric=pair.corrupt_metric if denoising else pair.clean_metric,
+        clean_metric=pair.clean_metric,
+        corrupt_metric=pair.corrupt_metric,
     )
 
 
@@ -336,7 +302,7 @@ def path_patch(
     ``[batch, pos, d_vocab]`` to ``[batch]``. Clean and corrupted prompts must
     line up position by position; a shared ``attention_mask`` handles padding.
     """
-    _check_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
+    check_patch_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
     targets = _checked_receivers(model, receivers)
     chosen = _checked_senders(model, senders, targets)
     runs = _prepare(
@@ -365,7 +331,7 @@ def path_patch_heads(
     as fit ``memory_budget_gb`` (a rough fp32 estimate); ``batch_variants=False``
     runs one variant per forward (same numbers, for checking).
     """
-    _check_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
+    check_patch_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
     targets = _checked_receivers(model, receivers)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     last = n_layers if targets is None else min(r[0] for r in targets)

@@ -21,3 +21,15 @@ def test_forward_benchmark_quick_mode() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "mitk fused / HF sdpa" in done.stdout and "loadavg" in done.stdout
+
+
+@pytest.mark.slow
+def test_patching_benchmark_quick_mode() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "patching.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "TL bridge / mitk batched" in done.stdout and "loadavg" in done.stdout

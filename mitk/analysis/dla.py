@@ -60,8 +60,9 @@ class Attribution:
 
 
 def _positions(pos: int | Tensor, batch: int, seq: int) -> Int[Tensor, " batch"]:
-    index = torch.as_tensor(pos).long().reshape(-1).expand(batch) if not isinstance(pos, int) \
-        else torch.full((batch,), pos)  # fmt: skip
+    index = torch.as_tensor(pos).long().reshape(-1)
+    if index.shape[0] == 1:
+        index = index.expand(batch)
     if index.shape[0] != batch:
         raise ShapeMismatchError(f"pos has {index.shape[0]} entries for a batch of {batch}")
     if bool(((index < -seq) | (index >= seq)).any()):
@@ -139,40 +140,31 @@ def logit_attribution(
     batch, seq = embed.shape[0], embed.shape[1]
     rows, cols = torch.arange(batch), _positions(pos, batch, seq)
     answers = _per_prompt(answer_tokens, batch, "answer_tokens")
-    delta = model.W_U[:, answers].T  # [batch, d_model]
-    bias_delta = model.b_U[answers]
-    if wrong_tokens is not None:
-        wrong = _per_prompt(wrong_tokens, batch, "wrong_tokens")
-        delta = delta - model.W_U[:, wrong].T
-        bias_delta = bias_delta - model.b_U[wrong]
-    norm = model.ln_final
-    direction = delta * norm.w
-    if model.cfg.normalization == "layernorm":
-        direction = direction - direction.mean(-1, keepdim=True)
-    direction = direction / cache[name("scale")][rows, cols]  # [batch, d_model] / [batch, 1]
-    labels, blocks = _writes_at(cache, by, rows, cols)
-    values = [torch.einsum("nbm,bm->nb", block, direction) for block in blocks]
-    ln_bias = getattr(norm, "b", None)
-    constant = [(delta * ln_bias).sum(-1) if ln_bias is not None else torch.zeros_like(bias_delta)]
-    values += [constant[0][None], bias_delta[None]]
-    labels += ["ln_final.b", "b_U"]
-    actual = _actual_logit_diff(model, cache, rows, cols, answers, wrong_tokens, batch)
-    return Attribution(torch.cat(values).detach(), labels, actual)
+    wrong = None if wrong_tokens is None else _per_prompt(wrong_tokens, batch, "wrong_tokens")
+    with torch.no_grad():  # attributions are read, never differentiated
+        delta, bias_delta = model.W_U[:, answers].T, model.b_U[answers]  # [batch, d_model], [batch]
+        if wrong is not None:
+            delta, bias_delta = delta - model.W_U[:, wrong].T, bias_delta - model.b_U[wrong]
+        norm = model.ln_final
+        direction = delta * norm.w
+        if model.cfg.normalization == "layernorm":
+            direction = direction - direction.mean(-1, keepdim=True)
+        direction = direction / cache[name("scale")][rows, cols]  # [batch, d_model] / [batch, 1]
+        labels, blocks = _writes_at(cache, by, rows, cols)
+        values = [torch.einsum("nbm,bm->nb", block, direction) for block in blocks]
+        ln_bias = getattr(norm, "b", None)  # RMSNorm has none
+        ln_term = (delta * ln_bias).sum(-1) if ln_bias is not None else torch.zeros_like(bias_delta)
+        values += [ln_term[None], bias_delta[None]]
+        actual = _actual_logit_diff(model, cache, rows, cols, answers, wrong)
+    return Attribution(torch.cat(values), [*labels, "ln_final.b", "b_U"], actual)
 
 
 def _actual_logit_diff(
-    model: Any,
-    cache: ActivationCache,
-    rows: Tensor,
-    cols: Tensor,
-    answers: Tensor,
-    wrong_tokens: Tensor | int | list[int] | None,
-    batch: int,
-) -> Float[Tensor, " batch"]:
+    model: Any, cache: ActivationCache, rows: Tensor, cols: Tensor, answers: Tensor,
+    wrong: Tensor | None,
+) -> Float[Tensor, " batch"]:  # fmt: skip
+    """The model's own logit (difference) at each prompt's position, from the final stream."""
     final = cache[name("resid_post", model.cfg.n_layers - 1)][rows, cols]  # [batch, d_model]
-    with torch.no_grad():
-        logits = model.unembed(model.ln_final(final[:, None]))[:, 0]
+    logits = model.unembed(model.ln_final(final[:, None]))[:, 0]
     actual = logits[rows, answers]
-    if wrong_tokens is not None:
-        actual = actual - logits[rows, _per_prompt(wrong_tokens, batch, "wrong_tokens")]
-    return actual.detach()
+    return actual if wrong is None else actual - logits[rows, wrong]

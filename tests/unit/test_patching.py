@@ -203,3 +203,21 @@ def test_bad_inputs(model, pair) -> None:
         activation_patch(model, clean, corrupted, metric, layers=[5])
     with pytest.raises(ValueError, match="positions for a batch"):
         activation_patch(model, clean, corrupted, logit_diff(3, 8, pos=torch.tensor([1, 2, 3])))
+
+
+def test_merged_start_groups_give_the_same_numbers(model, pair, monkeypatch) -> None:
+    """Starting a variant earlier than its first changed position must not change its result."""
+    import mitk.analysis.patching.engine as engine
+
+    clean, corrupted = pair
+    monkeypatch.setattr(engine, "MIN_TOKENS_PER_FORWARD", 1)  # one forward per start position
+    separate = activation_patch(model, clean, corrupted, logit_diff(3, 8), "resid_pre", "pos")
+    monkeypatch.setattr(engine, "MIN_TOKENS_PER_FORWARD", 10**9)  # everything in one bucket
+    merged = activation_patch(model, clean, corrupted, logit_diff(3, 8), "resid_pre", "pos")
+    torch.testing.assert_close(merged.per_prompt, separate.per_prompt, atol=1e-5, rtol=0)
+    expected = naive(model, clean, corrupted, last_position_logit_diff, "resid_pre", "pos")
+    torch.testing.assert_close(separate.per_prompt, expected, atol=1e-5, rtol=0)
+    assert engine.merge_small_groups({0: [1], 3: [2, 3], 5: [4]}, 1, 6) == [(0, [1, 2, 3, 4])]
+    assert engine.merge_small_groups({0: [1], 3: [2]}, 1, 6) == [(0, [1, 2])]
+    monkeypatch.setattr(engine, "MIN_TOKENS_PER_FORWARD", 1)  # never merge
+    assert engine.merge_small_groups({0: [1], 3: [2]}, 1, 6) == [(0, [1]), (3, [2])]

@@ -176,6 +176,31 @@ def _metric_of_suffix(
     return torch.stack(out)
 
 
+# A forward over fewer tokens than this per block is dominated by reading the weights, not by
+# arithmetic: small start groups are merged (at the earliest start) until they reach it.
+MIN_TOKENS_PER_FORWARD = 1024
+
+
+def merge_small_groups(
+    groups: dict[int, list[int]], batch: int, seq: int
+) -> list[tuple[int, list[int]]]:
+    """Merge consecutive start groups into buckets worth a batched forward.
+
+    A variant may always start earlier than its first changed position (the
+    recomputed positions come out unchanged), so merging trades a little
+    extra work for matmuls large enough to run near peak.
+    """
+    buckets: list[tuple[int, list[int]]] = []
+    for start, members in sorted(groups.items()):
+        if buckets:
+            first, current = buckets[-1]
+            if len(current) * batch * (seq - first) < MIN_TOKENS_PER_FORWARD:
+                current.extend(members)
+                continue
+        buckets.append((start, list(members)))
+    return buckets
+
+
 def run_variants(
     model: Any,
     base: BaseRun,
@@ -196,7 +221,7 @@ def run_variants(
         if start is not None:  # None: the patch writes what is already there
             groups[0 if foreign_hooks else start].append(index)
     with torch.no_grad():
-        for start, members in sorted(groups.items()):
+        for start, members in merge_small_groups(groups, batch, seq):
             per_chunk = variants_per_chunk(model, batch, seq - start, memory_budget_bytes)
             for lo in range(0, len(members), per_chunk):
                 indices = members[lo : lo + per_chunk]

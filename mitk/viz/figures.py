@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from torch import Tensor
 
 from mitk.shapes import Float
@@ -55,10 +56,15 @@ def composition_heatmap(
     baseline: float | None = None,
     title: str = "Composition scores (writer → reader)",
 ) -> go.Figure:
-    """Writer head × reader head heatmap; with a baseline the colour centres on chance."""
+    """Writer head × reader head heatmap; with a baseline the colour centres on chance.
+
+    Pairs whose reader is not in a later layer cannot compose and are left blank.
+    """
     n_layers, n_heads = scores.shape[0], scores.shape[1]
     labels = [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
-    grid = scores.detach().float().cpu().reshape(n_layers * n_heads, n_layers * n_heads)
+    grid = scores.detach().float().cpu().reshape(n_layers * n_heads, n_layers * n_heads).clone()
+    layer_of = torch.arange(n_layers).repeat_interleave(n_heads)
+    grid[layer_of[None, :] <= layer_of[:, None]] = float("nan")  # plotly draws NaN as a gap
     heatmap: dict[str, Any] = {"colorscale": "Viridis"}
     if baseline is not None:
         heatmap = {"colorscale": "RdBu_r", "zmid": baseline}

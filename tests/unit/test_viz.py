@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +50,7 @@ def test_composition_heatmap_centres_on_baseline() -> None:
     heat = fig.data[0]
     assert len(heat.x) == 6 and heat.x[4] == "L1H1" and heat.zmid == 0.2
     assert heat.z[1][5] == pytest.approx(float(scores[0, 1, 1, 2]))
+    assert math.isnan(heat.z[4][1]) and math.isnan(heat.z[0][2])  # reader not later: blank
 
 
 def test_report_is_one_self_contained_file(tmp_path: Path) -> None:

@@ -60,13 +60,14 @@ def attribution_patch(
     batch, seq = clean_tokens.shape
     fn, answer_pos = metric_fn(metric, batch, seq)
     hooks = [where.hook(layer) for layer in range(model.cfg.n_layers)]
+    denoising = direction == "denoising"
+    base_tokens, source_tokens = (
+        (corrupted_tokens, clean_tokens) if denoising else (clean_tokens, corrupted_tokens)
+    )
     with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(
-            clean_tokens, attention_mask=attention_mask, names_filter=hooks
+        source_logits, source_cache = model.run_with_cache(
+            source_tokens, attention_mask=attention_mask, names_filter=hooks
         )
-    if isinstance(metric, PositionMetric) and answer_pos is not None:
-        metric.prepare(clean_logits[torch.arange(batch), answer_pos])
-    base_tokens = corrupted_tokens if direction == "denoising" else clean_tokens
     acts: dict[str, Tensor] = {}
 
     def keep(act: Tensor, hook: Any) -> None:
@@ -77,20 +78,18 @@ def attribution_patch(
         base_logits = model.run_with_hooks(
             base_tokens, attention_mask=attention_mask, fwd_hooks=[(h, keep) for h in hooks]
         )
+        clean_logits = source_logits if denoising else base_logits.detach()
+        if isinstance(metric, PositionMetric) and answer_pos is not None:
+            metric.prepare(clean_logits[torch.arange(batch), answer_pos])
         base_metric = metric_at(fn, base_logits, answer_pos)
         base_metric.sum().backward()  # prompts are independent: each row gets its own gradient
     model.zero_grad(set_to_none=True)
-    if direction == "denoising":
-        corrupt_metric = base_metric.detach()
-        clean_metric = metric_at(fn, clean_logits, answer_pos)
-        source_cache: Any = clean_cache
-    else:
-        clean_metric = base_metric.detach()
-        with torch.no_grad():
-            corrupt_logits, source_cache = model.run_with_cache(
-                corrupted_tokens, attention_mask=attention_mask, names_filter=hooks
-            )
-        corrupt_metric = metric_at(fn, corrupt_logits, answer_pos)
+    source_metric = metric_at(fn, source_logits, answer_pos)
+    clean_metric, corrupt_metric = (
+        (source_metric, base_metric.detach())
+        if denoising
+        else (base_metric.detach(), source_metric)
+    )
     per_layer = []
     for hook in hooks:
         act = acts[hook]

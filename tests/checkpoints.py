@@ -84,3 +84,20 @@ def save_gpt2(directory: Path, with_tokenizer: bool = True, **kwargs: object) ->
     if with_tokenizer:
         word_tokenizer().save_pretrained(directory)
     return directory
+
+
+def padded_prompt_pairs(
+    lengths: tuple[int, ...] = (8, 5, 6), d_vocab: int = 40, seed: int = 3
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded clean/corrupted pairs differing at position 1: (clean, corrupted, mask, last).
+
+    ``last`` is each prompt's last real position, where patching metrics read the answer.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, d_vocab, (len(lengths), max(lengths)), generator=gen)
+    corrupted = clean.clone()
+    corrupted[:, 1] = (clean[:, 1] + 11) % d_vocab
+    mask = torch.ones_like(clean)
+    for row, n in enumerate(lengths):
+        mask[row, n:] = 0
+    return clean, corrupted, mask, torch.tensor(lengths) - 1

@@ -10,6 +10,7 @@ import torch
 from mitk import HookedTransformer, TransformerConfig
 from mitk.analysis.patching import activation_patch, kl_to_clean, log_prob, logit_diff, prob
 from mitk.errors import ShapeMismatchError, UnknownHookError
+from tests.checkpoints import padded_prompt_pairs
 
 # (pos axis, head axis) of each site's hooked activation, written out independently of mitk
 AXES = {
@@ -142,15 +143,8 @@ def test_ready_made_metrics(model, pair, make) -> None:
 
 
 def test_padded_batch_equals_pairs_one_at_a_time(model) -> None:
-    gen = torch.Generator().manual_seed(3)
-    clean = torch.randint(0, 40, (3, 8), generator=gen)
-    corrupted = clean.clone()
-    corrupted[:, 1] = (clean[:, 1] + 11) % 40
-    mask = torch.ones_like(clean)
     lengths = [8, 5, 6]
-    for row, n in enumerate(lengths):
-        mask[row, n:] = 0
-    last = torch.tensor(lengths) - 1
+    clean, corrupted, mask, last = padded_prompt_pairs(tuple(lengths))
     answers, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
     batched = activation_patch(model, clean, corrupted, logit_diff(answers, wrong, pos=last),
                                "z", "head_pos", attention_mask=mask)  # fmt: skip

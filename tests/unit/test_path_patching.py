@@ -11,6 +11,7 @@ from mitk import HookedTransformer, TransformerConfig
 from mitk.analysis.patching import activation_patch, kl_to_clean, logit_diff
 from mitk.analysis.patching.path import path_patch, path_patch_heads
 from mitk.errors import ShapeMismatchError
+from tests.checkpoints import padded_prompt_pairs
 
 
 def last_position_logit_diff(logits: torch.Tensor) -> torch.Tensor:
@@ -271,15 +272,8 @@ def test_result_baselines_normalisation_and_frame(model, pair) -> None:
 
 
 def test_padded_batch_equals_prompts_one_at_a_time(model) -> None:
-    gen = torch.Generator().manual_seed(3)
-    clean = torch.randint(0, 40, (3, 8), generator=gen)
-    corrupted = clean.clone()
-    corrupted[:, 1] = (clean[:, 1] + 11) % 40
-    mask = torch.ones_like(clean)
     lengths = [8, 5, 6]
-    for row, n in enumerate(lengths):
-        mask[row, n:] = 0
-    last = torch.tensor(lengths) - 1
+    clean, corrupted, mask, last = padded_prompt_pairs(tuple(lengths))
     answers, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
     receivers = [(1, 2, "k"), (2, 0, "q")]
     metric = logit_diff(answers, wrong, pos=last)

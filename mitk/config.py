@@ -11,6 +11,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 import json
 from typing import Any, Literal, get_args
 
+from typing_extensions import Self
+
 from mitk.errors import ConfigError
 
 ActFn = Literal["gelu", "gelu_tanh", "relu", "silu"]
@@ -20,8 +22,64 @@ AttentionBackend = Literal["auto", "sdpa", "eager"]
 DType = Literal["float32", "float64", "float16", "bfloat16"]
 
 
+class JsonConfig:
+    """Mixin for frozen, validated dataclass configs: dict/JSON round-trip and ``replace``.
+
+    ``from_dict`` refuses unknown and missing required keys with ``ConfigError``,
+    so a typo in a JSON file is reported instead of silently dropped.
+    """
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed, validated again."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of every field."""
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        """Indented JSON; ``from_json(cfg.to_json()) == cfg``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """Build from a dict; unknown or missing required keys raise ``ConfigError``."""
+        what = cls.__name__
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown {what} field(s): {', '.join(unknown)}")
+        required = [
+            f.name
+            for f in fields(cls)  # type: ignore[arg-type]
+            if f.default is MISSING and f.default_factory is MISSING and f.name not in data
+        ]
+        if required:
+            raise ConfigError(f"missing {what} field(s): {', '.join(required)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        """Inverse of ``to_json``."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object")
+        return cls.from_dict(data)
+
+
+def check_choices(config: Any, choices: dict[str, Any]) -> None:
+    """Raise ``ConfigError`` for a field whose value is not among its Literal's options."""
+    for name, literal in choices.items():
+        value = getattr(config, name)
+        if value not in get_args(literal):
+            raise ConfigError(f"{name} must be one of {get_args(literal)}, got {value!r}")
+
+
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(JsonConfig):
     """Shape and variant choices of a transformer; every field is validated."""
 
     d_model: int
@@ -115,10 +173,7 @@ class TransformerConfig:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.attn_scale <= 0:
             raise ConfigError(f"attn_scale must be positive, got {self.attn_scale}")
-        for name, literal in _CHOICES.items():
-            value = getattr(self, name)
-            if value not in get_args(literal):
-                raise ConfigError(f"{name} must be one of {get_args(literal)}, got {value!r}")
+        check_choices(self, _CHOICES)
 
     @property
     def has_mlp(self) -> bool:
@@ -129,45 +184,6 @@ class TransformerConfig:
     def kv_group_size(self) -> int:
         """Query heads sharing one key/value head (1 for plain multi-head attention)."""
         return self.n_heads // self.n_key_value_heads
-
-    def replace(self, **changes: Any) -> TransformerConfig:
-        """A copy with some fields changed, validated again."""
-        return TransformerConfig.from_dict({**self.to_dict(), **changes})
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict of every field."""
-        return asdict(self)
-
-    def to_json(self) -> str:
-        """Indented JSON; ``from_json(cfg.to_json()) == cfg``."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TransformerConfig:
-        """Build from a dict; unknown or missing required keys raise ``ConfigError``."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown TransformerConfig field(s): {', '.join(unknown)}")
-        required = [
-            f.name
-            for f in fields(cls)
-            if f.default is MISSING and f.default_factory is MISSING and f.name not in data
-        ]
-        if required:
-            raise ConfigError(f"missing TransformerConfig field(s): {', '.join(required)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> TransformerConfig:
-        """Inverse of ``to_json``."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError("config JSON must be an object")
-        return cls.from_dict(data)
 
 
 _CHOICES: dict[str, Any] = {

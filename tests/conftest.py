@@ -8,11 +8,14 @@ from pathlib import Path
 from jaxtyping import install_import_hook
 
 # Every annotated function in these packages gets its jaxtyping shapes checked at test time.
-# mitk.config is left out on purpose: it validates its own fields, and those checks (with their
-# messages) are what the config tests assert.
+# mitk.config and mitk.sae.config are left out on purpose: they validate their own fields, and
+# those checks (with their messages) are what the config tests assert; mitk.sae.config is
+# imported before the hook is installed for that reason.
 # Only modules first imported inside the block are checked, so every checked package is
 # imported here, before any test module imports it.
-with install_import_hook(["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analysis"],
+import mitk.sae.config
+
+with install_import_hook(["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analysis", "mitk.sae"],
                          "beartype.beartype"):  # fmt: skip
     from mitk import HookedTransformer, TransformerConfig
     import mitk.analysis.circuits
@@ -21,7 +24,8 @@ with install_import_hook(["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analys
     import mitk.analysis.dla
     import mitk.analysis.lens
     import mitk.analysis.patching
-    import mitk.analysis.patching.path  # noqa: F401
+    import mitk.analysis.patching.path
+    import mitk.sae  # noqa: F401
 
 import pytest
 import torch

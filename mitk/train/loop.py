@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mitk.checkpoint import load_checkpoint, save_checkpoint
 from mitk.errors import ConfigError, MitkError
 from mitk.model import HookedTransformer
-from mitk.train.checkpoint import load_checkpoint, save_checkpoint
 from mitk.train.schedule import warmup_cosine
 
 BatchFn = Callable[[int], Tensor]

@@ -1,4 +1,8 @@
-"""Atomic training checkpoints: model and optimizer tensors in safetensors, the rest in JSON."""
+"""Atomic training checkpoints: module and optimizer tensors in safetensors, the rest in JSON.
+
+Shared by every long run (the language-model loop, the SAE trainer): a checkpoint folder is
+written beside the old one and renamed into place, so a crash leaves the last complete one.
+"""
 
 from __future__ import annotations
 

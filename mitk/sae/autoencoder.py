@@ -1,0 +1,169 @@
+"""SparseAutoencoder: the module, its encode/decode, and the decoder-norm bookkeeping."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from mitk.errors import ShapeMismatchError
+from mitk.sae.codes import SparseCodes, batch_topk_codes, decode_sparse, jumprelu, topk_codes
+from mitk.sae.config import SAEConfig
+from mitk.shapes import Float
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class SAEOutput(NamedTuple):
+    """What ``SparseAutoencoder.forward`` returns."""
+
+    reconstruction: Float[Tensor, "*batch d_in"]
+    latents: Float[Tensor, "*batch d_sae"]
+
+
+class SparseAutoencoder(nn.Module):
+    """A sparse autoencoder ``x -> f = act(x W_enc + b) -> x_hat = f W_dec + b_dec``.
+
+    Parameters use SAELens's names and layout: ``W_enc [d_in, d_sae]``,
+    ``W_dec [d_sae, d_in]`` (one row per latent), ``b_enc [d_sae]``, ``b_dec
+    [d_in]``; JumpReLU adds ``threshold [d_sae]`` (learnt as ``log_threshold``),
+    BatchTopK keeps one inference ``threshold`` (a buffer estimated during
+    training). ``encode``, ``decode`` and ``forward`` accept any leading axes.
+    """
+
+    batch_threshold: Tensor  # BatchTopK only
+    log_threshold: nn.Parameter  # JumpReLU only
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dtype = _DTYPES[cfg.dtype]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        directions = torch.randn(cfg.d_sae, cfg.d_in, generator=gen, dtype=torch.float64)
+        directions *= cfg.decoder_init_norm / directions.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(directions.to(dtype))
+        self.W_enc = nn.Parameter(directions.T.contiguous().to(dtype))  # encoder = decoder^T
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        if cfg.architecture == "jumprelu":
+            start = math.log(cfg.jumprelu_init_threshold)
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), start, dtype=dtype))
+        if cfg.architecture == "batchtopk":
+            # NaN until training estimates it; encode refuses to guess
+            self.register_buffer("batch_threshold", torch.tensor(float("nan"), dtype=dtype))
+
+    # --- the maps ---------------------------------------------------------------------
+    def pre_activations(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
+        """``(x - b_dec) W_enc + b_enc`` for 2-D ``x``.
+
+        Written as ``x W_enc + (b_enc - b_dec W_enc)`` so that the gradient for
+        ``b_dec`` is a matrix-vector product rather than a full ``[batch, d_in]``
+        matmul; ``x`` itself never needs a gradient.
+        """
+        bias: Tensor = self.b_enc
+        if self.cfg.apply_b_dec_to_input:
+            bias = bias - self.b_dec @ self.W_enc
+        return torch.addmm(bias, x, self.W_enc)
+
+    def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
+        """Latent activations ``f`` (dense), with the inference-time rule of each architecture.
+
+        BatchTopK encodes with its estimated threshold here, as Bussmann et al.
+        prescribe (the batch-level rule only applies in training); it raises
+        if the SAE was never trained.
+        """
+        flat = self._flat_input(x)
+        pre = self.pre_activations(flat)
+        arch = self.cfg.architecture
+        if arch == "relu":
+            latents = pre.relu()
+        elif arch == "jumprelu":
+            latents = jumprelu(pre, self.threshold, self.cfg.jumprelu_bandwidth)
+        elif arch == "topk":
+            latents = topk_codes(pre, self.cfg.k).to_dense()
+        else:
+            theta = self.batch_threshold
+            if torch.isnan(theta):
+                raise RuntimeError(
+                    "this BatchTopK SAE has no inference threshold yet; train it first "
+                    "(or set sae.batch_threshold)"
+                )
+            latents = pre * (pre > theta)
+        return latents.view(*x.shape[:-1], self.cfg.d_sae)
+
+    def decode(self, latents: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "*batch d_in"]:
+        """Reconstruction ``f W_dec + b_dec``."""
+        if latents.shape[-1] != self.cfg.d_sae:
+            raise ShapeMismatchError(
+                f"latents have width {latents.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}"
+            )
+        return latents @ self.W_dec + self.b_dec
+
+    def forward(self, x: Float[Tensor, "*batch d_in"]) -> SAEOutput:
+        """Encode then decode: ``SAEOutput(reconstruction, latents)``."""
+        latents = self.encode(x)
+        return SAEOutput(self.decode(latents), latents)
+
+    def training_codes(self, pre: Float[Tensor, "batch d_sae"]) -> SparseCodes:
+        """TopK-family codes of a training batch (BatchTopK picks across the whole batch)."""
+        if self.cfg.architecture == "topk":
+            return topk_codes(pre, self.cfg.k)
+        if self.cfg.architecture == "batchtopk":
+            return batch_topk_codes(pre, self.cfg.k)
+        raise ValueError(f"{self.cfg.architecture!r} SAEs have dense codes")
+
+    def decode_codes(self, codes: SparseCodes) -> Float[Tensor, "batch d_in"]:
+        """Decode sparse codes, touching only the active decoder rows."""
+        return decode_sparse(codes, self.W_dec, self.b_dec)
+
+    @property
+    def threshold(self) -> Float[Tensor, " d_sae"]:
+        """JumpReLU: each latent's threshold, ``exp(log_threshold)``."""
+        return self.log_threshold.exp()
+
+    # --- decoder geometry ---------------------------------------------------------------
+    def decoder_norms(self) -> Float[Tensor, " d_sae"]:
+        """L2 norm of each latent's decoder row."""
+        return self.W_dec.norm(dim=-1)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm (in place)."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Drop the gradient component along each (unit) decoder row, so Adam keeps the norm."""
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        unit = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        grad -= (grad * unit).sum(-1, keepdim=True) * unit
+
+    @torch.no_grad()
+    def fold_input_scale_(self, scale: float) -> None:
+        """Absorb an input scaling: trained on ``x * scale``, afterwards read raw ``x``.
+
+        ``W_enc *= scale``, ``W_dec /= scale`` and ``b_dec /= scale`` leave every
+        latent unchanged and return reconstructions in the raw units.
+        """
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be finite and positive, got {scale}")
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    def _flat_input(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ShapeMismatchError(
+                f"input has width {x.shape[-1]}, this SAE has d_in={self.cfg.d_in}"
+                + (f" (hook {self.cfg.hook_name})" if self.cfg.hook_name else "")
+            )
+        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)

@@ -1,0 +1,151 @@
+"""SAEConfig: one validated description of a sparse autoencoder and how to train it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import math
+from typing import Any, Literal
+
+from mitk.config import JsonConfig, check_choices
+from mitk.errors import ConfigError
+
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
+DecoderBiasInit = Literal["geometric_median", "mean", "zeros"]
+SAEDType = Literal["float32", "float64", "float16", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class SAEConfig(JsonConfig):
+    """Shape, architecture and training settings of one sparse autoencoder.
+
+    Frozen, validated on construction, and JSON round-trips (``to_json`` /
+    ``from_json``). Fields left at -1 take the architecture's published
+    default (see each field). Coefficients assume activations normalised to a
+    mean norm of ``sqrt(d_in)`` (the store's ``normalize=True``).
+    """
+
+    d_in: int
+    """Width of the activations the SAE reads (last axis of the hook, flattened)."""
+    d_sae: int
+    """Number of latents (dictionary size)."""
+    architecture: Architecture = "topk"
+    """``relu`` (L1, decoder-norm weighted), ``topk`` (+AuxK), ``batchtopk`` or ``jumprelu``."""
+    k: int = 32
+    """Active latents per row for ``topk``; average per row for ``batchtopk``."""
+    l1_coefficient: float = 5.0
+    """``relu``: weight of the sparsity penalty sum_i f_i * ||W_dec[i]||."""
+    l0_coefficient: float = 1e-3
+    """``jumprelu``: weight of the L0 penalty (per row, summed over latents)."""
+    jumprelu_bandwidth: float = 1e-3
+    """``jumprelu``: width of the rectangle kernel of the straight-through estimator."""
+    jumprelu_init_threshold: float = 1e-3
+    """``jumprelu``: initial threshold of every latent."""
+    aux_k: int = -1
+    """``topk``/``batchtopk``: latents AuxK revives per row; -1 means ``min(d_in // 2, d_sae)``."""
+    aux_coefficient: float = 1 / 32
+    """``topk``/``batchtopk``: weight of the AuxK dead-latent loss."""
+    dead_after_tokens: int = 10_000_000
+    """A latent that has not fired for this many training rows counts as dead (AuxK, metrics)."""
+    dense_threshold: float = 0.1
+    """A latent firing on more than this fraction of rows counts as dense (metrics)."""
+    lr: float = 3e-4
+    """Peak Adam learning rate."""
+    adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
+    adam_beta2: float = 0.999
+    """Adam's second-moment decay."""
+    lr_warmup_fraction: float = 0.01
+    """Fraction of the steps over which the learning rate rises linearly from 0."""
+    lr_decay_fraction: float = 0.2
+    """Fraction of the steps, at the end, over which the learning rate decays linearly to 0."""
+    sparsity_warmup_fraction: float = 0.05
+    """Fraction of the steps over which the sparsity coefficient rises linearly from 0."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    batch_size: int = 4096
+    """Activation rows per optimiser step (summed over all processes when distributed)."""
+    total_tokens: int = 2_000_000
+    """Activation rows seen in training; steps = total_tokens // batch_size."""
+    seed: int = 0
+    """Seeds the initialisation (and nothing else: the data order belongs to the source)."""
+    b_dec_init: DecoderBiasInit = "geometric_median"
+    """Initial decoder bias, estimated on the first batch."""
+    decoder_init_norm: float = -1.0
+    """Norm of each initial decoder row; -1 means 1.0 where rows stay unit-norm, else 0.1."""
+    apply_b_dec_to_input: bool = True
+    """Subtract ``b_dec`` from the input before encoding."""
+    hook_name: str = ""
+    """Hook point the SAE reads (informational for the SAE; the store selects data by it)."""
+    dtype: SAEDType = "float32"
+    """Dtype of the parameters."""
+    log_every: int = 100
+    """Steps between recorded training metrics."""
+    checkpoint_every: int = 1000
+    """Steps between atomic checkpoints, when a checkpoint directory is given."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: fill the derived defaults once, here
+        if self.aux_k == -1 and isinstance(self.d_in, int) and isinstance(self.d_sae, int):
+            set_(self, "aux_k", max(1, min(self.d_in // 2, self.d_sae)))
+        if self.decoder_init_norm == -1.0:
+            set_(self, "decoder_init_norm", 1.0 if self.unit_norm_decoder else 0.1)
+        self._validate()
+
+    def _validate(self) -> None:
+        check_choices(self, _CHOICES)
+        for name in ("d_in", "d_sae", "k", "aux_k", "batch_size", "total_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        for name in ("log_every", "checkpoint_every", "dead_after_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.uses_k and self.k > self.d_sae:
+            raise ConfigError(f"k={self.k} exceeds d_sae={self.d_sae}")
+        if self.total_tokens < self.batch_size:
+            raise ConfigError(
+                f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})"
+            )
+        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
+        for name in ("lr", "jumprelu_bandwidth", "jumprelu_init_threshold", "decoder_init_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
+        for name in ("adam_beta1", "adam_beta2", "dense_threshold"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        fractions = ("lr_warmup_fraction", "lr_decay_fraction", "sparsity_warmup_fraction")
+        for name in fractions:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
+            raise ConfigError("lr_warmup_fraction + lr_decay_fraction must not exceed 1")
+
+    @property
+    def uses_k(self) -> bool:
+        """True for the architectures that choose latents by rank (TopK, BatchTopK)."""
+        return self.architecture in ("topk", "batchtopk")
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """True where the method keeps decoder rows at unit norm (all but the L1 ReLU SAE).
+
+        The L1 ReLU SAE instead weights its penalty by each row's norm, which
+        removes the incentive to shrink latents by growing decoder rows.
+        """
+        return self.architecture != "relu"
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps in the run: ``total_tokens // batch_size``."""
+        return self.total_tokens // self.batch_size
+
+
+_CHOICES: dict[str, Any] = {
+    "architecture": Architecture,
+    "b_dec_init": DecoderBiasInit,
+    "dtype": SAEDType,
+}

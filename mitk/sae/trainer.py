@@ -1,0 +1,344 @@
+"""``mitk.sae.train``: train one SAE per hook point on an activation source, resumably."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import copy
+import csv
+from dataclasses import dataclass, field
+import io
+import math
+import os
+from pathlib import Path
+import tempfile
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mitk.checkpoint import load_checkpoint, save_checkpoint
+from mitk.errors import ConfigError, MitkError, ShapeMismatchError
+from mitk.sae.autoencoder import SparseAutoencoder
+from mitk.sae.config import SAEConfig
+from mitk.sae.distributed import World, current_world
+from mitk.sae.geometric_median import geometric_median
+from mitk.sae.losses import LossParts, sae_loss
+from mitk.sae.metrics import ReconstructionStats
+from mitk.sae.sources import ActivationSource, TensorActivations
+
+THRESHOLD_EMA = 0.99  # BatchTopK: smoothing of the inference-threshold estimate
+
+
+class NonFiniteError(MitkError, FloatingPointError):
+    """Activations or a loss were NaN/inf; training stopped and the last checkpoint was kept."""
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the trained SAEs by hook name and the logged metrics."""
+
+    saes: dict[str, SparseAutoencoder]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def sae(self) -> SparseAutoencoder:
+        """The SAE, when exactly one was trained."""
+        if len(self.saes) != 1:
+            raise ValueError(f"{len(self.saes)} SAEs were trained; pick one from .saes")
+        return next(iter(self.saes.values()))
+
+
+class _TrainingState(nn.Module):
+    """Everything a checkpoint must restore besides the optimiser: SAEs and firing clocks."""
+
+    def __init__(self, saes: list[SparseAutoencoder]) -> None:
+        super().__init__()
+        self.saes = nn.ModuleList(saes)
+        self.models = saes  # the same modules, typed
+        for i, sae in enumerate(saes):
+            # rows since each latent last fired, counted in optimiser steps
+            self.register_buffer(f"idle_steps_{i}", torch.zeros(sae.cfg.d_sae, dtype=torch.long))
+
+    def idle_steps(self, i: int) -> Tensor:
+        idle: Tensor = getattr(self, f"idle_steps_{i}")
+        return idle
+
+
+def train(
+    cfg: SAEConfig | Sequence[SAEConfig],
+    source: ActivationSource | Tensor,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log_csv: str | Path | None = None,
+    wandb_project: str | None = None,
+    device: str | torch.device | None = None,
+) -> TrainResult:
+    """Train one SAE per config on ``source``'s activations; returns the SAEs and metrics.
+
+    - ``source``: an ``ActivationSource`` (e.g. ``ActivationStore`` over a model,
+      ``CachedActivations``) or a ``[n, d_in]`` tensor of activations. Each
+      config's ``hook_name`` picks its activations ("" works with a one-hook source).
+      All configs share one pass over the data, so their ``batch_size`` and
+      ``total_tokens`` must agree.
+    - ``checkpoint_dir``: checkpoints are written there atomically every
+      ``checkpoint_every`` steps and at the end; ``resume=True`` continues from
+      the last complete one and ends bit-identical (on CPU) to an uninterrupted run.
+    - Metrics every ``log_every`` steps: loss parts, L0, FVU over the window,
+      dead and dense latent fractions, learning rate; to ``log_csv`` (rewritten
+      atomically) and to Weights & Biases when ``wandb_project`` is given.
+    - Under torchrun each process trains on its slice of every batch and gradients
+      are averaged; rank 0 logs and writes checkpoints.
+    - Activations or losses that are NaN/inf raise ``NonFiniteError`` before any
+      weight changes; the last checkpoint stays as it was.
+
+    The returned SAEs read raw activations: a source's normalisation scale is
+    folded into their weights.
+    """
+    cfgs = [cfg] if isinstance(cfg, SAEConfig) else list(cfg)
+    if not cfgs:
+        raise ConfigError("train needs at least one SAEConfig")
+    if isinstance(source, Tensor):
+        source = TensorActivations(source, cfgs[0].batch_size, seed=cfgs[0].seed)
+    cfgs = _bind_hooks(cfgs, source)
+    world = current_world()
+    rows = world.rows(cfgs[0].batch_size)
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    state = _TrainingState([SparseAutoencoder(c) for c in cfgs]).to(target)
+    optimizer = torch.optim.Adam(
+        {"params": list(sae.parameters()), "lr": c.lr, "betas": (c.adam_beta1, c.adam_beta2)}
+        for sae, c in zip(state.models, cfgs, strict=True)
+    )
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    meta = {"configs": [c.to_dict() for c in cfgs], "source": source.fingerprint()}
+    start, history = 0, []
+    restored = load_checkpoint(directory, state, optimizer) if resume and directory else None
+    if restored is not None:
+        if restored["configs"] != meta["configs"] or restored["source"] != meta["source"]:
+            raise ConfigError(
+                f"the checkpoint in {directory} was made with other configs or another "
+                "activation source; resume with the same ones, or use a new directory"
+            )
+        start, history = restored["step"], restored["history"]
+    else:
+        _init_decoder_bias(state, cfgs, source.batch(0), target)
+    logger = _Logger(log_csv, wandb_project, cfgs, world)
+    total = cfgs[0].total_steps
+    window = [ReconstructionStats(c.d_in, c.d_sae) for c in cfgs]
+    bar = tqdm(range(start, total), desc="sae", initial=start, total=total,
+               disable=not (progress and world.is_main))  # fmt: skip
+    for step in bar:
+        batch = source.batch(step)
+        parts = []
+        optimizer.zero_grad(set_to_none=True)
+        for i, (sae, c) in enumerate(zip(state.models, cfgs, strict=True)):
+            x = batch[c.hook_name][rows].to(target, sae.W_enc.dtype)
+            _check_finite(x, f"activations of {c.hook_name!r}", step, directory)
+            optimizer.param_groups[i]["lr"] = c.lr * _lr_factor(step, c)
+            idle = state.idle_steps(i)
+            dead = idle * c.batch_size >= c.dead_after_tokens
+            part = sae_loss(sae, x, _warmup(step, c.sparsity_warmup_fraction, c), dead)
+            _check_finite(part.loss.detach(), f"the loss of {c.hook_name!r}", step, directory)
+            part.loss.backward()
+            parts.append(part)
+            counts = part.fire_counts
+            window[i].update(x, part.reconstruction, fires=counts, active=float(counts.sum()))
+        for i, (sae, c, part) in enumerate(zip(state.models, cfgs, parts, strict=True)):
+            world.average_(p.grad for p in sae.parameters())
+            if c.unit_norm_decoder:
+                sae.remove_parallel_decoder_grad_()
+            if c.grad_clip > 0:
+                nn.utils.clip_grad_norm_(sae.parameters(), c.grad_clip)
+            fired = world.any_(part.fire_counts > 0)
+            idle = state.idle_steps(i)
+            idle.add_(1).masked_fill_(fired, 0)
+            if c.architecture == "batchtopk":
+                _update_batch_threshold(sae, part.min_active, world)
+        optimizer.step()
+        for sae, c in zip(state.models, cfgs, strict=True):
+            if c.unit_norm_decoder:
+                sae.normalize_decoder_()
+        done = step + 1
+        if done % cfgs[0].log_every == 0 or done == total:
+            record = _record(done, cfgs, parts, window, state, optimizer, world)
+            history.append(record)
+            logger.log(history)
+            window = [ReconstructionStats(c.d_in, c.d_sae) for c in cfgs]
+            bar.set_postfix(_postfix(record, cfgs))
+        if directory is not None and (done % cfgs[0].checkpoint_every == 0 or done == total):
+            if world.is_main:
+                save_checkpoint(directory, state, optimizer, {**meta, "step": done,
+                                                              "history": history})  # fmt: skip
+            world.barrier()
+    logger.close()
+    trained = {}
+    for sae, c in zip(state.models, cfgs, strict=True):
+        final = copy.deepcopy(sae).eval()
+        final.fold_input_scale_(source.scale(c.hook_name))
+        trained[c.hook_name] = final
+    return TrainResult(trained, history)
+
+
+def _bind_hooks(cfgs: list[SAEConfig], source: ActivationSource) -> list[SAEConfig]:
+    """Give each config its hook and check widths, batch sizes and lengths agree."""
+    bound = []
+    for c in cfgs:
+        if not c.hook_name:
+            if len(source.hook_names) != 1:
+                raise ConfigError(
+                    f"the source has hooks {list(source.hook_names)}; set hook_name on each config"
+                )
+            c = c.replace(hook_name=source.hook_names[0])
+        if c.hook_name not in source.hook_names:
+            raise ConfigError(
+                f"hook {c.hook_name!r} is not read by the source (it has {list(source.hook_names)})"
+            )
+        if source.d_in[c.hook_name] != c.d_in:
+            raise ShapeMismatchError(
+                f"SAE for {c.hook_name!r} has d_in={c.d_in}, its activations have width "
+                f"{source.d_in[c.hook_name]}"
+            )
+        if source.batch_size != c.batch_size:
+            raise ConfigError(
+                f"config batch_size={c.batch_size} differs from the source's {source.batch_size}"
+            )
+        bound.append(c)
+    names = [c.hook_name for c in bound]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"two configs read the same hook: {names}")
+    shared = {(c.batch_size, c.total_tokens, c.log_every, c.checkpoint_every) for c in bound}
+    if len(shared) != 1:
+        raise ConfigError(
+            "SAEs trained together must share batch_size, total_tokens, log_every and "
+            "checkpoint_every"
+        )
+    return bound
+
+
+@torch.no_grad()
+def _init_decoder_bias(
+    state: _TrainingState, cfgs: list[SAEConfig], batch: dict[str, Tensor], device: torch.device
+) -> None:
+    """Set ``b_dec`` from the first batch (the whole global batch, so every rank agrees)."""
+    for sae, c in zip(state.models, cfgs, strict=True):
+        x = batch[c.hook_name].to(device, sae.b_dec.dtype)
+        _check_finite(x, f"activations of {c.hook_name!r}", 0, None)
+        if c.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(x))
+        elif c.b_dec_init == "mean":
+            sae.b_dec.copy_(x.mean(0))
+
+
+def _check_finite(value: Tensor, what: str, step: int, directory: Path | None) -> None:
+    if bool(torch.isfinite(value).all()):
+        return
+    bad = int((~torch.isfinite(value)).sum())
+    kept = f"; the last checkpoint in {directory} is untouched" if directory else ""
+    raise NonFiniteError(f"{what} at step {step} hold {bad} NaN/inf value(s); stopped{kept}")
+
+
+def _lr_factor(step: int, c: SAEConfig) -> float:
+    """Linear warmup from 0, flat, then linear decay to 0 over the last steps."""
+    total = c.total_steps
+    factor = _warmup(step, c.lr_warmup_fraction, c)
+    decay = round(c.lr_decay_fraction * total)
+    if decay > 0 and step >= total - decay:
+        factor = min(factor, (total - step) / decay)
+    return factor
+
+
+def _warmup(step: int, fraction: float, c: SAEConfig) -> float:
+    steps = round(fraction * c.total_steps)
+    return min(1.0, (step + 1) / steps) if steps > 0 else 1.0
+
+
+@torch.no_grad()
+def _update_batch_threshold(sae: SparseAutoencoder, min_active: Tensor, world: World) -> None:
+    value = min_active.detach().clone().reshape(1)
+    world.average_([value])
+    if not math.isfinite(float(value)):
+        return
+    theta = sae.batch_threshold
+    if torch.isnan(theta):
+        theta.copy_(value[0])
+    else:
+        theta.mul_(THRESHOLD_EMA).add_((1 - THRESHOLD_EMA) * value[0])
+
+
+def _record(
+    done: int,
+    cfgs: list[SAEConfig],
+    parts: list[LossParts],
+    window: list[ReconstructionStats],
+    state: _TrainingState,
+    optimizer: torch.optim.Optimizer,
+    world: World,
+) -> dict[str, Any]:
+    """One metrics row: per-SAE values under ``{hook}/{metric}`` keys."""
+    record: dict[str, Any] = {"step": done, "tokens": done * cfgs[0].batch_size}
+    for i, (c, part, stats) in enumerate(zip(cfgs, parts, window, strict=True)):
+        stats.combine_(world.average_, world.size)
+        scalars = torch.stack([part.loss.detach(), part.mse, part.sparsity, part.aux])
+        world.average_([scalars])
+        idle = state.idle_steps(i)
+        prefix = c.hook_name
+        record.update({
+            f"{prefix}/loss": float(scalars[0]),
+            f"{prefix}/mse": float(scalars[1]),
+            f"{prefix}/sparsity_loss": float(scalars[2]),
+            f"{prefix}/aux_loss": float(scalars[3]),
+            f"{prefix}/l0": stats.l0,
+            f"{prefix}/fvu": stats.fvu,
+            f"{prefix}/dead_fraction": float(
+                (idle * c.batch_size >= c.dead_after_tokens).double().mean()
+            ),
+            f"{prefix}/dense_fraction": stats.dense_fraction(c.dense_threshold),
+            f"{prefix}/lr": optimizer.param_groups[i]["lr"],
+        })  # fmt: skip
+    return record
+
+
+def _postfix(record: dict[str, Any], cfgs: list[SAEConfig]) -> dict[str, str]:
+    c = cfgs[0].hook_name
+    return {"loss": f"{record[f'{c}/loss']:.4g}", "l0": f"{record[f'{c}/l0']:.1f}",
+            "fvu": f"{record[f'{c}/fvu']:.3f}"}  # fmt: skip
+
+
+class _Logger:
+    """Writes the metric history to CSV (atomically, whole) and/or Weights & Biases."""
+
+    def __init__(
+        self, csv_path: str | Path | None, project: str | None, cfgs: list[SAEConfig], world: World
+    ) -> None:
+        self.csv_path = Path(csv_path) if csv_path is not None and world.is_main else None
+        self.run: Any = None
+        if project is not None and world.is_main:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ConfigError("wandb_project needs `pip install wandb`") from err
+            self.run = wandb.init(project=project, config={"saes": [c.to_dict() for c in cfgs]})
+
+    def log(self, history: list[dict[str, Any]]) -> None:
+        if self.run is not None:
+            self.run.log(history[-1], step=history[-1]["step"])
+        if self.csv_path is not None:
+            _write_csv_atomically(self.csv_path, history)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _write_csv_atomically(path: Path, history: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", newline="") as handle:
+        handle.write(buffer.getvalue())
+    os.replace(tmp, path)

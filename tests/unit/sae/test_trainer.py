@@ -1,0 +1,187 @@
+"""The SAE trainer: resume is bit-identical, bad numbers stop it cleanly, logs are complete."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mitk import HookedTransformer
+from mitk.errors import ConfigError, ShapeMismatchError
+from mitk.sae import (
+    ActivationStore,
+    NonFiniteError,
+    SAEConfig,
+    SparseDictionaryData,
+    TensorActivations,
+    train,
+)
+
+ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
+
+
+def config(arch: str = "topk", **kw: Any) -> SAEConfig:
+    settings: dict[str, Any] = dict(
+        d_in=16, d_sae=48, architecture=arch, k=3, batch_size=64, total_tokens=64 * 24,
+        lr=3e-3, log_every=4, checkpoint_every=4, dead_after_tokens=64,
+        l1_coefficient=0.1, l0_coefficient=0.05, jumprelu_init_threshold=0.05,
+        jumprelu_bandwidth=0.05,
+    )  # fmt: skip
+    settings.update(kw)
+    return SAEConfig(**settings)
+
+
+def data(n: int = 2000) -> torch.Tensor:
+    return SparseDictionaryData(d_in=16, n_features=48, mean_active=3).sample(n)
+
+
+class KilledError(Exception):
+    pass
+
+
+class StopAt:
+    """Wraps a source: raises at one step (a kill mid-run) or hands out a poisoned batch there."""
+
+    def __init__(self, source: Any, step: int, poison: float | None = None) -> None:
+        self.source, self.step, self.poison = source, step, poison
+        self.hook_names, self.batch_size, self.d_in = (
+            source.hook_names,
+            source.batch_size,
+            source.d_in,
+        )
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        out = self.source.batch(step)
+        if step == self.step:
+            if self.poison is None:
+                raise KilledError
+            out = {k: v.clone().fill_(self.poison) for k, v in out.items()}
+        return out
+
+    def scale(self, hook_name: str) -> float:
+        return float(self.source.scale(hook_name))
+
+    def fingerprint(self) -> dict[str, Any]:
+        return dict(self.source.fingerprint())
+
+
+def state(result: Any) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in result.sae.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_interrupted_then_resumed_equals_uninterrupted(arch: str, tmp_path: Path) -> None:
+    cfg = config(arch)
+    source = TensorActivations(data(), cfg.batch_size, seed=5)
+    whole = train(cfg, source, checkpoint_dir=tmp_path / "a", progress=False)
+    with pytest.raises(KilledError):
+        train(cfg, StopAt(source, 10), checkpoint_dir=tmp_path / "b", progress=False)
+    saved = json.loads((tmp_path / "b" / "latest" / "state.json").read_text())
+    assert saved["meta"]["step"] == 8  # the last complete checkpoint before the kill
+    resumed = train(cfg, source, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+    for name, tensor in state(whole).items():
+        assert torch.equal(tensor, state(resumed)[name]), name
+    assert resumed.history == whole.history
+    if arch in ("topk", "batchtopk"):  # the AuxK path (dead latents) was exercised too
+        assert any(row[f"{cfg.hook_name or 'activations'}/aux_loss"] > 0 for row in whole.history)
+
+
+def test_resume_with_another_config_is_refused(tmp_path: Path) -> None:
+    cfg = config()
+    source = TensorActivations(data(), cfg.batch_size)
+    train(cfg, source, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="other configs or another activation source"):
+        train(cfg.replace(lr=1e-2), source, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e30])
+def test_bad_numbers_stop_training_and_keep_the_checkpoint(poison: float, tmp_path: Path) -> None:
+    cfg = config()
+    source = TensorActivations(data(), cfg.batch_size)
+    with pytest.raises(KilledError):
+        train(cfg, StopAt(source, 9), checkpoint_dir=tmp_path / "ref", progress=False)
+    with pytest.raises(NonFiniteError, match=r"at step 9 hold .* NaN/inf"):
+        train(cfg, StopAt(source, 9, poison), checkpoint_dir=tmp_path / "run", progress=False)
+    for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
+        good = (tmp_path / "ref" / "latest" / name).read_bytes()
+        assert (tmp_path / "run" / "latest" / name).read_bytes() == good, name
+
+
+def test_metrics_are_logged_to_csv_and_describe_training(tmp_path: Path) -> None:
+    cfg = config(total_tokens=64 * 40, log_every=10, checkpoint_every=10)
+    result = train(cfg, data(), log_csv=tmp_path / "log.csv", progress=False)
+    with (tmp_path / "log.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
+    assert [float(r["activations/fvu"]) for r in rows] == [
+        row["activations/fvu"] for row in result.history
+    ]
+    first, last = result.history[0], result.history[-1]
+    assert last["activations/fvu"] < first["activations/fvu"]
+    assert last["activations/l0"] == pytest.approx(3.0, abs=0.5)
+    assert last["activations/lr"] < cfg.lr  # decayed over the final 20%
+    for key in ("loss", "mse", "aux_loss", "dead_fraction", "dense_fraction"):
+        assert f"activations/{key}" in last
+
+
+def test_training_on_normalised_activations_returns_an_sae_for_raw_ones() -> None:
+    x = data() * 7.0
+    cfg = config()
+    normalised = TensorActivations(x, cfg.batch_size, normalize=True)
+    scale = normalised.scale("activations")
+    assert scale != pytest.approx(1.0)
+    folded = train(cfg, normalised, progress=False).sae
+    by_hand = train(cfg, TensorActivations(x * scale, cfg.batch_size), progress=False).sae
+    probe = x[:50]
+    torch.testing.assert_close(folded.encode(probe), by_hand.encode(probe * scale))
+    torch.testing.assert_close(
+        folded(probe).reconstruction, by_hand(probe * scale).reconstruction / scale
+    )
+
+
+def test_several_hooks_train_together_from_one_model_pass(gpt2: HookedTransformer) -> None:
+    names = ["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"]
+    tokens = torch.randint(1, gpt2.cfg.d_vocab, (64, 9), generator=torch.Generator().manual_seed(0))
+    store = ActivationStore(gpt2, names, tokens, batch_size=64, model_batch_size=16,
+                            buffer_batches=4, exclude_bos=False)  # fmt: skip
+    cfgs = [
+        SAEConfig(
+            d_in=store.d_in[n],
+            d_sae=64,
+            k=4,
+            hook_name=n,
+            batch_size=64,
+            total_tokens=64 * 8,
+            log_every=4,
+            checkpoint_every=4,
+        )
+        for n in names
+    ]
+    result = train(cfgs, store, progress=False)
+    assert list(result.saes) == names
+    assert result.saes[names[1]].cfg.d_in == gpt2.cfg.d_mlp
+    assert f"{names[1]}/fvu" in result.history[-1]
+    with pytest.raises(ValueError, match="2 SAEs were trained"):
+        _ = result.sae
+
+
+def test_mismatched_configs_are_refused() -> None:
+    x = data()
+    source = TensorActivations({"a": x, "b": x}, 64)
+    with pytest.raises(ConfigError, match="set hook_name"):
+        train(config(), source, progress=False)
+    with pytest.raises(ConfigError, match="not read by the source"):
+        train(config(hook_name="c"), source, progress=False)
+    with pytest.raises(ShapeMismatchError, match="d_in=8, its activations have width 16"):
+        train(config(hook_name="a", d_in=8), source, progress=False)
+    with pytest.raises(ConfigError, match="batch_size=32 differs"):
+        train(config(hook_name="a", batch_size=32), source, progress=False)
+    with pytest.raises(ConfigError, match="read the same hook"):
+        train([config(hook_name="a"), config(hook_name="a")], source, progress=False)
+    with pytest.raises(ConfigError, match="must share batch_size, total_tokens"):
+        train([config(hook_name="a"), config(hook_name="b", total_tokens=64 * 30)], source,
+              progress=False)  # fmt: skip

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import pkgutil
 
 from jaxtyping import install_import_hook
+import pytest
+import torch
+
+from tests.checkpoints import save_gpt2
 
 # Every annotated function in these packages gets its jaxtyping shapes checked at test time.
 # mitk.config and mitk.sae.config are left out on purpose: they validate their own fields, and
-# those checks (with their messages) are what the config tests assert; mitk.sae.config is
-# imported before the hook is installed for that reason.
+# those checks (with their messages) are what the config tests assert. So mitk.sae is named
+# module by module, every one but its config.
 # Only modules first imported inside the block are checked, so every checked package is
 # imported here, before any test module imports it.
-import mitk.sae.config
+_SAE_DIR = Path(__file__).resolve().parents[1] / "mitk" / "sae"
+_SAE_MODULES = [f"mitk.sae.{m.name}" for m in pkgutil.iter_modules([str(_SAE_DIR)])]
+_CHECKED = ["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analysis"]
+_CHECKED += [m for m in _SAE_MODULES if m != "mitk.sae.config"]
 
-with install_import_hook(["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analysis", "mitk.sae"],
-                         "beartype.beartype"):  # fmt: skip
+with install_import_hook(_CHECKED, "beartype.beartype"):
     from mitk import HookedTransformer, TransformerConfig
     import mitk.analysis.circuits
     import mitk.analysis.composition
@@ -26,11 +33,6 @@ with install_import_hook(["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analys
     import mitk.analysis.patching
     import mitk.analysis.patching.path
     import mitk.sae  # noqa: F401
-
-import pytest
-import torch
-
-from tests.checkpoints import save_gpt2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

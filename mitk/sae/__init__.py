@@ -8,8 +8,18 @@ activations; ``evaluate`` measures it, ``spliced`` puts it into a model.
 from mitk.sae.autoencoder import SAEOutput, SparseAutoencoder
 from mitk.sae.chunks import CachedActivations
 from mitk.sae.config import SAEConfig
+from mitk.sae.evaluate import SAEEvaluation, evaluate
+from mitk.sae.features import (
+    LatentExamples,
+    LatentStatistics,
+    LogitEffects,
+    latent_statistics,
+    logit_effects,
+)
+from mitk.sae.files import load_sae, save_sae
 from mitk.sae.metrics import ReconstructionStats
 from mitk.sae.sources import ActivationSource, TensorActivations
+from mitk.sae.splice import Splice, spliced
 from mitk.sae.store import ActivationStore
 from mitk.sae.synthetic import SparseDictionaryData, mean_max_cosine_similarity
 from mitk.sae.trainer import NonFiniteError, TrainResult, train
@@ -18,14 +28,25 @@ __all__ = [
     "ActivationSource",
     "ActivationStore",
     "CachedActivations",
+    "LatentExamples",
+    "LatentStatistics",
+    "LogitEffects",
     "NonFiniteError",
     "ReconstructionStats",
     "SAEConfig",
+    "SAEEvaluation",
     "SAEOutput",
     "SparseAutoencoder",
     "SparseDictionaryData",
+    "Splice",
     "TensorActivations",
     "TrainResult",
+    "evaluate",
+    "latent_statistics",
+    "load_sae",
+    "logit_effects",
     "mean_max_cosine_similarity",
+    "save_sae",
+    "spliced",
     "train",
 ]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,28 @@ class SparseAutoencoder(nn.Module):
         if cfg.architecture == "batchtopk":
             # NaN until training estimates it; encode refuses to guess
             self.register_buffer("batch_threshold", torch.tensor(float("nan"), dtype=dtype))
+
+    # --- files ------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``sae_weights.safetensors`` + ``cfg.json``, a folder SAELens loads too."""
+        from mitk.sae.files import save_sae  # files builds on this module
+
+        return save_sae(self, directory)
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, device: str | torch.device | None = None
+    ) -> SparseAutoencoder:
+        """Load a folder written by ``save`` or by SAELens (safetensors only, never pickle)."""
+        from mitk.sae.files import load_sae
+
+        return load_sae(directory, device)
+
+    def spliced(self, model: Any, hook_name: str | None = None, **options: Any) -> Any:
+        """Context: the model runs with this SAE's reconstruction at the hook (see ``splice``)."""
+        from mitk.sae.splice import spliced  # splice builds on this module
+
+        return spliced(self, model, hook_name, **options)
 
     # --- the maps ---------------------------------------------------------------------
     def pre_activations(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:

@@ -61,8 +61,12 @@ def batch_topk_codes(pre: Float[Tensor, "batch d_sae"], k: int) -> SparseCodes:
     top = pre.relu().flatten().topk(n_rows * k, sorted=False)
     flat, order = top.indices.sort()  # row-major order groups each row's picks together
     rows = torch.div(flat, d_sae, rounding_mode="floor")
-    offsets = torch.searchsorted(rows, torch.arange(n_rows, device=pre.device))
-    return SparseCodes(top.values[order], flat - rows * d_sae, offsets, d_sae)
+    return SparseCodes(top.values[order], flat - rows * d_sae, offsets_of(rows, n_rows), d_sae)
+
+
+def offsets_of(rows: Int[Tensor, " nnz"], n_rows: int) -> Int[Tensor, " batch"]:
+    """Start of each row's entries in a row-major list of ``rows``."""
+    return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
 
 
 def decode_sparse(
@@ -90,7 +94,7 @@ class _JumpReLU(torch.autograd.Function):
         eps = ctx.bandwidth
         near = ((z - threshold).abs() < eps / 2).to(grad.dtype)
         grad_z = grad * (z > threshold)
-        grad_threshold = (-(threshold / eps) * near * grad).sum(0)
+        grad_threshold = (-(threshold / eps) * near * grad).sum_to_size(threshold.shape)
         return grad_z, grad_threshold, None
 
 
@@ -108,20 +112,27 @@ class _Step(torch.autograd.Function):
         z, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         near = ((z - threshold).abs() < eps / 2).to(grad.dtype)
-        return None, (-(1.0 / eps) * near * grad).sum(0), None
+        return None, (-(1.0 / eps) * near * grad).sum_to_size(threshold.shape), None
 
 
 def jumprelu(
-    z: Float[Tensor, "batch d_sae"], threshold: Float[Tensor, " d_sae"], bandwidth: float
-) -> Float[Tensor, "batch d_sae"]:
-    """JumpReLU: keep ``z`` where it exceeds the latent's threshold, else 0."""
+    z: Float[Tensor, "*batch d_sae"], threshold: Float[Tensor, "*#batch d_sae"], bandwidth: float
+) -> Float[Tensor, "*batch d_sae"]:
+    """JumpReLU: keep ``z`` where it exceeds the latent's threshold, else 0.
+
+    ``threshold`` broadcasts against ``z`` (``[d_sae]`` for a batch, or one per
+    element when ``z`` holds gathered entries); its gradient is summed back to its shape.
+    """
     out: Tensor = _JumpReLU.apply(z, threshold, bandwidth)
     return out
 
 
 def step(
-    z: Float[Tensor, "batch d_sae"], threshold: Float[Tensor, " d_sae"], bandwidth: float
-) -> Float[Tensor, "batch d_sae"]:
-    """Heaviside step ``H(z - threshold)``, the differentiable L0 count of JumpReLU SAEs."""
+    z: Float[Tensor, "*batch d_sae"], threshold: Float[Tensor, "*#batch d_sae"], bandwidth: float
+) -> Float[Tensor, "*batch d_sae"]:
+    """Heaviside step ``H(z - threshold)``, the differentiable L0 count of JumpReLU SAEs.
+
+    ``threshold`` broadcasts against ``z`` as in ``jumprelu``.
+    """
     out: Tensor = _Step.apply(z, threshold, bandwidth)
     return out

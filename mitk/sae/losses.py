@@ -13,8 +13,11 @@ from torch import Tensor
 import torch.nn.functional as F
 
 from mitk.sae.autoencoder import SparseAutoencoder
-from mitk.sae.codes import SparseCodes, jumprelu, step
+from mitk.sae.codes import SparseCodes, jumprelu, offsets_of, step
 from mitk.shapes import Bool, Float, Int
+
+SPARSE_DENSITY = 0.05
+"""ReLU/JumpReLU losses gather their entries when at most this fraction of them is kept."""
 
 
 class LossParts(NamedTuple):
@@ -61,22 +64,52 @@ def sae_loss(
         counts = torch.bincount(codes.latents[active], minlength=cfg.d_sae)
         return LossParts(mse + aux, mse.detach(), zero, aux.detach(), counts, recon.detach(),
                          _min_positive(codes.values))  # fmt: skip
-    if cfg.architecture == "relu":
-        latents = pre.relu()
-        recon = latents @ sae.W_dec + sae.b_dec
-        mse = _squared_error(recon, x)
-        penalty = (latents * sae.decoder_norms()).sum(-1).mean()
-        sparsity = sparsity_scale * cfg.l1_coefficient * penalty
+    return _thresholded_loss(sae, x, pre, sparsity_scale)
+
+
+def _thresholded_loss(
+    sae: SparseAutoencoder, x: Tensor, pre: Tensor, sparsity_scale: float
+) -> LossParts:
+    """ReLU (L1) and JumpReLU (L0) losses, on gathered entries when few are kept.
+
+    Only entries above the cutoff have a non-zero value or gradient (for JumpReLU
+    that includes those within half a bandwidth below the threshold, which feed
+    its pseudo-gradient), so computing on them alone is exact, and costs
+    ``nnz * d_in`` instead of dense ``batch x d_sae x d_in`` matmuls.
+    """
+    cfg = sae.cfg
+    n_rows = x.shape[0]
+    relu = cfg.architecture == "relu"
+    eps = cfg.jumprelu_bandwidth
+    threshold = pre.new_zeros(()) if relu else sae.threshold
+    cutoff = threshold if relu else (threshold - eps / 2).detach()
+    mask = pre.detach() > cutoff
+    if int(mask.sum()) <= SPARSE_DENSITY * pre.numel():
+        rows, kept = mask.nonzero().unbind(1)  # row-major
+        z = pre[rows, kept]
+        theta = threshold if relu else threshold[kept]
+        values = z if relu else jumprelu(z, theta, eps)
+        codes = SparseCodes(values, kept, offsets_of(rows, n_rows), cfg.d_sae)
+        recon = sae.decode_codes(codes)
+        if relu:
+            penalty = (values * sae.decoder_norms()[kept]).sum() / n_rows
+        else:
+            penalty = step(z, theta, eps).sum() / n_rows
+        counts = torch.bincount(kept[values.detach() > 0], minlength=cfg.d_sae)
     else:
-        threshold = sae.threshold
-        latents = jumprelu(pre, threshold, cfg.jumprelu_bandwidth)
+        latents = pre.relu() if relu else jumprelu(pre, threshold, eps)
+        values = latents
         recon = latents @ sae.W_dec + sae.b_dec
-        mse = _squared_error(recon, x)
-        l0_smooth = step(pre, threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
-        sparsity = sparsity_scale * cfg.l0_coefficient * l0_smooth
-    counts = (latents > 0).sum(0)
-    return LossParts(mse + sparsity, mse.detach(), sparsity.detach(), zero, counts,
-                     recon.detach(), _min_positive(latents))  # fmt: skip
+        if relu:
+            penalty = (latents * sae.decoder_norms()).sum(-1).mean()
+        else:
+            penalty = step(pre, threshold, eps).sum(-1).mean()
+        counts = (latents > 0).sum(0)
+    mse = _squared_error(recon, x)
+    coefficient = cfg.l1_coefficient if relu else cfg.l0_coefficient
+    sparsity = sparsity_scale * coefficient * penalty
+    return LossParts(mse + sparsity, mse.detach(), sparsity.detach(), x.new_zeros(()), counts,
+                     recon.detach(), _min_positive(values))  # fmt: skip
 
 
 def _min_positive(values: Tensor) -> Tensor:

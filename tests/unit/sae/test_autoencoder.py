@@ -203,3 +203,25 @@ def test_bad_inputs_name_the_problem() -> None:
     untrained = SparseAutoencoder(SAEConfig(d_in=4, d_sae=8, architecture="batchtopk", k=2))
     with pytest.raises(RuntimeError, match="no inference threshold"):
         untrained.encode(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_gathered_and_dense_losses_agree(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mitk.sae.losses as losses
+
+    sae = make(arch, l1_coefficient=0.3, l0_coefficient=0.2, jumprelu_bandwidth=0.5)
+    x = torch.randn(16, 12, dtype=torch.float64)
+    results = []
+    for density in (0.0, 1.0):  # 0: always dense; 1: always gathered
+        monkeypatch.setattr(losses, "SPARSE_DENSITY", density)
+        parts = sae_loss(sae, x, sparsity_scale=0.7)
+        grads = torch.autograd.grad(parts.loss, list(sae.parameters()))
+        results.append((parts, grads))
+    (dense, dense_grads), (gathered, gathered_grads) = results
+    for name in ("loss", "mse", "sparsity", "reconstruction", "min_active"):
+        torch.testing.assert_close(getattr(gathered, name), getattr(dense, name), msg=name)
+    assert torch.equal(gathered.fire_counts, dense.fire_counts)
+    for a, b in zip(gathered_grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    if arch == "jumprelu":  # the threshold's pseudo-gradient was exercised
+        assert dense_grads[-1].abs().sum() > 0

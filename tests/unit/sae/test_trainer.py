@@ -36,7 +36,7 @@ def config(arch: str = "topk", **kw: Any) -> SAEConfig:
 
 
 def data(n: int = 2000) -> torch.Tensor:
-    return SparseDictionaryData(d_in=16, n_features=48, mean_active=3).sample(n)
+    return SparseDictionaryData(d_in=16, n_features=48, mean_active=3.0).sample(n)
 
 
 class KilledError(Exception):

@@ -1,0 +1,67 @@
+"""Each architecture recovers a known overcomplete dictionary (Sharkey et al. 2022 setting)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from mitk.sae import SAEConfig, SparseDictionaryData, mean_max_cosine_similarity, train
+
+# Settings per architecture on this instance: 64 features in 32 dimensions, ~3 active per row.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "topk": {"k": 3, "steps": 1500},
+    "batchtopk": {"k": 3, "steps": 3000},
+    "relu": {"l1_coefficient": 0.2, "steps": 1500},
+    "jumprelu": {
+        "l0_coefficient": 0.05,
+        "jumprelu_init_threshold": 0.05,
+        "jumprelu_bandwidth": 0.05,
+        "steps": 1500,
+    },
+}
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """These matrices are tiny: a second thread only adds synchronisation (3-10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("arch", list(SETTINGS))
+def test_architecture_recovers_the_dictionary(arch: str) -> None:
+    data = SparseDictionaryData(d_in=32, n_features=64, mean_active=3.0, seed=0)
+    settings = dict(SETTINGS[arch])
+    steps = settings.pop("steps")
+    cfg = SAEConfig(
+        d_in=32, d_sae=64, architecture=arch, batch_size=256, total_tokens=256 * steps,
+        lr=3e-3, log_every=steps, checkpoint_every=steps, dead_after_tokens=50_000, **settings,
+    )  # fmt: skip
+    result = train(cfg, data.sample(40_000), progress=False)
+    score = mean_max_cosine_similarity(result.sae.W_dec.detach(), data.features)
+    assert score >= 0.95, f"{arch}: mean max cosine similarity {score:.3f}"
+    # and the learnt SAE is sparse at about the true number of active features
+    latents = result.sae.encode(data.sample(2000, seed=9))
+    assert 1.5 <= float((latents > 0).sum(-1).double().mean()) <= 6.0
+
+
+def test_a_random_dictionary_scores_far_below() -> None:
+    data = SparseDictionaryData(d_in=32, n_features=64, seed=0)
+    random = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    assert mean_max_cosine_similarity(random, data.features) < 0.6
+    assert mean_max_cosine_similarity(data.features * 3.0, data.features) == pytest.approx(1.0)
+
+
+def test_sampled_data_is_sparse_combinations_of_the_features() -> None:
+    data = SparseDictionaryData(d_in=8, n_features=20, mean_active=2.0, seed=4)
+    coefficients = data.coefficients(5000, seed=2)
+    assert float((coefficients > 0).sum(-1).double().mean()) == pytest.approx(2.0, abs=0.1)
+    torch.testing.assert_close(data.sample(5000, seed=2), coefficients @ data.features)
+    torch.testing.assert_close(data.features.norm(dim=-1), torch.ones(20))

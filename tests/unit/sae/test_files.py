@@ -14,7 +14,8 @@ from mitk.errors import ConfigError, ShapeMismatchError, UnsupportedModelError
 from mitk.sae import files
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.config import SAEConfig
-from mitk.sae.files import CONFIG_FILE, EXACT_FILE, WEIGHTS_FILE, load_sae, save_sae
+from mitk.sae.files import EXACT_FILE, load_sae, save_sae
+from mitk.sae.saelens_format import CONFIG_FILE, WEIGHTS_FILE
 
 ARCHITECTURES = ["relu", "topk", "batchtopk", "jumprelu"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+import sys
 from typing import Any
 
 import pytest
@@ -185,3 +186,34 @@ def test_mismatched_configs_are_refused() -> None:
     with pytest.raises(ConfigError, match="must share batch_size, total_tokens"):
         train([config(hook_name="a"), config(hook_name="b", total_tokens=64 * 30)], source,
               progress=False)  # fmt: skip
+
+
+def test_metrics_go_to_weights_and_biases_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    logged: list[tuple[dict[str, Any], int]] = []
+    finished: list[bool] = []
+
+    class Run:
+        def log(self, row: dict[str, Any], step: int) -> None:
+            logged.append((row, step))
+
+        def finish(self) -> None:
+            finished.append(True)
+
+    class FakeWandb:  # stands in for the wandb package, which the tests do not install
+        @staticmethod
+        def init(project: str, config: dict[str, Any]) -> Run:
+            assert project == "sae-runs" and config["saes"][0]["architecture"] == "topk"
+            return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
+    result = train(config(), data(), wandb_project="sae-runs", progress=False)
+    assert [step for _, step in logged] == [row["step"] for row in result.history]
+    assert logged[-1][0] == result.history[-1] and finished == [True]
+
+
+def test_asking_for_weights_and_biases_without_it_installed_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        train(config(), data(), wandb_project="sae-runs", progress=False)

@@ -20,7 +20,7 @@ from tests.checkpoints import save_gpt2
 # imported here, before any test module imports it.
 _SAE_DIR = Path(__file__).resolve().parents[1] / "mitk" / "sae"
 _SAE_MODULES = [f"mitk.sae.{m.name}" for m in pkgutil.iter_modules([str(_SAE_DIR)])]
-_CHECKED = ["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analysis"]
+_CHECKED = ["mitk.model", "mitk.cache", "mitk.hooks", "mitk.analysis", "mitk.viz"]
 _CHECKED += [m for m in _SAE_MODULES if m != "mitk.sae.config"]
 
 with install_import_hook(_CHECKED, "beartype.beartype"):
@@ -32,7 +32,8 @@ with install_import_hook(_CHECKED, "beartype.beartype"):
     import mitk.analysis.lens
     import mitk.analysis.patching
     import mitk.analysis.patching.path
-    import mitk.sae  # noqa: F401
+    import mitk.sae
+    import mitk.viz  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -14,16 +14,20 @@ import typer
 from mitk.analysis.composition import CompositionBaseline, composition_baseline, composition_scores
 from mitk.analysis.detectors import head_detector_scores
 from mitk.analysis.dla import Attribution, logit_attribution
+from mitk.analysis.lens import LogitLens, logit_lens
 from mitk.analysis.patching import PatchResult, activation_patch, logit_diff
 from mitk.model import HookedTransformer
 from mitk.sequences import repeated_random_tokens
 from mitk.viz import (
     Section,
+    cached_attention_heatmap,
     composition_heatmap,
+    dashboard,
     dla_bar,
+    eigenvalue_scatter,
     head_scores_heatmap,
+    logit_lens_heatmap,
     patching_heatmap,
-    write_report,
 )
 
 DEFAULT_OUT = Path("mitk-demo/report.html")
@@ -39,6 +43,8 @@ class Findings:
     k_composition: torch.Tensor
     baseline: CompositionBaseline
     patching: PatchResult
+    lens: LogitLens
+    """Read at every position but the last, against each position's next token."""
 
 
 def _top(log_probs: torch.Tensor, k: int) -> list[tuple[int, float]]:
@@ -60,6 +66,11 @@ def _predictions(tokens: torch.Tensor, log_probs: torch.Tensor, half: int, top: 
     ]
 
 
+def _next_token_lens(lens: LogitLens) -> LogitLens:
+    """The lens without the last position, which has no next token to score."""
+    return LogitLens(lens.logits[:, :, :-1], lens.labels)
+
+
 def _patch_heads(net: HookedTransformer, tokens: torch.Tensor, half: int, seed: int) -> PatchResult:
     """Denoise each head's output: clean = repeated segment, corrupted = a different first copy."""
     other = repeated_random_tokens(tokens.shape[0], half, net.cfg.d_vocab,
@@ -72,28 +83,52 @@ def _patch_heads(net: HookedTransformer, tokens: torch.Tensor, half: int, seed: 
     return activation_patch(net, tokens, corrupted, metric, "z", "head")
 
 
+def _attention_heads(detectors: pd.DataFrame, n_induction: int = 3) -> list[tuple[int, int]]:
+    """The strongest induction heads, then the strongest previous-token head they read from."""
+    ranked = detectors.sort_values("induction", ascending=False).head(n_induction)
+    previous = detectors.loc[detectors["previous_token"].idxmax()]
+    heads = [(int(row.layer), int(row.head)) for row in ranked.itertuples()]
+    prev = (int(previous["layer"]), int(previous["head"]))
+    return heads + ([prev] if prev not in heads else [])
+
+
 def _report(out: Path, model_name: str, net: HookedTransformer, half: int, batch: int,
-            seed: int, found: Findings) -> Path:  # fmt: skip
+            seed: int, found: Findings, cache: Any, tokens: torch.Tensor) -> Path:  # fmt: skip
     header = {
         "model": f"{model_name} ({net.cfg.n_layers} layers, d_model {net.cfg.d_model}, "
         f"{net.cfg.n_heads} heads)",
         "prompts": f"{batch} sequences: BOS + {half} random tokens, repeated once (seed {seed})",
         "loss": f"first half {found.losses[0]:.3f} nats, repeated half {found.losses[1]:.3f} nats",
+        "settings": f"attribution and patching at position -2; head detectors on {half}-token "
+        f"probes (seed {seed + 1}); patching corrupts the first copy (seed {seed + 2})",
     }
+    labels = ["BOS", *(str(t) for t in tokens[0, 1:].tolist())]  # random ids: no words to show
     sections = [
         Section("Direct logit attribution of the correct next token", dla_bar(found.attribution),
                 note="At the second-to-last position, each head's direct contribution to the "
                 "logit of the token that follows; the bars sum to the model's logit."),
+        Section("Logit lens", logit_lens_heatmap(found.lens, tokens[:, 1:], tokens=labels[:-1]),
+                note="Prompt 0: rank (0 = top) of each position's next token, read from the "
+                "residual stream after each layer. The repeated half becomes predictable only "
+                "after layer 1, where the induction heads write."),
+        Section("Attention patterns", cached_attention_heatmap(
+                    cache, _attention_heads(found.detectors), labels),
+                note="Prompt 0, token ids on both axes; pick a head from the menu. Induction "
+                "heads attend from a repeated token to the token after its first occurrence "
+                "(an off-diagonal stripe); the previous-token head to the position before."),
         Section("Previous-token heads", head_scores_heatmap(found.detectors, "previous_token")),
         Section("Induction heads", head_scores_heatmap(found.detectors, "induction")),
         Section("K-composition", composition_heatmap(found.k_composition, found.baseline.mean),
                 note=f"Random baseline {found.baseline.mean:.3f} ± {found.baseline.std:.3f}."),
+        Section("OV circuit eigenvalues", eigenvalue_scatter(net.OV),
+                note="Mostly positive eigenvalues (legend near +1) mark heads that copy the "
+                "token they attend to, as induction heads do."),
         Section("Activation patching of each head's output", patching_heatmap(found.patching),
                 note="Clean: the repeated sequence; corrupted: a different first copy. 1 means "
                 "patching that head alone restores the clean logit difference."),
         Section("Head detector scores", found.detectors),
     ]  # fmt: skip
-    return write_report(out, f"mitk demo: {model_name}", header, sections)
+    return dashboard(out, title=f"mitk demo: {model_name}", header=header, items=sections)
 
 
 def demo(
@@ -122,8 +157,9 @@ def demo(
         k_composition=composition_scores(net, "K"),
         baseline=composition_baseline(net, "K"),
         patching=_patch_heads(net, tokens, half, seed),
+        lens=_next_token_lens(logit_lens(net, cache)),
     )
-    path = _report(out, model, net, half, batch, seed, found)
+    path = _report(out, model, net, half, batch, seed, found, cache, tokens)
     predictions = _predictions(tokens, log_probs, half, top)
     if as_json:
         _print_json(model, cache, found, predictions, path)

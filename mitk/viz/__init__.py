@@ -1,14 +1,51 @@
-"""Pictures of results: pure builders from result objects to plotly figures and HTML reports."""
+"""Pictures of results: pure builders from result objects to plotly figures and HTML dashboards.
 
-from mitk.viz.figures import composition_heatmap, dla_bar, head_scores_heatmap, patching_heatmap
-from mitk.viz.report import Section, html_report, write_report
+Nothing here runs a model: callers compute results (``mitk.analysis``,
+``mitk.sae``) and pass them in. Every figure function returns a
+``plotly.graph_objects.Figure``; ``dashboard`` writes figures, tables and
+result objects into one self-contained HTML file; ``save_image`` exports a
+figure to PNG/SVG/PDF where Kaleido and a Chrome are installed.
+"""
+
+from mitk.viz.attention import attention_heatmap, cached_attention_heatmap
+from mitk.viz.circuits import composition_heatmap, eigenvalue_scatter, head_scores_heatmap
+from mitk.viz.dashboard import as_sections, dashboard, dashboard_html, write_report
+from mitk.viz.defaults import UnsupportedResultError, figures_for
+from mitk.viz.dla import dla_bar, dla_head_heatmap, logit_lens_heatmap
+from mitk.viz.export import ImageExportError, save_image
+from mitk.viz.feature_card import feature_card
+from mitk.viz.patching import patching_facets, patching_heatmap
+from mitk.viz.sae import (
+    density_histogram,
+    l0_fvu_tradeoff,
+    tradeoff_point,
+    training_curves,
+)
+from mitk.viz.section import Section
 
 __all__ = [
+    "ImageExportError",
     "Section",
+    "UnsupportedResultError",
+    "as_sections",
+    "attention_heatmap",
+    "cached_attention_heatmap",
     "composition_heatmap",
+    "dashboard",
+    "dashboard_html",
+    "density_histogram",
     "dla_bar",
+    "dla_head_heatmap",
+    "eigenvalue_scatter",
+    "feature_card",
+    "figures_for",
     "head_scores_heatmap",
-    "html_report",
+    "l0_fvu_tradeoff",
+    "logit_lens_heatmap",
+    "patching_facets",
     "patching_heatmap",
+    "save_image",
+    "tradeoff_point",
+    "training_curves",
     "write_report",
 ]

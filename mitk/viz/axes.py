@@ -1,0 +1,43 @@
+"""Conventions every figure shares: position axes labelled by token, and two colour scales."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import re
+from typing import Any
+
+from mitk.errors import ShapeMismatchError
+
+
+def token_axis(tokens: Sequence[str]) -> dict[str, Any]:
+    """Axis settings that label positions ``0 .. n-1`` with ``tokens``.
+
+    Positions stay numeric: a categorical axis would merge repeated tokens into
+    one column, and repeats are exactly what induction prompts contain.
+    """
+    return {"tickmode": "array", "tickvals": list(range(len(tokens))), "ticktext": list(tokens)}
+
+
+def check_tokens(tokens: Sequence[str] | None, n_pos: int, what: str) -> None:
+    """Refuse token labels that do not match the ``pos`` axis they label."""
+    if tokens is not None and len(tokens) != n_pos:
+        raise ShapeMismatchError(f"{len(tokens)} token labels for {what} with {n_pos} positions")
+
+
+def raw_scale() -> dict[str, Any]:
+    """Diverging scale centred at 0, for signed effects (red lowers, blue raises)."""
+    return {"colorscale": "RdBu", "zmid": 0}
+
+
+def unit_scale(colorscale: str = "Blues") -> dict[str, Any]:
+    """Sequential 0–1 scale, for normalised recovery, attention weights and detector scores."""
+    return {"colorscale": colorscale, "zmin": 0, "zmax": 1}
+
+
+def head_label(layer: int, head: int) -> str:
+    """The label mitk uses for a head everywhere (``Attribution.labels`` included)."""
+    return f"L{layer}H{head}"
+
+
+HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")
+"""Matches ``head_label``'s output, capturing layer and head."""

@@ -1,0 +1,109 @@
+"""Head-level circuit figures: detector scores, composition against chance, QK/OV eigenvalues."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from torch import Tensor
+
+from mitk.model.factored_matrix import FactoredMatrix
+from mitk.shapes import Float
+from mitk.viz.axes import head_label, unit_scale
+
+
+def head_scores_heatmap(scores: pd.DataFrame, column: str, title: str | None = None) -> go.Figure:
+    """Layer × head heatmap of one detector column from ``head_detector_scores``."""
+    if column not in scores.columns:
+        raise KeyError(f"no column {column!r}; have {list(scores.columns)}")
+    grid = scores.pivot(index="layer", columns="head", values=column)
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.to_numpy(),
+            x=[f"H{h}" for h in grid.columns],
+            y=[f"L{layer}" for layer in grid.index],
+            **unit_scale(),
+            colorbar={"title": "score"},
+        )
+    )
+    fig.update_layout(
+        title=title or f"{column.replace('_', '-')} score per head",
+        xaxis_title="head",
+        yaxis_title="layer",
+        yaxis_autorange="reversed",
+    )
+    return fig
+
+
+def composition_heatmap(
+    scores: Float[Tensor, "layer head layer2 head2"],
+    baseline: float | None = None,
+    title: str = "Composition scores (writer → reader)",
+) -> go.Figure:
+    """Writer head × reader head heatmap; with a baseline the colour centres on chance.
+
+    ``scores`` is ``composition_scores(...)``; ``baseline`` the mean of
+    ``composition_baseline(...)``. Pairs whose reader is not in a later layer
+    cannot compose and are left blank.
+    """
+    n_layers, n_heads = scores.shape[0], scores.shape[1]
+    labels = [head_label(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    grid = scores.detach().double().cpu().reshape(n_layers * n_heads, n_layers * n_heads).clone()
+    layer_of = torch.arange(n_layers).repeat_interleave(n_heads)
+    grid[layer_of[None, :] <= layer_of[:, None]] = float("nan")  # plotly draws NaN as a gap
+    heatmap: dict[str, Any] = {"colorscale": "Viridis"}
+    if baseline is not None:
+        heatmap = {"colorscale": "RdBu_r", "zmid": baseline}
+        title = f"{title}; random baseline {baseline:.3f}"
+    fig = go.Figure(go.Heatmap(z=grid.tolist(), x=labels, y=labels, **heatmap))
+    fig.update_layout(
+        title=title, xaxis_title="reader", yaxis_title="writer", yaxis_autorange="reversed"
+    )
+    return fig
+
+
+def _head_names(lead: tuple[int, ...]) -> list[str]:
+    """Labels for the leading ``[layer, head]`` (or ``[head]``, or no) dims of a circuit."""
+    if len(lead) == 2:
+        return [head_label(layer, head) for layer in range(lead[0]) for head in range(lead[1])]
+    if len(lead) == 1:
+        return [f"H{head}" for head in range(lead[0])]
+    return ["circuit"]
+
+
+def eigenvalue_scatter(
+    circuit: FactoredMatrix, kind: str = "OV", title: str | None = None
+) -> go.Figure:
+    """Eigenvalues of each head's circuit in the complex plane, one trace (legend entry) per head.
+
+    ``circuit`` is square per head with leading dims ``[layer, head]`` (e.g.
+    ``model.OV``, ``model.QK`` or a full circuit). The legend gives each head's
+    ``Σλ / Σ|λ|``: near +1 for a head that copies (OV) or attends to the same
+    token (QK), near -1 for the opposite.
+    """
+    eig = circuit.eigenvalues.detach().cpu()
+    flat = eig.reshape(-1, eig.shape[-1])
+    positivity = (flat.sum(-1).real / flat.abs().sum(-1)).tolist()
+    fig = go.Figure()
+    for name, values, score in zip(
+        _head_names(tuple(eig.shape[:-1])), flat, positivity, strict=True
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=values.real.tolist(),
+                y=values.imag.tolist(),
+                mode="markers",
+                name=f"{name} ({score:+.2f})",
+                marker={"size": 6},
+            )
+        )
+    fig.add_vline(x=0, line={"color": "#999", "width": 1})
+    fig.add_hline(y=0, line={"color": "#999", "width": 1})
+    fig.update_layout(
+        title=title or f"{kind} circuit eigenvalues per head (legend: Σλ/Σ|λ|)",
+        xaxis_title="real part",
+        yaxis={"title": "imaginary part", "scaleanchor": "x", "scaleratio": 1},
+    )
+    return fig

@@ -1,0 +1,135 @@
+"""Direct logit attribution and logit-lens figures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import plotly.graph_objects as go
+import torch
+from torch import Tensor
+
+from mitk.analysis.dla import Attribution
+from mitk.analysis.lens import LogitLens
+from mitk.errors import ConfigError, ShapeMismatchError
+from mitk.shapes import Int
+from mitk.viz.axes import HEAD_LABEL, check_tokens, head_label, raw_scale, token_axis
+
+
+def _per_component(attribution: Attribution, prompt: int | None) -> tuple[Tensor, str]:
+    values = attribution.values.detach().float().cpu()
+    if prompt is None:
+        return values.mean(1), f"mean over {values.shape[1]} prompts"
+    return values[:, prompt], f"prompt {prompt}"
+
+
+def _target(answer: str | None, wrong: str | None) -> str:
+    if answer is None:
+        return "logit (difference)"
+    return f"logit({answer!r})" + (f" − logit({wrong!r})" if wrong is not None else "")
+
+
+def dla_bar(
+    attribution: Attribution,
+    prompt: int | None = None,
+    *,
+    answer: str | None = None,
+    wrong: str | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Bars of direct logit attribution per component (mean over prompts unless one is chosen).
+
+    ``attribution.labels`` label the bars; ``answer``/``wrong`` name the tokens
+    whose logit (difference) was attributed, for the axis title.
+    """
+    series, which = _per_component(attribution, prompt)
+    colours = ["#c0392b" if v < 0 else "#2471a3" for v in series.tolist()]
+    fig = go.Figure(go.Bar(x=attribution.labels, y=series.tolist(), marker_color=colours))
+    fig.update_layout(
+        title=title or f"Direct logit attribution to {_target(answer, wrong)} ({which})",
+        xaxis_title="component",
+        yaxis_title=f"contribution to {_target(answer, wrong)}",
+    )
+    return fig
+
+
+def dla_head_heatmap(
+    attribution: Attribution, prompt: int | None = None, *, title: str | None = None
+) -> go.Figure:
+    """Layer × head heatmap of the per-head rows (``by="head"``), diverging around 0."""
+    series, which = _per_component(attribution, prompt)
+    heads = {}
+    for label, value in zip(attribution.labels, series.tolist(), strict=True):
+        if match := HEAD_LABEL.match(label):
+            heads[int(match[1]), int(match[2])] = value
+    if not heads:
+        raise ConfigError("no per-head rows in this attribution; compute it with by='head'")
+    n_layers = 1 + max(layer for layer, _ in heads)
+    n_heads = 1 + max(head for _, head in heads)
+    grid = [
+        [heads.get((layer, h), float("nan")) for h in range(n_heads)] for layer in range(n_layers)
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid,
+            x=[f"H{h}" for h in range(n_heads)],
+            y=[f"L{layer}" for layer in range(n_layers)],
+            **raw_scale(),
+            hovertext=[[head_label(layer, h) for h in range(n_heads)] for layer in range(n_layers)],
+        )
+    )
+    fig.update_layout(
+        title=title or f"Direct logit attribution per head ({which})",
+        xaxis_title="head",
+        yaxis_title="layer",
+        yaxis_autorange="reversed",
+    )
+    return fig
+
+
+def logit_lens_heatmap(
+    lens: LogitLens,
+    targets: Int[Tensor, "batch pos"],
+    *,
+    prompt: int | None = 0,
+    metric: Literal["rank", "logit"] = "rank",
+    tokens: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Snapshot × position heatmap of the rank (0 = top) or logit of ``targets[b, p]``.
+
+    ``targets`` must cover every position of the lens (e.g. each position's next
+    token; slice ``lens.logits`` first to drop positions without one). ``prompt``
+    picks one row of the batch; ``None`` averages over prompts. ``tokens``
+    labels the position axis.
+    """
+    if metric not in ("rank", "logit"):
+        raise ConfigError(f"metric must be 'rank' or 'logit', got {metric!r}")
+    if tuple(targets.shape) != tuple(lens.logits.shape[1:3]):
+        raise ShapeMismatchError(
+            f"targets {tuple(targets.shape)} must match the lens's [batch, pos] "
+            f"{tuple(lens.logits.shape[1:3])}"
+        )
+    with torch.no_grad():
+        per_token = lens.token_ranks(targets) if metric == "rank" else lens.token_logits(targets)
+    values = per_token.detach().double().cpu()  # [layer, batch, pos]
+    grid = values[:, prompt] if prompt is not None else values.mean(1)
+    check_tokens(tokens, grid.shape[1], "the logit lens")
+    scale = {"colorscale": "Viridis_r", "zmin": 0} if metric == "rank" else raw_scale()
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.tolist(),
+            x=list(range(grid.shape[1])),
+            y=lens.labels,
+            colorbar={"title": metric},
+            **scale,
+        )
+    )
+    which = f"prompt {prompt}" if prompt is not None else f"mean over {values.shape[1]} prompts"
+    fig.update_layout(
+        title=title or f"Logit lens: {metric} of the target token after each layer ({which})",
+        xaxis={"title": "position", **(token_axis(tokens) if tokens is not None else {})},
+        yaxis_title="residual stream snapshot",
+        yaxis_autorange="reversed",
+    )
+    return fig

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from mitk.cli import demo, models
+from mitk.cli import circuits, dashboard, demo, dla, models, patch, sae
 from mitk.errors import MitkError
 
 app = typer.Typer(
@@ -18,6 +18,11 @@ app = typer.Typer(
 )
 app.command("demo")(demo.demo)
 app.command("models")(models.models)
+app.command("patch", epilog=patch.EPILOG)(patch.patch)
+app.command("dla")(dla.dla)
+app.command("circuits")(circuits.circuits)
+app.add_typer(sae.app, name="sae")
+app.command("dashboard")(dashboard.dashboard)
 
 
 def main() -> None:

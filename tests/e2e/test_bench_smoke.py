@@ -14,7 +14,12 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "ratio"),
-    [("forward.py", "mitk fused / HF sdpa"), ("patching.py", "TL bridge / mitk batched")],
+    [
+        ("forward.py", "mitk fused / HF sdpa"),
+        ("patching.py", "TL bridge / mitk batched"),
+        ("sweep.py", "TL loop / mitk units"),
+        ("sae.py", "mitk / SAELens throughput (topk)"),
+    ],
 )
 def test_benchmark_quick_mode(script: str, ratio: str) -> None:
     done = subprocess.run(

@@ -1,0 +1,244 @@
+"""``mitk patch``: an activation-patching sweep over many prompt pairs, resumable and sharded."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import timedelta
+import json
+import os
+from pathlib import Path
+import time
+from typing import Annotated, Any
+
+import typer
+
+from mitk.cli.common import JsonOption, QuietOption, emit
+from mitk.cli.sweep import (
+    ChunkStore,
+    Shard,
+    SweepSpec,
+    current_shard,
+    field_help,
+    finish,
+    prepare,
+    read_spec_file,
+    run_units,
+)
+from mitk.errors import ConfigError
+
+HELP = field_help()
+
+# Paragraphs are single lines: the help formatter wraps them to the terminal.
+EPILOG = "\n\n".join(
+    [
+        "Output: OUT/results.parquet (one row per pair, site, granularity, layer, position and "
+        "head) and OUT/results.json (spec, model, versions, timings). A killed sweep rerun with "
+        "the same spec resumes from its finished chunks; a different spec on the same OUT is "
+        "refused.",
+        "Several processes: `torchrun --nproc-per-node 4 -m mitk patch --spec s.yaml --out OUT` "
+        "(multi-node too) splits the work units across ranks and rank 0 merges. Slurm array: "
+        "`mitk patch --spec s.yaml --out OUT --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT` "
+        "in each task (OUT on a shared filesystem), then `mitk patch --merge OUT`.",
+        "Models larger than one GPU: `--device-map auto` spreads whole blocks over the visible "
+        "GPUs with Hugging Face accelerate, so hooks still see whole activations.",
+        "Exit codes: 0 done, 2 bad spec, pairs or usage (nothing was run), 1 failure.",
+    ]
+)
+
+
+def _opt(field: str, *names: str) -> Any:
+    return typer.Option(*names, help=HELP[field], show_default=False)
+
+
+def patch(
+    out: Annotated[Path | None, typer.Option(help="Output folder (chunks, results).")] = None,
+    spec_file: Annotated[
+        Path | None, typer.Option("--spec", help="YAML or JSON spec file; flags override it.")
+    ] = None,
+    model: Annotated[str | None, _opt("model", "--model", "-m")] = None,
+    pairs_file: Annotated[Path | None, _opt("pairs_file", "--pairs")] = None,
+    pair: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="One inline pair as JSON (repeatable), e.g. "
+            '\'{"clean": [0, 5], "corrupted": [0, 6], "answer": 7}\'.'
+        ),
+    ] = None,
+    site: Annotated[list[str] | None, _opt("sites", "--site")] = None,
+    per: Annotated[list[str] | None, _opt("per", "--per")] = None,
+    metric: Annotated[str | None, _opt("metric", "--metric")] = None,
+    direction: Annotated[str | None, _opt("direction", "--direction")] = None,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layers (default all).")] = (
+        None
+    ),
+    align: Annotated[str | None, _opt("align", "--align")] = None,
+    batch_size: Annotated[int | None, _opt("batch_size", "--batch-size")] = None,
+    memory_budget_mb: Annotated[int | None, _opt("memory_budget_mb", "--memory-budget-mb")] = None,
+    dtype: Annotated[str | None, _opt("dtype", "--dtype")] = None,
+    device: Annotated[str | None, _opt("device", "--device")] = None,
+    device_map: Annotated[str | None, _opt("device_map", "--device-map")] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="Run only shard i of N (i/N), e.g. one Slurm array task.")
+    ] = None,
+    merge: Annotated[
+        Path | None, typer.Option(help="Merge the chunks in this folder (no patching) and exit.")
+    ] = None,
+    dashboard: Annotated[
+        Path | None, typer.Option(help="Also write an HTML page of the heatmaps here.")
+    ] = None,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Sweep activation patching over prompt pairs, sites and granularities into parquet."""
+    if merge is not None:
+        sidecar = finish(ChunkStore(merge), dashboard)
+        _report({"merged": True, **_summary(sidecar)}, as_json, quiet)
+        return
+    if out is None:
+        raise ConfigError("--out is required (the folder for chunks and results)")
+    flags = {
+        "model": model,
+        "pairs_file": None if pairs_file is None else str(pairs_file),
+        "pairs": None if pair is None else [_inline_pair(text, i) for i, text in enumerate(pair)],
+        "sites": _split(site),
+        "per": _split(per),
+        "metric": metric,
+        "direction": direction,
+        "layers": None if layers is None else _layers(layers),
+        "align": align,
+        "batch_size": batch_size,
+        "memory_budget_mb": memory_budget_mb,
+        "dtype": dtype,
+        "device": device,
+        "device_map": device_map,
+    }
+    spec, pairs_dir = _spec(spec_file, {k: v for k, v in flags.items() if v is not None})
+    where = current_shard(shard)
+    result = _run(_rank_device(spec, where), pairs_dir, out, where, dashboard, quiet)
+    if where.is_main or not where.launched:  # under torchrun rank 0 speaks for all
+        _report(result, as_json, quiet)
+
+
+def _run(
+    spec: SweepSpec, pairs_dir: Path, out: Path, where: Shard, dashboard: Path | None, quiet: bool
+) -> dict[str, Any]:
+    """Check, run this shard's units, and merge when this process is the one to; a summary."""
+    started = time.perf_counter()
+    sweep = prepare(spec, pairs_dir)  # every input check; nothing has run yet
+    store = ChunkStore(out)
+    resumed = store.claim(sweep.fingerprint, sweep.manifest())
+    if where.launched:
+        _join_ranks()
+    stats = run_units(sweep, store, where, quiet or not where.is_main)
+    timing = {**asdict(stats), "load_seconds": sweep.load_seconds}
+    store.write_timing(where.label(), timing | {"total_seconds": time.perf_counter() - started})
+    result = {
+        "fingerprint": sweep.fingerprint,
+        "resumed": resumed,
+        **asdict(stats),
+        "units": len(sweep.units),
+    }
+    if where.launched:
+        _wait_for_ranks()
+    # under torchrun rank 0 merges after the barrier; a lone shard merges once nothing is missing
+    merges = where.is_main if where.launched else not store.missing(len(sweep.units))
+    if merges:
+        result.update(_summary(finish(store, dashboard)))
+    elif not where.launched:
+        result["note"] = f"shard done; run `mitk patch --merge {out}` once every shard has"
+    if where.launched:
+        _leave_ranks()
+    return result
+
+
+def _spec(spec_file: Path | None, flags: dict[str, Any]) -> tuple[SweepSpec, Path]:
+    """The spec from the file overlaid with the flags; the folder relative pairs paths use."""
+    values: dict[str, Any] = {}
+    pairs_dir = Path()
+    if spec_file is not None:
+        if not spec_file.is_file():
+            raise FileNotFoundError(f"spec file {spec_file} does not exist")
+        values = read_spec_file(spec_file)
+        pairs_dir = spec_file.parent  # a spec's relative pairs_file sits beside it
+    if "pairs_file" in flags or "pairs" in flags:
+        values.pop("pairs_file", None)
+        values.pop("pairs", None)
+        pairs_dir = Path()  # a path on the command line is relative to where it was typed
+    values.update(flags)
+    return SweepSpec.from_dict(values, source=str(spec_file or "flags")), pairs_dir
+
+
+def _inline_pair(text: str, index: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--pair #{index + 1}: not valid JSON ({err.msg})") from err
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """Repeated flags and comma-separated lists both work: --site z --site resid_pre,attn_out."""
+    if values is None:
+        return None
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--layers takes comma-separated integers, got {text!r}") from err
+
+
+def _rank_device(spec: SweepSpec, where: Shard) -> SweepSpec:
+    """Under torchrun, a bare ``cuda`` means this rank's own GPU (``LOCAL_RANK``)."""
+    if where.launched and spec.device == "cuda" and spec.device_map is None:
+        values = {**spec.to_dict(), "device": f"cuda:{os.environ.get('LOCAL_RANK', '0')}"}
+        return SweepSpec.from_dict(values)
+    return spec
+
+
+def _join_ranks() -> None:
+    """Join torchrun's process group (gloo: it only synchronises, whatever the device)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # ranks finish their shares at different times; the barrier waits for the slowest
+        dist.init_process_group("gloo", timeout=timedelta(days=1))
+
+
+def _wait_for_ranks() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _leave_ranks() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()  # nobody exits while rank 0 is still merging
+    dist.destroy_process_group()
+
+
+def _summary(sidecar: dict[str, Any]) -> dict[str, Any]:
+    return {key: sidecar[key] for key in ("results", "rows", "dashboard") if key in sidecar} | {
+        "sidecar": str(Path(sidecar["results"]).with_name("results.json"))
+    }
+
+
+def _report(result: dict[str, Any], as_json: bool, quiet: bool) -> None:
+    lines = []
+    if "units_run" in result:
+        lines.append(
+            f"sweep {result['fingerprint']} shard {result['shard']}: "
+            f"{result['units_run']} units run, {result['units_skipped']} already done "
+            f"({result['units']} in all) in {result['seconds']:.1f}s"
+        )
+    if "results" in result:
+        lines.append(
+            f"results: {result['results']} ({result['rows']} rows), sidecar {result['sidecar']}"
+        )
+    if "dashboard" in result:
+        lines.append(f"dashboard: {result['dashboard']}")
+    if "note" in result:
+        lines.append(result["note"])
+    emit(result, as_json, quiet, lines)

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 import typer
 
+from mitk.analysis.circuits import full_ov_circuit, ov_copying_scores
 from mitk.analysis.composition import CompositionBaseline, composition_baseline, composition_scores
 from mitk.analysis.detectors import head_detector_scores
 from mitk.analysis.dla import Attribution, logit_attribution
@@ -92,6 +93,30 @@ def _attention_heads(detectors: pd.DataFrame, n_induction: int = 3) -> list[tupl
     return heads + ([prev] if prev not in heads else [])
 
 
+INDUCTION_HEAD = 0.5  # induction score from which the report calls a head an induction head
+
+
+def _ov_note(detectors: pd.DataFrame, copying: torch.Tensor) -> str:
+    """What the full-OV eigenvalue figure shows, with the induction heads' copying scores."""
+    ranked = detectors.sort_values("induction", ascending=False)
+    induction, others = [], []
+    for row in ranked.itertuples():
+        score = float(copying[int(row.layer), int(row.head)])
+        if float(row.induction) >= INDUCTION_HEAD:
+            induction.append(f"L{row.layer}H{row.head} {score:+.2f}")
+        else:
+            others.append(score)
+    found = ", ".join(induction) or "none"
+    rest = f"; the other heads {min(others):+.2f} to {max(others):+.2f}" if others else ""
+    return (
+        "Eigenvalues of each head's full OV circuit W_E W_V W_O W_U (token attended to → "
+        "logits), each head's eigenvalues scaled by its largest |λ|; the legend gives "
+        "Σλ/Σ|λ|. Mostly positive eigenvalues (near +1) mean the head raises the logit of the "
+        f"token it attends to: it copies. Induction heads (induction score ≥ {INDUCTION_HEAD}): "
+        f"{found}{rest}."
+    )
+
+
 def _report(out: Path, model_name: str, net: HookedTransformer, half: int, batch: int,
             seed: int, found: Findings, cache: Any, tokens: torch.Tensor) -> Path:  # fmt: skip
     header = {
@@ -105,12 +130,13 @@ def _report(out: Path, model_name: str, net: HookedTransformer, half: int, batch
     labels = ["BOS", *(str(t) for t in tokens[0, 1:].tolist())]  # random ids: no words to show
     sections = [
         Section("Direct logit attribution of the correct next token", dla_bar(found.attribution),
-                note="At the second-to-last position, each head's direct contribution to the "
-                "logit of the token that follows; the bars sum to the model's logit."),
+                note="At the second-to-last position, each component's direct contribution "
+                f"to the logit of the token that follows, mean over the {batch} prompts; the "
+                "bars sum to the model's logit."),
         Section("Logit lens", logit_lens_heatmap(found.lens, tokens[:, 1:], tokens=labels[:-1]),
                 note="Prompt 0: rank (0 = top) of each position's next token, read from the "
-                "residual stream after each layer. The repeated half becomes predictable only "
-                "after layer 1, where the induction heads write."),
+                "residual stream after each block. The repeated half becomes predictable only "
+                "after block 1, where the induction heads write."),
         Section("Attention patterns", cached_attention_heatmap(
                     cache, _attention_heads(found.detectors), labels),
                 note="Prompt 0, token ids on both axes; pick a head from the menu. Induction "
@@ -120,9 +146,8 @@ def _report(out: Path, model_name: str, net: HookedTransformer, half: int, batch
         Section("Induction heads", head_scores_heatmap(found.detectors, "induction")),
         Section("K-composition", composition_heatmap(found.k_composition, found.baseline.mean),
                 note=f"Random baseline {found.baseline.mean:.3f} ± {found.baseline.std:.3f}."),
-        Section("OV circuit eigenvalues", eigenvalue_scatter(net.OV),
-                note="Mostly positive eigenvalues (legend near +1) mark heads that copy the "
-                "token they attend to, as induction heads do."),
+        Section("OV circuit eigenvalues", eigenvalue_scatter(full_ov_circuit(net), "full OV"),
+                note=_ov_note(found.detectors, ov_copying_scores(net))),
         Section("Activation patching of each head's output", patching_heatmap(found.patching),
                 note="Clean: the repeated sequence; corrupted: a different first copy. 1 means "
                 "patching that head alone restores the clean logit difference."),

@@ -11,7 +11,7 @@ from torch import Tensor
 from mitk.cache import ActivationCache
 from mitk.errors import ShapeMismatchError
 from mitk.shapes import Float
-from mitk.viz.axes import check_tokens, head_label, token_axis, unit_scale
+from mitk.viz.axes import check_tokens, head_label, plotly_text, token_axis, unit_scale
 
 
 def attention_heatmap(
@@ -37,9 +37,8 @@ def attention_heatmap(
     grid = patterns.detach().double().cpu()
     positions = list(range(n_key))
     # hover names the tokens, since the tick labels alone may repeat
-    hover = [
-        [f"{tokens[q]!r} (pos {q}) → {tokens[k]!r} (pos {k})" for k in positions] for q in positions
-    ]
+    names = [plotly_text(repr(token)) for token in tokens]
+    hover = [[f"{names[q]} (pos {q}) → {names[k]} (pos {k})" for k in positions] for q in positions]
     fig = go.Figure()
     for h, label in enumerate(labels):
         fig.add_trace(
@@ -74,8 +73,8 @@ def attention_heatmap(
                 "active": 0,
                 "x": 1.0,
                 "xanchor": "right",
-                "y": 1.12,
-                "yanchor": "top",
+                "y": 1.01,  # just above the plot: needs no more top margin than a title
+                "yanchor": "bottom",
             }
         ],
         xaxis={"title": "key", **token_axis(tokens)},

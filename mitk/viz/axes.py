@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import html
 import re
 from typing import Any
 
 from mitk.errors import ShapeMismatchError
 
 
+def plotly_text(text: str) -> str:
+    """``text`` escaped for plotly, which reads labels as HTML-ish markup.
+
+    Unescaped, a token such as ``<s>`` would start strikethrough (and vanish),
+    ``<br>`` would break the line and ``&lt;`` would show as ``<``. plotly
+    decodes the entities back, so the label reads exactly as ``text``.
+    """
+    return html.escape(text, quote=False)
+
+
 def token_axis(tokens: Sequence[str]) -> dict[str, Any]:
-    """Axis settings that label positions ``0 .. n-1`` with ``tokens``.
+    """Axis settings that label positions ``0 .. n-1`` with ``tokens`` (escaped for plotly).
 
     Positions stay numeric: a categorical axis would merge repeated tokens into
     one column, and repeats are exactly what induction prompts contain.
     """
-    return {"tickmode": "array", "tickvals": list(range(len(tokens))), "ticktext": list(tokens)}
+    return {
+        "tickmode": "array",
+        "tickvals": list(range(len(tokens))),
+        "ticktext": [plotly_text(t) for t in tokens],
+    }
 
 
 def check_tokens(tokens: Sequence[str] | None, n_pos: int, what: str) -> None:

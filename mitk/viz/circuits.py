@@ -73,22 +73,37 @@ def _head_names(lead: tuple[int, ...]) -> list[str]:
     return ["circuit"]
 
 
+def _complex_text(value: complex) -> str:
+    sign = "+" if value.imag >= 0 else "−"
+    return f"λ = {value.real:.3g} {sign} {abs(value.imag):.3g}i"
+
+
 def eigenvalue_scatter(
-    circuit: FactoredMatrix, kind: str = "OV", title: str | None = None
+    circuit: FactoredMatrix, kind: str = "OV", title: str | None = None, *, normalize: bool = True
 ) -> go.Figure:
     """Eigenvalues of each head's circuit in the complex plane, one trace (legend entry) per head.
 
-    ``circuit`` is square per head with leading dims ``[layer, head]`` (e.g.
-    ``model.OV``, ``model.QK`` or a full circuit). The legend gives each head's
-    ``Σλ / Σ|λ|``: near +1 for a head that copies (OV) or attends to the same
-    token (QK), near -1 for the opposite.
+    ``circuit`` is square per head with leading dims ``[layer, head]``. The
+    legend gives each head's ``Σλ / Σ|λ|``: for a full circuit in token space
+    (``mitk.analysis.circuits.full_ov_circuit``, ``W_E W_V W_O W_U``), near +1
+    for a head that copies the token it attends to, near -1 for one that
+    suppresses it (the same number as ``ov_copying_scores``). The
+    ``d_model``-space ``model.OV`` (``W_V W_O``) has no such reading: without the
+    embedding and unembedding its eigenvalues' signs say nothing about tokens.
+
+    With ``normalize`` each head's eigenvalues are divided by its largest
+    ``|λ|``, so heads of very different magnitudes all fill the unit disc
+    instead of piling up at the origin; the hover shows the raw value. The
+    score is scale-free, so it is the same either way.
     """
     eig = circuit.eigenvalues.detach().cpu()
     flat = eig.reshape(-1, eig.shape[-1])
     positivity = (flat.sum(-1).real / flat.abs().sum(-1)).tolist()
+    biggest = flat.abs().amax(-1, keepdim=True)
+    shown = flat / biggest.clamp_min(torch.finfo(biggest.dtype).tiny) if normalize else flat
     fig = go.Figure()
-    for name, values, score in zip(
-        _head_names(tuple(eig.shape[:-1])), flat, positivity, strict=True
+    for name, values, raw, score in zip(
+        _head_names(tuple(eig.shape[:-1])), shown, flat, positivity, strict=True
     ):
         fig.add_trace(
             go.Scatter(
@@ -96,14 +111,21 @@ def eigenvalue_scatter(
                 y=values.imag.tolist(),
                 mode="markers",
                 name=f"{name} ({score:+.2f})",
-                marker={"size": 6},
+                marker={"size": 7, "opacity": 0.8},
+                hovertext=[_complex_text(v) for v in raw.tolist()],
+                hovertemplate="%{hovertext}<extra>%{fullData.name}</extra>",
             )
         )
     fig.add_vline(x=0, line={"color": "#999", "width": 1})
     fig.add_hline(y=0, line={"color": "#999", "width": 1})
+    unit = " / head's largest |λ|" if normalize else ""
+    axis = {"range": [-1.1, 1.1]} if normalize else {}
     fig.update_layout(
         title=title or f"{kind} circuit eigenvalues per head (legend: Σλ/Σ|λ|)",
-        xaxis_title="real part",
-        yaxis={"title": "imaginary part", "scaleanchor": "x", "scaleratio": 1},
+        # the complex plane keeps its aspect by narrowing the plot, not by widening the range
+        xaxis={"title": f"real part{unit}", "constrain": "domain", **axis},
+        yaxis={"title": f"imaginary part{unit}", "scaleanchor": "x", "scaleratio": 1, **axis},
+        legend={"title": {"text": "head (Σλ/Σ|λ|)"}},
+        height=560,
     )
     return fig

@@ -44,9 +44,12 @@ def _patching(result: PatchResult) -> list[Section]:
 
 
 def _attribution(result: Attribution) -> list[Section]:
-    sections = [Section("Direct logit attribution", dla_bar(result))]
+    note = f"Mean over {result.values.shape[1]} prompts."
+    sections = [Section("Direct logit attribution", dla_bar(result), note=note)]
     if any(HEAD_LABEL.match(label) for label in result.labels):
-        sections.append(Section("Direct logit attribution per head", dla_head_heatmap(result)))
+        sections.append(
+            Section("Direct logit attribution per head", dla_head_heatmap(result), note=note)
+        )
     return sections
 
 
@@ -107,7 +110,14 @@ def figures_for(result: Any) -> list[Section]:
     if isinstance(result, LatentStatistics):
         return _statistics(result)
     if isinstance(result, FactoredMatrix):
-        return [Section("Circuit eigenvalues", eigenvalue_scatter(result))]
+        return [
+            Section(
+                "Circuit eigenvalues",
+                eigenvalue_scatter(result),
+                note="Each head's eigenvalues, scaled by its largest |λ|; the legend gives "
+                "Σλ/Σ|λ| (near +1: a full OV circuit that copies tokens).",
+            )
+        ]
     if isinstance(result, torch.Tensor) and result.ndim == 4:
         return [Section("Composition scores", composition_heatmap(result))]
     raise UnsupportedResultError(

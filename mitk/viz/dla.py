@@ -13,7 +13,19 @@ from mitk.analysis.dla import Attribution
 from mitk.analysis.lens import LogitLens
 from mitk.errors import ConfigError, ShapeMismatchError
 from mitk.shapes import Int
-from mitk.viz.axes import HEAD_LABEL, check_tokens, head_label, raw_scale, token_axis
+from mitk.viz.axes import (
+    HEAD_LABEL,
+    check_tokens,
+    head_label,
+    plotly_text,
+    raw_scale,
+    token_axis,
+)
+
+VERTICAL_BARS_MAX = 8
+"""More components than this (or long labels) get horizontal bars, so no label collides."""
+VERTICAL_LABEL_CHARS = 60
+"""Vertical bars only while the labels total at most this many characters."""
 
 
 def _per_component(attribution: Attribution, prompt: int | None) -> tuple[Tensor, str]:
@@ -26,7 +38,13 @@ def _per_component(attribution: Attribution, prompt: int | None) -> tuple[Tensor
 def _target(answer: str | None, wrong: str | None) -> str:
     if answer is None:
         return "logit (difference)"
-    return f"logit({answer!r})" + (f" − logit({wrong!r})" if wrong is not None else "")
+    target = f"logit({answer!r})" + (f" − logit({wrong!r})" if wrong is not None else "")
+    return plotly_text(target)
+
+
+def _horizontal(labels: Sequence[str]) -> bool:
+    """Whether bars for ``labels`` read better lying down: many, or long, labels."""
+    return len(labels) > VERTICAL_BARS_MAX or sum(map(len, labels)) > VERTICAL_LABEL_CHARS
 
 
 def dla_bar(
@@ -40,15 +58,28 @@ def dla_bar(
     """Bars of direct logit attribution per component (mean over prompts unless one is chosen).
 
     ``attribution.labels`` label the bars; ``answer``/``wrong`` name the tokens
-    whose logit (difference) was attributed, for the axis title.
+    whose logit (difference) was attributed, for the axis title. More than
+    ``VERTICAL_BARS_MAX`` components (or long labels) are drawn as horizontal
+    bars, first component at the top, so every label has a line of its own.
     """
     series, which = _per_component(attribution, prompt)
-    colours = ["#c0392b" if v < 0 else "#2471a3" for v in series.tolist()]
-    fig = go.Figure(go.Bar(x=attribution.labels, y=series.tolist(), marker_color=colours))
+    values, labels = series.tolist(), [plotly_text(label) for label in attribution.labels]
+    colours = ["#c0392b" if v < 0 else "#2471a3" for v in values]
+    component = {"title": "component", "type": "category"}  # labels like "0" stay names
+    contribution = {"title": f"contribution to {_target(answer, wrong)}", "zeroline": True}
+    fig = go.Figure()
+    if _horizontal(labels):
+        fig.add_trace(go.Bar(x=values, y=labels, orientation="h", marker_color=colours))
+        fig.update_layout(
+            xaxis=contribution,
+            yaxis={**component, "autorange": "reversed", "automargin": True},
+            height=max(400, 22 * len(labels) + 160),
+        )
+    else:
+        fig.add_trace(go.Bar(x=labels, y=values, marker_color=colours))
+        fig.update_layout(xaxis=component, yaxis=contribution)
     fig.update_layout(
-        title=title or f"Direct logit attribution to {_target(answer, wrong)} ({which})",
-        xaxis_title="component",
-        yaxis_title=f"contribution to {_target(answer, wrong)}",
+        title=title or f"Direct logit attribution to {_target(answer, wrong)} ({which})"
     )
     return fig
 
@@ -87,6 +118,25 @@ def dla_head_heatmap(
     return fig
 
 
+def snapshot_label(label: str, labels: Sequence[str]) -> str:
+    """A readable name for a ``LogitLens`` label: ``"1_pre"`` → ``"after block 0"``.
+
+    ``"0_pre"`` is the embeddings, ``"{L}_pre"`` the stream after block ``L - 1``
+    and ``"final_post"`` the stream after the last block (``labels`` tell which).
+    Labels of any other form are returned as they are.
+    """
+    if label == "0_pre":
+        return "embeddings (before block 0)"
+    if label.endswith("_pre") and label[:-4].isdigit():
+        return f"after block {int(label[:-4]) - 1}"
+    if label == "final_post":
+        blocks = [
+            int(other[:-4]) for other in labels if other.endswith("_pre") and other[:-4].isdigit()
+        ]
+        return f"after block {max(blocks)} (final)" if blocks else "final"
+    return label
+
+
 def logit_lens_heatmap(
     lens: LogitLens,
     targets: Int[Tensor, "batch pos"],
@@ -120,7 +170,7 @@ def logit_lens_heatmap(
         go.Heatmap(
             z=grid.tolist(),
             x=list(range(grid.shape[1])),
-            y=lens.labels,
+            y=[snapshot_label(label, lens.labels) for label in lens.labels],
             colorbar={"title": metric},
             **scale,
         )
@@ -129,7 +179,6 @@ def logit_lens_heatmap(
     fig.update_layout(
         title=title or f"Logit lens: {metric} of the target token after each layer ({which})",
         xaxis={"title": "position", **(token_axis(tokens) if tokens is not None else {})},
-        yaxis_title="residual stream snapshot",
-        yaxis_autorange="reversed",
+        yaxis={"title": "residual stream", "autorange": "reversed", "automargin": True},
     )
     return fig

@@ -18,7 +18,12 @@ from mitk.viz.files import write_atomically
 
 FORMATS = ("png", "svg", "pdf")
 INSTALL_KALEIDO = "pip install 'mitk[export]'  (or: pip install 'kaleido>=1')"
-INSTALL_CHROME = "plotly_get_chrome  (downloads a Chrome for Kaleido; or install Google Chrome)"
+INSTALL_CHROME = (
+    "apt-get install chromium  (Debian/Ubuntu; elsewhere your system's Chromium or Chrome "
+    "package), and if Kaleido does not find it, set BROWSER_PATH to the browser "
+    "(e.g. BROWSER_PATH=/usr/bin/chromium); with internet access, plotly_get_chrome "
+    "downloads a Chrome for Kaleido instead"
+)
 
 
 class ImageExportError(MitkError, RuntimeError):

@@ -7,12 +7,13 @@ from plotly.subplots import make_subplots
 
 from mitk.errors import ConfigError
 from mitk.sae.features import LatentExamples, LogitEffects
+from mitk.viz.axes import plotly_text
 
 
 def _token_strings(examples: LatentExamples) -> list[list[str]]:
-    """Window tokens as strings: decoded where a tokenizer was attached, ids otherwise."""
+    """Window tokens as plotly text: decoded where a tokenizer was attached, ids otherwise."""
     if examples.str_tokens is not None:
-        return [list(row) for row in examples.str_tokens]
+        return [[plotly_text(token) for token in row] for row in examples.str_tokens]
     return [["" if t < 0 else str(t) for t in row] for row in examples.window_tokens.tolist()]
 
 
@@ -49,7 +50,7 @@ def _effect_bars(effects: LogitEffects) -> go.Bar:
         x=values,
         y=list(range(2 * k)),
         orientation="h",
-        text=[*top, *bottom[::-1]],
+        text=[plotly_text(token) for token in [*top, *bottom[::-1]]],
         textposition="auto",
         marker_color=["#2471a3" if v >= 0 else "#c0392b" for v in values],
         name="logit effects",

@@ -13,7 +13,11 @@ Content: TypeAlias = go.Figure | pd.DataFrame | str
 
 @dataclass(frozen=True)
 class Section:
-    """One titled part of a dashboard: a figure, a table or a paragraph of text."""
+    """One titled part of a dashboard: a figure, a table or a paragraph of text.
+
+    ``title`` is the section's heading; a figure under a heading is drawn
+    without its own title, so ``note`` is the place for anything else it said.
+    """
 
     title: str
     content: Content

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from mitk.analysis.dla import Attribution
 from mitk.errors import ConfigError, ShapeMismatchError
 from mitk.viz import (
     dla_bar,
@@ -16,6 +17,7 @@ from mitk.viz import (
     patching_facets,
     patching_heatmap,
 )
+from mitk.viz.dla import snapshot_label
 from tests.unit.viz.results import attribution, lens, patch_result
 
 
@@ -24,6 +26,39 @@ def test_dla_bar_names_the_attributed_tokens() -> None:
     assert list(fig.data[0].x) == ["embed", "L0H0", "L0H1", "L1H1", "b_U"]
     assert list(fig.data[0].y) == [2.0, -2.0, 0.5, 2.0, 0.5]
     assert "' Mary'" in fig.layout.yaxis.title.text and "' John'" in fig.layout.yaxis.title.text
+
+
+def test_dla_bar_lies_down_when_there_are_many_components() -> None:
+    labels = ["embed", "pos_embed", *(f"L{i // 4}H{i % 4}" for i in range(8)), "L1_attn_bias",
+              "ln_final.b", "b_U"]  # fmt: skip
+    values = torch.linspace(-1.0, 1.0, len(labels))[:, None].repeat(1, 2)
+    fig = dla_bar(Attribution(values, labels, values.sum(0)))
+    bar = fig.data[0]
+    assert bar.orientation == "h" and list(bar.y) == labels  # one line per label: none collide
+    assert list(bar.x) == pytest.approx(values[:, 0].tolist())
+    assert fig.layout.yaxis.autorange == "reversed" and fig.layout.height >= 22 * len(labels)
+    assert "contribution" in fig.layout.xaxis.title.text
+    assert bar.marker.color[0] != bar.marker.color[-1]
+    few = dla_bar(attribution()).data[0]
+    assert few.orientation in (None, "v") and list(few.x) == attribution().labels
+
+
+def test_dla_bar_escapes_token_text_for_plotly() -> None:
+    fig = dla_bar(attribution(), answer="<s>", wrong="a&b")
+    title = fig.layout.yaxis.title.text
+    assert "'&lt;s&gt;'" in title and "'a&amp;b'" in title and "<s>" not in title
+
+
+def test_snapshot_labels_read_as_words() -> None:
+    labels = ["0_pre", "1_pre", "2_pre", "final_post"]
+    assert [snapshot_label(label, labels) for label in labels] == [
+        "embeddings (before block 0)",
+        "after block 0",
+        "after block 1",
+        "after block 2 (final)",
+    ]
+    assert snapshot_label("final_post", ["final_post"]) == "final"
+    assert snapshot_label("custom", labels) == "custom"
 
 
 def test_dla_head_heatmap_places_heads_and_blanks_the_missing() -> None:
@@ -42,7 +77,8 @@ def test_logit_lens_heatmap_shows_ranks_and_logits_per_snapshot() -> None:
     heat = fig.data[0]
     # ranks of token 1 at pos 0 and token 2 at pos 1 in each snapshot
     assert [list(row) for row in heat.z] == [[2, 2], [0, 1], [3, 0]]
-    assert list(heat.y) == ["0_pre", "1_pre", "final_post"] and heat.zmin == 0
+    assert list(heat.y) == ["embeddings (before block 0)", "after block 0", "after block 1 (final)"]
+    assert heat.zmin == 0
     assert list(fig.layout.xaxis.ticktext) == ["a", "a"]  # repeated tokens keep their columns
     logits = logit_lens_heatmap(result, targets, metric="logit").data[0]
     assert [list(row) for row in logits.z] == [[1.0, 1.0], [3.0, 2.0], [0.0, 3.0]]

@@ -17,6 +17,8 @@ from mitk.sae.trainer import TrainResult
 from mitk.viz import (
     Section,
     UnsupportedResultError,
+    as_sections,
+    attention_heatmap,
     dashboard,
     dashboard_html,
     dla_bar,
@@ -132,3 +134,49 @@ def test_figures_for_known_results() -> None:
     assert isinstance(card, go.Figure) and [list(r) for r in card.data[0].text] == [["5", "6", "7"]]
     with pytest.raises(UnsupportedResultError):
         figures_for(torch.rand(3))
+
+
+def test_a_heading_replaces_the_figures_own_title() -> None:
+    titled = go.Figure(go.Bar(y=[1.0]), layout={"title": "Plot title XYZ"})
+    selector = attention_heatmap(torch.rand(2, 3, 3), list("abc"), head_labels=["L0H0", "L0H1"])
+    page = dashboard_html("T", {}, [Section("Bars", titled), Section("Heads", selector)])
+    assert "<h2>Bars</h2>" in page and "Plot title XYZ" not in page
+    figures = page[page.index("Plotly.newPlot") :]  # past the inlined plotly.js
+    assert "Attention pattern" not in figures and '"title.text"' not in figures  # nor on a click
+    assert '"visible":[false,true]' in page  # the head selector still switches heads
+    assert re.findall(r'"margin":\{[^}]*\}', page) == ['"margin":{"t":30}', '"margin":{"t":55}']
+    assert page.count('"displayModeBar": false') == 2  # no toolbar over the plots
+    assert titled.layout.title.text == "Plot title XYZ"  # the caller's figure is untouched
+    assert titled.layout.margin.t is None
+    # without a heading the figure keeps its title, and the room plotly leaves for it
+    kept = dashboard_html("T", {}, [Section("", titled)])
+    assert "Plot title XYZ" in kept and '"margin"' not in kept
+
+
+def test_untitled_items_are_headed_by_what_they_show() -> None:
+    scatter = go.Figure(go.Scatter(x=[1], y=[2]), layout={"xaxis_title": "step"})
+    scatter.update_layout(yaxis_title="loss <b>&amp;</b> l0")
+    sections = [
+        *as_sections(scatter),
+        *as_sections(go.Figure([go.Bar(y=[1]), go.Heatmap(z=[[1]])])),
+        *as_sections(go.Figure()),
+        *as_sections(pd.DataFrame({"head": [1], "score": [0.5]})),
+        *as_sections(pd.DataFrame({c: [1] for c in "abcde"})),
+        *as_sections(go.Figure(layout={"title": "A<br>b &amp; c"})),
+    ]
+    assert [s.title for s in sections] == [
+        "Scatter plot: loss & l0 by step",
+        "Bar chart and heatmap",
+        "Empty figure",
+        "Table: head, score",
+        "Table: a, b, c, d, …",
+        "A b & c",
+    ]
+    assert "<h2>Scatter plot: loss &amp; l0 by step</h2>" in dashboard_html("T", {}, [scatter])
+
+
+def test_a_long_contents_list_is_set_in_two_columns() -> None:
+    short = dashboard_html("T", {}, [Section(f"s{i}", "x") for i in range(3)])
+    long = dashboard_html("T", {}, [Section(f"s{i}", "x") for i in range(8)])
+    assert "<nav><ol><li>" in short and "<nav><ol class='columns'><li>" in long
+    assert "nav ol.columns { columns: 2; }" in long

@@ -25,6 +25,7 @@ def test_missing_kaleido_names_the_extra(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(ImageExportError, match=r"mitk\[export\]") as caught:
         save_image(FIGURE, tmp_path / "plot.png")
     assert isinstance(caught.value, MitkError) and "plotly_get_chrome" in str(caught.value)
+    assert "apt-get install chromium" in str(caught.value) and "BROWSER_PATH" in str(caught.value)
     monkeypatch.setattr(export, "_kaleido_version", lambda: "0.2.1")
     with pytest.raises(ImageExportError, match=r"kaleido 0\.2\.1 is too old"):
         save_image(FIGURE, tmp_path / "plot.svg")
@@ -37,8 +38,13 @@ def test_missing_chrome_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(export, "_kaleido_version", lambda: "1.2.0")
     monkeypatch.setattr(pio, "to_image", no_chrome)
-    with pytest.raises(ImageExportError, match="plotly_get_chrome"):
+    with pytest.raises(ImageExportError, match="plotly_get_chrome") as caught:
         save_image(FIGURE, tmp_path / "plot.png")
+    # a closed network cannot download Chrome: the system package and Kaleido's override come first
+    message = str(caught.value)
+    assert "apt-get install chromium" in message and "BROWSER_PATH" in message
+    assert message.index("apt-get") < message.index("plotly_get_chrome")
+    assert "Kaleido requires Google Chrome" in message
 
 
 def test_rendered_bytes_are_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

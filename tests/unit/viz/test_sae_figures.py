@@ -88,6 +88,21 @@ def test_feature_card_shades_contexts_and_lists_logit_effects() -> None:
     assert fig.layout.title.text == "Latent 3"
 
 
+def test_feature_card_escapes_token_text_for_plotly() -> None:
+    special = examples()
+    special = type(special)(
+        **{**special.__dict__, "str_tokens": [["<s>", "a&b", "x"], ["", "<br>", "&lt;"]]}
+    )
+    bars = effects()
+    bars = type(bars)(**{**bars.__dict__, "top_str_tokens": ["<b>", " &"]})
+    contexts, effect_bars = feature_card(special, bars).data
+    assert [list(row) for row in contexts.text] == [
+        ["&lt;s&gt;", "a&amp;b", "x"],
+        ["", "&lt;br&gt;", "&amp;lt;"],
+    ]
+    assert list(effect_bars.text) == ["&lt;b&gt;", " &amp;", " the", " banana"]
+
+
 def test_feature_card_without_strings_or_effects() -> None:
     fig = feature_card(examples(with_strings=False), max_examples=1)
     assert len(fig.data) == 1 and [list(r) for r in fig.data[0].text] == [["5", "6", "7"]]

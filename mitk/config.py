@@ -61,13 +61,18 @@ class JsonConfig:
     @classmethod
     def from_json(cls, text: str) -> Self:
         """Inverse of ``to_json``."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError("config JSON must be an object")
-        return cls.from_dict(data)
+        return cls.from_dict(json_object(text, "config"))
+
+
+def json_object(text: str, source: str) -> dict[str, Any]:
+    """Parse ``text`` as a JSON object; ``ConfigError`` naming ``source`` if it is not one."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def check_choices(config: Any, choices: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from mitk.cli.common import (
     load_model,
 )
 from mitk.cli.inputs import InductionOption, SeedOption, check_one_source, read_token_matrix
+from mitk.config import json_object
 from mitk.errors import ConfigError
 from mitk.sae import ActivationStore, SAEConfig, SparseAutoencoder, evaluate, train
 from mitk.sae.distributed import current_world
@@ -69,12 +70,7 @@ def _sae_config(
     if config is not None:
         if not config.is_file():
             raise FileNotFoundError(f"config file {str(config)!r} does not exist")
-        try:
-            fields = json.loads(config.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{config} is not valid JSON: {err.msg}") from None
-        if not isinstance(fields, dict):
-            raise ConfigError(f"{config} must hold a JSON object of SAEConfig fields")
+        fields = json_object(config.read_text(), str(config))
     if fields.get("d_in", d_in) != d_in:
         raise ConfigError(f"{config} has d_in={fields['d_in']}, but {hook!r} is {d_in} wide")
     fields.update({name: value for name, value in options.items() if value is not None})

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 import torch
 from torch import Tensor
 
+from mitk.config import json_object
 from mitk.errors import ConfigError, ShapeMismatchError, UnsupportedModelError
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.config import SAEConfig
@@ -148,13 +149,7 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{cfg_file} is not valid JSON: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{cfg_file} must hold a JSON object")
-    return raw, load_file(weights)
+    return json_object(cfg_file.read_text(), str(cfg_file)), load_file(weights)
 
 
 def _mitk_config(raw: dict[str, Any]) -> SAEConfig:

@@ -36,7 +36,7 @@ class LossParts(NamedTuple):
     """Rows on which each latent was non-zero."""
     reconstruction: Float[Tensor, "batch d_in"]
     min_active: Float[Tensor, ""]
-    """Smallest positive latent value (BatchTopK's threshold estimate); inf if none."""
+    """TopK family: smallest positive latent value (BatchTopK's threshold estimate); else inf."""
 
 
 def sae_loss(
@@ -85,8 +85,8 @@ def _thresholded_loss(
     cutoff = threshold if relu else (threshold - eps / 2).detach()
     mask = pre.detach() > cutoff
     if int(mask.sum()) <= SPARSE_DENSITY * pre.numel():
-        rows, kept = mask.nonzero().unbind(1)  # row-major
-        z = pre[rows, kept]
+        rows, kept = mask.nonzero().unbind(1)  # row-major, the order masked_select uses
+        z = pre.masked_select(mask)  # its backward scatters; indexing's would sort
         theta = threshold if relu else threshold[kept]
         values = z if relu else jumprelu(z, theta, eps)
         codes = SparseCodes(values, kept, offsets_of(rows, n_rows), cfg.d_sae)
@@ -98,18 +98,19 @@ def _thresholded_loss(
         counts = torch.bincount(kept[values.detach() > 0], minlength=cfg.d_sae)
     else:
         latents = pre.relu() if relu else jumprelu(pre, threshold, eps)
-        values = latents
         recon = latents @ sae.W_dec + sae.b_dec
-        if relu:
-            penalty = (latents * sae.decoder_norms()).sum(-1).mean()
+        if relu:  # summing over rows first turns a [batch, d_sae] product into a dot
+            penalty = latents.sum(0) @ sae.decoder_norms() / n_rows
         else:
-            penalty = step(pre, threshold, eps).sum(-1).mean()
-        counts = (latents > 0).sum(0)
+            penalty = step(pre, threshold, eps).sum() / n_rows
+        counts = mask.sum(0) if relu else torch.count_nonzero(latents.detach(), dim=0)
     mse = _squared_error(recon, x)
     coefficient = cfg.l1_coefficient if relu else cfg.l0_coefficient
     sparsity = sparsity_scale * coefficient * penalty
+    # min_active feeds only BatchTopK's threshold, so it is not computed here
+    no_min = x.new_tensor(float("inf"))
     return LossParts(mse + sparsity, mse.detach(), sparsity.detach(), x.new_zeros(()), counts,
-                     recon.detach(), _min_positive(values))  # fmt: skip
+                     recon.detach(), no_min)  # fmt: skip
 
 
 def _min_positive(values: Tensor) -> Tensor:

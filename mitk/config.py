@@ -18,6 +18,7 @@ from mitk.errors import ConfigError
 ActFn = Literal["gelu", "gelu_tanh", "relu", "silu"]
 Normalization = Literal["layernorm", "rmsnorm"]
 Positional = Literal["learned", "sinusoidal", "rotary", "alibi", "none"]
+RotaryStyle = Literal["neox", "gptj"]
 AttentionBackend = Literal["auto", "sdpa", "eager"]
 DType = Literal["float32", "float64", "float16", "bfloat16"]
 
@@ -117,6 +118,14 @@ class TransformerConfig(JsonConfig):
     """Dimensions of each head that rotary embeddings rotate; -1 means ``d_head``."""
     rotary_base: float = 10000.0
     """Base of the rotary frequency ladder."""
+    rotary_style: RotaryStyle = "neox"
+    """Rotated pairs: ``neox`` is ``(i, i + rotary_dim/2)`` (LLaMA...), ``gptj`` ``(2i, 2i+1)``."""
+    sliding_window: int = 0
+    """Causal attention sees only the last ``sliding_window`` positions (Mistral); 0: no window."""
+    sliding_window_layers: list[int] | None = None
+    """Layers the window applies to (Qwen2 windows only some); None means every layer."""
+    embed_norm: bool = False
+    """A norm (``ln_embed``) right after the embeddings, before block 0 (BLOOM)."""
     causal: bool = True
     """Causal (decoder) attention; False gives bidirectional (encoder) attention."""
     parallel_attn_mlp: bool = False
@@ -174,6 +183,15 @@ class TransformerConfig(JsonConfig):
             raise ConfigError(
                 f"rotary_dim must be even and in (0, d_head={self.d_head}], got {self.rotary_dim}"
             )
+        if self.sliding_window < 0:
+            raise ConfigError(f"sliding_window must be >= 0 (0 = none), got {self.sliding_window}")
+        if self.sliding_window_layers is not None and not all(
+            0 <= layer < self.n_layers for layer in self.sliding_window_layers
+        ):
+            raise ConfigError(
+                f"sliding_window_layers must lie in [0, {self.n_layers}), "
+                f"got {self.sliding_window_layers}"
+            )
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.attn_scale <= 0:
@@ -185,6 +203,12 @@ class TransformerConfig(JsonConfig):
         """True unless the model is attention-only."""
         return self.d_mlp > 0
 
+    def window_of(self, layer: int) -> int:
+        """The sliding window of ``layer``'s attention (0: it sees every earlier position)."""
+        if self.sliding_window_layers is not None and layer not in self.sliding_window_layers:
+            return 0
+        return self.sliding_window
+
     @property
     def kv_group_size(self) -> int:
         """Query heads sharing one key/value head (1 for plain multi-head attention)."""
@@ -195,6 +219,7 @@ _CHOICES: dict[str, Any] = {
     "act_fn": ActFn,
     "normalization": Normalization,
     "positional": Positional,
+    "rotary_style": RotaryStyle,
     "attention_backend": AttentionBackend,
     "dtype": DType,
 }

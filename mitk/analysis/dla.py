@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mitk.cache import ActivationCache
+from mitk.cache.decompose import embedding_writes
 from mitk.errors import ShapeMismatchError
 from mitk.hooks import name
 from mitk.shapes import Float, Int
@@ -87,10 +88,8 @@ def _writes_at(
     """Every write into the final stream at one position per prompt, as ``[n, batch, d_model]``."""
     model = cache.model
     pick = lambda t: t[rows, cols]  # noqa: E731  [batch, pos, ...] -> [batch, ...]
-    labels, blocks = ["embed"], [pick(cache["hook_embed"])[None]]
-    if "hook_pos_embed" in model.hook_dict:
-        labels.append("pos_embed")
-        blocks.append(pick(cache["hook_pos_embed"])[None])
+    writes = embedding_writes(model)
+    labels, blocks = [label for label, _ in writes], [pick(cache[hook])[None] for _, hook in writes]
     for layer in range(model.cfg.n_layers):
         if by == "head":
             z = pick(cache[name("z", layer)])  # [batch, head, d_head]

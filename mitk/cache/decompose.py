@@ -30,6 +30,21 @@ def _layers_before(cache: ActivationCache, layer: int | None) -> int:
     return layer
 
 
+def embedding_writes(model: Any) -> list[tuple[str, str]]:
+    """``(label, hook name)`` of each write into the stream before block 0.
+
+    With a norm right after the embeddings (``cfg.embed_norm``, BLOOM) the
+    token and position embeddings are not additive writes; the one write is
+    the normed sum, read at ``blocks.0.hook_resid_pre``.
+    """
+    if model.cfg.embed_norm:
+        return [("embed", name("resid_pre", 0))]
+    writes = [("embed", "hook_embed")]
+    if "hook_pos_embed" in model.hook_dict:
+        writes.append(("pos_embed", "hook_pos_embed"))
+    return writes
+
+
 def _has_mlp(model: Any) -> bool:
     return bool(model.cfg.has_mlp)
 
@@ -41,10 +56,8 @@ def decompose_resid(cache: ActivationCache, layer: int | None = None) -> Residua
     ``hook_resid_post``). Sublayer outputs include their biases.
     """
     end = _layers_before(cache, layer)
-    labels, parts = ["embed"], [cache["hook_embed"]]
-    if "hook_pos_embed" in cache.model.hook_dict:
-        labels.append("pos_embed")
-        parts.append(cache["hook_pos_embed"])
+    writes = embedding_writes(cache.model)
+    labels, parts = [label for label, _ in writes], [cache[hook] for _, hook in writes]
     for block in range(end):
         labels.append(f"{block}_attn_out")
         parts.append(cache[name("attn_out", block)])

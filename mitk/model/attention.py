@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from mitk.config import TransformerConfig
 from mitk.errors import HookError
 from mitk.hooks import HookPoint
+from mitk.model.alibi import alibi_bias, alibi_slopes
 from mitk.model.linear import affine
 from mitk.model.masks import AttentionMask
+from mitk.model.rotary import apply_rotary, rotary_angles
 from mitk.shapes import Float
 
 Backend = Literal["auto", "sdpa", "eager"]
@@ -33,9 +35,14 @@ class Attention(nn.Module):
     """Self-attention of one layer.
 
     Hooks: ``hook_q``/``hook_k``/``hook_v``/``hook_z`` ``[batch, pos, head, d_head]``
-    (keys and values keep the key-value head count), ``hook_attn_scores`` and
-    ``hook_pattern`` ``[batch, head, query_pos, key_pos]`` (scores are masked
-    with -inf). After each forward ``last_path`` says which path ran and why.
+    (keys and values keep the key-value head count), with rotary positions also
+    ``hook_rot_q``/``hook_rot_k`` (same shapes, after rotation), and
+    ``hook_attn_scores`` and ``hook_pattern`` ``[batch, head, query_pos,
+    key_pos]`` (scores include any ALiBi bias and are masked with -inf). After
+    each forward ``last_path`` says which path ran and why.
+
+    Positions (rotary angles, ALiBi distances) come from the mask, counted over
+    real tokens, so left padding and ``past_kv`` see absolute positions.
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
@@ -52,6 +59,9 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
+        if cfg.positional == "rotary":
+            self.hook_rot_q = HookPoint()
+            self.hook_rot_k = HookPoint()
         self.hook_attn_scores = HookPoint()
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
@@ -139,6 +149,7 @@ class Attention(nn.Module):
 
         With ``past_kv`` the queries are the last ``pos`` positions of a longer
         sequence (``mask.k_len`` long); the hooks see only the new positions.
+        ``past_kv`` keys are post-rotation (what ``hook_rot_k`` saw) on rotary models.
         """
         cfg = self.cfg
         batch, pos, _ = x.shape
@@ -147,6 +158,13 @@ class Attention(nn.Module):
         )
         q, k, v = qkv.split([cfg.n_heads, cfg.n_key_value_heads, cfg.n_key_value_heads], dim=2)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if cfg.positional == "rotary":
+            if "rotary" not in mask.memo:  # the same for every layer: build it once per forward
+                positions = mask.positions(x.device)[:, -pos:]
+                mask.memo["rotary"] = rotary_angles(positions, cfg.rotary_dim, cfg.rotary_base)
+            angles = mask.memo["rotary"]
+            q = self.hook_rot_q(apply_rotary(q, angles, cfg.rotary_style))
+            k = self.hook_rot_k(apply_rotary(k, angles, cfg.rotary_style))
         # [batch, head, pos, d_head] is the layout both paths compute in
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if past_kv is not None:
@@ -159,15 +177,36 @@ class Attention(nn.Module):
         z = self.hook_z(z.transpose(1, 2))
         return affine(z.reshape(batch, pos, cfg.n_heads * cfg.d_head), self.W_o, self.b_o)
 
+    def _allowed(self, mask: AttentionMask, device: torch.device) -> Tensor | None:
+        """Boolean ``[batch or 1, 1, q, k]`` visibility, or None when every key is visible."""
+        window = self.cfg.window_of(self.layer)
+        return mask.dense(device, window) if mask.restricts(window) else None
+
+    def _bias(self, mask: AttentionMask, device: torch.device) -> Tensor | None:
+        """Additive score bias ``[batch or 1, head, q, k]`` (ALiBi), or None."""
+        if self.cfg.positional != "alibi":
+            return None
+        if "alibi" not in mask.memo:  # the same for every layer: build it once per forward
+            positions = mask.positions(device)
+            slopes = alibi_slopes(self.cfg.n_heads)
+            mask.memo["alibi"] = alibi_bias(slopes, positions[:, -mask.q_len :], positions)
+        return mask.memo["alibi"]
+
     def _fused(self, q: Queries, k: KeysValues, v: KeysValues, mask: AttentionMask) -> Mixed:
         gqa = self.cfg.n_key_value_heads != self.cfg.n_heads
-        if mask.is_plain_causal:
+        bias = self._bias(mask, q.device)
+        windowed = mask.window_applies(self.cfg.window_of(self.layer))
+        if mask.is_plain_causal and bias is None and not windowed:
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.cfg.attn_scale, enable_gqa=gqa
             )
-        dense = None if mask.is_full else mask.dense(q.device)
+        allowed = self._allowed(mask, q.device)
+        attn_mask = allowed
+        if bias is not None:  # a float mask is added to the scores: bias and -inf in one tensor
+            bias = bias.to(q.dtype)
+            attn_mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=dense, scale=self.cfg.attn_scale, enable_gqa=gqa
+            q, k, v, attn_mask=attn_mask, scale=self.cfg.attn_scale, enable_gqa=gqa
         )
 
     def _explicit(self, q: Queries, k: KeysValues, v: KeysValues, mask: AttentionMask) -> Mixed:
@@ -175,8 +214,12 @@ class Attention(nn.Module):
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) * self.cfg.attn_scale
-        if not mask.is_full:
-            scores = scores.masked_fill(~mask.dense(q.device), float("-inf"))
+        bias = self._bias(mask, q.device)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        allowed = self._allowed(mask, q.device)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1).to(v.dtype))
         return pattern @ v

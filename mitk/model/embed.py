@@ -34,6 +34,33 @@ class PosEmbed(nn.Module):
         return self.W_pos[position_ids]
 
 
+class SinusoidalPosEmbed(nn.Module):
+    """Fixed sinusoids (Vaswani et al.): ``PE[p, 2i] = sin(p / 10000^(2i/d))``, ``PE[p, 2i+1]`` cos.
+
+    Computed from the position ids on each forward (no parameters), in fp32
+    and then cast, so every dtype sees the same table.
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.d_model = cfg.d_model
+
+    def forward(
+        self, position_ids: Int[Tensor, "#batch pos"]
+    ) -> Float[Tensor, "#batch pos d_model"]:
+        return sinusoids(position_ids, self.d_model)
+
+
+def sinusoids(
+    position_ids: Int[Tensor, "#batch pos"], d_model: int
+) -> Float[Tensor, "#batch pos d_model"]:
+    """The sinusoidal table at ``position_ids`` (fp32); odd ``d_model`` drops the last cosine."""
+    exponents = torch.arange(0, d_model, 2, device=position_ids.device).float() / d_model
+    angles = position_ids.float()[..., None] / (10000.0**exponents)
+    table = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+    return table[..., :d_model]
+
+
 class Unembed(nn.Module):
     """Residual stream to logits: ``W_U [d_model, d_vocab]`` and optional ``b_U``."""
 

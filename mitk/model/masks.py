@@ -1,8 +1,8 @@
-"""Which keys each query may attend to: causality plus padding.
+"""Which keys each query may attend to (causality, padding, a sliding window), and positions.
 
 Built once per forward and shared by every layer. The fused kernel gets
 ``is_causal=True`` and no mask tensor whenever that says the same thing (no
-padding), which keeps the fastest kernels eligible.
+padding, no window), which keeps the fastest kernels eligible.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ class AttentionMask:
     q_len: int
     k_len: int
     key_valid: Tensor | None = None
-    _dense: Tensor | None = field(default=None, repr=False)
+    _dense: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    _positions: Tensor | None = field(default=None, repr=False)
+    memo: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    """Per-forward tensors every layer would otherwise rebuild (e.g. the ALiBi bias)."""
 
     @property
     def is_plain_causal(self) -> bool:
@@ -39,19 +42,44 @@ class AttentionMask:
         """True when every query sees every key (bidirectional, no padding)."""
         return not self.causal and self.key_valid is None
 
-    def dense(self, device: torch.device) -> Tensor:
-        """Boolean ``[batch or 1, 1, q, k]``: True where attention is allowed."""
-        if self._dense is None:
+    def restricts(self, window: int = 0) -> bool:
+        """True unless every query sees every key (bidirectional, no padding, no active window)."""
+        return not self.is_full or self.window_applies(window)
+
+    def window_applies(self, window: int) -> bool:
+        """True when a sliding window of ``window`` positions hides some key (0: no window)."""
+        return 0 < window < self.k_len
+
+    def dense(self, device: torch.device, window: int = 0) -> Tensor:
+        """Boolean ``[batch or 1, 1, q, k]``: True where attention is allowed.
+
+        ``window > 0`` also hides keys ``window`` or more positions before the
+        query (counted in sequence slots, as Hugging Face does).
+        """
+        if window not in self._dense:
             offset = self.k_len - self.q_len  # queries are the last q_len positions
             q_idx = torch.arange(self.q_len, device=device)[:, None] + offset
             k_idx = torch.arange(self.k_len, device=device)[None, :]
             allowed = (k_idx <= q_idx) if self.causal else torch.ones_like(k_idx <= q_idx)
+            if self.window_applies(window):
+                allowed = allowed & (q_idx - k_idx < window)
             allowed = allowed[None, None]
             if self.key_valid is not None:
                 kv = self.key_valid.to(device).bool()[:, None, None, :]
                 allowed = allowed & (kv | (k_idx == q_idx)[None, None])
-            self._dense = allowed
-        return self._dense
+            self._dense[window] = allowed
+        return self._dense[window]
+
+    def positions(self, device: torch.device) -> Tensor:
+        """Position id of every key slot, ``[batch or 1, k_len]``; queries are the last ``q_len``.
+
+        Counted over real tokens only (see ``position_ids_from_mask``), so a
+        left-padded row gets the positions it would have alone.
+        """
+        if self._positions is None:
+            key_valid = None if self.key_valid is None else self.key_valid.to(device)
+            self._positions = position_ids_from_mask(key_valid, self.k_len, device)
+        return self._positions
 
 
 def position_ids_from_mask(

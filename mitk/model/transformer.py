@@ -24,8 +24,9 @@ from mitk.hooks import (
     layer_of,
     resolve_names,
 )
+from mitk.model import processing
 from mitk.model.block import TransformerBlock
-from mitk.model.embed import Embed, PosEmbed, Unembed
+from mitk.model.embed import Embed, PosEmbed, SinusoidalPosEmbed, Unembed
 from mitk.model.inputs import checked_attention_mask, checked_residual, checked_tokens
 from mitk.model.loss import next_token_loss
 from mitk.model.masks import AttentionMask, position_ids_from_mask
@@ -57,11 +58,14 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         self.cfg = cfg
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()
-        if cfg.positional == "learned":
-            self.pos_embed = PosEmbed(cfg)
+        # rotary and ALiBi act inside attention: nothing is added to the stream here
+        if cfg.positional in ("learned", "sinusoidal"):
+            self.pos_embed = (
+                PosEmbed(cfg) if cfg.positional == "learned" else SinusoidalPosEmbed(cfg)
+            )
             self.hook_pos_embed = HookPoint()
-        elif cfg.positional != "none":
-            raise NotImplementedError(f"positional scheme {cfg.positional!r} is not built yet")
+        if cfg.embed_norm:
+            self.ln_embed = make_norm(cfg)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg)
@@ -104,6 +108,53 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         from mitk.model.pretrained import save_native
 
         return save_native(self, Path(directory))
+
+    def process_weights(
+        self,
+        *,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
+        center_unembed: bool = False,
+        fold_value_biases: bool = False,
+    ) -> HookedTransformer:
+        """Rewrite the weights in place (opt-in, per step) without changing log-probs; returns self.
+
+        Each step keeps log-probs within 1e-4, is idempotent, matches
+        TransformerLens's processing, and is recorded in
+        ``cfg.extra["processing"]`` (kept by ``save``). What changes for hooks:
+
+        - ``fold_ln``: each norm's ``w`` (and LayerNorm's ``b``) is folded into
+          the layers reading it (``W_qkv``/``b_qkv``, ``W_in``/``W_gate``/``b_in``,
+          ``W_U``/``b_U``; missing biases are created); the norm keeps ``w=1``,
+          ``b=0``. LayerNorm readers are also centred over ``d_model``. Hook
+          values are unchanged (``hook_normalized`` is already taken before
+          ``w`` and ``b``), but weights and ``W_U`` now include the norm, and
+          ``ln_final.b``'s share of a logit moves into ``b_U`` (DLA stays exact).
+          RMSNorm: the weight only.
+        - ``center_writing_weights``: ``W_E``, ``W_pos``, ``W_O``, ``b_O``,
+          ``W_out``, ``b_out`` lose their mean over ``d_model``, so
+          ``hook_embed``, ``hook_pos_embed``, ``hook_attn_out``, ``hook_mlp_out``,
+          ``hook_resid_*`` and per-head/neuron writes become mean-free; norm
+          hooks, q/k/v/z, patterns and neurons are unchanged (fixed sinusoidal
+          positions are not weights and keep their mean). LayerNorm models
+          only: refused (``UnsupportedModelError``) on RMSNorm, where the mean matters.
+        - ``center_unembed``: ``W_U`` and ``b_U`` lose their mean over the
+          vocabulary; logits shift by a per-position constant, log-probs do not.
+        - ``fold_value_biases``: ``b_V`` moves through ``W_O`` into ``b_O``
+          (patterns sum to 1); ``hook_v`` and ``hook_z`` lose the bias, per-head
+          results lose ``b_V @ W_O`` (now in the layer's bias), ``hook_attn_out`` is
+          unchanged.
+
+        A refused step leaves the model untouched. ``from_pretrained(...,
+        fold_ln=True, ...)`` applies the same steps after loading.
+        """
+        return processing.process_weights(
+            self,
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases,
+        )
 
     # --- forward ----------------------------------------------------------------------
     def forward(
@@ -183,12 +234,12 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         self, tokens: Int[Tensor, "batch pos"], key_valid: Bool[Tensor, "batch pos"] | None
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_embed(self.embed(tokens))
-        if self.cfg.positional == "learned":
+        if self.cfg.positional in ("learned", "sinusoidal"):
             positions = position_ids_from_mask(key_valid, tokens.shape[1], tokens.device)
             # expand (a view) so the hook sees [batch, pos, d_model] like every other residual write
-            pos_embed = self.pos_embed(positions).expand(resid.shape)
+            pos_embed = self.pos_embed(positions).to(resid.dtype).expand(resid.shape)
             resid = resid + self.hook_pos_embed(pos_embed)
-        return resid
+        return self.ln_embed(resid) if self.cfg.embed_norm else resid
 
     def _layer_index(self, layer: int | None, what: str, default: int) -> int:
         if layer is None:

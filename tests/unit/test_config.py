@@ -31,6 +31,9 @@ def test_derived_defaults() -> None:
         ({"norm_eps": 0.0}, "norm_eps"),
         ({"positional": "rotary", "rotary_dim": 7}, "rotary_dim must be even"),
         ({"d_mlp": -3}, "d_mlp"),
+        ({"rotary_style": "llama"}, "rotary_style must be one of"),
+        ({"sliding_window": -1}, "sliding_window must be >= 0"),
+        ({"sliding_window": 4, "sliding_window_layers": [5]}, "sliding_window_layers must lie"),
     ],
 )
 def test_invalid_fields_are_named(change: dict, message: str) -> None:

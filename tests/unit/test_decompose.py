@@ -14,6 +14,10 @@ VARIANTS = {
     "llama-like": {"normalization": "rmsnorm", "gated_mlp": True, "act_fn": "silu",
                    "n_key_value_heads": 2, "attn_qkv_bias": False, "mlp_bias": False},
     "parallel": {"parallel_attn_mlp": True, "unembed_bias": True},
+    # rotary (MQA, a sliding window) and BLOOM-like ALiBi with a norm after the embeddings
+    "rotary-mqa-window": {"positional": "rotary", "rotary_dim": 4, "n_key_value_heads": 1,
+                          "sliding_window": 3},
+    "alibi-embed-norm": {"positional": "alibi", "embed_norm": True},
 }  # fmt: skip
 
 
@@ -44,7 +48,9 @@ def test_decompose_resid_sums_to_the_stream(run) -> None:
         torch.testing.assert_close(stack.total(), cache["resid_pre", layer], atol=1e-5, rtol=0)
     final = cache.decompose_resid()
     torch.testing.assert_close(final.total(), cache["resid_post", 2], atol=1e-5, rtol=0)
-    assert final.labels[:2] == ["embed", "pos_embed"] and final.labels[2] == "0_attn_out"
+    n_embed = 2 if model.cfg.positional == "learned" and not model.cfg.embed_norm else 1
+    assert final.labels[:n_embed] == ["embed", "pos_embed"][:n_embed]
+    assert final.labels[n_embed] == "0_attn_out"
     assert final.tensor.shape == (len(final.labels), 2, 9, 32)
 
 

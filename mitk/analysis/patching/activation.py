@@ -124,14 +124,16 @@ def activation_patch(
     batch, seq = clean_tokens.shape
     first = min(layers)
     downstream = range(first, n_layers)  # the wavefront reads keys/values of every later layer
-    names = [name(kind, layer) for kind in ("resid_pre", "k", "v") for layer in downstream]
+    # past keys enter attention after rotation, so rotary models replay hook_rot_k
+    key_kind = "rot_k" if model.cfg.positional == "rotary" else "k"
+    names = [name(kind, layer) for kind in ("resid_pre", key_kind, "v") for layer in downstream]
     names += [where.hook(layer) for layer in layers]
     runs = run_pair(model, clean_tokens, corrupted_tokens, metric, names, attention_mask)
     denoising = direction == "denoising"
     base_cache, source_cache = runs.base_and_source(direction)
     base = BaseRun(
         resid_pre={layer: base_cache[name("resid_pre", layer)] for layer in downstream},
-        keys={layer: base_cache[name("k", layer)].transpose(1, 2) for layer in downstream},
+        keys={layer: base_cache[name(key_kind, layer)].transpose(1, 2) for layer in downstream},
         values={layer: base_cache[name("v", layer)].transpose(1, 2) for layer in downstream},
         base_site={layer: base_cache[where.hook(layer)] for layer in layers},
         source_site={layer: source_cache[where.hook(layer)] for layer in layers},

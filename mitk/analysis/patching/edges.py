@@ -21,6 +21,7 @@ from torch import Tensor
 from mitk.analysis.patching.engine import metric_fn
 from mitk.analysis.patching.metrics import PositionMetric
 from mitk.analysis.patching.pair import Direction, check_patch_inputs, metric_at
+from mitk.cache.decompose import embedding_writes
 from mitk.hooks import name
 from mitk.shapes import Float, Int
 
@@ -87,11 +88,10 @@ def _writer_deltas(
     """Each upstream node's change (source - base) in residual space, with labels and order."""
     cfg = model.cfg
     labels, deltas, order = [], [], []
-    for hook in ("hook_embed", "hook_pos_embed"):
-        if hook in model.hook_dict:
-            labels.append(hook.removeprefix("hook_"))
-            deltas.append(source[hook] - base[hook])
-            order.append(-1.0)
+    for label, hook in embedding_writes(model):
+        labels.append(label)
+        deltas.append(source[hook] - base[hook])
+        order.append(-1.0)
     for L in range(cfg.n_layers):
         dz = source[name("z", L)] - base[name("z", L)]  # [batch, pos, head, d_head]
         per_head = torch.einsum("bphd,hdm->hbpm", dz, model.blocks[L].attn.W_O)
@@ -125,7 +125,7 @@ def edge_attribution_patch(
     batch, seq = clean_tokens.shape
     fn, answer_pos = metric_fn(metric, batch, seq)
     readers = _readers(model)
-    writes = [h for h in ("hook_embed", "hook_pos_embed") if h in model.hook_dict]
+    writes = [hook for _, hook in embedding_writes(model)]
     writes += [name("z", L) for L in range(cfg.n_layers)]
     writes += [name("mlp_out", L) for L in range(cfg.n_layers)] if cfg.has_mlp else []
     base_tokens, source_tokens = (corrupted_tokens, clean_tokens) if direction == "denoising" \

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
 from mitk.errors import ConfigError, UnsupportedModelError
+from mitk.model.pretrained.bloom import bloom_config, bloom_state_dict
 from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.pretrained.files import (
     atomic_save_safetensors,
@@ -20,6 +21,9 @@ from mitk.model.pretrained.files import (
     read_safetensors_dir,
 )
 from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
+from mitk.model.pretrained.gptj import gptj_config, gptj_state_dict
+from mitk.model.pretrained.llama import llama_config, llama_state_dict
+from mitk.model.pretrained.neox import neox_config, neox_state_dict
 
 NATIVE_CONFIG = "mitk_config.json"
 NATIVE_WEIGHTS = "model.safetensors"
@@ -28,7 +32,13 @@ ConfigFn = Callable[..., TransformerConfig]
 StateFn = Callable[[dict[str, Tensor], TransformerConfig], dict[str, Tensor]]
 # Hugging Face ``model_type`` -> (config converter, state-dict converter)
 CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
+    "bloom": (bloom_config, bloom_state_dict),
     "gpt2": (gpt2_config, gpt2_state_dict),
+    "gpt_neox": (neox_config, neox_state_dict),
+    "gptj": (gptj_config, gptj_state_dict),
+    "llama": (llama_config, llama_state_dict),
+    "mistral": (llama_config, llama_state_dict),
+    "qwen2": (llama_config, llama_state_dict),
 }
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -62,8 +72,16 @@ def load_pretrained(
     device: str | torch.device | None = None,
     tokenizer: Any = None,
     attention_backend: str | None = None,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
 ) -> Any:
-    """Build ``model_cls`` from a HF directory, a mitk save directory or an in-memory HF model."""
+    """Build ``model_cls`` from a HF directory, a mitk save directory or an in-memory HF model.
+
+    The four processing flags, all off by default, are applied after loading
+    (see ``HookedTransformer.process_weights``).
+    """
     overrides: dict[str, Any] = {}
     if dtype is not None:
         overrides["dtype"] = (
@@ -99,7 +117,13 @@ def load_pretrained(
     model = model_cls(cfg, tokenizer=tokenizer, seed=None)
     model.load_state_dict(state, strict=True)
     model.eval()  # like Hugging Face: loaded models are for inference unless told otherwise
-    return model.to(device) if device is not None else model
+    model = model.to(device) if device is not None else model
+    return model.process_weights(
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
+    )
 
 
 def _locate(source: str | Path) -> Path:

@@ -1,0 +1,257 @@
+"""Weight processing: rewrite weights so hook values read more cleanly, outputs unchanged.
+
+Four opt-in transformations, each exact up to float rounding (log-probs within
+1e-4 of the unprocessed model) and each idempotent, so applying one twice is
+harmless. They follow TransformerLens's definitions, with one difference: a
+transformation that is not valid for a model is refused (``UnsupportedModelError``)
+instead of silently skipped.
+
+Design note: folded norms keep their ``w``/``b`` parameters, set to the identity
+(ones and zeros), rather than being swapped for a weightless module. The forward
+and hook names stay the same, every reader of ``norm.w``/``norm.b`` (direct logit
+attribution, ``apply_ln_to_stack``, SAE logit effects) stays exact without a
+special case, and a processed model saves and loads with the ordinary state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mitk.errors import UnsupportedModelError
+from mitk.model.norms import LayerNorm, RMSNorm
+from mitk.shapes import Float
+
+STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+"""Transformation names, in the order ``process_weights`` applies them."""
+
+
+def process_weights(
+    model: Any,
+    *,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+) -> Any:
+    """Apply the chosen transformations to ``model`` in place and return it.
+
+    See ``HookedTransformer.process_weights`` for what each does to hook values.
+    Validity is checked for every requested step before any weight changes, so
+    a refusal leaves the model untouched. The steps applied so far are recorded
+    in ``model.cfg.extra["processing"]`` (saved with the model).
+    """
+    flags = (fold_ln, center_writing_weights, center_unembed, fold_value_biases)
+    asked = dict(zip(STEPS, flags, strict=True))
+    if not any(flags):
+        return model  # nothing asked: not even the record changes
+    if center_writing_weights:
+        _check_centering_is_exact(model)
+    if fold_ln:
+        _norm_readers(model)  # refuses norms it cannot fold before anything changes
+    cfg_changes: dict[str, bool] = {}
+    with torch.no_grad():
+        if fold_ln:
+            fold_layer_norm(model, cfg_changes)
+        if center_writing_weights:
+            center_residual_writes(model)
+        if center_unembed:
+            center_unembedding(model)
+        if fold_value_biases:
+            fold_value_biases_into_output(model, cfg_changes)
+    done = model.cfg.extra.get("processing", [])
+    applied = [s for s in STEPS if s in done or asked[s]]
+    _replace_cfg(model, extra={**model.cfg.extra, "processing": applied}, **cfg_changes)
+    return model
+
+
+# --- fold_ln ------------------------------------------------------------------------------
+# A reader of a norm's output: (module, weight attribute [d_model, d_out], bias attribute or
+# None when the layer has no bias slot, config field that switches that bias on)
+Reader = tuple[nn.Module, str, str | None, str]
+
+
+def fold_layer_norm(model: Any, cfg_changes: dict[str, bool]) -> None:
+    """Fold each norm's ``w`` (and LayerNorm's ``b``) into the layers reading it.
+
+    ``y = (n * w + b) @ W + c`` becomes ``n @ (w[:, None] * W) + (b @ W + c)``,
+    and the norm's ``w``/``b`` become ones/zeros. For LayerNorm the reading
+    weights are also centred over ``d_model``, which changes nothing because the
+    normalised input ``n`` has zero mean. Biases a LayerNorm bias must go into are
+    created (zeros) where the model lacks them, and ``cfg_changes`` records the
+    config fields that must now say so.
+    """
+    for norm, readers in _norm_readers(model):
+        is_layernorm = isinstance(norm, LayerNorm)
+        ln_bias = norm.b.detach() if isinstance(norm, LayerNorm) and bool(norm.b.any()) else None
+        for module, weight_name, bias_name, bias_field in readers:
+            weight = getattr(module, weight_name)
+            if ln_bias is not None and bias_name is not None:
+                _ensure_biases(model, bias_field, cfg_changes)
+                bias = getattr(module, bias_name)
+                bias.copy_(_folded_bias(bias, weight, ln_bias))
+            weight.copy_(_folded_weight(weight, norm.w.detach(), centre=is_layernorm))
+        norm.w.fill_(1.0)
+        if isinstance(norm, LayerNorm):
+            norm.b.zero_()
+
+
+def _folded_weight(
+    weight: Float[Tensor, "d_model d_out"], norm_w: Float[Tensor, " d_model"], centre: bool
+) -> Float[Tensor, "d_model d_out"]:
+    folded = _work(weight) * _work(norm_w)[:, None]
+    return folded - folded.mean(0, keepdim=True) if centre else folded
+
+
+def _folded_bias(
+    bias: Float[Tensor, " d_out"],
+    weight: Float[Tensor, "d_model d_out"],
+    ln_bias: Float[Tensor, " d_model"],
+) -> Float[Tensor, " d_out"]:
+    return _work(bias) + _work(ln_bias) @ _work(weight)
+
+
+def _norm_readers(model: Any) -> list[tuple[LayerNorm | RMSNorm, list[Reader]]]:
+    """Each norm with the layers reading its output; refuses norms mitk cannot fold."""
+    pairs: list[tuple[Any, list[Reader]]] = []
+    for block in model.blocks:
+        pairs.append((block.ln1, [(block.attn, "W_qkv", "b_qkv", "attn_qkv_bias")]))
+        if hasattr(block, "mlp"):
+            mlp_readers: list[Reader] = [(block.mlp, "W_in", "b_in", "mlp_bias")]
+            if block.mlp.W_gate is not None:
+                mlp_readers.append((block.mlp, "W_gate", None, "mlp_bias"))
+            pairs.append((block.ln2, mlp_readers))
+    pairs.append((model.ln_final, [(model.unembed, "W_U", "b_U", "unembed_bias")]))
+    known = {id(norm) for norm, _ in pairs}
+    for name, module in model.named_modules():
+        # a norm whose readers we do not know (a post-norm, a q/k norm) would be left half-folded
+        leaf = name.rsplit(".", 1)[-1]
+        is_norm = isinstance(module, (LayerNorm, RMSNorm)) or leaf.startswith("ln")
+        # BLOOM's embedding norm writes the stream itself rather than feeding a layer: it
+        # stays as it is, and the model's outputs with it
+        if is_norm and id(module) not in known and name != "ln_embed":
+            raise UnsupportedModelError(f"fold_ln does not know which layers read norm {name!r}")
+    for norm, readers in pairs:
+        if not isinstance(norm, (LayerNorm, RMSNorm)):
+            raise UnsupportedModelError(f"fold_ln cannot fold a {type(norm).__name__}")
+        for _, weight_name, bias_name, _ in readers:
+            if bias_name is None and isinstance(norm, LayerNorm) and bool(norm.b.any()):
+                raise UnsupportedModelError(
+                    f"fold_ln cannot fold a LayerNorm bias into {weight_name}: it has no bias"
+                )
+    return pairs
+
+
+# --- center_writing_weights ---------------------------------------------------------------
+def _check_centering_is_exact(model: Any) -> None:
+    norms = [m for m in model.modules() if isinstance(m, (LayerNorm, RMSNorm))]
+    if model.cfg.normalization != "layernorm" or not all(isinstance(m, LayerNorm) for m in norms):
+        raise UnsupportedModelError(
+            "center_writing_weights is exact only when every reader of the residual stream is "
+            f"a LayerNorm (which removes the mean anyway); this model uses "
+            f"normalization={model.cfg.normalization!r}, which keeps the mean, so centering "
+            "would change its outputs"
+        )
+
+
+def center_residual_writes(model: Any) -> None:
+    """Subtract the mean over ``d_model`` from every weight and bias writing to the stream.
+
+    Covers ``W_E``, ``W_pos`` (learned positions; fixed sinusoids are left as
+    they are), and each layer's ``W_O``, ``b_O``, ``W_out`` and ``b_out``. Only
+    exact when LayerNorms read the stream.
+    """
+    pos_embed = getattr(model, "pos_embed", None)
+    # fixed sinusoidal positions are no weight: they keep their mean, which the norms remove
+    writes: list[Tensor | None] = [model.embed.W_E, getattr(pos_embed, "W_pos", None)]
+    for block in model.blocks:
+        writes += [block.attn.W_o, block.attn.b_o]
+        if hasattr(block, "mlp"):
+            writes += [block.mlp.W_out, block.mlp.b_out]
+    for param in writes:
+        if param is not None:
+            param.copy_(_centred(param, dim=-1))
+
+
+def _centred(param: Tensor, dim: int) -> Tensor:
+    value = _work(param)
+    return value - value.mean(dim, keepdim=True)
+
+
+# --- center_unembed -----------------------------------------------------------------------
+def center_unembedding(model: Any) -> None:
+    """Subtract the mean over the vocabulary from ``W_U`` (and ``b_U``): logits shift per position.
+
+    Softmax ignores a shift shared by every token, so log-probs are unchanged.
+    """
+    model.unembed.W_U.copy_(_centred(model.unembed.W_U, dim=-1))
+    if model.unembed.b_U is not None:
+        model.unembed.b_U.copy_(_centred(model.unembed.b_U, dim=-1))
+
+
+# --- fold_value_biases --------------------------------------------------------------------
+def fold_value_biases_into_output(model: Any, cfg_changes: dict[str, bool]) -> None:
+    """Move each layer's value bias through ``W_O`` into ``b_O``; ``b_V`` becomes zero.
+
+    Exact because each attention pattern row sums to 1, so a head's value bias
+    adds the constant ``b_V @ W_O`` to its output. Grouped-query models: query
+    head ``h`` reads value head ``h // group``, so each value bias counts once
+    per query head that reads it.
+    """
+    cfg = model.cfg
+    for block in model.blocks:
+        attn = block.attn
+        if attn.b_qkv is None or not bool(attn.b_V.any()):
+            continue
+        b_v = _per_query_head(_work(attn.b_V), cfg.kv_group_size)
+        constant = torch.einsum("hd,hdm->m", b_v, _work(attn.W_O))
+        _ensure_biases(model, "attn_out_bias", cfg_changes)
+        attn.b_o.copy_(_work(attn.b_o) + constant)
+        attn.b_V.zero_()  # a view into b_qkv
+
+
+def _per_query_head(
+    kv_bias: Float[Tensor, "kv_head d_head"], group: int
+) -> Float[Tensor, "head d_head"]:
+    return kv_bias.repeat_interleave(group, dim=0)
+
+
+# --- shared -------------------------------------------------------------------------------
+def _work(param: Tensor) -> Tensor:
+    """``param`` in at least float32: folding products in half precision loses digits."""
+    value = param.detach()
+    return value if value.dtype in (torch.float32, torch.float64) else value.float()
+
+
+# modules and attributes a config bias field switches on (zeros are created in all of them,
+# so the saved state dict matches what the changed config builds)
+_BIAS_SLOTS: dict[str, list[tuple[str, str, str]]] = {
+    "attn_qkv_bias": [("attn", "b_qkv", "W_qkv")],
+    "attn_out_bias": [("attn", "b_o", "W_o")],
+    "mlp_bias": [("mlp", "b_in", "W_in"), ("mlp", "b_out", "W_out")],
+    "unembed_bias": [("unembed", "b_U", "W_U")],
+}
+
+
+def _ensure_biases(model: Any, cfg_field: str, cfg_changes: dict[str, bool]) -> None:
+    """Create zero biases model-wide for ``cfg_field`` if the config lacks them."""
+    if not getattr(model.cfg, cfg_field) and cfg_field not in cfg_changes:
+        owners = [model] if cfg_field == "unembed_bias" else list(model.blocks)
+        for owner in owners:
+            for child, bias_name, weight_name in _BIAS_SLOTS[cfg_field]:
+                module = getattr(owner, child, None)
+                if module is not None and getattr(module, bias_name) is None:
+                    weight = getattr(module, weight_name)
+                    zeros = weight.new_zeros(weight.shape[-1])
+                    setattr(module, bias_name, nn.Parameter(zeros, weight.requires_grad))
+        cfg_changes[cfg_field] = True
+
+
+def _replace_cfg(model: Any, **changes: Any) -> None:
+    """Swap in a changed (frozen) config everywhere the old one is held."""
+    old, new = model.cfg, model.cfg.replace(**changes)
+    for module in model.modules():
+        if getattr(module, "cfg", None) is old:
+            module.cfg = new

@@ -1,0 +1,134 @@
+"""Rotary embeddings: the rotation's properties, hooks, padding and ``past_kv`` positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mitk import HookedTransformer, TransformerConfig
+from mitk.analysis.patching import activation_patch, logit_diff
+from mitk.model.masks import AttentionMask
+from mitk.model.rotary import apply_rotary, rotary_angles
+from tests.unit.test_patching import last_position_logit_diff, naive
+
+STYLES = ["neox", "gptj"]
+
+
+def _heads(seed: int, pos: int = 6, d_head: int = 8) -> torch.Tensor:
+    return torch.randn(1, pos, 2, d_head, generator=torch.Generator().manual_seed(seed))
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, style: str, rotary_dim: int = 8):
+    return apply_rotary(x, rotary_angles(positions, rotary_dim, 10000.0), style)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_rotation_preserves_norms(style: str) -> None:
+    x = _heads(0)
+    rotated = _rotate(x, torch.arange(6)[None] * 7, style)
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+    assert not torch.allclose(rotated[:, 1:], x[:, 1:])  # position 0 is the identity, others turn
+    torch.testing.assert_close(rotated[:, 0], x[:, 0])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_scores_depend_only_on_relative_position(style: str) -> None:
+    q, k = _heads(1, pos=1), _heads(2, pos=1)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        q_m = _rotate(q, torch.tensor([[m]]), style)
+        k_n = _rotate(k, torch.tensor([[n]]), style)
+        return (q_m * k_n).sum(-1)
+
+    torch.testing.assert_close(score(5, 2), score(13, 10), atol=1e-5, rtol=0)
+    torch.testing.assert_close(score(0, 0), score(40, 40), atol=1e-5, rtol=0)
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_partial_rotary_leaves_the_other_dimensions_alone(style: str) -> None:
+    x = _heads(3, d_head=12)
+    rotated = _rotate(x, torch.arange(6)[None], style, rotary_dim=4)
+    torch.testing.assert_close(rotated[..., 4:], x[..., 4:], atol=0, rtol=0)
+    assert not torch.allclose(rotated[:, 1:, :, :4], x[:, 1:, :, :4])
+
+
+def test_styles_pair_different_dimensions() -> None:
+    x = torch.zeros(1, 2, 1, 4)
+    x[..., 0] = 1.0  # a unit vector in dimension 0 rotates towards its partner
+    angle = rotary_angles(torch.tensor([[0, 1]]), 4, 10000.0)[0, 1, 0]
+    neox = apply_rotary(x, rotary_angles(torch.tensor([[0, 1]]), 4, 10000.0), "neox")
+    gptj = apply_rotary(x, rotary_angles(torch.tensor([[0, 1]]), 4, 10000.0), "gptj")
+    torch.testing.assert_close(
+        neox[0, 1, 0], torch.stack([angle.cos(), 0 * angle, angle.sin(), 0 * angle])
+    )
+    torch.testing.assert_close(
+        gptj[0, 1, 0], torch.stack([angle.cos(), angle.sin(), 0 * angle, 0 * angle])
+    )
+
+
+def _rotary_model(style: str = "neox", **kw: object) -> HookedTransformer:
+    cfg = TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_key_value_heads=2, d_vocab=40,
+                            n_ctx=16, positional="rotary", rotary_dim=6, rotary_style=style,
+                            **kw)  # type: ignore[arg-type]  # fmt: skip
+    return HookedTransformer(cfg, seed=7)
+
+
+def test_rot_hooks_fire_after_rotation_and_only_on_rotary_models() -> None:
+    model = _rotary_model()
+    tokens = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    names = [f"blocks.1.attn.hook_{kind}" for kind in ("q", "k", "rot_q", "rot_k")]
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    assert cache["blocks.1.attn.hook_rot_k"].shape == (2, 9, 2, 8)  # kv heads kept
+    angles = rotary_angles(torch.arange(9)[None], 6, 10000.0)
+    expected = apply_rotary(cache["blocks.1.attn.hook_q"], angles, "neox")
+    torch.testing.assert_close(cache["blocks.1.attn.hook_rot_q"], expected)
+    learned = HookedTransformer(
+        TransformerConfig(d_model=32, n_layers=1, n_heads=4, d_vocab=40, n_ctx=16)
+    )
+    assert "blocks.0.attn.hook_rot_q" not in learned.hook_dict
+    assert "blocks.0.attn.hook_rot_q" in model.hook_dict
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_left_padding_gives_each_row_its_unpadded_outputs(style: str) -> None:
+    model = _rotary_model(style)
+    tokens = torch.randint(1, 40, (2, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        batch = model(tokens, attention_mask=mask)
+        alone = model(tokens[:1, 3:])
+    torch.testing.assert_close(batch[0, 3:], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_past_kv_rotates_new_positions_by_their_absolute_position(padded: bool) -> None:
+    model = _rotary_model()
+    tokens = torch.randint(1, 40, (2, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(tokens)
+    if padded:
+        mask[1, :2] = 0
+    block, start = model.blocks[1], 6
+    names = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.attn.hook_rot_k",
+             "blocks.1.attn.hook_v"]  # fmt: skip
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names)
+        past = (cache["blocks.1.attn.hook_rot_k"][:, :start].transpose(1, 2),
+                cache["blocks.1.attn.hook_v"][:, :start].transpose(1, 2))  # fmt: skip
+        suffix = AttentionMask(True, 10 - start, 10, mask.bool() if padded else None)
+        out = block(cache["blocks.1.hook_resid_pre"][:, start:], suffix, "auto", past)
+    torch.testing.assert_close(out, cache["blocks.1.hook_resid_post"][:, start:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "k", "z"])
+def test_activation_patching_on_a_rotary_model_equals_the_naive_loop(site: str) -> None:
+    model = _rotary_model()
+    clean = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 5) % 40
+    result = activation_patch(model, clean, corrupted, logit_diff(3, 8), site, "pos")
+    expected = naive(model, clean, corrupted, last_position_logit_diff, site, "pos")
+    torch.testing.assert_close(
+        result.per_prompt.reshape(expected.shape), expected, atol=1e-5, rtol=0
+    )

@@ -21,6 +21,8 @@ Positional = Literal["learned", "sinusoidal", "rotary", "alibi", "none"]
 RotaryStyle = Literal["neox", "gptj"]
 AttentionBackend = Literal["auto", "sdpa", "eager"]
 DType = Literal["float32", "float64", "float16", "bfloat16"]
+AttentionType = Literal["mha", "mla"]
+NormPosition = Literal["pre", "post"]
 
 
 class JsonConfig:
@@ -125,7 +127,15 @@ class TransformerConfig(JsonConfig):
     sliding_window_layers: list[int] | None = None
     """Layers the window applies to (Qwen2 windows only some); None means every layer."""
     embed_norm: bool = False
-    """A norm (``ln_embed``) right after the embeddings, before block 0 (BLOOM)."""
+    """A norm (``ln_embed``) right after the embeddings, before block 0 (BLOOM, BERT)."""
+    token_types: int = 0
+    """Rows of a token-type (segment) embedding added to the stream (BERT: 2); 0: none."""
+    norm_position: NormPosition = "pre"
+    """``pre``: ``x + f(ln(x))`` (GPT-2...); ``post``: ``ln(x + f(x))`` per sublayer (BERT)."""
+    final_norm: bool = True
+    """A norm (``ln_final``) before the unembedding; BERT's encoder output has none."""
+    has_lm_head: bool = True
+    """The unembedding is a trained LM head; False (a bare encoder) refuses logits and loss."""
     causal: bool = True
     """Causal (decoder) attention; False gives bidirectional (encoder) attention."""
     parallel_attn_mlp: bool = False
@@ -150,6 +160,25 @@ class TransformerConfig(JsonConfig):
     """Whether ``to_tokens`` prepends the BOS token unless told otherwise."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (source checkpoint, training run); never read by the forward."""
+    attention_type: AttentionType = "mha"
+    """``mha``: multi-head/grouped-query attention; ``mla``: DeepSeek-V2 latent attention.
+
+    With ``mla``, ``d_head`` is the query/key head width (non-rotary + rotary parts),
+    ``rotary_dim`` its trailing rotary part, and the fields below apply."""
+    q_lora_rank: int = 0
+    """MLA: rank of the low-rank query path (``W_q_b(norm(W_q_a x))``); 0: one ``W_q``."""
+    kv_lora_rank: int = 0
+    """MLA: width of the joint key-value latent ``hook_kv_latent`` (must be > 0 for ``mla``)."""
+    v_head_dim: int = -1
+    """MLA: width of one value head (``hook_v``/``hook_z``); -1 means ``d_head``."""
+    latent_norm_eps: float = 1e-6
+    """MLA: epsilon of the RMSNorms on the query and key-value latents."""
+    sandwich_norms: bool = False
+    """Gemma-2: sublayer outputs are normalised (``ln1_post``, ``ln2_post``) before being added."""
+    attn_softcap: float = 0.0
+    """Attention scores become ``cap * tanh(scores / cap)`` (Gemma-2); 0: no soft-capping."""
+    output_softcap: float = 0.0
+    """Logits become ``cap * tanh(logits / cap)`` (Gemma-2); 0: no soft-capping."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: fill the derived defaults once, here
@@ -163,6 +192,8 @@ class TransformerConfig(JsonConfig):
             set_(self, "rotary_dim", self.d_head)
         if self.attn_scale == -1.0 and self.d_head > 0:
             set_(self, "attn_scale", self.d_head**-0.5)
+        if self.v_head_dim == -1:
+            set_(self, "v_head_dim", self.d_head)
         self._validate()
 
     def _validate(self) -> None:
@@ -192,11 +223,36 @@ class TransformerConfig(JsonConfig):
                 f"sliding_window_layers must lie in [0, {self.n_layers}), "
                 f"got {self.sliding_window_layers}"
             )
+        if self.token_types < 0:
+            raise ConfigError(f"token_types must be >= 0 (0 = none), got {self.token_types}")
+        if self.norm_position == "post" and (not self.has_mlp or self.parallel_attn_mlp):
+            raise ConfigError("norm_position='post' needs a sequential attention + MLP block")
+        if self.attn_softcap < 0 or self.output_softcap < 0:
+            raise ConfigError("attn_softcap and output_softcap must be >= 0 (0 = none)")
+        if self.sandwich_norms and (self.parallel_attn_mlp or not self.has_mlp):
+            raise ConfigError("sandwich_norms needs a sequential attention + MLP block")
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.attn_scale <= 0:
             raise ConfigError(f"attn_scale must be positive, got {self.attn_scale}")
         check_choices(self, _CHOICES)
+        if self.attention_type == "mla":
+            self._validate_mla()
+
+    def _validate_mla(self) -> None:
+        for name in ("kv_lora_rank", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"attention_type='mla' needs a positive {name}")
+        if self.q_lora_rank < 0:
+            raise ConfigError(f"q_lora_rank must be >= 0 (0: a plain W_q), got {self.q_lora_rank}")
+        if self.positional != "rotary" or self.rotary_dim >= self.d_head:
+            # the decoupled rotary key is a trailing part of each query/key head
+            raise ConfigError(
+                "attention_type='mla' needs positional='rotary' and rotary_dim < d_head "
+                f"(got {self.positional!r}, rotary_dim={self.rotary_dim}, d_head={self.d_head})"
+            )
+        if self.n_key_value_heads != self.n_heads:
+            raise ConfigError("attention_type='mla' up-projects one key/value head per query head")
 
     @property
     def has_mlp(self) -> bool:
@@ -222,4 +278,6 @@ _CHOICES: dict[str, Any] = {
     "rotary_style": RotaryStyle,
     "attention_backend": AttentionBackend,
     "dtype": DType,
+    "attention_type": AttentionType,
+    "norm_position": NormPosition,
 }

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mitk.cache import ActivationCache
-from mitk.cache.decompose import embedding_writes
+from mitk.cache.decompose import embedding_writes, require_additive_stream
 from mitk.errors import ShapeMismatchError
 from mitk.hooks import name
 from mitk.shapes import Float, Int
@@ -135,6 +135,7 @@ def logit_attribution(
     """
     if by not in ("component", "head", "neuron"):
         raise ValueError(f"by must be 'component', 'head' or 'neuron', got {by!r}")
+    require_additive_stream(model)
     embed = cache["hook_embed"]
     batch, seq = embed.shape[0], embed.shape[1]
     rows, cols = torch.arange(batch), _positions(pos, batch, seq)

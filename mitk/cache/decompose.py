@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mitk.cache.residual_stack import ResidualStack
+from mitk.errors import UnsupportedModelError
 from mitk.hooks import name
 from mitk.shapes import Float
 
@@ -37,12 +38,36 @@ def embedding_writes(model: Any) -> list[tuple[str, str]]:
     token and position embeddings are not additive writes; the one write is
     the normed sum, read at ``blocks.0.hook_resid_pre``.
     """
+    require_additive_stream(model)
     if model.cfg.embed_norm:
         return [("embed", name("resid_pre", 0))]
     writes = [("embed", "hook_embed")]
     if "hook_pos_embed" in model.hook_dict:
         writes.append(("pos_embed", "hook_pos_embed"))
     return writes
+
+
+def require_additive_stream(model: Any) -> None:
+    """Refuse post-norm models, whose stream is renormalised inside every block.
+
+    There (BERT) a block's output is not its input plus its sublayers' writes,
+    so decompositions and direct logit attribution would be wrong numbers.
+    """
+    if model.cfg.norm_position == "post":
+        raise UnsupportedModelError(
+            "residual-stream decompositions and DLA need a pre-norm model; this one is "
+            "post-norm (each block renormalises the stream), so writes do not add up"
+        )
+
+
+def _require_unnormed_sublayers(model: Any, what: str) -> None:
+    """Refuse per-head/neuron writes where a sandwich norm (Gemma-2) rescales the sublayer's sum."""
+    if model.cfg.sandwich_norms:
+        raise UnsupportedModelError(
+            f"{what} writes do not exist on a model with sandwich norms (Gemma-2): "
+            "ln1_post/ln2_post normalise each sublayer's output, so hook_attn_out and "
+            "hook_mlp_out are not sums of head or neuron writes"
+        )
 
 
 def _has_mlp(model: Any) -> bool:
@@ -69,6 +94,7 @@ def decompose_resid(cache: ActivationCache, layer: int | None = None) -> Residua
 
 def head_results(cache: ActivationCache, layer: int) -> Float[Tensor, "head batch pos d_model"]:
     """What each head of ``layer`` writes into the stream: ``z[:, :, h] @ W_O[h]`` (no bias)."""
+    _require_unnormed_sublayers(cache.model, "per-head")
     z = cache[name("z", layer)]
     W_O = cache.model.blocks[layer].attn.W_O
     return torch.einsum("bphd,hdm->hbpm", z, W_O)
@@ -104,6 +130,7 @@ def stack_neuron_results(
     """
     if not _has_mlp(cache.model):
         raise ValueError("this model is attention-only: it has no neurons")
+    _require_unnormed_sublayers(cache.model, "per-neuron")
     mlp = cache.model.blocks[layer].mlp
     post = cache[name("post", layer)]
     index = torch.arange(post.shape[-1]) if neurons is None else torch.as_tensor(neurons)
@@ -144,6 +171,7 @@ def apply_ln_to_stack(
     cached). The elementwise weight and bias are not applied, so the result
     sums to that norm's ``hook_normalized``.
     """
+    require_additive_stream(cache.model)
     scale = norm_scale(cache, layer)
     tensor = stack.tensor
     if cache.model.cfg.normalization == "layernorm":

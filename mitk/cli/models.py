@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,18 +17,9 @@ import typer
 from mitk.cli.common import JsonOption, QuietOption, emit
 from mitk.config import TransformerConfig
 from mitk.model import embedded_models, supported_architectures
+from mitk.model.pretrained.hub import hf_hub_cache
 
 _SEARCH_DEPTH = 2  # a --search folder, its children and grandchildren
-
-
-def hf_hub_cache() -> Path:
-    """The hub cache folder, resolved as ``huggingface_hub`` does (HF_HUB_CACHE, HF_HOME)."""
-    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(variable):
-            return Path(os.environ[variable]).expanduser()
-    home = os.environ.get("HF_HOME")
-    base = Path(home).expanduser() if home else Path("~/.cache/huggingface").expanduser()
-    return base / "hub"
 
 
 def _model_type(directory: Path) -> str | None:

@@ -2,6 +2,8 @@
 
 from mitk.model.attention import Attention
 from mitk.model.block import TransformerBlock
+from mitk.model.encoder_decoder import HookedEncoderDecoder
+from mitk.model.encoder_decoder_config import EncoderDecoderConfig
 from mitk.model.factored_matrix import FactoredMatrix
 from mitk.model.pretrained import supported_architectures
 from mitk.model.pretrained.embedded import embedded_models
@@ -10,7 +12,9 @@ from mitk.model.transformer import HookedTransformer
 
 __all__ = [
     "Attention",
+    "EncoderDecoderConfig",
     "FactoredMatrix",
+    "HookedEncoderDecoder",
     "HookedTransformer",
     "NoTokenizerError",
     "TransformerBlock",

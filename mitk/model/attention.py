@@ -15,18 +15,21 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from mitk.config import TransformerConfig
-from mitk.errors import HookError
+from mitk.errors import ConfigError, HookError
 from mitk.hooks import HookPoint
 from mitk.model.alibi import alibi_bias, alibi_slopes
 from mitk.model.linear import affine
 from mitk.model.masks import AttentionMask
 from mitk.model.rotary import apply_rotary, rotary_angles
+from mitk.model.softcap import soft_cap
 from mitk.shapes import Float
 
 Backend = Literal["auto", "sdpa", "eager"]
 Queries = Float[Tensor, "batch head pos d_head"]
-KeysValues = Float[Tensor, "batch kv_head key_pos d_head"]
-Mixed = Float[Tensor, "batch head pos d_head"]
+Keys = Float[Tensor, "batch kv_head key_pos d_head"]
+# value heads may be narrower than query/key heads (latent attention's v_head_dim)
+Values = Float[Tensor, "batch kv_head key_pos d_value"]
+Mixed = Float[Tensor, "batch head pos d_value"]
 # keys and values of earlier positions, in the compute layout [batch, kv_head, past_pos, d_head]
 PastKV = tuple[Tensor, Tensor]
 
@@ -38,8 +41,9 @@ class Attention(nn.Module):
     (keys and values keep the key-value head count), with rotary positions also
     ``hook_rot_q``/``hook_rot_k`` (same shapes, after rotation), and
     ``hook_attn_scores`` and ``hook_pattern`` ``[batch, head, query_pos,
-    key_pos]`` (scores include any ALiBi bias and are masked with -inf). After
-    each forward ``last_path`` says which path ran and why.
+    key_pos]`` (scores include any ALiBi bias and soft-capping and are masked
+    with -inf). After each forward ``last_path`` says which path ran and why;
+    soft-capped layers (``cfg.attn_softcap``) run explicitly, ``"eager: soft-capping"``.
 
     Positions (rotary angles, ALiBi distances) come from the mask, counted over
     real tokens, so left padding and ``past_kv`` see absolute positions.
@@ -66,6 +70,8 @@ class Attention(nn.Module):
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
         self.last_path = "not run"
+        # set by generation for one forward: receives this layer's full (past + new) keys/values
+        self.kv_sink: list[PastKV] | None = None
 
     # --- TransformerLens-shaped views into the packed weights -------------------------
     def _qkv_slice(self, which: int) -> tuple[int, int, int]:
@@ -136,7 +142,17 @@ class Attention(nn.Module):
                 f"attention_backend='sdpa' cannot fire {', '.join(needing)}: the fused kernel "
                 "computes no scores or pattern; use 'auto' or 'eager'"
             )
-        return f"eager: hooked {', '.join(needing)}" if needing else "sdpa"
+        if needing:
+            return f"eager: hooked {', '.join(needing)}"
+        if self.cfg.attn_softcap:
+            # SDPA has no hook between scores and softmax: a capped layer is computed explicitly
+            if backend == "sdpa":
+                raise ConfigError(
+                    "attention_backend='sdpa' cannot apply attention soft-capping "
+                    f"(attn_softcap={self.cfg.attn_softcap}); use 'auto' or 'eager'"
+                )
+            return "eager: soft-capping"
+        return "sdpa"
 
     def forward(
         self,
@@ -169,6 +185,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if past_kv is not None:
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        if self.kv_sink is not None:
+            self.kv_sink.append((k, v))
         self.last_path = self.choose_path(backend)
         if self.last_path == "sdpa":
             z = self._fused(q, k, v, mask)
@@ -192,7 +210,7 @@ class Attention(nn.Module):
             mask.memo["alibi"] = alibi_bias(slopes, positions[:, -mask.q_len :], positions)
         return mask.memo["alibi"]
 
-    def _fused(self, q: Queries, k: KeysValues, v: KeysValues, mask: AttentionMask) -> Mixed:
+    def _fused(self, q: Queries, k: Keys, v: Values, mask: AttentionMask) -> Mixed:
         gqa = self.cfg.n_key_value_heads != self.cfg.n_heads
         bias = self._bias(mask, q.device)
         windowed = mask.window_applies(self.cfg.window_of(self.layer))
@@ -209,11 +227,13 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, scale=self.cfg.attn_scale, enable_gqa=gqa
         )
 
-    def _explicit(self, q: Queries, k: KeysValues, v: KeysValues, mask: AttentionMask) -> Mixed:
+    def _explicit(self, q: Queries, k: Keys, v: Values, mask: AttentionMask) -> Mixed:
         group = self.cfg.kv_group_size
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) * self.cfg.attn_scale
+        if self.cfg.attn_softcap:  # before bias and mask, as Gemma-2 does (tanh(-inf) is finite)
+            scores = soft_cap(scores, self.cfg.attn_softcap)
         bias = self._bias(mask, q.device)
         if bias is not None:
             scores = scores + bias.to(scores.dtype)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from mitk.config import TransformerConfig
 from mitk.hooks import HookPoint
 from mitk.model.attention import Attention, Backend, PastKV
+from mitk.model.latent_attention import LatentAttention
 from mitk.model.masks import AttentionMask
 from mitk.model.mlp import MLP
 from mitk.model.norms import make_norm
@@ -18,6 +19,18 @@ class TransformerBlock(nn.Module):
 
     The residual additions are out of place on purpose: a cached ``resid_pre``
     must not change when the block later adds into the stream.
+
+    Post-norm (``cfg.norm_position == "post"``, BERT) keeps TransformerLens's
+    ``BertBlock`` hooks: ``hook_resid_pre`` is the (normed) block input,
+    ``hook_resid_mid = resid_pre + attn_out`` and ``hook_resid_post =
+    ln1(resid_mid) + mlp_out`` are taken *before* their norms (``ln1``, ``ln2``),
+    and the block's output ``ln2(resid_post)`` is ``hook_normalized_resid_post``,
+    which equals the next block's ``hook_resid_pre``.
+
+    Sandwich norms (``cfg.sandwich_norms``, Gemma-2) normalise each sublayer's
+    output with ``ln1_post``/``ln2_post`` before the residual addition, as
+    TransformerLens does; ``hook_attn_out``/``hook_mlp_out`` see the normed
+    write, so they are no longer the sum of per-head or per-neuron writes.
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
@@ -25,7 +38,8 @@ class TransformerBlock(nn.Module):
         self.cfg = cfg
         self.layer = layer
         self.ln1 = make_norm(cfg)
-        self.attn = Attention(cfg, layer)
+        attention = LatentAttention if cfg.attention_type == "mla" else Attention
+        self.attn = attention(cfg, layer)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         if cfg.has_mlp:
@@ -35,6 +49,11 @@ class TransformerBlock(nn.Module):
             self.mlp = MLP(cfg)
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        if cfg.norm_position == "post":
+            self.hook_normalized_resid_post = HookPoint()
+        if cfg.sandwich_norms:  # Gemma-2: each sublayer's output is normed before it is added
+            self.ln1_post = make_norm(cfg)
+            self.ln2_post = make_norm(cfg)
 
     def forward(
         self,
@@ -45,12 +64,34 @@ class TransformerBlock(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         """One block; ``past_kv`` (keys/values of earlier positions) goes to the attention."""
         resid = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), mask, backend, past_kv))
+        if self.cfg.norm_position == "post":
+            return self._post_norm(resid, mask, backend, past_kv)
+        attn_out = self.attn(self.ln1(resid), mask, backend, past_kv)
+        if self.cfg.sandwich_norms:
+            attn_out = self.ln1_post(attn_out)
+        attn_out = self.hook_attn_out(attn_out)
         if not self.cfg.has_mlp:
             return self.hook_resid_post(resid + attn_out)
         if self.cfg.parallel_attn_mlp:
             mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
             return self.hook_resid_post(resid + attn_out + mlp_out)
         mid = self.hook_resid_mid(resid + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mid)))
+        mlp_out = self.mlp(self.ln2(mid))
+        if self.cfg.sandwich_norms:
+            mlp_out = self.ln2_post(mlp_out)
+        mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(mid + mlp_out)
+
+    def _post_norm(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        mask: AttentionMask,
+        backend: Backend,
+        past_kv: PastKV | None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """``x = ln1(x + attn(x)); x = ln2(x + mlp(x))`` (config validation ensures an MLP)."""
+        attn_out = self.hook_attn_out(self.attn(resid, mask, backend, past_kv))
+        normed_mid = self.ln1(self.hook_resid_mid(resid + attn_out))
+        mlp_out = self.hook_mlp_out(self.mlp(normed_mid))
+        post = self.hook_resid_post(normed_mid + mlp_out)
+        return self.hook_normalized_resid_post(self.ln2(post))

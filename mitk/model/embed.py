@@ -1,4 +1,4 @@
-"""Token embedding, positional embedding and unembedding."""
+"""Token, positional and token-type embeddings, and the unembedding."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
 from mitk.model.linear import affine
+from mitk.model.softcap import soft_cap
 from mitk.shapes import Float, Int
 
 
@@ -32,6 +33,19 @@ class PosEmbed(nn.Module):
         self, position_ids: Int[Tensor, "#batch pos"]
     ) -> Float[Tensor, "#batch pos d_model"]:
         return self.W_pos[position_ids]
+
+
+class TokenTypeEmbed(nn.Module):
+    """Token-type (segment) ids to vectors: ``W_token_type [token_types, d_model]`` (BERT)."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.W_token_type = nn.Parameter(torch.empty(cfg.token_types, cfg.d_model))
+
+    def forward(
+        self, token_type_ids: Int[Tensor, "batch pos"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        return self.W_token_type[token_type_ids]
 
 
 class SinusoidalPosEmbed(nn.Module):
@@ -62,12 +76,18 @@ def sinusoids(
 
 
 class Unembed(nn.Module):
-    """Residual stream to logits: ``W_U [d_model, d_vocab]`` and optional ``b_U``."""
+    """Residual stream to logits: ``W_U [d_model, d_vocab]`` and optional ``b_U``.
+
+    With ``cfg.output_softcap`` (Gemma-2) the logits are ``cap * tanh((x W_U + b_U) / cap)``:
+    direct logit attribution is then exact for the pre-cap logits only.
+    """
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None
+        self.softcap = cfg.output_softcap
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return affine(x, self.W_U, self.b_U)
+        logits = affine(x, self.W_U, self.b_U)
+        return soft_cap(logits, self.softcap) if self.softcap else logits

@@ -47,6 +47,12 @@ def process_weights(
     asked = dict(zip(STEPS, flags, strict=True))
     if not any(flags):
         return model  # nothing asked: not even the record changes
+    if model.cfg.attention_type == "mla":
+        # every step rewrites W_qkv/W_O, which latent attention does not have
+        raise UnsupportedModelError("weight processing does not support latent attention (MLA)")
+    if model.cfg.norm_position == "post":
+        # every step assumes norms read an additive stream (pre-norm); post-norm norms rewrite it
+        raise UnsupportedModelError("weight processing needs a pre-norm model, not post-norm")
     if center_writing_weights:
         _check_centering_is_exact(model)
     if fold_ln:

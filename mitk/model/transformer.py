@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mitk.cache import ActivationCache
 from mitk.config import TransformerConfig
-from mitk.errors import HookError
+from mitk.errors import HookError, UnsupportedModelError
 from mitk.hooks import (
     BwdHookSpec,
     HookPoint,
@@ -24,9 +24,9 @@ from mitk.hooks import (
     layer_of,
     resolve_names,
 )
-from mitk.model import processing
+from mitk.model import generation, processing
 from mitk.model.block import TransformerBlock
-from mitk.model.embed import Embed, PosEmbed, SinusoidalPosEmbed, Unembed
+from mitk.model.embed import Embed, PosEmbed, SinusoidalPosEmbed, TokenTypeEmbed, Unembed
 from mitk.model.inputs import checked_attention_mask, checked_residual, checked_tokens
 from mitk.model.loss import next_token_loss
 from mitk.model.masks import AttentionMask, position_ids_from_mask
@@ -64,10 +64,14 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
                 PosEmbed(cfg) if cfg.positional == "learned" else SinusoidalPosEmbed(cfg)
             )
             self.hook_pos_embed = HookPoint()
+        if cfg.token_types:
+            self.token_type_embed = TokenTypeEmbed(cfg)
+            self.hook_token_type_embed = HookPoint()
         if cfg.embed_norm:
             self.ln_embed = make_norm(cfg)
         self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.ln_final = make_norm(cfg)
+        # BERT's encoder output is the last block's (post-norm) output: no final norm, no hooks
+        self.ln_final = make_norm(cfg) if cfg.final_norm else nn.Identity()
         self.unembed = Unembed(cfg)
         self.hook_dict: dict[str, HookPoint] = collect_hook_points(self)
         self.attention_backend = cfg.attention_backend
@@ -167,6 +171,7 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         stop_at_layer: int | None = None,
         logit_positions: int | slice | Tensor | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "..."]:
         """Run the model.
 
@@ -183,6 +188,9 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
           from the end).
         - ``logit_positions``: unembed only these positions (int, slice or 1-D
           index tensor); the pos axis is kept.
+        - ``token_type_ids``: ``[batch, pos]`` segment ids for models with
+          ``cfg.token_types`` (BERT); default all zeros.
+        - A bare encoder (``cfg.has_lm_head=False``) refuses ``"logits"`` and ``"loss"``.
         """
         cfg = self.cfg
         if isinstance(input, str) or (
@@ -201,7 +209,7 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
             tokens = checked_tokens(input, cfg).to(device)
             key_valid = checked_attention_mask(attention_mask, (tokens.shape[0], tokens.shape[1]))
             key_valid = None if key_valid is None else key_valid.to(device)
-            resid = self._embed(tokens, key_valid)
+            resid = self._embed(tokens, key_valid, token_type_ids)
         else:
             resid = checked_residual(input, cfg).to(device)
             key_valid = checked_attention_mask(attention_mask, (resid.shape[0], resid.shape[1]))
@@ -211,6 +219,11 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
             resid = block(resid, mask, self.attention_backend)
         if stop_at_layer is not None:
             return resid
+        if return_type in ("logits", "loss") and not cfg.has_lm_head:
+            raise UnsupportedModelError(
+                f"this {cfg.architecture} model has no LM head (a bare encoder): "
+                f"use return_type='hidden'"
+            )
         hidden = self.ln_final(resid)
         if return_type == "hidden":
             return hidden
@@ -231,14 +244,27 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         raise ValueError(f"return_type must be 'logits', 'hidden' or 'loss', got {return_type!r}")
 
     def _embed(
-        self, tokens: Int[Tensor, "batch pos"], key_valid: Bool[Tensor, "batch pos"] | None
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        key_valid: Bool[Tensor, "batch pos"] | None,
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
+        *,
+        positions: Int[Tensor, "#batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_embed(self.embed(tokens))
         if self.cfg.positional in ("learned", "sinusoidal"):
-            positions = position_ids_from_mask(key_valid, tokens.shape[1], tokens.device)
+            if positions is None:  # generation passes the positions that follow its cache
+                positions = position_ids_from_mask(key_valid, tokens.shape[1], tokens.device)
             # expand (a view) so the hook sees [batch, pos, d_model] like every other residual write
             pos_embed = self.pos_embed(positions).to(resid.dtype).expand(resid.shape)
             resid = resid + self.hook_pos_embed(pos_embed)
+        if self.cfg.token_types:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(tokens)
+            types = self.token_type_embed(token_type_ids.to(tokens.device)).expand(resid.shape)
+            resid = resid + self.hook_token_type_embed(types)
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given, but this model has no token-type embedding")
         return self.ln_embed(resid) if self.cfg.embed_norm else resid
 
     def _layer_index(self, layer: int | None, what: str, default: int) -> int:
@@ -248,6 +274,24 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         if not -n <= layer <= n:
             raise ValueError(f"{what}={layer} is outside [-{n}, {n}] for a {n}-layer model")
         return layer % n if layer < 0 else layer
+
+    def generate(
+        self, input: ModelInput, max_new_tokens: int = 20, **kwargs: Any
+    ) -> generation.GenerationResult:
+        """Extend each prompt by up to ``max_new_tokens`` tokens, with a key-value cache.
+
+        ``input``: token ids ``[batch, pos]`` (left-padded, with ``attention_mask``)
+        or text (left-padded for you). Keyword options:
+        ``temperature`` (0, the default, is greedy), ``top_k``, ``top_p``, ``seed``
+        (a private generator; None uses torch's global one), ``eos_token_id``
+        (int or ids; default the tokenizer's EOS, ``()`` never stops), ``pad_token_id``
+        (filler after a row's EOS), ``fwd_hooks``, ``use_past_kv``. Hooks active
+        while generating fire on the prompt and then on each new position alone
+        (``pos == 1``); ``use_past_kv=False`` reruns the whole sequence each step
+        instead. Returns a ``GenerationResult`` (``tokens``, ``new_tokens``,
+        ``attention_mask``, ``log_probs``, ``text``).
+        """
+        return generation.generate(self, input, max_new_tokens, **kwargs)
 
     def attention_paths(self) -> list[str]:
         """Per layer, which attention path the last forward ran (``"sdpa"`` or ``"eager: why"``)."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from mitk.errors import ConfigError, ShapeMismatchError
 from mitk.hooks import HookPoint, layer_of
 from mitk.model import HookedTransformer
+from mitk.model.norms import LayerNorm, RMSNorm
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.splice import as_sae_input, resolve_hook_name
 from mitk.shapes import Bool, Float, Int
@@ -357,6 +358,8 @@ def logit_effects(
     if through_final_norm:
         if model.cfg.normalization == "layernorm":
             direction = direction - direction.mean()
+        if not isinstance(model.ln_final, (LayerNorm, RMSNorm)):
+            raise ConfigError("through_final_norm=True, but this model has no final norm")
         direction = direction * model.ln_final.w
     effects = (direction @ W_U).float().cpu()
     k = min(k, effects.shape[0])

@@ -51,6 +51,20 @@ def _qwen2(**kw: Any) -> nn.Module:
     return Qwen2ForCausalLM(Qwen2Config(**{**LLAMA_LIKE, **kw}))
 
 
+def _gemma(**kw: Any) -> nn.Module:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return GemmaForCausalLM(GemmaConfig(**{**LLAMA_LIKE, "head_dim": 24, **kw}))
+
+
+def _gemma2(**kw: Any) -> nn.Module:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    # 24-wide heads (not 64 / 4), a window of 4 on layer 0, its own attention scale
+    base = {**LLAMA_LIKE, "head_dim": 24, "sliding_window": 4, "query_pre_attn_scalar": 20}
+    return Gemma2ForCausalLM(Gemma2Config(**{**base, **kw}))
+
+
 def _neox(**kw: Any) -> nn.Module:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -84,6 +98,11 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "llama-mha-head-dim": lambda: _llama(num_key_value_heads=4, head_dim=8),
     "mistral-window-4": lambda: _mistral(),
     "qwen2": lambda: _qwen2(),
+    "gemma-gqa-head-dim": lambda: _gemma(),
+    # attention soft-capping runs explicitly: tests/parity/test_hf_gemma.py covers it
+    "gemma2-window-logit-softcap": lambda: _gemma2(
+        attn_logit_softcapping=None, final_logit_softcapping=3.0
+    ),
     "gpt-neox-parallel-partial-rotary": lambda: _neox(),
     "gpt-neox-sequential": lambda: _neox(use_parallel_residual=False, rotary_pct=1.0),
     "gptj-interleaved-partial-rotary": lambda: _gptj(),

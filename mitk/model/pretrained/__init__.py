@@ -12,7 +12,9 @@ from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
 from mitk.errors import ConfigError, UnsupportedModelError
+from mitk.model.pretrained.bert import bert_config, bert_state_dict
 from mitk.model.pretrained.bloom import bloom_config, bloom_state_dict
+from mitk.model.pretrained.deepseek import deepseek_config, deepseek_state_dict
 from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.pretrained.files import (
     atomic_save_safetensors,
@@ -20,8 +22,10 @@ from mitk.model.pretrained.files import (
     has_tokenizer,
     read_safetensors_dir,
 )
+from mitk.model.pretrained.gemma import gemma_config, gemma_state_dict
 from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
 from mitk.model.pretrained.gptj import gptj_config, gptj_state_dict
+from mitk.model.pretrained.hub import looks_like_repo_id, resolve_repo
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
 from mitk.model.pretrained.neox import neox_config, neox_state_dict
 
@@ -32,7 +36,11 @@ ConfigFn = Callable[..., TransformerConfig]
 StateFn = Callable[[dict[str, Tensor], TransformerConfig], dict[str, Tensor]]
 # Hugging Face ``model_type`` -> (config converter, state-dict converter)
 CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
+    "bert": (bert_config, bert_state_dict),
     "bloom": (bloom_config, bloom_state_dict),
+    "deepseek_v2": (deepseek_config, deepseek_state_dict),
+    "gemma": (gemma_config, gemma_state_dict),
+    "gemma2": (gemma_config, gemma_state_dict),
     "gpt2": (gpt2_config, gpt2_state_dict),
     "gpt_neox": (neox_config, neox_state_dict),
     "gptj": (gptj_config, gptj_state_dict),
@@ -56,6 +64,11 @@ def supported_architectures() -> list[str]:
 def hf_converters(hf_config: dict[str, Any]) -> tuple[ConfigFn, StateFn]:
     """The converters for a Hugging Face config, or an error listing what is supported."""
     model_type = hf_config.get("model_type")
+    if model_type == "t5":  # encoder-decoder: a different model class, not a decoder-only config
+        raise UnsupportedModelError(
+            "model_type 't5' is an encoder-decoder; load it with "
+            "mitk.HookedEncoderDecoder.from_pretrained(...)"
+        )
     if model_type not in CONVERTERS:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; "
@@ -76,9 +89,12 @@ def load_pretrained(
     center_writing_weights: bool = False,
     center_unembed: bool = False,
     fold_value_biases: bool = False,
+    revision: str | None = None,
 ) -> Any:
     """Build ``model_cls`` from a HF directory, a mitk save directory or an in-memory HF model.
 
+    A string that is neither a directory nor an embedded model name is a Hugging Face
+    repo id, resolved through the hub cache at ``revision`` (see ``hub.resolve_repo``).
     The four processing flags, all off by default, are applied after loading
     (see ``HookedTransformer.process_weights``).
     """
@@ -95,7 +111,7 @@ def load_pretrained(
         cfg = make_config(hf_dict, **overrides)
         state = make_state(source.state_dict(), cfg)
     else:
-        directory = _locate(source)
+        directory = _locate(source, revision)
         if (directory / NATIVE_CONFIG).exists():
             cfg = TransformerConfig.from_json((directory / NATIVE_CONFIG).read_text())
             cfg = cfg.replace(**overrides) if overrides else cfg
@@ -126,18 +142,27 @@ def load_pretrained(
     )
 
 
-def _locate(source: str | Path) -> Path:
-    """The directory for a path or an embedded model name."""
+def _locate(source: str | Path, revision: str | None = None) -> Path:
+    """The directory for a path, an embedded model name or a Hugging Face repo id."""
     directory = Path(source)
+    embedded = embedded_models()
+    is_repo = isinstance(source, str) and source not in embedded and looks_like_repo_id(source)
+    if revision is not None and (directory.is_dir() or not is_repo):
+        raise ConfigError(f"revision={revision!r} applies to Hugging Face repo ids, not {source!s}")
     if directory.is_dir():
         return directory
-    embedded = embedded_models()
     if isinstance(source, str) and source in embedded:
         return embedded[source]
-    raise FileNotFoundError(
+    missing = (
         f"{source!s} is not a directory holding a checkpoint nor an embedded model "
         f"(embedded: {', '.join(embedded) or 'none'})"
     )
+    if not is_repo:
+        raise FileNotFoundError(missing)
+    try:
+        return resolve_repo(str(source), revision)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{missing}; as a Hugging Face repo id: {err}") from err
 
 
 def save_native(model: Any, directory: Path) -> Path:

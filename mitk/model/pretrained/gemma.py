@@ -1,0 +1,81 @@
+"""Hugging Face Gemma and Gemma-2 checkpoints to mitk weights.
+
+Both share LLaMA's layout (rotary, grouped-query attention, a gated MLP, here
+GeGLU with tanh-approximated gelu), with two differences absorbed at load time
+so that every analysis reading the weights stays exact:
+
+- Gemma's RMSNorm multiplies by ``1 + w``: mitk stores ``ln*.w = 1 + w`` (computed
+  in fp32), so ``ln.w`` is the factor the norm really applies (DLA, ``fold_ln``).
+- The embedding is scaled by ``sqrt(d_model)`` (cast to the model dtype, as Hugging
+  Face does): mitk stores the scaled ``W_E``, as TransformerLens does, so
+  ``hook_embed`` sees what enters the stream. The (tied) unembedding is unscaled.
+
+Gemma-2 adds sandwich norms (``ln1_post``/``ln2_post`` after each sublayer;
+HF's ``pre_feedforward_layernorm`` is ``ln2``), attention and final-logit
+soft-capping, ``query_pre_attn_scalar`` as the attention scale and a sliding
+window on the layers its ``layer_types`` name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mitk.config import TransformerConfig
+from mitk.errors import UnsupportedModelError
+from mitk.model.pretrained.gpt2 import hf_activation
+from mitk.model.pretrained.llama import llama_config, llama_state_dict
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
+    """TransformerConfig equivalent to a Gemma or Gemma-2 ``config.json``."""
+    model_type = hf["model_type"]
+    if hf.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(f"{model_type} with bidirectional attention is not supported")
+    # old Gemma configs say "gelu" but mean the tanh approximation (HF rewrites it too)
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    fields: dict[str, Any] = {
+        "act_fn": "gelu_tanh" if act == "gelu" else hf_activation(act),
+        "attn_out_bias": bool(hf.get("attention_bias", False)),
+        "extra": {
+            "source_model_type": model_type,
+            "converted": "ln*.w = 1 + w (Gemma RMSNorm); W_E scaled by sqrt(d_model)",
+        },
+    }
+    if model_type == "gemma2":
+        fields |= {
+            "attn_scale": float(hf["query_pre_attn_scalar"]) ** -0.5,
+            "sandwich_norms": True,
+            "attn_softcap": float(hf.get("attn_logit_softcapping") or 0.0),
+            "output_softcap": float(hf.get("final_logit_softcapping") or 0.0),
+        }
+    return llama_config(hf, **{**fields, **overrides})
+
+
+def gemma_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
+    """Rename a Gemma(-2) ``*ForCausalLM`` state dict to mitk names, applying the offsets above."""
+    out = llama_state_dict(hf_state, cfg)
+    sd = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    if cfg.sandwich_norms:
+        for layer in range(cfg.n_layers):
+            hf, mk = f"layers.{layer}.", f"blocks.{layer}."
+            # Gemma-2's post_attention_layernorm normalises the attention output, not the MLP input
+            out[mk + "ln1_post.w"] = sd[hf + "post_attention_layernorm.weight"]
+            out[mk + "ln2.w"] = sd[hf + "pre_feedforward_layernorm.weight"]
+            out[mk + "ln2_post.w"] = sd[hf + "post_feedforward_layernorm.weight"]
+    for name in out:
+        if name.rsplit(".", 2)[-2].startswith("ln") and name.endswith(".w"):
+            out[name] = 1.0 + out[name].float()  # HF adds the 1 in fp32, too
+    dtype = _DTYPES[cfg.dtype]
+    w_e = out["embed.W_E"].to(dtype)
+    out["embed.W_E"] = w_e * torch.tensor(cfg.d_model**0.5, dtype=dtype)
+    return out

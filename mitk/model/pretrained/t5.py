@@ -1,0 +1,137 @@
+"""Hugging Face T5 (``model_type="t5"``) checkpoints to ``HookedEncoderDecoder`` weights.
+
+Covers T5 v1.0 (relu MLP, unembedding tied to the embedding and the decoder
+output rescaled by ``d_model**-0.5``) and v1.1 / Flan-T5 (``gated-gelu``,
+untied ``lm_head``, no rescale). The rescale follows ``scale_decoder_outputs``
+when the config has it (transformers 5 writes it), else ``tie_word_embeddings``.
+A checkpoint's own ``lm_head.weight`` is used when present, else the embedding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mitk.errors import ConfigError, UnsupportedModelError
+from mitk.model.encoder_decoder_config import EncoderDecoderConfig
+from mitk.model.pretrained.files import read_safetensors_dir
+
+# HF activation name -> mitk act_fn ("gelu" is exact GELU, "gelu_new" the tanh approximation)
+_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "silu": "silu"}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def t5_config(hf: dict[str, Any], **overrides: Any) -> EncoderDecoderConfig:
+    """EncoderDecoderConfig equivalent to a T5 ``config.json``."""
+    proj = hf.get("feed_forward_proj", "relu")
+    gated = proj.startswith("gated-")
+    act = proj.removeprefix("gated-")
+    # HF maps "gated-gelu" to gelu_new (tanh) for backwards compatibility
+    act_fn = "gelu_tanh" if proj == "gated-gelu" else _ACTIVATIONS.get(act)
+    if act_fn is None:
+        raise UnsupportedModelError(f"T5 feed_forward_proj {proj!r} is not supported")
+    scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    fields: dict[str, Any] = {
+        "d_model": hf["d_model"],
+        "n_layers": hf["num_layers"],
+        "n_decoder_layers": hf.get("num_decoder_layers") or hf["num_layers"],
+        "n_heads": hf["num_heads"],
+        "d_head": hf["d_kv"],
+        "d_mlp": hf["d_ff"],
+        "d_vocab": hf["vocab_size"],
+        "act_fn": act_fn,
+        "gated_mlp": gated,
+        "norm_eps": hf.get("layer_norm_epsilon", 1e-6),
+        "relative_buckets": hf.get("relative_attention_num_buckets", 32),
+        "relative_max_distance": hf.get("relative_attention_max_distance", 128),
+        "scale_unembed_input": bool(scale),
+        "architecture": "t5",
+        "extra": {"source_model_type": "t5"},
+    }
+    fields.update(overrides)
+    return EncoderDecoderConfig(**fields)
+
+
+def t5_state_dict(hf_state: dict[str, Tensor], cfg: EncoderDecoderConfig) -> dict[str, Tensor]:
+    """Rename and transpose a ``T5ForConditionalGeneration`` state dict to mitk names."""
+    sd = hf_state
+    embed = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    if embed is None:
+        raise UnsupportedModelError("T5 checkpoint has no shared.weight embedding")
+    out = {"embed.W_E": embed, "unembed.W_U": sd.get("lm_head.weight", embed).T}
+    stacks = (("encoder", cfg.n_layers, False), ("decoder", cfg.n_decoder_layers, True))
+    for stack, n_layers, is_decoder in stacks:
+        out[f"{stack}.ln_final.w"] = sd[f"{stack}.final_layer_norm.weight"]
+        for layer in range(n_layers):
+            hf, mk = f"{stack}.block.{layer}.layer.", f"{stack}.{layer}."
+            out |= _attention(sd, hf + "0.SelfAttention.", mk + "attn.")
+            out[mk + "ln1.w"] = sd[hf + "0.layer_norm.weight"]
+            if layer == 0:
+                out[mk + "rel_pos.W_rel"] = sd[
+                    hf + "0.SelfAttention.relative_attention_bias.weight"
+                ]
+            ff = hf + ("2" if is_decoder else "1")
+            if is_decoder:
+                out |= _attention(sd, hf + "1.EncDecAttention.", mk + "cross_attn.")
+                out[mk + "ln_cross.w"] = sd[hf + "1.layer_norm.weight"]
+            out[mk + "ln2.w"] = sd[ff + ".layer_norm.weight"]
+            dense = ff + ".DenseReluDense."
+            if cfg.gated_mlp:
+                out[mk + "mlp.W_gate"] = sd[dense + "wi_0.weight"].T
+                out[mk + "mlp.W_in"] = sd[dense + "wi_1.weight"].T
+            else:
+                out[mk + "mlp.W_in"] = sd[dense + "wi.weight"].T
+            out[mk + "mlp.W_out"] = sd[dense + "wo.weight"].T
+    return out
+
+
+def _attention(sd: dict[str, Tensor], hf: str, mk: str) -> dict[str, Tensor]:
+    return {mk + f"W_{p}": sd[hf + f"{p}.weight"].T for p in "qkvo"}
+
+
+def load_t5(
+    model_cls: Any,
+    source: str | Path | nn.Module,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    attention_backend: str | None = None,
+) -> Any:
+    """Build ``model_cls`` (``HookedEncoderDecoder``) from a T5 directory or in-memory model."""
+    overrides: dict[str, Any] = {}
+    if dtype is not None:
+        overrides["dtype"] = (
+            _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+        )
+    if attention_backend is not None:
+        overrides["attention_backend"] = attention_backend
+    if isinstance(source, nn.Module):
+        hf_config: dict[str, Any] = source.config.to_dict()  # type: ignore[union-attr,operator]
+        state = dict(source.state_dict())
+    else:
+        directory = Path(source)
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(f"{directory} holds no config.json")
+        hf_config = json.loads((directory / "config.json").read_text())
+        state = read_safetensors_dir(directory)
+    if hf_config.get("model_type") != "t5":
+        raise UnsupportedModelError(
+            f"HookedEncoderDecoder loads model_type 't5', got {hf_config.get('model_type')!r}"
+        )
+    try:
+        cfg = t5_config(hf_config, **overrides)
+    except KeyError as err:
+        raise ConfigError(f"T5 config lacks field {err}") from err
+    model = model_cls(cfg, seed=None)
+    model.load_state_dict(t5_state_dict(state, cfg), strict=True)
+    model.eval()
+    return model.to(device) if device is not None else model

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mitk.cache import decompose
+from mitk.cache.heads import expand_kv_heads
 from mitk.cache.residual_stack import ResidualStack
 from mitk.errors import MitkError, UnknownHookError
 from mitk.hooks import name
@@ -78,6 +79,19 @@ class ActivationCache(Mapping[str, Tensor]):
                 "run_with_cache(names_filter=...) (or leave names_filter=None to cache everything)"
             )
         return self._acts[full]
+
+    def per_query_head(self, key: CacheKey) -> Tensor:
+        """A cached key or value with one slice per query head: ``[batch, pos, head, d_head]``.
+
+        For ``k``, ``rot_k`` and ``v`` hooks, which keep the key-value head
+        count under grouped-query attention; query head ``h`` gets key-value
+        head ``h // kv_group_size``, as attention reads it. A copy when grouped,
+        the cached tensor itself otherwise.
+        """
+        full = self._resolve(key)
+        if not full.endswith(("hook_k", "hook_rot_k", "hook_v")):
+            raise ValueError(f"per_query_head expands k, rot_k or v activations, not {full!r}")
+        return expand_kv_heads(self[full], self.model.cfg.n_heads)
 
     def grad(self, key: CacheKey) -> Tensor:
         """Gradient of the output w.r.t. a cached activation (``run_with_cache(incl_bwd=True)``)."""

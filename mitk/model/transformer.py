@@ -43,6 +43,7 @@ _DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+_DTYPE_NAMES = {dtype: dtype_name for dtype_name, dtype in _DTYPES.items()}
 
 
 class HookedTransformer(WeightViews, TextInterface, nn.Module):
@@ -106,6 +107,20 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         from mitk.model.pretrained import load_pretrained
 
         return load_pretrained(cls, source, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HookedTransformer:
+        """``nn.Module``'s cast and move, then ``cfg.dtype`` set to the weights' new dtype.
+
+        Every ``to``/``half``/``bfloat16``/``double`` passes through here, so the
+        config (which ``save`` writes) never disagrees with the weights. The
+        config is replaced, not mutated: another model built from it keeps its own.
+        """
+        super()._apply(fn, recurse)
+        weights = next((p for p in self.parameters() if p.is_floating_point()), None)
+        now = None if weights is None else _DTYPE_NAMES.get(weights.dtype)
+        if now is not None and now != self.cfg.dtype:
+            processing._replace_cfg(self, dtype=now)  # blocks hold the same config object
+        return self
 
     def save(self, directory: str | Path) -> Path:
         """Write mitk's format: ``mitk_config.json``, ``model.safetensors`` and any tokenizer."""

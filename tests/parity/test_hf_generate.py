@@ -3,7 +3,8 @@
 Each decoder family of ``test_hf_families`` (tiny random weights, fp32) is saved,
 loaded into mitk, and both continue the same left-padded batch; HF gets the
 attention mask (its ``generate`` derives position ids from it) and the same pad
-and EOS ids. The LM head is replaced by a larger untied one so near-ties in the
+and EOS ids, and computes attention eagerly (HF's SDPA path drops Gemma-2's
+attention soft-cap). The LM head is replaced by a larger untied one so near-ties in the
 random logits do not make the argmax depend on float rounding.
 """
 
@@ -17,7 +18,18 @@ import torch
 from torch import nn
 
 from mitk import HookedTransformer
-from tests.parity.test_hf_families import VOCAB, _bloom, _gptj, _llama, _mistral, _neox, _qwen2
+from tests.parity.test_hf_families import (
+    VOCAB,
+    _bloom,
+    _gemma,
+    _gemma2,
+    _gptj,
+    _llama,
+    _mistral,
+    _neox,
+    _qwen2,
+)
+from tests.parity.test_hf_mla import _deepseek
 
 NEW = 8
 FAMILIES: dict[str, Any] = {
@@ -28,6 +40,12 @@ FAMILIES: dict[str, Any] = {
     "gpt-neox": _neox,
     "gptj": _gptj,
     "bloom": lambda: _bloom(n_head=8),
+    "gemma-gqa": _gemma,
+    # caps small enough to bite: attention scores within +-5, logits within +-30
+    "gemma2-window-softcaps": lambda: _gemma2(
+        attn_logit_softcapping=5.0, final_logit_softcapping=30.0
+    ),
+    "deepseek-v2-mla": lambda: _deepseek(q_lora_rank=20),
 }
 
 
@@ -58,6 +76,7 @@ def test_greedy_matches_hf_generate(family: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     hf = _sharpened(FAMILIES[family]())
     hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf.config._attn_implementation = "eager"
     model = HookedTransformer.from_pretrained(tmp_path)
     tokens = torch.randint(1, VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(tokens)

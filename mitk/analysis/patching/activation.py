@@ -114,6 +114,11 @@ def activation_patch(
     and corrupted prompts must line up position by position; a shared
     ``attention_mask`` handles padding. ``memory_budget_gb`` bounds the
     activations of one batched forward (an estimate, fp32).
+
+    Heads: for ``k`` and ``v`` sites ``head`` indexes key-value heads (the
+    hooked tensors keep ``n_key_value_heads`` under grouped-query attention),
+    so patching one changes the keys or values every query head of its group
+    reads; ``q``, ``z`` and ``pattern`` index query heads.
     """
     check_patch_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
     where = site_for(site, per)

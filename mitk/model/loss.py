@@ -1,4 +1,4 @@
-"""Next-token cross-entropy computed in position chunks, never holding all the logits."""
+"""Next-token cross-entropy computed in chunks of tokens, never holding all the logits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from mitk.shapes import Float, Int, Scalar
 
-LOSS_CHUNK = 256
+LOSS_CHUNK = 512
+"""Predicting positions (over the whole batch) unembedded at once."""
 
 
 def next_token_loss(
@@ -22,21 +23,20 @@ def next_token_loss(
 ) -> Scalar:
     """Mean cross-entropy of predicting ``tokens[:, i + 1]`` from position ``i``.
 
-    Only pairs where both positions are real tokens count. Logits exist for
-    ``chunk`` positions at a time (in fp32 for a stable log-softmax), so memory
-    stays flat at long context.
+    Only pairs where both positions are real tokens count. The predicting
+    positions of the whole batch are unembedded ``chunk`` at a time (in fp32
+    for a stable log-softmax), so memory stays flat in both batch and context.
     """
     if tokens.shape[1] < 2:
         raise ValueError("return_type='loss' needs at least two positions")
-    inputs, targets = hidden[:, :-1], tokens[:, 1:]
-    valid = None if key_valid is None else key_valid[:, 1:] & key_valid[:, :-1]
+    inputs = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = tokens[:, 1:].reshape(-1)
+    if key_valid is not None:  # padding pairs cost nothing: drop them before unembedding
+        keep = (key_valid[:, 1:] & key_valid[:, :-1]).reshape(-1)
+        inputs, targets = inputs[keep], targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.shape[1], chunk):
+    for start in range(0, targets.shape[0], chunk):
         part = slice(start, start + chunk)
-        logits = unembed(inputs[:, part]).float()
-        nll = F.cross_entropy(logits.flatten(0, 1), targets[:, part].flatten(), reduction="none")
-        if valid is not None:
-            nll = nll * valid[:, part].flatten()
-        total = total + nll.sum()
-    count = targets.numel() if valid is None else int(valid.sum())
-    return total / count
+        logits = unembed(inputs[None, part]).float()[0]  # the unembed reads [batch, pos, d]
+        total = total + F.cross_entropy(logits, targets[part], reduction="sum")
+    return total / targets.shape[0]

@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
         ("patching.py", "TL bridge / mitk batched"),
         ("sweep.py", "TL loop / mitk units"),
         ("sae.py", "mitk / SAELens throughput (topk)"),
+        ("long_context.py", "mitk fused / TL HookedTransformer (added memory)"),
     ],
 )
 def test_benchmark_quick_mode(script: str, ratio: str) -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mitk.shapes import Float, Int, Scalar
 
-LOSS_CHUNK = 512
+LOSS_CHUNK = 256
 """Predicting positions (over the whole batch) unembedded at once."""
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained.gpt2 import hf_activation
+from mitk.model.pretrained.llama import norms_and_gated_mlp
 from mitk.model.pretrained.rope import rope_fields
 
 
@@ -93,11 +94,5 @@ def deepseek_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> 
         out[mla + "W_o"] = sd[attn + "o_proj.weight"].T
         if cfg.attn_out_bias:
             out[mla + "b_o"] = sd[attn + "o_proj.bias"]
-        out |= {
-            mk + "ln1.w": sd[hf + "input_layernorm.weight"],
-            mk + "ln2.w": sd[hf + "post_attention_layernorm.weight"],
-            mk + "mlp.W_gate": sd[hf + "mlp.gate_proj.weight"].T,
-            mk + "mlp.W_in": sd[hf + "mlp.up_proj.weight"].T,
-            mk + "mlp.W_out": sd[hf + "mlp.down_proj.weight"].T,
-        }
+        out |= norms_and_gated_mlp(sd, hf, mk)
     return out

@@ -88,11 +88,20 @@ def llama_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
         out[mk + "attn.W_o"] = sd[attn + "o_proj.weight"].T
         if cfg.attn_out_bias:
             out[mk + "attn.b_o"] = sd[attn + "o_proj.bias"]
-        out |= {
-            mk + "ln1.w": sd[hf + "input_layernorm.weight"],
-            mk + "ln2.w": sd[hf + "post_attention_layernorm.weight"],
-            mk + "mlp.W_gate": sd[hf + "mlp.gate_proj.weight"].T,
-            mk + "mlp.W_in": sd[hf + "mlp.up_proj.weight"].T,
-            mk + "mlp.W_out": sd[hf + "mlp.down_proj.weight"].T,
-        }
+        out |= norms_and_gated_mlp(sd, hf, mk)
     return out
+
+
+def norms_and_gated_mlp(sd: dict[str, Tensor], hf: str, mk: str) -> dict[str, Tensor]:
+    """One LLaMA-style layer's two RMSNorms and SwiGLU MLP, under mitk names.
+
+    ``hf`` and ``mk`` are the layer's key prefixes (``layers.L.``, ``blocks.L.``);
+    the families built on LLaMA's layer layout (DeepSeek-V2's dense layers) share it.
+    """
+    return {
+        mk + "ln1.w": sd[hf + "input_layernorm.weight"],
+        mk + "ln2.w": sd[hf + "post_attention_layernorm.weight"],
+        mk + "mlp.W_gate": sd[hf + "mlp.gate_proj.weight"].T,
+        mk + "mlp.W_in": sd[hf + "mlp.up_proj.weight"].T,
+        mk + "mlp.W_out": sd[hf + "mlp.down_proj.weight"].T,
+    }

@@ -15,8 +15,7 @@ Hook names (``L`` is a layer of that stack):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,12 +28,12 @@ from mitk.hooks import (
     HookPoint,
     HookSpec,
     NameSelector,
-    attached_hooks,
     collect_hook_points,
     resolve_names,
 )
 from mitk.model.embed import Embed, Unembed
 from mitk.model.encoder_decoder_config import EncoderDecoderConfig
+from mitk.model.hooked import HookedModule
 from mitk.model.inputs import checked_attention_mask, checked_tokens
 from mitk.model.loss import next_token_loss
 from mitk.model.t5_block import T5EncoderBlock
@@ -50,7 +49,7 @@ _DTYPES = {
 }
 
 
-class HookedEncoderDecoder(nn.Module):
+class HookedEncoderDecoder(HookedModule, nn.Module):
     """A T5-style encoder-decoder with cross-attention and TransformerLens-style hooks.
 
     Build one from an ``EncoderDecoderConfig`` (random init) or with
@@ -171,17 +170,6 @@ class HookedEncoderDecoder(nn.Module):
         return paths
 
     # --- hooks and caching ------------------------------------------------------------
-    def hooks(
-        self, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[BwdHookSpec] = ()
-    ) -> Any:
-        """Context manager: hooks attached inside the block, removed on exit even on error."""
-        return attached_hooks(self.hook_dict, fwd_hooks, bwd_hooks)
-
-    def reset_hooks(self) -> None:
-        """Detach every hook from every HookPoint."""
-        for point in self.hook_dict.values():
-            point.clear()
-
     def run_with_hooks(
         self,
         *args: Any,
@@ -208,30 +196,5 @@ class HookedEncoderDecoder(nn.Module):
         and stores gradients (``cache.grad(name)``).
         """
         names = resolve_names(names_filter, self.hook_dict)
-        acts: dict[str, Tensor] = {}
-        grads: dict[str, Tensor] = {}
-
-        def keep(store: dict[str, Tensor]) -> Any:
-            def hook(act: Tensor, point: HookPoint) -> None:
-                act = act.detach()
-                store[point.name] = act if device is None else act.to(device)
-
-            return hook
-
-        bwd = [(n, keep(grads)) for n in names] if incl_bwd else []
-        with self.hooks([(n, keep(acts)) for n in names], bwd):
-            out = self(*args, **kwargs)
-            if incl_bwd:
-                if out.numel() != 1:
-                    raise ValueError("incl_bwd=True needs a scalar output, e.g. return_type='loss'")
-                out.backward()
+        out, acts, grads = self._record(lambda: self(*args, **kwargs), names, device, incl_bwd)
         return out, ActivationCache(acts, self, gradients=grads)
-
-    @contextmanager
-    def backend(self, name: Literal["auto", "sdpa", "eager"]) -> Iterator[None]:
-        """Temporarily force an attention backend (restored on exit)."""
-        previous, self.attention_backend = self.attention_backend, name
-        try:
-            yield
-        finally:
-            self.attention_backend = previous

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +18,6 @@ from mitk.hooks import (
     HookPoint,
     HookSpec,
     NameSelector,
-    attached_hooks,
     collect_hook_points,
     layer_of,
     resolve_names,
@@ -27,6 +25,7 @@ from mitk.hooks import (
 from mitk.model import generation, processing
 from mitk.model.block import TransformerBlock
 from mitk.model.embed import Embed, PosEmbed, SinusoidalPosEmbed, TokenTypeEmbed, Unembed
+from mitk.model.hooked import HookedModule
 from mitk.model.inputs import checked_attention_mask, checked_residual, checked_tokens
 from mitk.model.loss import next_token_loss
 from mitk.model.masks import AttentionMask, position_ids_from_mask
@@ -46,7 +45,7 @@ _DTYPES = {
 _DTYPE_NAMES = {dtype: dtype_name for dtype_name, dtype in _DTYPES.items()}
 
 
-class HookedTransformer(WeightViews, TextInterface, nn.Module):
+class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
     """A transformer whose every activation is reachable through a named HookPoint.
 
     Build one from a ``TransformerConfig`` (random init) or with
@@ -313,23 +312,6 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         return [str(block.attn.last_path) for block in self.blocks]
 
     # --- hooks and caching -------------------------------------------------------------
-    def hooks(
-        self, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[BwdHookSpec] = ()
-    ) -> Any:
-        """Context manager: hooks attached inside the block, removed on exit even on error.
-
-        Each hook is ``(name_or_predicate, fn)``; ``fn(activation, hook)`` may
-        return a replacement of the same shape. Backward hooks receive the
-        gradient w.r.t. the activation; they stay attached to the graph built
-        inside the block, so ``loss.backward()`` after the block still fires them.
-        """
-        return attached_hooks(self.hook_dict, fwd_hooks, bwd_hooks)
-
-    def reset_hooks(self) -> None:
-        """Detach every hook from every HookPoint (a safety net; contexts already clean up)."""
-        for point in self.hook_dict.values():
-            point.clear()
-
     def hooks_that_fire(self, start_at_layer: int | None, stop_at_layer: int | None) -> list[str]:
         """Hook names a forward with these layer bounds passes through."""
         first = self._layer_index(start_at_layer, "start_at_layer", 0)
@@ -395,32 +377,8 @@ class HookedTransformer(WeightViews, TextInterface, nn.Module):
         else:
             fire = self.hooks_that_fire(kwargs.get("start_at_layer"), kwargs.get("stop_at_layer"))
             names = resolve_names(names_filter, {n: None for n in fire})
-        acts: dict[str, Tensor] = {}
-        grads: dict[str, Tensor] = {}
-
-        def keep(store: dict[str, Tensor]) -> Any:
-            def hook(act: Tensor, point: HookPoint) -> None:
-                act = act.detach()
-                store[point.name] = act if device is None else act.to(device)
-
-            return hook
-
-        fwd = [(n, keep(acts)) for n in names]
-        bwd = [(n, keep(grads)) for n in names] if incl_bwd else []
-        with self.hooks(fwd, bwd):
-            out = self(input, *args, **kwargs)
-            if incl_bwd:
-                if out.numel() != 1:
-                    raise ValueError("incl_bwd=True needs a scalar output, e.g. return_type='loss'")
-                out.backward()
+        out, acts, grads = self._record(
+            lambda: self(input, *args, **kwargs), names, device, incl_bwd
+        )
         cache = ActivationCache(acts, self, gradients=grads)
         return out, cache.remove_batch_dim() if remove_batch_dim else cache
-
-    @contextmanager
-    def backend(self, name: Literal["auto", "sdpa", "eager"]) -> Iterator[None]:
-        """Temporarily force an attention backend (restored on exit)."""
-        previous, self.attention_backend = self.attention_backend, name
-        try:
-            yield
-        finally:
-            self.attention_backend = previous

@@ -82,6 +82,17 @@ def _gptj(**kw: Any) -> nn.Module:
     return GPTJForCausalLM(GPTJConfig(**{**base, **kw}))
 
 
+def _gpt_neo(**kw: Any) -> nn.Module:
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    # a window of 4 (shorter than the 12-token batch) on the local layers
+    base = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 96,
+            "attention_types": [[["global", "local"], 1]], "window_size": 4,
+            "vocab_size": VOCAB, "max_position_embeddings": 64, "bos_token_id": 0,
+            "eos_token_id": 0}  # fmt: skip
+    return GPTNeoForCausalLM(GPTNeoConfig(**{**base, **kw}))
+
+
 def _bloom(**kw: Any) -> nn.Module:
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -106,6 +117,10 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "gpt-neox-parallel-partial-rotary": lambda: _neox(),
     "gpt-neox-sequential": lambda: _neox(use_parallel_residual=False, rotary_pct=1.0),
     "gptj-interleaved-partial-rotary": lambda: _gptj(),
+    "gpt-neo-global-local-window-4": lambda: _gpt_neo(),
+    "gpt-neo-local-global-local-window-4": lambda: _gpt_neo(
+        num_layers=3, attention_types=[[["local", "global"], 1], [["local"], 1]]
+    ),
     # 8 heads: power-of-two ALiBi slopes; 6 heads: the interleaved non-power-of-two recipe
     "bloom-alibi-8-heads": lambda: _bloom(n_head=8),
     "bloom-alibi-6-heads": lambda: _bloom(n_head=6, hidden_size=96),

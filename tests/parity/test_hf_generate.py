@@ -23,6 +23,7 @@ from tests.parity.test_hf_families import (
     _bloom,
     _gemma,
     _gemma2,
+    _gpt_neo,
     _gptj,
     _llama,
     _mistral,
@@ -39,6 +40,8 @@ FAMILIES: dict[str, Any] = {
     "qwen2": _qwen2,
     "gpt-neox": _neox,
     "gptj": _gptj,
+    # a wider init than HF's 0.02, as for GPT-2; a window of 4 over 14 tokens
+    "gpt-neo-window-4": lambda: _gpt_neo(initializer_range=0.1),
     "bloom": lambda: _bloom(n_head=8),
     "gemma-gqa": _gemma,
     # caps small enough to bite: attention scores within +-5, logits within +-30

@@ -24,6 +24,7 @@ from mitk.model.pretrained.files import (
 )
 from mitk.model.pretrained.gemma import gemma_config, gemma_state_dict
 from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
+from mitk.model.pretrained.gpt_neo import gpt_neo_config, gpt_neo_state_dict
 from mitk.model.pretrained.gptj import gptj_config, gptj_state_dict
 from mitk.model.pretrained.hub import looks_like_repo_id, resolve_repo
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
@@ -42,6 +43,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "gemma": (gemma_config, gemma_state_dict),
     "gemma2": (gemma_config, gemma_state_dict),
     "gpt2": (gpt2_config, gpt2_state_dict),
+    "gpt_neo": (gpt_neo_config, gpt_neo_state_dict),
     "gpt_neox": (neox_config, neox_state_dict),
     "gptj": (gptj_config, gptj_state_dict),
     "llama": (llama_config, llama_state_dict),

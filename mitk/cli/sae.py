@@ -167,9 +167,12 @@ def train_command(
     log_path = training_log_path(out) if log_csv else None
     result = train(cfg, store, checkpoint_dir=checkpoint_dir, resume=resume,
                    progress=not (quiet or as_json), log_csv=log_path, device=device)  # fmt: skip
-    if not current_world().is_main:
+    world = current_world()
+    if world.is_main:
+        result.sae.save(out)
+    world.finish()
+    if not world.is_main:
         return
-    result.sae.save(out)
     last = result.history[-1] if result.history else {}
     metrics = {key.split("/", 1)[1]: value for key, value in last.items() if "/" in key}
     summary = {

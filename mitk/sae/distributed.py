@@ -63,6 +63,16 @@ class World:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         return counts > 0
 
+    def finish(self) -> None:
+        """Leave together and tear the process group down.
+
+        A rank that exits while its peer is still working (rank 0 saving, say)
+        can take gloo down under it and abort that peer.
+        """
+        if self.size > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
     def barrier(self) -> None:
         """Wait for every rank (e.g. until rank 0 has written a checkpoint)."""
         if self.size > 1:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mitk.sae import SAEConfig, SparseDictionaryData, TensorActivations, train
+from mitk.sae.distributed import current_world
 
 
 def config(arch: str) -> SAEConfig:
@@ -38,7 +39,7 @@ def main(out: Path, arch: str) -> None:
         tensors = {k: v.contiguous() for k, v in result.sae.state_dict().items()}
         save_file(tensors, out / "sae.safetensors")
         (out / "history.json").write_text(json.dumps({"world": world, "history": result.history}))
-    dist.destroy_process_group()
+    current_world().finish()  # leave together: an early exit can abort the peer
 
 
 if __name__ == "__main__":

@@ -61,14 +61,7 @@ def gpt2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 def gpt2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename a GPT-2 state dict (``GPT2Model`` or ``GPT2LMHeadModel``) to mitk names."""
     sd = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-    out = {
-        "embed.W_E": sd["wte.weight"],
-        "pos_embed.W_pos": sd["wpe.weight"],
-        "ln_final.w": sd["ln_f.weight"],
-        "ln_final.b": sd["ln_f.bias"],
-        # GPT-2 ties the unembedding to the embedding; mitk keeps its own copy
-        "unembed.W_U": sd.get("lm_head.weight", sd["wte.weight"]).T,
-    }
+    out = gpt2_outer_weights(sd)
     for layer in range(cfg.n_layers):
         hf, mk = f"h.{layer}.", f"blocks.{layer}."
         out |= {
@@ -86,3 +79,17 @@ def gpt2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict
             mk + "mlp.b_out": sd[hf + "mlp.c_proj.bias"],
         }
     return out
+
+
+def gpt2_outer_weights(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Embeddings, final norm and unembedding of a GPT-2-layout state dict (GPT-2, GPT-Neo).
+
+    The head is tied to the embedding in these checkpoints; mitk keeps its own copy.
+    """
+    return {
+        "embed.W_E": sd["wte.weight"],
+        "pos_embed.W_pos": sd["wpe.weight"],
+        "ln_final.w": sd["ln_f.weight"],
+        "ln_final.b": sd["ln_f.bias"],
+        "unembed.W_U": sd.get("lm_head.weight", sd["wte.weight"]).T,
+    }

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.gpt2 import hf_activation
+from mitk.model.pretrained.gpt2 import gpt2_outer_weights, hf_activation
 
 
 def gpt_neo_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -66,14 +66,7 @@ def _layer_types(hf: dict[str, Any], n_layers: int) -> list[str]:
 def gpt_neo_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``GPTNeoForCausalLM`` (or ``GPTNeoModel``) state dict."""
     sd = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-    out = {
-        "embed.W_E": sd["wte.weight"],
-        "pos_embed.W_pos": sd["wpe.weight"],
-        "ln_final.w": sd["ln_f.weight"],
-        "ln_final.b": sd["ln_f.bias"],
-        # the head is tied to the embedding; mitk keeps its own copy
-        "unembed.W_U": sd.get("lm_head.weight", sd["wte.weight"]).T,
-    }
+    out = gpt2_outer_weights(sd)
     for layer in range(cfg.n_layers):
         hf, mk = f"h.{layer}.", f"blocks.{layer}."
         attn = hf + "attn.attention."

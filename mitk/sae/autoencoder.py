@@ -90,10 +90,13 @@ class SparseAutoencoder(nn.Module):
         ``b_dec`` is a matrix-vector product rather than a full ``[batch, d_in]``
         matmul; ``x`` itself never needs a gradient.
         """
-        bias: Tensor = self.b_enc
+        return torch.addmm(self.encoder_bias(), x, self.W_enc)
+
+    def encoder_bias(self) -> Float[Tensor, " d_sae"]:
+        """The bias of the encoder's affine map: ``b_enc - b_dec W_enc`` (or ``b_enc``)."""
         if self.cfg.apply_b_dec_to_input:
-            bias = bias - self.b_dec @ self.W_enc
-        return torch.addmm(bias, x, self.W_enc)
+            return self.b_enc - self.b_dec @ self.W_enc
+        return self.b_enc
 
     def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """Latent activations ``f`` (dense), with the inference-time rule of each architecture.

@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-import torch.nn.functional as F
 
+from mitk.sae.sparse_ops import SparsePattern, sparse_decode
 from mitk.shapes import Float, Int
 
 
@@ -72,11 +72,10 @@ def offsets_of(rows: Int[Tensor, " nnz"], n_rows: int) -> Int[Tensor, " batch"]:
 def decode_sparse(
     codes: SparseCodes, W_dec: Float[Tensor, "d_sae d_in"], b_dec: Float[Tensor, " d_in"]
 ) -> Float[Tensor, "batch d_in"]:
-    """``codes @ W_dec + b_dec`` touching only the active rows of ``W_dec``."""
-    recon = F.embedding_bag(
-        codes.latents, W_dec, codes.offsets, mode="sum", per_sample_weights=codes.values
-    )
-    return recon + b_dec
+    """``codes @ W_dec + b_dec`` touching only the active rows of ``W_dec``, backward included."""
+    pattern = SparsePattern(codes.row_ids(), codes.latents, codes.offsets.shape[0], codes.d_sae,
+                            row_offsets=codes.offsets)  # fmt: skip
+    return sparse_decode(codes.values, W_dec, pattern) + b_dec
 
 
 class _JumpReLU(torch.autograd.Function):

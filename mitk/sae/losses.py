@@ -13,7 +13,9 @@ from torch import Tensor
 import torch.nn.functional as F
 
 from mitk.sae.autoencoder import SparseAutoencoder
-from mitk.sae.codes import SparseCodes, jumprelu, offsets_of, step
+from mitk.sae.codes import SparseCodes, jumprelu, step
+from mitk.sae.dense_ops import column_counts, relu_decode
+from mitk.sae.sparse_ops import SparsePattern, gathered_pre_activations, sparse_decode
 from mitk.shapes import Bool, Float, Int
 
 SPARSE_DENSITY = 0.05
@@ -51,59 +53,69 @@ def sae_loss(
     ``dead`` marks latents that count as dead for the AuxK loss (TopK family).
     """
     cfg = sae.cfg
-    pre = sae.pre_activations(x)
+    if not cfg.uses_k:
+        return _thresholded_loss(sae, x, sparsity_scale)
+    bias = sae.encoder_bias()
+    pre = torch.addmm(bias, x, sae.W_enc)
+    picked = sae.training_codes(pre.detach())
+    pattern = SparsePattern(picked.row_ids(), picked.latents, x.shape[0], cfg.d_sae,
+                            row_offsets=picked.offsets)  # fmt: skip
+    # the picked entries' gradients reach the encoder without a dense [batch, d_sae] buffer
+    values = gathered_pre_activations(x, sae.W_enc, bias, pre, pattern).relu()
+    recon = sparse_decode(values, sae.W_dec, pattern) + sae.b_dec
+    mse = _squared_error(recon, x)
     zero = x.new_zeros(())
-    if cfg.uses_k:
-        codes = sae.training_codes(pre)
-        recon = sae.decode_codes(codes)
-        mse = _squared_error(recon, x)
-        aux = zero
-        if dead is not None and bool(dead.any()) and cfg.aux_coefficient > 0:
-            aux = cfg.aux_coefficient * _auxk_loss(sae, pre, x - recon.detach(), dead)
-        active = codes.values > 0
-        counts = torch.bincount(codes.latents[active], minlength=cfg.d_sae)
-        return LossParts(mse + aux, mse.detach(), zero, aux.detach(), counts, recon.detach(),
-                         _min_positive(codes.values))  # fmt: skip
-    return _thresholded_loss(sae, x, pre, sparsity_scale)
+    aux = zero
+    if dead is not None and bool(dead.any()) and cfg.aux_coefficient > 0:
+        aux = cfg.aux_coefficient * _auxk_loss(sae, pre, x - recon.detach(), dead)
+    active = values.detach() > 0
+    counts = torch.bincount(picked.latents[active], minlength=cfg.d_sae)
+    return LossParts(mse + aux, mse.detach(), zero, aux.detach(), counts, recon.detach(),
+                     _min_positive(values))  # fmt: skip
 
 
-def _thresholded_loss(
-    sae: SparseAutoencoder, x: Tensor, pre: Tensor, sparsity_scale: float
-) -> LossParts:
+def _thresholded_loss(sae: SparseAutoencoder, x: Tensor, sparsity_scale: float) -> LossParts:
     """ReLU (L1) and JumpReLU (L0) losses, on gathered entries when few are kept.
 
     Only entries above the cutoff have a non-zero value or gradient (for JumpReLU
     that includes those within half a bandwidth below the threshold, which feed
-    its pseudo-gradient), so computing on them alone is exact, and costs
-    ``nnz * d_in`` instead of dense ``batch x d_sae x d_in`` matmuls.
+    its pseudo-gradient), so computing on them alone is exact. Past the encoder's
+    forward matmul, which finds them, every product then costs ``nnz * d_in``
+    instead of ``batch x d_sae x d_in`` (see ``sparse_ops``).
     """
     cfg = sae.cfg
     n_rows = x.shape[0]
     relu = cfg.architecture == "relu"
     eps = cfg.jumprelu_bandwidth
+    bias = sae.encoder_bias()
+    pre = torch.addmm(bias, x, sae.W_enc)
     threshold = pre.new_zeros(()) if relu else sae.threshold
     cutoff = threshold if relu else (threshold - eps / 2).detach()
     mask = pre.detach() > cutoff
-    if int(mask.sum()) <= SPARSE_DENSITY * pre.numel():
-        rows, kept = mask.nonzero().unbind(1)  # row-major, the order masked_select uses
-        z = pre.masked_select(mask)  # its backward scatters; indexing's would sort
-        theta = threshold if relu else threshold[kept]
+    if int(torch.count_nonzero(mask)) <= SPARSE_DENSITY * pre.numel():
+        flat = mask.view(-1).nonzero().squeeze(1)  # row-major
+        rows = flat.div(cfg.d_sae, rounding_mode="floor")
+        kept = flat - rows * cfg.d_sae
+        pattern = SparsePattern(rows, kept, n_rows, cfg.d_sae)
+        z = gathered_pre_activations(x, sae.W_enc, bias, pre, pattern)
+        theta = threshold if relu else threshold.index_select(0, kept)
         values = z if relu else jumprelu(z, theta, eps)
-        codes = SparseCodes(values, kept, offsets_of(rows, n_rows), cfg.d_sae)
-        recon = sae.decode_codes(codes)
+        recon = sparse_decode(values, sae.W_dec, pattern) + sae.b_dec
         if relu:
-            penalty = (values * sae.decoder_norms()[kept]).sum() / n_rows
+            penalty = values @ sae.decoder_norms().index_select(0, kept) / n_rows
         else:
             penalty = step(z, theta, eps).sum() / n_rows
         counts = torch.bincount(kept[values.detach() > 0], minlength=cfg.d_sae)
+    elif relu:
+        decoded, l1 = relu_decode(pre, sae.W_dec, sae.decoder_norms())
+        recon = decoded + sae.b_dec
+        penalty = l1 / n_rows
+        counts = column_counts(mask)
     else:
-        latents = pre.relu() if relu else jumprelu(pre, threshold, eps)
+        latents = jumprelu(pre, threshold, eps)
         recon = latents @ sae.W_dec + sae.b_dec
-        if relu:  # summing over rows first turns a [batch, d_sae] product into a dot
-            penalty = latents.sum(0) @ sae.decoder_norms() / n_rows
-        else:
-            penalty = step(pre, threshold, eps).sum() / n_rows
-        counts = mask.sum(0) if relu else torch.count_nonzero(latents.detach(), dim=0)
+        penalty = step(pre, threshold, eps).sum() / n_rows
+        counts = column_counts(latents.detach() != 0)
     mse = _squared_error(recon, x)
     coefficient = cfg.l1_coefficient if relu else cfg.l0_coefficient
     sparsity = sparsity_scale * coefficient * penalty

@@ -80,9 +80,12 @@ class SparsePattern:
         """``(left @ right.T)[rows[e], latents[e]]`` for every entry, and no other."""
         if self.nnz == 0:
             return left.new_zeros(0)
+        dtype = left.dtype
+        if dtype not in (torch.float32, torch.float64):  # no half-precision kernel on CPU
+            left, right = left.float(), right.float()
         pattern = self._csr(left.new_zeros(self.nnz))
         out = torch.sparse.sampled_addmm(pattern, left, right.t(), beta=0.0)
-        return out.values()
+        return out.values().to(dtype)
 
     def times(
         self, values: Float[Tensor, " nnz"], dense: Float[Tensor, "d_sae width"]

@@ -143,3 +143,24 @@ def test_training_loss_gradients_equal_autograd_on_the_plain_formula(
     for name, a, b in zip([n for n, _ in sae.named_parameters()], got, want, strict=True):
         torch.testing.assert_close(a, b, msg=name)
         assert a.abs().sum() > 0, name  # every parameter was really exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("density", [0.0, 1.0], ids=["dense", "gathered"])
+def test_half_precision_training_follows_float64(
+    dtype: torch.dtype, arch: str, density: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half-precision SAEs train too (some sparse kernels only exist in float32 on CPU)."""
+    monkeypatch.setattr(losses, "SPARSE_DENSITY", density)
+    exact = make(arch, l1_coefficient=0.3)
+    half = make(arch, l1_coefficient=0.3).to(dtype)
+    x = torch.randn(16, 12, dtype=F64, generator=torch.Generator().manual_seed(7))
+    exact_grads = torch.autograd.grad(losses.sae_loss(exact, x).loss, list(exact.parameters()))
+    half_grads = torch.autograd.grad(
+        losses.sae_loss(half, x.to(dtype)).loss, list(half.parameters())
+    )
+    for a, b in zip(half_grads, exact_grads, strict=True):
+        assert a.dtype == dtype
+        cosine = torch.nn.functional.cosine_similarity(a.double().flatten(), b.flatten(), dim=0)
+        assert cosine > 0.95  # bf16 rounding can flip a near-tied top-k pick

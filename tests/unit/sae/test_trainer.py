@@ -21,8 +21,7 @@ from mitk.sae import (
     TensorActivations,
     train,
 )
-
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
+import mitk.sae.losses as losses
 
 
 def config(arch: str = "topk", **kw: Any) -> SAEConfig:
@@ -74,8 +73,17 @@ def state(result: Any) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in result.sae.state_dict().items()}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_interrupted_then_resumed_equals_uninterrupted(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "density"),
+    [("relu", 0.0), ("relu", 1.0), ("jumprelu", 0.0), ("jumprelu", 1.0), ("topk", None),
+     ("batchtopk", None)],
+    ids=["relu-dense", "relu-gathered", "jumprelu-dense", "jumprelu-gathered", "topk", "batchtopk"],
+)  # fmt: skip
+def test_interrupted_then_resumed_equals_uninterrupted(
+    arch: str, density: float | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if density is not None:  # both loss paths must resume bit-identically
+        monkeypatch.setattr(losses, "SPARSE_DENSITY", density)
     cfg = config(arch)
     source = TensorActivations(data(), cfg.batch_size, seed=5)
     whole = train(cfg, source, checkpoint_dir=tmp_path / "a", progress=False)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from mitk.sae.sparse_ops import SparsePattern, sparse_decode
+from mitk.sae.sparse_ops import SparsePattern, offsets_of, sparse_decode
 from mitk.shapes import Float, Int
 
 
@@ -37,6 +37,11 @@ class SparseCodes(NamedTuple):
         flat = rows * self.d_sae + self.latents
         dense = self.values.new_zeros(n_rows * self.d_sae)
         return dense.index_add(0, flat, self.values).view(n_rows, self.d_sae)
+
+    def pattern(self) -> SparsePattern:
+        """Where the codes are non-zero, for the sparse products of ``sparse_ops``."""
+        return SparsePattern(self.row_ids(), self.latents, self.offsets.shape[0], self.d_sae,
+                             row_offsets=self.offsets)  # fmt: skip
 
     def row_ids(self) -> Int[Tensor, " nnz"]:
         """The row each non-zero belongs to."""
@@ -64,18 +69,11 @@ def batch_topk_codes(pre: Float[Tensor, "batch d_sae"], k: int) -> SparseCodes:
     return SparseCodes(top.values[order], flat - rows * d_sae, offsets_of(rows, n_rows), d_sae)
 
 
-def offsets_of(rows: Int[Tensor, " nnz"], n_rows: int) -> Int[Tensor, " batch"]:
-    """Start of each row's entries in a row-major list of ``rows``."""
-    return torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
-
-
 def decode_sparse(
     codes: SparseCodes, W_dec: Float[Tensor, "d_sae d_in"], b_dec: Float[Tensor, " d_in"]
 ) -> Float[Tensor, "batch d_in"]:
     """``codes @ W_dec + b_dec`` touching only the active rows of ``W_dec``, backward included."""
-    pattern = SparsePattern(codes.row_ids(), codes.latents, codes.offsets.shape[0], codes.d_sae,
-                            row_offsets=codes.offsets)  # fmt: skip
-    return sparse_decode(codes.values, W_dec, pattern) + b_dec
+    return sparse_decode(codes.values, W_dec, codes.pattern()) + b_dec
 
 
 class _JumpReLU(torch.autograd.Function):

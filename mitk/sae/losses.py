@@ -10,7 +10,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-import torch.nn.functional as F
 
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.codes import SparseCodes, jumprelu, step
@@ -58,8 +57,7 @@ def sae_loss(
     bias = sae.encoder_bias()
     pre = torch.addmm(bias, x, sae.W_enc)
     picked = sae.training_codes(pre.detach())
-    pattern = SparsePattern(picked.row_ids(), picked.latents, x.shape[0], cfg.d_sae,
-                            row_offsets=picked.offsets)  # fmt: skip
+    pattern = picked.pattern()
     # the picked entries' gradients reach the encoder without a dense [batch, d_sae] buffer
     values = gathered_pre_activations(x, sae.W_enc, bias, pre, pattern).relu()
     recon = sparse_decode(values, sae.W_dec, pattern) + sae.b_dec
@@ -148,9 +146,7 @@ def _auxk_loss(
     n_rows = pre.shape[0]
     offsets = torch.arange(0, n_rows * k_aux, k_aux, device=pre.device)
     codes = SparseCodes(top.values.relu().flatten(), top.indices.flatten(), offsets, sae.cfg.d_sae)
-    aux_recon = F.embedding_bag(
-        codes.latents, sae.W_dec, codes.offsets, mode="sum", per_sample_weights=codes.values
-    )
+    aux_recon = sparse_decode(codes.values, sae.W_dec, codes.pattern())
     error = (aux_recon - residual).pow(2).sum()
     spread = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
     return error / spread

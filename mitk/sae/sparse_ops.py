@@ -29,6 +29,11 @@ import torch.nn.functional as F
 from mitk.shapes import Float, Int
 
 
+def offsets_of(groups: Int[Tensor, " nnz"], n_groups: int) -> Int[Tensor, " n_groups"]:
+    """Start of each group's entries in a sorted list of group ids (``embedding_bag`` offsets)."""
+    return torch.searchsorted(groups, torch.arange(n_groups, device=groups.device))
+
+
 class SparsePattern:
     """Where a batch's active entries sit: row-major lists of rows and latents.
 
@@ -46,9 +51,8 @@ class SparsePattern:
         row_offsets: Int[Tensor, " batch"] | None = None,
     ) -> None:
         self.rows, self.latents, self.n_rows, self.d_sae = rows, latents, n_rows, d_sae
-        if row_offsets is None:  # start of each row's entries, as embedding_bag wants them
-            row_offsets = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
-        self.row_offsets = row_offsets
+        # start of each row's entries, as embedding_bag wants them
+        self.row_offsets = offsets_of(rows, n_rows) if row_offsets is None else row_offsets
 
     @property
     def nnz(self) -> int:
@@ -58,8 +62,7 @@ class SparsePattern:
     def by_latent(self) -> tuple[Int[Tensor, " nnz"], Int[Tensor, " nnz"], Int[Tensor, " d_sae"]]:
         """``(order, rows[order], offsets)``: entries grouped by latent, rows ascending within."""
         latents, order = torch.sort(self.latents, stable=True)
-        offsets = torch.searchsorted(latents, torch.arange(self.d_sae, device=latents.device))
-        return order, self.rows[order], offsets
+        return order, self.rows[order], offsets_of(latents, self.d_sae)
 
     def per_latent_sum(
         self, weights: Float[Tensor, " nnz"], table: Float[Tensor, "batch width"]

@@ -11,6 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 import json
 from typing import Any, Literal, get_args
 
+import torch
 from typing_extensions import Self
 
 from mitk.errors import ConfigError
@@ -22,6 +23,37 @@ RotaryStyle = Literal["neox", "gptj"]
 AttentionBackend = Literal["auto", "sdpa", "eager"]
 DType = Literal["float32", "float64", "float16", "bfloat16"]
 AttentionType = Literal["mha", "mla"]
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+"""The torch dtype of each ``DType`` name."""
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a ``DType`` name; ``ConfigError`` listing the choices otherwise."""
+    if name not in TORCH_DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+def loading_overrides(
+    dtype: torch.dtype | str | None, attention_backend: str | None
+) -> dict[str, Any]:
+    """Config fields a loader's ``dtype=`` / ``attention_backend=`` arguments set (None: keep)."""
+    overrides: dict[str, Any] = {}
+    if dtype is not None:
+        overrides["dtype"] = (
+            DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+        )
+    if attention_backend is not None:
+        overrides["attention_backend"] = attention_backend
+    return overrides
+
+
 NormPosition = Literal["pre", "post"]
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from mitk.config import torch_dtype
 from mitk.errors import ConfigError
 from mitk.model import HookedTransformer, embedded_models
 
@@ -26,19 +27,6 @@ JsonOption = Annotated[
 QuietOption = Annotated[
     bool, typer.Option("--quiet", "-q", help="Print nothing but errors; no progress bars.")
 ]
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a dtype name; ``ConfigError`` listing the choices otherwise."""
-    if name not in _DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
 
 
 def load_model(source: str, device: str = "cpu", dtype: str = "float32") -> HookedTransformer:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mitk.cache import ActivationCache
+from mitk.config import TORCH_DTYPES
 from mitk.hooks import (
     BwdHookSpec,
     HookPoint,
@@ -41,12 +42,6 @@ from mitk.model.t5_stack import T5Stack
 from mitk.shapes import Float, Int
 
 ReturnType = Literal["logits", "hidden", "loss"]
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 class HookedEncoderDecoder(HookedModule, nn.Module):
@@ -74,7 +69,7 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
         self.tokenizer = tokenizer
         if seed is not None:  # None: the caller loads weights next
             self.init_weights(seed)
-        self.to(_DTYPES[cfg.dtype])
+        self.to(TORCH_DTYPES[cfg.dtype])
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

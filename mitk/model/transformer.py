@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mitk.cache import ActivationCache
-from mitk.config import TransformerConfig
+from mitk.config import DTYPE_NAMES, TORCH_DTYPES, TransformerConfig
 from mitk.errors import HookError, UnsupportedModelError
 from mitk.hooks import (
     BwdHookSpec,
@@ -36,13 +36,6 @@ from mitk.shapes import Bool, Float, Int
 
 ReturnType = Literal["logits", "hidden", "loss"]
 ModelInput = Tensor | str | list[str]
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-_DTYPE_NAMES = {dtype: dtype_name for dtype_name, dtype in _DTYPES.items()}
 
 
 class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
@@ -79,7 +72,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         self.set_tokenizer(tokenizer)
         if seed is not None:  # None: the caller loads weights next, so skip the init work
             self.init_weights(seed)
-        self.to(_DTYPES[cfg.dtype])
+        self.to(TORCH_DTYPES[cfg.dtype])
 
     # --- construction -----------------------------------------------------------------
     @torch.no_grad()
@@ -116,7 +109,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         """
         super()._apply(fn, recurse)
         weights = next((p for p in self.parameters() if p.is_floating_point()), None)
-        now = None if weights is None else _DTYPE_NAMES.get(weights.dtype)
+        now = None if weights is None else DTYPE_NAMES.get(weights.dtype)
         if now is not None and now != self.cfg.dtype:
             processing._replace_cfg(self, dtype=now)  # blocks hold the same config object
         return self

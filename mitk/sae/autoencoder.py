@@ -9,17 +9,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mitk.config import TORCH_DTYPES
 from mitk.errors import ShapeMismatchError
 from mitk.sae.codes import SparseCodes, batch_topk_codes, decode_sparse, jumprelu, topk_codes
 from mitk.sae.config import SAEConfig
 from mitk.shapes import Float
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 class SAEOutput(NamedTuple):
@@ -45,7 +39,7 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        dtype = _DTYPES[cfg.dtype]
+        dtype = TORCH_DTYPES[cfg.dtype]
         gen = torch.Generator().manual_seed(cfg.seed)
         directions = torch.randn(cfg.d_sae, cfg.d_in, generator=gen, dtype=torch.float64)
         directions *= cfg.decoder_init_norm / directions.norm(dim=-1, keepdim=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mitk.config import TransformerConfig
+from mitk.config import TransformerConfig, loading_overrides
 from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.pretrained.bert import bert_config, bert_state_dict
 from mitk.model.pretrained.bloom import bloom_config, bloom_state_dict
@@ -49,12 +49,6 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "llama": (llama_config, llama_state_dict),
     "mistral": (llama_config, llama_state_dict),
     "qwen2": (llama_config, llama_state_dict),
-}
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
 }
 
 
@@ -100,13 +94,7 @@ def load_pretrained(
     The four processing flags, all off by default, are applied after loading
     (see ``HookedTransformer.process_weights``).
     """
-    overrides: dict[str, Any] = {}
-    if dtype is not None:
-        overrides["dtype"] = (
-            _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
-        )
-    if attention_backend is not None:
-        overrides["attention_backend"] = attention_backend
+    overrides = loading_overrides(dtype, attention_backend)
     if isinstance(source, nn.Module):
         hf_dict: dict[str, Any] = source.config.to_dict()  # type: ignore[union-attr,operator]
         make_config, make_state = hf_converters(hf_dict)

@@ -23,17 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mitk.config import TransformerConfig
+from mitk.config import TORCH_DTYPES, TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained.gpt2 import hf_activation
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -75,7 +68,7 @@ def gemma_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
     for name in out:
         if name.rsplit(".", 2)[-2].startswith("ln") and name.endswith(".w"):
             out[name] = 1.0 + out[name].float()  # HF adds the 1 in fp32, too
-    dtype = _DTYPES[cfg.dtype]
+    dtype = TORCH_DTYPES[cfg.dtype]
     w_e = out["embed.W_E"].to(dtype)
     out["embed.W_E"] = w_e * torch.tensor(cfg.d_model**0.5, dtype=dtype)
     return out

@@ -16,18 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mitk.config import loading_overrides
 from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.encoder_decoder_config import EncoderDecoderConfig
 from mitk.model.pretrained.files import read_safetensors_dir
 
 # HF activation name -> mitk act_fn ("gelu" is exact GELU, "gelu_new" the tanh approximation)
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "silu": "silu"}
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-}
 
 
 def t5_config(hf: dict[str, Any], **overrides: Any) -> EncoderDecoderConfig:
@@ -107,13 +102,7 @@ def load_t5(
     attention_backend: str | None = None,
 ) -> Any:
     """Build ``model_cls`` (``HookedEncoderDecoder``) from a T5 directory or in-memory model."""
-    overrides: dict[str, Any] = {}
-    if dtype is not None:
-        overrides["dtype"] = (
-            _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
-        )
-    if attention_backend is not None:
-        overrides["attention_backend"] = attention_backend
+    overrides = loading_overrides(dtype, attention_backend)
     if isinstance(source, nn.Module):
         hf_config: dict[str, Any] = source.config.to_dict()  # type: ignore[union-attr,operator]
         state = dict(source.state_dict())

@@ -34,6 +34,24 @@ Mixed = Float[Tensor, "batch head pos d_value"]
 PastKV = tuple[Tensor, Tensor]
 
 
+def eager_reason(backend: Backend, scores: HookPoint, pattern: HookPoint) -> str | None:
+    """The fused-attention rule's hook part: why this forward must run eager, or None.
+
+    ``"eager: <reason>"`` when the backend is ``"eager"`` or a hook needs the scores
+    or the pattern (which the fused kernel never materialises). With ``"sdpa"``
+    forced and such a hook attached it raises ``HookError``: refuse, never skip hooks.
+    """
+    if backend == "eager":
+        return "eager: attention_backend='eager'"
+    needing = [h.name for h in (scores, pattern) if h.has_hooks]
+    if backend == "sdpa" and needing:
+        raise HookError(
+            f"attention_backend='sdpa' cannot fire {', '.join(needing)}: the fused kernel "
+            "computes no scores or pattern; use 'auto' or 'eager'"
+        )
+    return f"eager: hooked {', '.join(needing)}" if needing else None
+
+
 class Attention(nn.Module):
     """Self-attention of one layer.
 
@@ -133,17 +151,9 @@ class Attention(nn.Module):
     # --- forward ----------------------------------------------------------------------
     def choose_path(self, backend: Backend) -> str:
         """``"sdpa"`` or ``"eager: <reason>"`` for this forward, per the fused-attention rule."""
-        if backend == "eager":
-            return "eager: attention_backend='eager'"
-        needing = [h.name for h in (self.hook_attn_scores, self.hook_pattern) if h.has_hooks]
-        if backend == "sdpa" and needing:
-            # the fused kernel never materialises scores or patterns: refuse rather than skip hooks
-            raise HookError(
-                f"attention_backend='sdpa' cannot fire {', '.join(needing)}: the fused kernel "
-                "computes no scores or pattern; use 'auto' or 'eager'"
-            )
-        if needing:
-            return f"eager: hooked {', '.join(needing)}"
+        eager = eager_reason(backend, self.hook_attn_scores, self.hook_pattern)
+        if eager is not None:
+            return eager
         if self.cfg.attn_softcap:
             # SDPA has no hook between scores and softmax: a capped layer is computed explicitly
             if backend == "sdpa":

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from mitk.errors import HookError
 from mitk.hooks import HookPoint
-from mitk.model.attention import Backend
+from mitk.model.attention import Backend, eager_reason
 from mitk.model.linear import affine
 from mitk.shapes import Float, Int
 
@@ -134,15 +133,7 @@ class T5Attention(nn.Module):
 
     def choose_path(self, backend: Backend) -> str:
         """``"sdpa"`` or ``"eager: <reason>"``, by the same rule as decoder-only attention."""
-        if backend == "eager":
-            return "eager: attention_backend='eager'"
-        needing = [h.name for h in (self.hook_attn_scores, self.hook_pattern) if h.has_hooks]
-        if backend == "sdpa" and needing:
-            raise HookError(
-                f"attention_backend='sdpa' cannot fire {', '.join(needing)}: the fused kernel "
-                "computes no scores or pattern; use 'auto' or 'eager'"
-            )
-        return f"eager: hooked {', '.join(needing)}" if needing else "sdpa"
+        return eager_reason(backend, self.hook_attn_scores, self.hook_pattern) or "sdpa"
 
     def forward(
         self,

@@ -16,7 +16,7 @@ from torch import Tensor
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained.gpt2 import hf_activation
-from mitk.model.pretrained.llama import norms_and_gated_mlp
+from mitk.model.pretrained.llama import embedding_and_unembedding, norms_and_gated_mlp
 from mitk.model.pretrained.rope import rope_fields
 
 
@@ -70,11 +70,7 @@ def deepseek_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 def deepseek_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``DeepseekV2ForCausalLM`` (or bare model) state dict."""
     sd = {k.removeprefix("model."): v for k, v in hf_state.items()}
-    out = {
-        "embed.W_E": sd["embed_tokens.weight"],
-        "ln_final.w": sd["norm.weight"],
-        "unembed.W_U": sd.get("lm_head.weight", sd["embed_tokens.weight"]).T,
-    }
+    out = embedding_and_unembedding(sd)
     for layer in range(cfg.n_layers):
         hf, mk = f"layers.{layer}.", f"blocks.{layer}."
         attn, mla = hf + "self_attn.", mk + "attn."

@@ -72,12 +72,7 @@ def _window_fields(hf: dict[str, Any]) -> dict[str, Any]:
 def llama_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``*ForCausalLM`` (or bare ``*Model``) state dict to mitk names."""
     sd = {k.removeprefix("model."): v for k, v in hf_state.items()}
-    out = {
-        "embed.W_E": sd["embed_tokens.weight"],
-        "ln_final.w": sd["norm.weight"],
-        # tied checkpoints store no lm_head: the unembedding is the embedding
-        "unembed.W_U": sd.get("lm_head.weight", sd["embed_tokens.weight"]).T,
-    }
+    out = embedding_and_unembedding(sd)
     for layer in range(cfg.n_layers):
         hf, mk = f"layers.{layer}.", f"blocks.{layer}."
         attn = hf + "self_attn."
@@ -90,6 +85,16 @@ def llama_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
             out[mk + "attn.b_o"] = sd[attn + "o_proj.bias"]
         out |= norms_and_gated_mlp(sd, hf, mk)
     return out
+
+
+def embedding_and_unembedding(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A LLaMA-layout model's embedding, final RMSNorm and unembedding, under mitk names."""
+    return {
+        "embed.W_E": sd["embed_tokens.weight"],
+        "ln_final.w": sd["norm.weight"],
+        # tied checkpoints store no lm_head: the unembedding is the embedding
+        "unembed.W_U": sd.get("lm_head.weight", sd["embed_tokens.weight"]).T,
+    }
 
 
 def norms_and_gated_mlp(sd: dict[str, Tensor], hf: str, mk: str) -> dict[str, Tensor]:

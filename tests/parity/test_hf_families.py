@@ -19,6 +19,8 @@ from torch import nn
 from mitk import HookedTransformer
 from mitk.errors import UnsupportedModelError
 
+from .hf_compare import assert_matches_hf, token_batch
+
 TOL = 1e-4
 VOCAB = 97
 SHAPE: dict[str, Any] = {"vocab_size": VOCAB, "max_position_embeddings": 64}
@@ -151,44 +153,20 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return request.param, hf, HookedTransformer.from_pretrained(directory)
 
 
-def _batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    tokens = torch.randint(1, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
-    if not padded:
-        return tokens, None
-    mask = torch.ones_like(tokens)
-    mask[0, :5] = 0  # left padding
-    mask[2, :1] = 0
-    return tokens, mask
-
-
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_log_probs_and_every_residual_match(pair: Any, padded: bool) -> None:
     _, hf, model = pair
-    tokens, mask = _batch(padded)
-    kwargs: dict[str, Any] = {}
-    if mask is not None:
-        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    tokens, mask = token_batch(VOCAB, padded)
+    real, hf_out = assert_matches_hf(hf, model, tokens, mask, TOL)
     with torch.no_grad():
-        hf_out = hf(tokens, output_hidden_states=True, **kwargs)
-        logits, cache = model.run_with_cache(
-            tokens, attention_mask=mask, names_filter=lambda n: n.endswith("hook_resid_pre")
-        )
         hidden = model(tokens, attention_mask=mask, return_type="hidden")
-    real = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
-    torch.testing.assert_close(
-        logits.log_softmax(-1)[real], hf_out.logits.log_softmax(-1)[real], atol=TOL, rtol=0
-    )
-    # HF's hidden_states[L] is the stream entering block L; its last entry is after the final norm
-    for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(
-            cache["resid_pre", layer][real], hf_out.hidden_states[layer][real], atol=TOL, rtol=0
-        )
+    # HF's last hidden_states entry is after the final norm
     torch.testing.assert_close(hidden[real], hf_out.hidden_states[-1][real], atol=TOL, rtol=0)
 
 
 def test_fused_and_explicit_paths_agree(pair: Any) -> None:
     _, _, model = pair
-    tokens, mask = _batch(padded=True)
+    tokens, mask = token_batch(VOCAB, padded=True)
     with torch.no_grad():
         fused = model(tokens, attention_mask=mask)
         assert model.attention_paths() == ["sdpa"] * model.cfg.n_layers
@@ -200,7 +178,7 @@ def test_fused_and_explicit_paths_agree(pair: Any) -> None:
 
 def test_keys_and_values_keep_the_key_value_head_count(pair: Any) -> None:
     _, hf, model = pair
-    tokens, _ = _batch(padded=False)
+    tokens, _ = token_batch(VOCAB, padded=False)
     names = [f"blocks.0.attn.hook_{kind}" for kind in ("q", "k", "v")]
     _, cache = model.run_with_cache(tokens, names_filter=names)
     n_kv = hf.config.to_dict().get("num_key_value_heads") or model.cfg.n_heads
@@ -224,7 +202,7 @@ def test_scaled_rope_is_refused(tmp_path: Path) -> None:
 
 def test_in_memory_source_and_native_save_give_the_same_model(pair: Any, tmp_path: Path) -> None:
     _, hf, model = pair
-    tokens, mask = _batch(padded=True)
+    tokens, mask = token_batch(VOCAB, padded=True)
     model.save(tmp_path / "native")
     with torch.no_grad():
         expected = model(tokens, attention_mask=mask)

@@ -18,6 +18,8 @@ from mitk import HookedTransformer, hooks
 from mitk.config import TransformerConfig
 from mitk.errors import ConfigError, UnsupportedModelError
 
+from .hf_compare import assert_matches_hf, token_batch
+
 TOL = 1e-4
 VOCAB = 97
 LAYERS = 2
@@ -68,42 +70,17 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return hf, HookedTransformer.from_pretrained(directory)
 
 
-def _batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    tokens = torch.randint(1, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
-    if not padded:
-        return tokens, None
-    mask = torch.ones_like(tokens)
-    mask[0, :5] = 0  # left padding
-    mask[2, :1] = 0
-    return tokens, mask
-
-
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_log_probs_and_every_residual_match(pair: Any, padded: bool) -> None:
     hf, model = pair
-    tokens, mask = _batch(padded)
-    kwargs: dict[str, Any] = {}
-    if mask is not None:
-        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    with torch.no_grad():
-        hf_out = hf(tokens, output_hidden_states=True, **kwargs)
-        logits, cache = model.run_with_cache(
-            tokens, attention_mask=mask, names_filter=lambda n: n.endswith("hook_resid_pre")
-        )
+    tokens, mask = token_batch(VOCAB, padded)
+    assert_matches_hf(hf, model, tokens, mask, TOL)
     assert model.attention_paths() == ["sdpa"] * LAYERS
-    real = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
-    torch.testing.assert_close(
-        logits.log_softmax(-1)[real], hf_out.logits.log_softmax(-1)[real], atol=TOL, rtol=0
-    )
-    for layer in range(LAYERS):
-        torch.testing.assert_close(
-            cache["resid_pre", layer][real], hf_out.hidden_states[layer][real], atol=TOL, rtol=0
-        )
 
 
 def test_fused_and_explicit_paths_agree(pair: Any) -> None:
     _, model = pair
-    tokens, mask = _batch(padded=True)
+    tokens, mask = token_batch(VOCAB, padded=True)
     with torch.no_grad():
         fused = model(tokens, attention_mask=mask)
         assert model.attention_paths() == ["sdpa"] * LAYERS
@@ -119,7 +96,7 @@ def test_fused_and_explicit_paths_agree(pair: Any) -> None:
 
 def test_hook_shapes_include_the_latent(pair: Any) -> None:
     _, model = pair
-    tokens, _ = _batch(padded=False)
+    tokens, _ = token_batch(VOCAB, padded=False)
     kinds = ("kv_latent", "q", "k", "v", "rot_q", "rot_k", "z", "pattern")
     _, cache = model.run_with_cache(tokens, names_filter=[hooks.name(k, 0) for k in kinds])
     assert hooks.name("kv_latent", 0) == "blocks.0.attn.hook_kv_latent"
@@ -133,7 +110,7 @@ def test_hook_shapes_include_the_latent(pair: Any) -> None:
 
 def test_zeroing_the_latent_changes_the_output(pair: Any) -> None:
     _, model = pair
-    tokens, _ = _batch(padded=False)
+    tokens, _ = token_batch(VOCAB, padded=False)
     with torch.no_grad():
         clean = model(tokens)
         ablated = model.run_with_hooks(

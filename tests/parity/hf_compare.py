@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,19 +20,27 @@ def token_batch(vocab: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor | 
     return tokens, mask
 
 
-def assert_matches_hf(
-    hf: Any, model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor | None, tol: float
-) -> tuple[torch.Tensor, Any]:
-    """Log-probs and the stream entering every block equal HF's at real tokens.
-
-    Returns the real-token mask and HF's output, for further checks. HF gets
-    position ids that count real tokens, as mitk's do.
-    """
+def hf_forward(hf: Any, tokens: torch.Tensor, mask: torch.Tensor | None) -> Any:
+    """HF's output with every hidden state; position ids count real tokens, as mitk's do."""
     kwargs: dict[str, Any] = {}
     if mask is not None:
         kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
     with torch.no_grad():
-        hf_out = hf(tokens, output_hidden_states=True, **kwargs)
+        return hf(tokens, output_hidden_states=True, **kwargs)
+
+
+class Match(NamedTuple):
+    real: torch.Tensor  # [batch, pos] True at real tokens
+    hf_out: Any
+    logits: torch.Tensor  # mitk's
+
+
+def assert_matches_hf(
+    hf: Any, model: HookedTransformer, tokens: torch.Tensor, mask: torch.Tensor | None, tol: float
+) -> Match:
+    """Log-probs and the stream entering every block equal HF's at real tokens."""
+    hf_out = hf_forward(hf, tokens, mask)
+    with torch.no_grad():
         logits, cache = model.run_with_cache(
             tokens, attention_mask=mask, names_filter=lambda n: n.endswith("hook_resid_pre")
         )
@@ -45,4 +53,4 @@ def assert_matches_hf(
         torch.testing.assert_close(
             cache["resid_pre", layer][real], hf_out.hidden_states[layer][real], atol=tol, rtol=0
         )
-    return real, hf_out
+    return Match(real, hf_out, logits)

@@ -18,8 +18,7 @@ from torch import nn
 
 from mitk import HookedTransformer
 from mitk.errors import UnsupportedModelError
-
-from .hf_compare import assert_matches_hf, token_batch
+from tests.parity.hf_compare import assert_matches_hf, token_batch
 
 TOL = 1e-4
 VOCAB = 97
@@ -157,7 +156,7 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def test_log_probs_and_every_residual_match(pair: Any, padded: bool) -> None:
     _, hf, model = pair
     tokens, mask = token_batch(VOCAB, padded)
-    real, hf_out = assert_matches_hf(hf, model, tokens, mask, TOL)
+    real, hf_out, _ = assert_matches_hf(hf, model, tokens, mask, TOL)
     with torch.no_grad():
         hidden = model(tokens, attention_mask=mask, return_type="hidden")
     # HF's last hidden_states entry is after the final norm

@@ -16,7 +16,8 @@ from torch import nn
 
 from mitk import HookedTransformer
 from mitk.errors import ConfigError, UnsupportedModelError
-from tests.parity.test_hf_families import TOL, _batch, _gemma, _gemma2, _randomised
+from tests.parity.hf_compare import assert_matches_hf, hf_forward, token_batch
+from tests.parity.test_hf_families import TOL, VOCAB, _gemma, _gemma2, _randomised
 
 
 def _load(hf: nn.Module, directory: Path) -> tuple[nn.Module, HookedTransformer]:
@@ -40,45 +41,25 @@ def gemma(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, HookedTr
     return _load(_gemma(), tmp_path_factory.mktemp("gemma"))
 
 
-def _hf_outputs(hf: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None) -> Any:
-    kwargs: dict[str, Any] = {}
-    if mask is not None:
-        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    with torch.no_grad():
-        return hf(tokens, output_hidden_states=True, **kwargs)
-
-
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_soft_capped_gemma2_matches_and_records_the_fallback(capped: Any, padded: bool) -> None:
     hf, model = capped
-    tokens, mask = _batch(padded)
-    expected = _hf_outputs(hf, tokens, mask)
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(
-            tokens, attention_mask=mask, names_filter=lambda n: n.endswith("hook_resid_pre")
-        )
+    tokens, mask = token_batch(VOCAB, padded)
+    logits = assert_matches_hf(hf, model, tokens, mask, TOL).logits
     assert model.attention_paths() == ["eager: soft-capping"] * model.cfg.n_layers
-    real = torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask.bool()
     assert logits.abs().max() < 3.0  # the final soft-cap bounds every logit
-    torch.testing.assert_close(
-        logits.log_softmax(-1)[real], expected.logits.log_softmax(-1)[real], atol=TOL, rtol=0
-    )
-    for layer in range(model.cfg.n_layers):
-        torch.testing.assert_close(
-            cache["resid_pre", layer][real], expected.hidden_states[layer][real], atol=TOL, rtol=0
-        )
 
 
 def test_soft_capping_cannot_be_forced_through_sdpa(capped: Any) -> None:
     _, model = capped
-    tokens, _ = _batch(padded=False)
+    tokens, _ = token_batch(VOCAB, padded=False)
     with model.backend("sdpa"), pytest.raises(ConfigError, match="soft-capping"):
         model(tokens)
 
 
 def test_hooked_scores_are_capped_and_the_hook_is_the_recorded_reason(capped: Any) -> None:
     _, model = capped
-    tokens, _ = _batch(padded=False)
+    tokens, _ = token_batch(VOCAB, padded=False)
     _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.hook_attn_scores")
     scores = cache["blocks.0.attn.hook_attn_scores"]
     assert scores[scores.isfinite()].abs().max() <= 2.0
@@ -87,7 +68,7 @@ def test_hooked_scores_are_capped_and_the_hook_is_the_recorded_reason(capped: An
 
 def test_sandwich_norms_are_hooked_and_fold_ln_refuses_them(capped: Any) -> None:
     _, model = capped
-    tokens, _ = _batch(padded=False)
+    tokens, _ = token_batch(VOCAB, padded=False)
     names = ["blocks.0.ln1_post.hook_scale", "blocks.1.ln2_post.hook_normalized"]
     _, cache = model.run_with_cache(tokens, names_filter=names)
     assert cache[names[0]].shape == (3, 12, 1)
@@ -101,7 +82,7 @@ def test_weights_absorb_the_norm_offset_and_embedding_scale(gemma: Any) -> None:
     d_model = model.cfg.d_model
     hf_norm = hf.model.layers[0].input_layernorm.weight
     torch.testing.assert_close(model.blocks[0].ln1.w, 1.0 + hf_norm, atol=0, rtol=0)
-    tokens, _ = _batch(padded=False)
+    tokens, _ = token_batch(VOCAB, padded=False)
     _, cache = model.run_with_cache(tokens, names_filter="hook_embed")
     expected = hf.model.embed_tokens(tokens)  # HF's embedding applies the sqrt(d_model) scale
     torch.testing.assert_close(cache["hook_embed"], expected, atol=1e-6, rtol=0)
@@ -113,9 +94,9 @@ def test_weights_absorb_the_norm_offset_and_embedding_scale(gemma: Any) -> None:
 def test_fold_ln_keeps_gemma_log_probs(gemma: Any, tmp_path: Path) -> None:
     hf, _ = gemma
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    tokens, mask = _batch(padded=True)
+    tokens, mask = token_batch(VOCAB, padded=True)
     folded = HookedTransformer.from_pretrained(tmp_path, fold_ln=True)
-    expected = _hf_outputs(hf, tokens, mask)
+    expected = hf_forward(hf, tokens, mask)
     with torch.no_grad():
         logits = folded(tokens, attention_mask=mask)
     real = mask.bool()
@@ -127,7 +108,7 @@ def test_fold_ln_keeps_gemma_log_probs(gemma: Any, tmp_path: Path) -> None:
 
 def test_per_head_writes_are_refused_under_sandwich_norms(capped: Any) -> None:
     _, model = capped
-    tokens, _ = _batch(padded=False)
+    tokens, _ = token_batch(VOCAB, padded=False)
     _, cache = model.run_with_cache(tokens)
     with pytest.raises(UnsupportedModelError, match="sandwich norms"):
         cache.stack_head_results()

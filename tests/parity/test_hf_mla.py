@@ -17,8 +17,7 @@ from torch import nn
 from mitk import HookedTransformer, hooks
 from mitk.config import TransformerConfig
 from mitk.errors import ConfigError, UnsupportedModelError
-
-from .hf_compare import assert_matches_hf, token_batch
+from tests.parity.hf_compare import assert_matches_hf, token_batch
 
 TOL = 1e-4
 VOCAB = 97

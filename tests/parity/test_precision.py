@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from mitk import HookedTransformer
+from tests.parity.hf_compare import token_batch
 from tests.parity.test_hf_families import (
     VOCAB,
-    _batch,
     _bloom,
     _gemma2,
     _llama,
@@ -68,7 +68,7 @@ def _hf_run(hf: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
     Each row runs alone, unpadded: in fp64 HF's eager padding mask leaves
     padded queries NaN, which then leak into real ones through zero weights.
     """
-    tokens, mask = _batch(padded=True)
+    tokens, mask = token_batch(VOCAB, padded=True)
     assert mask is not None
     model = copy.deepcopy(hf).to(dtype)
     log_probs = torch.zeros(*tokens.shape, VOCAB, dtype=torch.float64)
@@ -82,7 +82,7 @@ def _hf_run(hf: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
 
 
 def _mitk_run(model: HookedTransformer, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens, mask = _batch(padded=True)
+    tokens, mask = token_batch(VOCAB, padded=True)
     with torch.no_grad(), model.backend(backend):  # type: ignore[arg-type]
         logits = model(tokens, attention_mask=mask)
         hidden = model(tokens, attention_mask=mask, return_type="hidden")
@@ -98,7 +98,7 @@ def _error(low: torch.Tensor, ref: torch.Tensor, real: torch.Tensor) -> float:
 def test_low_precision_error_is_within_hf_own(checkpoint: Any, low: str, backend: str) -> None:
     directory, hf = checkpoint
     dtype = LOW[low]
-    _, mask = _batch(padded=True)
+    _, mask = token_batch(VOCAB, padded=True)
     assert mask is not None
     real = mask.bool()
     hf_ref, hf_low = _hf_run(hf, torch.float64), _hf_run(hf, dtype)
@@ -125,7 +125,7 @@ def test_to_dtype_updates_config_and_keeps_hooks(checkpoint: Any, low: str, tmp_
     assert model.cfg.dtype == low
     assert all(block.attn.cfg is model.cfg for block in model.blocks)  # one config, replaced
     assert {p.dtype for p in model.parameters()} == {dtype}
-    tokens, mask = _batch(padded=True)
+    tokens, mask = token_batch(VOCAB, padded=True)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, attention_mask=mask)
     assert logits.dtype == dtype

@@ -198,7 +198,7 @@ class TransformerConfig(JsonConfig):
     With ``mla``, ``d_head`` is the query/key head width (non-rotary + rotary parts),
     ``rotary_dim`` its trailing rotary part, and the fields below apply."""
     q_lora_rank: int = 0
-    """MLA: rank of the low-rank query path (``W_q_b(norm(W_q_a x))``); 0: one ``W_q``."""
+    """MLA: rank of the low-rank query path (``W_q_b(norm(W_q_a x))``); 0: one ``W_q_packed``."""
     kv_lora_rank: int = 0
     """MLA: width of the joint key-value latent ``hook_kv_latent`` (must be > 0 for ``mla``)."""
     v_head_dim: int = -1
@@ -276,7 +276,9 @@ class TransformerConfig(JsonConfig):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"attention_type='mla' needs a positive {name}")
         if self.q_lora_rank < 0:
-            raise ConfigError(f"q_lora_rank must be >= 0 (0: a plain W_q), got {self.q_lora_rank}")
+            raise ConfigError(
+                f"q_lora_rank must be >= 0 (0: a plain W_q_packed), got {self.q_lora_rank}"
+            )
         if self.positional != "rotary" or self.rotary_dim >= self.d_head:
             # the decoupled rotary key is a trailing part of each query/key head
             raise ConfigError(

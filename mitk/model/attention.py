@@ -76,8 +76,8 @@ class Attention(nn.Module):
         self.b_qkv = (
             nn.Parameter(torch.zeros((n_q + 2 * n_kv) * d_head)) if cfg.attn_qkv_bias else None
         )
-        self.W_o = nn.Parameter(torch.empty(n_q * d_head, cfg.d_model))
-        self.b_o = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.attn_out_bias else None
+        self.W_o_packed = nn.Parameter(torch.empty(n_q * d_head, cfg.d_model))
+        self.b_o_param = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.attn_out_bias else None
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
@@ -141,12 +141,16 @@ class Attention(nn.Module):
     @property
     def W_O(self) -> Tensor:
         """``[head, d_head, d_model]``"""
-        return self.W_o.view(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+        return self.W_o_packed.view(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
 
     @property
     def b_O(self) -> Tensor:
         """``[d_model]`` (zeros when the model has no output bias)."""
-        return self.b_o if self.b_o is not None else self.W_o.new_zeros(self.cfg.d_model)
+        return (
+            self.b_o_param
+            if self.b_o_param is not None
+            else self.W_o_packed.new_zeros(self.cfg.d_model)
+        )
 
     # --- forward ----------------------------------------------------------------------
     def choose_path(self, backend: Backend) -> str:
@@ -203,7 +207,9 @@ class Attention(nn.Module):
         else:
             z = self._explicit(q, k, v, mask)
         z = self.hook_z(z.transpose(1, 2))
-        return affine(z.reshape(batch, pos, cfg.n_heads * cfg.d_head), self.W_o, self.b_o)
+        return affine(
+            z.reshape(batch, pos, cfg.n_heads * cfg.d_head), self.W_o_packed, self.b_o_param
+        )
 
     def _allowed(self, mask: AttentionMask, device: torch.device) -> Tensor | None:
         """Boolean ``[batch or 1, 1, q, k]`` visibility, or None when every key is visible."""

@@ -3,7 +3,7 @@
 Per position, ``W_kv_a`` compresses the stream into a ``kv_lora_rank`` latent
 (RMS-normed, the only per-token state a KV cache needs) plus one rotary key
 part shared by every head ("decoupled" rotary keys). ``W_kv_b`` up-projects the
-latent to each head's non-rotary key and its value. Queries come from ``W_q``
+latent to each head's non-rotary key and its value. Queries come from ``W_q_packed``
 or, with ``q_lora_rank > 0``, from ``W_q_b(norm(W_q_a x))``. Each query/key head
 is ``[non-rotary (d_head - rotary_dim), rotary (rotary_dim)]``; rotary angles
 rotate only the trailing part. Value heads are ``v_head_dim`` wide, which may
@@ -79,14 +79,14 @@ class LatentAttention(Attention):
             self.q_norm = LatentNorm(cfg.q_lora_rank, cfg.latent_norm_eps)
             self.W_q_b = nn.Parameter(torch.empty(cfg.q_lora_rank, n * d_qk))
         else:
-            self.W_q = nn.Parameter(torch.empty(cfg.d_model, n * d_qk))
+            self.W_q_packed = nn.Parameter(torch.empty(cfg.d_model, n * d_qk))
         # columns: [latent (kv_lora_rank), shared rotary key (rotary_dim)]
         self.W_kv_a = nn.Parameter(torch.empty(cfg.d_model, rank + d_rope))
         self.b_kv_a = nn.Parameter(torch.zeros(rank + d_rope)) if cfg.attn_qkv_bias else None
         self.kv_norm = LatentNorm(rank, cfg.latent_norm_eps)
         # columns per head: [non-rotary key (d_qk - rotary_dim), value (d_v)]
         self.W_kv_b = nn.Parameter(torch.empty(rank, n * (d_qk - d_rope + d_v)))
-        self.W_o = nn.Parameter(torch.empty(n * d_v, cfg.d_model))
+        self.W_o_packed = nn.Parameter(torch.empty(n * d_v, cfg.d_model))
         self.hook_kv_latent = HookPoint()
 
     # --- the TransformerLens views do not exist for MLA -------------------------------
@@ -133,7 +133,7 @@ class LatentAttention(Attention):
     def _queries(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos qk"]:
         if self.cfg.q_lora_rank:
             return affine(self.q_norm(affine(x, self.W_q_a, self.b_q_a)), self.W_q_b, None)
-        return affine(x, self.W_q, None)
+        return affine(x, self.W_q_packed, None)
 
     def _rotate(
         self, x: Float[Tensor, "batch pos head d_qk"], angles: Tensor
@@ -185,4 +185,4 @@ class LatentAttention(Attention):
         kernel = self._fused if self.last_path == "sdpa" else self._explicit
         z = kernel(q, k, v, mask)
         z = self.hook_z(z.transpose(1, 2))
-        return affine(z.reshape(batch, pos, n * d_v), self.W_o, self.b_o)
+        return affine(z.reshape(batch, pos, n * d_v), self.W_o_packed, self.b_o_param)

@@ -173,7 +173,7 @@ def center_residual_writes(model: Any) -> None:
     # fixed sinusoidal positions are no weight: they keep their mean, which the norms remove
     writes: list[Tensor | None] = [model.embed.W_E, getattr(pos_embed, "W_pos", None)]
     for block in model.blocks:
-        writes += [block.attn.W_o, block.attn.b_o]
+        writes += [block.attn.W_o_packed, block.attn.b_o_param]
         if hasattr(block, "mlp"):
             writes += [block.mlp.W_out, block.mlp.b_out]
     for param in writes:
@@ -214,7 +214,7 @@ def fold_value_biases_into_output(model: Any, cfg_changes: dict[str, bool]) -> N
         b_v = _per_query_head(_work(attn.b_V), cfg.kv_group_size)
         constant = torch.einsum("hd,hdm->m", b_v, _work(attn.W_O))
         _ensure_biases(model, "attn_out_bias", cfg_changes)
-        attn.b_o.copy_(_work(attn.b_o) + constant)
+        attn.b_o_param.copy_(_work(attn.b_o_param) + constant)
         attn.b_V.zero_()  # a view into b_qkv
 
 
@@ -235,7 +235,7 @@ def _work(param: Tensor) -> Tensor:
 # so the saved state dict matches what the changed config builds)
 _BIAS_SLOTS: dict[str, list[tuple[str, str, str]]] = {
     "attn_qkv_bias": [("attn", "b_qkv", "W_qkv")],
-    "attn_out_bias": [("attn", "b_o", "W_o")],
+    "attn_out_bias": [("attn", "b_o_param", "W_o_packed")],
     "mlp_bias": [("mlp", "b_in", "W_in"), ("mlp", "b_out", "W_out")],
     "unembed_bias": [("unembed", "b_U", "W_U")],
 }

@@ -92,10 +92,10 @@ class T5Attention(nn.Module):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
         inner = n_heads * d_head
-        self.W_q = nn.Parameter(torch.empty(d_model, inner))
-        self.W_k = nn.Parameter(torch.empty(d_model, inner))
-        self.W_v = nn.Parameter(torch.empty(d_model, inner))
-        self.W_o = nn.Parameter(torch.empty(inner, d_model))
+        self.W_q_packed = nn.Parameter(torch.empty(d_model, inner))
+        self.W_k_packed = nn.Parameter(torch.empty(d_model, inner))
+        self.W_v_packed = nn.Parameter(torch.empty(d_model, inner))
+        self.W_o_packed = nn.Parameter(torch.empty(inner, d_model))
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
@@ -110,22 +110,22 @@ class T5Attention(nn.Module):
     @property
     def W_Q(self) -> Tensor:
         """``[head, d_model, d_head]`` (a view: editing it edits the model)."""
-        return self._heads(self.W_q)
+        return self._heads(self.W_q_packed)
 
     @property
     def W_K(self) -> Tensor:
         """``[head, d_model, d_head]``"""
-        return self._heads(self.W_k)
+        return self._heads(self.W_k_packed)
 
     @property
     def W_V(self) -> Tensor:
         """``[head, d_model, d_head]``"""
-        return self._heads(self.W_v)
+        return self._heads(self.W_v_packed)
 
     @property
     def W_O(self) -> Tensor:
         """``[head, d_head, d_model]``"""
-        return self.W_o.view(self.n_heads, self.d_head, -1)
+        return self.W_o_packed.view(self.n_heads, self.d_head, -1)
 
     def _project(self, x: Tensor, weight: Tensor) -> Tensor:
         """``x [batch, pos, d_model]`` to per-head ``[batch, pos, head, d_head]``."""
@@ -149,9 +149,9 @@ class T5Attention(nn.Module):
         """
         source = x if source is None else source
         batch, q_len, _ = x.shape
-        q = self.hook_q(self._project(x, self.W_q))
-        k = self.hook_k(self._project(source, self.W_k))
-        v = self.hook_v(self._project(source, self.W_v))
+        q = self.hook_q(self._project(x, self.W_q_packed))
+        k = self.hook_k(self._project(source, self.W_k_packed))
+        v = self.hook_v(self._project(source, self.W_v_packed))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         self.last_path = self.choose_path(backend)
         if self.last_path == "sdpa":
@@ -165,7 +165,7 @@ class T5Attention(nn.Module):
             scores = self.hook_attn_scores(scores)
             z = self.hook_pattern(torch.softmax(scores, dim=-1).to(v.dtype)) @ v
         z = self.hook_z(z.transpose(1, 2))
-        return affine(z.reshape(batch, q_len, self.n_heads * self.d_head), self.W_o, None)
+        return affine(z.reshape(batch, q_len, self.n_heads * self.d_head), self.W_o_packed, None)
 
 
 def score_bias(

@@ -86,7 +86,11 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             elif leaf.startswith("b"):
                 param.zero_()
             else:
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if leaf in ("W_o", "W_out") else 0.02
+                std = (
+                    0.02 / math.sqrt(2 * self.cfg.n_layers)
+                    if leaf in ("W_o_packed", "W_out")
+                    else 0.02
+                )
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
     @classmethod

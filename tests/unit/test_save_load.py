@@ -22,6 +22,26 @@ def test_native_round_trip_is_exact(tmp_path: Path, tiny: HookedTransformer) -> 
     assert torch.equal(loaded(tokens), tiny(tokens))
 
 
+def test_saves_from_before_the_packed_weight_rename_still_load(
+    tmp_path: Path, tiny: HookedTransformer
+) -> None:
+    """Folders written when the packed output projection was ``W_o``/``b_o`` load unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    tiny.save(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    old_names = {"W_o_packed": "W_o", "b_o_param": "b_o"}
+    state = {}
+    for key, value in load_file(weights).items():
+        head, _, leaf = key.rpartition(".")
+        state[f"{head}.{old_names.get(leaf, leaf)}"] = value
+    assert "blocks.0.attn.W_o" in state
+    save_file(state, weights)
+    loaded = HookedTransformer.from_pretrained(tmp_path)
+    tokens = torch.randint(0, 50, (2, 7))
+    assert torch.equal(loaded(tokens), tiny(tokens))
+
+
 def test_round_trip_keeps_the_tokenizer(tmp_path: Path, gpt2: HookedTransformer) -> None:
     gpt2.save(tmp_path / "copy")
     loaded = HookedTransformer.from_pretrained(tmp_path / "copy")

@@ -27,6 +27,7 @@ from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
 from mitk.model.pretrained.gpt_neo import gpt_neo_config, gpt_neo_state_dict
 from mitk.model.pretrained.gptj import gptj_config, gptj_state_dict
 from mitk.model.pretrained.hub import looks_like_repo_id, resolve_repo
+from mitk.model.pretrained.legacy import upgrade_native_state
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
 from mitk.model.pretrained.neox import neox_config, neox_state_dict
 
@@ -105,7 +106,7 @@ def load_pretrained(
         if (directory / NATIVE_CONFIG).exists():
             cfg = TransformerConfig.from_json((directory / NATIVE_CONFIG).read_text())
             cfg = cfg.replace(**overrides) if overrides else cfg
-            state = read_safetensors_dir(directory)
+            state = upgrade_native_state(read_safetensors_dir(directory))
         elif (directory / "config.json").exists():
             hf_config = json.loads((directory / "config.json").read_text())
             make_config, make_state = hf_converters(hf_config)

@@ -78,8 +78,8 @@ def bert_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict
         out |= {
             mk + "attn.W_qkv": torch.cat([sd[p + "weight"].T for p in qkv], dim=1),
             mk + "attn.b_qkv": torch.cat([sd[p + "bias"] for p in qkv]),
-            mk + "attn.W_o": sd[att + "output.dense.weight"].T,
-            mk + "attn.b_o": sd[att + "output.dense.bias"],
+            mk + "attn.W_o_packed": sd[att + "output.dense.weight"].T,
+            mk + "attn.b_o_param": sd[att + "output.dense.bias"],
             mk + "ln1.w": sd[att + "output.LayerNorm.weight"],
             mk + "ln1.b": sd[att + "output.LayerNorm.bias"],
             mk + "mlp.W_in": sd[hf + "intermediate.dense.weight"].T,

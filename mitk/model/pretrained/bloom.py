@@ -74,8 +74,8 @@ def bloom_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
         out |= {
             mk + "attn.W_qkv": w_qkv,
             mk + "attn.b_qkv": b_qkv,
-            mk + "attn.W_o": sd[hf + "self_attention.dense.weight"].T,
-            mk + "attn.b_o": sd[hf + "self_attention.dense.bias"],
+            mk + "attn.W_o_packed": sd[hf + "self_attention.dense.weight"].T,
+            mk + "attn.b_o_param": sd[hf + "self_attention.dense.bias"],
             mk + "ln1.w": sd[hf + "input_layernorm.weight"],
             mk + "ln1.b": sd[hf + "input_layernorm.bias"],
             mk + "ln2.w": sd[hf + "post_attention_layernorm.weight"],

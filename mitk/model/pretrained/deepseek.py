@@ -81,14 +81,14 @@ def deepseek_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> 
             if cfg.attn_qkv_bias:
                 out[mla + "b_q_a"] = sd[attn + "q_a_proj.bias"]
         else:
-            out[mla + "W_q"] = sd[attn + "q_proj.weight"].T
+            out[mla + "W_q_packed"] = sd[attn + "q_proj.weight"].T
         out[mla + "W_kv_a"] = sd[attn + "kv_a_proj_with_mqa.weight"].T
         if cfg.attn_qkv_bias:
             out[mla + "b_kv_a"] = sd[attn + "kv_a_proj_with_mqa.bias"]
         out[mla + "kv_norm.w"] = sd[attn + "kv_a_layernorm.weight"]
         out[mla + "W_kv_b"] = sd[attn + "kv_b_proj.weight"].T
-        out[mla + "W_o"] = sd[attn + "o_proj.weight"].T
+        out[mla + "W_o_packed"] = sd[attn + "o_proj.weight"].T
         if cfg.attn_out_bias:
-            out[mla + "b_o"] = sd[attn + "o_proj.bias"]
+            out[mla + "b_o_param"] = sd[attn + "o_proj.bias"]
         out |= norms_and_gated_mlp(sd, hf, mk)
     return out

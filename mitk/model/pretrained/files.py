@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-import tempfile
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mitk.atomic import atomic_write
+from mitk.atomic import atomic_write_text as write_text
 from mitk.errors import UnsupportedModelError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "vocab.txt")
@@ -40,27 +40,14 @@ def read_safetensors_dir(directory: Path) -> dict[str, Tensor]:
 
 
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """Write safetensors via a temp file and ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; weights are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write safetensors atomically (``mitk.atomic``): readers never see half a file."""
+    contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda temp: save_file(contiguous, temp))
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    """Write a text file atomically (temp file, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    """``mitk.atomic.atomic_write_text`` with this module's (text, path) argument order."""
+    write_text(path, text)
 
 
 def has_tokenizer(directory: Path) -> bool:

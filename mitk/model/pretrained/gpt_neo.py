@@ -75,8 +75,8 @@ def gpt_neo_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> d
             mk + "ln1.b": sd[hf + "ln_1.bias"],
             # nn.Linear stores [d_out, d_in]; mitk packs q, k, v as [d_model, 3 d_model]
             mk + "attn.W_qkv": torch.cat([sd[attn + f"{p}_proj.weight"] for p in "qkv"]).T,
-            mk + "attn.W_o": sd[attn + "out_proj.weight"].T,
-            mk + "attn.b_o": sd[attn + "out_proj.bias"],
+            mk + "attn.W_o_packed": sd[attn + "out_proj.weight"].T,
+            mk + "attn.b_o_param": sd[attn + "out_proj.bias"],
             mk + "ln2.w": sd[hf + "ln_2.weight"],
             mk + "ln2.b": sd[hf + "ln_2.bias"],
             mk + "mlp.W_in": sd[hf + "mlp.c_fc.weight"].T,

@@ -62,7 +62,7 @@ def gptj_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict
         qkv = [sd[hf + f"attn.{p}_proj.weight"] for p in "qkv"]
         out |= {
             mk + "attn.W_qkv": torch.cat(qkv, dim=0).T,
-            mk + "attn.W_o": sd[hf + "attn.out_proj.weight"].T,
+            mk + "attn.W_o_packed": sd[hf + "attn.out_proj.weight"].T,
             # one shared norm feeds both sublayers; copies, so each can be edited alone
             mk + "ln1.w": sd[hf + "ln_1.weight"],
             mk + "ln1.b": sd[hf + "ln_1.bias"],

@@ -80,9 +80,9 @@ def llama_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
         out[mk + "attn.W_qkv"] = torch.cat([sd[attn + f"{p}_proj.weight"] for p in "qkv"], dim=0).T
         if cfg.attn_qkv_bias:
             out[mk + "attn.b_qkv"] = torch.cat([sd[attn + f"{p}_proj.bias"] for p in "qkv"])
-        out[mk + "attn.W_o"] = sd[attn + "o_proj.weight"].T
+        out[mk + "attn.W_o_packed"] = sd[attn + "o_proj.weight"].T
         if cfg.attn_out_bias:
-            out[mk + "attn.b_o"] = sd[attn + "o_proj.bias"]
+            out[mk + "attn.b_o_param"] = sd[attn + "o_proj.bias"]
         out |= norms_and_gated_mlp(sd, hf, mk)
     return out
 

@@ -78,10 +78,10 @@ def neox_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict
             cfg.n_heads,
         )
         out[mk + "attn.W_qkv"] = w_qkv
-        out[mk + "attn.W_o"] = sd[hf + "attention.dense.weight"].T
+        out[mk + "attn.W_o_packed"] = sd[hf + "attention.dense.weight"].T
         if cfg.attn_qkv_bias and b_qkv is not None:
             out[mk + "attn.b_qkv"] = b_qkv
-            out[mk + "attn.b_o"] = sd[hf + "attention.dense.bias"]
+            out[mk + "attn.b_o_param"] = sd[hf + "attention.dense.bias"]
         out |= {
             mk + "ln1.w": sd[hf + "input_layernorm.weight"],
             mk + "ln1.b": sd[hf + "input_layernorm.bias"],

@@ -90,7 +90,7 @@ def t5_state_dict(hf_state: dict[str, Tensor], cfg: EncoderDecoderConfig) -> dic
 
 
 def _attention(sd: dict[str, Tensor], hf: str, mk: str) -> dict[str, Tensor]:
-    return {mk + f"W_{p}": sd[hf + f"{p}.weight"].T for p in "qkvo"}
+    return {mk + f"W_{p}_packed": sd[hf + f"{p}.weight"].T for p in "qkvo"}
 
 
 def load_t5(

@@ -1,21 +1,20 @@
 """Atomic training checkpoints: module and optimizer tensors in safetensors, the rest in JSON.
 
-Shared by every long run (the language-model loop, the SAE trainer): a checkpoint folder is
-written beside the old one and renamed into place, so a crash leaves the last complete one.
+Shared by every long run (the language-model loop, the SAE trainer): the checkpoint folder is
+written with ``mitk.atomic.atomic_folder``, so a crash leaves the last complete one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-import shutil
-import tempfile
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 import torch
 from torch import Tensor, nn
+
+from mitk.atomic import atomic_folder, complete_folder
 
 LATEST = "latest"
 
@@ -23,35 +22,23 @@ LATEST = "latest"
 def save_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
 ) -> Path:
-    """Write ``directory/latest`` atomically: a complete folder replaces the old by renaming."""
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory, prefix=".ckpt-"))
+    """Write ``directory/latest`` atomically: a complete folder replaces the old one."""
     tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              staging / "model.safetensors")  # fmt: skip
-    save_file(tensors, staging / "optimizer.safetensors")
-    (staging / "state.json").write_text(json.dumps({"meta": meta, "optimizer": opt_meta}))
-    target = directory / LATEST
-    old = directory / ".ckpt-old"
-    if target.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    with atomic_folder(directory / LATEST) as staging:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                  staging / "model.safetensors")  # fmt: skip
+        save_file(tensors, staging / "optimizer.safetensors")
+        (staging / "state.json").write_text(json.dumps({"meta": meta, "optimizer": opt_meta}))
+    return directory / LATEST
 
 
 def load_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any] | None:
     """Restore the last complete checkpoint into ``model``/``optimizer``; its meta, or None."""
-    target = directory / LATEST
-    if not (target / "state.json").exists():
-        old = directory / ".ckpt-old"  # a crash between the two renames leaves only this one
-        if not (old / "state.json").exists():
-            return None
-        target = old
+    target = complete_folder(directory / LATEST)  # a crash mid-swap leaves the old one aside
+    if target is None:
+        return None
     state = json.loads((target / "state.json").read_text())
     model.load_state_dict(load_file(target / "model.safetensors"))
     tensors = load_file(target / "optimizer.safetensors")

@@ -11,6 +11,7 @@ from torch import Tensor
 import typer
 
 from mitk.analysis.dla import logit_attribution
+from mitk.atomic import atomic_write
 from mitk.cli.common import (
     DeviceOption,
     DtypeOption,
@@ -101,8 +102,7 @@ def dla(
     if out is not None:
         frame = attribution.to_frame()
         frame["by"] = by.value
-        out.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(out, index=False)
+        atomic_write(out, lambda temp: frame.to_parquet(temp, index=False))
     what = "logit difference" if prompts.wrong is not None else "logit"
     result: dict[str, Any] = {
         "model": model,

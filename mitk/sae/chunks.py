@@ -7,15 +7,14 @@ safetensors shards a store wrote, without the model, bit for bit.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-import tempfile
 from typing import Any
 
 from safetensors.torch import load_file
 import torch
 from torch import Tensor
 
+from mitk.atomic import atomic_write_text
 from mitk.errors import ConfigError, MitkError
 from mitk.sae.sources import jsonable, norm_scale
 from mitk.shapes import Float
@@ -123,15 +122,9 @@ def open_manifest(directory: Path, fingerprint: dict[str, Any]) -> None:
                 f"(they differ in {differ}); use another cache_dir or delete this one"
             )
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump({"format": CACHE_FORMAT, "fingerprint": fingerprint}, out, indent=1)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(
+        path, json.dumps({"format": CACHE_FORMAT, "fingerprint": fingerprint}, indent=1)
+    )
 
 
 class CachedActivations(ChunkedSource):

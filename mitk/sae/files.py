@@ -12,16 +12,14 @@ computation mitk would not reproduce (the translation is in
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-import shutil
-import tempfile
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 import torch
 from torch import Tensor
 
+from mitk.atomic import atomic_folder, complete_folder
 from mitk.config import json_object
 from mitk.errors import ConfigError, ShapeMismatchError, UnsupportedModelError
 from mitk.sae.autoencoder import SparseAutoencoder
@@ -55,18 +53,12 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path) -> Path:
     target = Path(directory)
     _check_replaceable(target)
     tensors, exact = sae_tensors(sae)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
+    with atomic_folder(target) as staging:
         save_file(tensors, staging / WEIGHTS_FILE)
         if exact:
             save_file(exact, staging / EXACT_FILE)
         text = json.dumps(saelens_config(sae.cfg), indent=2, sort_keys=True)
         (staging / CONFIG_FILE).write_text(text + "\n")
-        _swap_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -88,9 +80,7 @@ def sae_tensors(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Te
 
 
 def _check_replaceable(target: Path) -> None:
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    if target.is_dir():
+    if target.is_dir():  # (a file in the way is refused by atomic_folder)
         ours = {WEIGHTS_FILE, CONFIG_FILE, EXACT_FILE}
         foreign = sorted(p.name for p in target.iterdir() if p.name not in ours)
         if foreign:
@@ -98,17 +88,6 @@ def _check_replaceable(target: Path) -> None:
                 f"{target} holds files save_sae does not write ({', '.join(foreign[:5])}); "
                 "the folder is replaced whole, so pick a new or empty one"
             )
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename the finished folder over ``target``; the old one is moved aside, then deleted."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-    os.replace(target, old / target.name)  # a crash from here on leaves the old copy in `old`
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -120,7 +99,8 @@ def load_sae(directory: str | Path, device: str | torch.device | None = None) ->
     setting mitk cannot reproduce exactly, ``ShapeMismatchError`` when a tensor
     disagrees with the config.
     """
-    folder = Path(directory)
+    # a save_sae killed mid-swap leaves the old folder aside: load that one
+    folder = complete_folder(directory) or Path(directory)
     raw, tensors = _read_folder(folder)
     if MITK_KEY in raw:
         cfg = _mitk_config(raw)

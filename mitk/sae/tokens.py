@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import hashlib
-import os
 from pathlib import Path
-import tempfile
 from typing import Any, Protocol, runtime_checkable
 
 from safetensors import safe_open
@@ -20,6 +18,7 @@ from safetensors.torch import save_file
 import torch
 from torch import Tensor
 
+from mitk.atomic import atomic_write
 from mitk.errors import ConfigError, InvalidTokensError, MitkError
 from mitk.model import HookedTransformer, NoTokenizerError
 from mitk.shapes import Int
@@ -283,16 +282,9 @@ def write_token_shards(tokens: Tensor, directory: str | Path, rows_per_shard: in
 
 
 def save_atomic(tensors: dict[str, Tensor], path: Path) -> Path:
-    """Write a safetensors file through a temp file in the same directory, then rename."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a safetensors file atomically (``mitk.atomic``); the path."""
+    on_cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda temp: save_file(on_cpu, temp))
 
 
 def as_token_source(

@@ -8,15 +8,14 @@ import csv
 from dataclasses import dataclass, field
 import io
 import math
-import os
 from pathlib import Path
-import tempfile
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mitk.atomic import atomic_write_text
 from mitk.checkpoint import load_checkpoint, save_checkpoint
 from mitk.errors import ConfigError, MitkError, ShapeMismatchError
 from mitk.sae.autoencoder import SparseAutoencoder
@@ -337,8 +336,4 @@ def _write_csv_atomically(path: Path, history: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", newline="") as handle:
-        handle.write(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buffer.getvalue())

@@ -14,16 +14,14 @@ complete or not at all; resuming skips every unit whose chunk exists.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-import tempfile
 from typing import Any
 
 import pandas as pd
 
+from mitk.atomic import atomic_write, atomic_write_text
 from mitk.cli.sweep.units import Unit
 from mitk.errors import ConfigError, MitkError
-from mitk.model.pretrained.files import atomic_write_text
 
 # One row per (pair, site, granularity, cell): what "each row exactly once" means.
 ROW_KEY = ["pair", "site", "per", "layer", "pos", "head"]
@@ -34,18 +32,8 @@ class IncompleteSweepError(MitkError, ValueError):
 
 
 def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> Path:
-    """Write ``frame`` (no index) via a temp file and ``os.replace``: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        frame.to_parquet(tmp, index=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write ``frame`` (no index) atomically (``mitk.atomic``): never half a file."""
+    return atomic_write(path, lambda temp: frame.to_parquet(temp, index=False))
 
 
 class ChunkStore:
@@ -75,7 +63,7 @@ class ChunkStore:
                 )
             return True
         atomic_write_text(
-            json.dumps({**manifest, "fingerprint": fingerprint}, indent=2), self.manifest_path
+            self.manifest_path, json.dumps({**manifest, "fingerprint": fingerprint}, indent=2)
         )
         return False
 
@@ -101,7 +89,7 @@ class ChunkStore:
         """Append one run's timing record to this shard's timing file."""
         path = self.timing_dir / f"shard-{label}.json"
         runs = json.loads(path.read_text()) if path.exists() else []
-        atomic_write_text(json.dumps([*runs, record], indent=2), path)
+        atomic_write_text(path, json.dumps([*runs, record], indent=2))
 
     def timings(self) -> dict[str, Any]:
         """Every shard's timing records, by shard label."""

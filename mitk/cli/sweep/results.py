@@ -13,8 +13,8 @@ import pandas as pd
 import torch
 
 from mitk.analysis.patching import PatchResult
+from mitk.atomic import atomic_write_text
 from mitk.cli.sweep.chunks import ChunkStore, atomic_write_parquet
-from mitk.model.pretrained.files import atomic_write_text
 
 
 def finish(store: ChunkStore, dashboard: Path | None = None) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def finish(store: ChunkStore, dashboard: Path | None = None) -> dict[str, Any]:
     }
     if dashboard is not None:
         sidecar["dashboard"] = str(write_dashboard(dashboard, frame, manifest))
-    atomic_write_text(json.dumps(sidecar, indent=2, default=str), store.sidecar_path)
+    atomic_write_text(store.sidecar_path, json.dumps(sidecar, indent=2, default=str))
     return sidecar
 
 

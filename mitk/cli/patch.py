@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import timedelta
 import json
-import os
 from pathlib import Path
-import time
 from typing import Annotated, Any
 
+import pandas as pd
 import typer
 
 from mitk.cli.common import JsonOption, QuietOption, emit
-from mitk.cli.sweep import (
-    ChunkStore,
+from mitk.errors import ConfigError
+from mitk.sweeps import (
+    DashboardWriter,
     Shard,
     SweepSpec,
     current_shard,
     field_help,
-    finish,
-    prepare,
+    mean_results,
+    merge_sweep,
     read_spec_file,
-    run_units,
+    run_sweep,
 )
-from mitk.errors import ConfigError
 
 HELP = field_help()
 
@@ -91,7 +89,7 @@ def patch(
 ) -> None:
     """Sweep activation patching over prompt pairs, sites and granularities into parquet."""
     if merge is not None:
-        sidecar = finish(ChunkStore(merge), dashboard)
+        sidecar = merge_sweep(merge, None if dashboard is None else _dashboard_writer(dashboard))
         _report({"merged": True, **_summary(sidecar)}, as_json, quiet)
         return
     if out is None:
@@ -114,7 +112,7 @@ def patch(
     }
     spec, pairs_dir = _spec(spec_file, {k: v for k, v in flags.items() if v is not None})
     where = current_shard(shard)
-    result = _run(_rank_device(spec, where), pairs_dir, out, where, dashboard, quiet)
+    result = _run(spec, pairs_dir, out, where, dashboard, quiet)
     if where.is_main or not where.launched:  # under torchrun rank 0 speaks for all
         _report(result, as_json, quiet)
 
@@ -122,33 +120,47 @@ def patch(
 def _run(
     spec: SweepSpec, pairs_dir: Path, out: Path, where: Shard, dashboard: Path | None, quiet: bool
 ) -> dict[str, Any]:
-    """Check, run this shard's units, and merge when this process is the one to; a summary."""
-    started = time.perf_counter()
-    sweep = prepare(spec, pairs_dir)  # every input check; nothing has run yet
-    store = ChunkStore(out)
-    resumed = store.claim(sweep.fingerprint, sweep.manifest())
-    if where.launched:
-        _join_ranks()
-    stats = run_units(sweep, store, where, quiet or not where.is_main)
-    timing = {**asdict(stats), "load_seconds": sweep.load_seconds}
-    store.write_timing(where.label(), timing | {"total_seconds": time.perf_counter() - started})
+    """Run this shard's units through ``mitk.sweeps.run_sweep``; the summary printed."""
+    run = run_sweep(
+        None,
+        spec,
+        out,
+        shard=where,
+        pairs_dir=pairs_dir,
+        progress=not quiet,
+        dashboard=None if dashboard is None else _dashboard_writer(dashboard),
+    )
     result = {
-        "fingerprint": sweep.fingerprint,
-        "resumed": resumed,
-        **asdict(stats),
-        "units": len(sweep.units),
+        "fingerprint": run.fingerprint,
+        "resumed": run.resumed,
+        **asdict(run.stats),
+        "units": run.n_units,
     }
-    if where.launched:
-        _wait_for_ranks()
-    # under torchrun rank 0 merges after the barrier; a lone shard merges once nothing is missing
-    merges = where.is_main if where.launched else not store.missing(len(sweep.units))
-    if merges:
-        result.update(_summary(finish(store, dashboard)))
+    if run.sidecar is not None:
+        result.update(_summary(run.sidecar))
     elif not where.launched:
         result["note"] = f"shard done; run `mitk patch --merge {out}` once every shard has"
-    if where.launched:
-        _leave_ranks()
     return result
+
+
+def _dashboard_writer(path: Path) -> DashboardWriter:
+    """An HTML page with each (site, granularity)'s prompt-averaged patching heatmaps."""
+
+    def write(frame: pd.DataFrame, manifest: dict[str, Any]) -> Path:
+        from mitk.viz.dashboard import dashboard  # plotly loads only when a page is asked for
+
+        spec = manifest["spec"]
+        header = {
+            "model": spec["model"],
+            "prompt pairs": str(manifest["n_pairs"]),
+            "metric": f"{spec['metric']} ({spec['direction']})",
+            "rows": str(len(frame)),
+        }
+        return dashboard(
+            path, title=f"mitk patch: {spec['model']}", header=header, items=mean_results(frame)
+        )
+
+    return write
 
 
 def _spec(spec_file: Path | None, flags: dict[str, Any]) -> tuple[SweepSpec, Path]:
@@ -187,36 +199,6 @@ def _layers(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError as err:
         raise ConfigError(f"--layers takes comma-separated integers, got {text!r}") from err
-
-
-def _rank_device(spec: SweepSpec, where: Shard) -> SweepSpec:
-    """Under torchrun, a bare ``cuda`` means this rank's own GPU (``LOCAL_RANK``)."""
-    if where.launched and spec.device == "cuda" and spec.device_map is None:
-        values = {**spec.to_dict(), "device": f"cuda:{os.environ.get('LOCAL_RANK', '0')}"}
-        return SweepSpec.from_dict(values)
-    return spec
-
-
-def _join_ranks() -> None:
-    """Join torchrun's process group (gloo: it only synchronises, whatever the device)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # ranks finish their shares at different times; the barrier waits for the slowest
-        dist.init_process_group("gloo", timeout=timedelta(days=1))
-
-
-def _wait_for_ranks() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
-
-
-def _leave_ranks() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()  # nobody exits while rank 0 is still merging
-    dist.destroy_process_group()
 
 
 def _summary(sidecar: dict[str, Any]) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from typing import Any
 import pandas as pd
 
 from mitk.atomic import atomic_write, atomic_write_text
-from mitk.cli.sweep.units import Unit
 from mitk.errors import ConfigError, MitkError
+from mitk.sweeps.units import Unit
 
 # One row per (pair, site, granularity, cell): what "each row exactly once" means.
 ROW_KEY = ["pair", "site", "per", "layer", "pos", "head"]

@@ -11,7 +11,8 @@ import torch
 
 from mitk import HookedTransformer
 from mitk.analysis.patching import activation_patch, logit_diff
-from mitk.cli.sweep import (
+from mitk.errors import ConfigError
+from mitk.sweeps import (
     ChunkStore,
     IncompleteSweepError,
     PairsError,
@@ -20,10 +21,9 @@ from mitk.cli.sweep import (
     prepare,
     read_pairs,
 )
-from mitk.cli.sweep.batch import batch_pairs
-from mitk.cli.sweep.runner import run_unit
-from mitk.cli.sweep.units import plan_units
-from mitk.errors import ConfigError
+from mitk.sweeps.batch import batch_pairs
+from mitk.sweeps.runner import run_unit
+from mitk.sweeps.units import plan_units
 from tests.checkpoints import word_tokenizer
 
 VOCAB = Vocabulary(d_vocab=50, n_ctx=16)

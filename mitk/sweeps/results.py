@@ -1,7 +1,8 @@
-"""The merged sweep: results.parquet, its JSON sidecar and the optional dashboard."""
+"""The merged sweep: results.parquet, its JSON sidecar, and prompt-averaged results."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 import json
@@ -14,11 +15,19 @@ import torch
 
 from mitk.analysis.patching import PatchResult
 from mitk.atomic import atomic_write_text
-from mitk.cli.sweep.chunks import ChunkStore, atomic_write_parquet
+from mitk.sweeps.chunks import ChunkStore, atomic_write_parquet
+
+DashboardWriter = Callable[[pd.DataFrame, dict[str, Any]], Path]
+"""Writes a page of the merged table (given the manifest too); returns the page's path."""
 
 
-def finish(store: ChunkStore, dashboard: Path | None = None) -> dict[str, Any]:
-    """Merge every chunk, write results.parquet and results.json atomically; the sidecar."""
+def finish(store: ChunkStore, dashboard: DashboardWriter | None = None) -> dict[str, Any]:
+    """Merge every chunk, write results.parquet and results.json atomically; the sidecar.
+
+    ``IncompleteSweepError`` while a unit has no chunk. ``dashboard``, if
+    given, is called with the merged table and the manifest before the sidecar
+    is written, and the sidecar records the path it returns.
+    """
     start = time.perf_counter()
     manifest = store.manifest()
     frame = store.merge(manifest["n_units"])
@@ -32,7 +41,7 @@ def finish(store: ChunkStore, dashboard: Path | None = None) -> dict[str, Any]:
         "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if dashboard is not None:
-        sidecar["dashboard"] = str(write_dashboard(dashboard, frame, manifest))
+        sidecar["dashboard"] = str(dashboard(frame, manifest))
     atomic_write_text(store.sidecar_path, json.dumps(sidecar, indent=2, default=str))
     return sidecar
 
@@ -76,19 +85,3 @@ def mean_results(frame: pd.DataFrame) -> list[PatchResult]:
             )
         )
     return results
-
-
-def write_dashboard(path: Path, frame: pd.DataFrame, manifest: dict[str, Any]) -> Path:
-    """An HTML page with each (site, granularity)'s prompt-averaged patching heatmaps."""
-    from mitk.viz.dashboard import dashboard
-
-    spec = manifest["spec"]
-    header = {
-        "model": spec["model"],
-        "prompt pairs": str(manifest["n_pairs"]),
-        "metric": f"{spec['metric']} ({spec['direction']})",
-        "rows": str(len(frame)),
-    }
-    return dashboard(
-        path, title=f"mitk patch: {spec['model']}", header=header, items=mean_results(frame)
-    )

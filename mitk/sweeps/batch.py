@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mitk.cli.sweep.pairs import PromptPair
 from mitk.shapes import Int
+from mitk.sweeps.pairs import PromptPair
 
 
 @dataclass(frozen=True)

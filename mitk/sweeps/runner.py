@@ -20,15 +20,15 @@ import torch
 from tqdm import tqdm
 
 from mitk.analysis.patching import PatchResult, activation_patch
-from mitk.cli.sweep.batch import batch_pairs
-from mitk.cli.sweep.chunks import ChunkStore
-from mitk.cli.sweep.metrics import metric_for
-from mitk.cli.sweep.pairs import PromptPair, Vocabulary, pairs_digest, read_pairs
-from mitk.cli.sweep.placement import load_sweep_model
-from mitk.cli.sweep.shard import Shard
-from mitk.cli.sweep.spec import SweepSpec
-from mitk.cli.sweep.units import Unit, plan_units
 from mitk.errors import ConfigError
+from mitk.sweeps.batch import batch_pairs
+from mitk.sweeps.chunks import ChunkStore
+from mitk.sweeps.metrics import metric_for
+from mitk.sweeps.pairs import PromptPair, Vocabulary, pairs_digest, read_pairs
+from mitk.sweeps.placement import load_sweep_model
+from mitk.sweeps.shard import Shard
+from mitk.sweeps.spec import SweepSpec
+from mitk.sweeps.units import Unit, plan_units
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,15 @@ class RunStats:
     seconds: float
 
 
-def prepare(spec: SweepSpec, pairs_dir: Path = Path()) -> Sweep:
-    """Load the model and read the pairs, raising on any bad input before work starts.
+def prepare(spec: SweepSpec, pairs_dir: Path = Path(), model: Any = None) -> Sweep:
+    """Load the model (unless given) and read the pairs, raising on bad input before any work.
 
-    A relative ``spec.pairs_file`` is read from ``pairs_dir``.
+    A relative ``spec.pairs_file`` is read from ``pairs_dir``. ``model`` is
+    patched as it is; without one, ``spec.model`` is loaded as the spec says.
     """
     start = time.perf_counter()
-    model = load_sweep_model(spec)
+    if model is None:
+        model = load_sweep_model(spec)
     cfg = model.cfg
     vocab = Vocabulary(cfg.d_vocab, cfg.n_ctx, model.tokenizer, cfg.default_prepend_bos)
     source: Path | list[dict[str, Any]] = (
@@ -87,16 +89,22 @@ def prepare(spec: SweepSpec, pairs_dir: Path = Path()) -> Sweep:
     return Sweep(spec, model, pairs, vocab, units, fingerprint, time.perf_counter() - start)
 
 
-def run_units(sweep: Sweep, store: ChunkStore, shard: Shard, quiet: bool) -> RunStats:
-    """Run this shard's units that have no chunk yet, writing each chunk as it finishes."""
+def run_units(
+    sweep: Sweep, store: ChunkStore, shard: Shard, quiet: bool, max_units: int | None = None
+) -> RunStats:
+    """Run this shard's units that have no chunk yet, writing each chunk as it finishes.
+
+    With ``max_units``, stop after that many (the rest run on the next call).
+    """
     start = time.perf_counter()
     mine = shard.take(sweep.units)
-    todo = [unit for unit in mine if not store.done(unit)]
+    pending = [unit for unit in mine if not store.done(unit)]
+    todo = pending if max_units is None else pending[:max_units]
     rows = 0
     # delay: a bar only for runs longer than a couple of seconds
     bar = tqdm(
         total=len(mine),
-        initial=len(mine) - len(todo),
+        initial=len(mine) - len(pending),
         unit="unit",
         desc="patching",
         disable=quiet,
@@ -114,7 +122,7 @@ def run_units(sweep: Sweep, store: ChunkStore, shard: Shard, quiet: bool) -> Run
         shard.label(),
         len(mine),
         len(todo),
-        len(mine) - len(todo),
+        len(mine) - len(pending),
         rows,
         time.perf_counter() - start,
     )

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from mitk.analysis.patching import PositionMetric, kl_to_clean, log_prob, logit_diff, prob
-from mitk.cli.sweep.batch import PairBatch
 from mitk.shapes import Float
+from mitk.sweeps.batch import PairBatch
 
 
 @dataclass

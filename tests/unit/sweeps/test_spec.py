@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mitk.cli.sweep import SweepSpec, current_shard, field_help, parse_shard, read_spec_file
-from mitk.cli.sweep.units import plan_units
 from mitk.errors import ConfigError, MitkError
+from mitk.sweeps import SweepSpec, current_shard, field_help, parse_shard, read_spec_file
+from mitk.sweeps.units import plan_units
 
 PAIRS = ({"clean": [0, 1, 2], "corrupted": [0, 3, 2], "answer": 4, "wrong_answer": 5},)
 

@@ -8,19 +8,38 @@ accelerate's hooks move the residual stream from one device to the next.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from mitk.cli.common import load_model
-from mitk.cli.sweep.spec import SweepSpec
+import torch
+
+from mitk.config import torch_dtype
 from mitk.errors import ConfigError
+from mitk.model import HookedTransformer, embedded_models
+from mitk.sweeps.spec import SweepSpec
 
 
 def load_sweep_model(spec: SweepSpec) -> Any:
     """The spec's model in its dtype, on ``spec.device`` or spread by ``spec.device_map``."""
     if spec.device_map is None:
-        return load_model(spec.model, spec.device, spec.dtype)
-    model = load_model(spec.model, "cpu", spec.dtype)
+        return load_named_model(spec.model, spec.device, spec.dtype)
+    model = load_named_model(spec.model, "cpu", spec.dtype)
     return spread_over_gpus(model)
+
+
+def load_named_model(source: str, device: str = "cpu", dtype: str = "float32") -> HookedTransformer:
+    """An embedded model by name or a local model directory, on ``device`` in ``dtype``, eval mode.
+
+    ``ConfigError`` naming the embedded models when ``source`` is neither (a
+    sweep never reaches for the network).
+    """
+    if source not in embedded_models() and not Path(source).is_dir():
+        names = ", ".join(sorted(embedded_models()))
+        raise ConfigError(
+            f"unknown model {source!r}: not an embedded model ({names}) nor a local directory"
+        )
+    model = HookedTransformer.from_pretrained(source)
+    return model.to(device=torch.device(device), dtype=torch_dtype(dtype)).eval()
 
 
 def spread_over_gpus(model: Any, max_memory: dict[Any, str] | None = None) -> Any:

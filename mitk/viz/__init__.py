@@ -9,7 +9,7 @@ figure to PNG/SVG/PDF where Kaleido and a Chrome are installed.
 
 from mitk.viz.attention import attention_heatmap, cached_attention_heatmap
 from mitk.viz.circuits import composition_heatmap, eigenvalue_scatter, head_scores_heatmap
-from mitk.viz.dashboard import as_sections, dashboard, dashboard_html, write_report
+from mitk.viz.dashboard import as_sections, dashboard, dashboard_html
 from mitk.viz.defaults import UnsupportedResultError, figures_for
 from mitk.viz.dla import dla_bar, dla_head_heatmap, logit_lens_heatmap
 from mitk.viz.export import ImageExportError, save_image
@@ -47,5 +47,4 @@ __all__ = [
     "save_image",
     "tradeoff_point",
     "training_curves",
-    "write_report",
 ]

@@ -191,10 +191,3 @@ section { margin-top: 2em; }
 p.note { color: #555; }
 footer { margin-top: 3em; color: #888; font-size: 0.9em; }
 """
-
-
-def write_report(
-    path: str | Path, title: str, header: Mapping[str, str], sections: Sequence[Section]
-) -> Path:
-    """``dashboard`` with positional arguments, kept for callers written before it existed."""
-    return dashboard(path, title=title, header=header, items=sections)

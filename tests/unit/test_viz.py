@@ -13,10 +13,10 @@ from mitk.analysis.dla import Attribution
 from mitk.viz import (
     Section,
     composition_heatmap,
+    dashboard,
     dla_bar,
     head_scores_heatmap,
     patching_heatmap,
-    write_report,
 )
 
 
@@ -60,7 +60,9 @@ def test_report_is_one_self_contained_file(tmp_path: Path) -> None:
         Section("table", pd.DataFrame({"a": [1.23456]})),
         Section("text", "plain & simple"),
     ]
-    path = write_report(tmp_path / "sub" / "r.html", "Title", {"model": "m<1>"}, sections)
+    path = dashboard(
+        tmp_path / "sub" / "r.html", title="Title", header={"model": "m<1>"}, items=sections
+    )
     page = path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "m&lt;1&gt;" in page and "a &lt;note&gt;" in page
     assert "<script src=" not in page

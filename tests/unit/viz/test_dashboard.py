@@ -23,7 +23,6 @@ from mitk.viz import (
     dashboard_html,
     dla_bar,
     figures_for,
-    write_report,
 )
 from tests.unit.viz.results import attribution, evaluation, lens, patch_result
 
@@ -82,11 +81,6 @@ def test_long_tables_are_cut_with_a_note() -> None:
     assert (
         "First 200 of 250 rows." in page and "<td>199</td>" in page and "<td>200</td>" not in page
     )
-
-
-def test_write_report_keeps_its_positional_form(tmp_path: Path) -> None:
-    path = write_report(tmp_path / "r.html", "Title", {"model": "m"}, [Section("s", "text")])
-    assert "<h2>s</h2>" in path.read_text(encoding="utf-8")
 
 
 def statistics() -> LatentStatistics:

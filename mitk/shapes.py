@@ -10,26 +10,7 @@ from __future__ import annotations
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-Tokens = Int[Tensor, "batch pos"]
-AttentionMask = Int[Tensor, "batch pos"]
-Residual = Float[Tensor, "batch pos d_model"]
-Logits = Float[Tensor, "batch pos d_vocab"]
-PerHead = Float[Tensor, "batch pos head d_head"]
-Pattern = Float[Tensor, "batch head pos key_pos"]
-Neurons = Float[Tensor, "batch pos d_mlp"]
+# a 0-d tensor (a loss, a metric): the only composite alias public signatures use
 Scalar = Float[Tensor, ""]
 
-__all__ = [
-    "AttentionMask",
-    "Bool",
-    "Float",
-    "Int",
-    "Logits",
-    "Neurons",
-    "Pattern",
-    "PerHead",
-    "Residual",
-    "Scalar",
-    "Tensor",
-    "Tokens",
-]
+__all__ = ["Bool", "Float", "Int", "Scalar", "Tensor"]

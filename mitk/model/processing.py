@@ -55,6 +55,12 @@ def process_weights(
         raise UnsupportedModelError("weight processing needs a pre-norm model, not post-norm")
     if center_writing_weights:
         _check_centering_is_exact(model)
+    if center_unembed and model.cfg.output_softcap:
+        # a per-position shift of the logits does not pass through cap * tanh(logits / cap)
+        raise UnsupportedModelError(
+            "center_unembed would change log-probs under output soft-capping "
+            f"(output_softcap={model.cfg.output_softcap}): the cap is applied to the shifted logits"
+        )
     if fold_ln:
         _norm_readers(model)  # refuses norms it cannot fold before anything changes
     cfg_changes: dict[str, bool] = {}

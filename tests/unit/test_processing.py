@@ -169,6 +169,28 @@ def test_centering_writes_is_refused_on_rmsnorm_and_changes_nothing(variant: str
     assert "processing" not in model.cfg.extra
 
 
+def test_center_unembed_is_refused_under_output_soft_capping() -> None:
+    """A per-position logit shift changes log-probs once tanh caps the logits: refuse it."""
+    plain = build("gpt2-like", seed=3)
+    capped = HookedTransformer(plain.cfg.replace(output_softcap=2.0), seed=3)
+    with torch.no_grad():
+        capped.unembed.W_U.mul_(50)  # logits of a few units, where the cap bends them
+    tokens = torch.randint(
+        0, capped.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        before = capped(tokens).log_softmax(-1)
+        with pytest.raises(UnsupportedModelError, match="output soft-capping"):
+            capped.process_weights(center_unembed=True)
+        assert torch.equal(capped(tokens).log_softmax(-1), before)
+        # the refusal is real: shifting logits by a per-position constant moves log-probs here
+        shifted = HookedTransformer(capped.cfg, seed=3)
+        shifted.unembed.W_U.copy_(capped.unembed.W_U - capped.unembed.W_U.mean(-1, keepdim=True))
+        moved = shifted(tokens).log_softmax(-1)
+    assert (moved - before).abs().max() > 1e-3
+    assert "processing" not in capped.cfg.extra
+
+
 def test_layernorm_bias_with_no_gate_bias_is_refused() -> None:
     model = build("gpt2-like", seed=3)
     gated = HookedTransformer(model.cfg.replace(gated_mlp=True), seed=3)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mitk.cache import ActivationCache
-from mitk.cache.decompose import embedding_writes, require_additive_stream
+from mitk.cache.writes import head_writes, neuron_writes, output_bias
 from mitk.errors import ShapeMismatchError
 from mitk.hooks import name
 from mitk.shapes import Float, Int
@@ -86,28 +86,29 @@ def _writes_at(
     cache: ActivationCache, by: By, rows: Tensor, cols: Tensor
 ) -> tuple[list[str], list[Tensor]]:
     """Every write into the final stream at one position per prompt, as ``[n, batch, d_model]``."""
-    model = cache.model
+    stream = cache.stream
+    stream.require_additive()
     pick = lambda t: t[rows, cols]  # noqa: E731  [batch, pos, ...] -> [batch, ...]
-    writes = embedding_writes(model)
-    labels, blocks = [label for label, _ in writes], [pick(cache[hook])[None] for _, hook in writes]
-    for layer in range(model.cfg.n_layers):
+    labels = [label for label, _ in stream.embedding_hooks]
+    blocks = [pick(cache[hook])[None] for _, hook in stream.embedding_hooks]
+    per_prompt = lambda bias: bias.expand(rows.shape[0], -1)[None]  # noqa: E731
+    for layer in range(stream.n_layers):
         if by == "head":
             z = pick(cache[name("z", layer)])  # [batch, head, d_head]
-            attn = model.blocks[layer].attn
-            blocks.append(torch.einsum("bhd,hdm->hbm", z, attn.W_O))
-            blocks.append(attn.b_O.expand(rows.shape[0], -1)[None])
+            blocks += [
+                head_writes(stream, layer, z),
+                per_prompt(output_bias(stream, layer, "attn")),
+            ]
             labels += [f"L{layer}H{h}" for h in range(z.shape[1])] + [f"L{layer}_attn_bias"]
         else:
             blocks.append(pick(cache[name("attn_out", layer)])[None])
             labels.append(f"{layer}_attn_out")
-        if not model.cfg.has_mlp:
+        if not stream.has_mlp:
             continue
         if by == "neuron":
-            mlp = model.blocks[layer].mlp
             post = pick(cache[name("post", layer)])  # [batch, d_mlp]
-            blocks.append(torch.einsum("bn,nm->nbm", post, mlp.W_out))
-            bias = mlp.b_out if mlp.b_out is not None else mlp.W_out.new_zeros(mlp.W_out.shape[1])
-            blocks.append(bias.expand(rows.shape[0], -1)[None])
+            mlp_bias = per_prompt(output_bias(stream, layer, "mlp"))
+            blocks += [neuron_writes(stream, layer, post), mlp_bias]
             labels += [f"L{layer}N{n}" for n in range(post.shape[1])] + [f"L{layer}_mlp_bias"]
         else:
             blocks.append(pick(cache[name("mlp_out", layer)])[None])
@@ -135,7 +136,7 @@ def logit_attribution(
     """
     if by not in ("component", "head", "neuron"):
         raise ValueError(f"by must be 'component', 'head' or 'neuron', got {by!r}")
-    require_additive_stream(model)
+    cache.stream.require_additive()
     embed = cache["hook_embed"]
     batch, seq = embed.shape[0], embed.shape[1]
     rows, cols = torch.arange(batch), _positions(pos, batch, seq)

@@ -11,6 +11,7 @@ from torch import Tensor
 from mitk.cache import decompose
 from mitk.cache.heads import expand_kv_heads
 from mitk.cache.residual_stack import ResidualStack
+from mitk.cache.writes import StreamWrites
 from mitk.errors import MitkError, UnknownHookError
 from mitk.hooks import name
 
@@ -24,16 +25,12 @@ class NotCachedError(MitkError, KeyError):
 
 @runtime_checkable
 class CachedModel(Protocol):
-    """What the cache needs from a model: hook names, config and blocks (for decompositions)."""
+    """What the cache needs from a model: its hook names, and its stream's writes and weights."""
 
     @property
-    def hook_dict(self) -> Mapping[str, Any]: ...
+    def hook_dict(self) -> Mapping[str, object]: ...
 
-    @property
-    def cfg(self) -> Any: ...
-
-    @property
-    def blocks(self) -> Any: ...
+    def stream_writes(self) -> StreamWrites: ...
 
 
 CacheKey = str | tuple[Any, ...]
@@ -60,6 +57,11 @@ class ActivationCache(Mapping[str, Tensor]):
         self._grads = gradients or {}
         self.model = model
         self.has_batch_dim = has_batch_dim
+
+    @property
+    def stream(self) -> StreamWrites:
+        """The model's residual-stream writes (facts and live output weights) for decompositions."""
+        return self.model.stream_writes()
 
     def _resolve(self, key: CacheKey) -> str:
         if isinstance(key, tuple):
@@ -91,7 +93,7 @@ class ActivationCache(Mapping[str, Tensor]):
         full = self._resolve(key)
         if not full.endswith(("hook_k", "hook_rot_k", "hook_v")):
             raise ValueError(f"per_query_head expands k, rot_k or v activations, not {full!r}")
-        return expand_kv_heads(self[full], self.model.cfg.n_heads)
+        return expand_kv_heads(self[full], self.stream.n_heads)
 
     def grad(self, key: CacheKey) -> Tensor:
         """Gradient of the output w.r.t. a cached activation (``run_with_cache(incl_bwd=True)``)."""

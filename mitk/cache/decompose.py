@@ -8,13 +8,13 @@ and from ``hook_post`` and ``W_out``: the forward never materialises them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from mitk.cache.residual_stack import ResidualStack
-from mitk.errors import UnsupportedModelError
+from mitk.cache.writes import head_writes, neuron_writes, output_bias
 from mitk.hooks import name
 from mitk.shapes import Float
 
@@ -23,55 +23,12 @@ if TYPE_CHECKING:
 
 
 def _layers_before(cache: ActivationCache, layer: int | None) -> int:
-    n = int(cache.model.cfg.n_layers)
+    n = cache.stream.n_layers
     if layer is None:
         return n
     if not 0 <= layer <= n:
         raise ValueError(f"layer={layer} is outside [0, {n}] for a {n}-layer model")
     return layer
-
-
-def embedding_writes(model: Any) -> list[tuple[str, str]]:
-    """``(label, hook name)`` of each write into the stream before block 0.
-
-    With a norm right after the embeddings (``cfg.embed_norm``, BLOOM) the
-    token and position embeddings are not additive writes; the one write is
-    the normed sum, read at ``blocks.0.hook_resid_pre``.
-    """
-    require_additive_stream(model)
-    if model.cfg.embed_norm:
-        return [("embed", name("resid_pre", 0))]
-    writes = [("embed", "hook_embed")]
-    if "hook_pos_embed" in model.hook_dict:
-        writes.append(("pos_embed", "hook_pos_embed"))
-    return writes
-
-
-def require_additive_stream(model: Any) -> None:
-    """Refuse post-norm models, whose stream is renormalised inside every block.
-
-    There (BERT) a block's output is not its input plus its sublayers' writes,
-    so decompositions and direct logit attribution would be wrong numbers.
-    """
-    if model.cfg.norm_position == "post":
-        raise UnsupportedModelError(
-            "residual-stream decompositions and DLA need a pre-norm model; this one is "
-            "post-norm (each block renormalises the stream), so writes do not add up"
-        )
-
-
-def _require_unnormed_sublayers(model: Any, what: str) -> None:
-    """Refuse per-head/neuron writes where a sandwich norm (Gemma-2) rescales the sublayer's sum."""
-    if model.cfg.sandwich_norms:
-        raise UnsupportedModelError(
-            f"{what} writes do not exist on a model with sandwich norms (Gemma-2): "
-            "ln1_post/ln2_post normalise each sublayer's output, so hook_attn_out and "
-            "hook_mlp_out are not sums of head or neuron writes"
-        )
-
-
-def _has_mlp(model: Any) -> bool:
-    return bool(model.cfg.has_mlp)
 
 
 def decompose_resid(cache: ActivationCache, layer: int | None = None) -> ResidualStack:
@@ -80,13 +37,15 @@ def decompose_resid(cache: ActivationCache, layer: int | None = None) -> Residua
     The components sum to ``blocks.{layer}.hook_resid_pre`` (or the last
     ``hook_resid_post``). Sublayer outputs include their biases.
     """
+    stream = cache.stream
+    stream.require_additive()
     end = _layers_before(cache, layer)
-    writes = embedding_writes(cache.model)
-    labels, parts = [label for label, _ in writes], [cache[hook] for _, hook in writes]
+    labels = [label for label, _ in stream.embedding_hooks]
+    parts = [cache[hook] for _, hook in stream.embedding_hooks]
     for block in range(end):
         labels.append(f"{block}_attn_out")
         parts.append(cache[name("attn_out", block)])
-        if _has_mlp(cache.model):
+        if stream.has_mlp:
             labels.append(f"{block}_mlp_out")
             parts.append(cache[name("mlp_out", block)])
     return ResidualStack(torch.stack([p.expand_as(parts[0]) for p in parts]), labels)
@@ -94,10 +53,7 @@ def decompose_resid(cache: ActivationCache, layer: int | None = None) -> Residua
 
 def head_results(cache: ActivationCache, layer: int) -> Float[Tensor, "head batch pos d_model"]:
     """What each head of ``layer`` writes into the stream: ``z[:, :, h] @ W_O[h]`` (no bias)."""
-    _require_unnormed_sublayers(cache.model, "per-head")
-    z = cache[name("z", layer)]
-    W_O = cache.model.blocks[layer].attn.W_O
-    return torch.einsum("bphd,hdm->hbpm", z, W_O)
+    return head_writes(cache.stream, layer, cache[name("z", layer)])
 
 
 def stack_head_results(cache: ActivationCache, layer: int | None = None) -> ResidualStack:
@@ -111,8 +67,7 @@ def stack_head_results(cache: ActivationCache, layer: int | None = None) -> Resi
     for block in range(end):
         heads = head_results(cache, block)
         parts.append(heads)
-        bias = cache.model.blocks[block].attn.b_O
-        parts.append(bias.expand_as(heads[0])[None])
+        parts.append(output_bias(cache.stream, block, "attn").expand_as(heads[0])[None])
         labels += [f"L{block}H{h}" for h in range(heads.shape[0])] + [f"L{block}_attn_bias"]
     if not parts:
         raise ValueError("layer=0 leaves no heads to stack")
@@ -128,14 +83,13 @@ def stack_neuron_results(
     ``blocks.{l}.hook_mlp_out``. Memory is ``n_neurons * batch * pos * d_model``:
     select neurons for large models.
     """
-    if not _has_mlp(cache.model):
+    stream = cache.stream
+    if not stream.has_mlp:
         raise ValueError("this model is attention-only: it has no neurons")
-    _require_unnormed_sublayers(cache.model, "per-neuron")
-    mlp = cache.model.blocks[layer].mlp
     post = cache[name("post", layer)]
+    writes = neuron_writes(stream, layer, post, neurons)
     index = torch.arange(post.shape[-1]) if neurons is None else torch.as_tensor(neurons)
-    writes = torch.einsum("bpn,nm->nbpm", post[..., index], mlp.W_out[index])
-    bias = mlp.b_out if mlp.b_out is not None else mlp.W_out.new_zeros(mlp.W_out.shape[1])
+    bias = output_bias(stream, layer, "mlp")
     labels = [f"L{layer}N{int(n)}" for n in index] + [f"L{layer}_mlp_bias"]
     return ResidualStack(torch.cat([writes, bias.expand_as(writes[0])[None]]), labels)
 
@@ -147,7 +101,7 @@ def accumulated_resid(cache: ActivationCache, layer: int | None = None) -> Resid
     logit lens.
     """
     end = _layers_before(cache, layer)
-    n_layers = int(cache.model.cfg.n_layers)
+    n_layers = cache.stream.n_layers
     labels = [f"{block}_pre" for block in range(min(end + 1, n_layers))]
     parts = [cache[name("resid_pre", block)] for block in range(len(labels))]
     if end == n_layers:
@@ -171,9 +125,9 @@ def apply_ln_to_stack(
     cached). The elementwise weight and bias are not applied, so the result
     sums to that norm's ``hook_normalized``.
     """
-    require_additive_stream(cache.model)
+    cache.stream.require_additive()
     scale = norm_scale(cache, layer)
     tensor = stack.tensor
-    if cache.model.cfg.normalization == "layernorm":
+    if cache.stream.layernorm:
         tensor = tensor - tensor.mean(-1, keepdim=True)
     return ResidualStack(tensor / scale, stack.labels)

@@ -18,13 +18,16 @@ def attached_hooks(
     points: Mapping[str, HookPoint],
     fwd_hooks: Sequence[HookSpec] = (),
     bwd_hooks: Sequence[BwdHookSpec] = (),
+    *,
+    prepend: bool = False,
 ) -> Iterator[None]:
     """Attach ``(name_or_predicate, fn)`` hooks to ``points`` for the duration of the block.
 
     Every name is validated before anything is attached, so a typo never leaves
     half the hooks in place. Exactly the hooks this call added are removed on
     exit, whether the block returns or raises; hooks added by an enclosing
-    context stay.
+    context stay. ``prepend=True`` puts these hooks before those already
+    attached, so they fire first.
     """
     plan: list[tuple[list[Any], Any]] = []
     for specs, attr in ((fwd_hooks, "fwd_fns"), (bwd_hooks, "bwd_fns")):
@@ -35,12 +38,16 @@ def attached_hooks(
                 plan.append((getattr(points[hook_name], attr), fn))
     try:
         for fns, fn in plan:
-            fns.append(fn)
+            if prepend:
+                fns.insert(0, fn)
+            else:
+                fns.append(fn)
         yield
     finally:
         for fns, fn in reversed(plan):
-            # remove this exact registration (identity, last occurrence first)
-            for i in range(len(fns) - 1, -1, -1):
+            # remove this exact registration (identity; the one this call added)
+            order = range(len(fns)) if prepend else range(len(fns) - 1, -1, -1)
+            for i in order:
                 if fns[i] is fn:
                     del fns[i]
                     break

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +29,6 @@ class HookPoint(nn.Module):
         self.name: str = ""
         self.fwd_fns: list[ForwardHookFn] = []
         self.bwd_fns: list[BackwardHookFn] = []
-        # Free-form per-hook scratch space for hook functions; cleared with the hooks.
-        self.ctx: dict[str, Any] = {}
 
     @property
     def has_hooks(self) -> bool:
@@ -39,10 +36,9 @@ class HookPoint(nn.Module):
         return bool(self.fwd_fns or self.bwd_fns)
 
     def clear(self) -> None:
-        """Detach every hook and forget the scratch space."""
+        """Detach every hook."""
         self.fwd_fns.clear()
         self.bwd_fns.clear()
-        self.ctx.clear()
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.fwd_fns and not self.bwd_fns:

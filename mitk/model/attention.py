@@ -8,33 +8,29 @@ them in place edits the model.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from mitk.config import TransformerConfig
+from mitk.config import AttentionBackend, TransformerConfig
 from mitk.errors import ConfigError, HookError
 from mitk.hooks import HookPoint
 from mitk.model.alibi import alibi_bias, alibi_slopes
+from mitk.model.forward_context import ForwardContext
 from mitk.model.linear import affine
 from mitk.model.masks import AttentionMask
 from mitk.model.rotary import apply_rotary, rotary_angles
 from mitk.model.softcap import soft_cap
 from mitk.shapes import Float
 
-Backend = Literal["auto", "sdpa", "eager"]
 Queries = Float[Tensor, "batch head pos d_head"]
 Keys = Float[Tensor, "batch kv_head key_pos d_head"]
 # value heads may be narrower than query/key heads (latent attention's v_head_dim)
 Values = Float[Tensor, "batch kv_head key_pos d_value"]
 Mixed = Float[Tensor, "batch head pos d_value"]
-# keys and values of earlier positions, in the compute layout [batch, kv_head, past_pos, d_head]
-PastKV = tuple[Tensor, Tensor]
 
 
-def eager_reason(backend: Backend, scores: HookPoint, pattern: HookPoint) -> str | None:
+def eager_reason(backend: AttentionBackend, scores: HookPoint, pattern: HookPoint) -> str | None:
     """The fused-attention rule's hook part: why this forward must run eager, or None.
 
     ``"eager: <reason>"`` when the backend is ``"eager"`` or a hook needs the scores
@@ -60,11 +56,11 @@ class Attention(nn.Module):
     ``hook_rot_q``/``hook_rot_k`` (same shapes, after rotation), and
     ``hook_attn_scores`` and ``hook_pattern`` ``[batch, head, query_pos,
     key_pos]`` (scores include any ALiBi bias and soft-capping and are masked
-    with -inf). After each forward ``last_path`` says which path ran and why;
-    soft-capped layers (``cfg.attn_softcap``) run explicitly, ``"eager: soft-capping"``.
+    with -inf). Each forward records in its ``ForwardContext`` which path ran and
+    why; soft-capped layers (``cfg.attn_softcap``) run explicitly, ``"eager: soft-capping"``.
 
     Positions (rotary angles, ALiBi distances) come from the mask, counted over
-    real tokens, so left padding and ``past_kv`` see absolute positions.
+    real tokens, so left padding and past keys/values see absolute positions.
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
@@ -87,9 +83,6 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
-        self.last_path = "not run"
-        # set by generation for one forward: receives this layer's full (past + new) keys/values
-        self.kv_sink: list[PastKV] | None = None
 
     # --- TransformerLens-shaped views into the packed weights -------------------------
     def _qkv_slice(self, which: int) -> tuple[int, int, int]:
@@ -153,7 +146,12 @@ class Attention(nn.Module):
         )
 
     # --- forward ----------------------------------------------------------------------
-    def choose_path(self, backend: Backend) -> str:
+    @property
+    def name(self) -> str:
+        """Where this module sits in the model (``"blocks.3.attn"``), from its hooks' names."""
+        return self.hook_z.name.rpartition(".")[0]
+
+    def choose_path(self, backend: AttentionBackend) -> str:
         """``"sdpa"`` or ``"eager: <reason>"`` for this forward, per the fused-attention rule."""
         eager = eager_reason(backend, self.hook_attn_scores, self.hook_pattern)
         if eager is not None:
@@ -169,17 +167,14 @@ class Attention(nn.Module):
         return "sdpa"
 
     def forward(
-        self,
-        x: Float[Tensor, "batch pos d_model"],
-        mask: AttentionMask,
-        backend: Backend = "auto",
-        past_kv: PastKV | None = None,
+        self, x: Float[Tensor, "batch pos d_model"], ctx: ForwardContext
     ) -> Float[Tensor, "batch pos d_model"]:
-        """Attend from ``x``'s positions; ``past_kv`` supplies keys/values of earlier positions.
+        """Attend from ``x``'s positions, after any past keys/values ``ctx`` holds for this layer.
 
-        With ``past_kv`` the queries are the last ``pos`` positions of a longer
-        sequence (``mask.k_len`` long); the hooks see only the new positions.
-        ``past_kv`` keys are post-rotation (what ``hook_rot_k`` saw) on rotary models.
+        With past state the queries are the last ``pos`` positions of a longer
+        sequence (``ctx.mask.k_len`` long); the hooks see only the new
+        positions. Past keys are post-rotation (what ``hook_rot_k`` saw) on
+        rotary models.
         """
         cfg = self.cfg
         batch, pos, _ = x.shape
@@ -189,46 +184,47 @@ class Attention(nn.Module):
         q, k, v = qkv.split([cfg.n_heads, cfg.n_key_value_heads, cfg.n_key_value_heads], dim=2)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if cfg.positional == "rotary":
-            if "rotary" not in mask.memo:  # the same for every layer: build it once per forward
-                positions = mask.positions(x.device)[:, -pos:]
-                mask.memo["rotary"] = rotary_angles(positions, cfg.rotary_dim, cfg.rotary_base)
-            angles = mask.memo["rotary"]
+            angles = rotary_angles_of(ctx, x.device, cfg.rotary_dim, cfg.rotary_base)
             q = self.hook_rot_q(apply_rotary(q, angles, cfg.rotary_style))
             k = self.hook_rot_k(apply_rotary(k, angles, cfg.rotary_style))
+        z = self.attend(q, k, v, ctx)
+        return affine(z.reshape(batch, pos, -1), self.W_o_packed, self.b_o_param)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
+        """Mix values by the path ``ctx`` allows; ``[batch, pos, head, d]`` in, ``hook_z`` out.
+
+        Past keys/values are put in front, the full ones handed to ``ctx`` when
+        it keeps them, and the path taken is recorded in ``ctx``.
+        """
         # [batch, head, pos, d_head] is the layout both paths compute in
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if past_kv is not None:
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-        if self.kv_sink is not None:
-            self.kv_sink.append((k, v))
-        self.last_path = self.choose_path(backend)
-        if self.last_path == "sdpa":
-            z = self._fused(q, k, v, mask)
-        else:
-            z = self._explicit(q, k, v, mask)
-        z = self.hook_z(z.transpose(1, 2))
-        return affine(
-            z.reshape(batch, pos, cfg.n_heads * cfg.d_head), self.W_o_packed, self.b_o_param
-        )
+        k, v = ctx.with_past(self.layer, k, v)
+        path = self.choose_path(ctx.backend)
+        ctx.record_path(self.name, path)
+        z = self._fused(q, k, v, ctx) if path == "sdpa" else self._explicit(q, k, v, ctx)
+        return self.hook_z(z.transpose(1, 2))
 
     def _allowed(self, mask: AttentionMask, device: torch.device) -> Tensor | None:
         """Boolean ``[batch or 1, 1, q, k]`` visibility, or None when every key is visible."""
         window = self.cfg.window_of(self.layer)
         return mask.dense(device, window) if mask.restricts(window) else None
 
-    def _bias(self, mask: AttentionMask, device: torch.device) -> Tensor | None:
+    def _bias(self, ctx: ForwardContext, device: torch.device) -> Tensor | None:
         """Additive score bias ``[batch or 1, head, q, k]`` (ALiBi), or None."""
         if self.cfg.positional != "alibi":
             return None
-        if "alibi" not in mask.memo:  # the same for every layer: build it once per forward
-            positions = mask.positions(device)
-            slopes = alibi_slopes(self.cfg.n_heads)
-            mask.memo["alibi"] = alibi_bias(slopes, positions[:, -mask.q_len :], positions)
-        return mask.memo["alibi"]
+        mask, heads = ctx.mask, self.cfg.n_heads
 
-    def _fused(self, q: Queries, k: Keys, v: Values, mask: AttentionMask) -> Mixed:
+        def build() -> Tensor:
+            positions = mask.positions(device)
+            return alibi_bias(alibi_slopes(heads), positions[:, -mask.q_len :], positions)
+
+        return ctx.shared("alibi", build)  # the same for every layer: built once per pass
+
+    def _fused(self, q: Queries, k: Keys, v: Values, ctx: ForwardContext) -> Mixed:
+        mask = ctx.mask
         gqa = self.cfg.n_key_value_heads != self.cfg.n_heads
-        bias = self._bias(mask, q.device)
+        bias = self._bias(ctx, q.device)
         windowed = mask.window_applies(self.cfg.window_of(self.layer))
         if mask.is_plain_causal and bias is None and not windowed:
             return F.scaled_dot_product_attention(
@@ -243,14 +239,15 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, scale=self.cfg.attn_scale, enable_gqa=gqa
         )
 
-    def _explicit(self, q: Queries, k: Keys, v: Values, mask: AttentionMask) -> Mixed:
+    def _explicit(self, q: Queries, k: Keys, v: Values, ctx: ForwardContext) -> Mixed:
+        mask = ctx.mask
         group = self.cfg.kv_group_size
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-1, -2)) * self.cfg.attn_scale
         if self.cfg.attn_softcap:  # before bias and mask, as Gemma-2 does (tanh(-inf) is finite)
             scores = soft_cap(scores, self.cfg.attn_softcap)
-        bias = self._bias(mask, q.device)
+        bias = self._bias(ctx, q.device)
         if bias is not None:
             scores = scores + bias.to(scores.dtype)
         allowed = self._allowed(mask, q.device)
@@ -259,3 +256,18 @@ class Attention(nn.Module):
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1).to(v.dtype))
         return pattern @ v
+
+
+def rotary_angles_of(
+    ctx: ForwardContext, device: torch.device, rotary_dim: int, base: float
+) -> Tensor:
+    """Rotary angles of this pass's query positions, built once and shared by every layer."""
+    mask = ctx.mask
+
+    def build() -> Tensor:
+        positions = mask.positions(device)[:, -mask.q_len :]
+        return rotary_angles(positions, rotary_dim, base)
+
+    angles = ctx.shared("rotary", build)
+    assert angles is not None
+    return angles

@@ -6,9 +6,9 @@ from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
 from mitk.hooks import HookPoint
-from mitk.model.attention import Attention, Backend, PastKV
+from mitk.model.attention import Attention
+from mitk.model.forward_context import ForwardContext
 from mitk.model.latent_attention import LatentAttention
-from mitk.model.masks import AttentionMask
 from mitk.model.mlp import MLP
 from mitk.model.norms import make_norm
 from mitk.shapes import Float
@@ -56,17 +56,13 @@ class TransformerBlock(nn.Module):
             self.ln2_post = make_norm(cfg)
 
     def forward(
-        self,
-        resid: Float[Tensor, "batch pos d_model"],
-        mask: AttentionMask,
-        backend: Backend = "auto",
-        past_kv: PastKV | None = None,
+        self, resid: Float[Tensor, "batch pos d_model"], ctx: ForwardContext
     ) -> Float[Tensor, "batch pos d_model"]:
-        """One block; ``past_kv`` (keys/values of earlier positions) goes to the attention."""
+        """One block; ``ctx`` carries the mask, backend and any past state to the attention."""
         resid = self.hook_resid_pre(resid)
         if self.cfg.norm_position == "post":
-            return self._post_norm(resid, mask, backend, past_kv)
-        attn_out = self.attn(self.ln1(resid), mask, backend, past_kv)
+            return self._post_norm(resid, ctx)
+        attn_out = self.attn(self.ln1(resid), ctx)
         if self.cfg.sandwich_norms:
             attn_out = self.ln1_post(attn_out)
         attn_out = self.hook_attn_out(attn_out)
@@ -83,14 +79,10 @@ class TransformerBlock(nn.Module):
         return self.hook_resid_post(mid + mlp_out)
 
     def _post_norm(
-        self,
-        resid: Float[Tensor, "batch pos d_model"],
-        mask: AttentionMask,
-        backend: Backend,
-        past_kv: PastKV | None,
+        self, resid: Float[Tensor, "batch pos d_model"], ctx: ForwardContext
     ) -> Float[Tensor, "batch pos d_model"]:
         """``x = ln1(x + attn(x)); x = ln2(x + mlp(x))`` (config validation ensures an MLP)."""
-        attn_out = self.hook_attn_out(self.attn(resid, mask, backend, past_kv))
+        attn_out = self.hook_attn_out(self.attn(resid, ctx))
         normed_mid = self.ln1(self.hook_resid_mid(resid + attn_out))
         mlp_out = self.hook_mlp_out(self.mlp(normed_mid))
         post = self.hook_resid_post(normed_mid + mlp_out)

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from torch import Tensor, nn
 
-from mitk.cache import ActivationCache
+from mitk.cache import ActivationCache, StreamWrites
 from mitk.config import TORCH_DTYPES
+from mitk.errors import UnsupportedModelError
 from mitk.hooks import (
     BwdHookSpec,
     HookPoint,
@@ -37,7 +38,6 @@ from mitk.model.encoder_decoder_config import EncoderDecoderConfig
 from mitk.model.hooked import HookedModule
 from mitk.model.inputs import checked_attention_mask, checked_tokens
 from mitk.model.loss import next_token_loss
-from mitk.model.t5_block import T5EncoderBlock
 from mitk.model.t5_stack import T5Stack
 from mitk.shapes import Float, Int
 
@@ -66,6 +66,8 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
         self.unembed = Unembed(block_cfg)
         self.hook_dict: dict[str, HookPoint] = collect_hook_points(self)
         self.attention_backend = cfg.attention_backend
+        # the one report a forward leaves: which attention path each layer took (attention_paths)
+        self._last_paths: dict[str, str] = {}
         self.tokenizer = tokenizer
         if seed is not None:  # None: the caller loads weights next
             self.init_weights(seed)
@@ -119,9 +121,11 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
             raise ValueError(
                 f"decoder batch {dec_tokens.shape[0]} != encoder batch {encoder_out.shape[0]}"
             )
-        hidden = self.decoder(
-            self.embed(dec_tokens), dec_valid, self.attention_backend, encoder_out, enc_valid
+        ctx = self.decoder.forward_context(
+            dec_tokens.shape[1], dec_valid, self.attention_backend, encoder_out, enc_valid
         )
+        hidden = self.decoder(self.embed(dec_tokens), ctx)
+        self._last_paths.update(ctx.paths)
         if return_type == "hidden":
             return hidden
         if return_type == "logits":
@@ -139,7 +143,11 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         tokens = checked_tokens(input_ids, self._block_cfg).to(self.embed.W_E.device)
         valid = self._valid(attention_mask, tokens)
-        return self.encoder(self.embed(tokens), valid, self.attention_backend), valid
+        ctx = self.encoder.forward_context(tokens.shape[1], valid, self.attention_backend)
+        encoded = self.encoder(self.embed(tokens), ctx)
+        self._last_paths.clear()  # a new pass through the model starts with the encoder
+        self._last_paths.update(ctx.paths)
+        return encoded, valid
 
     def _valid(self, mask: Tensor | None, tokens: Tensor) -> Tensor | None:
         valid = checked_attention_mask(mask, (tokens.shape[0], tokens.shape[1]))
@@ -151,17 +159,35 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
             hidden = hidden * self.cfg.d_model**-0.5
         return self.unembed(hidden)
 
-    @property
-    def blocks(self) -> list[T5EncoderBlock]:
-        """The decoder's blocks (the cache's decompositions are decoder-only-model features)."""
-        return self.decoder.blocks
+    def stream_writes(self) -> StreamWrites:
+        """Refused writes: decompositions and DLA cover decoder-only models (hook names differ)."""
+        why = "residual-stream decompositions cover decoder-only models, not encoder-decoders"
+        return StreamWrites(
+            n_layers=self.cfg.n_decoder_layers,
+            n_heads=self.cfg.n_heads,
+            has_mlp=True,
+            layernorm=False,
+            embedding_hooks=(),
+            head_output=lambda layer: self._refuse(why),
+            neuron_output=lambda layer: self._refuse(why),
+            not_additive=why,
+        )
+
+    @staticmethod
+    def _refuse(why: str) -> NoReturn:
+        raise UnsupportedModelError(why)
 
     def attention_paths(self) -> dict[str, str]:
-        """Per attention layer (``"encoder.0.attn"``...), the path the last forward ran."""
+        """Per attention layer (``"encoder.0.attn"``...), the path the last forward ran.
+
+        Read from the record the last pass left (``"not run"`` for layers it did
+        not reach); a report only, never consulted by a forward.
+        """
         paths = {}
         for stack_name, stack in (("encoder", self.encoder), ("decoder", self.decoder)):
-            for path, attn in stack.attentions().items():
-                paths[f"{stack_name}.{path}"] = attn.last_path
+            for path in stack.attentions():
+                full = f"{stack_name}.{path}"
+                paths[full] = self._last_paths.get(full, "not run")
         return paths
 
     # --- hooks and caching ------------------------------------------------------------

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from mitk.errors import UnsupportedModelError
 from mitk.hooks import HookSpec
-from mitk.model.attention import Attention, PastKV
+from mitk.model.attention import Attention
 from mitk.model.inputs import check_length, checked_attention_mask, checked_tokens
-from mitk.model.masks import AttentionMask, position_ids_from_mask
+from mitk.model.kv_cache import KVCache
 from mitk.shapes import Bool, Float, Int
 
 
@@ -53,23 +53,6 @@ class GenerationResult:
         return self.tokens[:, self.prompt_len :]
 
 
-class KVCache:
-    """Keys and values of every position so far, one ``(k, v)`` per layer.
-
-    Each is ``[batch, kv_head, key_pos, d_head]``; on rotary models keys are
-    stored after rotation, so a cached key never needs re-rotating.
-    """
-
-    def __init__(self, n_layers: int) -> None:
-        self.layers: list[PastKV | None] = [None] * n_layers
-
-    @property
-    def length(self) -> int:
-        """Number of positions cached (0 before the prompt step)."""
-        first = self.layers[0]
-        return 0 if first is None else first[0].shape[2]
-
-
 def step(
     model: Any,  # a HookedTransformer; Any because transformer.py imports this module
     tokens: Int[Tensor, "batch new"],
@@ -79,22 +62,13 @@ def step(
     """Run ``tokens`` after the cached positions; returns the last position's logits.
 
     ``key_valid`` covers every position, cached and new (``[batch, key_pos]``,
-    True at real tokens), or is None when nothing is padded. ``cache`` gains the
-    new positions' keys and values.
+    True at real tokens), or is None when nothing is padded; its cached part must
+    be what earlier steps were given. ``cache`` gains the new positions' keys and values.
     """
-    past, new = cache.length, tokens.shape[1]
-    positions = position_ids_from_mask(key_valid, past + new, tokens.device)[:, past:]
-    resid = model._embed(tokens, None, positions=positions)
-    mask = AttentionMask(model.cfg.causal, new, past + new, key_valid)
-    for layer, block in enumerate(model.blocks):
-        sink: list[PastKV] = []
-        block.attn.kv_sink = sink  # attention appends the full (past + new) keys and values
-        try:
-            resid = block(resid, mask, model.attention_backend, cache.layers[layer])
-        finally:
-            block.attn.kv_sink = None
-        cache.layers[layer] = sink[0]
-    return model.unembed(model.ln_final(resid[:, -1:]))[:, 0]
+    # the cache keeps the mask of the positions it holds; the forward takes the new ones'
+    new_valid = None if key_valid is None else key_valid[:, -tokens.shape[1] :]
+    logits = model(tokens, attention_mask=new_valid, past_kv_cache=cache, logit_positions=-1)
+    return logits[:, 0]
 
 
 def sample(

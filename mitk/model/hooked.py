@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from mitk.config import AttentionBackend
 from mitk.hooks import BwdHookSpec, HookPoint, HookSpec, attached_hooks
-
-Backend = Literal["auto", "sdpa", "eager"]
 
 
 class HookedModule:
     """Mixin for models with a ``hook_dict`` of HookPoints and an ``attention_backend``."""
 
     hook_dict: dict[str, HookPoint]
-    attention_backend: str
+    attention_backend: AttentionBackend
 
     def hooks(
         self, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[BwdHookSpec] = ()
@@ -38,7 +37,7 @@ class HookedModule:
             point.clear()
 
     @contextmanager
-    def backend(self, name: Backend) -> Iterator[None]:
+    def backend(self, name: AttentionBackend) -> Iterator[None]:
         """Temporarily force an attention backend (restored on exit)."""
         previous, self.attention_backend = self.attention_backend, name
         try:

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.hooks import HookPoint
-from mitk.model.attention import Attention, Backend, PastKV
+from mitk.model.attention import Attention, rotary_angles_of
+from mitk.model.forward_context import ForwardContext
 from mitk.model.linear import affine
-from mitk.model.masks import AttentionMask
-from mitk.model.rotary import apply_rotary, rotary_angles
+from mitk.model.rotary import apply_rotary
 from mitk.shapes import Float
 
 
@@ -58,8 +58,8 @@ class LatentAttention(Attention):
       key_pos]`` (explicit path only, chosen as in ``Attention``).
 
     The path choice, masking and both attention kernels are ``Attention``'s
-    (SDPA accepts a value width different from the query/key width);
-    ``last_path`` says which ran. ``past_kv`` holds rotated keys
+    (SDPA accepts a value width different from the query/key width), and
+    the path taken is recorded in the ``ForwardContext``. Past state holds rotated keys
     ``[batch, head, past, d_qk]`` and values ``[batch, head, past, d_v]``. The
     TransformerLens weight views (``W_Q``, ``W_K``, ``W_V``, ``W_O`` and
     biases) raise ``UnsupportedModelError``: MLA has no per-head key/value
@@ -67,7 +67,7 @@ class LatentAttention(Attention):
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
-        super().__init__(cfg, layer)  # hooks, last_path and the attention kernels
+        super().__init__(cfg, layer)  # hooks and the attention kernels
         # the packed q/k/v projection does not exist here; MLA's own projections replace it
         del self.W_qkv
         del self.b_qkv
@@ -144,13 +144,9 @@ class LatentAttention(Attention):
         return torch.cat([x[..., :nope], rotated], dim=-1)
 
     def forward(
-        self,
-        x: Float[Tensor, "batch pos d_model"],
-        mask: AttentionMask,
-        backend: Backend = "auto",
-        past_kv: PastKV | None = None,
+        self, x: Float[Tensor, "batch pos d_model"], ctx: ForwardContext
     ) -> Float[Tensor, "batch pos d_model"]:
-        """Attend from ``x``'s positions (see the class docstring for hooks and ``past_kv``)."""
+        """Attend from ``x``'s positions (see the class docstring for hooks and past state)."""
         cfg = self.cfg
         batch, pos, _ = x.shape
         n, d_qk, d_v, d_rope = cfg.n_heads, cfg.d_head, cfg.v_head_dim, cfg.rotary_dim
@@ -168,21 +164,8 @@ class LatentAttention(Attention):
         k_rope = k_rope[:, :, None].expand(batch, pos, n, d_rope)
         k = self.hook_k(torch.cat([k_nope, k_rope], dim=-1))
         v = self.hook_v(v)
-        if "rotary" not in mask.memo:  # the same for every layer: build it once per forward
-            positions = mask.positions(x.device)[:, -pos:]
-            mask.memo["rotary"] = rotary_angles(positions, d_rope, cfg.rotary_base)
-        angles = mask.memo["rotary"]
+        angles = rotary_angles_of(ctx, x.device, d_rope, cfg.rotary_base)
         q = self.hook_rot_q(self._rotate(q, angles))
         k = self.hook_rot_k(self._rotate(k, angles))
-        # [batch, head, pos, d] is the layout both paths compute in
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if past_kv is not None:
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-        sink = getattr(self, "kv_sink", None)  # generation's key-value cache collects these
-        if sink is not None:
-            sink.append((k, v))
-        self.last_path = self.choose_path(backend)
-        kernel = self._fused if self.last_path == "sdpa" else self._explicit
-        z = kernel(q, k, v, mask)
-        z = self.hook_z(z.transpose(1, 2))
+        z = self.attend(q, k, v, ctx)
         return affine(z.reshape(batch, pos, n * d_v), self.W_o_packed, self.b_o_param)

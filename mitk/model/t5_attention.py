@@ -15,8 +15,10 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from mitk.config import AttentionBackend
 from mitk.hooks import HookPoint
-from mitk.model.attention import Backend, eager_reason
+from mitk.model.attention import eager_reason
+from mitk.model.forward_context import ForwardContext
 from mitk.model.linear import affine
 from mitk.shapes import Float, Int
 
@@ -85,7 +87,8 @@ class T5Attention(nn.Module):
     ``[batch, key_pos, head, d_head]`` (for cross-attention, key positions are
     encoder positions), ``hook_z`` like ``hook_q``, and ``hook_attn_scores`` /
     ``hook_pattern`` ``[batch, head, query_pos, key_pos]`` (scores include the
-    position bias and are -inf where masked). ``last_path`` says which path ran.
+    position bias and are -inf where masked). The path taken is recorded in the
+    pass's ``ForwardContext``.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_head: int) -> None:
@@ -102,7 +105,6 @@ class T5Attention(nn.Module):
         self.hook_attn_scores = HookPoint()
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
-        self.last_path = "not run"
 
     def _heads(self, w: Tensor) -> Tensor:
         return w.view(w.shape[0], self.n_heads, self.d_head).permute(1, 0, 2)
@@ -131,7 +133,12 @@ class T5Attention(nn.Module):
         """``x [batch, pos, d_model]`` to per-head ``[batch, pos, head, d_head]``."""
         return affine(x, weight, None).view(*x.shape[:2], self.n_heads, self.d_head)
 
-    def choose_path(self, backend: Backend) -> str:
+    @property
+    def name(self) -> str:
+        """Where this module sits in the model (``"decoder.1.cross_attn"``), from its hooks."""
+        return self.hook_z.name.rpartition(".")[0]
+
+    def choose_path(self, backend: AttentionBackend) -> str:
         """``"sdpa"`` or ``"eager: <reason>"``, by the same rule as decoder-only attention."""
         return eager_reason(backend, self.hook_attn_scores, self.hook_pattern) or "sdpa"
 
@@ -139,8 +146,8 @@ class T5Attention(nn.Module):
         self,
         x: Float[Tensor, "batch query_pos d_model"],
         bias: ScoreBias | None,
+        ctx: ForwardContext,
         source: Float[Tensor, "batch key_pos d_model"] | None = None,
-        backend: Backend = "auto",
     ) -> Float[Tensor, "batch query_pos d_model"]:
         """Attend from ``x`` to ``source`` (the encoder output) or, if None, to ``x`` itself.
 
@@ -153,8 +160,9 @@ class T5Attention(nn.Module):
         k = self.hook_k(self._project(source, self.W_k_packed))
         v = self.hook_v(self._project(source, self.W_v_packed))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        self.last_path = self.choose_path(backend)
-        if self.last_path == "sdpa":
+        path = self.choose_path(ctx.backend)
+        ctx.record_path(self.name, path)
+        if path == "sdpa":
             # a float attn_mask is added to the scores: position bias and padding in one tensor
             attn_mask = None if bias is None else bias.to(q.dtype)
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)

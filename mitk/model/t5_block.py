@@ -11,16 +11,16 @@ from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
 from mitk.hooks import HookPoint
-from mitk.model.attention import Backend
+from mitk.model.forward_context import ForwardContext
 from mitk.model.mlp import MLP
 from mitk.model.norms import RMSNorm
 from mitk.model.t5_attention import RelativePositionBias, T5Attention
 from mitk.shapes import Float
 
 Stream = Float[Tensor, "batch pos d_model"]
-# additive score biases (positions, and -inf where masked); axes named per use so they check
-SelfBias = Float[Tensor, "#batch #head #pos pos"]
-CrossBias = Float[Tensor, "#batch #head #pos enc_pos"]
+# The stack's shared score biases live in the pass's ForwardContext: built once per pass.
+SELF_BIAS = "t5_self_bias"
+CROSS_BIAS = "t5_cross_bias"
 
 
 class T5EncoderBlock(nn.Module):
@@ -43,13 +43,17 @@ class T5EncoderBlock(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, resid: Stream, bias: SelfBias | None, backend: Backend = "auto") -> Stream:
-        """One block; ``bias`` is the stack's shared score bias (positions and padding)."""
+    def forward(self, resid: Stream, ctx: ForwardContext) -> Stream:
+        """One block; ``ctx.memo`` holds the stack's shared score bias (positions and padding)."""
         resid = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), bias, None, backend))
-        mid = self.hook_resid_mid(resid + attn_out)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), ctx.memo[SELF_BIAS], ctx))
+        mid = self._cross(self.hook_resid_mid(resid + attn_out), ctx)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mid)))
         return self.hook_resid_post(mid + mlp_out)
+
+    def _cross(self, mid: Stream, ctx: ForwardContext) -> Stream:
+        """The encoder has no cross-attention: the stream passes through."""
+        return mid
 
     def _add_cross_attention(self, cfg: TransformerConfig) -> None:
         """Nothing in the encoder; the decoder adds its cross-attention here (hook order)."""
@@ -69,19 +73,9 @@ class T5DecoderBlock(T5EncoderBlock):
         self.hook_cross_attn_out = HookPoint()
         self.hook_resid_mid_cross = HookPoint()
 
-    def forward(  # type: ignore[override]
-        self,
-        resid: Stream,
-        bias: SelfBias | None,
-        encoder_out: Float[Tensor, "batch enc_pos d_model"],
-        cross_bias: CrossBias | None,
-        backend: Backend = "auto",
-    ) -> Stream:
-        """One block; ``cross_bias`` hides padded encoder positions (None: nothing padded)."""
-        resid = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid), bias, None, backend))
-        mid = self.hook_resid_mid(resid + attn_out)
-        cross = self.cross_attn(self.ln_cross(mid), cross_bias, encoder_out, backend)
-        mid_cross = self.hook_resid_mid_cross(mid + self.hook_cross_attn_out(cross))
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mid_cross)))
-        return self.hook_resid_post(mid_cross + mlp_out)
+    def _cross(self, mid: Stream, ctx: ForwardContext) -> Stream:
+        """Cross-attention to ``ctx.cross`` (the encoder output), padded positions hidden."""
+        if ctx.cross is None:
+            raise ValueError("the decoder stack needs encoder_out")
+        cross = self.cross_attn(self.ln_cross(mid), ctx.memo[CROSS_BIAS], ctx, ctx.cross)
+        return self.hook_resid_mid_cross(mid + self.hook_cross_attn_out(cross))

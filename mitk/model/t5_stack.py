@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from mitk.config import AttentionBackend
 from mitk.hooks import HookPoint
-from mitk.model.attention import Backend
 from mitk.model.encoder_decoder_config import EncoderDecoderConfig
+from mitk.model.executor import run_blocks
+from mitk.model.forward_context import ForwardContext
 from mitk.model.masks import AttentionMask
 from mitk.model.norms import RMSNorm
 from mitk.model.t5_attention import RelativePositionBias, T5Attention, score_bias
-from mitk.model.t5_block import T5DecoderBlock, T5EncoderBlock
+from mitk.model.t5_block import CROSS_BIAS, SELF_BIAS, T5DecoderBlock, T5EncoderBlock
 from mitk.shapes import Bool, Float
 
 
@@ -54,34 +56,35 @@ class T5Stack(nn.Module):
         """Every attention layer by its path under this stack (``"0.attn"``, ``"0.cross_attn"``)."""
         return {path: m for path, m in self.named_modules() if isinstance(m, T5Attention)}
 
-    def forward(
+    def forward_context(
         self,
-        embedded: Float[Tensor, "batch pos d_model"],
+        q_len: int,
         key_valid: Bool[Tensor, "batch pos"] | None,
-        backend: Backend = "auto",
+        backend: AttentionBackend = "auto",
         encoder_out: Float[Tensor, "batch enc_pos d_model"] | None = None,
         encoder_valid: Bool[Tensor, "batch enc_pos"] | None = None,
-    ) -> Float[Tensor, "batch pos d_model"]:
-        """Run every block and the final norm; the decoder also needs ``encoder_out``.
+    ) -> ForwardContext:
+        """The context of one pass through this stack (the decoder also needs ``encoder_out``).
 
         ``key_valid``/``encoder_valid`` are True at real tokens (None: no padding).
         """
+        mask = AttentionMask(self.causal, q_len, q_len, key_valid)
+        return ForwardContext(
+            mask=mask, backend=backend, cross=encoder_out, cross_valid=encoder_valid
+        )
+
+    def forward(
+        self, embedded: Float[Tensor, "batch pos d_model"], ctx: ForwardContext
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Every block, then the final norm, over one pass described by ``ctx``."""
         resid = self.hook_embed(embedded)
-        pos = resid.shape[1]
+        device, mask = resid.device, ctx.mask
         first = self.blocks[0]
         assert first.rel_pos is not None  # built so in __init__
-        mask = AttentionMask(self.causal, pos, pos, key_valid)
         # padded queries may see themselves (AttentionMask's rule), so no softmax row is empty
-        allowed = mask.dense(resid.device) if mask.restricts() else None
-        bias = score_bias(first.rel_pos(pos, pos), allowed)
-        cross_bias = None
-        if encoder_valid is not None:
-            cross_bias = score_bias(None, encoder_valid.to(resid.device)[:, None, None, :])
-        for block in self.blocks:
-            if isinstance(block, T5DecoderBlock):
-                if encoder_out is None:
-                    raise ValueError("the decoder stack needs encoder_out")
-                resid = block(resid, bias, encoder_out, cross_bias, backend)
-            else:
-                resid = block(resid, bias, backend)
-        return self.ln_final(resid)
+        allowed = mask.dense(device) if mask.restricts() else None
+        ctx.memo[SELF_BIAS] = score_bias(first.rel_pos(mask.q_len, mask.k_len), allowed)
+        valid = ctx.cross_valid
+        cross = None if valid is None else score_bias(None, valid.to(device)[:, None, None, :])
+        ctx.memo[CROSS_BIAS] = cross
+        return self.ln_final(run_blocks(self.blocks, resid, ctx))

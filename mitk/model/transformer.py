@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mitk.cache import ActivationCache
+from mitk.cache import ActivationCache, StreamWrites
 from mitk.config import DTYPE_NAMES, TORCH_DTYPES, TransformerConfig
 from mitk.errors import HookError, UnsupportedModelError
 from mitk.hooks import (
@@ -25,11 +25,20 @@ from mitk.hooks import (
 from mitk.model import generation, processing
 from mitk.model.block import TransformerBlock
 from mitk.model.embed import Embed, PosEmbed, SinusoidalPosEmbed, TokenTypeEmbed, Unembed
+from mitk.model.executor import holding, run_blocks
+from mitk.model.forward_context import ForwardContext, PastKV
 from mitk.model.hooked import HookedModule
-from mitk.model.inputs import checked_attention_mask, checked_residual, checked_tokens
+from mitk.model.inputs import (
+    check_length,
+    checked_attention_mask,
+    checked_residual,
+    checked_tokens,
+)
+from mitk.model.kv_cache import KVCache
 from mitk.model.loss import next_token_loss
-from mitk.model.masks import AttentionMask, position_ids_from_mask
+from mitk.model.masks import AttentionMask
 from mitk.model.norms import make_norm
+from mitk.model.stream import decoder_stream_writes
 from mitk.model.tokenization import TextInterface
 from mitk.model.weights import WeightViews
 from mitk.shapes import Bool, Float, Int
@@ -68,6 +77,8 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         self.unembed = Unembed(cfg)
         self.hook_dict: dict[str, HookPoint] = collect_hook_points(self)
         self.attention_backend = cfg.attention_backend
+        # the one report a forward leaves: which attention path each layer took (attention_paths)
+        self._last_paths: dict[str, str] = {}
         self.tokenizer = None
         self.set_tokenizer(tokenizer)
         if seed is not None:  # None: the caller loads weights next, so skip the init work
@@ -183,6 +194,8 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         logit_positions: int | slice | Tensor | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
+        past_kv_cache: KVCache | None = None,
+        hold: Mapping[str, Tensor] | None = None,
     ) -> Float[Tensor, "..."]:
         """Run the model.
 
@@ -201,6 +214,12 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
           index tensor); the pos axis is kept.
         - ``token_type_ids``: ``[batch, pos]`` segment ids for models with
           ``cfg.token_types`` (BERT); default all zeros.
+        - ``past_kv_cache``: a ``KVCache``; the input's positions follow the
+          cached ones (``attention_mask`` then covers the new positions only) and
+          the cache gains them once the forward has finished.
+        - ``hold``: hook name -> value that replaces that activation for this
+          pass (e.g. frozen attention patterns or norm scales for a linearised
+          run); a held pattern runs that layer's explicit attention path.
         - A bare encoder (``cfg.has_lm_head=False``) refuses ``"logits"`` and ``"loss"``.
         """
         cfg = self.cfg
@@ -216,20 +235,48 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         first = self._layer_index(start_at_layer, "start_at_layer", default=0)
         last = self._layer_index(stop_at_layer, "stop_at_layer", default=cfg.n_layers)
         device = self.W_E.device
+        input_tokens = None
         if start_at_layer is None:
-            tokens = checked_tokens(input, cfg).to(device)
-            key_valid = checked_attention_mask(attention_mask, (tokens.shape[0], tokens.shape[1]))
-            key_valid = None if key_valid is None else key_valid.to(device)
-            resid = self._embed(tokens, key_valid, token_type_ids)
+            tokens = input_tokens = checked_tokens(input, cfg).to(device)
+            batch, pos = tokens.shape
         else:
             resid = checked_residual(input, cfg).to(device)
-            key_valid = checked_attention_mask(attention_mask, (resid.shape[0], resid.shape[1]))
-            key_valid = None if key_valid is None else key_valid.to(device)
-        mask = AttentionMask(cfg.causal, resid.shape[1], resid.shape[1], key_valid)
-        for block in self.blocks[first:last]:
-            resid = block(resid, mask, self.attention_backend)
-        if stop_at_layer is not None:
-            return resid
+            batch, pos = resid.shape[:2]
+        new_valid = checked_attention_mask(attention_mask, (batch, pos))
+        new_valid = None if new_valid is None else new_valid.to(device)
+        key_valid = (
+            new_valid
+            if past_kv_cache is None
+            else past_kv_cache.key_valid_with(new_valid, batch, pos)
+        )
+        past = {} if past_kv_cache is None else past_kv_cache.past()
+        ctx = self.forward_context(
+            pos, key_valid, start=first, stop=last, past=past, held=hold,
+            keep_state=past_kv_cache is not None,
+        )  # fmt: skip
+        with holding(self.hook_dict, ctx.held):
+            if input_tokens is not None:
+                resid = self._embed(input_tokens, ctx, token_type_ids)
+            resid = self.run_blocks(resid, ctx)
+            if past_kv_cache is not None:
+                assert ctx.present is not None
+                past_kv_cache.append(ctx.present, key_valid)
+            self._last_paths.clear()
+            self._last_paths.update(ctx.paths)
+            if stop_at_layer is not None:
+                return resid
+            return self._read_out(resid, return_type, logit_positions, tokens, new_valid)
+
+    def _read_out(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        return_type: ReturnType,
+        logit_positions: int | slice | Tensor | None,
+        tokens: Tensor | None,
+        key_valid: Tensor | None,
+    ) -> Float[Tensor, "..."]:
+        """The final norm, then logits, hidden states or the loss, as ``forward`` documents."""
+        cfg = self.cfg
         if return_type in ("logits", "loss") and not cfg.has_lm_head:
             raise UnsupportedModelError(
                 f"this {cfg.architecture} model has no LM head (a bare encoder): "
@@ -254,18 +301,60 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             return next_token_loss(hidden, tokens, key_valid, self.unembed)
         raise ValueError(f"return_type must be 'logits', 'hidden' or 'loss', got {return_type!r}")
 
+    def forward_context(
+        self,
+        q_len: int,
+        key_valid: Bool[Tensor, "batch key_pos"] | None = None,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        past: Mapping[int, PastKV] | None = None,
+        held: Mapping[str, Tensor] | None = None,
+        keep_state: bool = False,
+    ) -> ForwardContext:
+        """The context of one pass of ``q_len`` new positions after any ``past`` state.
+
+        ``key_valid`` covers past and new positions (``[batch, past + q_len]``,
+        True at real tokens; None: nothing padded). ``past`` maps a layer to its
+        earlier keys and values (all layers run must agree on their length);
+        ``keep_state=True`` collects each layer's full state in ``ctx.present``.
+        """
+        past = dict(past or {})
+        past_len = next(iter(past.values()))[0].shape[2] if past else 0
+        check_length(past_len + q_len, self.cfg)
+        mask = AttentionMask(self.cfg.causal, q_len, past_len + q_len, key_valid)
+        return ForwardContext(
+            mask=mask,
+            backend=self.attention_backend,
+            start=start,
+            stop=stop,
+            past=past,
+            present={} if keep_state else None,
+            held=dict(held or {}),
+        )
+
+    def run_blocks(
+        self, resid: Float[Tensor, "batch pos d_model"], ctx: ForwardContext
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Blocks ``ctx.start..ctx.stop`` on ``resid``: the one loop every pass goes through.
+
+        Hooks attached to the model fire as in ``forward``; ``ctx.held`` values
+        apply only when the caller attaches them (``forward`` does, for the
+        whole pass including the final norm).
+        """
+        return run_blocks(self.blocks, resid, ctx)
+
     def _embed(
         self,
         tokens: Int[Tensor, "batch pos"],
-        key_valid: Bool[Tensor, "batch pos"] | None,
+        ctx: ForwardContext,
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
-        *,
-        positions: Int[Tensor, "#batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """Token (+ position, + token-type) embeddings of the pass's new positions."""
         resid = self.hook_embed(self.embed(tokens))
         if self.cfg.positional in ("learned", "sinusoidal"):
-            if positions is None:  # generation passes the positions that follow its cache
-                positions = position_ids_from_mask(key_valid, tokens.shape[1], tokens.device)
+            # positions follow any past ones and skip padding: the mask's key slots, last q_len
+            positions = ctx.mask.positions(tokens.device)[:, -tokens.shape[1] :]
             # expand (a view) so the hook sees [batch, pos, d_model] like every other residual write
             pos_embed = self.pos_embed(positions).to(resid.dtype).expand(resid.shape)
             resid = resid + self.hook_pos_embed(pos_embed)
@@ -304,9 +393,18 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         """
         return generation.generate(self, input, max_new_tokens, **kwargs)
 
+    def stream_writes(self) -> StreamWrites:
+        """The residual stream's writes and output weights, for the cache and DLA."""
+        return decoder_stream_writes(self)
+
     def attention_paths(self) -> list[str]:
-        """Per layer, which attention path the last forward ran (``"sdpa"`` or ``"eager: why"``)."""
-        return [str(block.attn.last_path) for block in self.blocks]
+        """Per layer, which attention path the last forward ran (``"sdpa"`` or ``"eager: why"``).
+
+        Read from the record the last finished ``forward`` left (layers it did not
+        run say ``"not run"``); the record is a report only and never changes what
+        a forward computes.
+        """
+        return [self._last_paths.get(block.attn.name, "not run") for block in self.blocks]
 
     # --- hooks and caching -------------------------------------------------------------
     def hooks_that_fire(self, start_at_layer: int | None, stop_at_layer: int | None) -> list[str]:

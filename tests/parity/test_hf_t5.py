@@ -116,7 +116,9 @@ def test_fused_equals_explicit_and_paths_are_recorded(pair: Any) -> None:
         with model.backend("eager"):
             explicit = model(**inputs)
         assert all(p.startswith("eager") for p in model.attention_paths().values())
-    assert (fused - explicit).abs().max() < 1e-5
+    # fp32 agreement to 1e-5 of the logits' scale: T5's unscaled scores give logits near 10
+    # (with transformers 5's init), where one float32 rounding step is already ~1e-6
+    assert (fused - explicit).abs().max() < 1e-5 * fused.abs().max().clamp(min=1)
 
 
 def test_cross_attention_pattern_covers_real_encoder_tokens_only(pair: Any) -> None:

@@ -61,8 +61,8 @@ def test_scores_recomputed_from_cached_queries_and_expanded_keys(
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
     visible = causal & mask.bool()[:, None, None, :]  # [batch, 1, query, key]
     for layer in range(gqa.cfg.n_layers):
-        attn = gqa.blocks[layer].attn
-        assert isinstance(attn, Attention) and attn.last_path.startswith("eager")
+        assert isinstance(gqa.blocks[layer].attn, Attention)
+        assert gqa.attention_paths()[layer].startswith("eager")
         q = cache[q_kind, layer]
         k = cache.per_query_head((k_kind, layer))
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * gqa.cfg.attn_scale

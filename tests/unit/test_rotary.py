@@ -7,7 +7,6 @@ import torch
 
 from mitk import HookedTransformer, TransformerConfig
 from mitk.analysis.patching import activation_patch, logit_diff
-from mitk.model.masks import AttentionMask
 from mitk.model.rotary import apply_rotary, rotary_angles
 from tests.unit.test_patching import last_position_logit_diff, naive
 
@@ -109,15 +108,16 @@ def test_past_kv_rotates_new_positions_by_their_absolute_position(padded: bool) 
     mask = torch.ones_like(tokens)
     if padded:
         mask[1, :2] = 0
-    block, start = model.blocks[1], 6
+    start = 6
     names = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.attn.hook_rot_k",
              "blocks.1.attn.hook_v"]  # fmt: skip
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names)
         past = (cache["blocks.1.attn.hook_rot_k"][:, :start].transpose(1, 2),
                 cache["blocks.1.attn.hook_v"][:, :start].transpose(1, 2))  # fmt: skip
-        suffix = AttentionMask(True, 10 - start, 10, mask.bool() if padded else None)
-        out = block(cache["blocks.1.hook_resid_pre"][:, start:], suffix, "auto", past)
+        key_valid = mask.bool() if padded else None
+        ctx = model.forward_context(10 - start, key_valid, start=1, stop=2, past={1: past})
+        out = model.run_blocks(cache["blocks.1.hook_resid_pre"][:, start:], ctx)
     torch.testing.assert_close(out, cache["blocks.1.hook_resid_post"][:, start:], atol=1e-5, rtol=0)
 
 

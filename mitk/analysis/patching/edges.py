@@ -21,7 +21,7 @@ from torch import Tensor
 from mitk.analysis.patching.engine import metric_fn
 from mitk.analysis.patching.metrics import PositionMetric
 from mitk.analysis.patching.pair import Direction, check_patch_inputs, metric_at
-from mitk.cache.decompose import embedding_writes
+from mitk.cache.writes import head_writes
 from mitk.hooks import name
 from mitk.shapes import Float, Int
 
@@ -86,15 +86,15 @@ def _writer_deltas(
     model: Any, source: Any, base: Any
 ) -> tuple[list[str], Float[Tensor, "node batch pos d_model"], list[float]]:
     """Each upstream node's change (source - base) in residual space, with labels and order."""
-    cfg = model.cfg
+    cfg, stream = model.cfg, model.stream_writes()
     labels, deltas, order = [], [], []
-    for label, hook in embedding_writes(model):
+    for label, hook in stream.embedding_hooks:
         labels.append(label)
         deltas.append(source[hook] - base[hook])
         order.append(-1.0)
     for L in range(cfg.n_layers):
         dz = source[name("z", L)] - base[name("z", L)]  # [batch, pos, head, d_head]
-        per_head = torch.einsum("bphd,hdm->hbpm", dz, model.blocks[L].attn.W_O)
+        per_head = head_writes(stream, L, dz)  # [head, batch, pos, d_model]
         labels += [f"L{L}H{h}" for h in range(cfg.n_heads)]
         deltas += list(per_head)
         order += [float(L)] * cfg.n_heads
@@ -125,7 +125,9 @@ def edge_attribution_patch(
     batch, seq = clean_tokens.shape
     fn, answer_pos = metric_fn(metric, batch, seq)
     readers = _readers(model)
-    writes = [hook for _, hook in embedding_writes(model)]
+    stream = model.stream_writes()
+    stream.require_additive()  # post-norm streams are not a sum of the writes scored here
+    writes = [hook for _, hook in stream.embedding_hooks]
     writes += [name("z", L) for L in range(cfg.n_layers)]
     writes += [name("mlp_out", L) for L in range(cfg.n_layers)] if cfg.has_mlp else []
     base_tokens, source_tokens = (corrupted_tokens, clean_tokens) if direction == "denoising" \

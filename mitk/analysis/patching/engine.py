@@ -28,7 +28,6 @@ from torch import Tensor
 from mitk.analysis.patching.metrics import PositionMetric
 from mitk.analysis.patching.sites import Site
 from mitk.hooks import HookPoint
-from mitk.model.masks import AttentionMask
 from mitk.shapes import Float, Int
 
 
@@ -133,16 +132,14 @@ def _run_wavefront(
             hooks = [(site.hook(layer), _patcher(site, source, entering, start))]
         assert x is not None
         copies = x.shape[0] // batch
-        mask = AttentionMask(
-            model.cfg.causal, seq - start, seq,
-            None if base.attention_mask is None else base.attention_mask.repeat(copies, 1),
-        )  # fmt: skip
-        past = None
-        if start > 0:
-            past = (base.keys[layer][:, :, :start].repeat(copies, 1, 1, 1),
-                    base.values[layer][:, :, :start].repeat(copies, 1, 1, 1))  # fmt: skip
+        key_valid = None if base.attention_mask is None else base.attention_mask.repeat(copies, 1)
+        past = {}
+        if start > 0:  # the unchanged prefix: its keys and values are the base run's
+            past[layer] = (base.keys[layer][:, :, :start].repeat(copies, 1, 1, 1),
+                           base.values[layer][:, :, :start].repeat(copies, 1, 1, 1))  # fmt: skip
+        ctx = model.forward_context(seq - start, key_valid, start=layer, stop=layer + 1, past=past)
         with model.hooks(fwd_hooks=hooks):
-            x = model.blocks[layer](x, mask, model.attention_backend, past)
+            x = model.run_blocks(x, ctx)
     assert x is not None
     position = {id(v): i for i, v in enumerate(order)}
     rows = torch.tensor([position[id(v)] for v in chunk])

@@ -1,0 +1,89 @@
+"""What each head and each neuron writes into the residual stream: the one place it is computed.
+
+The model hands the cache a ``StreamWrites``: the facts a decomposition needs
+(layer count, which writes precede block 0, whether writes add up at all) and
+the output weights of each layer's heads and neurons, read live from the
+parameters. The cache's decompositions and direct logit attribution both get
+per-head and per-neuron writes from ``head_writes`` / ``neuron_writes`` here,
+so the refusals below hold for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mitk.errors import UnsupportedModelError
+from mitk.shapes import Float
+
+# layer -> (W_O [head, d_head, d_model], b_O [d_model])
+HeadOutput = Callable[[int], tuple[Tensor, Tensor]]
+# layer -> (W_out [d_mlp, d_model], b_out [d_model])
+NeuronOutput = Callable[[int], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class StreamWrites:
+    """A model's residual-stream writes as the cache sees them.
+
+    - ``embedding_hooks``: ``(label, hook name)`` of each write before block 0.
+    - ``not_additive``: why the stream is not a sum of writes (post-norm
+      models renormalise it inside every block), or None.
+    - ``not_per_unit``: why head/neuron writes do not sum to the sublayer
+      outputs (sandwich norms rescale them), or None.
+    """
+
+    n_layers: int
+    n_heads: int
+    has_mlp: bool
+    layernorm: bool
+    embedding_hooks: tuple[tuple[str, str], ...]
+    head_output: HeadOutput
+    neuron_output: NeuronOutput
+    not_additive: str | None = None
+    not_per_unit: str | None = None
+
+    def require_additive(self) -> None:
+        """Raise ``UnsupportedModelError`` unless the stream is a sum of its writes."""
+        if self.not_additive is not None:
+            raise UnsupportedModelError(self.not_additive)
+
+    def require_per_unit(self, what: str) -> None:
+        """Raise unless per-head/neuron writes add up to what the sublayers wrote."""
+        self.require_additive()
+        if self.not_per_unit is not None:
+            raise UnsupportedModelError(f"{what} writes do not exist here: {self.not_per_unit}")
+
+
+def head_writes(
+    stream: StreamWrites, layer: int, z: Float[Tensor, "*lead head d_head"]
+) -> Float[Tensor, "head *lead d_model"]:
+    """Each head's write, ``z[..., h, :] @ W_O[h]`` (no bias), head axis first."""
+    stream.require_per_unit("per-head")
+    W_O, _ = stream.head_output(layer)
+    return torch.einsum("...hd,hdm->h...m", z, W_O)
+
+
+def neuron_writes(
+    stream: StreamWrites,
+    layer: int,
+    post: Float[Tensor, "*lead d_mlp"],
+    neurons: Sequence[int] | Tensor | None = None,
+) -> Float[Tensor, "neuron *lead d_model"]:
+    """Each neuron's write, ``post[..., n] * W_out[n]`` (no bias), neuron axis first.
+
+    ``neurons`` picks a subset (None: all); memory is ``n * |lead| * d_model``.
+    """
+    stream.require_per_unit("per-neuron")
+    W_out, _ = stream.neuron_output(layer)
+    index = torch.arange(post.shape[-1]) if neurons is None else torch.as_tensor(neurons)
+    return torch.einsum("...n,nm->n...m", post[..., index], W_out[index])
+
+
+def output_bias(stream: StreamWrites, layer: int, sublayer: str) -> Float[Tensor, " d_model"]:
+    """``b_O`` (``sublayer="attn"``) or ``b_out`` (``"mlp"``) of ``layer``; zeros if absent."""
+    output = stream.head_output if sublayer == "attn" else stream.neuron_output
+    return output(layer)[1]

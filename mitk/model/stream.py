@@ -1,0 +1,57 @@
+"""A decoder-only model's residual-stream writes, as the cache and DLA read them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from mitk.cache import StreamWrites
+from mitk.hooks import name
+
+POST_NORM = (
+    "residual-stream decompositions and DLA need a pre-norm model; this one is post-norm "
+    "(each block renormalises the stream), so writes do not add up"
+)
+SANDWICH_NORMS = (
+    "this model has sandwich norms (Gemma-2): ln1_post/ln2_post normalise each sublayer's "
+    "output, so hook_attn_out and hook_mlp_out are not sums of head or neuron writes"
+)
+
+
+def decoder_stream_writes(model: Any) -> StreamWrites:
+    """The writes of a ``HookedTransformer``'s stream, with its output weights read live.
+
+    With a norm right after the embeddings (``cfg.embed_norm``, BLOOM) the token
+    and position embeddings are not additive writes; the one write before block 0
+    is then their normed sum, read at ``blocks.0.hook_resid_pre``.
+    """
+    cfg = model.cfg
+    if cfg.embed_norm:
+        embedding_hooks: tuple[tuple[str, str], ...] = (("embed", name("resid_pre", 0)),)
+    else:
+        embedding_hooks = (("embed", "hook_embed"),)
+        if "hook_pos_embed" in model.hook_dict:
+            embedding_hooks += (("pos_embed", "hook_pos_embed"),)
+    blocks = model.blocks
+
+    def head_output(layer: int) -> tuple[Tensor, Tensor]:
+        attn = blocks[layer].attn
+        return attn.W_O, attn.b_O
+
+    def neuron_output(layer: int) -> tuple[Tensor, Tensor]:
+        mlp = blocks[layer].mlp
+        bias = mlp.b_out if mlp.b_out is not None else mlp.W_out.new_zeros(mlp.W_out.shape[1])
+        return mlp.W_out, bias
+
+    return StreamWrites(
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        has_mlp=cfg.has_mlp,
+        layernorm=cfg.normalization == "layernorm",
+        embedding_hooks=embedding_hooks,
+        head_output=head_output,
+        neuron_output=neuron_output,
+        not_additive=POST_NORM if cfg.norm_position == "post" else None,
+        not_per_unit=SANDWICH_NORMS if cfg.sandwich_norms else None,
+    )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mitk import HookedTransformer
+from mitk.analysis.dla import logit_attribution
 from mitk.errors import ConfigError, UnsupportedModelError
 from tests.parity.hf_compare import assert_matches_hf, hf_forward, token_batch
 from tests.parity.test_hf_families import TOL, VOCAB, _gemma, _gemma2, _randomised
@@ -112,6 +113,10 @@ def test_per_head_writes_are_refused_under_sandwich_norms(capped: Any) -> None:
     _, cache = model.run_with_cache(tokens)
     with pytest.raises(UnsupportedModelError, match="sandwich norms"):
         cache.stack_head_results()
+    # DLA by head or neuron reads the same writes, so it is refused the same way
+    for by in ("head", "neuron"):
+        with pytest.raises(UnsupportedModelError, match="sandwich norms"):
+            logit_attribution(model, cache, answer_tokens=1, by=by)
     # the stream itself stays additive: embeddings plus every (normed) sublayer write
     stack = cache.decompose_resid()
     torch.testing.assert_close(

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mitk.atomic import atomic_write_text
 from mitk.config import TransformerConfig, loading_overrides
 from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.pretrained.bert import bert_config, bert_state_dict
@@ -18,7 +19,6 @@ from mitk.model.pretrained.deepseek import deepseek_config, deepseek_state_dict
 from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.pretrained.files import (
     atomic_save_safetensors,
-    atomic_write_text,
     has_tokenizer,
     read_safetensors_dir,
 )
@@ -160,7 +160,7 @@ def save_native(model: Any, directory: Path) -> Path:
     """Write ``model`` in mitk's own format; ``load_pretrained`` reads it back exactly."""
     directory.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model.state_dict(), directory / NATIVE_WEIGHTS)
-    atomic_write_text(model.cfg.to_json(), directory / NATIVE_CONFIG)
+    atomic_write_text(directory / NATIVE_CONFIG, model.cfg.to_json())
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(directory)
     return directory

@@ -15,12 +15,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.gpt2 import hf_activation
+from mitk.model.pretrained.mappings import (
+    ConfigNames,
+    attn_out,
+    block_norms,
+    decoder_fields,
+    embeddings,
+    layer_prefixes,
+    mlp,
+    norm,
+    separate_qkv,
+    without_prefix,
+)
 
 
 def bert_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -31,17 +41,8 @@ def bert_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         raise UnsupportedModelError(
             f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported"
         )
-    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    fields: dict[str, Any] = {
-        "d_model": d_model,
-        "n_layers": hf["num_hidden_layers"],
-        "n_heads": n_heads,
-        "d_head": d_model // n_heads,
-        "d_mlp": hf["intermediate_size"],
-        "d_vocab": hf["vocab_size"],
-        "n_ctx": hf["max_position_embeddings"],
-        "act_fn": hf_activation(hf.get("hidden_act", "gelu")),
-        "norm_eps": hf.get("layer_norm_eps", 1e-12),
+    fields = decoder_fields(hf, ConfigNames(default_eps=1e-12), "bert")
+    fields |= {
         "positional": "learned",
         "embed_norm": True,
         "token_types": hf.get("type_vocab_size", 2),
@@ -49,44 +50,29 @@ def bert_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         "final_norm": False,
         "has_lm_head": False,
         "causal": False,
-        "attn_scale": (d_model // n_heads) ** -0.5,
-        "architecture": "bert",
         "default_prepend_bos": False,  # BERT's tokenizer adds [CLS]/[SEP] itself
-        "extra": {"source_model_type": "bert"},
     }
-    fields.update(overrides)
-    return TransformerConfig(**fields)
+    return TransformerConfig(**{**fields, **overrides})
 
 
 def bert_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``BertModel`` (or ``Bert*``'s ``bert.``) state dict to mitk names."""
-    sd = {k.removeprefix("bert."): v for k, v in hf_state.items()}
-    emb = "embeddings."
+    sd = without_prefix(hf_state, "bert.")
     out = {
-        "embed.W_E": sd[emb + "word_embeddings.weight"],
-        "pos_embed.W_pos": sd[emb + "position_embeddings.weight"],
-        "token_type_embed.W_token_type": sd[emb + "token_type_embeddings.weight"],
-        "ln_embed.w": sd[emb + "LayerNorm.weight"],
-        "ln_embed.b": sd[emb + "LayerNorm.bias"],
-        "unembed.W_U": sd[emb + "word_embeddings.weight"].T,
+        # no LM head: W_U is the tied word embedding, as BERT's MLM decoder would use it
+        **embeddings(
+            sd, "embeddings.word_embeddings", position="embeddings.position_embeddings", heads=()
+        ),
+        "token_type_embed.W_token_type": sd["embeddings.token_type_embeddings.weight"],
+        **norm(sd, "embeddings.LayerNorm", "ln_embed"),
     }
-    for layer in range(cfg.n_layers):
-        hf, mk = f"encoder.layer.{layer}.", f"blocks.{layer}."
-        att = hf + "attention."
-        # nn.Linear stores [d_out, d_in]; mitk packs q | k | v along d_out of a [d_in, d_out]
-        qkv = [att + f"self.{which}." for which in ("query", "key", "value")]
+    for hf, mk in layer_prefixes(cfg.n_layers, "encoder.layer.{}"):
+        qkv = [f"{hf}.attention.self.{which}" for which in ("query", "key", "value")]
         out |= {
-            mk + "attn.W_qkv": torch.cat([sd[p + "weight"].T for p in qkv], dim=1),
-            mk + "attn.b_qkv": torch.cat([sd[p + "bias"] for p in qkv]),
-            mk + "attn.W_o_packed": sd[att + "output.dense.weight"].T,
-            mk + "attn.b_o_param": sd[att + "output.dense.bias"],
-            mk + "ln1.w": sd[att + "output.LayerNorm.weight"],
-            mk + "ln1.b": sd[att + "output.LayerNorm.bias"],
-            mk + "mlp.W_in": sd[hf + "intermediate.dense.weight"].T,
-            mk + "mlp.b_in": sd[hf + "intermediate.dense.bias"],
-            mk + "mlp.W_out": sd[hf + "output.dense.weight"].T,
-            mk + "mlp.b_out": sd[hf + "output.dense.bias"],
-            mk + "ln2.w": sd[hf + "output.LayerNorm.weight"],
-            mk + "ln2.b": sd[hf + "output.LayerNorm.bias"],
+            **separate_qkv(sd, qkv, f"{mk}.attn", bias=True),
+            **attn_out(sd, f"{hf}.attention.output.dense", f"{mk}.attn", bias=True),
+            # post-norm: ln1 follows attention, ln2 the MLP
+            **block_norms(sd, hf, mk, ("attention.output.LayerNorm", "output.LayerNorm")),
+            **mlp(sd, f"{hf}.intermediate.dense", f"{hf}.output.dense", f"{mk}.mlp"),
         }
     return out

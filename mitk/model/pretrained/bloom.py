@@ -14,7 +14,16 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.neox import split_per_head_qkv
+from mitk.model.pretrained.mappings import (
+    attn_out,
+    block_norms,
+    embeddings,
+    layer_prefixes,
+    mlp,
+    norm,
+    per_head_qkv,
+    without_prefix,
+)
 
 # ALiBi extrapolates, so BLOOM's config names no context length; this is only a default
 DEFAULT_N_CTX = 2048
@@ -54,35 +63,18 @@ def bloom_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 
 def bloom_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename, transpose and reorder a ``BloomForCausalLM`` state dict to mitk names."""
-    sd = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    sd = without_prefix(hf_state, "transformer.")
     out = {
-        "embed.W_E": sd["word_embeddings.weight"],
-        "ln_embed.w": sd["word_embeddings_layernorm.weight"],
-        "ln_embed.b": sd["word_embeddings_layernorm.bias"],
-        "ln_final.w": sd["ln_f.weight"],
-        "ln_final.b": sd["ln_f.bias"],
-        "unembed.W_U": sd.get("lm_head.weight", sd["word_embeddings.weight"]).T,
+        **embeddings(sd, "word_embeddings"),
+        **norm(sd, "word_embeddings_layernorm", "ln_embed"),
+        **norm(sd, "ln_f", "ln_final"),
     }
-    for layer in range(cfg.n_layers):
-        hf, mk = f"h.{layer}.", f"blocks.{layer}."
-        w_qkv, b_qkv = split_per_head_qkv(
-            sd[hf + "self_attention.query_key_value.weight"],
-            sd[hf + "self_attention.query_key_value.bias"],
-            cfg.n_heads,
-        )
-        assert b_qkv is not None
+    for hf, mk in layer_prefixes(cfg.n_layers, "h.{}"):
+        attn = f"{hf}.self_attention"
         out |= {
-            mk + "attn.W_qkv": w_qkv,
-            mk + "attn.b_qkv": b_qkv,
-            mk + "attn.W_o_packed": sd[hf + "self_attention.dense.weight"].T,
-            mk + "attn.b_o_param": sd[hf + "self_attention.dense.bias"],
-            mk + "ln1.w": sd[hf + "input_layernorm.weight"],
-            mk + "ln1.b": sd[hf + "input_layernorm.bias"],
-            mk + "ln2.w": sd[hf + "post_attention_layernorm.weight"],
-            mk + "ln2.b": sd[hf + "post_attention_layernorm.bias"],
-            mk + "mlp.W_in": sd[hf + "mlp.dense_h_to_4h.weight"].T,
-            mk + "mlp.b_in": sd[hf + "mlp.dense_h_to_4h.bias"],
-            mk + "mlp.W_out": sd[hf + "mlp.dense_4h_to_h.weight"].T,
-            mk + "mlp.b_out": sd[hf + "mlp.dense_4h_to_h.bias"],
+            **per_head_qkv(sd, f"{attn}.query_key_value", f"{mk}.attn", cfg.n_heads, bias=True),
+            **attn_out(sd, f"{attn}.dense", f"{mk}.attn", bias=True),
+            **block_norms(sd, hf, mk),
+            **mlp(sd, f"{hf}.mlp.dense_h_to_4h", f"{hf}.mlp.dense_4h_to_h", f"{mk}.mlp"),
         }
     return out

@@ -15,9 +15,19 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.gpt2 import hf_activation
-from mitk.model.pretrained.llama import embedding_and_unembedding, norms_and_gated_mlp
-from mitk.model.pretrained.rope import rope_fields
+from mitk.model.pretrained.mappings import (
+    LLAMA_NAMES,
+    attn_out,
+    block_norms,
+    decoder_fields,
+    embeddings,
+    layer_prefixes,
+    linear,
+    llama_mlp,
+    norm,
+    rope_fields,
+    without_prefix,
+)
 
 
 def deepseek_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -32,30 +42,18 @@ def deepseek_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     if hf.get("mlp_bias"):
         raise UnsupportedModelError("MLP biases in a DeepSeek-V2 model are not supported")
     d_rope, d_nope = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
-    d_qk = d_nope + d_rope
     # rope_fields refuses scaled rope (YaRN...), so the softmax scale needs no YaRN mscale
     rope = rope_fields(hf, d_rope)
     bias = bool(hf.get("attention_bias", False))
-    fields: dict[str, Any] = {
-        "d_model": hf["hidden_size"],
-        "n_layers": n_layers,
-        "n_heads": hf["num_attention_heads"],
-        "d_head": d_qk,
-        "d_mlp": hf["intermediate_size"],
-        "d_vocab": hf["vocab_size"],
-        "n_ctx": hf["max_position_embeddings"],
-        "act_fn": hf_activation(hf.get("hidden_act", "silu")),
+    fields = decoder_fields(hf, LLAMA_NAMES, "deepseek_v2", d_head=d_nope + d_rope)
+    fields |= {
         "gated_mlp": True,
         "normalization": "rmsnorm",
-        "norm_eps": hf.get("rms_norm_eps", 1e-6),
         **rope,
         "rotary_style": "gptj",
         "attn_qkv_bias": bias,
         "attn_out_bias": bias,
         "mlp_bias": False,
-        "attn_scale": d_qk**-0.5,
-        "architecture": "deepseek_v2",
-        "extra": {"source_model_type": "deepseek_v2"},
         "attention_type": "mla",
         "q_lora_rank": hf.get("q_lora_rank") or 0,
         "kv_lora_rank": hf["kv_lora_rank"],
@@ -63,32 +61,36 @@ def deepseek_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         # Hugging Face's latent norms use their default epsilon, not rms_norm_eps
         "latent_norm_eps": 1e-6,
     }
-    fields.update(overrides)
-    return TransformerConfig(**fields)
+    return TransformerConfig(**{**fields, **overrides})
 
 
 def deepseek_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``DeepseekV2ForCausalLM`` (or bare model) state dict."""
-    sd = {k.removeprefix("model."): v for k, v in hf_state.items()}
-    out = embedding_and_unembedding(sd)
-    for layer in range(cfg.n_layers):
-        hf, mk = f"layers.{layer}.", f"blocks.{layer}."
-        attn, mla = hf + "self_attn.", mk + "attn."
-        if cfg.q_lora_rank:
-            out[mla + "W_q_a"] = sd[attn + "q_a_proj.weight"].T
-            out[mla + "q_norm.w"] = sd[attn + "q_a_layernorm.weight"]
-            out[mla + "W_q_b"] = sd[attn + "q_b_proj.weight"].T
-            if cfg.attn_qkv_bias:
-                out[mla + "b_q_a"] = sd[attn + "q_a_proj.bias"]
-        else:
-            out[mla + "W_q_packed"] = sd[attn + "q_proj.weight"].T
-        out[mla + "W_kv_a"] = sd[attn + "kv_a_proj_with_mqa.weight"].T
-        if cfg.attn_qkv_bias:
-            out[mla + "b_kv_a"] = sd[attn + "kv_a_proj_with_mqa.bias"]
-        out[mla + "kv_norm.w"] = sd[attn + "kv_a_layernorm.weight"]
-        out[mla + "W_kv_b"] = sd[attn + "kv_b_proj.weight"].T
-        out[mla + "W_o_packed"] = sd[attn + "o_proj.weight"].T
-        if cfg.attn_out_bias:
-            out[mla + "b_o_param"] = sd[attn + "o_proj.bias"]
-        out |= norms_and_gated_mlp(sd, hf, mk)
+    sd = without_prefix(hf_state, "model.")
+    out = {**embeddings(sd, "embed_tokens"), **norm(sd, "norm", "ln_final", bias=False)}
+    for hf, mk in layer_prefixes(cfg.n_layers, "layers.{}"):
+        out |= _latent_attention(sd, f"{hf}.self_attn", f"{mk}.attn", cfg)
+        out |= block_norms(sd, hf, mk, bias=False) | llama_mlp(sd, hf, mk)
     return out
+
+
+def _latent_attention(
+    sd: dict[str, Tensor], hf: str, mk: str, cfg: TransformerConfig
+) -> dict[str, Tensor]:
+    """One layer's latent attention: low-rank query and key-value paths, their norms, the output."""
+    bias = cfg.attn_qkv_bias
+    out: dict[str, Tensor] = {}
+    if cfg.q_lora_rank:
+        out |= linear(sd, f"{hf}.q_a_proj", f"{mk}.W_q_a", f"{mk}.b_q_a" if bias else None)
+        out |= norm(sd, f"{hf}.q_a_layernorm", f"{mk}.q_norm", bias=False)
+        out |= linear(sd, f"{hf}.q_b_proj", f"{mk}.W_q_b")
+    else:
+        out |= linear(sd, f"{hf}.q_proj", f"{mk}.W_q_packed")
+    kv_a = linear(sd, f"{hf}.kv_a_proj_with_mqa", f"{mk}.W_kv_a", f"{mk}.b_kv_a" if bias else None)
+    return {
+        **out,
+        **kv_a,
+        **norm(sd, f"{hf}.kv_a_layernorm", f"{mk}.kv_norm", bias=False),
+        **linear(sd, f"{hf}.kv_b_proj", f"{mk}.W_kv_b"),
+        **attn_out(sd, f"{hf}.o_proj", mk, bias=cfg.attn_out_bias),
+    }

@@ -9,7 +9,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mitk.atomic import atomic_write
-from mitk.atomic import atomic_write_text as write_text
 from mitk.errors import UnsupportedModelError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "vocab.txt")
@@ -43,11 +42,6 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
     """Write safetensors atomically (``mitk.atomic``): readers never see half a file."""
     contiguous = {k: v.detach().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda temp: save_file(contiguous, temp))
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """``mitk.atomic.atomic_write_text`` with this module's (text, path) argument order."""
-    write_text(path, text)
 
 
 def has_tokenizer(directory: Path) -> bool:

@@ -25,8 +25,13 @@ from torch import Tensor
 
 from mitk.config import TORCH_DTYPES, TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.gpt2 import hf_activation
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
+from mitk.model.pretrained.mappings import (
+    hf_activation,
+    layer_prefixes,
+    norm,
+    without_prefix,
+)
 
 
 def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -57,14 +62,15 @@ def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 def gemma_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename a Gemma(-2) ``*ForCausalLM`` state dict to mitk names, applying the offsets above."""
     out = llama_state_dict(hf_state, cfg)
-    sd = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    sd = without_prefix(hf_state, "model.")
     if cfg.sandwich_norms:
-        for layer in range(cfg.n_layers):
-            hf, mk = f"layers.{layer}.", f"blocks.{layer}."
+        for hf, mk in layer_prefixes(cfg.n_layers, "layers.{}"):
             # Gemma-2's post_attention_layernorm normalises the attention output, not the MLP input
-            out[mk + "ln1_post.w"] = sd[hf + "post_attention_layernorm.weight"]
-            out[mk + "ln2.w"] = sd[hf + "pre_feedforward_layernorm.weight"]
-            out[mk + "ln2_post.w"] = sd[hf + "post_feedforward_layernorm.weight"]
+            out |= {
+                **norm(sd, f"{hf}.post_attention_layernorm", f"{mk}.ln1_post", bias=False),
+                **norm(sd, f"{hf}.pre_feedforward_layernorm", f"{mk}.ln2", bias=False),
+                **norm(sd, f"{hf}.post_feedforward_layernorm", f"{mk}.ln2_post", bias=False),
+            }
     for name in out:
         if name.rsplit(".", 2)[-2].startswith("ln") and name.endswith(".w"):
             out[name] = 1.0 + out[name].float()  # HF adds the 1 in fp32, too

@@ -12,39 +12,47 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.gpt2 import gpt2_outer_weights, hf_activation
+from mitk.model.pretrained.mappings import (
+    ConfigNames,
+    attn_out,
+    block_norms,
+    decoder_fields,
+    embeddings,
+    layer_prefixes,
+    mlp,
+    norm,
+    separate_qkv,
+    without_prefix,
+)
+
+# GPT-Neo names its layer and head counts its own way, its activation and norm as GPT-2 does
+NAMES = ConfigNames(
+    n_layers="num_layers",
+    n_heads="num_heads",
+    act="activation_function",
+    default_act="gelu_new",
+    eps="layer_norm_epsilon",
+    mlp_defaults_to_4x=True,
+)
 
 
 def gpt_neo_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a GPT-Neo ``config.json``."""
-    d_model, n_heads, n_layers = hf["hidden_size"], hf["num_heads"], hf["num_layers"]
-    layer_types = _layer_types(hf, n_layers)
+    layer_types = _layer_types(hf, hf["num_layers"])
     local = [i for i, kind in enumerate(layer_types) if kind == "local"]
     window = hf.get("window_size", 256)
-    fields: dict[str, Any] = {
-        "d_model": d_model,
-        "n_layers": n_layers,
-        "n_heads": n_heads,
-        "d_head": d_model // n_heads,
-        "d_mlp": hf.get("intermediate_size") or 4 * d_model,
-        "d_vocab": hf["vocab_size"],
-        "n_ctx": hf["max_position_embeddings"],
-        "act_fn": hf_activation(hf.get("activation_function", "gelu_new")),
-        "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+    fields = decoder_fields(hf, NAMES, "gpt_neo")
+    fields |= {
         "attn_qkv_bias": False,
         "attn_scale": 1.0,  # GPT-Neo does not scale q·k by 1/sqrt(d_head)
-        "architecture": "gpt_neo",
-        "extra": {"source_model_type": "gpt_neo"},
     }
     if local and window:
         fields |= {"sliding_window": window, "sliding_window_layers": local}
-    fields.update(overrides)
-    return TransformerConfig(**fields)
+    return TransformerConfig(**{**fields, **overrides})
 
 
 def _layer_types(hf: dict[str, Any], n_layers: int) -> list[str]:
@@ -65,23 +73,15 @@ def _layer_types(hf: dict[str, Any], n_layers: int) -> list[str]:
 
 def gpt_neo_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``GPTNeoForCausalLM`` (or ``GPTNeoModel``) state dict."""
-    sd = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
-    out = gpt2_outer_weights(sd)
-    for layer in range(cfg.n_layers):
-        hf, mk = f"h.{layer}.", f"blocks.{layer}."
-        attn = hf + "attn.attention."
+    sd = without_prefix(hf_state, "transformer.")
+    # GPT-2's outer layout: learned positions, a final LayerNorm, a tied head
+    out = {**embeddings(sd, "wte", position="wpe"), **norm(sd, "ln_f", "ln_final")}
+    for hf, mk in layer_prefixes(cfg.n_layers, "h.{}"):
+        attn = f"{hf}.attn.attention"
         out |= {
-            mk + "ln1.w": sd[hf + "ln_1.weight"],
-            mk + "ln1.b": sd[hf + "ln_1.bias"],
-            # nn.Linear stores [d_out, d_in]; mitk packs q, k, v as [d_model, 3 d_model]
-            mk + "attn.W_qkv": torch.cat([sd[attn + f"{p}_proj.weight"] for p in "qkv"]).T,
-            mk + "attn.W_o_packed": sd[attn + "out_proj.weight"].T,
-            mk + "attn.b_o_param": sd[attn + "out_proj.bias"],
-            mk + "ln2.w": sd[hf + "ln_2.weight"],
-            mk + "ln2.b": sd[hf + "ln_2.bias"],
-            mk + "mlp.W_in": sd[hf + "mlp.c_fc.weight"].T,
-            mk + "mlp.b_in": sd[hf + "mlp.c_fc.bias"],
-            mk + "mlp.W_out": sd[hf + "mlp.c_proj.weight"].T,
-            mk + "mlp.b_out": sd[hf + "mlp.c_proj.bias"],
+            **separate_qkv(sd, [f"{attn}.{p}_proj" for p in "qkv"], f"{mk}.attn", bias=False),
+            **attn_out(sd, f"{attn}.out_proj", f"{mk}.attn", bias=True),
+            **block_norms(sd, hf, mk, ("ln_1", "ln_2")),
+            **mlp(sd, f"{hf}.mlp.c_fc", f"{hf}.mlp.c_proj", f"{mk}.mlp"),
         }
     return out

@@ -11,66 +11,53 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from mitk.config import TransformerConfig
-from mitk.model.pretrained.gpt2 import hf_activation
+from mitk.model.pretrained.mappings import (
+    GPT2_NAMES,
+    attn_out,
+    decoder_fields,
+    embeddings,
+    layer_prefixes,
+    mlp,
+    norm,
+    separate_qkv,
+    without_prefix,
+)
 
 
 def gptj_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a GPT-J ``config.json``."""
-    d_model, n_heads = hf["n_embd"], hf["n_head"]
-    d_head = d_model // n_heads
-    fields: dict[str, Any] = {
-        "d_model": d_model,
-        "n_layers": hf["n_layer"],
-        "n_heads": n_heads,
-        "d_head": d_head,
-        "d_mlp": hf.get("n_inner") or 4 * d_model,
-        "d_vocab": hf["vocab_size"],
-        "n_ctx": hf["n_positions"],
-        "act_fn": hf_activation(hf.get("activation_function", "gelu_new")),
-        "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+    fields = decoder_fields(hf, GPT2_NAMES, "gptj")
+    fields |= {
         "positional": "rotary",
-        "rotary_dim": hf.get("rotary_dim") or d_head,
+        "rotary_dim": hf.get("rotary_dim") or fields["d_head"],
         "rotary_style": "gptj",
         "parallel_attn_mlp": True,
         "attn_qkv_bias": False,
         "attn_out_bias": False,
         "unembed_bias": True,
-        "attn_scale": d_head**-0.5,
-        "architecture": "gptj",
-        "extra": {"source_model_type": "gptj"},
     }
-    fields.update(overrides)
-    return TransformerConfig(**fields)
+    return TransformerConfig(**{**fields, **overrides})
 
 
 def gptj_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``GPTJForCausalLM`` state dict to mitk names."""
-    sd = {k.removeprefix("transformer."): v for k, v in hf_state.items()}
+    sd = without_prefix(hf_state, "transformer.")
     out = {
-        "embed.W_E": sd["wte.weight"],
-        "ln_final.w": sd["ln_f.weight"],
-        "ln_final.b": sd["ln_f.bias"],
-        "unembed.W_U": sd.get("lm_head.weight", sd["wte.weight"]).T,
+        **embeddings(sd, "wte"),
+        **norm(sd, "ln_f", "ln_final"),
         "unembed.b_U": sd.get("lm_head.bias", sd["wte.weight"].new_zeros(cfg.d_vocab)),
     }
-    for layer in range(cfg.n_layers):
-        hf, mk = f"h.{layer}.", f"blocks.{layer}."
-        qkv = [sd[hf + f"attn.{p}_proj.weight"] for p in "qkv"]
+    for hf, mk in layer_prefixes(cfg.n_layers, "h.{}"):
+        # one shared norm feeds both sublayers; copies, so each can be edited alone
+        ln2 = {k: v.clone() for k, v in norm(sd, f"{hf}.ln_1", f"{mk}.ln2").items()}
         out |= {
-            mk + "attn.W_qkv": torch.cat(qkv, dim=0).T,
-            mk + "attn.W_o_packed": sd[hf + "attn.out_proj.weight"].T,
-            # one shared norm feeds both sublayers; copies, so each can be edited alone
-            mk + "ln1.w": sd[hf + "ln_1.weight"],
-            mk + "ln1.b": sd[hf + "ln_1.bias"],
-            mk + "ln2.w": sd[hf + "ln_1.weight"].clone(),
-            mk + "ln2.b": sd[hf + "ln_1.bias"].clone(),
-            mk + "mlp.W_in": sd[hf + "mlp.fc_in.weight"].T,
-            mk + "mlp.b_in": sd[hf + "mlp.fc_in.bias"],
-            mk + "mlp.W_out": sd[hf + "mlp.fc_out.weight"].T,
-            mk + "mlp.b_out": sd[hf + "mlp.fc_out.bias"],
+            **separate_qkv(sd, [f"{hf}.attn.{p}_proj" for p in "qkv"], f"{mk}.attn", bias=False),
+            **attn_out(sd, f"{hf}.attn.out_proj", f"{mk}.attn", bias=False),
+            **norm(sd, f"{hf}.ln_1", f"{mk}.ln1"),
+            **ln2,
+            **mlp(sd, f"{hf}.mlp.fc_in", f"{hf}.mlp.fc_out", f"{mk}.mlp"),
         }
     return out

@@ -20,6 +20,7 @@ from mitk.config import loading_overrides
 from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.encoder_decoder_config import EncoderDecoderConfig
 from mitk.model.pretrained.files import read_safetensors_dir
+from mitk.model.pretrained.mappings import attn_out, embeddings, linear, mlp, norm
 
 # HF activation name -> mitk act_fn ("gelu" is exact GELU, "gelu_new" the tanh approximation)
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "silu": "silu"}
@@ -59,38 +60,41 @@ def t5_config(hf: dict[str, Any], **overrides: Any) -> EncoderDecoderConfig:
 def t5_state_dict(hf_state: dict[str, Tensor], cfg: EncoderDecoderConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``T5ForConditionalGeneration`` state dict to mitk names."""
     sd = hf_state
-    embed = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
-    if embed is None:
+    token = next((t for t in ("shared", "encoder.embed_tokens") if f"{t}.weight" in sd), None)
+    if token is None:
         raise UnsupportedModelError("T5 checkpoint has no shared.weight embedding")
-    out = {"embed.W_E": embed, "unembed.W_U": sd.get("lm_head.weight", embed).T}
+    out = embeddings(sd, token)
     stacks = (("encoder", cfg.n_layers, False), ("decoder", cfg.n_decoder_layers, True))
     for stack, n_layers, is_decoder in stacks:
-        out[f"{stack}.ln_final.w"] = sd[f"{stack}.final_layer_norm.weight"]
+        out |= norm(sd, f"{stack}.final_layer_norm", f"{stack}.ln_final", bias=False)
         for layer in range(n_layers):
-            hf, mk = f"{stack}.block.{layer}.layer.", f"{stack}.{layer}."
-            out |= _attention(sd, hf + "0.SelfAttention.", mk + "attn.")
-            out[mk + "ln1.w"] = sd[hf + "0.layer_norm.weight"]
+            hf, mk = f"{stack}.block.{layer}.layer", f"{stack}.{layer}"
+            out |= _attention(sd, f"{hf}.0.SelfAttention", f"{mk}.attn")
+            out |= norm(sd, f"{hf}.0.layer_norm", f"{mk}.ln1", bias=False)
             if layer == 0:
-                out[mk + "rel_pos.W_rel"] = sd[
-                    hf + "0.SelfAttention.relative_attention_bias.weight"
+                out[f"{mk}.rel_pos.W_rel"] = sd[
+                    f"{hf}.0.SelfAttention.relative_attention_bias.weight"
                 ]
-            ff = hf + ("2" if is_decoder else "1")
+            ff = f"{hf}.{2 if is_decoder else 1}"
             if is_decoder:
-                out |= _attention(sd, hf + "1.EncDecAttention.", mk + "cross_attn.")
-                out[mk + "ln_cross.w"] = sd[hf + "1.layer_norm.weight"]
-            out[mk + "ln2.w"] = sd[ff + ".layer_norm.weight"]
-            dense = ff + ".DenseReluDense."
-            if cfg.gated_mlp:
-                out[mk + "mlp.W_gate"] = sd[dense + "wi_0.weight"].T
-                out[mk + "mlp.W_in"] = sd[dense + "wi_1.weight"].T
-            else:
-                out[mk + "mlp.W_in"] = sd[dense + "wi.weight"].T
-            out[mk + "mlp.W_out"] = sd[dense + "wo.weight"].T
+                out |= _attention(sd, f"{hf}.1.EncDecAttention", f"{mk}.cross_attn")
+                out |= norm(sd, f"{hf}.1.layer_norm", f"{mk}.ln_cross", bias=False)
+            out |= norm(sd, f"{ff}.layer_norm", f"{mk}.ln2", bias=False)
+            dense = f"{ff}.DenseReluDense"
+            # gated: wi_0 is the gate, wi_1 the linear input
+            w_in, gate = (
+                (f"{dense}.wi_1", f"{dense}.wi_0") if cfg.gated_mlp else (f"{dense}.wi", None)
+            )
+            out |= mlp(sd, w_in, f"{dense}.wo", f"{mk}.mlp", gate=gate, bias=False)
     return out
 
 
 def _attention(sd: dict[str, Tensor], hf: str, mk: str) -> dict[str, Tensor]:
-    return {mk + f"W_{p}_packed": sd[hf + f"{p}.weight"].T for p in "qkvo"}
+    """T5 attention: separate, unbiased q, k, v, o projections (mitk's ``W_q_packed``...)."""
+    out = attn_out(sd, f"{hf}.o", mk, bias=False)
+    for p in "qkv":
+        out |= linear(sd, f"{hf}.{p}", f"{mk}.W_{p}_packed")
+    return out
 
 
 def load_t5(

@@ -15,23 +15,18 @@ Hook names (``L`` is a layer of that stack):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import torch
 from torch import Tensor, nn
 
-from mitk.cache import ActivationCache, StreamWrites
+from mitk.cache import StreamWrites
 from mitk.config import TORCH_DTYPES
 from mitk.errors import UnsupportedModelError
 from mitk.hooks import (
-    BwdHookSpec,
     HookPoint,
-    HookSpec,
-    NameSelector,
     collect_hook_points,
-    resolve_names,
 )
 from mitk.model.embed import Embed, Unembed
 from mitk.model.encoder_decoder_config import EncoderDecoderConfig
@@ -66,8 +61,7 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
         self.unembed = Unembed(block_cfg)
         self.hook_dict: dict[str, HookPoint] = collect_hook_points(self)
         self.attention_backend = cfg.attention_backend
-        # the one report a forward leaves: which attention path each layer took (attention_paths)
-        self._last_paths: dict[str, str] = {}
+        self._path_record: dict[str, str] = {}
         self.tokenizer = tokenizer
         if seed is not None:  # None: the caller loads weights next
             self.init_weights(seed)
@@ -125,7 +119,7 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
             dec_tokens.shape[1], dec_valid, self.attention_backend, encoder_out, enc_valid
         )
         hidden = self.decoder(self.embed(dec_tokens), ctx)
-        self._last_paths.update(ctx.paths)
+        self._report_paths(ctx.paths, new_pass=False)
         if return_type == "hidden":
             return hidden
         if return_type == "logits":
@@ -145,8 +139,7 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
         valid = self._valid(attention_mask, tokens)
         ctx = self.encoder.forward_context(tokens.shape[1], valid, self.attention_backend)
         encoded = self.encoder(self.embed(tokens), ctx)
-        self._last_paths.clear()  # a new pass through the model starts with the encoder
-        self._last_paths.update(ctx.paths)
+        self._report_paths(ctx.paths)  # a pass through the model starts with the encoder
         return encoded, valid
 
     def _valid(self, mask: Tensor | None, tokens: Tensor) -> Tensor | None:
@@ -187,35 +180,5 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
         for stack_name, stack in (("encoder", self.encoder), ("decoder", self.decoder)):
             for path in stack.attentions():
                 full = f"{stack_name}.{path}"
-                paths[full] = self._last_paths.get(full, "not run")
+                paths[full] = self._path_record.get(full, "not run")
         return paths
-
-    # --- hooks and caching ------------------------------------------------------------
-    def run_with_hooks(
-        self,
-        *args: Any,
-        fwd_hooks: Sequence[HookSpec] = (),
-        bwd_hooks: Sequence[BwdHookSpec] = (),
-        **kwargs: Any,
-    ) -> Tensor:
-        """One forward with temporary hooks; other arguments go to ``forward``."""
-        with self.hooks(fwd_hooks, bwd_hooks):
-            return self(*args, **kwargs)
-
-    def run_with_cache(
-        self,
-        *args: Any,
-        names_filter: NameSelector = None,
-        device: str | torch.device | None = None,
-        incl_bwd: bool = False,
-        **kwargs: Any,
-    ) -> tuple[Tensor, ActivationCache]:
-        """Forward, storing (detached) activations; returns ``(output, ActivationCache)``.
-
-        ``names_filter``: a name, names, a predicate, or None for every hook.
-        ``incl_bwd=True`` backpropagates the scalar output (``return_type="loss"``)
-        and stores gradients (``cache.grad(name)``).
-        """
-        names = resolve_names(names_filter, self.hook_dict)
-        out, acts, grads = self._record(lambda: self(*args, **kwargs), names, device, incl_bwd)
-        return out, ActivationCache(acts, self, gradients=grads)

@@ -1,16 +1,23 @@
-"""Hook management shared by every hooked model: attach, reset, cache, force a backend."""
+"""What every hooked model shares: attach hooks, run with hooks or a cache, force a backend.
+
+Subclasses (``HookedTransformer``, ``HookedEncoderDecoder``) supply ``hook_dict``,
+``attention_backend`` and ``forward``; the decoder-only model narrows
+``hooks_that_fire`` to the layers a ``start_at_layer``/``stop_at_layer`` pass runs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from mitk.cache import ActivationCache
 from mitk.config import AttentionBackend
-from mitk.hooks import BwdHookSpec, HookPoint, HookSpec, attached_hooks
+from mitk.errors import HookError
+from mitk.hooks import BwdHookSpec, HookPoint, HookSpec, NameSelector, attached_hooks, resolve_names
 
 
 class HookedModule:
@@ -18,6 +25,12 @@ class HookedModule:
 
     hook_dict: dict[str, HookPoint]
     attention_backend: AttentionBackend
+    # the one report a forward leaves behind: attention module name -> path its last pass took
+    _path_record: dict[str, str]
+
+    if TYPE_CHECKING:  # nn.Module's, which every subclass also inherits
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def hooks(
         self, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[BwdHookSpec] = ()
@@ -44,6 +57,74 @@ class HookedModule:
             yield
         finally:
             self.attention_backend = previous
+
+    def _report_paths(self, paths: dict[str, str], *, new_pass: bool = True) -> None:
+        """Keep which attention path each module took (``attention_paths`` reads it).
+
+        A report only: no forward ever reads it back. ``new_pass=False`` adds to
+        the record of a pass that runs more than one stack (encoder, then decoder).
+        """
+        if new_pass:
+            self._path_record.clear()
+        self._path_record.update(paths)
+
+    def hooks_that_fire(
+        self, start_at_layer: int | None = None, stop_at_layer: int | None = None
+    ) -> list[str]:
+        """Hook names a forward passes through (every hook, unless a subclass runs part)."""
+        return list(self.hook_dict)
+
+    def _check_fire(self, specs: Sequence[tuple[Any, Any]], kwargs: dict[str, Any]) -> None:
+        """Refuse a named hook that a forward with these layer bounds would never reach."""
+        start, stop = kwargs.get("start_at_layer"), kwargs.get("stop_at_layer")
+        if start is None and stop is None:
+            return
+        fire = set(self.hooks_that_fire(start, stop))
+        for selector, _ in specs:
+            if isinstance(selector, str) and selector in self.hook_dict and selector not in fire:
+                raise HookError(
+                    f"hook {selector!r} would never fire with start_at_layer={start}, "
+                    f"stop_at_layer={stop}"
+                )
+
+    def run_with_hooks(
+        self,
+        *args: Any,
+        fwd_hooks: Sequence[HookSpec] = (),
+        bwd_hooks: Sequence[BwdHookSpec] = (),
+        **kwargs: Any,
+    ) -> Tensor:
+        """One forward with temporary hooks (see ``hooks``); other arguments go to ``forward``."""
+        self._check_fire([*fwd_hooks, *bwd_hooks], kwargs)
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(*args, **kwargs)
+
+    def run_with_cache(
+        self,
+        *args: Any,
+        names_filter: NameSelector = None,
+        device: str | torch.device | None = None,
+        incl_bwd: bool = False,
+        remove_batch_dim: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Tensor, ActivationCache]:
+        """Forward, storing activations; returns ``(output, ActivationCache)``.
+
+        ``names_filter`` is a hook name, a list of names, a predicate on names,
+        or None for every hook the forward passes through. Activations are
+        detached (and moved to ``device`` if given). ``incl_bwd=True`` also
+        backpropagates the (scalar) output and stores each gradient
+        (``cache.grad(name)``). Other arguments go to ``forward``.
+        """
+        if isinstance(names_filter, (str, list, tuple)):
+            names = resolve_names(names_filter, self.hook_dict)
+            self._check_fire([(n, None) for n in names], kwargs)
+        else:
+            fire = self.hooks_that_fire(kwargs.get("start_at_layer"), kwargs.get("stop_at_layer"))
+            names = resolve_names(names_filter, {n: None for n in fire})
+        out, acts, grads = self._record(lambda: self(*args, **kwargs), names, device, incl_bwd)
+        cache = ActivationCache(acts, self, gradients=grads)  # type: ignore[arg-type]
+        return out, cache.remove_batch_dim() if remove_batch_dim else cache
 
     def _record(
         self,

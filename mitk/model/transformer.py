@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -10,17 +10,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mitk.cache import ActivationCache, StreamWrites
+from mitk.cache import StreamWrites
 from mitk.config import DTYPE_NAMES, TORCH_DTYPES, TransformerConfig
-from mitk.errors import HookError, UnsupportedModelError
+from mitk.errors import UnsupportedModelError
 from mitk.hooks import (
-    BwdHookSpec,
     HookPoint,
-    HookSpec,
-    NameSelector,
     collect_hook_points,
     layer_of,
-    resolve_names,
 )
 from mitk.model import generation, processing
 from mitk.model.block import TransformerBlock
@@ -77,8 +73,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         self.unembed = Unembed(cfg)
         self.hook_dict: dict[str, HookPoint] = collect_hook_points(self)
         self.attention_backend = cfg.attention_backend
-        # the one report a forward leaves: which attention path each layer took (attention_paths)
-        self._last_paths: dict[str, str] = {}
+        self._path_record: dict[str, str] = {}
         self.tokenizer = None
         self.set_tokenizer(tokenizer)
         if seed is not None:  # None: the caller loads weights next, so skip the init work
@@ -261,8 +256,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             if past_kv_cache is not None:
                 assert ctx.present is not None
                 past_kv_cache.append(ctx.present, key_valid)
-            self._last_paths.clear()
-            self._last_paths.update(ctx.paths)
+            self._report_paths(ctx.paths)
             if stop_at_layer is not None:
                 return resid
             return self._read_out(resid, return_type, logit_positions, tokens, new_valid)
@@ -404,10 +398,12 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         run say ``"not run"``); the record is a report only and never changes what
         a forward computes.
         """
-        return [self._last_paths.get(block.attn.name, "not run") for block in self.blocks]
+        return [self._path_record.get(block.attn.name, "not run") for block in self.blocks]
 
     # --- hooks and caching -------------------------------------------------------------
-    def hooks_that_fire(self, start_at_layer: int | None, stop_at_layer: int | None) -> list[str]:
+    def hooks_that_fire(
+        self, start_at_layer: int | None = None, stop_at_layer: int | None = None
+    ) -> list[str]:
         """Hook names a forward with these layer bounds passes through."""
         first = self._layer_index(start_at_layer, "start_at_layer", 0)
         last = self._layer_index(stop_at_layer, "stop_at_layer", self.cfg.n_layers)
@@ -422,58 +418,3 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             if ok:
                 fired.append(hook_name)
         return fired
-
-    def _check_fire(self, specs: Sequence[tuple[Any, Any]], kwargs: dict[str, Any]) -> None:
-        start, stop = kwargs.get("start_at_layer"), kwargs.get("stop_at_layer")
-        if start is None and stop is None:
-            return
-        fire = set(self.hooks_that_fire(start, stop))
-        for selector, _ in specs:
-            if isinstance(selector, str) and selector in self.hook_dict and selector not in fire:
-                raise HookError(
-                    f"hook {selector!r} would never fire with start_at_layer={start}, "
-                    f"stop_at_layer={stop}"
-                )
-
-    def run_with_hooks(
-        self,
-        input: ModelInput,
-        *args: Any,
-        fwd_hooks: Sequence[HookSpec] = (),
-        bwd_hooks: Sequence[BwdHookSpec] = (),
-        **kwargs: Any,
-    ) -> Tensor:
-        """One forward with temporary hooks (see ``hooks``); other arguments go to ``forward``."""
-        self._check_fire([*fwd_hooks, *bwd_hooks], kwargs)
-        with self.hooks(fwd_hooks, bwd_hooks):
-            return self(input, *args, **kwargs)
-
-    def run_with_cache(
-        self,
-        input: ModelInput,
-        *args: Any,
-        names_filter: NameSelector = None,
-        device: str | torch.device | None = None,
-        incl_bwd: bool = False,
-        remove_batch_dim: bool = False,
-        **kwargs: Any,
-    ) -> tuple[Tensor, ActivationCache]:
-        """Forward, storing activations; returns ``(output, ActivationCache)``.
-
-        ``names_filter`` is a hook name, a list of names, a predicate on names,
-        or None for every hook the forward passes through. Activations are
-        detached (and moved to ``device`` if given). ``incl_bwd=True`` also
-        backpropagates the (scalar) output and stores each gradient
-        (``cache.grad(name)``).
-        """
-        if isinstance(names_filter, (str, list, tuple)):
-            names = resolve_names(names_filter, self.hook_dict)
-            self._check_fire([(n, None) for n in names], kwargs)
-        else:
-            fire = self.hooks_that_fire(kwargs.get("start_at_layer"), kwargs.get("stop_at_layer"))
-            names = resolve_names(names_filter, {n: None for n in fire})
-        out, acts, grads = self._record(
-            lambda: self(input, *args, **kwargs), names, device, incl_bwd
-        )
-        cache = ActivationCache(acts, self, gradients=grads)
-        return out, cache.remove_batch_dim() if remove_batch_dim else cache

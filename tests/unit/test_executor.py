@@ -29,8 +29,8 @@ def _snapshot(model: nn.Module) -> dict[tuple[str, str], Any]:
             state[(module_name, key)] = id(value)
             if isinstance(value, list):
                 state[(module_name, key + "[]")] = [id(v) for v in value]
-            if isinstance(value, dict) and key.startswith("_") and key != "_last_paths":
-                # nn.Module's registries (_parameters, _modules, hooks); _last_paths is the
+            if isinstance(value, dict) and key.startswith("_") and key != "_path_record":
+                # nn.Module's registries (_parameters, _modules, hooks); _path_record is the
                 # one report a forward leaves behind (attention_paths), checked below
                 state[(module_name, key + "{}")] = {k: id(v) for k, v in value.items()}
     return state

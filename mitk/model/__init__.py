@@ -5,6 +5,8 @@ from mitk.model.block import TransformerBlock
 from mitk.model.encoder_decoder import HookedEncoderDecoder
 from mitk.model.encoder_decoder_config import EncoderDecoderConfig
 from mitk.model.factored_matrix import FactoredMatrix
+from mitk.model.forward_context import ForwardContext
+from mitk.model.kv_cache import KVCache
 from mitk.model.pretrained import supported_architectures
 from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.tokenization import NoTokenizerError
@@ -14,8 +16,10 @@ __all__ = [
     "Attention",
     "EncoderDecoderConfig",
     "FactoredMatrix",
+    "ForwardContext",
     "HookedEncoderDecoder",
     "HookedTransformer",
+    "KVCache",
     "NoTokenizerError",
     "TransformerBlock",
     "embedded_models",

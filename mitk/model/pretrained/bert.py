@@ -19,18 +19,7 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.mappings import (
-    ConfigNames,
-    attn_out,
-    block_norms,
-    decoder_fields,
-    embeddings,
-    layer_prefixes,
-    mlp,
-    norm,
-    separate_qkv,
-    without_prefix,
-)
+from mitk.model.pretrained import mappings
 
 
 def bert_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -41,7 +30,7 @@ def bert_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         raise UnsupportedModelError(
             f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported"
         )
-    fields = decoder_fields(hf, ConfigNames(default_eps=1e-12), "bert")
+    fields = mappings.decoder_fields(hf, mappings.ConfigNames(default_eps=1e-12), "bert")
     fields |= {
         "positional": "learned",
         "embed_norm": True,
@@ -57,22 +46,22 @@ def bert_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 
 def bert_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``BertModel`` (or ``Bert*``'s ``bert.``) state dict to mitk names."""
-    sd = without_prefix(hf_state, "bert.")
+    sd = mappings.without_prefix(hf_state, "bert.")
     out = {
         # no LM head: W_U is the tied word embedding, as BERT's MLM decoder would use it
-        **embeddings(
+        **mappings.embeddings(
             sd, "embeddings.word_embeddings", position="embeddings.position_embeddings", heads=()
         ),
         "token_type_embed.W_token_type": sd["embeddings.token_type_embeddings.weight"],
-        **norm(sd, "embeddings.LayerNorm", "ln_embed"),
+        **mappings.norm(sd, "embeddings.LayerNorm", "ln_embed"),
     }
-    for hf, mk in layer_prefixes(cfg.n_layers, "encoder.layer.{}"):
+    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "encoder.layer.{}"):
         qkv = [f"{hf}.attention.self.{which}" for which in ("query", "key", "value")]
         out |= {
-            **separate_qkv(sd, qkv, f"{mk}.attn", bias=True),
-            **attn_out(sd, f"{hf}.attention.output.dense", f"{mk}.attn", bias=True),
+            **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=True),
+            **mappings.attn_out(sd, f"{hf}.attention.output.dense", f"{mk}.attn", bias=True),
             # post-norm: ln1 follows attention, ln2 the MLP
-            **block_norms(sd, hf, mk, ("attention.output.LayerNorm", "output.LayerNorm")),
-            **mlp(sd, f"{hf}.intermediate.dense", f"{hf}.output.dense", f"{mk}.mlp"),
+            **mappings.block_norms(sd, hf, mk, ("attention.output.LayerNorm", "output.LayerNorm")),
+            **mappings.mlp(sd, f"{hf}.intermediate.dense", f"{hf}.output.dense", f"{mk}.mlp"),
         }
     return out

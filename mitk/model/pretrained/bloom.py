@@ -14,16 +14,7 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.mappings import (
-    attn_out,
-    block_norms,
-    embeddings,
-    layer_prefixes,
-    mlp,
-    norm,
-    per_head_qkv,
-    without_prefix,
-)
+from mitk.model.pretrained import mappings
 
 # ALiBi extrapolates, so BLOOM's config names no context length; this is only a default
 DEFAULT_N_CTX = 2048
@@ -63,18 +54,12 @@ def bloom_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 
 def bloom_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename, transpose and reorder a ``BloomForCausalLM`` state dict to mitk names."""
-    sd = without_prefix(hf_state, "transformer.")
+    sd = mappings.without_prefix(hf_state, "transformer.")
     out = {
-        **embeddings(sd, "word_embeddings"),
-        **norm(sd, "word_embeddings_layernorm", "ln_embed"),
-        **norm(sd, "ln_f", "ln_final"),
+        **mappings.embeddings(sd, "word_embeddings"),
+        **mappings.norm(sd, "word_embeddings_layernorm", "ln_embed"),
+        **mappings.norm(sd, "ln_f", "ln_final"),
     }
-    for hf, mk in layer_prefixes(cfg.n_layers, "h.{}"):
-        attn = f"{hf}.self_attention"
-        out |= {
-            **per_head_qkv(sd, f"{attn}.query_key_value", f"{mk}.attn", cfg.n_heads, bias=True),
-            **attn_out(sd, f"{attn}.dense", f"{mk}.attn", bias=True),
-            **block_norms(sd, hf, mk),
-            **mlp(sd, f"{hf}.mlp.dense_h_to_4h", f"{hf}.mlp.dense_4h_to_h", f"{mk}.mlp"),
-        }
+    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "h.{}"):
+        out |= mappings.megatron_block(sd, hf, mk, "self_attention", cfg.n_heads, bias=True)
     return out

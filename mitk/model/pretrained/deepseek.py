@@ -15,19 +15,7 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.mappings import (
-    LLAMA_NAMES,
-    attn_out,
-    block_norms,
-    decoder_fields,
-    embeddings,
-    layer_prefixes,
-    linear,
-    llama_mlp,
-    norm,
-    rope_fields,
-    without_prefix,
-)
+from mitk.model.pretrained import mappings
 
 
 def deepseek_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -43,9 +31,11 @@ def deepseek_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         raise UnsupportedModelError("MLP biases in a DeepSeek-V2 model are not supported")
     d_rope, d_nope = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
     # rope_fields refuses scaled rope (YaRN...), so the softmax scale needs no YaRN mscale
-    rope = rope_fields(hf, d_rope)
+    rope = mappings.rope_fields(hf, d_rope)
     bias = bool(hf.get("attention_bias", False))
-    fields = decoder_fields(hf, LLAMA_NAMES, "deepseek_v2", d_head=d_nope + d_rope)
+    fields = mappings.decoder_fields(
+        hf, mappings.LLAMA_NAMES, "deepseek_v2", d_head=d_nope + d_rope
+    )
     fields |= {
         "gated_mlp": True,
         "normalization": "rmsnorm",
@@ -66,11 +56,14 @@ def deepseek_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 
 def deepseek_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``DeepseekV2ForCausalLM`` (or bare model) state dict."""
-    sd = without_prefix(hf_state, "model.")
-    out = {**embeddings(sd, "embed_tokens"), **norm(sd, "norm", "ln_final", bias=False)}
-    for hf, mk in layer_prefixes(cfg.n_layers, "layers.{}"):
+    sd = mappings.without_prefix(hf_state, "model.")
+    out = {
+        **mappings.embeddings(sd, "embed_tokens"),
+        **mappings.norm(sd, "norm", "ln_final", bias=False),
+    }
+    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "layers.{}"):
         out |= _latent_attention(sd, f"{hf}.self_attn", f"{mk}.attn", cfg)
-        out |= block_norms(sd, hf, mk, bias=False) | llama_mlp(sd, hf, mk)
+        out |= mappings.block_norms(sd, hf, mk, bias=False) | mappings.llama_mlp(sd, hf, mk)
     return out
 
 
@@ -81,16 +74,18 @@ def _latent_attention(
     bias = cfg.attn_qkv_bias
     out: dict[str, Tensor] = {}
     if cfg.q_lora_rank:
-        out |= linear(sd, f"{hf}.q_a_proj", f"{mk}.W_q_a", f"{mk}.b_q_a" if bias else None)
-        out |= norm(sd, f"{hf}.q_a_layernorm", f"{mk}.q_norm", bias=False)
-        out |= linear(sd, f"{hf}.q_b_proj", f"{mk}.W_q_b")
+        out |= mappings.linear(sd, f"{hf}.q_a_proj", f"{mk}.W_q_a", f"{mk}.b_q_a" if bias else None)
+        out |= mappings.norm(sd, f"{hf}.q_a_layernorm", f"{mk}.q_norm", bias=False)
+        out |= mappings.linear(sd, f"{hf}.q_b_proj", f"{mk}.W_q_b")
     else:
-        out |= linear(sd, f"{hf}.q_proj", f"{mk}.W_q_packed")
-    kv_a = linear(sd, f"{hf}.kv_a_proj_with_mqa", f"{mk}.W_kv_a", f"{mk}.b_kv_a" if bias else None)
+        out |= mappings.linear(sd, f"{hf}.q_proj", f"{mk}.W_q_packed")
+    kv_a = mappings.linear(
+        sd, f"{hf}.kv_a_proj_with_mqa", f"{mk}.W_kv_a", f"{mk}.b_kv_a" if bias else None
+    )
     return {
         **out,
         **kv_a,
-        **norm(sd, f"{hf}.kv_a_layernorm", f"{mk}.kv_norm", bias=False),
-        **linear(sd, f"{hf}.kv_b_proj", f"{mk}.W_kv_b"),
-        **attn_out(sd, f"{hf}.o_proj", mk, bias=cfg.attn_out_bias),
+        **mappings.norm(sd, f"{hf}.kv_a_layernorm", f"{mk}.kv_norm", bias=False),
+        **mappings.linear(sd, f"{hf}.kv_b_proj", f"{mk}.W_kv_b"),
+        **mappings.attn_out(sd, f"{hf}.o_proj", mk, bias=cfg.attn_out_bias),
     }

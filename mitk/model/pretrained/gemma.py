@@ -25,13 +25,8 @@ from torch import Tensor
 
 from mitk.config import TORCH_DTYPES, TransformerConfig
 from mitk.errors import UnsupportedModelError
+from mitk.model.pretrained import mappings
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
-from mitk.model.pretrained.mappings import (
-    hf_activation,
-    layer_prefixes,
-    norm,
-    without_prefix,
-)
 
 
 def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -42,7 +37,7 @@ def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     # old Gemma configs say "gelu" but mean the tanh approximation (HF rewrites it too)
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     fields: dict[str, Any] = {
-        "act_fn": "gelu_tanh" if act == "gelu" else hf_activation(act),
+        "act_fn": "gelu_tanh" if act == "gelu" else mappings.hf_activation(act),
         "attn_out_bias": bool(hf.get("attention_bias", False)),
         "extra": {
             "source_model_type": model_type,
@@ -62,14 +57,16 @@ def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 def gemma_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename a Gemma(-2) ``*ForCausalLM`` state dict to mitk names, applying the offsets above."""
     out = llama_state_dict(hf_state, cfg)
-    sd = without_prefix(hf_state, "model.")
+    sd = mappings.without_prefix(hf_state, "model.")
     if cfg.sandwich_norms:
-        for hf, mk in layer_prefixes(cfg.n_layers, "layers.{}"):
+        for hf, mk in mappings.layer_prefixes(cfg.n_layers, "layers.{}"):
             # Gemma-2's post_attention_layernorm normalises the attention output, not the MLP input
             out |= {
-                **norm(sd, f"{hf}.post_attention_layernorm", f"{mk}.ln1_post", bias=False),
-                **norm(sd, f"{hf}.pre_feedforward_layernorm", f"{mk}.ln2", bias=False),
-                **norm(sd, f"{hf}.post_feedforward_layernorm", f"{mk}.ln2_post", bias=False),
+                **mappings.norm(sd, f"{hf}.post_attention_layernorm", f"{mk}.ln1_post", bias=False),
+                **mappings.norm(sd, f"{hf}.pre_feedforward_layernorm", f"{mk}.ln2", bias=False),
+                **mappings.norm(
+                    sd, f"{hf}.post_feedforward_layernorm", f"{mk}.ln2_post", bias=False
+                ),
             }
     for name in out:
         if name.rsplit(".", 2)[-2].startswith("ln") and name.endswith(".w"):

@@ -12,18 +12,7 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.mappings import (
-    GPT2_NAMES,
-    attn_out,
-    block_norms,
-    decoder_fields,
-    embeddings,
-    layer_prefixes,
-    linear,
-    mlp,
-    norm,
-    without_prefix,
-)
+from mitk.model.pretrained import mappings
 
 
 def gpt2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -32,7 +21,7 @@ def gpt2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         raise UnsupportedModelError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
     if hf.get("add_cross_attention"):
         raise UnsupportedModelError("GPT-2 with cross-attention is not supported")
-    fields = decoder_fields(hf, GPT2_NAMES, "gpt2")
+    fields = mappings.decoder_fields(hf, mappings.GPT2_NAMES, "gpt2")
     if not hf.get("scale_attn_weights", True):
         fields["attn_scale"] = 1.0
     return TransformerConfig(**{**fields, **overrides})
@@ -43,16 +32,19 @@ def gpt2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict
 
     The head is tied to the embedding in these checkpoints; mitk keeps its own copy.
     """
-    sd = without_prefix(hf_state, "transformer.")
-    out = {**embeddings(sd, "wte", position="wpe"), **norm(sd, "ln_f", "ln_final")}
-    for hf, mk in layer_prefixes(cfg.n_layers, "h.{}"):
-        qkv = linear(
+    sd = mappings.without_prefix(hf_state, "transformer.")
+    out = {
+        **mappings.embeddings(sd, "wte", position="wpe"),
+        **mappings.norm(sd, "ln_f", "ln_final"),
+    }
+    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "h.{}"):
+        qkv = mappings.linear(
             sd, f"{hf}.attn.c_attn", f"{mk}.attn.W_qkv", f"{mk}.attn.b_qkv", transpose=False
         )
         out |= {
-            **block_norms(sd, hf, mk, ("ln_1", "ln_2")),
+            **mappings.block_norms(sd, hf, mk, ("ln_1", "ln_2")),
             **qkv,
-            **attn_out(sd, f"{hf}.attn.c_proj", f"{mk}.attn", bias=True, transpose=False),
-            **mlp(sd, f"{hf}.mlp.c_fc", f"{hf}.mlp.c_proj", f"{mk}.mlp", transpose=False),
+            **mappings.attn_out(sd, f"{hf}.attn.c_proj", f"{mk}.attn", bias=True, transpose=False),
+            **mappings.mlp(sd, f"{hf}.mlp.c_fc", f"{hf}.mlp.c_proj", f"{mk}.mlp", transpose=False),
         }
     return out

@@ -16,21 +16,10 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.mappings import (
-    ConfigNames,
-    attn_out,
-    block_norms,
-    decoder_fields,
-    embeddings,
-    layer_prefixes,
-    mlp,
-    norm,
-    separate_qkv,
-    without_prefix,
-)
+from mitk.model.pretrained import mappings
 
 # GPT-Neo names its layer and head counts its own way, its activation and norm as GPT-2 does
-NAMES = ConfigNames(
+NAMES = mappings.ConfigNames(
     n_layers="num_layers",
     n_heads="num_heads",
     act="activation_function",
@@ -45,7 +34,7 @@ def gpt_neo_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     layer_types = _layer_types(hf, hf["num_layers"])
     local = [i for i, kind in enumerate(layer_types) if kind == "local"]
     window = hf.get("window_size", 256)
-    fields = decoder_fields(hf, NAMES, "gpt_neo")
+    fields = mappings.decoder_fields(hf, NAMES, "gpt_neo")
     fields |= {
         "attn_qkv_bias": False,
         "attn_scale": 1.0,  # GPT-Neo does not scale q·k by 1/sqrt(d_head)
@@ -73,15 +62,20 @@ def _layer_types(hf: dict[str, Any], n_layers: int) -> list[str]:
 
 def gpt_neo_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``GPTNeoForCausalLM`` (or ``GPTNeoModel``) state dict."""
-    sd = without_prefix(hf_state, "transformer.")
+    sd = mappings.without_prefix(hf_state, "transformer.")
     # GPT-2's outer layout: learned positions, a final LayerNorm, a tied head
-    out = {**embeddings(sd, "wte", position="wpe"), **norm(sd, "ln_f", "ln_final")}
-    for hf, mk in layer_prefixes(cfg.n_layers, "h.{}"):
+    out = {
+        **mappings.embeddings(sd, "wte", position="wpe"),
+        **mappings.norm(sd, "ln_f", "ln_final"),
+    }
+    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "h.{}"):
         attn = f"{hf}.attn.attention"
         out |= {
-            **separate_qkv(sd, [f"{attn}.{p}_proj" for p in "qkv"], f"{mk}.attn", bias=False),
-            **attn_out(sd, f"{attn}.out_proj", f"{mk}.attn", bias=True),
-            **block_norms(sd, hf, mk, ("ln_1", "ln_2")),
-            **mlp(sd, f"{hf}.mlp.c_fc", f"{hf}.mlp.c_proj", f"{mk}.mlp"),
+            **mappings.separate_qkv(
+                sd, [f"{attn}.{p}_proj" for p in "qkv"], f"{mk}.attn", bias=False
+            ),
+            **mappings.attn_out(sd, f"{attn}.out_proj", f"{mk}.attn", bias=True),
+            **mappings.block_norms(sd, hf, mk, ("ln_1", "ln_2")),
+            **mappings.mlp(sd, f"{hf}.mlp.c_fc", f"{hf}.mlp.c_proj", f"{mk}.mlp"),
         }
     return out

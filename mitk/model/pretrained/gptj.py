@@ -14,22 +14,12 @@ from typing import Any
 from torch import Tensor
 
 from mitk.config import TransformerConfig
-from mitk.model.pretrained.mappings import (
-    GPT2_NAMES,
-    attn_out,
-    decoder_fields,
-    embeddings,
-    layer_prefixes,
-    mlp,
-    norm,
-    separate_qkv,
-    without_prefix,
-)
+from mitk.model.pretrained import mappings
 
 
 def gptj_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a GPT-J ``config.json``."""
-    fields = decoder_fields(hf, GPT2_NAMES, "gptj")
+    fields = mappings.decoder_fields(hf, mappings.GPT2_NAMES, "gptj")
     fields |= {
         "positional": "rotary",
         "rotary_dim": hf.get("rotary_dim") or fields["d_head"],
@@ -44,20 +34,22 @@ def gptj_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 
 def gptj_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``GPTJForCausalLM`` state dict to mitk names."""
-    sd = without_prefix(hf_state, "transformer.")
+    sd = mappings.without_prefix(hf_state, "transformer.")
     out = {
-        **embeddings(sd, "wte"),
-        **norm(sd, "ln_f", "ln_final"),
+        **mappings.embeddings(sd, "wte"),
+        **mappings.norm(sd, "ln_f", "ln_final"),
         "unembed.b_U": sd.get("lm_head.bias", sd["wte.weight"].new_zeros(cfg.d_vocab)),
     }
-    for hf, mk in layer_prefixes(cfg.n_layers, "h.{}"):
+    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "h.{}"):
         # one shared norm feeds both sublayers; copies, so each can be edited alone
-        ln2 = {k: v.clone() for k, v in norm(sd, f"{hf}.ln_1", f"{mk}.ln2").items()}
+        ln2 = {k: v.clone() for k, v in mappings.norm(sd, f"{hf}.ln_1", f"{mk}.ln2").items()}
         out |= {
-            **separate_qkv(sd, [f"{hf}.attn.{p}_proj" for p in "qkv"], f"{mk}.attn", bias=False),
-            **attn_out(sd, f"{hf}.attn.out_proj", f"{mk}.attn", bias=False),
-            **norm(sd, f"{hf}.ln_1", f"{mk}.ln1"),
+            **mappings.separate_qkv(
+                sd, [f"{hf}.attn.{p}_proj" for p in "qkv"], f"{mk}.attn", bias=False
+            ),
+            **mappings.attn_out(sd, f"{hf}.attn.out_proj", f"{mk}.attn", bias=False),
+            **mappings.norm(sd, f"{hf}.ln_1", f"{mk}.ln1"),
             **ln2,
-            **mlp(sd, f"{hf}.mlp.fc_in", f"{hf}.mlp.fc_out", f"{mk}.mlp"),
+            **mappings.mlp(sd, f"{hf}.mlp.fc_in", f"{hf}.mlp.fc_out", f"{mk}.mlp"),
         }
     return out

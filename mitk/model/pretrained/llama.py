@@ -15,19 +15,7 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained.mappings import (
-    LLAMA_NAMES,
-    attn_out,
-    block_norms,
-    decoder_fields,
-    embeddings,
-    layer_prefixes,
-    llama_mlp,
-    norm,
-    rope_fields,
-    separate_qkv,
-    without_prefix,
-)
+from mitk.model.pretrained import mappings
 
 
 def llama_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -35,12 +23,14 @@ def llama_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     if hf.get("mlp_bias"):
         raise UnsupportedModelError("MLP biases in a LLaMA-style model are not supported")
     model_type = hf["model_type"]
-    fields = decoder_fields(hf, LLAMA_NAMES, model_type, d_head=hf.get("head_dim"))
+    fields = mappings.decoder_fields(
+        hf, mappings.LLAMA_NAMES, model_type, d_head=hf.get("head_dim")
+    )
     fields |= {
         "n_key_value_heads": hf.get("num_key_value_heads") or fields["n_heads"],
         "gated_mlp": True,
         "normalization": "rmsnorm",
-        **rope_fields(hf, fields["d_head"]),
+        **mappings.rope_fields(hf, fields["d_head"]),
         **_window_fields(hf),
         "attn_qkv_bias": model_type == "qwen2" or bool(hf.get("attention_bias", False)),
         "attn_out_bias": model_type == "llama" and bool(hf.get("attention_bias", False)),
@@ -66,15 +56,18 @@ def _window_fields(hf: dict[str, Any]) -> dict[str, Any]:
 
 def llama_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``*ForCausalLM`` (or bare ``*Model``) state dict to mitk names."""
-    sd = without_prefix(hf_state, "model.")
-    out = {**embeddings(sd, "embed_tokens"), **norm(sd, "norm", "ln_final", bias=False)}
-    for hf, mk in layer_prefixes(cfg.n_layers, "layers.{}"):
+    sd = mappings.without_prefix(hf_state, "model.")
+    out = {
+        **mappings.embeddings(sd, "embed_tokens"),
+        **mappings.norm(sd, "norm", "ln_final", bias=False),
+    }
+    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "layers.{}"):
         attn = f"{hf}.self_attn"
         qkv = [f"{attn}.{p}_proj" for p in "qkv"]
         out |= {
-            **separate_qkv(sd, qkv, f"{mk}.attn", bias=cfg.attn_qkv_bias),
-            **attn_out(sd, f"{attn}.o_proj", f"{mk}.attn", bias=cfg.attn_out_bias),
-            **block_norms(sd, hf, mk, bias=False),
-            **llama_mlp(sd, hf, mk),
+            **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=cfg.attn_qkv_bias),
+            **mappings.attn_out(sd, f"{attn}.o_proj", f"{mk}.attn", bias=cfg.attn_out_bias),
+            **mappings.block_norms(sd, hf, mk, bias=False),
+            **mappings.llama_mlp(sd, hf, mk),
         }
     return out

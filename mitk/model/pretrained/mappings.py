@@ -247,6 +247,22 @@ def mlp(
     return out
 
 
+def megatron_block(
+    sd: Weights, hf: str, mk: str, attn: str, n_heads: int, *, bias: bool
+) -> Weights:
+    """Block ``hf`` under the Megatron-LM names GPT-NeoX and BLOOM kept, as block ``mk``.
+
+    ``attn`` is the attention module's name; its fused ``query_key_value`` is
+    packed head by head. ``bias`` covers q/k/v and the attention output.
+    """
+    return {
+        **per_head_qkv(sd, f"{hf}.{attn}.query_key_value", f"{mk}.attn", n_heads, bias=bias),
+        **attn_out(sd, f"{hf}.{attn}.dense", f"{mk}.attn", bias=bias),
+        **block_norms(sd, hf, mk),
+        **mlp(sd, f"{hf}.mlp.dense_h_to_4h", f"{hf}.mlp.dense_4h_to_h", f"{mk}.mlp"),
+    }
+
+
 def llama_mlp(sd: Weights, hf: str, mk: str) -> Weights:
     """Block ``hf``'s SwiGLU MLP under the names LLaMA's descendants kept, as block ``mk``'s."""
     return mlp(

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from mitk.config import loading_overrides
 from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.encoder_decoder_config import EncoderDecoderConfig
+from mitk.model.pretrained import mappings
 from mitk.model.pretrained.files import read_safetensors_dir
-from mitk.model.pretrained.mappings import attn_out, embeddings, linear, mlp, norm
 
 # HF activation name -> mitk act_fn ("gelu" is exact GELU, "gelu_new" the tanh approximation)
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "silu": "silu"}
@@ -63,14 +63,14 @@ def t5_state_dict(hf_state: dict[str, Tensor], cfg: EncoderDecoderConfig) -> dic
     token = next((t for t in ("shared", "encoder.embed_tokens") if f"{t}.weight" in sd), None)
     if token is None:
         raise UnsupportedModelError("T5 checkpoint has no shared.weight embedding")
-    out = embeddings(sd, token)
+    out = mappings.embeddings(sd, token)
     stacks = (("encoder", cfg.n_layers, False), ("decoder", cfg.n_decoder_layers, True))
     for stack, n_layers, is_decoder in stacks:
-        out |= norm(sd, f"{stack}.final_layer_norm", f"{stack}.ln_final", bias=False)
+        out |= mappings.norm(sd, f"{stack}.final_layer_norm", f"{stack}.ln_final", bias=False)
         for layer in range(n_layers):
             hf, mk = f"{stack}.block.{layer}.layer", f"{stack}.{layer}"
             out |= _attention(sd, f"{hf}.0.SelfAttention", f"{mk}.attn")
-            out |= norm(sd, f"{hf}.0.layer_norm", f"{mk}.ln1", bias=False)
+            out |= mappings.norm(sd, f"{hf}.0.layer_norm", f"{mk}.ln1", bias=False)
             if layer == 0:
                 out[f"{mk}.rel_pos.W_rel"] = sd[
                     f"{hf}.0.SelfAttention.relative_attention_bias.weight"
@@ -78,22 +78,22 @@ def t5_state_dict(hf_state: dict[str, Tensor], cfg: EncoderDecoderConfig) -> dic
             ff = f"{hf}.{2 if is_decoder else 1}"
             if is_decoder:
                 out |= _attention(sd, f"{hf}.1.EncDecAttention", f"{mk}.cross_attn")
-                out |= norm(sd, f"{hf}.1.layer_norm", f"{mk}.ln_cross", bias=False)
-            out |= norm(sd, f"{ff}.layer_norm", f"{mk}.ln2", bias=False)
+                out |= mappings.norm(sd, f"{hf}.1.layer_norm", f"{mk}.ln_cross", bias=False)
+            out |= mappings.norm(sd, f"{ff}.layer_norm", f"{mk}.ln2", bias=False)
             dense = f"{ff}.DenseReluDense"
             # gated: wi_0 is the gate, wi_1 the linear input
             w_in, gate = (
                 (f"{dense}.wi_1", f"{dense}.wi_0") if cfg.gated_mlp else (f"{dense}.wi", None)
             )
-            out |= mlp(sd, w_in, f"{dense}.wo", f"{mk}.mlp", gate=gate, bias=False)
+            out |= mappings.mlp(sd, w_in, f"{dense}.wo", f"{mk}.mlp", gate=gate, bias=False)
     return out
 
 
 def _attention(sd: dict[str, Tensor], hf: str, mk: str) -> dict[str, Tensor]:
     """T5 attention: separate, unbiased q, k, v, o projections (mitk's ``W_q_packed``...)."""
-    out = attn_out(sd, f"{hf}.o", mk, bias=False)
+    out = mappings.attn_out(sd, f"{hf}.o", mk, bias=False)
     for p in "qkv":
-        out |= linear(sd, f"{hf}.{p}", f"{mk}.W_{p}_packed")
+        out |= mappings.linear(sd, f"{hf}.{p}", f"{mk}.W_{p}_packed")
     return out
 
 

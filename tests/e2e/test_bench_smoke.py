@@ -20,6 +20,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
         ("sweep.py", "TL loop / mitk units"),
         ("sae.py", "mitk / SAELens throughput (topk)"),
         ("long_context.py", "mitk fused / TL HookedTransformer (added memory)"),
+        ("gpu_check.py", "mitk fused / HF sdpa"),  # on a CPU: paths, bf16 bound, timings
     ],
 )
 def test_benchmark_quick_mode(script: str, ratio: str) -> None:

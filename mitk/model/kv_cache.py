@@ -44,15 +44,15 @@ class KVCache:
             raise ShapeMismatchError(
                 f"the key-value cache holds a batch of {first[0].shape[0]}, the input has {batch}"
             )
-        if self.key_valid is None and new_valid is None:
-            return None
-        device = (new_valid if new_valid is not None else self.key_valid).device  # type: ignore[union-attr]
         old = self.key_valid
+        if old is None and new_valid is None:
+            return None
         if old is None:
-            old = torch.ones(batch, self.length, dtype=torch.bool, device=device)
+            assert new_valid is not None
+            old = new_valid.new_ones(batch, self.length)
         if new_valid is None:
-            new_valid = torch.ones(batch, new, dtype=torch.bool, device=device)
-        return torch.cat([old.to(device), new_valid], dim=1)
+            new_valid = old.new_ones(batch, new)
+        return torch.cat([old.to(new_valid.device), new_valid], dim=1)
 
     def append(self, present: dict[int, PastKV], key_valid: Tensor | None) -> None:
         """Take the full (past + new) state each layer left in a finished forward."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 from torch import nn
@@ -17,7 +19,7 @@ from torch import nn
 from mitk import EncoderDecoderConfig, HookedEncoderDecoder, HookedTransformer, TransformerConfig
 from mitk.analysis.patching import activation_patch, logit_diff
 from mitk.analysis.patching.path import path_patch
-from mitk.errors import InvalidTokensError, ShapeMismatchError
+from mitk.errors import InvalidTokensError, SequenceTooLongError, ShapeMismatchError
 from mitk.model.kv_cache import KVCache
 
 
@@ -200,3 +202,47 @@ def test_a_failed_forward_leaves_the_kv_cache_as_it_was(rotary: HookedTransforme
         with pytest.raises(ShapeMismatchError, match="batch of 2"):
             rotary(_tokens(3, 1), past_kv_cache=cache)
     assert cache.length == 6 and all(a is b for a, b in zip(cache.layers, kept, strict=True))
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cuts=st.lists(st.integers(1, 4), min_size=1, max_size=5),
+    pad=st.integers(0, 2),
+    rotary_model=st.booleans(),
+)
+def test_any_chunking_through_the_kv_cache_equals_one_forward(
+    rotary: HookedTransformer,
+    tiny: HookedTransformer,
+    cuts: list[int],
+    pad: int,
+    rotary_model: bool,
+) -> None:
+    """Feeding a sequence in arbitrary chunks through a KVCache gives the one-pass logits."""
+    model = rotary if rotary_model else tiny
+    length = sum(cuts)
+    tokens = _tokens(2, length, seed=length) % model.cfg.d_vocab
+    mask = torch.ones_like(tokens)
+    mask[0, : min(pad, cuts[0] - 1)] = 0  # left padding inside the first chunk
+    with torch.no_grad():
+        full = model(tokens, attention_mask=mask)
+        cache, parts, start = KVCache(model.cfg.n_layers), [], 0
+        for cut in cuts:
+            piece = slice(start, start + cut)
+            parts.append(
+                model(tokens[:, piece], attention_mask=mask[:, piece], past_kv_cache=cache)
+            )
+            start += cut
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(parts, 1)[real], full[real], atol=1e-5, rtol=0)
+
+
+def test_learned_positions_refuse_a_cache_past_n_ctx(tiny: HookedTransformer) -> None:
+    cache = KVCache(tiny.cfg.n_layers)
+    n_ctx = tiny.cfg.n_ctx
+    with torch.no_grad():
+        tiny(_tokens(1, n_ctx - 1) % tiny.cfg.d_vocab, past_kv_cache=cache)
+        with pytest.raises(SequenceTooLongError, match="n_ctx"):
+            tiny(_tokens(1, 2) % tiny.cfg.d_vocab, past_kv_cache=cache)
+    assert cache.length == n_ctx - 1

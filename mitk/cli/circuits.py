@@ -7,6 +7,7 @@ Each analysis becomes one long table (one row per head or head pair) written as
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,17 +19,11 @@ import typer
 from mitk.analysis.circuits import full_qk_circuit, ov_copying_scores
 from mitk.analysis.composition import KINDS, composition_baseline, composition_scores
 from mitk.analysis.detectors import BEHAVIOURS, head_detector_scores
-from mitk.cli.common import (
-    DeviceOption,
-    DtypeOption,
-    JsonOption,
-    ModelOption,
-    QuietOption,
-    emit,
-    load_model,
-)
+from mitk.atomic import atomic_write
+from mitk.cli.common import DeviceOption, DtypeOption, JsonOption, ModelOption, QuietOption, emit
 from mitk.errors import ConfigError
 from mitk.model import HookedTransformer
+from mitk.sweeps import load_named_model
 
 ANALYSES = ("qk", "ov", "composition", "detectors")
 TABLE_FILES = {
@@ -188,7 +183,7 @@ def circuits(
     --out DIR writes one DIR/<table>.parquet per analysis.
     """
     chosen = _parse_what(what)
-    net = load_model(model, device, dtype)
+    net = load_named_model(model, device, dtype)
     half = probe_half if probe_half is not None else min(20, (net.cfg.n_ctx - 1) // 2)
     if half < 1:
         raise ConfigError(f"--probe-half must be >= 1, got {half}")
@@ -197,10 +192,9 @@ def circuits(
         tables[name] = TABLES[name](net, half, seed)
     written = {}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         for name, table in tables.items():
-            written[name] = str(out / TABLE_FILES[name])
-            table.to_parquet(written[name], index=False)
+            path = atomic_write(out / TABLE_FILES[name], partial(table.to_parquet, index=False))
+            written[name] = str(path)
     result: dict[str, Any] = {"model": model, "findings": {}, "files": written}
     lines = [f"model {model}: {net.cfg.n_layers} layers x {net.cfg.n_heads} heads"]
     for name, table in tables.items():

@@ -12,15 +12,7 @@ import typer
 
 from mitk.analysis.dla import logit_attribution
 from mitk.atomic import atomic_write
-from mitk.cli.common import (
-    DeviceOption,
-    DtypeOption,
-    JsonOption,
-    ModelOption,
-    QuietOption,
-    emit,
-    load_model,
-)
+from mitk.cli.common import DeviceOption, DtypeOption, JsonOption, ModelOption, QuietOption, emit
 from mitk.cli.inputs import (
     AnswerOption,
     CountOption,
@@ -32,6 +24,7 @@ from mitk.cli.inputs import (
     read_prompts,
 )
 from mitk.errors import ConfigError
+from mitk.sweeps import load_named_model
 
 
 class Granularity(str, Enum):
@@ -79,7 +72,7 @@ def dla(
 
     A negative --pos counts back from each prompt's last real token.
     """
-    net = load_model(model, device, dtype)
+    net = load_named_model(model, device, dtype)
     prompts = read_prompts(net, prompt=prompt, tokens_file=tokens, induction=induction,
                            n_prompts=n_prompts, seed=seed, answer=answer, wrong=wrong)  # fmt: skip
     if prompts.answers is None:

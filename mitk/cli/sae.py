@@ -9,15 +9,8 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from mitk.cli.common import (
-    DeviceOption,
-    DtypeOption,
-    JsonOption,
-    ModelOption,
-    QuietOption,
-    emit,
-    load_model,
-)
+from mitk.atomic import atomic_write
+from mitk.cli.common import DeviceOption, DtypeOption, JsonOption, ModelOption, QuietOption, emit
 from mitk.cli.inputs import InductionOption, SeedOption, check_one_source, read_token_matrix
 from mitk.config import json_object
 from mitk.errors import ConfigError
@@ -26,6 +19,7 @@ from mitk.sae.distributed import current_world
 from mitk.sae.files import EXACT_FILE
 from mitk.sae.saelens_format import CONFIG_FILE, WEIGHTS_FILE
 from mitk.sae.tokens import as_token_source
+from mitk.sweeps import load_named_model
 
 app = typer.Typer(
     help="Train and evaluate sparse autoencoders on a model's activations.",
@@ -148,7 +142,7 @@ def train_command(
     if resume and checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir")
     _check_out(out)
-    net = load_model(model, device, dtype)
+    net = load_named_model(model, device, dtype)
     data = _token_source(net, tokens, text, induction, n_sequences, data_seed)
     options = {
         "architecture": architecture, "d_sae": d_sae, "k": k, "l1_coefficient": l1_coefficient,
@@ -231,7 +225,7 @@ def eval_command(
     at its hook, and with the hook zero-ablated; the reconstruction metrics
     come from the spliced runs.
     """
-    net = load_model(model, device, dtype)
+    net = load_named_model(model, device, dtype)
     autoencoder = SparseAutoencoder.load(sae, device=device)
     data = _token_source(net, tokens, text, induction, n_sequences, seed)
     source = as_token_source(data, net, context_size)
@@ -240,8 +234,8 @@ def eval_command(
     result = evaluate(autoencoder, model=net, tokens=sequences, hook_name=hook,
                       sequences_per_batch=sequences_per_batch)  # fmt: skip
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        result.to_frame().to_parquet(out, index=False)
+        frame = result.to_frame()
+        atomic_write(out, lambda temp: frame.to_parquet(temp, index=False))
     summary = {"sae": str(sae), "model": model, "hook": result.hook_name, "sequences": count,
                **result.to_dict(), "rows": result.rows, "notes": list(result.notes)}  # fmt: skip
     shown = ("l0", "fvu", "explained_variance", "dead_fraction", "ce_loss_clean",

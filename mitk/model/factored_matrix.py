@@ -170,18 +170,39 @@ class FactoredMatrix:
     def svd(
         self,
     ) -> tuple[
-        Float[Tensor, "*batch ldim k"], Float[Tensor, "*batch k"], Float[Tensor, "*batch k rdim"]
+        Float[Tensor, "*batch ldim k"], Float[Tensor, "*batch k"], Float[Tensor, "*batch rdim k"]
     ]:
-        """Thin SVD ``(U, S, Vh)`` with ``AB == U @ diag(S) @ Vh``, ``k = min(ldim, mdim, rdim)``.
+        """Thin SVD ``(U, S, V)`` with ``AB == U @ diag(S) @ Vᵀ``, ``k = min(ldim, mdim, rdim)``.
 
-        Computed from the factors: ``A = Q_a R_a`` and ``Bᵀ = Q_b R_b`` (QR), then
-        the SVD of the small core ``R_a R_bᵀ``. Singular values descend; signs
-        of paired singular vectors are arbitrary, as in any SVD.
+        The convention of TransformerLens (and ``torch.svd``): the third factor is
+        ``V``, not ``Vᵀ``. Computed from the factors: ``A = Q_a R_a`` and
+        ``Bᵀ = Q_b R_b`` (QR), then the SVD of the small core ``R_a R_bᵀ``.
+        Singular values descend; signs of paired singular vectors are arbitrary.
         """
         q_a, r_a = torch.linalg.qr(_upcast(self.A))
         q_b, r_b = torch.linalg.qr(_upcast(self.B).mT)
         u_core, s, vh_core = torch.linalg.svd(r_a @ r_b.mT, full_matrices=False)
-        return q_a @ u_core, s, vh_core @ q_b.mT
+        return q_a @ u_core, s, q_b @ vh_core.mT
+
+    @property
+    def U(self) -> Float[Tensor, "*batch ldim k"]:
+        """Left singular vectors (``svd()[0]``)."""
+        return self.svd()[0]
+
+    @property
+    def S(self) -> Float[Tensor, "*batch k"]:
+        """Singular values, descending (``svd()[1]``)."""
+        return self.svd()[1]
+
+    @property
+    def V(self) -> Float[Tensor, "*batch rdim k"]:
+        """Right singular vectors as columns (``svd()[2]``)."""
+        return self.svd()[2]
+
+    @property
+    def Vh(self) -> Float[Tensor, "*batch rdim k"]:
+        """``V`` under TransformerLens's older name (it has always held ``V``, not ``Vᵀ``)."""
+        return self.svd()[2]
 
     def collapse_l(self) -> Float[Tensor, "*batch k rdim"]:
         """``diag(S) @ Vh``: ``AB`` with its orthonormal left factor ``U`` dropped.
@@ -189,8 +210,8 @@ class FactoredMatrix:
         Shares ``AB``'s Gram matrix ``(AB)ᵀ(AB)``, so ``‖AB @ Y‖_F`` equals
         ``‖collapse_l() @ Y‖_F`` for any ``Y``, with ``k`` rows instead of ``ldim``.
         """
-        _, s, vh = self.svd()
-        return s[..., :, None] * vh
+        _, s, v = self.svd()
+        return s[..., :, None] * v.mT
 
     def collapse_r(self) -> Float[Tensor, "*batch ldim k"]:
         """``U @ diag(S)``: ``AB`` with its orthonormal right factor ``Vh`` dropped.

@@ -80,9 +80,14 @@ def test_factored_matrix_matches_transformer_lens_on_the_same_factors() -> None:
     for mine, tls in pairs:
         torch.testing.assert_close(mine.AB, tls.AB, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.norm(), theirs.norm(), atol=1e-5, rtol=1e-5)
-    U, S, Vh = ours.svd()
+    U, S, V = ours.svd()
     torch.testing.assert_close(S, theirs.S, atol=1e-5, rtol=1e-5)
-    # transformer-lens's svd() gives V where torch (and mitk) give Vh = Vᵀ
-    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, theirs.AB, atol=1e-5, rtol=1e-5)
+    # both follow torch.svd: the third factor is V (and .Vh holds it too), AB = U diag(S) Vᵀ
+    their_u, _, their_v = theirs.svd()
+    assert their_v.shape == V.shape and theirs.V.shape == ours.V.shape
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ V.mT, theirs.AB, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        their_u @ torch.diag_embed(S) @ their_v.mT, theirs.AB, atol=1e-5, rtol=1e-5
+    )
     # their corner also cuts the leading dims to k; ours keeps them
     torch.testing.assert_close(ours.get_corner(2)[:2, :2], theirs.get_corner(2), atol=1e-5, rtol=0)

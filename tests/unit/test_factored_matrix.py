@@ -125,14 +125,15 @@ def test_scalar_multiplication_on_either_side() -> None:
 @pytest.mark.parametrize(("m", "r", "n"), [(7, 3, 6), (2, 5, 6), (6, 5, 2), (4, 4, 4)])
 def test_svd_reconstructs_and_matches_singular_values(m: int, r: int, n: int) -> None:
     fm = factored((2, 3), m=m, r=r, n=n)
-    U, S, Vh = fm.svd()
+    U, S, V = fm.svd()  # TransformerLens's convention: AB = U diag(S) Vᵀ
     k = min(m, r, n)
-    assert U.shape == (2, 3, m, k) and S.shape == (2, 3, k) and Vh.shape == (2, 3, k, n)
-    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, fm.AB, **TOL)
+    assert U.shape == (2, 3, m, k) and S.shape == (2, 3, k) and V.shape == (2, 3, n, k)
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ V.mT, fm.AB, **TOL)
+    assert fm.U.shape == U.shape and torch.equal(fm.S, S) and torch.equal(fm.V, V) and torch.equal(fm.Vh, V)
     torch.testing.assert_close(S, torch.linalg.svdvals(fm.AB)[..., :k], **TOL)
     eye = torch.eye(k, dtype=torch.float64).expand(2, 3, k, k)
     torch.testing.assert_close(U.mT @ U, eye, **TOL)
-    torch.testing.assert_close(Vh @ Vh.mT, eye, **TOL)
+    torch.testing.assert_close(V.mT @ V, eye, **TOL)
 
 
 def test_collapses_keep_the_gram_matrices() -> None:
@@ -229,8 +230,8 @@ def test_products_norm_and_svd_match_the_materialised_matrix(
     torch.testing.assert_close((fm @ other).AB, fm.AB @ other.AB, **TOL)
     torch.testing.assert_close(fm.T.AB, fm.AB.mT, **TOL)
     torch.testing.assert_close(fm.norm(), torch.linalg.matrix_norm(fm.AB), **TOL)
-    U, S, Vh = fm.svd()
-    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, fm.AB, **TOL)
+    U, S, V = fm.svd()
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ V.mT, fm.AB, **TOL)
 
 
 @settings(max_examples=30, deadline=None)

@@ -20,8 +20,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from mitk.atomic import atomic_write_bytes
 from mitk.viz.defaults import figures_for
-from mitk.viz.files import write_atomically
 from mitk.viz.section import Content, Section
 
 MAX_TABLE_ROWS = 200  # a dashboard is for reading; longer tables belong in parquet
@@ -177,7 +177,7 @@ def dashboard(
     A section's heading replaces its figure's title: put what else the title
     said in the section's note.
     """
-    return write_atomically(path, dashboard_html(title, header, items).encode("utf-8"))
+    return atomic_write_bytes(path, dashboard_html(title, header, items).encode("utf-8"))
 
 
 _CSS = """

@@ -13,8 +13,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from mitk.atomic import atomic_write_bytes
 from mitk.errors import ConfigError, MitkError
-from mitk.viz.files import write_atomically
 
 FORMATS = ("png", "svg", "pdf")
 INSTALL_KALEIDO = "pip install 'mitk[export]'  (or: pip install 'kaleido>=1')"
@@ -73,4 +73,4 @@ def save_image(
             f"Kaleido could not render {target.name!r}; it needs a Chrome/Chromium. "
             f"Install one with: {INSTALL_CHROME}. (Kaleido said: {str(error).strip()})"
         ) from error
-    return write_atomically(target, image)
+    return atomic_write_bytes(target, image)

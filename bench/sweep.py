@@ -6,7 +6,7 @@ repeated; corrupted: a different first copy; metric: logit[answer] - logit[wrong
 position), denoising every head's ``hook_z`` (``z`` per ``head``) and the residual stream at
 every position (``resid_pre`` per ``pos``), 20 pairs per unit:
 
-- ``mitk units``: the sweep's units run in this process (``mitk.cli.sweep.runner.run_unit``:
+- ``mitk units``: the sweep's units run in this process (``mitk.sweeps.runner.run_unit``:
   the batched engine, and the long table each unit writes);
 - ``TL loop``: TransformerLens's ``HookedTransformer`` on the same weights, per batch of 20
   pairs one ``run_with_cache(clean)`` then one ``run_with_hooks(corrupted)`` per patch;
@@ -146,7 +146,7 @@ def tl_loop(tl: Any, pairs: list[dict[str, Any]]) -> Tensor:
 
 def mitk_units(sweep: Any) -> Tensor:
     """Every unit of the sweep in this process; patched metrics in ``tl_loop``'s order."""
-    from mitk.cli.sweep.runner import run_unit
+    from mitk.sweeps.runner import run_unit
 
     frame = pd.concat([run_unit(sweep, unit) for unit in sweep.units])
     frame = frame.sort_values(["unit", "pair", "layer", "head", "pos"])
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     n_pairs, rounds = (20, 1) if args.quick else (args.pairs, args.rounds)
     torch.set_num_threads(args.threads)
 
-    from mitk.cli.sweep import SweepSpec, prepare
+    from mitk.sweeps import SweepSpec, prepare
 
     with tempfile.TemporaryDirectory(prefix="mitk-bench-") as tmp:
         pairs = induction_pairs(n_pairs, 256)

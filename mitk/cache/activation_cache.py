@@ -12,7 +12,7 @@ from mitk.cache import decompose
 from mitk.cache.heads import expand_kv_heads
 from mitk.cache.residual_stack import ResidualStack
 from mitk.cache.writes import StreamWrites
-from mitk.errors import MitkError, UnknownHookError
+from mitk.errors import MitkError, ShapeMismatchError, UnknownHookError
 from mitk.hooks import name
 
 
@@ -124,15 +124,24 @@ class ActivationCache(Mapping[str, Tensor]):
         return ActivationCache(move, self.model, self.has_batch_dim, grads)
 
     def remove_batch_dim(self) -> ActivationCache:
-        """A copy with the batch axis dropped; the batch must have size 1."""
+        """Drop the batch axis of every activation, in place, and return this cache.
+
+        As TransformerLens does: the batch must have size 1 (else
+        ``ShapeMismatchError``, and nothing changes); a cache without a batch
+        axis is returned as it is.
+        """
         if not self.has_batch_dim:
             return self
-        sizes = {v.shape[0] for v in self._acts.values()}
+        sizes = {v.shape[0] for v in [*self._acts.values(), *self._grads.values()]}
         if sizes - {1}:
-            raise ValueError(f"remove_batch_dim needs batch size 1, cache has {sorted(sizes)}")
-        acts = {k: v[0] for k, v in self._acts.items()}
-        grads = {k: v[0] for k, v in self._grads.items()}
-        return ActivationCache(acts, self.model, has_batch_dim=False, gradients=grads)
+            raise ShapeMismatchError(
+                f"remove_batch_dim needs batch size 1, the cache holds {sorted(sizes)}"
+            )
+        for store in (self._acts, self._grads):
+            for key, value in store.items():
+                store[key] = value[0]
+        self.has_batch_dim = False
+        return self
 
     # --- residual-stream decompositions (see mitk.cache.decompose) ----------------------
     def decompose_resid(self, layer: int | None = None) -> ResidualStack:
@@ -144,9 +153,9 @@ class ActivationCache(Mapping[str, Tensor]):
         return decompose.stack_head_results(self, layer)
 
     def stack_neuron_results(
-        self, layer: int, neurons: list[int] | Tensor | None = None
+        self, layer: int | None = None, neurons: list[int] | Tensor | None = None
     ) -> ResidualStack:
-        """Per-neuron writes of one MLP plus its output bias."""
+        """Per-neuron writes of every MLP before ``layer`` (exclusive), plus each output bias."""
         return decompose.stack_neuron_results(self, layer, neurons)
 
     def accumulated_resid(self, layer: int | None = None) -> ResidualStack:

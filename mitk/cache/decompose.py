@@ -75,23 +75,31 @@ def stack_head_results(cache: ActivationCache, layer: int | None = None) -> Resi
 
 
 def stack_neuron_results(
-    cache: ActivationCache, layer: int, neurons: list[int] | Tensor | None = None
+    cache: ActivationCache, layer: int | None = None, neurons: list[int] | Tensor | None = None
 ) -> ResidualStack:
-    """Per-neuron writes of ``layer``'s MLP (``L{l}N{n}``) and its output bias ``L{l}_mlp_bias``.
+    """Per-neuron writes ``L{l}N{n}`` of every MLP before ``layer``, with each ``L{l}_mlp_bias``.
 
-    With ``neurons=None`` every neuron is included and the stack sums to
-    ``blocks.{l}.hook_mlp_out``. Memory is ``n_neurons * batch * pos * d_model``:
-    select neurons for large models.
+    As in TransformerLens, ``layer`` is exclusive (None: every layer), like
+    ``stack_head_results``. With ``neurons=None`` every neuron is included and
+    each layer's part sums to ``blocks.{l}.hook_mlp_out``; ``neurons`` picks the
+    same indices in every layer. Memory is ``n_neurons * layers * batch * pos *
+    d_model``: select neurons (or layers) for large models.
     """
     stream = cache.stream
     if not stream.has_mlp:
         raise ValueError("this model is attention-only: it has no neurons")
-    post = cache[name("post", layer)]
-    writes = neuron_writes(stream, layer, post, neurons)
-    index = torch.arange(post.shape[-1]) if neurons is None else torch.as_tensor(neurons)
-    bias = output_bias(stream, layer, "mlp")
-    labels = [f"L{layer}N{int(n)}" for n in index] + [f"L{layer}_mlp_bias"]
-    return ResidualStack(torch.cat([writes, bias.expand_as(writes[0])[None]]), labels)
+    end = _layers_before(cache, layer)
+    labels: list[str] = []
+    parts: list[Tensor] = []
+    for block in range(end):
+        post = cache[name("post", block)]
+        writes = neuron_writes(stream, block, post, neurons)
+        index = torch.arange(post.shape[-1]) if neurons is None else torch.as_tensor(neurons)
+        parts += [writes, output_bias(stream, block, "mlp").expand_as(writes[0])[None]]
+        labels += [f"L{block}N{int(n)}" for n in index] + [f"L{block}_mlp_bias"]
+    if not parts:
+        raise ValueError("layer=0 leaves no neurons to stack")
+    return ResidualStack(torch.cat(parts), labels)
 
 
 def accumulated_resid(cache: ActivationCache, layer: int | None = None) -> ResidualStack:

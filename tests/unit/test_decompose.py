@@ -71,11 +71,19 @@ def test_neurons_and_bias_sum_to_mlp_out(run) -> None:
         with pytest.raises(ValueError, match="attention-only"):
             cache.stack_neuron_results(0)
         return
-    stack = cache.stack_neuron_results(1)
-    torch.testing.assert_close(stack.total(), cache["mlp_out", 1], atol=1e-5, rtol=0)
-    some = cache.stack_neuron_results(1, neurons=[3, 7])
-    assert some.labels == ["L1N3", "L1N7", "L1_mlp_bias"]
-    torch.testing.assert_close(some.tensor[0], stack.tensor[3])
+    # layer is exclusive, as in TransformerLens and stack_head_results: layers 0 and 1 here
+    stack = cache.stack_neuron_results(2)
+    per_layer = model.cfg.d_mlp + 1
+    assert len(stack) == 2 * per_layer and stack.labels[per_layer] == "L1N0"
+    for layer in range(2):
+        part = stack.tensor[layer * per_layer : (layer + 1) * per_layer]
+        torch.testing.assert_close(part.sum(0), cache["mlp_out", layer], atol=1e-5, rtol=0)
+    assert cache.stack_neuron_results().labels[-1] == f"L{model.cfg.n_layers - 1}_mlp_bias"
+    some = cache.stack_neuron_results(2, neurons=[3, 7])
+    assert some.labels == ["L0N3", "L0N7", "L0_mlp_bias", "L1N3", "L1N7", "L1_mlp_bias"]
+    torch.testing.assert_close(some.tensor[3], stack.tensor[per_layer + 3])
+    with pytest.raises(ValueError, match="layer=0"):
+        cache.stack_neuron_results(0)
 
 
 def test_accumulated_resid_and_ln_application(run) -> None:

@@ -110,6 +110,14 @@ def json_object(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+def check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` for a field that is not a positive int (a bool is not one)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive int, got {value!r}")
+
+
 def check_choices(config: Any, choices: dict[str, Any]) -> None:
     """Raise ``ConfigError`` for a field whose value is not among its Literal's options."""
     for name, literal in choices.items():
@@ -229,10 +237,7 @@ class TransformerConfig(JsonConfig):
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx", "d_head"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx", "d_head"))
         if not isinstance(self.d_mlp, int) or self.d_mlp < 0:
             raise ConfigError(f"d_mlp must be >= 0 (0 = attention-only), got {self.d_mlp!r}")
         if self.n_key_value_heads <= 0 or self.n_heads % self.n_key_value_heads:

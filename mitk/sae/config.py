@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import math
 from typing import Any, Literal
 
-from mitk.config import JsonConfig, check_choices
+from mitk.config import JsonConfig, check_choices, check_positive_ints
 from mitk.errors import ConfigError
 
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
@@ -93,10 +93,7 @@ class SAEConfig(JsonConfig):
 
     def _validate(self) -> None:
         check_choices(self, _CHOICES)
-        for name in ("d_in", "d_sae", "k", "aux_k", "batch_size", "total_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("d_in", "d_sae", "k", "aux_k", "batch_size", "total_tokens"))
         for name in ("log_every", "checkpoint_every", "dead_after_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -1,4 +1,4 @@
-"""Conventions every figure shares: position axes labelled by token, and two colour scales."""
+"""Conventions every figure shares: token position axes, the layer × head grid, colour scales."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Sequence
 import html
 import re
 from typing import Any
+
+import plotly.graph_objects as go
 
 from mitk.errors import ShapeMismatchError
 
@@ -56,3 +58,19 @@ def head_label(layer: int, head: int) -> str:
 
 HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")
 """Matches ``head_label``'s output, capturing layer and head."""
+
+
+def layer_head_heatmap(
+    z: Any, layers: Sequence[int], heads: Sequence[int], title: str, **trace: Any
+) -> go.Figure:
+    """A heatmap with a row per layer, top to bottom, and a column per head.
+
+    ``trace`` holds the heatmap's other settings (colour scale, hover text...).
+    """
+    fig = go.Figure(
+        go.Heatmap(z=z, x=[f"H{h}" for h in heads], y=[f"L{layer}" for layer in layers], **trace)
+    )
+    fig.update_layout(
+        title=title, xaxis_title="head", yaxis_title="layer", yaxis_autorange="reversed"
+    )
+    return fig

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mitk.model.factored_matrix import FactoredMatrix
 from mitk.shapes import Float
-from mitk.viz.axes import head_label, unit_scale
+from mitk.viz.axes import head_label, layer_head_heatmap, unit_scale
 
 
 def head_scores_heatmap(scores: pd.DataFrame, column: str, title: str | None = None) -> go.Figure:
@@ -19,22 +19,14 @@ def head_scores_heatmap(scores: pd.DataFrame, column: str, title: str | None = N
     if column not in scores.columns:
         raise KeyError(f"no column {column!r}; have {list(scores.columns)}")
     grid = scores.pivot(index="layer", columns="head", values=column)
-    fig = go.Figure(
-        go.Heatmap(
-            z=grid.to_numpy(),
-            x=[f"H{h}" for h in grid.columns],
-            y=[f"L{layer}" for layer in grid.index],
-            **unit_scale(),
-            colorbar={"title": "score"},
-        )
+    return layer_head_heatmap(
+        grid.to_numpy(),
+        grid.index.tolist(),
+        grid.columns.tolist(),
+        title or f"{column.replace('_', '-')} score per head",
+        **unit_scale(),
+        colorbar={"title": "score"},
     )
-    fig.update_layout(
-        title=title or f"{column.replace('_', '-')} score per head",
-        xaxis_title="head",
-        yaxis_title="layer",
-        yaxis_autorange="reversed",
-    )
-    return fig
 
 
 def composition_heatmap(

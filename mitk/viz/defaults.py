@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,6 +88,36 @@ def _evaluation(result: SAEEvaluation) -> list[Section]:
     ]
 
 
+def _training(result: TrainResult) -> list[Section]:
+    return [
+        Section(f"SAE training: {hook}", training_curves(result.history, hook))
+        for hook in history_hooks(result.history)
+    ]
+
+
+def _eigenvalues(result: FactoredMatrix) -> list[Section]:
+    return [
+        Section(
+            "Circuit eigenvalues",
+            eigenvalue_scatter(result),
+            note="Each head's eigenvalues, scaled by its largest |λ|; the legend gives "
+            "Σλ/Σ|λ| (near +1: a full OV circuit that copies tokens).",
+        )
+    ]
+
+
+# result type -> its default sections; the types are unrelated, so the order does not matter
+_DEFAULTS: dict[type, Callable[[Any], list[Section]]] = {
+    PatchResult: _patching,
+    Attribution: _attribution,
+    LogitLens: _lens,
+    TrainResult: _training,
+    SAEEvaluation: _evaluation,
+    LatentStatistics: _statistics,
+    FactoredMatrix: _eigenvalues,
+}
+
+
 def figures_for(result: Any) -> list[Section]:
     """The default sections for a result object; raises ``UnsupportedResultError`` otherwise.
 
@@ -94,30 +125,9 @@ def figures_for(result: Any) -> list[Section]:
     ``SAEEvaluation``, ``LatentStatistics``, a ``FactoredMatrix`` circuit
     (eigenvalues) and a ``[layer, head, layer, head]`` tensor of composition scores.
     """
-    if isinstance(result, PatchResult):
-        return _patching(result)
-    if isinstance(result, Attribution):
-        return _attribution(result)
-    if isinstance(result, LogitLens):
-        return _lens(result)
-    if isinstance(result, TrainResult):
-        return [
-            Section(f"SAE training: {hook}", training_curves(result.history, hook))
-            for hook in history_hooks(result.history)
-        ]
-    if isinstance(result, SAEEvaluation):
-        return _evaluation(result)
-    if isinstance(result, LatentStatistics):
-        return _statistics(result)
-    if isinstance(result, FactoredMatrix):
-        return [
-            Section(
-                "Circuit eigenvalues",
-                eigenvalue_scatter(result),
-                note="Each head's eigenvalues, scaled by its largest |λ|; the legend gives "
-                "Σλ/Σ|λ| (near +1: a full OV circuit that copies tokens).",
-            )
-        ]
+    for kind, sections in _DEFAULTS.items():
+        if isinstance(result, kind):
+            return sections(result)
     if isinstance(result, torch.Tensor) and result.ndim == 4:
         return [Section("Composition scores", composition_heatmap(result))]
     raise UnsupportedResultError(

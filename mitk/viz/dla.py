@@ -17,6 +17,7 @@ from mitk.viz.axes import (
     HEAD_LABEL,
     check_tokens,
     head_label,
+    layer_head_heatmap,
     plotly_text,
     raw_scale,
     token_axis,
@@ -100,22 +101,14 @@ def dla_head_heatmap(
     grid = [
         [heads.get((layer, h), float("nan")) for h in range(n_heads)] for layer in range(n_layers)
     ]
-    fig = go.Figure(
-        go.Heatmap(
-            z=grid,
-            x=[f"H{h}" for h in range(n_heads)],
-            y=[f"L{layer}" for layer in range(n_layers)],
-            **raw_scale(),
-            hovertext=[[head_label(layer, h) for h in range(n_heads)] for layer in range(n_layers)],
-        )
+    return layer_head_heatmap(
+        grid,
+        range(n_layers),
+        range(n_heads),
+        title or f"Direct logit attribution per head ({which})",
+        **raw_scale(),
+        hovertext=[[head_label(layer, h) for h in range(n_heads)] for layer in range(n_layers)],
     )
-    fig.update_layout(
-        title=title or f"Direct logit attribution per head ({which})",
-        xaxis_title="head",
-        yaxis_title="layer",
-        yaxis_autorange="reversed",
-    )
-    return fig
 
 
 def snapshot_label(label: str, labels: Sequence[str]) -> str:

@@ -22,16 +22,46 @@ class Embed(nn.Module):
         return self.W_E[tokens]
 
 
-class PosEmbed(nn.Module):
+class PositionTable(nn.Module):
+    """An absolute position embedding: ``at(position_ids)``, or TransformerLens's call on tokens."""
+
+    def at(self, position_ids: Int[Tensor, "#batch pos"]) -> Float[Tensor, "#batch pos d_model"]:
+        """The embedding of each position id."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        past_kv_pos_offset: int = 0,
+        attention_mask: Int[Tensor, "batch offset_pos"] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Position embeddings for ``tokens`` (their ids are not read, only their shape).
+
+        As TransformerLens's ``pos_embed(tokens)``: positions start at
+        ``past_kv_pos_offset``; with an ``attention_mask`` (covering the offset
+        and the tokens, 1 at real tokens) they count real tokens only and padded
+        slots get zeros. A fresh tensor, safe to edit.
+        """
+        batch, pos = tokens.shape[:2]
+        device = tokens.device
+        if attention_mask is None:
+            ids = torch.arange(past_kv_pos_offset, past_kv_pos_offset + pos, device=device)
+            return self.at(ids[None]).expand(batch, pos, -1).clone()
+        real = attention_mask.to(device).bool()[:, past_kv_pos_offset : past_kv_pos_offset + pos]
+        counted = (attention_mask.to(device).long().cumsum(-1) - 1).clamp(min=0)
+        ids = counted[:, past_kv_pos_offset : past_kv_pos_offset + pos]
+        return self.at(ids).masked_fill(~real[..., None], 0.0)
+
+
+class PosEmbed(PositionTable):
     """Learned absolute positions: ``W_pos [n_ctx, d_model]``, indexed by position id."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.W_pos = nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
 
-    def forward(
-        self, position_ids: Int[Tensor, "#batch pos"]
-    ) -> Float[Tensor, "#batch pos d_model"]:
+    def at(self, position_ids: Int[Tensor, "#batch pos"]) -> Float[Tensor, "#batch pos d_model"]:
+        """Rows of ``W_pos``."""
         return self.W_pos[position_ids]
 
 
@@ -48,7 +78,7 @@ class TokenTypeEmbed(nn.Module):
         return self.W_token_type[token_type_ids]
 
 
-class SinusoidalPosEmbed(nn.Module):
+class SinusoidalPosEmbed(PositionTable):
     """Fixed sinusoids (Vaswani et al.): ``PE[p, 2i] = sin(p / 10000^(2i/d))``, ``PE[p, 2i+1]`` cos.
 
     Computed from the position ids on each forward (no parameters), in fp32
@@ -59,9 +89,8 @@ class SinusoidalPosEmbed(nn.Module):
         super().__init__()
         self.d_model = cfg.d_model
 
-    def forward(
-        self, position_ids: Int[Tensor, "#batch pos"]
-    ) -> Float[Tensor, "#batch pos d_model"]:
+    def at(self, position_ids: Int[Tensor, "#batch pos"]) -> Float[Tensor, "#batch pos d_model"]:
+        """The sinusoids at each position id (fp32)."""
         return sinusoids(position_ids, self.d_model)
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mitk.config import TransformerConfig
-from mitk.errors import MitkError
+from mitk.errors import InvalidTokensError, MitkError
 
 
 class NoTokenizerError(MitkError, RuntimeError):
@@ -39,14 +40,19 @@ class TextInterface:
         self,
         text: str | list[str],
         prepend_bos: bool | None = None,
-        padding_side: str = "right",
+        padding_side: str | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Token ids ``[batch, pos]`` and the attention mask ``[batch, pos]`` (1 = real token).
 
         ``prepend_bos`` defaults to ``cfg.default_prepend_bos``; sequences of
-        different lengths are padded on ``padding_side`` ("right" or "left").
+        different lengths are padded on ``padding_side`` ("right" or "left";
+        None: the tokenizer's own ``padding_side``, right unless set).
         """
         tok = self._require_tokenizer()
+        if padding_side is None:
+            padding_side = getattr(tok, "padding_side", "right") or "right"
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
         if prepend_bos is None:
             prepend_bos = self.cfg.default_prepend_bos
@@ -63,20 +69,46 @@ class TextInterface:
         return tokens, mask
 
     def to_tokens(
-        self, text: str | list[str], prepend_bos: bool | None = None, padding_side: str = "right"
+        self,
+        text: str | list[str],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
     ) -> Tensor:
         """Token ids ``[batch, pos]``, padded with the pad token (``tokenize`` adds the mask)."""
         return self.tokenize(text, prepend_bos, padding_side)[0]
 
-    def to_str_tokens(self, text: str | Tensor, prepend_bos: bool | None = None) -> list[str]:
-        """The token strings of one text or one 1-D (or ``[1, pos]``) token tensor."""
+    def to_str_tokens(
+        self,
+        text: str | Tensor | np.ndarray | list[Any],
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+    ) -> list[Any]:
+        """The token strings of a text, or of one sequence of ids (tensor, array or list of ints).
+
+        As in TransformerLens, a list of texts or of id sequences gives one list
+        per item, and a ``[1, pos]`` tensor counts as one sequence; a batch of
+        several sequences must be indexed (or passed as a list) first.
+        """
         tok = self._require_tokenizer()
         if isinstance(text, str):
-            ids = self.to_tokens(text, prepend_bos)[0].tolist()
+            ids = self.to_tokens(text, prepend_bos, padding_side)[0].tolist()
+        elif isinstance(text, list | tuple) and all(isinstance(t, int) for t in text):
+            ids = list(text)
+        elif isinstance(text, list | tuple):
+            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in text]
         else:
-            if text.ndim > 1 and text.shape[0] != 1:
-                raise ValueError("to_str_tokens takes one sequence; index the batch first")
-            ids = text.reshape(-1).tolist()
+            if not hasattr(text, "ndim") or not hasattr(text, "tolist"):
+                raise InvalidTokensError(
+                    f"to_str_tokens takes text, token ids or a list of either, got {type(text)}"
+                )
+            sequence = torch.as_tensor(text)
+            if sequence.ndim > 1:
+                if sequence.shape[0] != 1:
+                    raise ValueError(
+                        "to_str_tokens takes one sequence; index the batch first or pass a list"
+                    )
+                sequence = sequence[0]
+            ids = sequence.reshape(-1).tolist()
         return [tok.decode([i]) for i in ids]
 
     def to_string(self, tokens: Tensor) -> str | list[str]:

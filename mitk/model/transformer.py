@@ -100,15 +100,29 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path | nn.Module, **kwargs: Any) -> HookedTransformer:
+    def from_pretrained(
+        cls,
+        source: str | Path | nn.Module,
+        *,
+        default_padding_side: str | None = None,
+        **kwargs: Any,
+    ) -> HookedTransformer:
         """Load from a local Hugging Face directory, a mitk save, or an in-memory HF model.
 
         Weights load unprocessed, so outputs equal the original model's. A
-        tokenizer found in the directory is attached.
+        tokenizer found in the directory is attached; ``default_padding_side``
+        sets its ``padding_side``, which text inputs are then padded on.
         """
         from mitk.model.pretrained import load_pretrained
 
-        return load_pretrained(cls, source, **kwargs)
+        model: HookedTransformer = load_pretrained(cls, source, **kwargs)
+        if default_padding_side is not None:
+            if default_padding_side not in ("left", "right"):
+                raise ValueError(
+                    f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}"
+                )
+            model._require_tokenizer().padding_side = default_padding_side
+        return model
 
     def _apply(self, fn: Any, recurse: bool = True) -> HookedTransformer:
         """``nn.Module``'s cast and move, then ``cfg.dtype`` set to the weights' new dtype.
@@ -349,14 +363,15 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         if self.cfg.positional in ("learned", "sinusoidal"):
             # positions follow any past ones and skip padding: the mask's key slots, last q_len
             positions = ctx.mask.positions(tokens.device)[:, -tokens.shape[1] :]
-            # expand (a view) so the hook sees [batch, pos, d_model] like every other residual write
-            pos_embed = self.pos_embed(positions).to(resid.dtype).expand(resid.shape)
-            resid = resid + self.hook_pos_embed(pos_embed)
+            pos_embed = self.pos_embed.at(positions).to(resid.dtype)
+            resid = resid + self.hook_pos_embed(_per_row(pos_embed, resid, self.hook_pos_embed))
         if self.cfg.token_types:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(tokens)
-            types = self.token_type_embed(token_type_ids.to(tokens.device)).expand(resid.shape)
-            resid = resid + self.hook_token_type_embed(types)
+            types = self.token_type_embed(token_type_ids.to(tokens.device))
+            resid = resid + self.hook_token_type_embed(
+                _per_row(types, resid, self.hook_token_type_embed)
+            )
         elif token_type_ids is not None:
             raise ValueError("token_type_ids given, but this model has no token-type embedding")
         return self.ln_embed(resid) if self.cfg.embed_norm else resid
@@ -418,3 +433,11 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             if ok:
                 fired.append(hook_name)
         return fired
+
+
+def _per_row(
+    write: Float[Tensor, "#batch pos d_model"], like: Tensor, hook: HookPoint
+) -> Float[Tensor, "batch pos d_model"]:
+    """``write`` at the stream's shape: a broadcast view, or a real copy when a hook may edit it."""
+    full = write.expand(like.shape)
+    return full.clone() if hook.has_hooks else full

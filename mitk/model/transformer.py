@@ -243,6 +243,8 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             input, attention_mask = input.to(self.W_E.device), attention_mask.to(self.W_E.device)
         first = self._layer_index(start_at_layer, "start_at_layer", default=0)
         last = self._layer_index(stop_at_layer, "stop_at_layer", default=cfg.n_layers)
+        if past_kv_cache is not None and (start_at_layer, stop_at_layer) != (None, None):
+            raise ValueError("past_kv_cache needs a whole pass: no start_at_layer/stop_at_layer")
         device = self.W_E.device
         input_tokens = None
         if start_at_layer is None:
@@ -267,13 +269,16 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             if input_tokens is not None:
                 resid = self._embed(input_tokens, ctx, token_type_ids)
             resid = self.run_blocks(resid, ctx)
-            if past_kv_cache is not None:
-                assert ctx.present is not None
-                past_kv_cache.append(ctx.present, key_valid)
-            self._report_paths(ctx.paths)
-            if stop_at_layer is not None:
-                return resid
-            return self._read_out(resid, return_type, logit_positions, tokens, new_valid)
+            out = (
+                resid
+                if stop_at_layer is not None
+                else self._read_out(resid, return_type, logit_positions, tokens, new_valid)
+            )
+        if past_kv_cache is not None:  # only a finished pass extends the cache
+            assert ctx.present is not None
+            past_kv_cache.append(ctx.present, key_valid)
+        self._report_paths(ctx.paths)
+        return out
 
     def _read_out(
         self,

@@ -201,6 +201,8 @@ def test_a_failed_forward_leaves_the_kv_cache_as_it_was(rotary: HookedTransforme
             rotary(tokens[:, :1], past_kv_cache=cache)
         with pytest.raises(ShapeMismatchError, match="batch of 2"):
             rotary(_tokens(3, 1), past_kv_cache=cache)
+        with pytest.raises(ValueError, match="whole pass"):
+            rotary(tokens[:, :1], stop_at_layer=2, past_kv_cache=cache)
     assert cache.length == 6 and all(a is b for a, b in zip(cache.layers, kept, strict=True))
 
 

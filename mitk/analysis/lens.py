@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mitk.cache import ActivationCache
+from mitk.cache.residual_stack import per_position_frame
 from mitk.shapes import Float, Int
 
 
@@ -38,16 +39,8 @@ class LogitLens:
 
     def to_frame(self, tokens: Int[Tensor, "batch pos"]) -> pd.DataFrame:
         """Long table: one row per (layer, batch, pos) with the logit and rank of ``tokens``."""
-        logit = self.token_logits(tokens).detach().float().cpu()
-        rank = self.token_ranks(tokens).cpu()
-        n_layer, n_batch, n_pos = logit.shape
-        return pd.DataFrame({
-            "layer": [label for label in self.labels for _ in range(n_batch * n_pos)],
-            "batch": [b for _ in range(n_layer) for b in range(n_batch) for _ in range(n_pos)],
-            "pos": [p for _ in range(n_layer * n_batch) for p in range(n_pos)],
-            "logit": logit.reshape(-1).tolist(),
-            "rank": rank.reshape(-1).tolist(),
-        })  # fmt: skip
+        logit, rank = self.token_logits(tokens), self.token_ranks(tokens)
+        return per_position_frame("layer", self.labels, logit=logit, rank=rank)
 
 
 def logit_lens(model: Any, cache: ActivationCache) -> LogitLens:

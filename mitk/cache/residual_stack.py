@@ -47,11 +47,23 @@ class ResidualStack:
 
     def to_frame(self) -> pd.DataFrame:
         """Long table: one row per (component, batch, pos) with the write's L2 norm."""
-        norms = self.tensor.detach().float().norm(dim=-1).cpu()
-        n_comp, n_batch, n_pos = norms.shape
-        return pd.DataFrame({
-            "component": [label for label in self.labels for _ in range(n_batch * n_pos)],
-            "batch": [b for _ in range(n_comp) for b in range(n_batch) for _ in range(n_pos)],
-            "pos": [p for _ in range(n_comp * n_batch) for p in range(n_pos)],
-            "norm": norms.reshape(-1).tolist(),
-        })  # fmt: skip
+        return per_position_frame("component", self.labels, norm=self.tensor.norm(dim=-1))
+
+
+def per_position_frame(axis: str, labels: list[str], **columns: Tensor) -> pd.DataFrame:
+    """Long table, one row per (``axis`` label, batch, pos), one column per ``[n, batch, pos]``.
+
+    Float columns are written as float32 values, integer ones (ranks) as ints.
+    """
+    first = next(iter(columns.values()))
+    n, n_batch, n_pos = first.shape
+    frame = pd.DataFrame({
+        axis: [label for label in labels for _ in range(n_batch * n_pos)],
+        "batch": [b for _ in range(n) for b in range(n_batch) for _ in range(n_pos)],
+        "pos": [p for _ in range(n * n_batch) for p in range(n_pos)],
+    })  # fmt: skip
+    for column, values in columns.items():
+        values = values.detach().cpu()
+        values = values.float() if values.is_floating_point() else values  # ranks stay ints
+        frame[column] = values.reshape(-1).tolist()
+    return frame

@@ -3,7 +3,9 @@
 Every error a caller can trigger with bad input is a subclass of both
 ``MitkError`` and the built-in type a Python user would expect (``ValueError``
 for bad values and shapes, ``KeyError`` for unknown names), so existing
-``except ValueError`` code keeps working.
+``except ValueError`` code keeps working. Shape mismatches are also
+``AssertionError``s, because TransformerLens asserts its shapes and code
+written against it catches (and its tests expect) ``AssertionError``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ class SequenceTooLongError(MitkError, ValueError):
     """The input is longer than the model's positional scheme supports."""
 
 
-class ShapeMismatchError(MitkError, ValueError):
-    """A tensor (an input, or a hook's replacement) has the wrong shape."""
+class ShapeMismatchError(MitkError, ValueError, AssertionError):
+    """A tensor (an input, or a hook's replacement) has the wrong shape.
+
+    Also an ``AssertionError``, which is what TransformerLens's shape checks raise.
+    """
 
 
 class HookError(MitkError, ValueError):

@@ -70,15 +70,29 @@ def test_factored_matrix_matches_transformer_lens_on_the_same_factors() -> None:
     ours, theirs = FactoredMatrix(A, B), TLFactoredMatrix(A, B)
     assert ours.shape == theirs.shape and ours.ndim == theirs.ndim
     assert (ours.ldim, ours.mdim, ours.rdim) == (theirs.ldim, theirs.mdim, theirs.rdim)
+    assert ours.has_leading_dims == theirs.has_leading_dims
+    assert all(a is b for a, b in zip(ours.pair, ours.pair, strict=True))
+    assert [t.shape for t in ours.pair] == [t.shape for t in theirs.pair]
     pairs = [
         (ours @ M, theirs @ M),
         (N @ ours, N @ theirs),
         (ours.T @ ours, theirs.T @ theirs),
         (ours[1], theirs[1]),
         (ours[1, 2, 3], theirs[1, 2, 3]),
+        (ours[[1, 0]], theirs[[1, 0]]),
+        (ours[:, torch.tensor([2, 0])], theirs[:, torch.tensor([2, 0])]),
+        (ours[0, 1, [0, 3], -1], theirs[0, 1, [0, 3], -1]),
+        (ours.unsqueeze(1), theirs.unsqueeze(1)),
+        (ours.make_even(), theirs.make_even()),
+        (ours * 2.5, theirs * 2.5),
     ]
     for mine, tls in pairs:
+        assert mine.shape == tls.shape and mine.mdim == tls.mdim
         torch.testing.assert_close(mine.AB, tls.AB, atol=1e-5, rtol=1e-5)
+    # a vector on either side gives a plain tensor in both
+    v, w = torch.randn(7, generator=gen), torch.randn(9, generator=gen)
+    torch.testing.assert_close(ours @ v, theirs @ v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w @ ours, w @ theirs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.norm(), theirs.norm(), atol=1e-5, rtol=1e-5)
     U, S, V = ours.svd()
     torch.testing.assert_close(S, theirs.S, atol=1e-5, rtol=1e-5)

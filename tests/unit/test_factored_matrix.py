@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import numpy as np
 import pytest
 import torch
 
-from mitk.errors import ShapeMismatchError
-from mitk.model.factored_matrix import FactoredMatrix
+from mitk.errors import MitkError, ShapeMismatchError
+from mitk.model.factored_matrix import BroadcastMismatchError, FactoredMatrix
 
 TOL = {"atol": 1e-9, "rtol": 1e-7}
 
@@ -39,6 +40,21 @@ def test_shape_attributes_follow_transformer_lens_names() -> None:
     assert fm.shape == torch.Size((2, 3, 5, 6))
     assert (fm.ldim, fm.mdim, fm.rdim, fm.ndim) == (5, 4, 6, 4)
     assert "FactoredMatrix" in repr(fm)
+    assert fm.has_leading_dims and not factored((), m=5, r=4, n=6).has_leading_dims
+    A, B = fm.pair
+    assert A is fm.A and B is fm.B
+
+
+def test_shape_errors_are_assertion_errors_as_in_transformer_lens() -> None:
+    """TransformerLens asserts shapes; code catching AssertionError keeps working, messages kept."""
+    assert issubclass(ShapeMismatchError, MitkError | ValueError)
+    assert issubclass(ShapeMismatchError, AssertionError)
+    with pytest.raises(AssertionError, match="square"):
+        _ = factored((), m=5, r=2, n=4).BA
+    # leading dims that do not broadcast: what torch (and TransformerLens) raise, a RuntimeError
+    with pytest.raises(RuntimeError, match="mismatch"):
+        FactoredMatrix(randn(9, 5, 3), randn(2, 4, 3, 7))
+    assert issubclass(BroadcastMismatchError, ShapeMismatchError)
 
 
 def test_ab_ba_and_transpose() -> None:
@@ -99,17 +115,39 @@ def test_matmul_of_two_factored_matrices_stays_factored_through_narrowest_dim(
     torch.testing.assert_close(out.AB, left.AB @ right.AB, **TOL)
 
 
-def test_matmul_refuses_vectors_scalars_and_mismatched_dims() -> None:
+@pytest.mark.parametrize("batch", [(), (2, 3)])
+def test_matmul_with_a_vector_gives_a_tensor_on_either_side(batch: tuple[int, ...]) -> None:
+    fm = factored(batch, m=5, r=2, n=4)
+    v, w = randn(4, seed=7), randn(5, seed=8)
+    out = fm @ v
+    assert isinstance(out, torch.Tensor) and out.shape == (*batch, 5)
+    torch.testing.assert_close(out, fm.AB @ v, **TOL)
+    left = w @ fm
+    assert isinstance(left, torch.Tensor) and left.shape == (*batch, 4)
+    torch.testing.assert_close(left, w @ fm.AB, **TOL)
+
+
+def test_matmul_refuses_scalars_mismatched_and_unbroadcastable_dims() -> None:
     fm = factored((), m=5, r=2, n=4)
-    with pytest.raises(ShapeMismatchError, match="v\\[:, None\\]"):
-        fm @ randn(4)
+    with pytest.raises(ShapeMismatchError, match="use \\*"):
+        fm @ torch.tensor(2.0, dtype=torch.float64)
+    with pytest.raises(ShapeMismatchError, match="inner dims"):
+        fm @ randn(5)
+    with pytest.raises(ShapeMismatchError, match="inner dims"):
+        randn(4) @ fm
     with pytest.raises(ShapeMismatchError, match="inner dims"):
         fm @ randn(5, 3)
     with pytest.raises(ShapeMismatchError, match="inner dims"):
         randn(3, 4) @ fm
     with pytest.raises(ShapeMismatchError, match="inner dims"):
         fm @ factored((), m=3, r=2, n=3)
-    torch.testing.assert_close((fm @ randn(4)[:, None]).AB[:, 0], fm.AB @ randn(4), **TOL)
+    batched = factored((2,), m=5, r=2, n=4)
+    with pytest.raises(BroadcastMismatchError, match="do not broadcast"):
+        batched @ factored((3,), m=4, r=2, n=3)
+    with pytest.raises(BroadcastMismatchError, match="do not broadcast"):
+        batched @ randn(3, 4, 2)
+    with pytest.raises(TypeError):  # not a tensor: NotImplemented from both sides
+        fm @ "matrix"  # type: ignore[operator]
 
 
 def test_scalar_multiplication_on_either_side() -> None:
@@ -129,7 +167,9 @@ def test_svd_reconstructs_and_matches_singular_values(m: int, r: int, n: int) ->
     k = min(m, r, n)
     assert U.shape == (2, 3, m, k) and S.shape == (2, 3, k) and V.shape == (2, 3, n, k)
     torch.testing.assert_close(U @ torch.diag_embed(S) @ V.mT, fm.AB, **TOL)
-    assert fm.U.shape == U.shape and torch.equal(fm.S, S) and torch.equal(fm.V, V) and torch.equal(fm.Vh, V)
+    assert fm.U.shape == U.shape and torch.equal(fm.S, S) and torch.equal(fm.V, V)
+    with pytest.warns(DeprecationWarning, match="use .V"):  # TransformerLens deprecates it too
+        assert torch.equal(fm.Vh, V)
     torch.testing.assert_close(S, torch.linalg.svdvals(fm.AB)[..., :k], **TOL)
     eye = torch.eye(k, dtype=torch.float64).expand(2, 3, k, k)
     torch.testing.assert_close(U.mT @ U, eye, **TOL)
@@ -142,6 +182,24 @@ def test_collapses_keep_the_gram_matrices() -> None:
     assert left.shape == (2, 3, 5) and right.shape == (2, 6, 3)
     torch.testing.assert_close(left.mT @ left, fm.AB.mT @ fm.AB, **TOL)
     torch.testing.assert_close(right @ right.mT, fm.AB @ fm.AB.mT, **TOL)
+
+
+def test_svd_is_computed_once_and_again_when_a_factor_is_replaced() -> None:
+    fm = factored((2,), m=6, r=3, n=5)
+    first = fm.svd()
+    assert all(a is b for a, b in zip(first, fm.svd(), strict=True))
+    fm.A = fm.A * 2
+    _, S, _ = fm.svd()
+    torch.testing.assert_close(S, 2 * first[1], **TOL)
+
+
+def test_make_even_splits_each_singular_value_between_the_factors() -> None:
+    fm = factored((2,), m=6, r=3, n=5)
+    even = fm.make_even()
+    torch.testing.assert_close(even.AB, fm.AB, **TOL)
+    root = torch.diag_embed(fm.S.sqrt())
+    torch.testing.assert_close(even.A.mT @ even.A, root @ root, **TOL)
+    torch.testing.assert_close(even.B @ even.B.mT, root @ root, **TOL)
 
 
 def test_norm_is_frobenius_of_the_product() -> None:
@@ -166,6 +224,20 @@ def test_half_precision_linear_algebra_runs_in_float32() -> None:
     torch.testing.assert_close(fm.norm().double(), exact.norm(), atol=1e-4, rtol=1e-4)
 
 
+def test_half_precision_eigenvalues_are_nearer_exact_than_a_16_bit_product() -> None:
+    """Factors upcast before BA is formed (TransformerLens forms BA in bfloat16, then upcasts)."""
+    for seed in range(20):
+        A, B = randn(10, 4, seed=seed).bfloat16(), randn(4, 10, seed=seed + 100).bfloat16()
+        exact = torch.linalg.eigvals(B.double() @ A.double())
+        ours = FactoredMatrix(A, B).eigenvalues.to(torch.complex128)
+        product_first = torch.linalg.eigvals((B @ A).float()).to(torch.complex128)
+
+        def error(eig: torch.Tensor, exact: torch.Tensor = exact) -> float:
+            return float((eig[:, None] - exact[None]).abs().min(1).values.max())
+
+        assert error(ours) <= error(product_first)
+
+
 # --- indexing and corners ----------------------------------------------------------------
 def test_indexing_leading_dims() -> None:
     fm = factored((3, 4), m=5, r=2, n=6)
@@ -186,17 +258,73 @@ def test_indexing_rows_and_columns_keeps_a_matrix() -> None:
     torch.testing.assert_close(fm[0, :, -1].AB, fm.AB[0, :, -1:], **TOL)
 
 
+@pytest.mark.parametrize(
+    "index",
+    [
+        [0, 2],  # a list of leading indices
+        (torch.tensor([2, 0]), 1),
+        torch.tensor([True, False, True]),  # a mask
+        (None, 1),  # a new leading dim
+        (..., 1, 2),  # ... stands for the leading dims: row 1, column 2
+        (1, ..., slice(1, 3)),  # columns 1:3
+        (np.int64(1), torch.tensor(2), slice(0, 2)),
+        (torch.tensor([[0, 1], [2, 0]]), slice(None), -1),  # a 2-D index on a leading dim
+    ],
+    ids=str,
+)
+def test_indexing_matches_the_dense_product(index: object) -> None:
+    fm = factored((3, 4), m=5, r=2, n=6)
+    # ints on the matrix's dims keep a length-1 dim (the result stays a matrix)
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(i is Ellipsis for i in items):
+        dense_index = [*items[:-2], *(_keep(i) for i in items[-2:])]
+    else:
+        lead = sum(0 if i is None else 1 for i in items)
+        dense_index = [*items, *([slice(None)] * (4 - lead))]
+        dense_index[-2:] = [_keep(i) for i in dense_index[-2:]]
+    out = fm[index]
+    assert isinstance(out, FactoredMatrix) and out.mdim == fm.mdim
+    torch.testing.assert_close(out.AB, fm.AB[tuple(dense_index)], **TOL)
+
+
+def _keep(i: object) -> object:
+    return slice(i, i + 1 if i != -1 else None) if isinstance(i, int) else i
+
+
+def test_index_rows_and_columns_by_lists_never_pair_with_leading_indices() -> None:
+    fm = factored((3,), m=5, r=2, n=6)
+    out = fm[[2, 0], [1, 3], [0, 5, 4]]
+    assert out.shape == (2, 2, 3)
+    torch.testing.assert_close(out.AB, fm.AB[[2, 0]][:, [1, 3]][:, :, [0, 5, 4]], **TOL)
+
+
 def test_bad_indices_raise() -> None:
     fm = factored((3,), m=5, r=2, n=6)
-    with pytest.raises(ShapeMismatchError, match="too long"):
+    with pytest.raises(ShapeMismatchError, match="too long an index"):
         fm[0, 1, 2, 3]
-    # the annotation already rules these out, so under runtime type checking a TypeError comes first
-    with pytest.raises((ShapeMismatchError, TypeError)):
-        fm[None]
-    with pytest.raises((ShapeMismatchError, TypeError)):
-        fm[..., 0]
-    with pytest.raises(ShapeMismatchError, match="int or slice"):
-        fm[0, torch.tensor([1, 2])]
+    with pytest.raises(IndexError, match="single ellipsis"):
+        fm[..., 0, ...]
+    with pytest.raises(ShapeMismatchError, match="None adds leading dims only"):
+        fm[0, 1, None, 2]
+    with pytest.raises(ShapeMismatchError, match="span"):
+        fm[torch.ones(3, 5, dtype=torch.bool)]
+    with pytest.raises(ShapeMismatchError, match="1-D"):
+        fm[0, torch.tensor([[1, 2]])]
+    with pytest.raises(ShapeMismatchError, match="bool"):
+        fm[True]
+    with pytest.raises(ShapeMismatchError, match="cannot index"):
+        fm["0"]
+
+
+def test_unsqueeze_adds_leading_dims_only() -> None:
+    fm = factored((3,), m=5, r=2, n=6)
+    assert fm.unsqueeze(0).shape == (1, 3, 5, 6) and fm.unsqueeze(1).shape == (3, 1, 5, 6)
+    assert fm.unsqueeze(-3).shape == (3, 1, 5, 6)
+    torch.testing.assert_close(fm.unsqueeze(0).AB, fm.AB.unsqueeze(0), **TOL)
+    with pytest.raises(ShapeMismatchError, match="before the last two"):
+        fm.unsqueeze(2)
+    with pytest.raises(ShapeMismatchError, match="before the last two"):
+        fm.unsqueeze(-1)
 
 
 def test_get_corner_is_the_top_left_block() -> None:

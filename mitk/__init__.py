@@ -41,6 +41,7 @@ _SUBMODULES = (
     "shapes",
     "sweeps",
     "train",
+    "utils",
     "viz",
 )
 

@@ -43,6 +43,7 @@ SUBPACKAGES = [
     "shapes",
     "sweeps",
     "train",
+    "utils",
     "viz",
 ]
 

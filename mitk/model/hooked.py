@@ -7,9 +7,9 @@ Subclasses (``HookedTransformer``, ``HookedEncoderDecoder``) supply ``hook_dict`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from torch import Tensor
@@ -17,7 +17,18 @@ from torch import Tensor
 from mitk.cache import ActivationCache
 from mitk.config import AttentionBackend
 from mitk.errors import HookError
-from mitk.hooks import BwdHookSpec, HookPoint, HookSpec, NameSelector, attached_hooks, resolve_names
+from mitk.hooks import (
+    BwdHookSpec,
+    HookDirection,
+    HookDirections,
+    HookPoint,
+    HookSpec,
+    NamePredicate,
+    NameSelector,
+    attached_hooks,
+    check_direction,
+    resolve_names,
+)
 
 
 class HookedModule:
@@ -44,10 +55,73 @@ class HookedModule:
         """
         return attached_hooks(self.hook_dict, fwd_hooks, bwd_hooks)
 
-    def reset_hooks(self) -> None:
-        """Detach every hook from every HookPoint (a safety net; contexts already clean up)."""
+    def add_hook(
+        self,
+        name: str | Iterable[str] | NamePredicate,
+        hook: Callable[..., Any],
+        dir: HookDirection = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        """Attach ``hook`` to the named HookPoints until removed, as TransformerLens's ``add_hook``.
+
+        ``name`` is a hook name, a list of names or a predicate on names; every
+        name is validated before anything is attached (an unknown one raises
+        ``UnknownHookError``, a predicate matching nothing ``HookError``).
+        ``dir="bwd"`` hooks get the gradient and may return a replacement, bare or
+        as ``(grad,)``. Unlike ``hooks(...)``, nothing removes these on its own:
+        ``reset_hooks()`` removes the temporary ones, ``is_permanent=True`` ones
+        stay until ``reset_hooks(including_permanent=True)``. ``prepend=True``
+        fires it before the hooks already there; ``level`` is a tag to filter on.
+        """
+        check_direction(dir)
+        if not callable(hook):
+            raise TypeError(f"hook for {name!r} is not callable: {hook!r}")
+        if name is None:
+            raise HookError("add_hook needs a hook name, a list of names or a predicate, not None")
+        for hook_name in resolve_names(name, self.hook_dict):
+            self.hook_dict[hook_name].add_hook(
+                hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend
+            )
+
+    def add_perma_hook(
+        self,
+        name: str | Iterable[str] | NamePredicate,
+        hook: Callable[..., Any],
+        dir: HookDirection = "fwd",
+    ) -> None:
+        """``add_hook(name, hook, dir, is_permanent=True)``: kept by ``reset_hooks()``."""
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def remove_all_hook_fns(
+        self,
+        direction: HookDirections = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """Detach hooks from every HookPoint: ``HookPoint.remove_hooks`` on each, same arguments."""
+        check_direction(direction, get_args(HookDirections))
         for point in self.hook_dict.values():
-            point.clear()
+            point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: HookDirections = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """Detach hooks, keeping permanent ones unless ``including_permanent=True``.
+
+        TransformerLens's meaning and defaults: ``reset_hooks()`` removes every
+        temporary hook (those added with ``add_hook`` and any a live ``hooks(...)``
+        context attached) and keeps ``add_perma_hook`` ones;
+        ``reset_hooks(including_permanent=True)`` detaches everything.
+        ``clear_contexts`` is accepted for TransformerLens's signature; mitk's
+        HookPoints keep no per-hook context, so there is nothing to clear.
+        """
+        self.remove_all_hook_fns(direction, including_permanent=including_permanent, level=level)
 
     @contextmanager
     def backend(self, name: AttentionBackend) -> Iterator[None]:

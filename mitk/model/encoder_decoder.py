@@ -22,12 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mitk.cache import StreamWrites
-from mitk.config import TORCH_DTYPES
 from mitk.errors import UnsupportedModelError
-from mitk.hooks import (
-    HookPoint,
-    collect_hook_points,
-)
 from mitk.model.embed import Embed, Unembed
 from mitk.model.encoder_decoder_config import EncoderDecoderConfig
 from mitk.model.hooked import HookedModule
@@ -59,13 +54,8 @@ class HookedEncoderDecoder(HookedModule, nn.Module):
         self.encoder = T5Stack(cfg, causal=False)
         self.decoder = T5Stack(cfg, causal=True)
         self.unembed = Unembed(block_cfg)
-        self.hook_dict: dict[str, HookPoint] = collect_hook_points(self)
-        self.attention_backend = cfg.attention_backend
-        self._path_record: dict[str, str] = {}
         self.tokenizer = tokenizer
-        if seed is not None:  # None: the caller loads weights next
-            self.init_weights(seed)
-        self.to(TORCH_DTYPES[cfg.dtype])
+        self._index_hooks_and_init(cfg.attention_backend, seed, cfg.dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

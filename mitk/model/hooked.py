@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mitk.cache import ActivationCache
-from mitk.config import AttentionBackend
+from mitk.config import TORCH_DTYPES, AttentionBackend
 from mitk.errors import HookError
 from mitk.hooks import (
     BwdHookSpec,
@@ -27,6 +27,7 @@ from mitk.hooks import (
     NameSelector,
     attached_hooks,
     check_direction,
+    collect_hook_points,
     resolve_names,
 )
 
@@ -39,9 +40,28 @@ class HookedModule:
     # the one report a forward leaves behind: attention module name -> path its last pass took
     _path_record: dict[str, str]
 
-    if TYPE_CHECKING:  # nn.Module's, which every subclass also inherits
+    if TYPE_CHECKING:  # nn.Module's, which every subclass also inherits, and each model's init
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+        def init_weights(self, seed: int = 0) -> None: ...
+
+    def _index_hooks_and_init(
+        self, backend: AttentionBackend, seed: int | None, dtype: str
+    ) -> None:
+        """The end of every hooked model's ``__init__``, once all its submodules exist.
+
+        Names every HookPoint (``hook_dict``), sets the attention backend and an
+        empty path report, initialises weights from ``seed`` (None: the caller
+        loads weights next, so the init work is skipped) and casts to ``dtype``.
+        """
+        module = cast(nn.Module, self)
+        self.hook_dict = collect_hook_points(module)
+        self.attention_backend = backend
+        self._path_record = {}
+        if seed is not None:
+            self.init_weights(seed)
+        module.to(TORCH_DTYPES[dtype])
 
     def hooks(
         self, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[BwdHookSpec] = ()

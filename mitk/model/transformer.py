@@ -11,11 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from mitk.cache import StreamWrites
-from mitk.config import DTYPE_NAMES, TORCH_DTYPES, TransformerConfig
+from mitk.config import DTYPE_NAMES, TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.hooks import (
     HookPoint,
-    collect_hook_points,
     layer_of,
 )
 from mitk.model import generation, processing
@@ -71,14 +70,9 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         # BERT's encoder output is the last block's (post-norm) output: no final norm, no hooks
         self.ln_final = make_norm(cfg) if cfg.final_norm else nn.Identity()
         self.unembed = Unembed(cfg)
-        self.hook_dict: dict[str, HookPoint] = collect_hook_points(self)
-        self.attention_backend = cfg.attention_backend
-        self._path_record: dict[str, str] = {}
         self.tokenizer = None
         self.set_tokenizer(tokenizer)
-        if seed is not None:  # None: the caller loads weights next, so skip the init work
-            self.init_weights(seed)
-        self.to(TORCH_DTYPES[cfg.dtype])
+        self._index_hooks_and_init(cfg.attention_backend, seed, cfg.dtype)
 
     # --- construction -----------------------------------------------------------------
     @torch.no_grad()

@@ -63,17 +63,20 @@ class HookedModule:
             self.init_weights(seed)
         module.to(TORCH_DTYPES[dtype])
 
+    @contextmanager
     def hooks(
         self, fwd_hooks: Sequence[HookSpec] = (), bwd_hooks: Sequence[BwdHookSpec] = ()
-    ) -> Any:
+    ) -> Iterator[Any]:
         """Context manager: hooks attached inside the block, removed on exit even on error.
 
         Each hook is ``(name_or_predicate, fn)``; ``fn(activation, hook)`` may
         return a replacement of the same shape. Backward hooks receive the
         gradient w.r.t. the activation; they stay attached to the graph built
         inside the block, so ``loss.backward()`` after the block still fires them.
+        ``with model.hooks(...) as m`` gives the model back, as in TransformerLens.
         """
-        return attached_hooks(self.hook_dict, fwd_hooks, bwd_hooks)
+        with attached_hooks(self.hook_dict, fwd_hooks, bwd_hooks):
+            yield self
 
     def add_hook(
         self,

@@ -102,7 +102,8 @@ def test_no_module_attribute_changes_in_the_encoder_decoder() -> None:
 
 def test_the_path_report_follows_the_last_forward(rotary: HookedTransformer) -> None:
     tokens = _tokens()
-    with rotary.hooks([("blocks.2.attn.hook_attn_scores", lambda s, h: None)]):
+    with rotary.hooks([("blocks.2.attn.hook_attn_scores", lambda s, h: None)]) as hooked:
+        assert hooked is rotary  # as TransformerLens's hooks() context gives the model back
         rotary(tokens)
     assert rotary.attention_paths() == [
         "sdpa", "sdpa", "eager: hooked blocks.2.attn.hook_attn_scores"

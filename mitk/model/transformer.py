@@ -383,23 +383,8 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             raise ValueError(f"{what}={layer} is outside [-{n}, {n}] for a {n}-layer model")
         return layer % n if layer < 0 else layer
 
-    def generate(
-        self, input: ModelInput, max_new_tokens: int = 20, **kwargs: Any
-    ) -> generation.GenerationResult:
-        """Extend each prompt by up to ``max_new_tokens`` tokens, with a key-value cache.
-
-        ``input``: token ids ``[batch, pos]`` (left-padded, with ``attention_mask``)
-        or text (left-padded for you). Keyword options:
-        ``temperature`` (0, the default, is greedy), ``top_k``, ``top_p``, ``seed``
-        (a private generator; None uses torch's global one), ``eos_token_id``
-        (int or ids; default the tokenizer's EOS, ``()`` never stops), ``pad_token_id``
-        (filler after a row's EOS), ``fwd_hooks``, ``use_past_kv``. Hooks active
-        while generating fire on the prompt and then on each new position alone
-        (``pos == 1``); ``use_past_kv=False`` reruns the whole sequence each step
-        instead. Returns a ``GenerationResult`` (``tokens``, ``new_tokens``,
-        ``attention_mask``, ``log_probs``, ``text``).
-        """
-        return generation.generate(self, input, max_new_tokens, **kwargs)
+    # the signature and docs live with the implementation (generation.py), one definition
+    generate = generation.generate
 
     def stream_writes(self) -> StreamWrites:
         """The residual stream's writes and output weights, for the cache and DLA."""

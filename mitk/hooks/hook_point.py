@@ -133,11 +133,16 @@ class HookPoint(nn.Module):
     ``fwd_fns`` / ``bwd_fns`` are the attached callables in firing order (what the
     ``hooks(...)`` context appends to); ``fwd_hooks`` / ``bwd_hooks`` list the same
     hooks as ``HookHandle`` objects, as TransformerLens's HookPoint does.
+
+    ``derived=True`` marks a point whose activation the forward builds only
+    when a hook is attached there (per-head results): ``run_with_cache()``
+    without a ``names_filter`` leaves it out, and the cache derives it on demand.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, derived: bool = False) -> None:
         super().__init__()
         self.name: str = ""
+        self.derived = derived
         self.fwd_fns: list[ForwardHookFn] = []
         self.bwd_fns: list[BackwardHookFn] = []
 

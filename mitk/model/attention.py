@@ -56,8 +56,12 @@ class Attention(nn.Module):
     ``hook_rot_q``/``hook_rot_k`` (same shapes, after rotation), and
     ``hook_attn_scores`` and ``hook_pattern`` ``[batch, head, query_pos,
     key_pos]`` (scores include any ALiBi bias and soft-capping and are masked
-    with -inf). Each forward records in its ``ForwardContext`` which path ran and
-    why; soft-capped layers (``cfg.attn_softcap``) run explicitly, ``"eager: soft-capping"``.
+    with -inf), and ``hook_result`` ``[batch, pos, head, d_model]``, each head's
+    write ``z @ W_O`` (without ``b_O``; heads plus ``b_O`` give the output),
+    computed only when a hook is attached to it (TransformerLens's
+    ``use_attn_result``, without the flag). Each forward records in its
+    ``ForwardContext`` which path ran and why; soft-capped layers
+    (``cfg.attn_softcap``) run explicitly, ``"eager: soft-capping"``.
 
     Positions (rotary angles, ALiBi distances) come from the mask, counted over
     real tokens, so left padding and past keys/values see absolute positions.
@@ -83,6 +87,8 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()
         self.hook_pattern = HookPoint()
         self.hook_z = HookPoint()
+        # n_heads times the output's size: built only for a hook that asks (derived)
+        self.hook_result = HookPoint(derived=True)
 
     # --- TransformerLens-shaped views into the packed weights -------------------------
     def _qkv_slice(self, which: int) -> tuple[int, int, int]:
@@ -188,6 +194,9 @@ class Attention(nn.Module):
             q = self.hook_rot_q(apply_rotary(q, angles, cfg.rotary_style))
             k = self.hook_rot_k(apply_rotary(k, angles, cfg.rotary_style))
         z = self.attend(q, k, v, ctx)
+        if self.hook_result.has_hooks:
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            return result.sum(2) + self.b_O
         return affine(z.reshape(batch, pos, -1), self.W_o_packed, self.b_o_param)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:

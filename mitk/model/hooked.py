@@ -208,8 +208,9 @@ class HookedModule:
         """Forward, storing activations; returns ``(output, ActivationCache)``.
 
         ``names_filter`` is a hook name, a list of names, a predicate on names,
-        or None for every hook the forward passes through. Activations are
-        detached (and moved to ``device`` if given). ``incl_bwd=True`` also
+        or None for every hook the forward passes through except derived ones
+        (``hook_result``: the cache builds those from ``hook_z`` when read).
+        Activations are detached (and moved to ``device`` if given). ``incl_bwd=True`` also
         backpropagates the (scalar) output and stores each gradient
         (``cache.grad(name)``). Other arguments go to ``forward``.
         """
@@ -218,6 +219,8 @@ class HookedModule:
             self._check_fire([(n, None) for n in names], kwargs)
         else:
             fire = self.hooks_that_fire(kwargs.get("start_at_layer"), kwargs.get("stop_at_layer"))
+            if names_filter is None:  # derived points cost more than their source: by request
+                fire = [n for n in fire if not self.hook_dict[n].derived]
             names = resolve_names(names_filter, {n: None for n in fire})
         out, acts, grads = self._record(lambda: self(*args, **kwargs), names, device, incl_bwd)
         cache = ActivationCache(acts, self, gradients=grads)  # type: ignore[arg-type]

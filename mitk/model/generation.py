@@ -1,4 +1,4 @@
-"""Autoregressive generation with a key-value cache: greedy or sampled, batched with left padding.
+"""Autoregressive generation with TransformerLens's arguments: greedy or sampled, batched, cached.
 
 The prompt runs once; each later step feeds only the newest token and attends
 to the keys and values the earlier steps left in a ``KVCache``. Positions (learned,
@@ -9,7 +9,7 @@ Hooks: generation runs inside whatever ``model.hooks(...)`` context is active (o
 ``fwd_hooks=``). With the cache, hooks fire once on the prompt (``pos`` = prompt
 length) and then once per new token with ``pos = 1`` (the new position only;
 ``key_pos`` in patterns grows). A hook that needs whole-sequence activations at
-every step should pass ``use_past_kv=False``: each step then reruns the full
+every step should pass ``use_past_kv_cache=False``: each step then reruns the full
 sequence (slower, same tokens).
 """
 
@@ -17,26 +17,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+import operator
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from mitk.errors import UnsupportedModelError
+from mitk.errors import MitkError, UnsupportedModelError
 from mitk.hooks import HookSpec
 from mitk.model.attention import Attention
 from mitk.model.inputs import check_length, checked_attention_mask, checked_tokens
 from mitk.model.kv_cache import KVCache
 from mitk.shapes import Bool, Float, Int
 
+RETURN_TYPES = ("input", "str", "tokens", "embeds", "result")
+
+
+class GenerationArgumentError(MitkError, ValueError):
+    """An argument of ``generate`` has the wrong type, is out of range, or contradicts another."""
+
 
 @dataclass
 class GenerationResult:
-    """What ``generate`` returns; ``tokens`` holds prompt and new tokens side by side.
+    """What ``generate(..., return_type="result")`` returns; ``tokens`` holds prompt and new tokens.
 
     ``attention_mask`` is 1 at real tokens: 0 at prompt padding and at the
-    ``pad_token_id`` filler written after a row's EOS. ``log_probs`` is each new
-    token's log-probability under the model itself (before temperature or
+    filler written after a row's EOS. ``log_probs`` is each new token's
+    log-probability under the model itself (before temperature, penalty or
     filtering), 0 at filler. ``text`` decodes each row's real tokens when a
     tokenizer is attached, else None.
     """
@@ -75,120 +83,284 @@ def sample(
     logits: Float[Tensor, "batch d_vocab"],
     temperature: float = 1.0,
     top_k: int | None = None,
-    top_p: float = 1.0,
+    top_p: float | None = None,
     generator: torch.Generator | None = None,
+    *,
+    freq_penalty: float = 0.0,
+    token_counts: Float[Tensor, "batch d_vocab"] | None = None,
 ) -> Int[Tensor, " batch"]:
-    """One token per row: argmax at ``temperature == 0``, else sampled after top-k then top-p.
+    """One token per row, as TransformerLens's ``sample_logits``; argmax at ``temperature == 0``.
 
-    Top-p keeps the smallest set of most likely tokens whose mass reaches
-    ``top_p`` (the most likely token always survives).
+    In TransformerLens's order: logits divided by ``temperature``; minus
+    ``freq_penalty`` times each token's count so far (``token_counts``); then
+    top-k (clamped to the vocabulary) or, only when ``top_k`` is None, top-p (the
+    most likely tokens up to and including the one whose mass first exceeds
+    ``top_p``; the most likely always survives). Drawn from ``generator``, or
+    torch's global generator when None (the same draw TransformerLens makes).
     """
     if temperature == 0:
         return logits.argmax(-1)
     scores = logits.float() / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+    if freq_penalty > 0 and token_counts is not None:
+        scores = scores - freq_penalty * token_counts
+    if top_k is not None:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
+    elif top_p is not None:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        mass = sorted_scores.softmax(-1).cumsum(-1)
+        mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)
+        drop = torch.zeros_like(mass, dtype=torch.bool).scatter(-1, order, mass_before > top_p)
         scores = scores.masked_fill(drop, float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+    probs = torch.distributions.Categorical(logits=scores).probs
+    return torch.multinomial(probs, 1, replacement=True, generator=generator)[:, 0]
 
 
 def generate(
     model: Any,  # a HookedTransformer
-    input: Tensor | str | list[str],
-    max_new_tokens: int = 20,
+    input: Tensor | str | list[str] = "",
+    max_new_tokens: int = 10,
+    stop_at_eos: bool = True,
+    eos_token_id: int | Sequence[int] | None = None,
+    do_sample: bool = True,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    freq_penalty: float = 0.0,
+    use_past_kv_cache: bool = True,
+    prepend_bos: bool | None = None,
+    padding_side: str | None = None,
+    return_type: str = "input",
+    verbose: bool = True,
     *,
     attention_mask: Tensor | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
     seed: int | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
-    use_past_kv: bool = True,
     fwd_hooks: Sequence[HookSpec] = (),
-) -> GenerationResult:
-    """Extend each prompt by up to ``max_new_tokens`` tokens; see ``HookedTransformer.generate``."""
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    if isinstance(input, str | list):
-        if attention_mask is not None:
-            raise ValueError("pass either text (the mask is built for you) or an attention_mask")
-        input, attention_mask = model.tokenize(input, padding_side="left")
-    device = model.W_E.device
-    tokens = checked_tokens(input, model.cfg).to(device)
-    key_valid = checked_attention_mask(attention_mask, (tokens.shape[0], tokens.shape[1]))
-    if key_valid is not None:
-        key_valid = key_valid.to(device)
-        if not bool(key_valid[:, -1].all()):
-            raise ValueError("generate needs left padding: every row's last token must be real")
+) -> str | list[str] | Tensor | GenerationResult:
+    """Extend each prompt by up to ``max_new_tokens`` tokens, with TransformerLens's arguments.
+
+    - ``input``: a string, a list of strings (left-padded, whatever
+      ``padding_side`` says, so every row ends on a real token), or token ids
+      ``[batch, pos]`` / ``[pos]``. ``prepend_bos`` / ``padding_side`` apply to
+      text (None: ``cfg.default_prepend_bos``, the tokenizer's side).
+    - ``stop_at_eos``: a row ends at its first token in ``eos_token_id`` (an id
+      or a list; None: the tokenizer's EOS, an error if there is none); later
+      positions get filler (``eos_token_id``, or with a list the tokenizer's EOS,
+      else its first id, as TransformerLens pads; ``pad_token_id`` overrides),
+      and generation stops once every row has ended.
+    - ``do_sample=False`` (or ``temperature=0``) is greedy; otherwise as
+      TransformerLens's ``sample_logits`` (see ``sample``): ``temperature``,
+      ``freq_penalty`` (>= 0; counts each row's real tokens so far, prompt
+      padding excluded), then ``top_k``, or ``top_p`` when ``top_k`` is None.
+      Draws use torch's global generator, or a private one seeded with ``seed``.
+    - ``return_type``: ``"input"`` (text for text, tokens for tokens), ``"str"``
+      (decoded without special tokens; one row gives a ``str``, more a list),
+      ``"tokens"`` ``[batch, prompt + new]``, ``"embeds"`` (their token embeddings,
+      ``[batch, prompt + new, d_model]``) or ``"result"``, a ``GenerationResult``
+      with the mask, per-token log-probs and each row's text.
+    - ``verbose``: a progress bar over the steps. ``use_past_kv_cache=False``
+      reruns the whole sequence each step (for hooks that need all of it).
+    - mitk's extras: ``attention_mask`` for token input (left padding only; mitk
+      never guesses padding from token ids), ``seed``, ``pad_token_id``, ``fwd_hooks``.
+
+    Bad arguments raise ``GenerationArgumentError`` (a ``ValueError``).
+    """
+    _check_arguments(
+        max_new_tokens, temperature, top_k, top_p, freq_penalty, return_type, padding_side, seed
+    )
+    tokens, key_valid, from_text = _prompt(model, input, attention_mask, prepend_bos, padding_side)
+    wanted = ("str" if from_text else "tokens") if return_type == "input" else return_type
+    if wanted == "str":
+        model._require_tokenizer()  # fail before generating, not after
     check_length(tokens.shape[1] + max_new_tokens, model.cfg)  # learned positions run out
-    if use_past_kv and not all(isinstance(b.attn, Attention) for b in model.blocks):
+    if use_past_kv_cache and not all(isinstance(b.attn, Attention) for b in model.blocks):
         raise UnsupportedModelError(
-            "this model's attention has no key-value cache support; pass use_past_kv=False"
+            "this model's attention has no key-value cache support; pass use_past_kv_cache=False"
         )
-    stops = _eos_ids(model, eos_token_id, device)
-    pad = pad_token_id if pad_token_id is not None else _default_pad(model, stops)
+    device = tokens.device
+    stops, filler = _stopping(model, stop_at_eos, eos_token_id, pad_token_id)
+    stops = stops.to(device)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     batch, prompt_len = tokens.shape
     real = torch.ones_like(tokens) if key_valid is None else key_valid.long()
+    counts = None
+    if do_sample and freq_penalty > 0:
+        counts = torch.zeros(batch, model.cfg.d_vocab, device=device)
+        counts.scatter_add_(1, tokens, real.float())
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     log_probs: list[Tensor] = []
-    cache = KVCache(model.cfg.n_layers)
+    cache = KVCache(model.cfg.n_layers, batch)
     with torch.no_grad(), model.hooks(fwd_hooks):
-        for _ in range(max_new_tokens):
-            if use_past_kv:
+        for _ in tqdm(range(max_new_tokens), disable=not verbose):
+            if use_past_kv_cache:
                 fresh = tokens if cache.length == 0 else tokens[:, -1:]
                 logits = step(model, fresh, key_valid, cache)
             else:
                 logits = model(tokens, attention_mask=key_valid, logit_positions=-1)[:, -1]
-            chosen = sample(logits, temperature, top_k, top_p, generator)
+            if do_sample:
+                chosen = sample(logits, temperature, top_k, top_p, generator,
+                                freq_penalty=freq_penalty, token_counts=counts)  # fmt: skip
+            else:
+                chosen = logits.argmax(-1)
             # finished rows get filler; their mask stays 1 so every row's keys look alike
-            chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
+            chosen = torch.where(done, torch.full_like(chosen, filler), chosen)
             picked = logits.float().log_softmax(-1).gather(-1, chosen[:, None])[:, 0]
             log_probs.append(picked.masked_fill(done, 0.0))
             real = torch.cat([real, (~done).long()[:, None]], dim=1)
             tokens = torch.cat([tokens, chosen[:, None]], dim=1)
             if key_valid is not None:
                 key_valid = torch.cat([key_valid, key_valid.new_ones(batch, 1)], dim=1)
+            if counts is not None:
+                counts.scatter_add_(1, chosen[:, None], (~done).float()[:, None])
             done = done | torch.isin(chosen, stops)
             if bool(done.all()):
                 break
-    text = None
-    if model.tokenizer is not None:
-        text = [model.to_string(row[keep.bool()]) for row, keep in zip(tokens, real, strict=True)]
-    return GenerationResult(tokens, real, prompt_len, torch.stack(log_probs, dim=1), text)
+        text = None
+        if model.tokenizer is not None:
+            rows = zip(tokens, real, strict=True)
+            text = [model.to_string(row[keep.bool()]) for row, keep in rows]
+        result = GenerationResult(tokens, real, prompt_len, torch.stack(log_probs, dim=1), text)
+        return _as_requested(model, result, wanted)
 
 
-def _check_sampling(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float
+def _check_arguments(
+    max_new_tokens: object,
+    temperature: object,
+    top_k: object,
+    top_p: object,
+    freq_penalty: object,
+    return_type: object,
+    padding_side: object,
+    seed: object,
 ) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be at least 1 (or None for no limit), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    """Refuse what TransformerLens would assert on, or silently ignore, with a clear message."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:  # type: ignore[operator]
+        raise GenerationArgumentError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not _is_real(temperature) or not temperature >= 0:  # type: ignore[operator]
+        raise GenerationArgumentError(
+            f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}"
+        )
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):  # type: ignore[operator]
+        raise GenerationArgumentError(
+            f"top_k must be an int >= 1 (or None for no limit), got {top_k!r}"
+        )
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):  # type: ignore[operator]
+        raise GenerationArgumentError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+    if not _is_real(freq_penalty) or not freq_penalty >= 0:  # type: ignore[operator]
+        raise GenerationArgumentError(
+            f"freq_penalty must be a number >= 0 (TransformerLens ignores negative ones), "
+            f"got {freq_penalty!r}"
+        )
+    if return_type not in RETURN_TYPES:
+        raise GenerationArgumentError(
+            f"return_type must be one of {', '.join(map(repr, RETURN_TYPES))}, got {return_type!r}"
+        )
+    if padding_side not in (None, "left", "right"):
+        raise GenerationArgumentError(
+            f"padding_side must be 'left', 'right' or None, got {padding_side!r}"
+        )
+    if seed is not None and not _is_int(seed):
+        raise GenerationArgumentError(f"seed must be an int or None, got {seed!r}")
 
 
-def _eos_ids(model: Any, eos_token_id: int | Sequence[int] | None, device: Any) -> Tensor:
-    """Token ids that end a row: the given ones, else the tokenizer's EOS, else none."""
-    if eos_token_id is None:
-        tok = model.tokenizer
-        eos_token_id = [] if tok is None or tok.eos_token_id is None else tok.eos_token_id
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, dtype=torch.long, device=device)
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _default_pad(model: Any, stops: Tensor) -> int:
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _prompt(
+    model: Any,
+    input: object,
+    attention_mask: Tensor | None,
+    prepend_bos: bool | None,
+    padding_side: str | None,
+) -> tuple[Tensor, Tensor | None, bool]:
+    """Token ids on the model's device, the real-token mask (None: no padding), and if text came."""
+    device = model.W_E.device
+    from_text = isinstance(input, str | list)
+    if from_text:
+        if attention_mask is not None:
+            raise GenerationArgumentError(
+                "pass either text (the mask is built for you) or tokens with an attention_mask"
+            )
+        if isinstance(input, list) and not (input and all(isinstance(t, str) for t in input)):
+            raise GenerationArgumentError("a list input must be a non-empty list of strings")
+        # a batch is padded on the left whatever padding_side says: every row must end on a
+        # real token for its next-token logits to be read at the last position
+        side = "left" if isinstance(input, list) and len(input) > 1 else padding_side
+        input, attention_mask = model.tokenize(input, prepend_bos=prepend_bos, padding_side=side)
+    elif isinstance(input, Tensor) and input.is_floating_point():
+        raise GenerationArgumentError(
+            "generate takes text or token ids; it does not start from input embeddings"
+        )
+    tokens = checked_tokens(input, model.cfg).to(device)
+    key_valid = checked_attention_mask(attention_mask, (tokens.shape[0], tokens.shape[1]))
+    if key_valid is not None:
+        key_valid = key_valid.to(device)
+        if not bool(key_valid[:, -1].all()):
+            raise GenerationArgumentError(
+                "generate needs left padding: every row's last token must be real"
+            )
+    return tokens, key_valid, from_text
+
+
+def _stopping(
+    model: Any, stop_at_eos: bool, eos_token_id: object, pad_token_id: object
+) -> tuple[Int[Tensor, " n_stop"], int]:
+    """Token ids that end a row, and the filler written after a row has ended."""
     tok = model.tokenizer
-    if tok is not None and tok.pad_token_id is not None:
-        return int(tok.pad_token_id)
-    return int(stops[0]) if stops.numel() else 0
+    tok_eos = None if tok is None else tok.eos_token_id
+    ids: list[int] = []
+    filler = 0
+    if stop_at_eos:
+        if eos_token_id is None:
+            if tok_eos is None:
+                raise GenerationArgumentError(
+                    "stop_at_eos=True needs an eos_token_id, and this model's tokenizer has none: "
+                    "pass eos_token_id=..., or stop_at_eos=False"
+                )
+            eos_token_id = tok_eos
+        if isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, str):
+            ids = [_token_id(model, e, "eos_token_id") for e in eos_token_id]
+            filler = tok_eos if tok_eos is not None else (ids[0] if ids else 0)
+        else:
+            ids = [_token_id(model, eos_token_id, "eos_token_id")]
+            filler = ids[0]
+    if pad_token_id is not None:
+        filler = _token_id(model, pad_token_id, "pad_token_id")
+    return torch.tensor(ids, dtype=torch.long), filler
+
+
+def _token_id(model: Any, value: object, what: str) -> int:
+    """``value`` as a token id of this model's vocabulary, or a clear error."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        index = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise GenerationArgumentError(f"{what} must hold token ids (ints), got {value!r}") from None
+    if not 0 <= index < model.cfg.d_vocab:
+        raise GenerationArgumentError(
+            f"{what} {index} is outside the vocabulary [0, {model.cfg.d_vocab})"
+        )
+    return index
+
+
+def _as_requested(
+    model: Any, result: GenerationResult, return_type: str
+) -> str | list[str] | Tensor | GenerationResult:
+    """The output in the form ``return_type`` names (``"input"`` already resolved)."""
+    if return_type == "result":
+        return result
+    if return_type == "tokens":
+        return result.tokens
+    if return_type == "embeds":
+        embeds: Tensor = model.embed(result.tokens)
+        return embeds
+    tok = model._require_tokenizer()
+    texts = [tok.decode(row.tolist(), skip_special_tokens=True) for row in result.tokens]
+    return texts[0] if len(texts) == 1 else texts

@@ -65,7 +65,9 @@ def _entry_points(model: HookedTransformer) -> dict[str, Callable[[], object]]:
         "run_with_cache": lambda: model.run_with_cache(tokens),
         "cache_with_grads": lambda: model.run_with_cache(tokens, return_type="loss", incl_bwd=True),
         "generate": lambda: model.generate(tokens, 3, attention_mask=mask, eos_token_id=()),
-        "generate_no_cache": lambda: model.generate(tokens, 2, use_past_kv=False),
+        "generate_no_cache": lambda: model.generate(
+            tokens, 2, stop_at_eos=False, use_past_kv_cache=False
+        ),
         "activation_patch": lambda: activation_patch(model, tokens, corrupted, metric, "z", "pos"),
         "path_patch": lambda: path_patch(model, tokens, corrupted, metric, [(0, 1)], "logits"),
         "partial": lambda: model(model(tokens, stop_at_layer=1), start_at_layer=1),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
 import json
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from typing_extensions import Self
@@ -61,8 +61,12 @@ class JsonConfig:
     """Mixin for frozen, validated dataclass configs: dict/JSON round-trip and ``replace``.
 
     ``from_dict`` refuses unknown and missing required keys with ``ConfigError``,
-    so a typo in a JSON file is reported instead of silently dropped.
+    so a typo in a JSON file is reported instead of silently dropped. Fields in
+    ``PLACEMENT_FIELDS`` describe where an object lives now, not what it is: they
+    take no part in ``==`` and ``to_json`` leaves them out.
     """
+
+    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def replace(self, **changes: Any) -> Self:
         """A copy with some fields changed, validated again."""
@@ -73,8 +77,9 @@ class JsonConfig:
         return asdict(self)  # type: ignore[call-overload]
 
     def to_json(self) -> str:
-        """Indented JSON; ``from_json(cfg.to_json()) == cfg``."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """Indented JSON without placement fields; ``from_json(cfg.to_json()) == cfg``."""
+        data = {k: v for k, v in self.to_dict().items() if k not in self.PLACEMENT_FIELDS}
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
@@ -219,6 +224,12 @@ class TransformerConfig(JsonConfig):
     """Attention scores become ``cap * tanh(scores / cap)`` (Gemma-2); 0: no soft-capping."""
     output_softcap: float = 0.0
     """Logits become ``cap * tanh(logits / cap)`` (Gemma-2); 0: no soft-capping."""
+    device: str = field(default="cpu", compare=False)
+    """Where the weights live (``"cpu"``, ``"cuda:0"``): a model is built there and keeps
+    this up to date through ``model.to(...)``. Not part of ``==`` or of the saved JSON, so
+    a model saved on a GPU loads on the CPU (``from_pretrained(..., device=)`` moves it)."""
+
+    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ("device",)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: fill the derived defaults once, here
@@ -234,6 +245,10 @@ class TransformerConfig(JsonConfig):
             set_(self, "attn_scale", self.d_head**-0.5)
         if self.v_head_dim == -1:
             set_(self, "v_head_dim", self.d_head)
+        try:  # TransformerLens passes torch.device objects or "cuda"; keep torch's spelling
+            set_(self, "device", str(torch.device(self.device)))
+        except (RuntimeError, TypeError) as err:
+            raise ConfigError(f"device must name a torch device, got {self.device!r}") from err
         self._validate()
 
     def _validate(self) -> None:

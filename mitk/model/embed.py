@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mitk.config import TransformerConfig
+from mitk.hooks import HookPoint
 from mitk.model.linear import affine
 from mitk.model.softcap import soft_cap
 from mitk.shapes import Float, Int
@@ -109,6 +110,11 @@ class Unembed(nn.Module):
 
     With ``cfg.output_softcap`` (Gemma-2) the logits are ``cap * tanh((x W_U + b_U) / cap)``:
     direct logit attribution is then exact for the pre-cap logits only.
+
+    Hooks, as TransformerLens's: ``hook_in`` ``[batch, pos, d_model]`` (the final
+    norm's output) and ``hook_out`` ``[batch, pos, d_vocab]`` (the logits before
+    any soft-capping). ``forward`` unembeds in chunks for ``return_type="loss"``
+    unless one of them is hooked, so each fires once, on every position.
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
@@ -116,7 +122,14 @@ class Unembed(nn.Module):
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab)) if cfg.unembed_bias else None
         self.softcap = cfg.output_softcap
+        self.hook_in = HookPoint()
+        self.hook_out = HookPoint()
+
+    @property
+    def hooked(self) -> bool:
+        """Whether a hook is attached to ``hook_in`` or ``hook_out``."""
+        return bool(self.hook_in.has_hooks or self.hook_out.has_hooks)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        logits = affine(x, self.W_U, self.b_U)
+        logits = self.hook_out(affine(self.hook_in(x), self.W_U, self.b_U))
         return soft_cap(logits, self.softcap) if self.softcap else logits

@@ -166,22 +166,28 @@ class HookedModule:
         self._path_record.update(paths)
 
     def hooks_that_fire(
-        self, start_at_layer: int | None = None, stop_at_layer: int | None = None
+        self,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        return_type: str | None = "logits",
     ) -> list[str]:
         """Hook names a forward passes through (every hook, unless a subclass runs part)."""
         return list(self.hook_dict)
 
     def _check_fire(self, specs: Sequence[tuple[Any, Any]], kwargs: dict[str, Any]) -> None:
-        """Refuse a named hook that a forward with these layer bounds would never reach."""
+        """Refuse a named hook that a forward with these arguments would never reach.
+
+        The layer bounds and ``return_type`` (``"hidden"`` or None never unembed)
+        are read from ``kwargs``, the keywords passed on to ``forward``.
+        """
         start, stop = kwargs.get("start_at_layer"), kwargs.get("stop_at_layer")
-        if start is None and stop is None:
-            return
-        fire = set(self.hooks_that_fire(start, stop))
+        return_type = kwargs.get("return_type", "logits")
+        fire = set(self.hooks_that_fire(start, stop, return_type))
         for selector, _ in specs:
             if isinstance(selector, str) and selector in self.hook_dict and selector not in fire:
                 raise HookError(
                     f"hook {selector!r} would never fire with start_at_layer={start}, "
-                    f"stop_at_layer={stop}"
+                    f"stop_at_layer={stop}, return_type={return_type!r}"
                 )
 
     def run_with_hooks(
@@ -190,8 +196,13 @@ class HookedModule:
         fwd_hooks: Sequence[HookSpec] = (),
         bwd_hooks: Sequence[BwdHookSpec] = (),
         **kwargs: Any,
-    ) -> Tensor:
-        """One forward with temporary hooks (see ``hooks``); other arguments go to ``forward``."""
+    ) -> Any:
+        """One forward with temporary hooks (see ``hooks``); returns what ``forward`` returns.
+
+        Other arguments (``return_type``, ``prepend_bos``, ``padding_side``,
+        ``start_at_layer``, ...) go to ``forward``; a named hook the forward would
+        never reach with them raises ``HookError``.
+        """
         self._check_fire([*fwd_hooks, *bwd_hooks], kwargs)
         with self.hooks(fwd_hooks, bwd_hooks):
             return self(*args, **kwargs)
@@ -204,8 +215,8 @@ class HookedModule:
         incl_bwd: bool = False,
         remove_batch_dim: bool = False,
         **kwargs: Any,
-    ) -> tuple[Tensor, ActivationCache]:
-        """Forward, storing activations; returns ``(output, ActivationCache)``.
+    ) -> tuple[Any, ActivationCache]:
+        """Forward, storing activations; returns ``(forward's output, ActivationCache)``.
 
         ``names_filter`` is a hook name, a list of names, a predicate on names,
         or None for every hook the forward passes through except derived ones
@@ -218,7 +229,11 @@ class HookedModule:
             names = resolve_names(names_filter, self.hook_dict)
             self._check_fire([(n, None) for n in names], kwargs)
         else:
-            fire = self.hooks_that_fire(kwargs.get("start_at_layer"), kwargs.get("stop_at_layer"))
+            fire = self.hooks_that_fire(
+                kwargs.get("start_at_layer"),
+                kwargs.get("stop_at_layer"),
+                kwargs.get("return_type", "logits"),
+            )
             if names_filter is None:  # derived points cost more than their source: by request
                 fire = [n for n in fire if not self.hook_dict[n].derived]
             names = resolve_names(names_filter, {n: None for n in fire})
@@ -228,11 +243,11 @@ class HookedModule:
 
     def _record(
         self,
-        run: Callable[[], Tensor],
+        run: Callable[[], Any],
         names: Sequence[str],
         device: str | torch.device | None,
         incl_bwd: bool,
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    ) -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
         """``run()`` with each named activation (and, with ``incl_bwd``, gradient) kept, detached.
 
         ``incl_bwd`` backpropagates the output, which must then be a scalar.
@@ -251,7 +266,7 @@ class HookedModule:
         with self.hooks([(n, keep(acts)) for n in names], bwd):
             out = run()
             if incl_bwd:
-                if out.numel() != 1:
+                if not isinstance(out, Tensor) or out.numel() != 1:
                     raise ValueError("incl_bwd=True needs a scalar output, e.g. return_type='loss'")
                 out.backward()
         return out, acts, grads

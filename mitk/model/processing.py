@@ -1,6 +1,6 @@
 """Weight processing: rewrite weights so hook values read more cleanly, outputs unchanged.
 
-Four opt-in transformations, each exact up to float rounding (log-probs within
+Five opt-in transformations, each exact up to float rounding (log-probs within
 1e-4 of the unprocessed model) and each idempotent, so applying one twice is
 harmless. They follow TransformerLens's definitions, with one difference: a
 transformation that is not valid for a model is refused (``UnsupportedModelError``)
@@ -21,11 +21,18 @@ import torch
 from torch import Tensor, nn
 
 from mitk.errors import UnsupportedModelError
+from mitk.model.factored_matrix import FactoredMatrix
 from mitk.model.norms import LayerNorm, RMSNorm
 from mitk.shapes import Float
 
-STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
-"""Transformation names, in the order ``process_weights`` applies them."""
+STEPS = (
+    "fold_ln",
+    "center_writing_weights",
+    "center_unembed",
+    "fold_value_biases",
+    "refactor_factored_attn_matrices",
+)
+"""Transformation names, in the order ``process_weights`` applies them (TransformerLens's)."""
 
 
 def process_weights(
@@ -35,6 +42,7 @@ def process_weights(
     center_writing_weights: bool = False,
     center_unembed: bool = False,
     fold_value_biases: bool = False,
+    refactor_factored_attn_matrices: bool = False,
 ) -> Any:
     """Apply the chosen transformations to ``model`` in place and return it.
 
@@ -43,7 +51,13 @@ def process_weights(
     a refusal leaves the model untouched. The steps applied so far are recorded
     in ``model.cfg.extra["processing"]`` (saved with the model).
     """
-    flags = (fold_ln, center_writing_weights, center_unembed, fold_value_biases)
+    flags = (
+        fold_ln,
+        center_writing_weights,
+        center_unembed,
+        fold_value_biases,
+        refactor_factored_attn_matrices,
+    )
     asked = dict(zip(STEPS, flags, strict=True))
     if not any(flags):
         return model  # nothing asked: not even the record changes
@@ -63,6 +77,8 @@ def process_weights(
         )
     if fold_ln:
         _norm_readers(model)  # refuses norms it cannot fold before anything changes
+    if refactor_factored_attn_matrices:
+        _check_refactor_applies(model)
     cfg_changes: dict[str, bool] = {}
     with torch.no_grad():
         if fold_ln:
@@ -73,6 +89,8 @@ def process_weights(
             center_unembedding(model)
         if fold_value_biases:
             fold_value_biases_into_output(model, cfg_changes)
+        if refactor_factored_attn_matrices:
+            refactor_attention(model, cfg_changes)
     done = model.cfg.extra.get("processing", [])
     applied = [s for s in STEPS if s in done or asked[s]]
     _replace_cfg(model, extra={**model.cfg.extra, "processing": applied}, **cfg_changes)
@@ -228,6 +246,72 @@ def _per_query_head(
     kv_bias: Float[Tensor, "kv_head d_head"], group: int
 ) -> Float[Tensor, "head d_head"]:
     return kv_bias.repeat_interleave(group, dim=0)
+
+
+# --- refactor_factored_attn_matrices ------------------------------------------------------
+def _check_refactor_applies(model: Any) -> None:
+    cfg = model.cfg
+    if cfg.positional == "rotary":
+        # as TransformerLens refuses: rotation makes the QK matrix depend on both positions
+        raise UnsupportedModelError(
+            "refactor_factored_attn_matrices cannot refactor the QK circuit with rotary "
+            "positions: the query-key bilinear form depends on the positions of both"
+        )
+    if cfg.n_key_value_heads != cfg.n_heads:
+        raise UnsupportedModelError(
+            "refactor_factored_attn_matrices needs one key/value head per query head; "
+            f"this model shares {cfg.n_key_value_heads} key/value heads among {cfg.n_heads}"
+        )
+
+
+def refactor_attention(model: Any, cfg_changes: dict[str, bool]) -> None:
+    """Rewrite each head's factors as TransformerLens's ``refactor_factored_attn_matrices``.
+
+    QK: ``[W_Q; b_Q]`` and ``[W_K; b_K]`` (the bias as an extra input row
+    that is always 1) become the balanced factors ``U √S`` and ``V √S`` of the
+    SVD of ``[W_Q; b_Q] [W_K; b_K]ᵀ``, so every query-key score is unchanged.
+    OV: the value bias moves into ``b_O`` (as ``fold_value_biases``), then
+    ``W_V = U S`` and ``W_O = Vᵀ`` from the SVD of ``W_V W_O``: ``W_O`` has
+    orthonormal rows. Each singular direction is signed so that the
+    largest-magnitude entry of its ``W_Q`` (``W_V``) column is positive, which
+    makes the result independent of the SVD routine and the step idempotent.
+    """
+    fold_value_biases_into_output(model, cfg_changes)
+    for block in model.blocks:
+        attn = block.attn
+        has_bias = attn.b_qkv is not None
+        w_q, w_k = _exact(attn.W_Q), _exact(attn.W_K)
+        if has_bias:  # [head, d_model + 1, d_head]: the bias is the weight of a constant 1
+            w_q = torch.cat([w_q, _exact(attn.b_Q)[:, None]], dim=1)
+            w_k = torch.cat([w_k, _exact(attn.b_K)[:, None]], dim=1)
+        w_q, w_k_t = _signed(*FactoredMatrix(w_q, w_k.mT).make_even().pair)
+        w_k = w_k_t.mT
+        attn.W_Q.copy_(w_q[:, : model.cfg.d_model])
+        attn.W_K.copy_(w_k[:, : model.cfg.d_model])
+        if has_bias:
+            attn.b_Q.copy_(w_q[:, -1])
+            attn.b_K.copy_(w_k[:, -1])
+        u, s, v = FactoredMatrix(_exact(attn.W_V), _exact(attn.W_O)).svd()
+        w_v, w_o = _signed(u * s[..., None, :], v.mT)
+        attn.W_V.copy_(w_v)
+        attn.W_O.copy_(w_o)
+
+
+def _exact(param: Tensor) -> Tensor:
+    # singular vectors move by rounding error / singular-value gap: float64 keeps them put
+    return param.detach().double()
+
+
+def _signed(
+    left: Float[Tensor, "head d_in k"], right: Float[Tensor, "head k d_out"]
+) -> tuple[Float[Tensor, "head d_in k"], Float[Tensor, "head k d_out"]]:
+    """Flip paired columns of ``left`` and rows of ``right``: each column's largest entry > 0.
+
+    The product ``left @ right`` is unchanged.
+    """
+    biggest = left.abs().argmax(dim=-2, keepdim=True)  # [head, 1, k]
+    sign = torch.where(left.gather(-2, biggest) < 0, -1.0, 1.0).to(left.dtype)
+    return left * sign, right * sign.mT
 
 
 # --- shared -------------------------------------------------------------------------------

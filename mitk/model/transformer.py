@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mitk.cache import StreamWrites
 from mitk.config import DTYPE_NAMES, TransformerConfig
-from mitk.errors import UnsupportedModelError
+from mitk.errors import InvalidTokensError, UnsupportedModelError
 from mitk.hooks import (
     HookPoint,
     layer_of,
@@ -30,7 +30,7 @@ from mitk.model.inputs import (
     checked_tokens,
 )
 from mitk.model.kv_cache import KVCache
-from mitk.model.loss import next_token_loss
+from mitk.model.loss import loss_from_logits, next_token_loss, next_token_losses
 from mitk.model.masks import AttentionMask
 from mitk.model.norms import make_norm
 from mitk.model.stream import decoder_stream_writes
@@ -38,8 +38,19 @@ from mitk.model.tokenization import TextInterface
 from mitk.model.weights import WeightViews
 from mitk.shapes import Bool, Float, Int
 
-ReturnType = Literal["logits", "hidden", "loss"]
+ReturnType = Literal["logits", "hidden", "loss", "both"]
 ModelInput = Tensor | str | list[str]
+
+
+class LogitsAndLoss(NamedTuple):
+    """``return_type="both"``: the logits ``[batch, pos, d_vocab]`` and the loss."""
+
+    logits: Float[Tensor, "batch pos d_vocab"]
+    loss: Float[Tensor, "*loss_shape"]
+
+
+ForwardOutput = Float[Tensor, "..."] | LogitsAndLoss | None
+"""What ``forward`` returns: a tensor, ``LogitsAndLoss`` for ``"both"``, None for None."""
 
 
 class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
@@ -73,6 +84,8 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         self.tokenizer = None
         self.set_tokenizer(tokenizer)
         self._index_hooks_and_init(cfg.attention_backend, seed, cfg.dtype)
+        if self.cfg.device != cfg.device:  # built where torch builds, then moved as asked
+            self.to(cfg.device)
 
     # --- construction -----------------------------------------------------------------
     @torch.no_grad()
@@ -99,37 +112,63 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         source: str | Path | nn.Module,
         *,
         default_padding_side: str | None = None,
+        default_prepend_bos: bool | None = None,
+        refactor_factored_attn_matrices: bool = False,
         **kwargs: Any,
     ) -> HookedTransformer:
         """Load from a local Hugging Face directory, a mitk save, or an in-memory HF model.
 
-        Weights load unprocessed, so outputs equal the original model's. A
-        tokenizer found in the directory is attached; ``default_padding_side``
-        sets its ``padding_side``, which text inputs are then padded on.
+        Weights load unprocessed, so outputs equal the original model's
+        (unlike TransformerLens, processing is opt-in: pass ``fold_ln=True``
+        ... or call ``process_weights_()``). A tokenizer found in the directory
+        is attached; ``default_padding_side`` sets its ``padding_side``, which
+        text inputs are then padded on; ``default_prepend_bos`` sets
+        ``cfg.default_prepend_bos``. Other keywords (``dtype``, ``device``,
+        ``tokenizer``, the processing flags, ``revision``) go to the loader.
         """
         from mitk.model.pretrained import load_pretrained
 
         model: HookedTransformer = load_pretrained(cls, source, **kwargs)
         if default_padding_side is not None:
-            if default_padding_side not in ("left", "right"):
-                raise ValueError(
-                    f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}"
-                )
-            model._require_tokenizer().padding_side = default_padding_side
+            model.set_tokenizer(model._require_tokenizer(), default_padding_side)
+        if default_prepend_bos is not None:
+            processing._replace_cfg(model, default_prepend_bos=default_prepend_bos)
+        if (
+            refactor_factored_attn_matrices
+        ):  # after the loader's steps, as TransformerLens orders them
+            model.process_weights(refactor_factored_attn_matrices=True)
         return model
 
-    def _apply(self, fn: Any, recurse: bool = True) -> HookedTransformer:
-        """``nn.Module``'s cast and move, then ``cfg.dtype`` set to the weights' new dtype.
+    @classmethod
+    def from_pretrained_no_processing(
+        cls, source: str | Path | nn.Module, **kwargs: Any
+    ) -> HookedTransformer:
+        """TransformerLens's name for a load without weight processing: ``from_pretrained`` itself.
 
-        Every ``to``/``half``/``bfloat16``/``double`` passes through here, so the
-        config (which ``save`` writes) never disagrees with the weights. The
-        config is replaced, not mutated: another model built from it keeps its own.
+        mitk never processes unless asked, so this is ``from_pretrained(source,
+        **kwargs)``; processing flags passed here still apply.
+        """
+        return cls.from_pretrained(source, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HookedTransformer:
+        """``nn.Module``'s cast and move, then ``cfg.dtype`` and ``cfg.device`` set to the weights'.
+
+        Every ``to``/``cuda``/``cpu``/``half``/``double`` passes through here, so
+        the config never disagrees with the weights. The config is replaced,
+        not mutated: another model built from it keeps its own.
         """
         super()._apply(fn, recurse)
         weights = next((p for p in self.parameters() if p.is_floating_point()), None)
-        now = None if weights is None else DTYPE_NAMES.get(weights.dtype)
-        if now is not None and now != self.cfg.dtype:
-            processing._replace_cfg(self, dtype=now)  # blocks hold the same config object
+        if weights is None:
+            return self
+        changes: dict[str, str] = {}
+        dtype = DTYPE_NAMES.get(weights.dtype)
+        if dtype is not None and dtype != self.cfg.dtype:
+            changes["dtype"] = dtype
+        if str(weights.device) != self.cfg.device:
+            changes["device"] = str(weights.device)
+        if changes:
+            processing._replace_cfg(self, **changes)  # blocks hold the same config object
         return self
 
     def save(self, directory: str | Path) -> Path:
@@ -145,6 +184,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         center_writing_weights: bool = False,
         center_unembed: bool = False,
         fold_value_biases: bool = False,
+        refactor_factored_attn_matrices: bool = False,
     ) -> HookedTransformer:
         """Rewrite the weights in place (opt-in, per step) without changing log-probs; returns self.
 
@@ -157,9 +197,10 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
           ``W_U``/``b_U``; missing biases are created); the norm keeps ``w=1``,
           ``b=0``. LayerNorm readers are also centred over ``d_model``. Hook
           values are unchanged (``hook_normalized`` is already taken before
-          ``w`` and ``b``), but weights and ``W_U`` now include the norm, and
-          ``ln_final.b``'s share of a logit moves into ``b_U`` (DLA stays exact).
-          RMSNorm: the weight only.
+          ``w`` and ``b``) except ``unembed.hook_in``, the final norm's output
+          (now without ``w`` and ``b``, as in TransformerLens); weights and
+          ``W_U`` now include the norm, and ``ln_final.b``'s share of a logit
+          moves into ``b_U`` (DLA stays exact). RMSNorm: the weight only.
         - ``center_writing_weights``: ``W_E``, ``W_pos``, ``W_O``, ``b_O``,
           ``W_out``, ``b_out`` lose their mean over ``d_model``, so
           ``hook_embed``, ``hook_pos_embed``, ``hook_attn_out``, ``hook_mlp_out``,
@@ -173,6 +214,14 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
           (patterns sum to 1); ``hook_v`` and ``hook_z`` lose the bias, per-head
           results lose ``b_V @ W_O`` (now in the layer's bias), ``hook_attn_out`` is
           unchanged.
+        - ``refactor_factored_attn_matrices``: each head's ``W_Q``/``W_K`` (with
+          ``b_Q``/``b_K``) become the balanced SVD factors of its QK matrix and
+          ``W_V``/``W_O`` the factors ``U S``/``Vᵀ`` of its OV matrix, after
+          folding ``b_V`` into ``b_O`` (TransformerLens's algorithm; singular
+          directions signed so the largest entry of each ``W_Q``/``W_V`` column
+          is positive). Scores, patterns and head outputs are unchanged;
+          ``hook_q``/``hook_k``/``hook_v``/``hook_z`` change basis. Refused on
+          rotary models (as TransformerLens does) and grouped-query attention.
 
         A refused step leaves the model untouched. ``from_pretrained(...,
         fold_ln=True, ...)`` applies the same steps after loading.
@@ -183,6 +232,30 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             center_writing_weights=center_writing_weights,
             center_unembed=center_unembed,
             fold_value_biases=fold_value_biases,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
+
+    def process_weights_(
+        self,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> HookedTransformer:
+        """TransformerLens's in-place processing, with its defaults: ``process_weights`` of these.
+
+        Like TransformerLens's (whose loader folds value biases by default), it
+        also folds value biases. Unlike it, a step that cannot apply is refused
+        rather than skipped: on RMSNorm models pass ``center_writing_weights=False``.
+        Folded norms stay norms with ``w=1, b=0`` (TransformerLens swaps in
+        ``LayerNormPre``). Returns self.
+        """
+        return self.process_weights(
+            fold_ln=fold_ln,
+            center_writing_weights=center_writing_weights,
+            center_unembed=center_unembed,
+            fold_value_biases=True,
+            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
         )
 
     # --- forward ----------------------------------------------------------------------
@@ -190,31 +263,43 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         self,
         input: ModelInput,
         attention_mask: Tensor | None = None,
-        return_type: ReturnType = "logits",
+        return_type: ReturnType | None = "logits",
         *,
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         logit_positions: int | slice | Tensor | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
+        shortformer_pos_embed: Tensor | None = None,
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
         past_kv_cache: KVCache | None = None,
         hold: Mapping[str, Tensor] | None = None,
-    ) -> Float[Tensor, "..."]:
+    ) -> ForwardOutput:
         """Run the model.
 
         - ``input``: token ids ``[batch, pos]`` (or ``[pos]``), text (needs a
-          tokenizer; padding and mask are handled), or with ``start_at_layer``
-          a residual stream ``[batch, pos, d_model]``.
-        - ``attention_mask``: ``[batch, pos]``, 1 at real tokens; left or right padding.
+          tokenizer; padding and mask are handled, tokenized with
+          ``prepend_bos``/``padding_side`` as ``to_tokens``), or with
+          ``start_at_layer`` a residual stream ``[batch, pos, d_model]``.
+        - ``attention_mask``: ``[batch, pos]``, 1 at real tokens; left or right
+          padding. Token ids without one are masked as TransformerLens does when
+          the padding side (``padding_side``, else the tokenizer's) is left:
+          leading pad tokens count as padding (see ``get_attention_mask``).
         - ``return_type``: ``"logits"`` ``[batch, pos, d_vocab]``, ``"hidden"``
-          (after the final norm) ``[batch, pos, d_model]``, or ``"loss"`` (mean
-          next-token cross-entropy over real tokens; with ``start_at_layer`` pass
-          ``tokens``).
+          (after the final norm) ``[batch, pos, d_model]``, ``"loss"`` (mean
+          next-token cross-entropy over real tokens, fp32; ``loss_per_token=True``
+          gives ``[batch, pos - 1]``, 0 at pairs touching padding), ``"both"``
+          (``LogitsAndLoss(logits, loss)``), or None (the final norm runs, then
+          nothing is returned). With ``start_at_layer``, losses need ``tokens``.
         - ``stop_at_layer=L``: run blocks ``0..L-1`` and return the residual
           stream entering block L, ``[batch, pos, d_model]`` (negative L counts
           from the end).
         - ``logit_positions``: unembed only these positions (int, slice or 1-D
-          index tensor); the pos axis is kept.
+          index tensor); the pos axis is kept. Logits only.
+        - ``shortformer_pos_embed``: TransformerLens's; mitk has no shortformer
+          models, so it must be None.
         - ``token_type_ids``: ``[batch, pos]`` segment ids for models with
           ``cfg.token_types`` (BERT); default all zeros.
         - ``past_kv_cache``: a ``KVCache``; the input's positions follow the
@@ -223,32 +308,30 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         - ``hold``: hook name -> value that replaces that activation for this
           pass (e.g. frozen attention patterns or norm scales for a linearised
           run); a held pattern runs that layer's explicit attention path.
-        - A bare encoder (``cfg.has_lm_head=False``) refuses ``"logits"`` and ``"loss"``.
+        - A bare encoder (``cfg.has_lm_head=False``) refuses logits and losses.
         """
         cfg = self.cfg
-        if isinstance(input, str) or (
-            isinstance(input, list) and input and all(isinstance(t, str) for t in input)
-        ):
-            if attention_mask is not None:
-                raise ValueError(
-                    "pass either text (the mask is built for you) or an attention_mask"
-                )
-            input, attention_mask = self.tokenize(input)
-            input, attention_mask = input.to(self.W_E.device), attention_mask.to(self.W_E.device)
+        if shortformer_pos_embed is not None:
+            raise UnsupportedModelError(
+                "shortformer_pos_embed is for TransformerLens's shortformer models; mitk has "
+                "none (positions are added to the stream or applied inside attention)"
+            )
         first = self._layer_index(start_at_layer, "start_at_layer", default=0)
         last = self._layer_index(stop_at_layer, "stop_at_layer", default=cfg.n_layers)
         if past_kv_cache is not None and (start_at_layer, stop_at_layer) != (None, None):
             raise ValueError("past_kv_cache needs a whole pass: no start_at_layer/stop_at_layer")
-        device = self.W_E.device
         input_tokens = None
         if start_at_layer is None:
-            tokens = input_tokens = checked_tokens(input, cfg).to(device)
+            tokens, new_valid = self.tokens_and_mask(
+                input, attention_mask, prepend_bos, padding_side, infer=past_kv_cache is None
+            )
+            input_tokens = tokens
             batch, pos = tokens.shape
         else:
-            resid = checked_residual(input, cfg).to(device)
+            resid = checked_residual(input, cfg).to(cfg.device)
             batch, pos = resid.shape[:2]
-        new_valid = checked_attention_mask(attention_mask, (batch, pos))
-        new_valid = None if new_valid is None else new_valid.to(device)
+            new_valid = checked_attention_mask(attention_mask, (batch, pos))
+            new_valid = None if new_valid is None else new_valid.to(cfg.device)
         key_valid = (
             new_valid
             if past_kv_cache is None
@@ -266,7 +349,9 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
             out = (
                 resid
                 if stop_at_layer is not None
-                else self._read_out(resid, return_type, logit_positions, tokens, new_valid)
+                else self._read_out(
+                    resid, return_type, logit_positions, tokens, new_valid, loss_per_token
+                )
             )
         if past_kv_cache is not None:  # only a finished pass extends the cache
             assert ctx.present is not None
@@ -277,19 +362,33 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
     def _read_out(
         self,
         resid: Float[Tensor, "batch pos d_model"],
-        return_type: ReturnType,
+        return_type: ReturnType | None,
         logit_positions: int | slice | Tensor | None,
         tokens: Tensor | None,
         key_valid: Tensor | None,
-    ) -> Float[Tensor, "..."]:
-        """The final norm, then logits, hidden states or the loss, as ``forward`` documents."""
+        loss_per_token: bool = False,
+    ) -> ForwardOutput:
+        """The final norm, then logits, hidden states, losses or nothing, as ``forward`` documents.
+
+        Losses unembed in chunks (``loss.py``) unless ``"both"`` needs the
+        logits anyway or an unembed hook must see them all at once.
+        """
         cfg = self.cfg
-        if return_type in ("logits", "loss") and not cfg.has_lm_head:
+        if return_type not in (None, "logits", "hidden", "loss", "both"):
+            raise ValueError(
+                "return_type must be 'logits', 'hidden', 'loss', 'both' or None, "
+                f"got {return_type!r}"
+            )
+        if return_type not in (None, "hidden") and not cfg.has_lm_head:
             raise UnsupportedModelError(
                 f"this {cfg.architecture} model has no LM head (a bare encoder): "
                 f"use return_type='hidden'"
             )
+        if logit_positions is not None and return_type != "logits":
+            raise ValueError("logit_positions selects logits: use it with return_type='logits'")
         hidden = self.ln_final(resid)
+        if return_type is None:
+            return None
         if return_type == "hidden":
             return hidden
         if return_type == "logits":
@@ -301,12 +400,104 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
                 )
                 hidden = hidden[:, index]
             return self.unembed(hidden)
-        if return_type == "loss":
-            if tokens is None:
-                raise ValueError("return_type='loss' with start_at_layer needs tokens=")
-            tokens = checked_tokens(tokens, cfg).to(hidden.device)
-            return next_token_loss(hidden, tokens, key_valid, self.unembed)
-        raise ValueError(f"return_type must be 'logits', 'hidden' or 'loss', got {return_type!r}")
+        if tokens is None:
+            raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens=")
+        tokens = checked_tokens(tokens, cfg).to(hidden.device)
+        if return_type == "both" or self.unembed.hooked:
+            logits = self.unembed(hidden)
+            loss = loss_from_logits(logits, tokens, key_valid, per_token=loss_per_token)
+            return LogitsAndLoss(logits, loss) if return_type == "both" else loss
+        pick = next_token_losses if loss_per_token else next_token_loss
+        return pick(hidden, tokens, key_valid, self.unembed)
+
+    def loss_fn(
+        self,
+        logits: Float[Tensor, "batch pos d_vocab"],
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Tensor | None = None,
+        per_token: bool = False,
+    ) -> Float[Tensor, "*loss_shape"]:
+        """TransformerLens's ``loss_fn``: next-token cross-entropy of ``logits`` (fp32).
+
+        The mean over pairs of real tokens, or with ``per_token=True``
+        ``[batch, pos - 1]`` (0 at pairs touching padding). ``attention_mask``
+        ``[batch, pos]`` is 1 at real tokens. The same computation as
+        ``forward(..., return_type="loss")``.
+        """
+        return loss_from_logits(logits, tokens, attention_mask, per_token)
+
+    def input_to_embed(
+        self,
+        input: ModelInput,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        attention_mask: Tensor | None = None,
+        past_kv_cache: KVCache | None = None,
+    ) -> tuple[
+        Float[Tensor, "batch pos d_model"],
+        Int[Tensor, "batch pos"],
+        None,
+        Int[Tensor, "batch key_pos"] | None,
+    ]:
+        """TransformerLens's ``(residual, tokens, shortformer_pos_embed, attention_mask)``.
+
+        ``residual`` is the stream entering block 0, computed by the same
+        embedding ``forward`` runs (its embedding hooks fire), so
+        ``forward(residual, start_at_layer=0, attention_mask=mask, tokens=tokens)``
+        equals ``forward(input)``. ``shortformer_pos_embed`` is always None (no
+        shortformer models). ``attention_mask`` (1 at real tokens) is None when
+        TransformerLens would give none and nothing is padding; with
+        ``past_kv_cache`` it covers cached and new positions. The cache is not
+        changed.
+        """
+        tokens, valid = self.tokens_and_mask(
+            input, attention_mask, prepend_bos, padding_side, infer=past_kv_cache is None
+        )
+        batch, pos = tokens.shape
+        key_valid = (
+            valid if past_kv_cache is None else past_kv_cache.key_valid_with(valid, batch, pos)
+        )
+        past = {} if past_kv_cache is None else past_kv_cache.past()
+        ctx = self.forward_context(pos, key_valid, past=past)
+        resid = self._embed(tokens, ctx)
+        wants_mask = (
+            attention_mask is not None
+            or past_kv_cache is not None
+            or (self.tokenizer is not None and self._padding_side(padding_side) == "left")
+        )
+        if key_valid is None and not wants_mask:
+            return resid, tokens, None, None
+        key_len = ctx.mask.k_len
+        mask = torch.ones(batch, key_len, dtype=torch.long, device=tokens.device)
+        return resid, tokens, None, mask if key_valid is None else key_valid.long()
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | list[int] | list[str] | Tensor
+    ) -> Float[Tensor, "*batch d_model"]:
+        """The unembedding direction (a ``W_U`` column) of each token, as TransformerLens's.
+
+        An int, a string that is one token or a one-element tensor gives
+        ``[d_model]``; a tensor of several ids ``[*shape, d_model]``; a list of
+        ids or single-token strings ``[len, d_model]`` (TransformerLens refuses
+        lists). Without ``fold_ln`` processing, the final norm's weight is not
+        in ``W_U``, so these are not the directions the stream is read along.
+        """
+        if isinstance(tokens, list):
+            if not tokens or not all(isinstance(t, int | str) for t in tokens):
+                raise InvalidTokensError("a list of tokens must hold ids or single-token strings")
+            ids = [t if isinstance(t, int) else self.to_single_token(t) for t in tokens]
+            return self.W_U[:, torch.tensor(ids, device=self.W_U.device)].mT
+        if isinstance(tokens, Tensor) and tokens.numel() > 1:
+            return self.W_U[:, tokens.to(self.W_U.device)].movedim(0, -1)
+        if isinstance(tokens, str):
+            token = self.to_single_token(tokens)
+        elif isinstance(tokens, int) and not isinstance(tokens, bool):
+            token = tokens
+        elif isinstance(tokens, Tensor) and tokens.numel() == 1:
+            token = int(tokens.item())
+        else:
+            raise InvalidTokensError(f"invalid token type {type(tokens).__name__}")
+        return self.W_U[:, token]
 
     def forward_context(
         self,
@@ -386,6 +577,29 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
     # the signature and docs live with the implementation (generation.py), one definition
     generate = generation.generate
 
+    @classmethod
+    def from_transformer_lens(cls, tl_model: Any) -> HookedTransformer:
+        """TransformerLens's classic ``HookedTransformer`` as a mitk model: same weights, tokenizer.
+
+        Logits and every hook both models name agree; what TransformerLens keeps
+        that mitk cannot compute the same way raises ``UnsupportedModelError``
+        naming the config field (see ``mitk.model.pretrained.tl_interop``).
+        """
+        from mitk.model.pretrained.tl_interop import from_transformer_lens
+
+        model: HookedTransformer = from_transformer_lens(cls, tl_model)
+        return model
+
+    def to_transformer_lens(self) -> Any:
+        """This model as TransformerLens's classic ``HookedTransformer``: same weights, tokenizer.
+
+        Needs transformer-lens installed (``TransformerLensNotInstalledError``
+        otherwise); ``from_transformer_lens`` of the result gives this state back.
+        """
+        from mitk.model.pretrained.tl_interop import to_transformer_lens
+
+        return to_transformer_lens(self)
+
     def stream_writes(self) -> StreamWrites:
         """The residual stream's writes and output weights, for the cache and DLA."""
         return decoder_stream_writes(self)
@@ -401,22 +615,84 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
 
     # --- hooks and caching -------------------------------------------------------------
     def hooks_that_fire(
-        self, start_at_layer: int | None = None, stop_at_layer: int | None = None
+        self,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        return_type: str | None = "logits",
     ) -> list[str]:
-        """Hook names a forward with these layer bounds passes through."""
+        """Hook names a forward with these layer bounds and ``return_type`` passes through.
+
+        Embedding hooks need the pass to start at the embedding, ``ln_final``
+        hooks to reach the end, and ``unembed`` hooks also to unembed (not
+        ``"hidden"`` or None).
+        """
         first = self._layer_index(start_at_layer, "start_at_layer", 0)
         last = self._layer_index(stop_at_layer, "stop_at_layer", self.cfg.n_layers)
+        unembeds = stop_at_layer is None and return_type not in (None, "hidden")
         fired = []
         for hook_name in self.hook_dict:
             layer = layer_of(hook_name)
-            if layer is None:
-                is_final = hook_name.startswith("ln_final.")
-                ok = stop_at_layer is None if is_final else start_at_layer is None
-            else:
+            if layer is not None:
                 ok = first <= layer < last
+            elif hook_name.startswith("unembed."):
+                ok = unembeds
+            elif hook_name.startswith("ln_final."):
+                ok = stop_at_layer is None
+            else:
+                ok = start_at_layer is None
             if ok:
                 fired.append(hook_name)
         return fired
+
+    # --- TransformerLens's global switches ---------------------------------------------
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Accepted and ignored: per-head results need no switch in mitk.
+
+        ``blocks.L.attn.hook_result`` ``[batch, pos, head, d_model]`` is computed
+        whenever a hook (or ``run_with_cache(names_filter=...)``) asks for it,
+        and ``cache.stack_head_results`` derives it from ``hook_z``.
+        """
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Refused: mitk has no per-head q/k/v inputs (``hook_q_input`` ...)."""
+        _refuse_switch(
+            "set_use_split_qkv_input",
+            use_split_qkv_input,
+            "hook blocks.L.ln1.hook_normalized (the input every head reads), or edit "
+            "hook_q/hook_k/hook_v per head",
+        )
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Refused: mitk has no per-head attention input (``hook_attn_in``)."""
+        _refuse_switch(
+            "set_use_attn_in",
+            use_attn_in,
+            "hook blocks.L.hook_resid_pre (what every head's ln1 reads)",
+        )
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Refused: mitk has no ``hook_mlp_in``."""
+        _refuse_switch(
+            "set_use_hook_mlp_in",
+            use_hook_mlp_in,
+            "hook blocks.L.hook_resid_mid (the MLP's input before ln2; resid_pre when "
+            "attention and MLP run in parallel)",
+        )
+
+    def set_ungroup_grouped_query_attention(self, ungroup_grouped_query_attention: bool) -> None:
+        """Refused: grouped keys and values stay grouped in hooks (``kv_head`` axis)."""
+        _refuse_switch(
+            "set_ungroup_grouped_query_attention",
+            ungroup_grouped_query_attention,
+            "read cache.per_query_head('blocks.L.attn.hook_k') (or hook_v) for one slice per "
+            "query head",
+        )
+
+
+def _refuse_switch(name: str, value: bool, instead: str) -> None:
+    """Turning a TransformerLens switch off is a no-op; turning it on says what to do instead."""
+    if value:
+        raise UnsupportedModelError(f"{name}(True) has no mitk equivalent: {instead}")
 
 
 def _per_row(

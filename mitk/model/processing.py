@@ -44,12 +44,46 @@ def process_weights(
     fold_value_biases: bool = False,
     refactor_factored_attn_matrices: bool = False,
 ) -> Any:
-    """Apply the chosen transformations to ``model`` in place and return it.
+    """Rewrite ``model``'s weights in place (opt-in, per step) keeping log-probs; returns it.
 
-    See ``HookedTransformer.process_weights`` for what each does to hook values.
+    Each step keeps log-probs within 1e-4, is idempotent, matches
+    TransformerLens's processing, and is recorded in
+    ``cfg.extra["processing"]`` (kept by ``save``). What changes for hooks:
+
+    - ``fold_ln``: each norm's ``w`` (and LayerNorm's ``b``) is folded into
+      the layers reading it (``W_qkv``/``b_qkv``, ``W_in``/``W_gate``/``b_in``,
+      ``W_U``/``b_U``; missing biases are created); the norm keeps ``w=1``,
+      ``b=0``. LayerNorm readers are also centred over ``d_model``. Hook
+      values are unchanged (``hook_normalized`` is already taken before
+      ``w`` and ``b``) except ``unembed.hook_in``, the final norm's output
+      (now without ``w`` and ``b``, as in TransformerLens); weights and
+      ``W_U`` now include the norm, and ``ln_final.b``'s share of a logit
+      moves into ``b_U`` (DLA stays exact). RMSNorm: the weight only.
+    - ``center_writing_weights``: ``W_E``, ``W_pos``, ``W_O``, ``b_O``,
+      ``W_out``, ``b_out`` lose their mean over ``d_model``, so
+      ``hook_embed``, ``hook_pos_embed``, ``hook_attn_out``, ``hook_mlp_out``,
+      ``hook_resid_*`` and per-head/neuron writes become mean-free; norm
+      hooks, q/k/v/z, patterns and neurons are unchanged (fixed sinusoidal
+      positions are not weights and keep their mean). LayerNorm models
+      only: refused (``UnsupportedModelError``) on RMSNorm, where the mean matters.
+    - ``center_unembed``: ``W_U`` and ``b_U`` lose their mean over the
+      vocabulary; logits shift by a per-position constant, log-probs do not.
+    - ``fold_value_biases``: ``b_V`` moves through ``W_O`` into ``b_O``
+      (patterns sum to 1); ``hook_v`` and ``hook_z`` lose the bias, per-head
+      results lose ``b_V @ W_O`` (now in the layer's bias), ``hook_attn_out`` is
+      unchanged.
+    - ``refactor_factored_attn_matrices``: each head's ``W_Q``/``W_K`` (with
+      ``b_Q``/``b_K``) become the balanced SVD factors of its QK matrix and
+      ``W_V``/``W_O`` the factors ``U S``/``Vᵀ`` of its OV matrix, after
+      folding ``b_V`` into ``b_O`` (TransformerLens's algorithm; singular
+      directions signed so the largest entry of each ``W_Q``/``W_V`` column
+      is positive). Scores, patterns and head outputs are unchanged;
+      ``hook_q``/``hook_k``/``hook_v``/``hook_z`` change basis. Refused on
+      rotary models (as TransformerLens does) and grouped-query attention.
+
     Validity is checked for every requested step before any weight changes, so
-    a refusal leaves the model untouched. The steps applied so far are recorded
-    in ``model.cfg.extra["processing"]`` (saved with the model).
+    a refused step leaves the model untouched. ``from_pretrained(...,
+    fold_ln=True, ...)`` applies the same steps after loading.
     """
     flags = (
         fold_ln,
@@ -95,6 +129,31 @@ def process_weights(
     applied = [s for s in STEPS if s in done or asked[s]]
     _replace_cfg(model, extra={**model.cfg.extra, "processing": applied}, **cfg_changes)
     return model
+
+
+def process_weights_(
+    model: Any,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    refactor_factored_attn_matrices: bool = False,
+) -> Any:
+    """TransformerLens's in-place processing with its defaults: ``process_weights`` of these.
+
+    Like TransformerLens's (whose loader folds value biases by default), it
+    also folds value biases. Unlike it, a step that cannot apply is refused
+    rather than skipped: on RMSNorm models pass ``center_writing_weights=False``.
+    Folded norms stay norms with ``w=1, b=0`` (TransformerLens swaps in
+    ``LayerNormPre``). Returns ``model``.
+    """
+    return process_weights(
+        model,
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=True,
+        refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+    )
 
 
 # --- fold_ln ------------------------------------------------------------------------------

@@ -177,86 +177,9 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
 
         return save_native(self, Path(directory))
 
-    def process_weights(
-        self,
-        *,
-        fold_ln: bool = False,
-        center_writing_weights: bool = False,
-        center_unembed: bool = False,
-        fold_value_biases: bool = False,
-        refactor_factored_attn_matrices: bool = False,
-    ) -> HookedTransformer:
-        """Rewrite the weights in place (opt-in, per step) without changing log-probs; returns self.
-
-        Each step keeps log-probs within 1e-4, is idempotent, matches
-        TransformerLens's processing, and is recorded in
-        ``cfg.extra["processing"]`` (kept by ``save``). What changes for hooks:
-
-        - ``fold_ln``: each norm's ``w`` (and LayerNorm's ``b``) is folded into
-          the layers reading it (``W_qkv``/``b_qkv``, ``W_in``/``W_gate``/``b_in``,
-          ``W_U``/``b_U``; missing biases are created); the norm keeps ``w=1``,
-          ``b=0``. LayerNorm readers are also centred over ``d_model``. Hook
-          values are unchanged (``hook_normalized`` is already taken before
-          ``w`` and ``b``) except ``unembed.hook_in``, the final norm's output
-          (now without ``w`` and ``b``, as in TransformerLens); weights and
-          ``W_U`` now include the norm, and ``ln_final.b``'s share of a logit
-          moves into ``b_U`` (DLA stays exact). RMSNorm: the weight only.
-        - ``center_writing_weights``: ``W_E``, ``W_pos``, ``W_O``, ``b_O``,
-          ``W_out``, ``b_out`` lose their mean over ``d_model``, so
-          ``hook_embed``, ``hook_pos_embed``, ``hook_attn_out``, ``hook_mlp_out``,
-          ``hook_resid_*`` and per-head/neuron writes become mean-free; norm
-          hooks, q/k/v/z, patterns and neurons are unchanged (fixed sinusoidal
-          positions are not weights and keep their mean). LayerNorm models
-          only: refused (``UnsupportedModelError``) on RMSNorm, where the mean matters.
-        - ``center_unembed``: ``W_U`` and ``b_U`` lose their mean over the
-          vocabulary; logits shift by a per-position constant, log-probs do not.
-        - ``fold_value_biases``: ``b_V`` moves through ``W_O`` into ``b_O``
-          (patterns sum to 1); ``hook_v`` and ``hook_z`` lose the bias, per-head
-          results lose ``b_V @ W_O`` (now in the layer's bias), ``hook_attn_out`` is
-          unchanged.
-        - ``refactor_factored_attn_matrices``: each head's ``W_Q``/``W_K`` (with
-          ``b_Q``/``b_K``) become the balanced SVD factors of its QK matrix and
-          ``W_V``/``W_O`` the factors ``U S``/``Vᵀ`` of its OV matrix, after
-          folding ``b_V`` into ``b_O`` (TransformerLens's algorithm; singular
-          directions signed so the largest entry of each ``W_Q``/``W_V`` column
-          is positive). Scores, patterns and head outputs are unchanged;
-          ``hook_q``/``hook_k``/``hook_v``/``hook_z`` change basis. Refused on
-          rotary models (as TransformerLens does) and grouped-query attention.
-
-        A refused step leaves the model untouched. ``from_pretrained(...,
-        fold_ln=True, ...)`` applies the same steps after loading.
-        """
-        return processing.process_weights(
-            self,
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed,
-            fold_value_biases=fold_value_biases,
-            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
-        )
-
-    def process_weights_(
-        self,
-        fold_ln: bool = True,
-        center_writing_weights: bool = True,
-        center_unembed: bool = True,
-        refactor_factored_attn_matrices: bool = False,
-    ) -> HookedTransformer:
-        """TransformerLens's in-place processing, with its defaults: ``process_weights`` of these.
-
-        Like TransformerLens's (whose loader folds value biases by default), it
-        also folds value biases. Unlike it, a step that cannot apply is refused
-        rather than skipped: on RMSNorm models pass ``center_writing_weights=False``.
-        Folded norms stay norms with ``w=1, b=0`` (TransformerLens swaps in
-        ``LayerNormPre``). Returns self.
-        """
-        return self.process_weights(
-            fold_ln=fold_ln,
-            center_writing_weights=center_writing_weights,
-            center_unembed=center_unembed,
-            fold_value_biases=True,
-            refactor_factored_attn_matrices=refactor_factored_attn_matrices,
-        )
+    # the signatures and docs live with the implementation (processing.py), one definition
+    process_weights = processing.process_weights
+    process_weights_ = processing.process_weights_
 
     # --- forward ----------------------------------------------------------------------
     def forward(

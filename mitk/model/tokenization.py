@@ -250,12 +250,27 @@ class TextInterface:
             ids = sequence.reshape(-1).tolist()
         return [tok.decode([i]) for i in ids]
 
-    def to_string(self, tokens: Tensor) -> str | list[str]:
-        """Decode ``[pos]`` to one string or ``[batch, pos]`` to a list of strings."""
+    def to_string(self, tokens: Tensor | np.ndarray | list[Any] | int) -> str | list[str]:
+        """Decode ``[pos]`` (or one id) to a string, ``[batch, pos]`` to a list of strings.
+
+        Lists and arrays are read as tensors; as in TransformerLens, spaces are
+        decoded as they are (``clean_up_tokenization_spaces=False``).
+        """
         tok = self._require_tokenizer()
-        if tokens.ndim == 1:
-            return tok.decode(tokens.tolist())
-        return [tok.decode(row.tolist()) for row in tokens]
+        ids = torch.as_tensor(tokens)
+        if ids.ndim > 2:
+            raise ShapeMismatchError(
+                f"to_string takes [pos] or [batch, pos], got {tuple(ids.shape)}"
+            )
+        rows = ids.reshape(1, -1) if ids.ndim < 2 else ids
+        texts = [tok.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in rows]
+        return texts if ids.ndim == 2 else texts[0]
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The string of one token id (TransformerLens's name)."""
+        if not isinstance(int_token, int) or isinstance(int_token, bool):
+            raise InvalidTokensError(f"to_single_str_token takes one int id, got {int_token!r}")
+        return str(self.to_str_tokens([int_token])[0])
 
 
 def get_attention_mask(

@@ -20,13 +20,13 @@ def next_token_loss(
     tokens: Int[Tensor, "batch pos"],
     key_valid: Tensor | None,
     unembed: Callable[[Tensor], Tensor],
-    chunk: int = LOSS_CHUNK,
+    chunk: int | None = None,
 ) -> Scalar:
     """Mean cross-entropy of predicting ``tokens[:, i + 1]`` from position ``i`` (fp32).
 
     Only pairs where both positions are real tokens (``key_valid``, True at
     real tokens; None: all real) count. The predicting positions of the whole
-    batch are unembedded ``chunk`` at a time (in fp32 for a stable
+    batch are unembedded ``chunk`` (default ``LOSS_CHUNK``) at a time (in fp32 for a stable
     log-softmax), so memory stays flat in both batch and context. Pass
     ``unembed=identity`` (``loss_from_logits``) when ``hidden`` already holds logits.
     """
@@ -39,7 +39,7 @@ def next_token_losses(
     tokens: Int[Tensor, "batch pos"],
     key_valid: Tensor | None,
     unembed: Callable[[Tensor], Tensor],
-    chunk: int = LOSS_CHUNK,
+    chunk: int | None = None,
 ) -> Float[Tensor, "batch pos_minus_1"]:
     """Per-pair losses ``[batch, pos - 1]`` (fp32), as TransformerLens's ``per_token=True``.
 
@@ -57,13 +57,14 @@ def next_token_losses(
 
 
 def loss_from_logits(
-    logits: Float[Tensor, "batch pos d_vocab"],
-    tokens: Int[Tensor, "batch pos"],
+    logits: Float[Tensor, "..."],
+    tokens: Int[Tensor, "..."],
     attention_mask: Tensor | None = None,
     per_token: bool = False,
 ) -> Float[Tensor, "*loss_shape"]:
     """TransformerLens's ``loss_fn`` on logits already computed: mean, or ``[batch, pos - 1]``.
 
+    ``logits`` ``[batch, pos, d_vocab]``, ``tokens`` ``[batch, pos]``;
     ``attention_mask`` ``[batch, pos]`` (1 or True at real tokens) drops pairs
     touching padding. Mismatched shapes raise ``ShapeMismatchError``.
     """
@@ -92,9 +93,10 @@ def _pair_losses(
     tokens: Tensor,
     key_valid: Tensor | None,
     unembed: Callable[[Tensor], Tensor],
-    chunk: int,
+    chunk: int | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Losses of the pairs that count, flat, and which flat pairs they are (None: all)."""
+    chunk = chunk or LOSS_CHUNK
     if tokens.shape[1] < 2:
         raise ValueError("a next-token loss needs at least two positions")
     inputs = hidden[:, :-1].reshape(-1, hidden.shape[-1])

@@ -336,7 +336,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
     def loss_fn(
         self,
         logits: Float[Tensor, "batch pos d_vocab"],
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, "..."],  # [batch, pos]: checked below, with a message that says so
         attention_mask: Tensor | None = None,
         per_token: bool = False,
     ) -> Float[Tensor, "*loss_shape"]:

@@ -1,4 +1,4 @@
-# Two jobs for a fresh machine (see README): `make demo` and `make test`.
+# Two jobs for a fresh machine (see README): `make demo` and `make test` (plus `make test-tl4`).
 # Each creates .venv on first use and installs what it needs; torch goes in first so that
 # pip takes the pinned CPU build instead of resolving a multi-GB CUDA one.
 PYTHON ?= python3
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install install-test clean
+.PHONY: demo test test-tl4 lint install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,27 @@ lint: install-test
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# transformer-lens 4.x (TransformerBridge) gets its own environment: the main one keeps 3.x,
+# which SAELens pins. Same order as above: the CPU torch first, then mitk and TL 4.3.
+# The venv ignores itself in git (as Python 3.13's venv does), so no tool ever walks into it.
+TL4_VENV ?= .venv-tl4
+TL4_BIN := $(TL4_VENV)/bin
+TL4 ?= transformer-lens==4.3.*
+
+$(TL4_BIN)/python:
+	$(PYTHON) -m venv $(TL4_VENV)
+	echo '*' > $(TL4_VENV)/.gitignore
+	$(TL4_BIN)/pip install -q --upgrade pip
+
+$(TL4_VENV)/.installed: pyproject.toml | $(TL4_BIN)/python
+	$(TL4_BIN)/pip install -q "$(TORCH)"
+	$(TL4_BIN)/pip install -q -e . "$(TL4)" "pytest>=8" "hypothesis>=6.100" "beartype>=0.18"
+	touch $@
+
+# tests/tl4: mitk against TransformerBridge on the same random checkpoints (pyproject keeps
+# the main run out of that folder)
+test-tl4: $(TL4_VENV)/.installed
+	$(TL4_BIN)/pytest tests/tl4 $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TL4_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -368,9 +368,11 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, nn.Module):
         embedding ``forward`` runs (its embedding hooks fire), so
         ``forward(residual, start_at_layer=0, attention_mask=mask, tokens=tokens)``
         equals ``forward(input)``. ``shortformer_pos_embed`` is always None (no
-        shortformer models). ``attention_mask`` (1 at real tokens) is None when
-        TransformerLens would give none and nothing is padding; with
-        ``past_kv_cache`` it covers cached and new positions. The cache is not
+        shortformer models). ``attention_mask`` (1 at real tokens) is the mask
+        the forward uses: None when nothing is padding and TransformerLens would
+        give none (it gives one for a left padding side, a given mask or a cache;
+        unlike TransformerLens, right-padded text gets its mask too). With
+        ``past_kv_cache`` it covers cached and new positions; the cache is not
         changed.
         """
         tokens, valid = self.tokens_and_mask(

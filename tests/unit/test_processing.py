@@ -133,7 +133,7 @@ def test_dla_and_decomposition_stay_exact_after_processing(variant: str, padded)
     torch.testing.assert_close(result.total(), expected, atol=TOL, rtol=0)
     stack = cache.apply_ln_to_stack(cache.decompose_resid())
     normalized = cache["ln_final.hook_normalized"]
-    torch.testing.assert_close(stack.total(), normalized, atol=TOL, rtol=0)
+    torch.testing.assert_close(stack.sum(0), normalized, atol=TOL, rtol=0)
 
 
 def test_fused_attention_and_hooks_still_work(padded) -> None:
@@ -220,3 +220,45 @@ def test_a_norm_with_unknown_readers_is_refused() -> None:
     model.blocks[0].ln_post = RMSNorm(model.cfg)  # e.g. a post-norm fold_ln knows nothing of
     with pytest.raises(UnsupportedModelError, match=r"blocks\.0\.ln_post"):
         model.process_weights(fold_ln=True)
+
+
+@pytest.mark.parametrize(("variant", "why"), [("rotary-rmsnorm", "rotary"),
+                                              ("qwen-like", "key/value head")])  # fmt: skip
+def test_refactor_is_refused_where_the_factors_are_not_per_head(variant: str, why: str) -> None:
+    model = build(variant)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match=why):
+        model.process_weights(fold_ln=True, refactor_factored_attn_matrices=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "processing" not in model.cfg.extra
+
+
+@pytest.mark.parametrize("variant", ["gpt2-like", "ln-no-bias", "alibi-embed-norm"])
+def test_refactor_changes_only_the_factor_basis(variant: str, padded) -> None:
+    """Scores, patterns and head outputs stay; q/k (and v/z) change basis together, so
+    each query-key dot product (with biases) and each z @ W_O stays."""
+    tokens, mask = padded
+    plain = build(variant)
+    refactored = build(variant).process_weights(refactor_factored_attn_matrices=True)
+    with torch.no_grad():
+        _, before = plain.run_with_cache(tokens, attention_mask=mask)
+        _, after = refactored.run_with_cache(tokens, attention_mask=mask)
+    real = mask.bool()
+    for layer in range(plain.cfg.n_layers):
+        for hook in ["hook_attn_scores", "hook_pattern"]:
+            name = f"blocks.{layer}.attn.{hook}"
+            a, b = after[name].transpose(1, 2)[real], before[name].transpose(1, 2)[real]
+            finite = torch.isfinite(b)
+            torch.testing.assert_close(a[finite], b[finite], atol=TOL, rtol=0, msg=name)
+        name = f"blocks.{layer}.hook_attn_out"
+        torch.testing.assert_close(after[name][real], before[name][real], atol=TOL, rtol=0)
+        q, k = after[f"blocks.{layer}.attn.hook_q"], after[f"blocks.{layer}.attn.hook_k"]
+        assert not torch.allclose(q, before[f"blocks.{layer}.attn.hook_q"], atol=1e-3)
+        qk_after = torch.einsum("bqhd,bkhd->bhqk", q, k)
+        qk_before = torch.einsum("bqhd,bkhd->bhqk", before[f"blocks.{layer}.attn.hook_q"],
+                                 before[f"blocks.{layer}.attn.hook_k"])  # fmt: skip
+        torch.testing.assert_close(qk_after, qk_before, atol=1e-5, rtol=0)
+    w_o = refactored.W_O.double()
+    rows = torch.eye(w_o.shape[-2], dtype=torch.float64)
+    torch.testing.assert_close(w_o @ w_o.mT, rows.expand_as(w_o @ w_o.mT), atol=1e-5, rtol=0)
+    assert not refactored.b_V.any()

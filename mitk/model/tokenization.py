@@ -149,6 +149,8 @@ class TextInterface:
                 )
             input, attention_mask = self.tokenize(input, prepend_bos, padding_side)
         tokens = checked_tokens(input, self.cfg)
+        if padding_side is not None:
+            _checked_side(padding_side)  # a typo is an error even where no padding is guessed
         if (
             attention_mask is None
             and infer

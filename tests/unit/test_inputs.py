@@ -70,3 +70,17 @@ def test_bad_layer_bounds_and_return_type(tiny: HookedTransformer) -> None:
 def test_text_without_tokenizer(tiny: HookedTransformer) -> None:
     with pytest.raises(NoTokenizerError, match="has no tokenizer"):
         tiny("hello")
+
+
+def test_text_arguments_are_checked(tiny: HookedTransformer, gpt2: HookedTransformer) -> None:
+    tokens = torch.randint(0, 50, (1, 4))
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        tiny(tokens, padding_side="middle")  # no tokenizer, nothing padded: still a typo
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        gpt2.to_tokens("the cat", padding_side="up")
+    with pytest.raises(ValueError, match="either text"):
+        gpt2("the cat", attention_mask=torch.ones(1, 3))
+    with pytest.raises(InvalidTokensError, match="string or a non-empty list"):
+        gpt2.tokenize([])
+    with pytest.raises(NoTokenizerError, match="has no tokenizer"):
+        tiny.to_single_token("cat")

@@ -306,6 +306,29 @@ def test_tl_processed_gpt2_matches_mitk_processing(gpt2_dir: Path) -> None:
         torch.testing.assert_close(value, before[key], atol=1e-6, rtol=0, msg=key)
 
 
+def test_tl_processed_llama_matches_tl() -> None:
+    torch.manual_seed(0)
+    tl = _tl_llama(_randomised_hf(_llama()))
+    # RMSNorm: TransformerLens folds the weights (RMSPre); writes are not centred there
+    flags = {"fold_ln": True, "center_unembed": True, "fold_value_biases": True}
+    tl.load_and_process_state_dict(tl.state_dict(), center_writing_weights=False, **flags)
+    assert tl.cfg.normalization_type == "RMSPre"
+    ours = HookedTransformer.from_transformer_lens(tl)
+    assert_same_outputs(ours, tl)
+    assert ours.to_transformer_lens().cfg.normalization_type == "RMSPre"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_the_dtype_travels_and_weights_stay_bit_equal(dtype: torch.dtype) -> None:
+    tl = _tl_model(**ARCHITECTURES["llama-rms-rotary-gated-gqa"], dtype=dtype)
+    ours = HookedTransformer.from_transformer_lens(tl)
+    assert ours.cfg.dtype == str(dtype).removeprefix("torch.") and ours.W_E.dtype == dtype
+    back = ours.to_transformer_lens()
+    assert back.cfg.dtype == dtype
+    for name, param in tl.named_parameters():
+        assert torch.equal(param, dict(back.named_parameters())[name]), name
+
+
 # --- mitk -> TransformerLens ---------------------------------------------------------------
 def test_to_transformer_lens_is_tls_own_gpt2(gpt2_dir: Path, gpt2: HookedTransformer) -> None:
     theirs = _tl_hooked_transformer(gpt2_dir)

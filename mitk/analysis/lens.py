@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mitk.cache import ActivationCache
+from mitk.cache.decompose import accumulated_resid
 from mitk.cache.residual_stack import per_position_frame
 from mitk.shapes import Float, Int
 
@@ -49,8 +50,7 @@ def logit_lens(model: Any, cache: ActivationCache) -> LogitLens:
     Needs every ``hook_resid_pre`` and the last ``hook_resid_post`` cached.
     The last snapshot reproduces the model's logits exactly.
     """
-    stack = cache.accumulated_resid()
-    with torch.no_grad():
-        flat = stack.tensor.flatten(0, 1)  # [layer * batch, pos, d_model]
-        logits = model.unembed(model.ln_final(flat))
-    return LogitLens(logits.view(*stack.tensor.shape[:3], -1), stack.labels)
+    with torch.no_grad():  # cache.accumulated_resid(apply_ln=True), typed: ln_final per snapshot
+        normed, labels = accumulated_resid(cache, apply_ln=True)
+        logits = model.unembed(normed.flatten(0, 1))  # [layer * batch, pos, d_vocab]
+    return LogitLens(logits.view(*normed.shape[:3], -1), labels)

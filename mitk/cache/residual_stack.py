@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 from torch import Tensor
 
+from mitk.errors import ShapeMismatchError
 from mitk.shapes import Float
 
 
@@ -14,26 +15,28 @@ from mitk.shapes import Float
 class ResidualStack:
     """Per-component vectors in residual space.
 
-    ``tensor`` is ``[component, batch, pos, d_model]`` and ``labels[i]`` names
-    component ``i`` (``"embed"``, ``"0_attn_out"``, ``"L1H3"``, ...). Summing
-    over the component axis gives back the residual stream the stack was
-    decomposed from (for decompositions; an accumulated stack is a sequence of
-    snapshots instead).
+    ``tensor`` is ``[component, batch, pos, d_model]`` (less the batch or pos
+    dim when the cache or a ``pos_slice`` dropped it) and ``labels[i]`` names
+    component ``i`` (``"embed"``, ``"0_attn_out"``, ``"L1H3"``, ...), spelled
+    as TransformerLens spells them. Summing over the component axis gives back
+    the residual stream the stack was decomposed from (for decompositions; an
+    accumulated stack is a sequence of snapshots instead). The cache's
+    methods return one with ``as_stack=True``.
     """
 
-    tensor: Float[Tensor, "component batch pos d_model"]
+    tensor: Float[Tensor, "component *lead d_model"]
     labels: list[str]
 
     def __post_init__(self) -> None:
         if self.tensor.shape[0] != len(self.labels):
-            raise ValueError(
+            raise ShapeMismatchError(
                 f"{len(self.labels)} labels for {self.tensor.shape[0]} components in the stack"
             )
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def total(self) -> Float[Tensor, "batch pos d_model"]:
+    def total(self) -> Float[Tensor, "*lead d_model"]:
         """Sum over components."""
         return self.tensor.sum(0)
 
@@ -46,7 +49,15 @@ class ResidualStack:
         return ResidualStack(self.tensor[[index[label] for label in labels]], list(labels))
 
     def to_frame(self) -> pd.DataFrame:
-        """Long table: one row per (component, batch, pos) with the write's L2 norm."""
+        """Long table: one row per (component, batch, pos) with the write's L2 norm.
+
+        Needs both the batch and the pos dim (``ShapeMismatchError`` otherwise).
+        """
+        if self.tensor.ndim != 4:
+            raise ShapeMismatchError(
+                f"to_frame needs a [component, batch, pos, d_model] stack, got "
+                f"{tuple(self.tensor.shape)}; build it without an int pos_slice on a batched cache"
+            )
         return per_position_frame("component", self.labels, norm=self.tensor.norm(dim=-1))
 
 

@@ -119,6 +119,4 @@ def test_per_head_writes_are_refused_under_sandwich_norms(capped: Any) -> None:
             logit_attribution(model, cache, answer_tokens=1, by=by)
     # the stream itself stays additive: embeddings plus every (normed) sublayer write
     stack = cache.decompose_resid()
-    torch.testing.assert_close(
-        stack.tensor.sum(0), cache["blocks.1.hook_resid_post"], atol=1e-4, rtol=0
-    )
+    torch.testing.assert_close(stack.sum(0), cache["blocks.1.hook_resid_post"], atol=1e-4, rtol=0)

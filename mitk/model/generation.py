@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from mitk.errors import MitkError, UnsupportedModelError
 from mitk.hooks import HookSpec
 from mitk.model.attention import Attention
-from mitk.model.inputs import check_length, checked_attention_mask, checked_tokens
+from mitk.model.inputs import check_length
 from mitk.model.kv_cache import KVCache
 from mitk.shapes import Bool, Float, Int
 
@@ -161,8 +161,9 @@ def generate(
       with the mask, per-token log-probs and each row's text.
     - ``verbose``: a progress bar over the steps. ``use_past_kv_cache=False``
       reruns the whole sequence each step (for hooks that need all of it).
-    - mitk's extras: ``attention_mask`` for token input (left padding only; mitk
-      never guesses padding from token ids), ``seed``, ``pad_token_id``, ``fwd_hooks``.
+    - mitk's extras: ``attention_mask`` for token input (left padding only; without
+      one, token ids are read as ``forward`` reads them: on a left padding side leading
+      pad ids are padding), ``seed``, ``pad_token_id``, ``fwd_hooks``.
 
     Bad arguments raise ``GenerationArgumentError`` (a ``ValueError``).
     """
@@ -184,6 +185,8 @@ def generate(
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     batch, prompt_len = tokens.shape
     real = torch.ones_like(tokens) if key_valid is None else key_valid.long()
+    # always explicit: a forward would otherwise read generated pad/EOS ids as padding
+    key_valid = real.bool()
     counts = None
     if do_sample and freq_penalty > 0:
         counts = torch.zeros(batch, model.cfg.d_vocab, device=device)
@@ -209,8 +212,7 @@ def generate(
             log_probs.append(picked.masked_fill(done, 0.0))
             real = torch.cat([real, (~done).long()[:, None]], dim=1)
             tokens = torch.cat([tokens, chosen[:, None]], dim=1)
-            if key_valid is not None:
-                key_valid = torch.cat([key_valid, key_valid.new_ones(batch, 1)], dim=1)
+            key_valid = torch.cat([key_valid, key_valid.new_ones(batch, 1)], dim=1)
             if counts is not None:
                 counts.scatter_add_(1, chosen[:, None], (~done).float()[:, None])
             done = done | torch.isin(chosen, stops)
@@ -279,8 +281,12 @@ def _prompt(
     prepend_bos: bool | None,
     padding_side: str | None,
 ) -> tuple[Tensor, Tensor | None, bool]:
-    """Token ids on the model's device, the real-token mask (None: no padding), and if text came."""
-    device = model.W_E.device
+    """Token ids on the model's device, the real-token mask (None: no padding), and if text came.
+
+    ``model.tokens_and_mask`` reads the input as a forward does (so left-padded token
+    ids without a mask are read as TransformerLens reads them), except that a batch of
+    text is always padded on the left.
+    """
     from_text = isinstance(input, str | list)
     if from_text:
         if attention_mask is not None:
@@ -289,22 +295,18 @@ def _prompt(
             )
         if isinstance(input, list) and not (input and all(isinstance(t, str) for t in input)):
             raise GenerationArgumentError("a list input must be a non-empty list of strings")
-        # a batch is padded on the left whatever padding_side says: every row must end on a
-        # real token for its next-token logits to be read at the last position
-        side = "left" if isinstance(input, list) and len(input) > 1 else padding_side
-        input, attention_mask = model.tokenize(input, prepend_bos=prepend_bos, padding_side=side)
+        # every row must end on a real token for its next-token logits to be read there
+        if isinstance(input, list) and len(input) > 1:
+            padding_side = "left"
     elif isinstance(input, Tensor) and input.is_floating_point():
         raise GenerationArgumentError(
             "generate takes text or token ids; it does not start from input embeddings"
         )
-    tokens = checked_tokens(input, model.cfg).to(device)
-    key_valid = checked_attention_mask(attention_mask, (tokens.shape[0], tokens.shape[1]))
-    if key_valid is not None:
-        key_valid = key_valid.to(device)
-        if not bool(key_valid[:, -1].all()):
-            raise GenerationArgumentError(
-                "generate needs left padding: every row's last token must be real"
-            )
+    tokens, key_valid = model.tokens_and_mask(input, attention_mask, prepend_bos, padding_side)
+    if key_valid is not None and not bool(key_valid[:, -1].all()):
+        raise GenerationArgumentError(
+            "generate needs left padding: every row's last token must be real"
+        )
     return tokens, key_valid, from_text
 
 

@@ -1,14 +1,15 @@
 """``generate`` against transformer-lens 3.9's on the same GPT-2 weights: tokens, text, sampling.
 
-Both models load one random checkpoint (an untied, sharpened LM head so greedy
-choices are well separated and do not just echo the input) with the word tokenizer
-of ``tests/checkpoints.py``. Greedy decoding must give identical tokens and text,
-with and without the key-value cache, for padded batches of text, token input, and
-with rows stopping at EOS. Sampling draws from torch's global generator in both, in
-the same order, so the same seed gives the same tokens; distribution-level checks
-(top-k = 1 is greedy, top-k draws stay in the top k) hold without that coincidence.
-Token prompts avoid id 0: transformer-lens reads a trailing pad id as padding, mitk
-takes padding only from ``attention_mask``.
+Both models load one random GPT-2 checkpoint (``save_checkpoint``: wide weights and an
+untied, sharpened head, so greedy choices are well separated and follow the context)
+with the extended word tokenizer of ``test_tl_generation``. Greedy decoding must give
+identical tokens and text, with and without the key-value cache, for padded batches
+of text, token input, and with rows stopping at EOS. Sampling draws from torch's global
+generator in both, in the same order, so the same seed gives the same tokens;
+distribution-level checks (top-k = 1 is greedy, top-k draws stay in the top k) hold
+without that coincidence.
+Token prompts avoid id 0 (the pad id): under a right padding side transformer-lens
+reads trailing pad ids as padding, which mitk does not (a row must end on a real token).
 """
 
 from __future__ import annotations
@@ -19,32 +20,20 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 from mitk import HookedTransformer
-from tests.checkpoints import gpt2_hf_model, word_tokenizer
 from tests.parity.test_transformer_lens import _tl_hooked_transformer, tl_deprecation
+from tests.unit.test_tl_generation import save_checkpoint, tokenizer
 
 pytestmark = tl_deprecation
 PROMPTS = ["the cat sat on", "a dog", "the big red house was very"]
 NEW = 8
+VOCAB = len(tokenizer())
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("gpt2_sharp")
-    hf = gpt2_hf_model(n_layer=2)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        # wider than GPT-2's 0.02, so the context (not just the last token) picks the next one
-        for param in hf.parameters():
-            if param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-        hf.lm_head.weight = nn.Parameter(torch.randn(hf.lm_head.weight.shape, generator=gen))
-        hf.config.tie_word_embeddings = False
-    hf.save_pretrained(directory)
-    word_tokenizer().save_pretrained(directory)
-    return directory
+    return save_checkpoint("gpt2", tmp_path_factory.mktemp("gpt2_sharp"))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +58,7 @@ def _both(pair: tuple[HookedTransformer, Any], input: Any, **kw: Any) -> tuple[A
 
 
 def _tokens(batch: int, pos: int, seed: int) -> torch.Tensor:
-    return torch.randint(1, 97, (batch, pos), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(1, VOCAB, (batch, pos), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("use_past_kv_cache", [True, False])
@@ -113,16 +102,25 @@ def test_rows_stop_at_eos_and_are_padded_as_in_tl(
     free, _ = _both(pair, PROMPTS, do_sample=False, stop_at_eos=False, return_type="tokens")
     prompt_len = free.shape[1] - NEW
     new = free[:, prompt_len:]
-    eos = int(new[0, 0])  # row 0 ends at once; some other row runs on beside it
-    assert not bool((new[:, :-1] == eos).any(-1).all())
+    # a token one row emits and another never emits before its last step: rows end apart
+    row, eos = next(
+        (r, tok)
+        for r in range(len(PROMPTS))
+        for tok in new[r].tolist()
+        if not bool((new[:, :-1] == tok).any(-1).all())
+    )
     kw = {"do_sample": False, "return_type": "tokens", "use_past_kv_cache": use_past_kv_cache}
     ours, theirs = _both(pair, PROMPTS, eos_token_id=eos, **kw)
     assert ours.tolist() == theirs.tolist()
-    assert (ours[0, prompt_len:] == eos).all() and not torch.equal(ours, free)  # EOS, filler
+    stop = new[row].tolist().index(eos)
+    assert ours[row, prompt_len:].tolist() == [*new[row, :stop].tolist(), *[eos] * (NEW - stop)]
+    assert not torch.equal(ours, free)
     # a list of stops: filler is the tokenizer's EOS (id 0), not the first stop
-    ours, theirs = _both(pair, PROMPTS, eos_token_id=[eos, int(new[1, 2])], **kw)
+    stops = [eos, int(new[(row + 1) % len(PROMPTS), 2])]
+    ours, theirs = _both(pair, PROMPTS, eos_token_id=stops, **kw)
     assert ours.tolist() == theirs.tolist()
-    assert (ours[0, prompt_len + 1 :] == 0).all()
+    stop = min(new[row].tolist().index(s) for s in stops if s in new[row].tolist())
+    assert (ours[row, prompt_len + stop + 1 :] == 0).all()
     ours, theirs = _both(pair, PROMPTS, do_sample=False, eos_token_id=eos)
     assert ours == theirs
 

@@ -202,24 +202,22 @@ def _projection(project: Tensor | None) -> tuple[Tensor | None, bool]:
     return project, False
 
 
-def _neurons_of(cache: ActivationCache, block: int, neurons: Slice, pos: Slice) -> Components:
-    """Per-neuron writes ``[neuron, *lead, d_model]`` and their labels (neurons kept as a dim)."""
+def _neurons_of(
+    cache: ActivationCache, block: int, neurons: Slice, pos: Slice, project: Tensor | None = None
+) -> Components:
+    """Per-neuron writes ``[neuron, *lead, d_model]`` (neurons kept as a dim) and their labels.
+
+    With ``project`` (``[d_model, outs]``) each write is projected without
+    building the ``[neuron, *lead, d_model]`` intermediate: ``post * (W_out @ P)``.
+    """
     post = pos.apply(cache[name("post", block)], dim=-2)
     index = torch.as_tensor(neurons.indices(post.shape[-1]), device=post.device)
-    writes = neuron_writes(cache.stream, block, post, index)
-    return writes, [f"L{block}N{int(n)}" for n in index]
-
-
-def _projected_neurons_of(
-    cache: ActivationCache, block: int, neurons: Slice, pos: Slice, project: Tensor
-) -> Tensor:
-    """``_neurons_of(...) @ project`` without the ``[neuron, *lead, d_model]`` intermediate."""
-    stream = cache.stream
-    stream.require_per_unit("per-neuron")
-    post = pos.apply(cache[name("post", block)], dim=-2)
-    index = torch.as_tensor(neurons.indices(post.shape[-1]), device=post.device)
-    W_out, _ = stream.neuron_output(block)
-    return torch.einsum("...n,no->n...o", post[..., index], W_out[index] @ project)
+    labels = [f"L{block}N{int(n)}" for n in index]
+    if project is None:
+        return neuron_writes(cache.stream, block, post, index), labels
+    cache.stream.require_per_unit("per-neuron")  # as neuron_writes does
+    W_out, _ = cache.stream.neuron_output(block)
+    return torch.einsum("...n,no->n...o", post[..., index], W_out[index] @ project), labels
 
 
 def _require_neurons(cache: ActivationCache) -> None:
@@ -245,11 +243,7 @@ def get_neuron_results(
     neurons, pos = as_slice(neuron_slice, "neuron_slice"), as_slice(pos_slice)
     kept = as_kept_slice(neurons)
     project, squeeze = _projection(project_output_onto)
-    if project is None:
-        writes = _neurons_of(cache, block, kept, pos)[0]
-    else:
-        writes = _projected_neurons_of(cache, block, kept, pos, project)
-    writes = writes.movedim(0, -2)
+    writes = _neurons_of(cache, block, kept, pos, project)[0].movedim(0, -2)
     if neurons.mode == "int":
         writes = writes.squeeze(-2)
     return writes.squeeze(-1) if squeeze else writes
@@ -292,11 +286,7 @@ def stack_neuron_results(
     labels: list[str] = []
     parts: list[Tensor] = []
     for block in range(end):
-        if project is None:
-            writes, block_labels = _neurons_of(cache, block, neurons, pos)
-        else:
-            writes = _projected_neurons_of(cache, block, neurons, pos, project)
-            block_labels = _neurons_of_labels(cache, block, neurons)
+        writes, block_labels = _neurons_of(cache, block, neurons, pos, project)
         labels += block_labels
         parts.append(writes)
         if incl_bias:
@@ -316,11 +306,6 @@ def stack_neuron_results(
             rest = rest if scale is None else rest / scale
             stack, labels = torch.cat([stack, (rest - stack.sum(0))[None]]), [*labels, "remainder"]
     return (stack.squeeze(-1) if squeeze else stack), labels
-
-
-def _neurons_of_labels(cache: ActivationCache, block: int, neurons: Slice) -> list[str]:
-    post = cache[name("post", block)]
-    return [f"L{block}N{int(n)}" for n in neurons.indices(post.shape[-1])]
 
 
 def accumulated_bias(

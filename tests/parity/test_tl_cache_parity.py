@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,6 +40,7 @@ from mitk import HookedTransformer
 from mitk.cache import ActivationCache
 from mitk.cache.errors import CacheArgumentError
 from mitk.errors import MitkError
+from mitk.hooks import HookKind
 from mitk.utils import Slice
 from tests.parity.test_transformer_lens import _tl_hooked_transformer, tl_deprecation
 
@@ -286,6 +287,9 @@ def test_head_results_match_compute_head_results(caches) -> None:
         name = f"blocks.{layer}.attn.hook_result"
         assert name not in ours  # derived on demand, not stored
         torch.testing.assert_close(ours[name], theirs[name], atol=ATOL, rtol=0)
+    if "result" in get_args(HookKind):  # the short name, once mitk.hooks spells it
+        for key in [("result", 1), ("result", -1, "attn"), "result0", "result2a"]:
+            torch.testing.assert_close(ours[key], theirs[key], atol=ATOL, rtol=0, msg=str(key))
 
 
 def same_method_calls(mine: Any, tl: Any, calls: list[tuple[str, tuple, dict]]) -> None:
@@ -297,7 +301,7 @@ def same_method_calls(mine: Any, tl: Any, calls: list[tuple[str, tuple, dict]]) 
 
 def test_batch_slices_and_a_batchless_cache(models, caches) -> None:
     ours, theirs = caches
-    variants = [dict(pos_slice=pos, apply_ln=ln) for pos in (None, -1, (1, 3)) for ln in (0, 1)]
+    variants = [dict(pos_slice=p, apply_ln=ln) for p in (None, -1, (1, 3)) for ln in (False, True)]
     for batch in [0, -1, [1, 0], (0, 1), Slice(1)]:
         tl_batch = TLSlice(1) if isinstance(batch, Slice) else batch
         mine, tl = ours.apply_slice_to_batch_dim(batch), theirs.apply_slice_to_batch_dim(tl_batch)

@@ -48,11 +48,6 @@ Stacked = Tensor | tuple[Tensor, list[str]] | ResidualStack
 """A stack as asked for: the tensor, ``(tensor, labels)``, or a ``ResidualStack``."""
 
 
-def _result_name(layer: int) -> str:
-    """``blocks.{layer}.attn.hook_result``: the per-head results sit beside ``hook_z``."""
-    return name("z", layer).removesuffix("hook_z") + "hook_result"
-
-
 def _stacked(components: Components, return_labels: bool, as_stack: bool) -> Stacked:
     tensor, labels = components
     if as_stack:
@@ -120,7 +115,7 @@ class ActivationCache(Mapping[str, Tensor]):
         if full in self._acts:
             return self._acts[full]
         layer = layer_of(full)
-        if layer is not None and full == _result_name(layer) and name("z", layer) in self._acts:
+        if layer is not None and full == name("result", layer) and name("z", layer) in self._acts:
             return self.head_results(layer)
         how = " (or hook_z, which it is derived from)" if full.endswith("hook_result") else ""
         raise NotCachedError(
@@ -131,7 +126,7 @@ class ActivationCache(Mapping[str, Tensor]):
     def head_results(self, layer: int) -> Float[Tensor, "*lead head d_model"]:
         """Each head's write at block ``layer`` without ``b_O``: ``hook_result`` if cached, else
         derived from ``hook_z`` and ``W_O`` (not stored)."""
-        result = _result_name(layer)
+        result = name("result", layer)
         if result in self._acts:
             return self._acts[result]
         z = self._acts.get(name("z", layer))
@@ -149,7 +144,7 @@ class ActivationCache(Mapping[str, Tensor]):
         they are. Reading ``cache["result", L]`` works without this call.
         """
         for layer in range(self.stream.n_layers):
-            result = _result_name(layer)
+            result = name("result", layer)
             if result not in self._acts:
                 self._acts[result] = self.head_results(layer)
 

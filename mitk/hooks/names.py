@@ -27,6 +27,7 @@ HookKind = Literal[
     "attn_scores",
     "pattern",
     "z",
+    "result",
     "kv_latent",
     "pre",
     "pre_linear",
@@ -38,7 +39,9 @@ HookKind = Literal[
 _MODEL_LEVEL = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}
 _BLOCK_LEVEL = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
 # kv_latent exists on latent-attention (MLA) layers only
-_ATTN_LEVEL = {"q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "kv_latent"}
+_ATTN_LEVEL = {
+    "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result", "kv_latent"
+}  # fmt: skip
 _MLP_LEVEL = {"pre", "pre_linear", "post"}
 _NORM_LEVEL = {"scale", "normalized"}
 NORMS = ("ln1", "ln2")

@@ -10,8 +10,6 @@ raises a ``MitkError`` naming the problem.
 
 from __future__ import annotations
 
-from typing import get_args
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import pytest
@@ -21,7 +19,6 @@ from mitk import HookedTransformer, TransformerConfig
 from mitk.cache import ActivationCache, ResidualStack
 from mitk.cache.errors import CacheArgumentError, LayerOutOfRangeError, NotCachedError
 from mitk.errors import MitkError, ShapeMismatchError, UnsupportedModelError
-from mitk.hooks import HookKind
 from mitk.utils import Slice
 
 VARIANTS = {
@@ -236,10 +233,6 @@ def test_head_results_are_derived_from_z_unless_cached() -> None:
     assert cache["blocks.0.attn.hook_result"][0, 0, 0, 0] == 7.0
 
 
-@pytest.mark.skipif(
-    "result" not in get_args(HookKind),
-    reason="waiting for the short name: mitk.hooks.names.HookKind lacks 'result' (asked for)",
-)
 def test_head_results_by_short_name(run) -> None:
     _, cache = run
     for key in [("result", 1), ("result", -1), "result0", ("result", 2, "attn")]:

@@ -35,7 +35,7 @@ from mitk.utils import _as_int as to_python_int
 
 KINDS = list(get_args(HookKind))
 ALIASES = ["attn", "attn_logits", "key", "query", "value", "mlp_pre", "mlp_mid", "mlp_post"]
-TL_ONLY = ["result", "attn_in", "q_input", "k_input", "v_input", "mlp_in", "mid", "tokens"]
+TL_ONLY = ["attn_in", "q_input", "k_input", "v_input", "mlp_in", "mid", "tokens"]
 LAYER_TYPES = [None, "", "a", "m", "b", "block", "blocks", "attention", "attn", "mlp", "ln1",
                "ln2", "ln_final", "x"]  # fmt: skip
 
@@ -117,7 +117,7 @@ def test_get_act_name_examples(args: tuple, expected: str) -> None:
         (("scale", None, "ln1"), UnknownHookError, "did you mean 'ln_final.hook_scale'"),
         (("normalized", 2, "ln3"), UnknownHookError, "'blocks.2.ln3.hook_normalized'"),
         (("atn", 2), UnknownHookError, "did you mean 'attn'"),
-        (("result", 2), UnknownHookError, "unknown activation kind 'result'"),
+        (("attn_in", 2), UnknownHookError, "unknown activation kind 'attn_in'"),
         (("embed", 2), ValueError, "not per layer"),
         (("k", -1), ValueError, "cache\\['resid_post', -1\\]"),
         (("k6", 3), ValueError, "'k6' says layer 6 but layer=3 was passed"),

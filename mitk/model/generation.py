@@ -97,10 +97,14 @@ def sample(
     most likely tokens up to and including the one whose mass first exceeds
     ``top_p``; the most likely always survives). Drawn from ``generator``, or
     torch's global generator when None (the same draw TransformerLens makes).
+    Temperatures below fp32's smallest normal number are greedy too: dividing by
+    them gives NaNs (in TransformerLens as well).
     """
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or too small to divide by in fp32
         return logits.argmax(-1)
-    scores = logits.float() / temperature
+    # shifted so the best score is 0: a tiny temperature then gives -inf, never inf - inf
+    scores = logits.float()
+    scores = (scores - scores.max(-1, keepdim=True).values) / temperature
     if freq_penalty > 0 and token_counts is not None:
         scores = scores - freq_penalty * token_counts
     if top_k is not None:

@@ -169,7 +169,10 @@ def generate(
       one, token ids are read as ``forward`` reads them: on a left padding side leading
       pad ids are padding), ``seed``, ``pad_token_id``, ``fwd_hooks``.
 
-    Bad arguments raise ``GenerationArgumentError`` (a ``ValueError``).
+    Unlike TransformerLens: no input embeddings; Hugging Face keywords such as
+    ``output_logits`` are refused, not warned about (``"result"`` has log-probs);
+    a negative ``freq_penalty`` is refused, not ignored. Bad arguments raise
+    ``GenerationArgumentError`` (a ``ValueError``) naming the argument.
     """
     _check_arguments(
         max_new_tokens, temperature, top_k, top_p, freq_penalty, return_type, padding_side, seed

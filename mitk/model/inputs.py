@@ -60,6 +60,11 @@ def checked_attention_mask(mask: object, shape: tuple[int, int]) -> Tensor | Non
     """A ``[batch, pos]`` 0/1 mask matching the tokens, or None when it masks nothing."""
     if mask is None:
         return None
+    if isinstance(mask, str):  # TransformerLens's forward takes return_type second
+        raise ShapeMismatchError(
+            f"attention_mask must be a tensor, got the string {mask!r}: mitk's second "
+            "positional argument is attention_mask; pass return_type= by keyword"
+        )
     if not isinstance(mask, Tensor):
         raise ShapeMismatchError(f"attention_mask must be a tensor, got {type(mask).__name__}")
     if mask.ndim == 1:

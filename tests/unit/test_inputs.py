@@ -84,3 +84,11 @@ def test_text_arguments_are_checked(tiny: HookedTransformer, gpt2: HookedTransfo
         gpt2.tokenize([])
     with pytest.raises(NoTokenizerError, match="has no tokenizer"):
         tiny.to_single_token("cat")
+
+
+def test_return_type_in_transformer_lens_position_is_explained(tiny: HookedTransformer) -> None:
+    from mitk.model.inputs import checked_attention_mask
+
+    # forward's annotation refuses a string first under test; users reach this message
+    with pytest.raises(ShapeMismatchError, match="pass return_type= by keyword"):
+        checked_attention_mask("loss", (1, 4))

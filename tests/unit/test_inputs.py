@@ -86,7 +86,7 @@ def test_text_arguments_are_checked(tiny: HookedTransformer, gpt2: HookedTransfo
         tiny.to_single_token("cat")
 
 
-def test_return_type_in_transformer_lens_position_is_explained(tiny: HookedTransformer) -> None:
+def test_return_type_in_transformer_lens_position_is_explained() -> None:
     from mitk.model.inputs import checked_attention_mask
 
     # forward's annotation refuses a string first under test; users reach this message

@@ -361,8 +361,8 @@ def test_slice_refuses_what_it_cannot_read() -> None:
 @pytest.mark.parametrize(
     "value",
     [
-        torch.randn(2, 3),
-        torch.randn(2, requires_grad=True),
+        torch.randn(2, 3, generator=torch.Generator().manual_seed(0)),
+        torch.randn(2, generator=torch.Generator().manual_seed(1), requires_grad=True),
         torch.ones(2).bfloat16(),
         [1, 2],
         (1.5, 2.5),

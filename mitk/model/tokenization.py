@@ -129,16 +129,17 @@ class TextInterface:
         attention_mask: Tensor | None = None,
         prepend_bos: bool | None = None,
         padding_side: str | None = None,
-        infer: bool = True,
+        after_cache: bool = False,
     ) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"] | None]:
         """The checked token ids and real-token mask a forward runs on, on ``cfg.device``.
 
         Text is tokenized (``prepend_bos``, ``padding_side``) and brings its own
         mask, so an ``attention_mask`` beside it is refused. Token ids keep
-        ``attention_mask``; without one, and with ``infer``, a left padding side
-        (``padding_side``, else the tokenizer's) makes leading pad tokens padding
-        as in TransformerLens (``get_attention_mask``). The mask is None when
-        nothing is padding.
+        ``attention_mask``; without one, padding is guessed from pad ids as
+        TransformerLens guesses it (``get_attention_mask``): leading pad tokens
+        on a left padding side (``padding_side``, else the tokenizer's), and on
+        either side when the tokens continue a key-value cache (``after_cache``).
+        The mask is None when nothing is padding.
         """
         if isinstance(input, str) or (
             isinstance(input, list) and input and all(isinstance(t, str) for t in input)
@@ -151,15 +152,11 @@ class TextInterface:
         tokens = checked_tokens(input, self.cfg)
         if padding_side is not None:
             _checked_side(padding_side)  # a typo is an error even where no padding is guessed
-        if (
-            attention_mask is None
-            and infer
-            and self.tokenizer is not None
-            and self._padding_side(padding_side) == "left"
-        ):
+        side = None if self.tokenizer is None else self._padding_side(padding_side)
+        if attention_mask is None and side is not None and (after_cache or side == "left"):
             if prepend_bos is None:
                 prepend_bos = self.cfg.default_prepend_bos
-            attention_mask = get_attention_mask(self.tokenizer, tokens, prepend_bos, "left")
+            attention_mask = get_attention_mask(self.tokenizer, tokens, prepend_bos, side)
         valid = checked_attention_mask(attention_mask, (tokens.shape[0], tokens.shape[1]))
         device = self.cfg.device
         return tokens.to(device), None if valid is None else valid.to(device)

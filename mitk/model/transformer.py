@@ -236,7 +236,11 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         input_tokens = None
         if start_at_layer is None:
             tokens, new_valid = self.tokens_and_mask(
-                input, attention_mask, prepend_bos, padding_side, infer=past_kv_cache is None
+                input,
+                attention_mask,
+                prepend_bos,
+                padding_side,
+                after_cache=past_kv_cache is not None,
             )
             input_tokens = tokens
             batch, pos = tokens.shape

@@ -100,7 +100,7 @@ class TransformerLensAPI:
         changed.
         """
         tokens, valid = self.tokens_and_mask(
-            input, attention_mask, prepend_bos, padding_side, infer=past_kv_cache is None
+            input, attention_mask, prepend_bos, padding_side, after_cache=past_kv_cache is not None
         )
         batch, pos = tokens.shape
         key_valid = (

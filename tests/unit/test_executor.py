@@ -213,7 +213,7 @@ def test_a_failed_forward_leaves_the_kv_cache_as_it_was(rotary: HookedTransforme
     max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    cuts=st.lists(st.integers(1, 4), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(1, 4), min_size=1, max_size=4),  # tiny has 16 positions
     pad=st.integers(0, 2),
     rotary_model=st.booleans(),
 )

@@ -471,13 +471,6 @@ class TestGenerationBackwardCompatibility:
 # --- ported: tests/integration/test_kv_cache.py -------------------------------------------
 
 
-NO_INFERRED_CACHE_MASK = (
-    "with past_kv_cache and no attention_mask, mitk's forward reads token ids as all real "
-    "(it infers padding from pad ids only without a cache); TransformerLens infers it, so "
-    "pad tokens in the cached or new part are attended here"
-)
-
-
 # Pythia models seem to have some kind of numerical stability issue.
 # See: https://github.com/TransformerLensOrg/TransformerLens/issues/385
 @pytest.fixture(scope="module", params=[("gpt2", 1e-4), ("pythia", 1e-2)])
@@ -548,8 +541,6 @@ def test_multiple_new_tokens(pretrained):
 @pytest.mark.parametrize("pre_padding", ["left", "right", None])
 @pytest.mark.parametrize("post_padding", ["left", "right", None])
 def test_multi_token_batch(pretrained, pre_padding, post_padding, request):
-    if pre_padding is not None or post_padding == "left":  # padding the tokens do not end on
-        request.applymarker(pytest.mark.xfail(reason=NO_INFERRED_CACHE_MASK, strict=True))
     model, atol = pretrained
     padded_batch_pre_prompts = [
         "It's always locked",

@@ -55,6 +55,8 @@ def loading_overrides(
 
 
 NormPosition = Literal["pre", "post"]
+QKNorm = Literal["none", "head", "projection"]
+RotaryScalingKind = Literal["linear", "dynamic", "yarn", "llama3"]
 
 
 class JsonConfig:
@@ -72,14 +74,20 @@ class JsonConfig:
         """A copy with some fields changed, validated again."""
         return self.from_dict({**self.to_dict(), **changes})
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict of every field."""
-        return asdict(self)  # type: ignore[call-overload]
+    def to_dict(self, *, placement: bool = True) -> dict[str, Any]:
+        """Plain-JSON dict of every field; ``placement=False`` leaves out where it lives.
+
+        Fingerprints (activation stores, sweeps) use ``placement=False``, so a run
+        started on one device resumes on another.
+        """
+        data: dict[str, Any] = asdict(self)  # type: ignore[call-overload]
+        if not placement:
+            data = {k: v for k, v in data.items() if k not in self.PLACEMENT_FIELDS}
+        return data
 
     def to_json(self) -> str:
         """Indented JSON without placement fields; ``from_json(cfg.to_json()) == cfg``."""
-        data = {k: v for k, v in self.to_dict().items() if k not in self.PLACEMENT_FIELDS}
-        return json.dumps(data, indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(placement=False), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
@@ -132,6 +140,57 @@ def check_choices(config: Any, choices: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
+class RotaryScaling(JsonConfig):
+    """How a rotary frequency ladder is stretched past its pretraining context (HF ``rope_type``).
+
+    ``linear`` divides every frequency by ``factor``; ``llama3`` divides the low
+    frequencies by ``factor``, keeps the high ones and blends between
+    (``low_freq_factor``/``high_freq_factor``); ``yarn`` blends interpolated and
+    original frequencies over a ramp set by ``beta_fast``/``beta_slow`` and
+    multiplies cos/sin by ``attention_factor`` (so ``q·k`` by its square);
+    ``dynamic`` (NTK) raises the base once a pass's longest position exceeds
+    ``original_context``, so its angles depend on the sequence length.
+    """
+
+    kind: RotaryScalingKind
+    """Which stretching (Hugging Face's ``rope_type``)."""
+    factor: float
+    """Context-extension factor (> 0)."""
+    original_context: int = 0
+    """Pretraining context length: ``llama3``/``yarn``'s wavelength thresholds, the length
+    past which ``dynamic`` rescales; unused by ``linear`` (0)."""
+    low_freq_factor: float = 1.0
+    """``llama3``: wavelengths above ``original_context / low_freq_factor`` are divided."""
+    high_freq_factor: float = 4.0
+    """``llama3``: wavelengths below ``original_context / high_freq_factor`` are kept."""
+    beta_fast: float = 32.0
+    """``yarn``: rotations over ``original_context`` below which a pair is interpolated fully."""
+    beta_slow: float = 1.0
+    """``yarn``: rotations above which a pair is kept as it was (extrapolated)."""
+    attention_factor: float = 1.0
+    """``yarn``: multiplier on cos and sin (a logit scale); 1 for the other kinds."""
+    truncate: bool = True
+    """``yarn``: round the ramp's ends to whole dimensions, as the reference does."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, {"kind": RotaryScalingKind})
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                     "attention_factor"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"rotary scaling {name} must be a positive number, got {value!r}")
+        if self.kind != "linear":
+            check_positive_ints(self, ("original_context",))
+        if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"llama3 rotary scaling needs high_freq_factor ({self.high_freq_factor}) > "
+                f"low_freq_factor ({self.low_freq_factor})"
+            )
+        if self.kind != "yarn" and self.attention_factor != 1.0:
+            raise ConfigError(f"attention_factor applies to yarn scaling only, not {self.kind!r}")
+
+
+@dataclass(frozen=True)
 class TransformerConfig(JsonConfig):
     """Shape and variant choices of a transformer; every field is validated."""
 
@@ -167,6 +226,8 @@ class TransformerConfig(JsonConfig):
     """Base of the rotary frequency ladder."""
     rotary_style: RotaryStyle = "neox"
     """Rotated pairs: ``neox`` is ``(i, i + rotary_dim/2)`` (LLaMA...), ``gptj`` ``(2i, 2i+1)``."""
+    rotary_scaling: RotaryScaling | None = None
+    """Context-extension scaling of the rotary frequencies (Llama 3, YaRN...); None: unscaled."""
     sliding_window: int = 0
     """Causal attention sees only the last ``sliding_window`` positions (Mistral); 0: no window."""
     sliding_window_layers: list[int] | None = None
@@ -224,6 +285,12 @@ class TransformerConfig(JsonConfig):
     """Attention scores become ``cap * tanh(scores / cap)`` (Gemma-2); 0: no soft-capping."""
     output_softcap: float = 0.0
     """Logits become ``cap * tanh(logits / cap)`` (Gemma-2); 0: no soft-capping."""
+    pre_norms: bool = True
+    """Sublayers read a normed stream (``ln1``/``ln2``); False (OLMo 2): they read the raw
+    stream, there is no ``ln1``/``ln2``, and ``sandwich_norms`` norm their outputs."""
+    qk_norm: QKNorm = "none"
+    """RMSNorm on queries and keys before rotary (``attn.q_norm``/``attn.k_norm``): ``head``
+    normalises each head's ``d_head`` (Qwen 3), ``projection`` all heads together (OLMo 2)."""
     device: str = field(default="cpu", compare=False)
     """Where the weights live (``"cpu"``, ``"cuda:0"``): a model is built there and keeps
     this up to date through ``model.to(...)``. Not part of ``==`` or of the saved JSON, so
@@ -288,8 +355,28 @@ class TransformerConfig(JsonConfig):
         if self.attn_scale <= 0:
             raise ConfigError(f"attn_scale must be positive, got {self.attn_scale}")
         check_choices(self, _CHOICES)
+        self._validate_variants()
         if self.attention_type == "mla":
             self._validate_mla()
+
+    def _validate_variants(self) -> None:
+        scaling = self.rotary_scaling
+        if scaling is not None and not isinstance(scaling, RotaryScaling):
+            raise ConfigError(f"rotary_scaling must be a RotaryScaling or None, got {scaling!r}")
+        if scaling is not None and (self.positional != "rotary" or self.attention_type != "mha"):
+            raise ConfigError("rotary_scaling needs positional='rotary' and attention_type='mha'")
+        if self.qk_norm != "none" and self.attention_type != "mha":
+            raise ConfigError(f"qk_norm={self.qk_norm!r} needs attention_type='mha'")
+        if not self.pre_norms and not (self.sandwich_norms and self.norm_position == "pre"):
+            raise ConfigError("pre_norms=False needs sandwich_norms=True and norm_position='pre'")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """As ``JsonConfig.from_dict``; a ``rotary_scaling`` dict becomes a ``RotaryScaling``."""
+        scaling = data.get("rotary_scaling")
+        if isinstance(scaling, dict):
+            data = {**data, "rotary_scaling": RotaryScaling.from_dict(scaling)}
+        return super().from_dict(data)
 
     def _validate_mla(self) -> None:
         for name in ("kv_lora_rank", "v_head_dim"):
@@ -334,4 +421,5 @@ _CHOICES: dict[str, Any] = {
     "dtype": DType,
     "attention_type": AttentionType,
     "norm_position": NormPosition,
+    "qk_norm": QKNorm,
 }

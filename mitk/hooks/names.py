@@ -22,6 +22,8 @@ HookKind = Literal[
     "q",
     "k",
     "v",
+    "q_normed",
+    "k_normed",
     "rot_q",
     "rot_k",
     "attn_scores",
@@ -38,9 +40,10 @@ HookKind = Literal[
 
 _MODEL_LEVEL = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}
 _BLOCK_LEVEL = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
-# kv_latent exists on latent-attention (MLA) layers only
+# kv_latent exists on latent-attention (MLA) layers only, q/k_normed with cfg.qk_norm only
 _ATTN_LEVEL = {
-    "q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result", "kv_latent"
+    "q", "k", "v", "q_normed", "k_normed", "rot_q", "rot_k", "attn_scores", "pattern", "z",
+    "result", "kv_latent",
 }  # fmt: skip
 _MLP_LEVEL = {"pre", "pre_linear", "post"}
 _NORM_LEVEL = {"scale", "normalized"}

@@ -12,13 +12,14 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from mitk.config import AttentionBackend, TransformerConfig
+from mitk.config import AttentionBackend, RotaryScaling, TransformerConfig
 from mitk.errors import ConfigError, HookError
 from mitk.hooks import HookPoint
 from mitk.model.alibi import alibi_bias, alibi_slopes
 from mitk.model.forward_context import ForwardContext
 from mitk.model.linear import affine
 from mitk.model.masks import AttentionMask
+from mitk.model.norms import RMSNorm
 from mitk.model.rotary import apply_rotary, rotary_angles
 from mitk.model.softcap import soft_cap
 from mitk.shapes import Float
@@ -59,7 +60,12 @@ class Attention(nn.Module):
     with -inf), and ``hook_result`` ``[batch, pos, head, d_model]``, each head's
     write ``z @ W_O`` (without ``b_O``; heads plus ``b_O`` give the output),
     computed only when a hook is attached to it (TransformerLens's
-    ``use_attn_result``, without the flag). Each forward records in its
+    ``use_attn_result``, without the flag). With ``cfg.qk_norm`` (Qwen 3, OLMo 2)
+    queries and keys pass RMSNorms ``q_norm``/``k_norm`` (their own
+    ``hook_scale``/``hook_normalized``; ``[..., head, 1]`` per head, ``[batch,
+    pos, 1]`` over the projection) between ``hook_q``/``hook_k`` and rotary, and
+    ``hook_q_normed``/``hook_k_normed`` (shapes of ``hook_q``/``hook_k``) see the
+    normed (weighted) result. Each forward records in its
     ``ForwardContext`` which path ran and why; soft-capped layers
     (``cfg.attn_softcap``) run explicitly, ``"eager: soft-capping"``.
 
@@ -81,6 +87,13 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            # typed as modules: latent attention (a subclass) has its own q_norm, of a latent
+            self.q_norm: nn.Module = RMSNorm(cfg, d_head if per_head else n_q * d_head)
+            self.k_norm: nn.Module = RMSNorm(cfg, d_head if per_head else n_kv * d_head)
+            self.hook_q_normed = HookPoint()
+            self.hook_k_normed = HookPoint()
         if cfg.positional == "rotary":
             self.hook_rot_q = HookPoint()
             self.hook_rot_k = HookPoint()
@@ -189,15 +202,28 @@ class Attention(nn.Module):
         )
         q, k, v = qkv.split([cfg.n_heads, cfg.n_key_value_heads, cfg.n_key_value_heads], dim=2)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if cfg.qk_norm != "none":
+            q = self.hook_q_normed(self._normed(self.q_norm, q))
+            k = self.hook_k_normed(self._normed(self.k_norm, k))
         if cfg.positional == "rotary":
-            angles = rotary_angles_of(ctx, x.device, cfg.rotary_dim, cfg.rotary_base)
-            q = self.hook_rot_q(apply_rotary(q, angles, cfg.rotary_style))
-            k = self.hook_rot_k(apply_rotary(k, angles, cfg.rotary_style))
+            scaling = cfg.rotary_scaling
+            angles = rotary_angles_of(ctx, x.device, cfg.rotary_dim, cfg.rotary_base, scaling)
+            scale = 1.0 if scaling is None else scaling.attention_factor
+            q = self.hook_rot_q(apply_rotary(q, angles, cfg.rotary_style, scale))
+            k = self.hook_rot_k(apply_rotary(k, angles, cfg.rotary_style, scale))
         z = self.attend(q, k, v, ctx)
         if self.hook_result.has_hooks:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(2) + self.b_O
         return affine(z.reshape(batch, pos, -1), self.W_o_packed, self.b_o_param)
+
+    def _normed(
+        self, norm: nn.Module, x: Float[Tensor, "batch pos head d_head"]
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        """``x`` through a q/k norm: per head, or over all heads' projection at once."""
+        if self.cfg.qk_norm == "head":
+            return norm(x)
+        return norm(x.flatten(2)).view(x.shape)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
         """Mix values by the path ``ctx`` allows; ``[batch, pos, head, d]`` in, ``hook_z`` out.
@@ -268,14 +294,22 @@ class Attention(nn.Module):
 
 
 def rotary_angles_of(
-    ctx: ForwardContext, device: torch.device, rotary_dim: int, base: float
+    ctx: ForwardContext,
+    device: torch.device,
+    rotary_dim: int,
+    base: float,
+    scaling: RotaryScaling | None = None,
 ) -> Tensor:
-    """Rotary angles of this pass's query positions, built once and shared by every layer."""
+    """Rotary angles of this pass's query positions, built once and shared by every layer.
+
+    Dynamic scaling reads the longest of these positions, so a cached
+    generation step uses the ladder of the sequence so far, as Hugging Face does.
+    """
     mask = ctx.mask
 
     def build() -> Tensor:
         positions = mask.positions(device)[:, -mask.q_len :]
-        return rotary_angles(positions, rotary_dim, base)
+        return rotary_angles(positions, rotary_dim, base, scaling)
 
     angles = ctx.shared("rotary", build)
     assert angles is not None

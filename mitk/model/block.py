@@ -31,13 +31,18 @@ class TransformerBlock(nn.Module):
     output with ``ln1_post``/``ln2_post`` before the residual addition, as
     TransformerLens does; ``hook_attn_out``/``hook_mlp_out`` see the normed
     write, so they are no longer the sum of per-head or per-neuron writes.
+
+    Without pre-norms (``cfg.pre_norms`` False, OLMo 2) the block has no
+    ``ln1``/``ln2``: each sublayer reads the raw stream and only its output is
+    normed (``ln1_post``/``ln2_post``).
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.layer = layer
-        self.ln1 = make_norm(cfg)
+        if cfg.pre_norms:
+            self.ln1 = make_norm(cfg)
         attention = LatentAttention if cfg.attention_type == "mla" else Attention
         self.attn = attention(cfg, layer)
         self.hook_resid_pre = HookPoint()
@@ -45,7 +50,8 @@ class TransformerBlock(nn.Module):
         if cfg.has_mlp:
             if not cfg.parallel_attn_mlp:
                 self.hook_resid_mid = HookPoint()
-            self.ln2 = make_norm(cfg)
+            if cfg.pre_norms:
+                self.ln2 = make_norm(cfg)
             self.mlp = MLP(cfg)
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
@@ -62,21 +68,27 @@ class TransformerBlock(nn.Module):
         resid = self.hook_resid_pre(resid)
         if self.cfg.norm_position == "post":
             return self._post_norm(resid, ctx)
-        attn_out = self.attn(self.ln1(resid), ctx)
+        attn_out = self.attn(self._pre(1, resid), ctx)
         if self.cfg.sandwich_norms:
             attn_out = self.ln1_post(attn_out)
         attn_out = self.hook_attn_out(attn_out)
         if not self.cfg.has_mlp:
             return self.hook_resid_post(resid + attn_out)
         if self.cfg.parallel_attn_mlp:
-            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid)))
+            mlp_out = self.hook_mlp_out(self.mlp(self._pre(2, resid)))
             return self.hook_resid_post(resid + attn_out + mlp_out)
         mid = self.hook_resid_mid(resid + attn_out)
-        mlp_out = self.mlp(self.ln2(mid))
+        mlp_out = self.mlp(self._pre(2, mid))
         if self.cfg.sandwich_norms:
             mlp_out = self.ln2_post(mlp_out)
         mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(mid + mlp_out)
+
+    def _pre(
+        self, which: int, x: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """What sublayer ``which`` (1: attention, 2: MLP) reads: ``ln{which}(x)``, or ``x``."""
+        return getattr(self, f"ln{which}")(x) if self.cfg.pre_norms else x
 
     def _post_norm(
         self, resid: Float[Tensor, "batch pos d_model"], ctx: ForwardContext

@@ -40,16 +40,21 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm (no centring, no bias) with the same hooks as ``LayerNorm``."""
+    """RMSNorm (no centring, no bias) with the same hooks as ``LayerNorm``.
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    It normalises the last dimension, ``width`` wide (``d_model`` unless given:
+    q/k norms normalise one head or a whole projection); leading dimensions
+    are free, and ``hook_scale`` keeps them with a trailing 1.
+    """
+
+    def __init__(self, cfg: TransformerConfig, width: int | None = None) -> None:
         super().__init__()
         self.eps = cfg.norm_eps
-        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.w = nn.Parameter(torch.ones(cfg.d_model if width is None else width))
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "*lead width"]) -> Float[Tensor, "*lead width"]:
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x / scale) * self.w
 

@@ -4,11 +4,16 @@ Each family is built from its ``transformers`` config class, given non-trivial
 norm weights and biases, written with ``save_pretrained`` and loaded back with
 ``HookedTransformer.from_pretrained``. Left-padded rows get HF position ids
 counted over real tokens, which is what mitk derives from the mask.
+
+Rotary-scaled LLaMA variants set a pretraining context of 8, shorter than the
+12-token batch and than generation's 14 tokens, so the scaling changes the
+result; ``test_breaking_a_scaling_formula_is_caught`` checks that it does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +22,9 @@ import torch
 from torch import nn
 
 from mitk import HookedTransformer
+from mitk.analysis.dla import logit_attribution
 from mitk.errors import UnsupportedModelError
-from tests.parity.hf_compare import assert_matches_hf, token_batch
+from tests.parity.hf_compare import assert_matches_hf, hf_forward, token_batch
 
 TOL = 1e-4
 VOCAB = 97
@@ -64,6 +70,42 @@ def _gemma2(**kw: Any) -> nn.Module:
     # 24-wide heads (not 64 / 4), a window of 4 on layer 0, its own attention scale
     base = {**LLAMA_LIKE, "head_dim": 24, "sliding_window": 4, "query_pre_attn_scalar": 20}
     return Gemma2ForCausalLM(Gemma2Config(**{**base, **kw}))
+
+
+def _qwen3(**kw: Any) -> nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # 24-wide heads (not 64 / 4): the per-head q/k norms are d_head wide
+    return Qwen3ForCausalLM(Qwen3Config(**{**LLAMA_LIKE, "head_dim": 24, **kw}))
+
+
+def _olmo2(**kw: Any) -> nn.Module:
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    base = {**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 0}  # HF's defaults exceed VOCAB
+    return Olmo2ForCausalLM(Olmo2Config(**{**base, **kw}))
+
+
+# Pretraining context 8: the 12-token batch and generation run past it
+ORIGINAL_CONTEXT = 8
+SCALED_ROPE: dict[str, dict[str, Any]] = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": ORIGINAL_CONTEXT},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0,
+             "original_max_position_embeddings": ORIGINAL_CONTEXT},
+    "yarn-mscale-betas": {"rope_type": "yarn", "factor": 3.0, "beta_fast": 8.0, "beta_slow": 2.0,
+                          "mscale": 1.0, "mscale_all_dim": 0.5,
+                          "original_max_position_embeddings": ORIGINAL_CONTEXT},
+    # dynamic NTK rescales past max_position_embeddings itself
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+}  # fmt: skip
+
+
+def _scaled_llama(variant: str, **kw: Any) -> nn.Module:
+    params = SCALED_ROPE[variant]
+    n_ctx = ORIGINAL_CONTEXT if variant == "dynamic" else 64
+    return _llama(rope_scaling=dict(params), max_position_embeddings=n_ctx, **kw)
 
 
 def _neox(**kw: Any) -> nn.Module:
@@ -128,7 +170,21 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "qwen2-window-on-layer-1": lambda: _qwen2(
         use_sliding_window=True, sliding_window=4, max_window_layers=1
     ),
+    **{f"llama-rope-{variant}": partial(_scaled_llama, variant) for variant in SCALED_ROPE},
+    "qwen3-head-qk-norms": lambda: _qwen3(),
+    "qwen3-yarn-window-on-layer-1": lambda: _qwen3(
+        rope_scaling=dict(SCALED_ROPE["yarn"]),
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+        attention_bias=True,
+    ),
+    "olmo2-post-norms-projection-qk-norms": lambda: _olmo2(),
 }
+LONG_CONTEXT = sorted(
+    name for name in FAMILIES if "rope-" in name or "qwen3" in name or "olmo2" in name
+)
+"""The families added with rotary scaling and q/k norms, generated past their original context."""
 
 
 def _randomised(model: nn.Module, seed: int) -> nn.Module:
@@ -152,10 +208,12 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return request.param, hf, HookedTransformer.from_pretrained(directory)
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-def test_log_probs_and_every_residual_match(pair: Any, padded: bool) -> None:
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_log_probs_and_every_residual_match(pair: Any, padding: str) -> None:
     _, hf, model = pair
-    tokens, mask = token_batch(VOCAB, padded)
+    tokens, mask = token_batch(VOCAB, padding != "none")
+    if mask is not None and padding == "right":
+        mask = mask.flip(-1)
     real, hf_out, _ = assert_matches_hf(hf, model, tokens, mask, TOL)
     with torch.no_grad():
         hidden = model(tokens, attention_mask=mask, return_type="hidden")
@@ -192,11 +250,86 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         HookedTransformer.from_pretrained(tmp_path)
 
 
-def test_scaled_rope_is_refused(tmp_path: Path) -> None:
-    hf = _llama(rope_scaling={"rope_type": "linear", "factor": 2.0})
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    with pytest.raises(UnsupportedModelError, match="rope scaling 'linear'"):
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        # scaling reaches only the families whose scaled positions are tested
+        (lambda: _mistral(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+         "rope scaling 'linear' is not supported for mistral"),
+        (lambda: _llama(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                      "long_factor": [2.0] * 8,
+                                      "original_max_position_embeddings": 8}),
+         "rope scaling 'longrope' is not supported for llama"),
+        (lambda: _qwen3(rope_scaling={"rope_type": "linear", "factor": 2.0, "spin": 1}),
+         r"rope_type 'linear' parameter\(s\) \['spin'\]"),
+        (lambda: _qwen3(layer_norm_in_fp8=True), "qwen3 config field.*layer_norm_in_fp8"),
+        (lambda: _olmo2(clip_qkv=8.0), "olmo2 config field.*clip_qkv"),
+    ],
+    ids=["mistral-scaled", "longrope", "unknown-rope-key", "qwen3-field", "olmo2-field"],
+)  # fmt: skip
+def test_unsupported_variants_are_refused_by_name(make: Any, message: str, tmp_path: Path) -> None:
+    make().save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(UnsupportedModelError, match=message):
         HookedTransformer.from_pretrained(tmp_path)
+
+
+def test_dla_sums_to_hf_logit_difference(pair: Any) -> None:
+    """Per-component (and per-head where writes are additive) DLA totals HF's logit difference.
+
+    Under a final soft-cap DLA decomposes the logits before the cap, so there it
+    is compared with the uncapped difference (``Attribution.actual`` is capped).
+    """
+    _, hf, model = pair
+    tokens, _ = token_batch(VOCAB, padded=False)
+    hf_logits = hf_forward(hf, tokens, None).logits[:, -1]
+    answers, wrong = torch.tensor([1, 5, 9]), torch.tensor([2, 6, 3])
+    rows = torch.arange(3)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    result = logit_attribution(model, cache, answers, wrong)
+    expected = hf_logits[rows, answers] - hf_logits[rows, wrong]
+    torch.testing.assert_close(result.actual, expected, atol=TOL, rtol=0)
+    if model.cfg.output_softcap:
+        with torch.no_grad():
+            final = model.ln_final(cache["resid_post", model.cfg.n_layers - 1][:, -1:])
+            uncapped = (final @ model.W_U + model.b_U)[:, 0]
+        expected = uncapped[rows, answers] - uncapped[rows, wrong]
+    torch.testing.assert_close(result.total(), expected, atol=TOL, rtol=0)
+    if model.cfg.sandwich_norms:  # normed sublayer outputs are not sums of per-head writes
+        with pytest.raises(UnsupportedModelError, match="sandwich norms"):
+            logit_attribution(model, cache, answers, wrong, by="head")
+        return
+    by_head = logit_attribution(model, cache, answers, wrong, by="head")
+    torch.testing.assert_close(by_head.total(), expected, atol=TOL, rtol=0)
+
+
+def _peaked_attention(model: nn.Module) -> nn.Module:
+    """Queries and keys scaled up (norm weights where q/k are normed) so attention is peaked.
+
+    At HF's init the tiny model's greedy tokens ignore positions, so a wrong or
+    missing rotary scaling would still generate the same tokens.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.mul_(3.0)
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("family", LONG_CONTEXT)
+def test_greedy_generation_past_the_original_context_matches_hf(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF's 14-token generations (a 6-token prompt, cached steps past position 8), as greedy."""
+    # test_hf_generate imports this module, so it is imported here, not at the top
+    from tests.parity import test_hf_generate
+
+    monkeypatch.setitem(
+        test_hf_generate.FAMILIES, family, lambda: _peaked_attention(FAMILIES[family]())
+    )
+    test_hf_generate.test_greedy_matches_hf_generate(family, tmp_path)
 
 
 def test_in_memory_source_and_native_save_give_the_same_model(pair: Any, tmp_path: Path) -> None:
@@ -209,3 +342,27 @@ def test_in_memory_source_and_native_save_give_the_same_model(pair: Any, tmp_pat
                       HookedTransformer.from_pretrained(tmp_path / "native")):  # fmt: skip
             assert other.cfg == model.cfg
             torch.testing.assert_close(other(tokens, attention_mask=mask), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(SCALED_ROPE))
+@pytest.mark.parametrize("breakage", ["unscaled", "factor-off-by-half"])
+def test_breaking_a_scaling_formula_is_caught(variant: str, breakage: str, tmp_path: Path) -> None:
+    """The parity check fails for the same weights with no scaling or a wrong factor.
+
+    So the batch runs far enough past the original context for every variant's
+    formula to matter, and a wrong formula could not pass.
+    """
+    torch.manual_seed(0)
+    hf = _randomised(_scaled_llama(variant), seed=1)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf.config._attn_implementation = "eager"
+    model = HookedTransformer.from_pretrained(tmp_path)
+    scaling = model.cfg.rotary_scaling
+    assert scaling is not None
+    wrong = None if breakage == "unscaled" else scaling.replace(factor=scaling.factor * 1.5)
+    broken = HookedTransformer(model.cfg.replace(rotary_scaling=wrong), seed=None)
+    broken.load_state_dict(model.state_dict())
+    tokens, mask = token_batch(VOCAB, padded=True)
+    assert_matches_hf(hf, model, tokens, mask, TOL)
+    with pytest.raises(AssertionError, match="not close"):
+        assert_matches_hf(hf, broken.eval(), tokens, mask, TOL)

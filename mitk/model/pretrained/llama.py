@@ -4,7 +4,9 @@ The three share one layout: RMSNorm, a gated (SwiGLU) MLP, rotary positions
 (rotate-halves layout) and grouped-query attention with separate q/k/v
 projections. They differ in biases (Qwen2 has q/k/v biases, LLaMA's are
 optional) and in sliding-window attention (Mistral on every layer, Qwen2 on
-the layers its ``layer_types`` name).
+the layers its ``layer_types`` name). LLaMA reads rotary scaling (Llama 3,
+YaRN, linear, dynamic NTK); the others refuse it. Qwen 3 and OLMo 2 (their own
+files) reuse this conversion with q/k norms.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from torch import Tensor
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained import mappings
+
+SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2"})
+"""Families whose rotary scaling is tested against Hugging Face (the rest refuse it)."""
 
 
 def llama_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
@@ -30,10 +35,12 @@ def llama_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         "n_key_value_heads": hf.get("num_key_value_heads") or fields["n_heads"],
         "gated_mlp": True,
         "normalization": "rmsnorm",
-        **mappings.rope_fields(hf, fields["d_head"]),
+        **mappings.rope_fields(hf, fields["d_head"], scaled=model_type in SCALED_ROPE),
         **_window_fields(hf),
         "attn_qkv_bias": model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-        "attn_out_bias": model_type == "llama" and bool(hf.get("attention_bias", False)),
+        # Mistral's and Qwen2's output projections never carry a bias
+        "attn_out_bias": model_type not in ("mistral", "qwen2")
+        and bool(hf.get("attention_bias", False)),
         "mlp_bias": False,
     }
     return TransformerConfig(**{**fields, **overrides})
@@ -67,7 +74,10 @@ def llama_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
         out |= {
             **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=cfg.attn_qkv_bias),
             **mappings.attn_out(sd, f"{attn}.o_proj", f"{mk}.attn", bias=cfg.attn_out_bias),
-            **mappings.block_norms(sd, hf, mk, bias=False),
             **mappings.llama_mlp(sd, hf, mk),
         }
+        if cfg.pre_norms:
+            out |= mappings.block_norms(sd, hf, mk, bias=False)
+        if cfg.qk_norm != "none":
+            out |= mappings.qk_norms(sd, attn, f"{mk}.attn")
     return out

@@ -11,13 +11,15 @@ module paths too, or full parameter keys where a helper says so.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from mitk.config import RotaryScaling
 from mitk.errors import UnsupportedModelError
 from mitk.shapes import Float
 
@@ -104,26 +106,118 @@ def decoder_fields(
     }
 
 
-def rope_fields(hf: dict[str, Any], d_head: int, default_fraction: float = 1.0) -> dict[str, Any]:
-    """``positional``, ``rotary_dim`` and ``rotary_base`` for a rotary HF config.
+HF_BOOKKEEPING = frozenset({
+    "_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "torch_dtype",
+    "id2label", "label2id", "is_encoder_decoder", "model_type", "output_attentions",
+    "output_hidden_states", "problem_type", "return_dict", "transformers_version",
+    "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
+    "attention_dropout",
+})  # fmt: skip
+"""Config fields every HF model carries that do not change an inference forward."""
 
-    Reads the old (``rope_theta``) and the new (``rope_parameters``) layout.
-    Only unscaled rotary embeddings are supported: any ``rope_scaling`` type
-    other than ``default`` raises ``UnsupportedModelError`` rather than
-    silently computing different positions.
+
+def refuse_unknown_fields(hf: dict[str, Any], known: Iterable[str]) -> None:
+    """``UnsupportedModelError`` naming every ``config.json`` field outside ``known``.
+
+    A family's converter lists the fields it reads (or knows to be inert), so a
+    new variant's field is refused instead of silently ignored.
+    """
+    unknown = sorted(set(hf) - set(known) - HF_BOOKKEEPING)
+    if unknown:
+        raise UnsupportedModelError(
+            f"{hf.get('model_type')} config field(s) {', '.join(unknown)} are not supported "
+            "(mitk cannot tell whether they change the computation)"
+        )
+
+
+ROPE_PARAMETERS: dict[str, frozenset[str]] = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "dynamic": frozenset({"factor"}),
+    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings"}),
+    "yarn": frozenset({"factor", "original_max_position_embeddings", "attention_factor",
+                       "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+}  # fmt: skip
+"""The ``rope_parameters`` keys each supported ``rope_type`` reads, besides theta and type."""
+_ROPE_COMMON = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+
+
+def rope_fields(
+    hf: dict[str, Any], d_head: int, default_fraction: float = 1.0, *, scaled: bool = False
+) -> dict[str, Any]:
+    """``positional``, ``rotary_dim``, ``rotary_base`` (and ``rotary_scaling``) for a HF config.
+
+    Reads the old (``rope_theta``, ``rope_scaling``) and the new
+    (``rope_parameters``) layout. Families whose attention applies scaling pass
+    ``scaled=True`` and get ``linear``/``dynamic``/``yarn``/``llama3``; any
+    other ``rope_type``, or an unknown key of a supported one, raises
+    ``UnsupportedModelError`` rather than silently computing different positions.
     """
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
+    supported = sorted(ROPE_PARAMETERS) if scaled else ["default"]
+    if rope_type not in supported:
         raise UnsupportedModelError(
-            f"rope scaling {rope_type!r} is not supported; supported: 'default' (unscaled)"
+            f"rope scaling {rope_type!r} is not supported for {hf.get('model_type')}; "
+            f"supported: {', '.join(repr(t) for t in supported)}"
         )
+    unknown = sorted(set(params) - _ROPE_COMMON - ROPE_PARAMETERS[rope_type])
+    if unknown:
+        raise UnsupportedModelError(f"rope_type {rope_type!r} parameter(s) {unknown} unsupported")
     base = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     fraction = params.get(
         "partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct"))
     )
     fraction = default_fraction if fraction is None else fraction
-    return {"positional": "rotary", "rotary_dim": int(d_head * fraction), "rotary_base": base}
+    fields = {"positional": "rotary", "rotary_dim": int(d_head * fraction), "rotary_base": base}
+    if rope_type != "default":
+        fields["rotary_scaling"] = rotary_scaling(hf, params, rope_type)
+    return fields
+
+
+def rotary_scaling(hf: dict[str, Any], params: dict[str, Any], rope_type: str) -> RotaryScaling:
+    """Hugging Face's scaling parameters with its defaults resolved (see ``RotaryScaling``)."""
+    n_ctx = hf["max_position_embeddings"]
+    # HF prefers a top-level original_max_position_embeddings (Phi-3) to the rope dict's
+    original = hf.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings", n_ctx
+    )
+    if rope_type == "dynamic":  # rescales past max_position_embeddings, whatever else is set
+        return RotaryScaling(kind="dynamic", factor=float(params["factor"]), original_context=n_ctx)
+    if rope_type == "linear":
+        return RotaryScaling(kind="linear", factor=float(params["factor"]))
+    if rope_type == "llama3":
+        return RotaryScaling(
+            kind="llama3",
+            factor=float(params["factor"]),
+            original_context=original,
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+        )
+    factor = params.get("factor") or n_ctx / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = (
+            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            if mscale and mscale_all_dim
+            else _yarn_mscale(factor, 1.0)
+        )
+    return RotaryScaling(
+        kind="yarn",
+        factor=float(factor),
+        original_context=original,
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        attention_factor=float(attention_factor),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's magnitude correction ``0.1 * mscale * ln(factor) + 1`` (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def without_prefix(state: Weights, prefix: str) -> Weights:
@@ -260,6 +354,14 @@ def megatron_block(
         **attn_out(sd, f"{hf}.{attn}.dense", f"{mk}.attn", bias=bias),
         **block_norms(sd, hf, mk),
         **mlp(sd, f"{hf}.mlp.dense_h_to_4h", f"{hf}.mlp.dense_4h_to_h", f"{mk}.mlp"),
+    }
+
+
+def qk_norms(sd: Weights, attn: str, mk: str) -> Weights:
+    """Attention ``attn``'s q/k RMSNorms (Qwen 3, OLMo 2) as ``mk``'s ``q_norm``/``k_norm``."""
+    return {
+        **norm(sd, f"{attn}.q_norm", f"{mk}.q_norm", bias=False),
+        **norm(sd, f"{attn}.k_norm", f"{mk}.k_norm", bias=False),
     }
 
 

@@ -89,3 +89,51 @@ def test_json_round_trip(
     )
     assert TransformerConfig.from_json(cfg.to_json()) == cfg
     assert cfg.replace(n_layers=5).n_layers == 5
+
+
+ROTARY = {**BASE, "positional": "rotary"}
+SCALING = {"kind": "yarn", "factor": 4.0, "original_context": 8, "attention_factor": 1.1}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kind": "longrope"}, "kind must be one of"),
+        ({"factor": 0.0}, "factor must be a positive number"),
+        ({"beta_fast": True}, "beta_fast must be a positive number"),
+        ({"original_context": 0}, "original_context must be a positive int"),
+        ({"kind": "llama3", "attention_factor": 1.0, "low_freq_factor": 4.0},
+         "high_freq_factor .* > low_freq_factor"),
+        ({"kind": "linear"}, "attention_factor applies to yarn scaling only"),
+    ],
+)  # fmt: skip
+def test_invalid_rotary_scaling_is_named(change: dict, message: str) -> None:
+    from mitk.config import RotaryScaling
+
+    with pytest.raises(ConfigError, match=message):
+        RotaryScaling(**{**SCALING, **change})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"positional": "learned", "rotary_scaling": SCALING}, "rotary_scaling needs positional"),
+        ({"rotary_scaling": {**SCALING, "spin": 1}}, "unknown RotaryScaling field"),
+        ({"qk_norm": "global"}, "qk_norm must be one of"),
+        ({"pre_norms": False}, "pre_norms=False needs sandwich_norms"),
+    ],
+)
+def test_invalid_variant_fields_are_named(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TransformerConfig.from_dict({**ROTARY, **change})
+
+
+def test_rotary_scaling_and_norm_variants_round_trip_through_json() -> None:
+    cfg = TransformerConfig.from_dict(
+        {**ROTARY, "rotary_scaling": SCALING, "qk_norm": "projection", "pre_norms": False,
+         "sandwich_norms": True, "normalization": "rmsnorm"}
+    )  # fmt: skip
+    assert cfg.rotary_scaling is not None and cfg.rotary_scaling.factor == 4.0
+    assert TransformerConfig.from_json(cfg.to_json()) == cfg
+    assert cfg.replace(n_layers=3).rotary_scaling == cfg.rotary_scaling
+    assert cfg.replace(rotary_scaling=None).rotary_scaling is None

@@ -1,13 +1,16 @@
-"""Rotary embeddings: the rotation's properties, hooks, padding and ``past_kv`` positions."""
+"""Rotary embeddings: the rotation's properties, hooks, padding, ``past_kv`` positions, scaling."""
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 
 from mitk import HookedTransformer, TransformerConfig
 from mitk.analysis.patching import activation_patch, logit_diff
-from mitk.model.rotary import apply_rotary, rotary_angles
+from mitk.config import RotaryScaling
+from mitk.model.rotary import apply_rotary, inverse_frequencies, rotary_angles
 from tests.unit.test_patching import last_position_logit_diff, naive
 
 STYLES = ["neox", "gptj"]
@@ -132,3 +135,64 @@ def test_activation_patching_on_a_rotary_model_equals_the_naive_loop(site: str) 
     torch.testing.assert_close(
         result.per_prompt.reshape(expected.shape), expected, atol=1e-5, rtol=0
     )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["linear", "dynamic", "yarn", "llama3"]),
+    half=st.integers(2, 32),
+    base=st.sampled_from([500.0, 10000.0, 500000.0]),
+    factor=st.floats(1.0, 32.0),
+    context=st.integers(4, 4096),
+    seq_len=st.integers(1, 9000),
+    betas=st.sampled_from([(32.0, 1.0), (8.0, 2.0)]),
+)
+def test_scaled_frequencies_match_hugging_face(
+    kind: str, half: int, base: float, factor: float, context: int, seq_len: int,
+    betas: tuple[float, float],
+) -> None:  # fmt: skip
+    """The frequency ladder (and YaRN's cos/sin factor) equals transformers' for the same params."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mitk.model.pretrained.mappings import rope_fields
+
+    params: dict = {"rope_type": kind, "factor": factor, "rope_theta": base}
+    if kind == "llama3":
+        params |= {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    if kind == "yarn":
+        params |= {"beta_fast": betas[0], "beta_slow": betas[1]}
+    if kind in ("llama3", "yarn"):
+        params["original_max_position_embeddings"] = context
+    # dynamic NTK reads max_position_embeddings itself; the others a longer window
+    n_ctx = context if kind == "dynamic" else 4 * context
+    hf = LlamaConfig(hidden_size=2 * half, num_attention_heads=1, head_dim=2 * half,
+                     max_position_embeddings=n_ctx, rope_parameters=dict(params))  # fmt: skip
+    expected, attention_factor = ROPE_INIT_FUNCTIONS[kind](hf, None, seq_len=seq_len)
+    fields = rope_fields({"model_type": "llama", **hf.to_dict()}, 2 * half, scaled=True)
+    scaling = fields["rotary_scaling"]
+    ours = inverse_frequencies(2 * half, fields["rotary_base"], scaling, seq_len)
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-5, atol=0)
+    assert scaling.attention_factor == pytest.approx(attention_factor)
+
+
+def test_dynamic_scaling_reads_the_longest_position() -> None:
+    """Past the original context the ladder stretches; within it, it is the plain one."""
+    scaling = RotaryScaling(kind="dynamic", factor=4.0, original_context=8)
+    short = rotary_angles(torch.arange(8)[None], 8, 10000.0, scaling)
+    torch.testing.assert_close(short, rotary_angles(torch.arange(8)[None], 8, 10000.0))
+    long = rotary_angles(torch.arange(12)[None], 8, 10000.0, scaling)
+    assert not torch.allclose(long[:, :8], short)  # the same positions turn more slowly
+    # a cached step at position 11 alone uses the ladder of the 12-long sequence
+    torch.testing.assert_close(
+        rotary_angles(torch.tensor([[11]]), 8, 10000.0, scaling), long[:, 11:]
+    )
+
+
+def test_scale_multiplies_the_rotated_dimensions_only() -> None:
+    x = _heads(3, d_head=8)
+    angles = rotary_angles(torch.arange(6)[None], 4, 10000.0)
+    scaled = apply_rotary(x, angles, "neox", scale=1.5)
+    plain = apply_rotary(x, angles, "neox")
+    torch.testing.assert_close(scaled[..., :4], 1.5 * plain[..., :4])
+    torch.testing.assert_close(scaled[..., 4:], x[..., 4:])

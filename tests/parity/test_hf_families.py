@@ -24,6 +24,7 @@ from torch import nn
 from mitk import HookedTransformer
 from mitk.analysis.dla import logit_attribution
 from mitk.errors import UnsupportedModelError
+from mitk.hooks import name
 from tests.parity.hf_compare import assert_matches_hf, hf_forward, token_batch
 
 TOL = 1e-4
@@ -263,9 +264,11 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         (lambda: _qwen3(rope_scaling={"rope_type": "linear", "factor": 2.0, "spin": 1}),
          r"rope_type 'linear' parameter\(s\) \['spin'\]"),
         (lambda: _qwen3(layer_norm_in_fp8=True), "qwen3 config field.*layer_norm_in_fp8"),
+        (lambda: _llama(quantization_config={"bits": 4}), "llama config field.*quantization"),
         (lambda: _olmo2(clip_qkv=8.0), "olmo2 config field.*clip_qkv"),
     ],
-    ids=["mistral-scaled", "longrope", "unknown-rope-key", "qwen3-field", "olmo2-field"],
+    ids=["mistral-scaled", "longrope", "unknown-rope-key", "qwen3-field", "llama-field",
+         "olmo2-field"],
 )  # fmt: skip
 def test_unsupported_variants_are_refused_by_name(make: Any, message: str, tmp_path: Path) -> None:
     make().save_pretrained(tmp_path, safe_serialization=True)
@@ -332,6 +335,36 @@ def test_greedy_generation_past_the_original_context_matches_hf(
     test_hf_generate.test_greedy_matches_hf_generate(family, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "pair", [f for f in sorted(FAMILIES) if f.startswith(("qwen3", "olmo2"))], indirect=True
+)
+def test_normed_queries_and_keys_match_hf_norm_outputs(pair: Any) -> None:
+    """``hook_q_normed``/``hook_k_normed`` (reached by kind) equal HF's q/k norm outputs."""
+    _, hf, model = pair
+    tokens, _ = token_batch(VOCAB, padded=False)
+    seen: dict[str, torch.Tensor] = {}
+    attn = hf.model.layers[1].self_attn
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, key=key: seen.__setitem__(key, out))
+        for key, module in (("q", attn.q_norm), ("k", attn.k_norm))
+    ]
+    try:
+        hf_forward(hf, tokens, None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    kinds = [name(f"{which}_normed", 1) for which in "qk"]
+    _, cache = model.run_with_cache(tokens, names_filter=kinds)
+    for which in "qk":
+        ours = cache[f"{which}_normed", 1]
+        assert ours.shape[-1] == model.cfg.d_head
+        torch.testing.assert_close(ours.flatten(2), seen[which].flatten(2), atol=1e-5, rtol=0)
+    scale = model.blocks[1].attn.q_norm.hook_scale.name
+    _, cache = model.run_with_cache(tokens, names_filter=scale)
+    per_head = model.cfg.qk_norm == "head"
+    assert cache[scale].shape == ((3, 12, model.cfg.n_heads, 1) if per_head else (3, 12, 1))
+
+
 def test_in_memory_source_and_native_save_give_the_same_model(pair: Any, tmp_path: Path) -> None:
     _, hf, model = pair
     tokens, mask = token_batch(VOCAB, padded=True)
@@ -378,3 +411,25 @@ def test_fold_ln_refuses_a_model_without_pre_norms(tmp_path: Path) -> None:
     _olmo2().save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(UnsupportedModelError, match="pre-norm"):
         HookedTransformer.from_pretrained(tmp_path, fold_ln=True)
+
+
+def test_a_published_llama_3_2_config_converts() -> None:
+    """Llama-3.2-1B's ``config.json`` (old layout: ``rope_scaling``, ``rope_theta``) passes the
+    allow-list and keeps its Llama 3 scaling."""
+    from mitk.model.pretrained.llama import llama_config
+
+    hf = {"architectures": ["LlamaForCausalLM"], "attention_bias": False,
+          "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
+          "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+          "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+          "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16,
+          "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+          "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                           "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+          "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+          "transformers_version": "4.45.0.dev0", "use_cache": True,
+          "vocab_size": 128256}  # fmt: skip
+    cfg = llama_config(hf)
+    assert cfg.rotary_base == 500000.0 and cfg.rotary_scaling is not None
+    assert (cfg.rotary_scaling.kind, cfg.rotary_scaling.factor) == ("llama3", 32.0)
+    assert cfg.rotary_scaling.original_context == 8192

@@ -19,12 +19,25 @@ from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained import mappings
 
+LLAMA_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_parameters",
+    "rope_scaling", "rope_theta", "attention_bias", "mlp_bias",
+    "pretraining_tp",  # splits the projections' matmuls only: the same function
+})  # fmt: skip
+"""``model_type="llama"`` fields the conversion reads or knows to be inert; others are refused.
+
+Mistral and Qwen2 (and Gemma, which reuses this conversion) have no allow-list yet."""
+
 SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2"})
 """Families whose rotary scaling is tested against Hugging Face (the rest refuse it)."""
 
 
 def llama_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a LLaMA, Mistral or Qwen2 ``config.json``."""
+    if hf["model_type"] == "llama":
+        mappings.refuse_unknown_fields(hf, LLAMA_FIELDS)
     if hf.get("mlp_bias"):
         raise UnsupportedModelError("MLP biases in a LLaMA-style model are not supported")
     model_type = hf["model_type"]

@@ -111,7 +111,17 @@ HF_BOOKKEEPING = frozenset({
     "id2label", "label2id", "is_encoder_decoder", "model_type", "output_attentions",
     "output_hidden_states", "problem_type", "return_dict", "transformers_version",
     "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "initializer_range",
-    "attention_dropout",
+    "attention_dropout", "tokenizer_class", "use_bfloat16", "torchscript", "pruned_heads",
+    "tie_encoder_decoder", "is_decoder", "add_cross_attention", "finetuning_task", "prefix",
+    "sep_token_id", "decoder_start_token_id", "task_specific_params", "tf_legacy_loss",
+    "cross_attention_hidden_size", "return_dict_in_generate", "output_scores",
+    # generation defaults older configs carry: they steer generate(), not the forward
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens",
 })  # fmt: skip
 """Config fields every HF model carries that do not change an inference forward."""
 

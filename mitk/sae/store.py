@@ -184,7 +184,7 @@ class ActivationStore(ChunkedSource):
         return paths
 
     def _describe(self) -> dict[str, Any]:
-        config = self.model.cfg.to_dict()
+        config = self.model.cfg.to_dict(placement=False)
         config.pop("extra", None)  # provenance only; never changes an activation
         return {
             "kind": "activation_store",

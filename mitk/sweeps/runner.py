@@ -47,7 +47,7 @@ class Sweep:
         """What ``manifest.json`` records (and the results' sidecar repeats)."""
         return {
             "spec": self.spec.to_dict(),
-            "model": {"name": self.spec.model, "config": self.model.cfg.to_dict()},
+            "model": {"name": self.spec.model, "config": self.model.cfg.to_dict(placement=False)},
             "n_pairs": len(self.pairs),
             "n_units": len(self.units),
             "grid": [list(cell) for cell in self.spec.grid()],

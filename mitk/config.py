@@ -149,7 +149,11 @@ class RotaryScaling(JsonConfig):
     original frequencies over a ramp set by ``beta_fast``/``beta_slow`` and
     multiplies cos/sin by ``attention_factor`` (so ``q·k`` by its square);
     ``dynamic`` (NTK) raises the base once a pass's longest position exceeds
-    ``original_context``, so its angles depend on the sequence length.
+    ``original_context``, so its angles depend on the sequence length. mitk
+    reads that length from each pass alone; Hugging Face's module remembers the
+    longest it has seen (until a pass within ``original_context``), so the two
+    agree on any single forward and on a generation, not on a shorter pass run
+    after a longer one on the same HF module.
     """
 
     kind: RotaryScalingKind

@@ -36,7 +36,9 @@ def rotary_angles(
     ``positions`` (its max + 1 is the sequence length), so pass exactly the
     positions of one forward's queries, as Hugging Face sees them.
     """
-    seq_len = int(positions.max()) + 1 if positions.numel() else 0
+    seq_len = 0
+    if scaling is not None and scaling.kind == "dynamic" and positions.numel():
+        seq_len = int(positions.max()) + 1  # a host sync: paid by dynamic scaling only
     inv_freq = inverse_frequencies(rotary_dim, base, scaling, seq_len, positions.device)
     return positions.float()[..., None] * inv_freq
 

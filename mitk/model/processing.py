@@ -101,6 +101,12 @@ def process_weights(
     if model.cfg.norm_position == "post":
         # every step assumes norms read an additive stream (pre-norm); post-norm norms rewrite it
         raise UnsupportedModelError("weight processing needs a pre-norm model, not post-norm")
+    if not model.cfg.pre_norms:
+        # no norm reads the stream before a sublayer, so there is nothing to fold or centre for
+        raise UnsupportedModelError(
+            "weight processing needs a pre-norm model: this one (OLMo 2) norms only the "
+            "sublayer outputs (ln1_post/ln2_post)"
+        )
     if center_writing_weights:
         _check_centering_is_exact(model)
     if center_unembed and model.cfg.output_softcap:

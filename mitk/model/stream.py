@@ -14,8 +14,9 @@ POST_NORM = (
     "(each block renormalises the stream), so writes do not add up"
 )
 SANDWICH_NORMS = (
-    "this model has sandwich norms (Gemma-2): ln1_post/ln2_post normalise each sublayer's "
-    "output, so hook_attn_out and hook_mlp_out are not sums of head or neuron writes"
+    "this model has sandwich norms (Gemma-2; OLMo 2's post-norms too): ln1_post/ln2_post "
+    "normalise each sublayer's output, so "
+    "hook_attn_out and hook_mlp_out are not sums of head or neuron writes"
 )
 
 

@@ -401,12 +401,6 @@ def test_breaking_a_scaling_formula_is_caught(variant: str, breakage: str, tmp_p
         assert_matches_hf(hf, broken.eval(), tokens, mask, TOL)
 
 
-@pytest.mark.xfail(
-    raises=AttributeError,
-    strict=True,
-    reason="mitk/model/processing.py's _norm_readers reads block.ln1, which a model without "
-    "pre-norms (OLMo 2) lacks; it needs a pre_norms check (reported to its owner)",
-)
 def test_fold_ln_refuses_a_model_without_pre_norms(tmp_path: Path) -> None:
     _olmo2().save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(UnsupportedModelError, match="pre-norm"):

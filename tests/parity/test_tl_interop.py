@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mitk import HookedTransformer, TransformerConfig
+from mitk.config import RotaryScaling
 from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained.tl_interop import TransformerLensNotInstalledError
 from tests.parity.test_hf_families import _llama, _neox
@@ -488,6 +489,11 @@ REFUSED_MITK: dict[str, dict[str, Any]] = {
     },
     "embed_norm=True": {"embed_norm": True},
     "sandwich_norms=True": {"sandwich_norms": True},
+    "pre_norms=False": {"normalization": "rmsnorm", "sandwich_norms": True, "pre_norms": False},
+    "qk_norm='head'": {"qk_norm": "head", "normalization": "rmsnorm"},
+    "rotary_scaling=RotaryScaling": {
+        "positional": "rotary", "rotary_scaling": RotaryScaling(kind="linear", factor=2.0),
+    },
 }  # fmt: skip
 
 

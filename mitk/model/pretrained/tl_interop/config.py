@@ -228,3 +228,9 @@ def _check_tl_can_compute(cfg: TransformerConfig) -> None:
         raise refuse("embed_norm", "norms the token embedding alone, with a LayerNorm")
     if cfg.sandwich_norms and cfg.normalization != "rmsnorm":
         raise refuse("sandwich_norms", "builds sublayer output norms for RMSNorm models only")
+    if not cfg.pre_norms:
+        raise refuse("pre_norms", "HookedTransformer norms the stream before each sublayer")
+    if cfg.qk_norm != "none":
+        raise refuse("qk_norm", "HookedTransformer (3.x) has no query/key norms")
+    if cfg.rotary_scaling is not None:
+        raise refuse("rotary_scaling", "HookedTransformer's rotary scaling is not mapped here")

@@ -232,6 +232,14 @@ class TransformerConfig(JsonConfig):
     """Rotated pairs: ``neox`` is ``(i, i + rotary_dim/2)`` (LLaMA...), ``gptj`` ``(2i, 2i+1)``."""
     rotary_scaling: RotaryScaling | None = None
     """Context-extension scaling of the rotary frequencies (Llama 3, YaRN...); None: unscaled."""
+    rotary_local_layers: list[int] | None = None
+    """Layers whose rotary uses ``rotary_local_base``, unscaled (Gemma 3's local layers);
+    None: every rotary layer uses ``rotary_base`` and ``rotary_scaling``."""
+    rotary_local_base: float = 10000.0
+    """Base of the ``rotary_local_layers``' frequency ladder."""
+    no_rotary_layers: list[int] | None = None
+    """Rotary layers that apply no positional encoding at all (SmolLM3's NoPE layers);
+    their ``hook_rot_q``/``hook_rot_k`` see the unrotated queries and keys."""
     sliding_window: int = 0
     """Causal attention sees only the last ``sliding_window`` positions (Mistral); 0: no window."""
     sliding_window_layers: list[int] | None = None
@@ -346,6 +354,19 @@ class TransformerConfig(JsonConfig):
                 f"sliding_window_layers must lie in [0, {self.n_layers}), "
                 f"got {self.sliding_window_layers}"
             )
+        for name in ("rotary_local_layers", "no_rotary_layers"):
+            layers = getattr(self, name)
+            if layers is not None and (
+                self.positional != "rotary"
+                or self.attention_type != "mha"
+                or not all(isinstance(i, int) and 0 <= i < self.n_layers for i in layers)
+            ):
+                raise ConfigError(
+                    f"{name} needs positional='rotary', attention_type='mha' and layers in "
+                    f"[0, {self.n_layers}), got {layers}"
+                )
+        if self.rotary_local_base <= 0:
+            raise ConfigError(f"rotary_local_base must be positive, got {self.rotary_local_base}")
         if self.token_types < 0:
             raise ConfigError(f"token_types must be >= 0 (0 = none), got {self.token_types}")
         if self.norm_position == "post" and (not self.has_mlp or self.parallel_attn_mlp):
@@ -409,6 +430,18 @@ class TransformerConfig(JsonConfig):
         if self.sliding_window_layers is not None and layer not in self.sliding_window_layers:
             return 0
         return self.sliding_window
+
+    def rotary_of(self, layer: int) -> tuple[float, RotaryScaling | None] | None:
+        """``layer``'s rotary base and scaling, or None where it encodes no position by rotation.
+
+        None for non-rotary models and ``no_rotary_layers``; ``rotary_local_layers``
+        get ``(rotary_local_base, None)``; the rest ``(rotary_base, rotary_scaling)``.
+        """
+        if self.positional != "rotary" or layer in (self.no_rotary_layers or ()):
+            return None
+        if layer in (self.rotary_local_layers or ()):
+            return self.rotary_local_base, None
+        return self.rotary_base, self.rotary_scaling
 
     @property
     def kv_group_size(self) -> int:

@@ -54,7 +54,8 @@ class Attention(nn.Module):
 
     Hooks: ``hook_q``/``hook_k``/``hook_v``/``hook_z`` ``[batch, pos, head, d_head]``
     (keys and values keep the key-value head count), with rotary positions also
-    ``hook_rot_q``/``hook_rot_k`` (same shapes, after rotation), and
+    ``hook_rot_q``/``hook_rot_k`` (same shapes, after rotation by the layer's
+    own base and scaling, ``cfg.rotary_of``; unrotated on a no-rotary layer), and
     ``hook_attn_scores`` and ``hook_pattern`` ``[batch, head, query_pos,
     key_pos]`` (scores include any ALiBi bias and soft-capping and are masked
     with -inf), and ``hook_result`` ``[batch, pos, head, d_model]``, each head's
@@ -206,16 +207,26 @@ class Attention(nn.Module):
             q = self.hook_q_normed(self._normed(self.q_norm, q))
             k = self.hook_k_normed(self._normed(self.k_norm, k))
         if cfg.positional == "rotary":
-            scaling = cfg.rotary_scaling
-            angles = rotary_angles_of(ctx, x.device, cfg.rotary_dim, cfg.rotary_base, scaling)
-            scale = 1.0 if scaling is None else scaling.attention_factor
-            q = self.hook_rot_q(apply_rotary(q, angles, cfg.rotary_style, scale))
-            k = self.hook_rot_k(apply_rotary(k, angles, cfg.rotary_style, scale))
+            q, k = self._rotated(q, k, ctx)
         z = self.attend(q, k, v, ctx)
         if self.hook_result.has_hooks:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(2) + self.b_O
         return affine(z.reshape(batch, pos, -1), self.W_o_packed, self.b_o_param)
+
+    def _rotated(self, q: Tensor, k: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+        """Queries and keys through this layer's rotary (its base and scaling), then the hooks.
+
+        A layer without rotary (``cfg.no_rotary_layers``) passes them through unrotated.
+        """
+        rotary = self.cfg.rotary_of(self.layer)
+        if rotary is not None:
+            base, scaling = rotary
+            angles = rotary_angles_of(ctx, q.device, self.cfg.rotary_dim, base, scaling)
+            scale = 1.0 if scaling is None else scaling.attention_factor
+            q = apply_rotary(q, angles, self.cfg.rotary_style, scale)
+            k = apply_rotary(k, angles, self.cfg.rotary_style, scale)
+        return self.hook_rot_q(q), self.hook_rot_k(k)
 
     def _normed(
         self, norm: nn.Module, x: Float[Tensor, "batch pos head d_head"]
@@ -300,10 +311,12 @@ def rotary_angles_of(
     base: float,
     scaling: RotaryScaling | None = None,
 ) -> Tensor:
-    """Rotary angles of this pass's query positions, built once and shared by every layer.
+    """Rotary angles of this pass's query positions, built once per ladder and shared.
 
-    Dynamic scaling reads the longest of these positions, so a cached
-    generation step uses the ladder of the sequence so far, as Hugging Face does.
+    Layers with the same ``(rotary_dim, base, scaling)`` share one table per
+    pass (Gemma 3 builds two: local and global). Dynamic scaling reads the
+    longest of these positions, so a cached generation step uses the ladder of
+    the sequence so far, as Hugging Face does.
     """
     mask = ctx.mask
 
@@ -311,6 +324,6 @@ def rotary_angles_of(
         positions = mask.positions(device)[:, -mask.q_len :]
         return rotary_angles(positions, rotary_dim, base, scaling)
 
-    angles = ctx.shared("rotary", build)
+    angles = ctx.shared(f"rotary:{rotary_dim}:{base!r}:{scaling!r}", build)
     assert angles is not None
     return angles

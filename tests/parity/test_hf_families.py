@@ -87,6 +87,27 @@ def _olmo2(**kw: Any) -> nn.Module:
     return Olmo2ForCausalLM(Olmo2Config(**{**base, **kw}))
 
 
+def _gemma3(**kw: Any) -> nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # local, global, local layers; local bases of 100 and global 10^4 (not HF's 10^4 and 10^6,
+    # too slow to tell apart in 12 positions), a linear factor 8 on the global layer only
+    kinds = ["sliding_attention", "full_attention", "sliding_attention"]
+    base = {**LLAMA_LIKE, "num_hidden_layers": 3, "head_dim": 24, "sliding_window": 4,
+            "query_pre_attn_scalar": 20, "rope_local_base_freq": 100.0, "rope_theta": 10000.0,
+            "layer_types": kinds}  # fmt: skip
+    return Gemma3ForCausalLM(Gemma3TextConfig(**{**base, **kw}))
+
+
+def _smollm3(**kw: Any) -> nn.Module:
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    # every 2nd layer without rotary (layer 1 of 2); HF's default token ids exceed VOCAB
+    base = {**LLAMA_LIKE, "no_rope_layer_interval": 2, "pad_token_id": 0, "eos_token_id": 0,
+            "bos_token_id": 0}  # fmt: skip
+    return SmolLM3ForCausalLM(SmolLM3Config(**{**base, **kw}))
+
+
 # Pretraining context 8: the 12-token batch and generation run past it
 ORIGINAL_CONTEXT = 8
 SCALED_ROPE: dict[str, dict[str, Any]] = {
@@ -181,11 +202,23 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
         attention_bias=True,
     ),
     "olmo2-post-norms-projection-qk-norms": lambda: _olmo2(),
+    # attention soft-capping runs explicitly: the fused-path check needs it off
+    "gemma3-local-global-linear-8-logit-softcap": lambda: _gemma3(
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, final_logit_softcapping=3.0
+    ),
+    "smollm3-nope-on-layer-1": lambda: _smollm3(),
+    # NoPE layers get HF's windows: layer 1 sees 4 positions, layer 0 rotates with YaRN
+    "smollm3-yarn-window-on-nope-layer": lambda: _smollm3(
+        rope_scaling=dict(SCALED_ROPE["yarn"]), use_sliding_window=True, sliding_window=4
+    ),
 }
 LONG_CONTEXT = sorted(
-    name for name in FAMILIES if "rope-" in name or "qwen3" in name or "olmo2" in name
+    name
+    for name in FAMILIES
+    if "rope-" in name or name.startswith(("qwen3", "olmo2", "gemma3", "smollm3"))
 )
-"""The families added with rotary scaling and q/k norms, generated past their original context."""
+"""The families added with rotary scaling, q/k norms and per-layer rotary, generated past
+their original context and local windows."""
 
 
 def _randomised(model: nn.Module, seed: int) -> nn.Module:
@@ -279,8 +312,8 @@ def test_unsupported_variants_are_refused_by_name(make: Any, message: str, tmp_p
 def test_dla_sums_to_hf_logit_difference(pair: Any) -> None:
     """Per-component (and per-head where writes are additive) DLA totals HF's logit difference.
 
-    Under a final soft-cap DLA decomposes the logits before the cap, so there it
-    is compared with the uncapped difference (``Attribution.actual`` is capped).
+    Under a final soft-cap DLA decomposes (and ``Attribution.actual`` reports) the
+    logits before the cap; those, capped, must be HF's.
     """
     _, hf, model = pair
     tokens, _ = token_batch(VOCAB, padded=False)
@@ -291,12 +324,13 @@ def test_dla_sums_to_hf_logit_difference(pair: Any) -> None:
         _, cache = model.run_with_cache(tokens)
     result = logit_attribution(model, cache, answers, wrong)
     expected = hf_logits[rows, answers] - hf_logits[rows, wrong]
-    torch.testing.assert_close(result.actual, expected, atol=TOL, rtol=0)
-    if model.cfg.output_softcap:
+    if cap := model.cfg.output_softcap:
         with torch.no_grad():
             final = model.ln_final(cache["resid_post", model.cfg.n_layers - 1][:, -1:])
             uncapped = (final @ model.W_U + model.b_U)[:, 0]
+        torch.testing.assert_close(cap * torch.tanh(uncapped / cap), hf_logits, atol=TOL, rtol=0)
         expected = uncapped[rows, answers] - uncapped[rows, wrong]
+    torch.testing.assert_close(result.actual, expected, atol=TOL, rtol=0)
     torch.testing.assert_close(result.total(), expected, atol=TOL, rtol=0)
     if model.cfg.sandwich_norms:  # normed sublayer outputs are not sums of per-head writes
         with pytest.raises(UnsupportedModelError, match="sandwich norms"):
@@ -312,10 +346,12 @@ def _peaked_attention(model: nn.Module) -> nn.Module:
     At HF's init the tiny model's greedy tokens ignore positions, so a wrong or
     missing rotary scaling would still generate the same tokens.
     """
+    # Gemma 3's q/k norms multiply by 1 + weight: its weight grows by 2 rather than tripling
+    gemma3 = model.config.model_type == "gemma3_text"
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.mul_(3.0)
+                param.add_(2.0) if gemma3 else param.mul_(3.0)
             elif name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.mul_(8.0)
     return model
@@ -336,7 +372,9 @@ def test_greedy_generation_past_the_original_context_matches_hf(
 
 
 @pytest.mark.parametrize(
-    "pair", [f for f in sorted(FAMILIES) if f.startswith(("qwen3", "olmo2"))], indirect=True
+    "pair",
+    [f for f in sorted(FAMILIES) if f.startswith(("qwen3", "olmo2", "gemma3"))],
+    indirect=True,
 )
 def test_normed_queries_and_keys_match_hf_norm_outputs(pair: Any) -> None:
     """``hook_q_normed``/``hook_k_normed`` (reached by kind) equal HF's q/k norm outputs."""
@@ -356,9 +394,11 @@ def test_normed_queries_and_keys_match_hf_norm_outputs(pair: Any) -> None:
     kinds = [name(f"{which}_normed", 1) for which in "qk"]
     _, cache = model.run_with_cache(tokens, names_filter=kinds)
     for which in "qk":
-        ours = cache[f"{which}_normed", 1]
+        ours, theirs = cache[f"{which}_normed", 1], seen[which]
         assert ours.shape[-1] == model.cfg.d_head
-        torch.testing.assert_close(ours.flatten(2), seen[which].flatten(2), atol=1e-5, rtol=0)
+        if theirs.shape[1] != tokens.shape[1]:  # Gemma 3 norms [batch, head, pos, d_head]
+            theirs = theirs.transpose(1, 2)
+        torch.testing.assert_close(ours.flatten(2), theirs.flatten(2), atol=1e-5, rtol=0)
     scale = model.blocks[1].attn.q_norm.hook_scale.name
     _, cache = model.run_with_cache(tokens, names_filter=scale)
     per_head = model.cfg.qk_norm == "head"
@@ -427,3 +467,87 @@ def test_a_published_llama_3_2_config_converts() -> None:
     assert cfg.rotary_base == 500000.0 and cfg.rotary_scaling is not None
     assert (cfg.rotary_scaling.kind, cfg.rotary_scaling.factor) == ("llama3", 32.0)
     assert cfg.rotary_scaling.original_context == 8192
+
+
+def _broken_copy(model: HookedTransformer, **changes: Any) -> HookedTransformer:
+    """``model``'s weights under a config with ``changes``: what a wrong conversion would build."""
+    broken = HookedTransformer(model.cfg.replace(**changes), seed=None)
+    broken.load_state_dict(model.state_dict())
+    return broken.eval()
+
+
+@pytest.mark.parametrize(
+    ("family", "changes"),
+    [
+        ("gemma3-local-global-linear-8-logit-softcap", {"rotary_local_base": 10000.0}),
+        ("gemma3-local-global-linear-8-logit-softcap", {"rotary_local_layers": None}),
+        ("gemma3-local-global-linear-8-logit-softcap", {"rotary_local_layers": [0, 1, 2]}),
+        ("gemma3-local-global-linear-8-logit-softcap", {"rotary_scaling": None}),
+        ("smollm3-nope-on-layer-1", {"no_rotary_layers": None}),
+        ("smollm3-nope-on-layer-1", {"no_rotary_layers": [0]}),
+    ],
+    ids=["local-base-is-global", "no-local-layers", "global-layer-local", "global-unscaled",
+         "nope-layer-rotates", "nope-on-wrong-layer"],
+)  # fmt: skip
+def test_a_wrong_per_layer_rotary_fails_parity(
+    family: str, changes: dict[str, Any], tmp_path: Path
+) -> None:
+    """Each layer's own base, scaling and NoPE flag matter: any one wrong breaks parity."""
+    torch.manual_seed(0)
+    hf = _randomised(FAMILIES[family](), seed=1)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf.config._attn_implementation = "eager"
+    model = HookedTransformer.from_pretrained(tmp_path)
+    tokens, mask = token_batch(VOCAB, padded=True)
+    assert_matches_hf(hf, model, tokens, mask, TOL)
+    with pytest.raises(AssertionError, match="not close"):
+        assert_matches_hf(hf, _broken_copy(model, **changes), tokens, mask, TOL)
+
+
+def test_a_published_gemma_3_config_converts() -> None:
+    """Gemma-3-1B's ``config.json`` (flat layout: ``rope_theta``, ``rope_local_base_freq``,
+    ``sliding_window_pattern``) passes the allow-list: every 6th layer global and scaled."""
+    from mitk.model.pretrained.gemma3 import gemma3_config
+
+    hf = {"architectures": ["Gemma3ForCausalLM"], "attention_bias": False,
+          "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2,
+          "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+          "final_logit_softcapping": None, "head_dim": 256,
+          "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+          "initializer_range": 0.02, "intermediate_size": 6912,
+          "max_position_embeddings": 32768, "model_type": "gemma3_text",
+          "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+          "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+          "rope_local_base_freq": 10000, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+          "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+          "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True,
+          "vocab_size": 262144}  # fmt: skip
+    cfg = gemma3_config(hf)
+    global_layers = [5, 11, 17, 23]
+    assert cfg.rotary_local_layers == [i for i in range(26) if i not in global_layers]
+    assert cfg.sliding_window_layers == cfg.rotary_local_layers and cfg.sliding_window == 512
+    assert (cfg.rotary_base, cfg.rotary_local_base) == (1e6, 1e4)
+    assert cfg.rotary_scaling is not None and cfg.rotary_scaling.factor == 8.0
+    assert cfg.rotary_of(5) == (1e6, cfg.rotary_scaling) and cfg.rotary_of(0) == (1e4, None)
+    assert cfg.attn_scale == 256**-0.5 and cfg.qk_norm == "head" and cfg.sandwich_norms
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: _gemma3(rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}}),
+         "rope scaling 'linear' is not supported for gemma3_text"),
+        (lambda: _gemma3(use_bidirectional_attention=True), "bidirectional"),
+        (lambda: _gemma3(altup_coef_clip=1.0), "gemma3_text config field.*altup_coef_clip"),
+        (lambda: _smollm3(clip_qkv=8.0), "smollm3 config field.*clip_qkv"),
+    ],
+    ids=["scaled-local-rope", "bidirectional", "gemma3-field", "smollm3-field"],
+)  # fmt: skip
+def test_unsupported_gemma3_and_smollm3_variants_are_refused(
+    make: Any, message: str, tmp_path: Path
+) -> None:
+    make().save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(UnsupportedModelError, match=message):
+        HookedTransformer.from_pretrained(tmp_path)

@@ -121,6 +121,10 @@ def test_invalid_rotary_scaling_is_named(change: dict, message: str) -> None:
         ({"rotary_scaling": {**SCALING, "spin": 1}}, "unknown RotaryScaling field"),
         ({"qk_norm": "global"}, "qk_norm must be one of"),
         ({"pre_norms": False}, "pre_norms=False needs sandwich_norms"),
+        ({"rotary_local_layers": [2]}, r"rotary_local_layers needs .* in \[0, 2\)"),
+        ({"no_rotary_layers": [-1]}, "no_rotary_layers needs"),
+        ({"positional": "learned", "no_rotary_layers": [0]}, "no_rotary_layers needs positional"),
+        ({"rotary_local_base": 0.0}, "rotary_local_base must be positive"),
     ],
 )
 def test_invalid_variant_fields_are_named(change: dict, message: str) -> None:
@@ -137,3 +141,14 @@ def test_rotary_scaling_and_norm_variants_round_trip_through_json() -> None:
     assert TransformerConfig.from_json(cfg.to_json()) == cfg
     assert cfg.replace(n_layers=3).rotary_scaling == cfg.rotary_scaling
     assert cfg.replace(rotary_scaling=None).rotary_scaling is None
+
+
+def test_per_layer_rotary_round_trips_and_picks_each_layers_ladder() -> None:
+    cfg = TransformerConfig.from_dict(
+        {**ROTARY, "n_layers": 4, "rotary_scaling": {"kind": "linear", "factor": 8.0},
+         "rotary_local_layers": [0, 2], "rotary_local_base": 100.0, "no_rotary_layers": [3]}
+    )  # fmt: skip
+    assert TransformerConfig.from_json(cfg.to_json()) == cfg
+    ladders = [cfg.rotary_of(layer) for layer in range(4)]
+    assert ladders == [(100.0, None), (10000.0, cfg.rotary_scaling), (100.0, None), None]
+    assert TransformerConfig(**BASE).rotary_of(0) is None  # learned positions rotate nothing

@@ -70,9 +70,18 @@ def test_styles_pair_different_dimensions() -> None:
 
 
 def _rotary_model(style: str = "neox", **kw: object) -> HookedTransformer:
-    cfg = TransformerConfig(d_model=32, n_layers=2, n_heads=4, n_key_value_heads=2, d_vocab=40,
-                            n_ctx=16, positional="rotary", rotary_dim=6, rotary_style=style,
-                            **kw)  # type: ignore[arg-type]  # fmt: skip
+    shape = {
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_key_value_heads": 2,
+        "d_vocab": 40,
+        "n_ctx": 16,
+        "positional": "rotary",
+        "rotary_dim": 6,
+        "rotary_style": style,
+    }
+    cfg = TransformerConfig(**{**shape, **kw})  # type: ignore[arg-type]  # fmt: skip
     return HookedTransformer(cfg, seed=7)
 
 
@@ -196,3 +205,36 @@ def test_scale_multiplies_the_rotated_dimensions_only() -> None:
     plain = apply_rotary(x, angles, "neox")
     torch.testing.assert_close(scaled[..., :4], 1.5 * plain[..., :4])
     torch.testing.assert_close(scaled[..., 4:], x[..., 4:])
+
+
+def test_each_distinct_ladder_is_built_once_per_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local and global layers (Gemma 3) share one angle table per ladder; NoPE layers none."""
+    import mitk.model.attention as attention
+
+    built: list[tuple[float, RotaryScaling | None]] = []
+
+    def counting(positions: torch.Tensor, dim: int, base: float, scaling=None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        built.append((base, scaling))
+        return rotary_angles(positions, dim, base, scaling)
+
+    monkeypatch.setattr(attention, "rotary_angles", counting)
+    linear = RotaryScaling(kind="linear", factor=8.0)
+    model = _rotary_model(n_layers=5, rotary_scaling=linear, rotary_local_layers=[0, 1, 3],
+                          rotary_local_base=100.0, no_rotary_layers=[4])  # fmt: skip
+    tokens = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(tokens)
+    assert sorted(built, key=lambda b: b[0]) == [(100.0, None), (10000.0, linear)]
+
+
+def test_layers_rotate_by_their_own_base_or_not_at_all() -> None:
+    """``hook_rot_q`` on a local layer uses the local base; on a NoPE layer it is ``hook_q``."""
+    model = _rotary_model(n_layers=3, rotary_local_layers=[1], rotary_local_base=100.0,
+                          no_rotary_layers=[2])  # fmt: skip
+    tokens = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: "hook_q" in n or "rot_q" in n)
+    positions = torch.arange(9)[None]
+    for layer, base in ((0, 10000.0), (1, 100.0)):
+        angles = rotary_angles(positions, 6, base)
+        expected = apply_rotary(cache[f"blocks.{layer}.attn.hook_q"], angles, "neox")
+        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_rot_q"], expected)
+    torch.testing.assert_close(cache["blocks.2.attn.hook_rot_q"], cache["blocks.2.attn.hook_q"])

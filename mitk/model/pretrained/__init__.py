@@ -23,6 +23,7 @@ from mitk.model.pretrained.files import (
     read_safetensors_dir,
 )
 from mitk.model.pretrained.gemma import gemma_config, gemma_state_dict
+from mitk.model.pretrained.gemma3 import gemma3_config, gemma3_state_dict
 from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
 from mitk.model.pretrained.gpt_neo import gpt_neo_config, gpt_neo_state_dict
 from mitk.model.pretrained.gptj import gptj_config, gptj_state_dict
@@ -32,6 +33,7 @@ from mitk.model.pretrained.llama import llama_config, llama_state_dict
 from mitk.model.pretrained.neox import neox_config, neox_state_dict
 from mitk.model.pretrained.olmo2 import olmo2_config, olmo2_state_dict
 from mitk.model.pretrained.qwen3 import qwen3_config, qwen3_state_dict
+from mitk.model.pretrained.smollm3 import smollm3_config, smollm3_state_dict
 
 NATIVE_CONFIG = "mitk_config.json"
 NATIVE_WEIGHTS = "model.safetensors"
@@ -45,6 +47,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "deepseek_v2": (deepseek_config, deepseek_state_dict),
     "gemma": (gemma_config, gemma_state_dict),
     "gemma2": (gemma_config, gemma_state_dict),
+    "gemma3_text": (gemma3_config, gemma3_state_dict),
     "gpt2": (gpt2_config, gpt2_state_dict),
     "gpt_neo": (gpt_neo_config, gpt_neo_state_dict),
     "gpt_neox": (neox_config, neox_state_dict),
@@ -54,6 +57,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "olmo2": (olmo2_config, olmo2_state_dict),
     "qwen2": (llama_config, llama_state_dict),
     "qwen3": (qwen3_config, qwen3_state_dict),
+    "smollm3": (smollm3_config, smollm3_state_dict),
 }
 
 

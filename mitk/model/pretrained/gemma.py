@@ -13,7 +13,8 @@ so that every analysis reading the weights stays exact:
 Gemma-2 adds sandwich norms (``ln1_post``/``ln2_post`` after each sublayer;
 HF's ``pre_feedforward_layernorm`` is ``ln2``), attention and final-logit
 soft-capping, ``query_pre_attn_scalar`` as the attention scale and a sliding
-window on the layers its ``layer_types`` name.
+window on the layers its ``layer_types`` name. Gemma 3 (``gemma3.py``) builds on
+both functions: its q/k norms' weights are folded the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
             "converted": "ln*.w = 1 + w (Gemma RMSNorm); W_E scaled by sqrt(d_model)",
         },
     }
-    if model_type == "gemma2":
+    if model_type in ("gemma2", "gemma3_text"):
         fields |= {
             "attn_scale": float(hf["query_pre_attn_scalar"]) ** -0.5,
             "sandwich_norms": True,
@@ -55,7 +56,7 @@ def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 
 
 def gemma_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
-    """Rename a Gemma(-2) ``*ForCausalLM`` state dict to mitk names, applying the offsets above."""
+    """Rename a Gemma(-2, -3) ``*ForCausalLM`` state dict to mitk names, with the offsets above."""
     out = llama_state_dict(hf_state, cfg)
     sd = mappings.without_prefix(hf_state, "model.")
     if cfg.sandwich_norms:
@@ -69,7 +70,8 @@ def gemma_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
                 ),
             }
     for name in out:
-        if name.rsplit(".", 2)[-2].startswith("ln") and name.endswith(".w"):
+        module = name.rsplit(".", 2)[-2]
+        if (module.startswith("ln") or module in ("q_norm", "k_norm")) and name.endswith(".w"):
             out[name] = 1.0 + out[name].float()  # HF adds the 1 in fp32, too
     dtype = TORCH_DTYPES[cfg.dtype]
     w_e = out["embed.W_E"].to(dtype)

@@ -30,7 +30,7 @@ LLAMA_FIELDS = frozenset({
 
 Mistral and Qwen2 (and Gemma, which reuses this conversion) have no allow-list yet."""
 
-SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2"})
+SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2", "gemma3_text", "smollm3"})
 """Families whose rotary scaling is tested against Hugging Face (the rest refuse it)."""
 
 

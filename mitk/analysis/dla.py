@@ -32,7 +32,9 @@ class Attribution:
 
     ``values`` is ``[component, batch]``; ``labels`` names the components;
     ``actual`` is the model's logit (difference) per prompt, which
-    ``values.sum(0)`` reproduces.
+    ``values.sum(0)`` reproduces. Under an output soft-cap (Gemma-2's
+    ``cap * tanh(logit / cap)``) both are the logits before the cap: the cap is
+    not linear, so the attribution is of what it is applied to.
     """
 
     values: Float[Tensor, "component batch"]
@@ -164,8 +166,11 @@ def _actual_logit_diff(
     model: Any, cache: ActivationCache, rows: Tensor, cols: Tensor, answers: Tensor,
     wrong: Tensor | None,
 ) -> Float[Tensor, " batch"]:  # fmt: skip
-    """The model's own logit (difference) at each prompt's position, from the final stream."""
+    """The model's logit (difference) before any output soft-cap, from the final stream."""
     final = cache[name("resid_post", model.cfg.n_layers - 1)][rows, cols]  # [batch, d_model]
-    logits = model.unembed(model.ln_final(final[:, None]))[:, 0]
-    actual = logits[rows, answers]
-    return actual if wrong is None else actual - logits[rows, wrong]
+    hidden = model.ln_final(final[:, None])[:, 0]
+
+    def logit(tokens: Tensor) -> Tensor:  # the unembedding without its (nonlinear) cap
+        return (hidden * model.W_U[:, tokens].T).sum(-1) + model.b_U[tokens]
+
+    return logit(answers) if wrong is None else logit(answers) - logit(wrong)

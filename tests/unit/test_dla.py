@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mitk import HookedTransformer, TransformerConfig
 from mitk.analysis.dla import logit_attribution
 from mitk.analysis.lens import logit_lens
 from mitk.errors import ShapeMismatchError
@@ -28,6 +29,27 @@ def test_attributions_sum_to_the_logit(variant: str, by: str, with_wrong: bool) 
     torch.testing.assert_close(result.total(), expected, atol=1e-4, rtol=0)
     assert result.values.shape == (len(result.labels), 3)
     assert result.labels[-2:] == ["ln_final.b", "b_U"]
+
+
+@pytest.mark.parametrize("by", ["component", "head", "neuron"])
+def test_under_an_output_soft_cap_the_uncapped_logit_is_attributed(by: str) -> None:
+    cfg = TransformerConfig(
+        d_model=32, n_layers=2, n_heads=4, d_vocab=40, n_ctx=16, output_softcap=0.5
+    )  # fmt: skip  (small: the cap bites)
+    model = HookedTransformer(cfg, seed=2)
+    tokens = torch.randint(0, 40, (3, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        capped, cache = model.run_with_cache(tokens)
+        hidden = model(tokens, return_type="hidden")[:, -1]
+    answers, wrong = torch.tensor([1, 5, 9]), torch.tensor([2, 6, 3])
+    result = logit_attribution(model, cache, answers, wrong, by=by)
+    uncapped = hidden @ model.W_U + model.b_U
+    rows = torch.arange(3)
+    expected = uncapped[rows, answers] - uncapped[rows, wrong]
+    torch.testing.assert_close(result.actual, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.total(), expected, atol=1e-4, rtol=0)
+    capped_diff = capped[rows, -1, answers] - capped[rows, -1, wrong]
+    assert not torch.allclose(capped_diff, expected, atol=1e-3)  # the cap did change the logits
 
 
 def test_per_prompt_positions_under_right_padding() -> None:

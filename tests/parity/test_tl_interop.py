@@ -494,6 +494,8 @@ REFUSED_MITK: dict[str, dict[str, Any]] = {
     "rotary_scaling=RotaryScaling": {
         "positional": "rotary", "rotary_scaling": RotaryScaling(kind="linear", factor=2.0),
     },
+    r"no_rotary_layers=\[0\]": {"positional": "rotary", "no_rotary_layers": [0]},
+    r"rotary_local_layers=\[0\]": {"positional": "rotary", "rotary_local_layers": [0]},
 }  # fmt: skip
 
 

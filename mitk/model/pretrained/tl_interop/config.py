@@ -234,3 +234,7 @@ def _check_tl_can_compute(cfg: TransformerConfig) -> None:
         raise refuse("qk_norm", "HookedTransformer (3.x) has no query/key norms")
     if cfg.rotary_scaling is not None:
         raise refuse("rotary_scaling", "HookedTransformer's rotary scaling is not mapped here")
+    if cfg.no_rotary_layers:
+        raise refuse("no_rotary_layers", "HookedTransformer rotates every layer")
+    if cfg.rotary_local_layers:
+        raise refuse("rotary_local_layers", "HookedTransformer has one rotary base for all layers")

@@ -34,8 +34,10 @@ lint: install-test
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# the whole suite: lint, the main tests, then the transformer-lens 4.x parity tests
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+	$(MAKE) test-tl4
 
 # transformer-lens 4.x (TransformerBridge) gets its own environment: the main one keeps 3.x,
 # which SAELens pins. Same order as above: the CPU torch first, then mitk and TL 4.3.
@@ -57,7 +59,7 @@ $(TL4_VENV)/.installed: pyproject.toml | $(TL4_BIN)/python
 # tests/tl4: mitk against TransformerBridge on the same random checkpoints (pyproject keeps
 # the main run out of that folder)
 test-tl4: $(TL4_VENV)/.installed
-	$(TL4_BIN)/pytest tests/tl4 $(PYTEST_ARGS)
+	$(TL4_BIN)/pytest tests/tl4 $(TL4_PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TL4_VENV) .pytest_cache .mypy_cache .ruff_cache

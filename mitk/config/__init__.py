@@ -7,13 +7,20 @@ JSON file are an error rather than silently dropped.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
-import json
-from typing import Any, ClassVar, Literal, get_args
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 from typing_extensions import Self
 
+from mitk.config.json_config import (
+    JsonConfig,
+    check_choices,
+    check_positive_ints,
+    json_object,
+)
+from mitk.config.moe import MoEConfig
+from mitk.config.rotary_scaling import RotaryScaling, RotaryScalingKind
 from mitk.errors import ConfigError
 
 ActFn = Literal["gelu", "gelu_tanh", "relu", "silu"]
@@ -56,142 +63,6 @@ def loading_overrides(
 
 NormPosition = Literal["pre", "post"]
 QKNorm = Literal["none", "head", "projection"]
-RotaryScalingKind = Literal["linear", "dynamic", "yarn", "llama3"]
-
-
-class JsonConfig:
-    """Mixin for frozen, validated dataclass configs: dict/JSON round-trip and ``replace``.
-
-    ``from_dict`` refuses unknown and missing required keys with ``ConfigError``,
-    so a typo in a JSON file is reported instead of silently dropped. Fields in
-    ``PLACEMENT_FIELDS`` describe where an object lives now, not what it is: they
-    take no part in ``==`` and ``to_json`` leaves them out.
-    """
-
-    PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ()
-
-    def replace(self, **changes: Any) -> Self:
-        """A copy with some fields changed, validated again."""
-        return self.from_dict({**self.to_dict(), **changes})
-
-    def to_dict(self, *, placement: bool = True) -> dict[str, Any]:
-        """Plain-JSON dict of every field; ``placement=False`` leaves out where it lives.
-
-        Fingerprints (activation stores, sweeps) use ``placement=False``, so a run
-        started on one device resumes on another.
-        """
-        data: dict[str, Any] = asdict(self)  # type: ignore[call-overload]
-        if not placement:
-            data = {k: v for k, v in data.items() if k not in self.PLACEMENT_FIELDS}
-        return data
-
-    def to_json(self) -> str:
-        """Indented JSON without placement fields; ``from_json(cfg.to_json()) == cfg``."""
-        return json.dumps(self.to_dict(placement=False), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        """Build from a dict; unknown or missing required keys raise ``ConfigError``."""
-        what = cls.__name__
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown {what} field(s): {', '.join(unknown)}")
-        required = [
-            f.name
-            for f in fields(cls)  # type: ignore[arg-type]
-            if f.default is MISSING and f.default_factory is MISSING and f.name not in data
-        ]
-        if required:
-            raise ConfigError(f"missing {what} field(s): {', '.join(required)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> Self:
-        """Inverse of ``to_json``."""
-        return cls.from_dict(json_object(text, "config"))
-
-
-def json_object(text: str, source: str) -> dict[str, Any]:
-    """Parse ``text`` as a JSON object; ``ConfigError`` naming ``source`` if it is not one."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{source} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source} must hold a JSON object, not {type(data).__name__}")
-    return data
-
-
-def check_positive_ints(config: Any, names: tuple[str, ...]) -> None:
-    """Raise ``ConfigError`` for a field that is not a positive int (a bool is not one)."""
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{name} must be a positive int, got {value!r}")
-
-
-def check_choices(config: Any, choices: dict[str, Any]) -> None:
-    """Raise ``ConfigError`` for a field whose value is not among its Literal's options."""
-    for name, literal in choices.items():
-        value = getattr(config, name)
-        if value not in get_args(literal):
-            raise ConfigError(f"{name} must be one of {get_args(literal)}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class RotaryScaling(JsonConfig):
-    """How a rotary frequency ladder is stretched past its pretraining context (HF ``rope_type``).
-
-    ``linear`` divides every frequency by ``factor``; ``llama3`` divides the low
-    frequencies by ``factor``, keeps the high ones and blends between
-    (``low_freq_factor``/``high_freq_factor``); ``yarn`` blends interpolated and
-    original frequencies over a ramp set by ``beta_fast``/``beta_slow`` and
-    multiplies cos/sin by ``attention_factor`` (so ``q·k`` by its square);
-    ``dynamic`` (NTK) raises the base once a pass's longest position exceeds
-    ``original_context``, so its angles depend on the sequence length. mitk
-    reads that length from each pass alone; Hugging Face's module remembers the
-    longest it has seen (until a pass within ``original_context``), so the two
-    agree on any single forward and on a generation, not on a shorter pass run
-    after a longer one on the same HF module.
-    """
-
-    kind: RotaryScalingKind
-    """Which stretching (Hugging Face's ``rope_type``)."""
-    factor: float
-    """Context-extension factor (> 0)."""
-    original_context: int = 0
-    """Pretraining context length: ``llama3``/``yarn``'s wavelength thresholds, the length
-    past which ``dynamic`` rescales; unused by ``linear`` (0)."""
-    low_freq_factor: float = 1.0
-    """``llama3``: wavelengths above ``original_context / low_freq_factor`` are divided."""
-    high_freq_factor: float = 4.0
-    """``llama3``: wavelengths below ``original_context / high_freq_factor`` are kept."""
-    beta_fast: float = 32.0
-    """``yarn``: rotations over ``original_context`` below which a pair is interpolated fully."""
-    beta_slow: float = 1.0
-    """``yarn``: rotations above which a pair is kept as it was (extrapolated)."""
-    attention_factor: float = 1.0
-    """``yarn``: multiplier on cos and sin (a logit scale); 1 for the other kinds."""
-    truncate: bool = True
-    """``yarn``: round the ramp's ends to whole dimensions, as the reference does."""
-
-    def __post_init__(self) -> None:
-        check_choices(self, {"kind": RotaryScalingKind})
-        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
-                     "attention_factor"):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"rotary scaling {name} must be a positive number, got {value!r}")
-        if self.kind != "linear":
-            check_positive_ints(self, ("original_context",))
-        if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise ConfigError(
-                f"llama3 rotary scaling needs high_freq_factor ({self.high_freq_factor}) > "
-                f"low_freq_factor ({self.low_freq_factor})"
-            )
-        if self.kind != "yarn" and self.attention_factor != 1.0:
-            raise ConfigError(f"attention_factor applies to yarn scaling only, not {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -303,6 +174,8 @@ class TransformerConfig(JsonConfig):
     qk_norm: QKNorm = "none"
     """RMSNorm on queries and keys before rotary (``attn.q_norm``/``attn.k_norm``): ``head``
     normalises each head's ``d_head`` (Qwen 3), ``projection`` all heads together (OLMo 2)."""
+    moe: MoEConfig | None = None
+    """Mixture-of-experts MLPs (router, top-k experts, shared expert); None: dense MLPs."""
     device: str = field(default="cpu", compare=False)
     """Where the weights live (``"cpu"``, ``"cuda:0"``): a model is built there and keeps
     this up to date through ``model.to(...)``. Not part of ``==`` or of the saved JSON, so
@@ -392,15 +265,21 @@ class TransformerConfig(JsonConfig):
             raise ConfigError("rotary_scaling needs positional='rotary' and attention_type='mha'")
         if self.qk_norm != "none" and self.attention_type != "mha":
             raise ConfigError(f"qk_norm={self.qk_norm!r} needs attention_type='mha'")
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise ConfigError(f"moe must be a MoEConfig or None, got {self.moe!r}")
+        if self.moe is not None and not all(
+            isinstance(i, int) and 0 <= i < self.n_layers for i in self.moe.layers or ()
+        ):
+            raise ConfigError(f"moe layers must lie in [0, {self.n_layers}), got {self.moe.layers}")
         if not self.pre_norms and not (self.sandwich_norms and self.norm_position == "pre"):
             raise ConfigError("pre_norms=False needs sandwich_norms=True and norm_position='pre'")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
-        """As ``JsonConfig.from_dict``; a ``rotary_scaling`` dict becomes a ``RotaryScaling``."""
-        scaling = data.get("rotary_scaling")
-        if isinstance(scaling, dict):
-            data = {**data, "rotary_scaling": RotaryScaling.from_dict(scaling)}
+        """As ``JsonConfig.from_dict``; nested dicts become ``RotaryScaling``/``MoEConfig``."""
+        for key, record in (("rotary_scaling", RotaryScaling), ("moe", MoEConfig)):
+            if isinstance(data.get(key), dict):
+                data = {**data, key: record.from_dict(data[key])}
         return super().from_dict(data)
 
     def _validate_mla(self) -> None:
@@ -431,6 +310,10 @@ class TransformerConfig(JsonConfig):
             return 0
         return self.sliding_window
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s MLP is a mixture of experts (see ``moe``)."""
+        return self.moe is not None and self.moe.applies_to(layer)
+
     def rotary_of(self, layer: int) -> tuple[float, RotaryScaling | None] | None:
         """``layer``'s rotary base and scaling, or None where it encodes no position by rotation.
 
@@ -460,3 +343,10 @@ _CHOICES: dict[str, Any] = {
     "norm_position": NormPosition,
     "qk_norm": QKNorm,
 }
+
+__all__ = [
+    "ActFn", "AttentionBackend", "AttentionType", "DType", "JsonConfig", "MoEConfig",
+    "NormPosition", "Normalization", "Positional", "QKNorm", "RotaryScaling",
+    "RotaryScalingKind", "RotaryStyle", "TransformerConfig", "check_choices",
+    "check_positive_ints", "json_object", "loading_overrides", "torch_dtype",
+]  # fmt: skip

@@ -299,9 +299,16 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         (lambda: _qwen3(layer_norm_in_fp8=True), "qwen3 config field.*layer_norm_in_fp8"),
         (lambda: _llama(quantization_config={"bits": 4}), "llama config field.*quantization"),
         (lambda: _olmo2(clip_qkv=8.0), "olmo2 config field.*clip_qkv"),
+        # HF's Mistral ignores layer_types (it windows every layer): ambiguous, so refused
+        (lambda: _mistral(layer_types=["full_attention"] * 2), "mistral config field.*layer_"),
+        (lambda: _mistral(attention_bias=True), "mistral config field.*attention_bias"),
+        (lambda: _qwen2(clip_qkv=8.0), "qwen2 config field.*clip_qkv"),
+        (lambda: _gemma(altup_coef_clip=1.0), "gemma config field.*altup_coef_clip"),
+        (lambda: _gemma2(clip_qkv=8.0), "gemma2 config field.*clip_qkv"),
     ],
     ids=["mistral-scaled", "longrope", "unknown-rope-key", "qwen3-field", "llama-field",
-         "olmo2-field"],
+         "olmo2-field", "mistral-layer-types", "mistral-field", "qwen2-field", "gemma-field",
+         "gemma2-field"],
 )  # fmt: skip
 def test_unsupported_variants_are_refused_by_name(make: Any, message: str, tmp_path: Path) -> None:
     make().save_pretrained(tmp_path, safe_serialization=True)
@@ -467,6 +474,54 @@ def test_a_published_llama_3_2_config_converts() -> None:
     assert cfg.rotary_base == 500000.0 and cfg.rotary_scaling is not None
     assert (cfg.rotary_scaling.kind, cfg.rotary_scaling.factor) == ("llama3", 32.0)
     assert cfg.rotary_scaling.original_context == 8192
+
+
+def test_published_mistral_qwen2_and_gemma_configs_convert() -> None:
+    """Published ``config.json``s (older layouts, no ``layer_types``) pass the allow-lists and
+    get Hugging Face's windows: Mistral's on every layer, none for Qwen2.5 (its window is
+    switched off), Gemma-2's on the even layers."""
+    from mitk.model.pretrained.gemma import gemma_config
+    from mitk.model.pretrained.llama import llama_config
+
+    common = {"attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+              "initializer_range": 0.02, "torch_dtype": "bfloat16", "use_cache": True,
+              "transformers_version": "4.42.4"}  # fmt: skip
+    mistral = {**common, "architectures": ["MistralForCausalLM"], "hidden_act": "silu",
+               "hidden_size": 4096, "intermediate_size": 14336, "head_dim": None,
+               "max_position_embeddings": 32768, "model_type": "mistral",
+               "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+               "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+               "tie_word_embeddings": False, "vocab_size": 32000}  # fmt: skip
+    cfg = llama_config(mistral)
+    assert (cfg.sliding_window, cfg.sliding_window_layers, cfg.d_head) == (4096, None, 128)
+    qwen2 = {**common, "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
+             "hidden_size": 896, "intermediate_size": 4864, "max_position_embeddings": 32768,
+             "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 14,
+             "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+             "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+             "use_sliding_window": False, "vocab_size": 151936}  # fmt: skip
+    assert llama_config(qwen2).sliding_window == 0
+    # with the window switched on, HF windows the layers from max_window_layers on
+    cfg = llama_config({**qwen2, "use_sliding_window": True})
+    assert cfg.sliding_window == 32768 and cfg.sliding_window_layers == [21, 22, 23]
+    gemma2 = {**common, "architectures": ["Gemma2ForCausalLM"], "attention_bias": False,
+              "attn_logit_softcapping": 50.0, "cache_implementation": "hybrid",
+              "final_logit_softcapping": 30.0, "head_dim": 256,
+              "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+              "hidden_size": 2304, "intermediate_size": 9216, "max_position_embeddings": 8192,
+              "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26,
+              "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+              "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+              "vocab_size": 256000}  # fmt: skip
+    cfg = gemma_config(gemma2)
+    assert cfg.sliding_window == 4096 and cfg.sliding_window_layers == list(range(0, 26, 2))
+    gemma = {**common, "architectures": ["GemmaForCausalLM"], "head_dim": 256,
+             "hidden_act": "gelu", "hidden_size": 2048, "intermediate_size": 16384,
+             "max_position_embeddings": 8192, "model_type": "gemma", "num_attention_heads": 8,
+             "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0,
+             "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000.0,
+             "vocab_size": 256000}  # fmt: skip
+    assert gemma_config(gemma).act_fn == "gelu_tanh"
 
 
 def _broken_copy(model: HookedTransformer, **changes: Any) -> HookedTransformer:

@@ -29,10 +29,35 @@ from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained import mappings
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
 
+GEMMA_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+    "hidden_activation", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+    "rope_parameters", "rope_scaling", "rope_theta", "attention_bias",
+    "use_bidirectional_attention",
+})  # fmt: skip
+KNOWN_FIELDS: dict[str, frozenset[str]] = {
+    "gemma": GEMMA_FIELDS,
+    "gemma2": GEMMA_FIELDS | {
+        "query_pre_attn_scalar", "sliding_window", "layer_types", "final_logit_softcapping",
+        "attn_logit_softcapping",
+        "sliding_window_size",  # early Gemma-2 configs repeat the window here; HF ignores it
+        "cache_implementation",  # which KV cache generate() builds: not the forward
+    },
+}  # fmt: skip
+"""``config.json`` fields each conversion reads or knows to be inert; others are refused.
+(Gemma 3 has its own list in ``gemma3.py``.)"""
+
 
 def gemma_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a Gemma or Gemma-2 ``config.json``."""
     model_type = hf["model_type"]
+    if model_type in KNOWN_FIELDS:
+        mappings.refuse_unknown_fields(hf, KNOWN_FIELDS[model_type])
+    if model_type == "gemma2" and hf.get("layer_types") is None:
+        # HF's default for configs without layer_types: even layers local (windowed)
+        kinds = ("sliding_attention", "full_attention")
+        hf = {**hf, "layer_types": [kinds[i % 2] for i in range(hf["num_hidden_layers"])]}
     if hf.get("use_bidirectional_attention"):
         raise UnsupportedModelError(f"{model_type} with bidirectional attention is not supported")
     # old Gemma configs say "gelu" but mean the tanh approximation (HF rewrites it too)

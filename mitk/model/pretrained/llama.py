@@ -26,9 +26,18 @@ LLAMA_FIELDS = frozenset({
     "rope_scaling", "rope_theta", "attention_bias", "mlp_bias",
     "pretraining_tp",  # splits the projections' matmuls only: the same function
 })  # fmt: skip
-"""``model_type="llama"`` fields the conversion reads or knows to be inert; others are refused.
+"""``model_type="llama"`` fields the conversion reads or knows to be inert; others are refused."""
+_SHARED_FIELDS = LLAMA_FIELDS - {"attention_bias", "mlp_bias", "pretraining_tp"}
+KNOWN_FIELDS: dict[str, frozenset[str]] = {
+    "llama": LLAMA_FIELDS,
+    # Mistral windows every layer; HF's Mistral ignores layer_types, so they are refused
+    "mistral": _SHARED_FIELDS | {"sliding_window"},
+    # Qwen2 always has q/k/v biases (no attention_bias switch); HF reads head_dim if present
+    "qwen2": _SHARED_FIELDS | {"use_sliding_window", "sliding_window", "max_window_layers",
+                               "layer_types"},
+}  # fmt: skip
+"""Each family's allow-list (Gemma's is in ``gemma.py``; Qwen 3's, OLMo 2's... in their files)."""
 
-Mistral and Qwen2 (and Gemma, which reuses this conversion) have no allow-list yet."""
 
 SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2", "gemma3_text", "smollm3"})
 """Families whose rotary scaling is tested against Hugging Face (the rest refuse it)."""
@@ -36,8 +45,10 @@ SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2", "gemma3_text", "smollm3"})
 
 def llama_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a LLaMA, Mistral or Qwen2 ``config.json``."""
-    if hf["model_type"] == "llama":
-        mappings.refuse_unknown_fields(hf, LLAMA_FIELDS)
+    if hf["model_type"] in KNOWN_FIELDS:
+        mappings.refuse_unknown_fields(hf, KNOWN_FIELDS[hf["model_type"]])
+    if hf["model_type"] == "qwen2":
+        hf = _qwen2_layer_types(hf)
     if hf.get("mlp_bias"):
         raise UnsupportedModelError("MLP biases in a LLaMA-style model are not supported")
     model_type = hf["model_type"]
@@ -72,6 +83,18 @@ def _window_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if not windowed or not window:
         return {}
     return {"sliding_window": window, "sliding_window_layers": windowed}
+
+
+def _qwen2_layer_types(hf: dict[str, Any]) -> dict[str, Any]:
+    """``hf`` read as HF's Qwen2 config reads it: no window unless ``use_sliding_window``, and
+    (in configs without ``layer_types``) windows on the layers from ``max_window_layers`` on."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        first = hf.get("max_window_layers", 28)  # HF's default
+        windowed = [window is not None and i >= first for i in range(hf["num_hidden_layers"])]
+        layer_types = ["sliding_attention" if w else "full_attention" for w in windowed]
+    return {**hf, "sliding_window": window, "layer_types": layer_types}
 
 
 def llama_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:

@@ -11,19 +11,19 @@ difference, which the result carries to check against.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 from mitk.cache import ActivationCache
-from mitk.cache.writes import head_writes, neuron_writes, output_bias
-from mitk.errors import ShapeMismatchError
+from mitk.cache.writes import expert_writes, head_writes, neuron_writes, output_bias
+from mitk.errors import ShapeMismatchError, UnsupportedModelError
 from mitk.hooks import name
 from mitk.shapes import Float, Int
 
-By = Literal["component", "head", "neuron"]
+By = Literal["component", "head", "neuron", "expert"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,11 @@ def _writes_at(
             labels.append(f"{layer}_attn_out")
         if not stream.has_mlp:
             continue
-        if by == "neuron":
+        if by == "expert" and layer in stream.moe_layers:
+            expert_labels, expert_blocks = _expert_writes_at(cache, layer, pick)
+            labels += expert_labels
+            blocks += expert_blocks
+        elif by == "neuron":
             post = pick(cache[name("post", layer)])  # [batch, d_mlp]
             mlp_bias = per_prompt(output_bias(stream, layer, "mlp"))
             blocks += [neuron_writes(stream, layer, post), mlp_bias]
@@ -115,6 +119,26 @@ def _writes_at(
         else:
             blocks.append(pick(cache[name("mlp_out", layer)])[None])
             labels.append(f"{layer}_mlp_out")
+    return labels, blocks
+
+
+def _expert_writes_at(
+    cache: ActivationCache, layer: int, pick: Any
+) -> tuple[list[str], list[Tensor]]:
+    """MoE ``layer``'s routed experts' writes (and its shared expert's) at the picked positions."""
+    stream = cache.stream
+    kinds = (stream.mlp_reads, "expert_indices", "expert_weights")
+    stored = name("expert_out", layer)
+    if stored in cache.cache_dict:
+        per_expert = pick(cache[stored])  # [batch, expert, d_model]
+    else:  # recompute the experts at these positions only
+        per_expert = expert_writes(stream, layer, *(pick(cache[name(k, layer)]) for k in kinds))
+    labels = [f"L{layer}E{e}" for e in range(per_expert.shape[1])]
+    blocks = [per_expert.movedim(1, 0)]
+    shared = name("shared_out", layer)
+    if shared in cache.model.hook_dict:
+        labels.append(f"L{layer}_shared")
+        blocks.append(pick(cache[shared])[None])
     return labels, blocks
 
 
@@ -130,14 +154,18 @@ def logit_attribution(
 
     ``by="component"``: embeddings, each attention and MLP output; ``"head"``:
     each head plus each layer's attention bias; ``"neuron"``: each MLP neuron
-    plus each MLP's bias. Every variant ends with ``ln_final.b`` and ``b_U``,
+    plus each MLP's bias; ``"expert"`` (mixture-of-experts models): each routed
+    expert of each MoE layer (zero where a token did not choose it) and its
+    shared expert, other sublayers whole. Every variant ends with ``ln_final.b`` and ``b_U``,
     so the values sum to the actual logit (difference). ``pos`` is one
     position for all prompts or one per prompt (e.g. the last real token under
     right padding). The cache must hold what the chosen ``by`` reads plus
     ``ln_final.hook_scale`` (``run_with_cache`` with no filter caches all).
     """
-    if by not in ("component", "head", "neuron"):
-        raise ValueError(f"by must be 'component', 'head' or 'neuron', got {by!r}")
+    if by not in get_args(By):
+        raise ValueError(f"by must be one of {get_args(By)}, got {by!r}")
+    if by == "expert" and not cache.stream.moe_layers:
+        raise UnsupportedModelError("by='expert' needs a mixture-of-experts model; this is dense")
     cache.stream.require_additive()
     embed = cache["hook_embed"]
     batch, seq = embed.shape[0], embed.shape[1]

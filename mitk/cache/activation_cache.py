@@ -24,7 +24,7 @@ from mitk.cache.logit_attrs import logit_attrs as _logit_attrs
 from mitk.cache.norm import apply_ln_to_stack as _apply_ln_to_stack
 from mitk.cache.residual_stack import ResidualStack
 from mitk.cache.selection import SliceLike, as_slice, block_index
-from mitk.cache.writes import StreamWrites, head_writes
+from mitk.cache.writes import StreamWrites, expert_writes, head_writes
 from mitk.errors import ShapeMismatchError, UnknownHookError
 from mitk.hooks import layer_of, name
 from mitk.shapes import Float
@@ -117,6 +117,8 @@ class ActivationCache(Mapping[str, Tensor]):
         layer = layer_of(full)
         if layer is not None and full == name("result", layer) and name("z", layer) in self._acts:
             return self.head_results(layer)
+        if layer is not None and full == name("expert_out", layer):
+            return self.expert_results(layer)
         how = " (or hook_z, which it is derived from)" if full.endswith("hook_result") else ""
         raise NotCachedError(
             f"hook {full!r} exists but was not cached in this run; include it{how} in "
@@ -136,6 +138,22 @@ class ActivationCache(Mapping[str, Tensor]):
                 "cached; include it in run_with_cache(names_filter=...)"
             )
         return head_writes(self.stream, layer, z).movedim(0, -2)
+
+    def expert_results(self, layer: int) -> Float[Tensor, "*lead expert d_model"]:
+        """Each routed expert's weighted write at MoE ``layer``: ``hook_expert_out`` if cached,
+        else recomputed from the stream the MLP read and the cached routing (not stored)."""
+        stored = self._acts.get(name("expert_out", layer))
+        if stored is not None:
+            return stored
+        kinds = (self.stream.mlp_reads, "expert_indices", "expert_weights")
+        needed = [name(kind, layer) for kind in kinds]
+        missing = [n for n in needed if n not in self._acts]
+        if missing:
+            raise NotCachedError(
+                f"per-expert writes of layer {layer} need {missing} cached (or "
+                f"{name('expert_out', layer)!r}); include them in run_with_cache(names_filter=...)"
+            )
+        return expert_writes(self.stream, layer, *(self._acts[n] for n in needed))
 
     def compute_head_results(self) -> None:
         """Store ``blocks.{L}.attn.hook_result`` for every layer that lacks it (TransformerLens's).

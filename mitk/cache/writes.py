@@ -17,12 +17,14 @@ import torch
 from torch import Tensor
 
 from mitk.errors import UnsupportedModelError
-from mitk.shapes import Float
+from mitk.shapes import Float, Int
 
 # layer -> (W_O [head, d_head, d_model], b_O [d_model])
 HeadOutput = Callable[[int], tuple[Tensor, Tensor]]
 # layer -> (W_out [d_mlp, d_model], b_out [d_model])
 NeuronOutput = Callable[[int], tuple[Tensor, Tensor]]
+# (layer, stream the MLP reads, expert indices, expert weights) -> [*lead, n_experts, d_model]
+ExpertOutput = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class StreamWrites:
       models renormalise it inside every block), or None.
     - ``not_per_unit``: why head/neuron writes do not sum to the sublayer
       outputs (sandwich norms rescale them), or None.
+    - ``expert_output``: each expert's write at an MoE layer, recomputed from
+      the stream the MLP read and the routing the forward chose.
     """
 
     n_layers: int
@@ -45,6 +49,11 @@ class StreamWrites:
     neuron_output: NeuronOutput
     not_additive: str | None = None
     not_per_unit: str | None = None
+    moe_layers: tuple[int, ...] = ()
+    """Layers whose MLP is a mixture of experts (their writes are per expert, not per neuron)."""
+    expert_output: ExpertOutput | None = None
+    mlp_reads: str = "resid_mid"
+    """The hook kind holding the stream an MLP reads (``resid_pre`` in parallel blocks)."""
 
     def require_additive(self) -> None:
         """Raise ``UnsupportedModelError`` unless the stream is a sum of its writes."""
@@ -87,3 +96,21 @@ def output_bias(stream: StreamWrites, layer: int, sublayer: str) -> Float[Tensor
     """``b_O`` (``sublayer="attn"``) or ``b_out`` (``"mlp"``) of ``layer``; zeros if absent."""
     output = stream.head_output if sublayer == "attn" else stream.neuron_output
     return output(layer)[1]
+
+
+def expert_writes(
+    stream: StreamWrites,
+    layer: int,
+    stream_in: Float[Tensor, "*lead d_model"],
+    indices: Int[Tensor, "*lead top_k"],
+    weights: Float[Tensor, "*lead top_k"],
+) -> Float[Tensor, "*lead expert d_model"]:
+    """Each routed expert's weighted write at MoE ``layer`` (zero where not chosen).
+
+    Summed over experts, plus the shared expert's ``hook_shared_out``, this is
+    ``hook_mlp_out``. Recomputes the experts on the tokens routed to them.
+    """
+    stream.require_per_unit("per-expert")
+    if layer not in stream.moe_layers or stream.expert_output is None:
+        raise UnsupportedModelError(f"layer {layer}'s MLP is not a mixture of experts")
+    return stream.expert_output(layer, stream_in, indices, weights)

@@ -34,6 +34,11 @@ HookKind = Literal[
     "pre",
     "pre_linear",
     "post",
+    "router_logits",
+    "expert_indices",
+    "expert_weights",
+    "expert_out",
+    "shared_out",
     "scale",
     "normalized",
 ]
@@ -45,7 +50,11 @@ _ATTN_LEVEL = {
     "q", "k", "v", "q_normed", "k_normed", "rot_q", "rot_k", "attn_scores", "pattern", "z",
     "result", "kv_latent",
 }  # fmt: skip
-_MLP_LEVEL = {"pre", "pre_linear", "post"}
+# the router/expert kinds exist on mixture-of-experts layers only (shared_out with a shared expert)
+_MLP_LEVEL = {
+    "pre", "pre_linear", "post", "router_logits", "expert_indices", "expert_weights",
+    "expert_out", "shared_out",
+}  # fmt: skip
 _NORM_LEVEL = {"scale", "normalized"}
 NORMS = ("ln1", "ln2")
 

@@ -10,6 +10,7 @@ from mitk.model.attention import Attention
 from mitk.model.forward_context import ForwardContext
 from mitk.model.latent_attention import LatentAttention
 from mitk.model.mlp import MLP
+from mitk.model.moe import MixtureOfExperts
 from mitk.model.norms import make_norm
 from mitk.shapes import Float
 
@@ -52,7 +53,7 @@ class TransformerBlock(nn.Module):
                 self.hook_resid_mid = HookPoint()
             if cfg.pre_norms:
                 self.ln2 = make_norm(cfg)
-            self.mlp = MLP(cfg)
+            self.mlp = MixtureOfExperts(cfg) if cfg.is_moe_layer(layer) else MLP(cfg)
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
         if cfg.norm_position == "post":
@@ -83,6 +84,10 @@ class TransformerBlock(nn.Module):
             mlp_out = self.ln2_post(mlp_out)
         mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(mid + mlp_out)
+
+    def mlp_input(self, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
+        """The MLP's input given the stream it reads (``resid_mid``; ``resid_pre`` if parallel)."""
+        return self._pre(2, x)
 
     def _pre(
         self, which: int, x: Float[Tensor, "batch pos d_model"]

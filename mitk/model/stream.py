@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from mitk.cache import StreamWrites
+from mitk.errors import UnsupportedModelError
 from mitk.hooks import name
 
 POST_NORM = (
@@ -40,11 +41,19 @@ def decoder_stream_writes(model: Any) -> StreamWrites:
         attn = blocks[layer].attn
         return attn.W_O, attn.b_O
 
+    moe_layers = tuple(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i))
+
     def neuron_output(layer: int) -> tuple[Tensor, Tensor]:
+        if layer in moe_layers:
+            raise UnsupportedModelError(
+                f"layer {layer}'s MLP is a mixture of experts: its writes are per expert "
+                "(by='expert', cache['expert_out', layer]), not per neuron"
+            )
         mlp = blocks[layer].mlp
         bias = mlp.b_out if mlp.b_out is not None else mlp.W_out.new_zeros(mlp.W_out.shape[1])
         return mlp.W_out, bias
 
+    expert_output = _expert_output(blocks)
     return StreamWrites(
         n_layers=cfg.n_layers,
         n_heads=cfg.n_heads,
@@ -55,4 +64,17 @@ def decoder_stream_writes(model: Any) -> StreamWrites:
         neuron_output=neuron_output,
         not_additive=POST_NORM if cfg.norm_position == "post" else None,
         not_per_unit=SANDWICH_NORMS if cfg.sandwich_norms else None,
+        moe_layers=moe_layers,
+        expert_output=expert_output,
+        mlp_reads="resid_pre" if cfg.parallel_attn_mlp else "resid_mid",
     )
+
+
+def _expert_output(blocks: Any) -> Any:
+    """Per-expert writes of block ``layer`` from the stream its MLP read and its routing."""
+
+    def expert_output(layer: int, stream_in: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        block = blocks[layer]
+        return block.mlp.expert_writes(block.mlp_input(stream_in), indices, weights)
+
+    return expert_output

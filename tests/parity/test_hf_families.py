@@ -25,6 +25,7 @@ from mitk import HookedTransformer
 from mitk.analysis.dla import logit_attribution
 from mitk.errors import UnsupportedModelError
 from mitk.hooks import name
+from tests.parity.hf_moe_builders import MOE_FAMILIES
 from tests.parity.hf_compare import assert_matches_hf, hf_forward, token_batch
 
 TOL = 1e-4
@@ -167,6 +168,7 @@ def _bloom(**kw: Any) -> nn.Module:
 
 
 FAMILIES: dict[str, Callable[[], nn.Module]] = {
+    **MOE_FAMILIES,
     "llama-gqa": lambda: _llama(),
     "llama-mqa-tied-biased": lambda: _llama(
         num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, rope_theta=500.0

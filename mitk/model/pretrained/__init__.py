@@ -30,9 +30,12 @@ from mitk.model.pretrained.gptj import gptj_config, gptj_state_dict
 from mitk.model.pretrained.hub import looks_like_repo_id, resolve_repo
 from mitk.model.pretrained.legacy import upgrade_native_state
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
+from mitk.model.pretrained.mixtral import mixtral_config, mixtral_state_dict
 from mitk.model.pretrained.neox import neox_config, neox_state_dict
 from mitk.model.pretrained.olmo2 import olmo2_config, olmo2_state_dict
+from mitk.model.pretrained.olmoe import olmoe_config, olmoe_state_dict
 from mitk.model.pretrained.qwen3 import qwen3_config, qwen3_state_dict
+from mitk.model.pretrained.qwen_moe import qwen_moe_config, qwen_moe_state_dict
 from mitk.model.pretrained.smollm3 import smollm3_config, smollm3_state_dict
 
 NATIVE_CONFIG = "mitk_config.json"
@@ -54,9 +57,13 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "gptj": (gptj_config, gptj_state_dict),
     "llama": (llama_config, llama_state_dict),
     "mistral": (llama_config, llama_state_dict),
+    "mixtral": (mixtral_config, mixtral_state_dict),
     "olmo2": (olmo2_config, olmo2_state_dict),
+    "olmoe": (olmoe_config, olmoe_state_dict),
     "qwen2": (llama_config, llama_state_dict),
+    "qwen2_moe": (qwen_moe_config, qwen_moe_state_dict),
     "qwen3": (qwen3_config, qwen3_state_dict),
+    "qwen3_moe": (qwen_moe_config, qwen_moe_state_dict),
     "smollm3": (smollm3_config, smollm3_state_dict),
 }
 

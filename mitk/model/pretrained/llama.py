@@ -71,9 +71,10 @@ def llama_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 
 
 def _window_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    """Mistral windows every layer when ``sliding_window`` is set; Qwen2 per ``layer_types``."""
+    """Mistral (and Mixtral) window every layer when ``sliding_window`` is set; Qwen2 per
+    ``layer_types``."""
     window = hf.get("sliding_window") or 0
-    if hf["model_type"] == "mistral":
+    if hf["model_type"] in ("mistral", "mixtral"):
         return {"sliding_window": window}
     layer_types = hf.get("layer_types") or []
     windowed = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
@@ -104,14 +105,15 @@ def llama_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
         **mappings.embeddings(sd, "embed_tokens"),
         **mappings.norm(sd, "norm", "ln_final", bias=False),
     }
-    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "layers.{}"):
+    for layer, (hf, mk) in enumerate(mappings.layer_prefixes(cfg.n_layers, "layers.{}")):
         attn = f"{hf}.self_attn"
         qkv = [f"{attn}.{p}_proj" for p in "qkv"]
         out |= {
             **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=cfg.attn_qkv_bias),
             **mappings.attn_out(sd, f"{attn}.o_proj", f"{mk}.attn", bias=cfg.attn_out_bias),
-            **mappings.llama_mlp(sd, hf, mk),
         }
+        if not cfg.is_moe_layer(layer):  # MoE families (mixtral.py...) map their experts
+            out |= mappings.llama_mlp(sd, hf, mk)
         if cfg.pre_norms:
             out |= mappings.block_norms(sd, hf, mk, bias=False)
         if cfg.qk_norm != "none":

@@ -1,0 +1,76 @@
+"""Tiny random mixture-of-experts checkpoints from ``transformers``' own config classes.
+
+Routers get a weight 30x HF's init: at 0.02 every token's router logits are
+near-ties, so a 1e-7 rounding difference could flip a top-k choice, and the
+routing would barely depend on the token. Scaled up, each token's choice is
+clear and differs between tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+VOCAB = 97
+MOE_SHAPE: dict[str, Any] = {
+    "vocab_size": VOCAB, "max_position_embeddings": 64, "hidden_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "num_experts_per_tok": 2,
+}  # fmt: skip
+
+
+def sharp_routers(model: nn.Module, factor: float = 30.0) -> nn.Module:
+    """Router weights scaled by ``factor`` (see the module docstring)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                param.mul_(factor)
+    return model
+
+
+def _mixtral(**kw: Any) -> nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    base = {**MOE_SHAPE, "intermediate_size": 48, "num_local_experts": 4}
+    return sharp_routers(MixtralForCausalLM(MixtralConfig(**{**base, **kw})))
+
+
+def _qwen2_moe(**kw: Any) -> nn.Module:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    # layer 0 dense (decoder_sparse_step 2), layer 1 MoE with a gated shared expert
+    base = {**MOE_SHAPE, "intermediate_size": 96, "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 40, "num_experts": 6,
+            "decoder_sparse_step": 2}  # fmt: skip
+    return sharp_routers(Qwen2MoeForCausalLM(Qwen2MoeConfig(**{**base, **kw})))
+
+
+def _qwen3_moe(**kw: Any) -> nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    base = {**MOE_SHAPE, "num_hidden_layers": 3, "intermediate_size": 96,
+            "moe_intermediate_size": 32, "num_experts": 5, "head_dim": 24,
+            "norm_topk_prob": True, "mlp_only_layers": [1]}  # fmt: skip
+    return sharp_routers(Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**base, **kw})))
+
+
+def _olmoe(**kw: Any) -> nn.Module:
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    # HF's default pad/eos ids exceed VOCAB; top-3 of 5, not renormalised
+    base = {**MOE_SHAPE, "intermediate_size": 32, "num_experts": 5, "num_experts_per_tok": 3,
+            "pad_token_id": 0, "eos_token_id": 0}  # fmt: skip
+    return sharp_routers(OlmoeForCausalLM(OlmoeConfig(**{**base, **kw})))
+
+
+MOE_FAMILIES: dict[str, Callable[[], nn.Module]] = {
+    "mixtral-top2-of-4": lambda: _mixtral(),
+    "mixtral-window-4-top1": lambda: _mixtral(sliding_window=4, num_experts_per_tok=1),
+    "qwen2-moe-shared-expert-dense-layer-0": lambda: _qwen2_moe(),
+    "qwen3-moe-normed-top-k-dense-layer-1": lambda: _qwen3_moe(),
+    "olmoe-top3-unnormed": lambda: _olmoe(),
+}
+"""The MoE entries of the shared parity suite (``test_hf_families.FAMILIES``)."""

@@ -263,6 +263,8 @@ class TransformerConfig(JsonConfig):
             raise ConfigError(f"rotary_scaling must be a RotaryScaling or None, got {scaling!r}")
         if scaling is not None and (self.positional != "rotary" or self.attention_type != "mha"):
             raise ConfigError("rotary_scaling needs positional='rotary' and attention_type='mha'")
+        if scaling is not None:
+            scaling.check_rotary_dim(self.rotary_dim)
         if self.qk_norm != "none" and self.attention_type != "mha":
             raise ConfigError(f"qk_norm={self.qk_norm!r} needs attention_type='mha'")
         if self.moe is not None and not isinstance(self.moe, MoEConfig):

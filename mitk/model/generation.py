@@ -10,7 +10,8 @@ Hooks: generation runs inside whatever ``model.hooks(...)`` context is active (o
 length) and then once per new token with ``pos = 1`` (the new position only;
 ``key_pos`` in patterns grows). A hook that needs whole-sequence activations at
 every step should pass ``use_past_kv_cache=False``: each step then reruns the full
-sequence (slower, same tokens).
+sequence (slower, same tokens). A LongRoPE model (``RotaryScaling.recompute_at_switch``)
+reruns the full sequence once, at the step that first passes its original context.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mitk.hooks import HookSpec
 from mitk.model.attention import Attention
 from mitk.model.inputs import check_length
 from mitk.model.kv_cache import KVCache
+from mitk.model.rotary import cache_outlives_short_factors
 from mitk.shapes import Bool, Float, Int
 
 RETURN_TYPES = ("input", "str", "tokens", "embeds", "result")
@@ -204,6 +206,9 @@ def generate(
     with torch.no_grad(), model.hooks(fwd_hooks):
         for _ in tqdm(range(max_new_tokens), disable=not verbose):
             if use_past_kv_cache:
+                if cache_outlives_short_factors(model.cfg.rotary_scaling, cache.length,
+                                                tokens.shape[1]):  # fmt: skip
+                    cache = KVCache(model.cfg.n_layers, batch)  # LongRoPE: rerun, long factors
                 fresh = tokens if cache.length == 0 else tokens[:, -1:]
                 logits = step(model, fresh, key_valid, cache)
             else:

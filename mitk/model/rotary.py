@@ -8,8 +8,8 @@ the pairs exist in the wild: ``neox`` pairs dimension ``i`` with
 the trailing dimensions pass through unrotated.
 
 Context-extension scalings (``RotaryScaling``: linear, dynamic NTK, YaRN,
-Llama 3) change the frequency ladder; YaRN also multiplies cos and sin by an
-attention factor, which ``apply_rotary`` takes as ``scale``.
+Llama 3, LongRoPE) change the frequency ladder; YaRN and LongRoPE also multiply
+cos and sin by an attention factor, which ``apply_rotary`` takes as ``scale``.
 """
 
 from __future__ import annotations
@@ -32,14 +32,20 @@ def rotary_angles(
 ) -> Float[Tensor, "#batch pos half"]:
     """Angle of each rotated pair at each position, in fp32 (``half = rotary_dim // 2``).
 
-    With ``dynamic`` scaling the ladder depends on the longest position in
-    ``positions`` (its max + 1 is the sequence length), so pass exactly the
-    positions of one forward's queries, as Hugging Face sees them.
+    With ``dynamic`` and ``longrope`` scaling the ladder depends on the longest
+    position in ``positions`` (its max + 1 is the sequence length), so pass
+    exactly the positions of one forward's queries, as Hugging Face sees them.
     """
-    seq_len = 0
+    seq_len, device = 0, positions.device
+    if scaling is not None and scaling.kind == "longrope" and positions.numel():
+        # both ladders, chosen on the device: the positions are not read back
+        short = inverse_frequencies(rotary_dim, base, scaling, 0, device)
+        long = inverse_frequencies(rotary_dim, base, scaling, scaling.original_context + 1, device)
+        inv_freq = torch.where(positions.max() >= scaling.original_context, long, short)
+        return positions.float()[..., None] * inv_freq
     if scaling is not None and scaling.kind == "dynamic" and positions.numel():
         seq_len = int(positions.max()) + 1  # a host sync: paid by dynamic scaling only
-    inv_freq = inverse_frequencies(rotary_dim, base, scaling, seq_len, positions.device)
+    inv_freq = inverse_frequencies(rotary_dim, base, scaling, seq_len, device)
     return positions.float()[..., None] * inv_freq
 
 
@@ -52,8 +58,10 @@ def inverse_frequencies(
 ) -> Float[Tensor, " half"]:
     """Radians per position of each rotated pair, after any context-extension ``scaling``.
 
-    ``seq_len`` matters only to ``dynamic`` scaling. Raises ``ConfigError`` for
-    dynamic scaling of a 2-dimensional rotary part (its exponent divides by 0).
+    ``seq_len`` matters only to ``dynamic`` scaling and to ``longrope`` (its long
+    factors past ``original_context``, else its short ones). Raises ``ConfigError``
+    for dynamic scaling of a 2-dimensional rotary part (its exponent divides by 0)
+    and for longrope factors that do not number ``rotary_dim / 2``.
     """
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device).float()
     kind = None if scaling is None else scaling.kind
@@ -63,6 +71,8 @@ def inverse_frequencies(
         length = max(seq_len, scaling.original_context)
         stretch = scaling.factor * length / scaling.original_context - (scaling.factor - 1)
         base = base * stretch ** (rotary_dim / (rotary_dim - 2))
+    if scaling is not None and kind == "longrope":
+        return _longrope(exponents / rotary_dim, base, scaling, seq_len)
     inv_freq = 1.0 / (base ** (exponents / rotary_dim))
     if scaling is None or kind == "dynamic":
         return inv_freq
@@ -71,6 +81,32 @@ def inverse_frequencies(
     if kind == "llama3":
         return _llama3(inv_freq, scaling)
     return _yarn(inv_freq, scaling, rotary_dim, base)
+
+
+def _longrope(exponents: Tensor, base: float, scaling: RotaryScaling, seq_len: int) -> Tensor:
+    """Each pair's ``1 / (factor_i * base^exponent_i)``: long factors past the original context."""
+    long = seq_len > scaling.original_context
+    factors = scaling.long_factor if long else scaling.short_factor
+    if factors is None or len(factors) != exponents.numel():
+        raise ConfigError(
+            f"longrope needs {exponents.numel()} per-pair factors, got "
+            f"{None if factors is None else len(factors)}"
+        )
+    per_pair = torch.tensor(factors, dtype=torch.float32, device=exponents.device)
+    return 1.0 / (per_pair * base**exponents)
+
+
+def cache_outlives_short_factors(scaling: RotaryScaling | None, cached: int, total: int) -> bool:
+    """Whether a cached generation step should rerun the whole sequence instead.
+
+    True for ``longrope`` with ``recompute_at_switch`` when the ``cached``
+    positions are within ``original_context`` and ``total`` (cached and new)
+    passes it: the cached keys were rotated with the short factors, and the
+    sequence now takes the long ones (Hugging Face's Phi-3 ``generate`` reruns too).
+    """
+    if scaling is None or scaling.kind != "longrope" or not scaling.recompute_at_switch:
+        return False
+    return 0 < cached <= scaling.original_context < total
 
 
 def _llama3(inv_freq: Tensor, scaling: RotaryScaling) -> Tensor:

@@ -60,6 +60,7 @@ REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "llama": families.FAMILIES["llama-gqa"],
     "mistral": families.FAMILIES["mistral-window-4"],
     "olmo2": families.FAMILIES["olmo2-post-norms-projection-qk-norms"],
+    "phi3": families.FAMILIES["phi3-packed-gqa"],
     "qwen2": families.FAMILIES["qwen2"],
     "qwen3": families.FAMILIES["qwen3-head-qk-norms"],
     "smollm3": families.FAMILIES["smollm3-nope-on-layer-1"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ from mitk import HookedTransformer
 from mitk.analysis.dla import logit_attribution
 from mitk.errors import UnsupportedModelError
 from mitk.hooks import name
-from tests.parity.hf_moe_builders import MOE_FAMILIES
 from tests.parity.hf_compare import assert_matches_hf, hf_forward, token_batch
+from tests.parity.hf_moe_builders import MOE_FAMILIES
 
 TOL = 1e-4
 VOCAB = 97
@@ -109,8 +110,19 @@ def _smollm3(**kw: Any) -> nn.Module:
     return SmolLM3ForCausalLM(SmolLM3Config(**{**base, **kw}))
 
 
+def _phi3(**kw: Any) -> nn.Module:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    # packed qkv_proj (4 query heads over 2 key-value heads) and gate_up_proj
+    base = {**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 0, "bos_token_id": 0}
+    return Phi3ForCausalLM(Phi3Config(**{**base, **kw}))
+
+
 # Pretraining context 8: the 12-token batch and generation run past it
 ORIGINAL_CONTEXT = 8
+# LongRoPE's per-pair divisors (16-wide heads: 8 pairs), unlike each other and across sets
+SHORT_FACTOR = [1.0, 1.5, 2.0, 1.2, 3.0, 1.1, 2.5, 1.7]
+LONG_FACTOR = [2.0, 3.0, 1.3, 4.0, 1.6, 5.0, 2.2, 6.0]
 SCALED_ROPE: dict[str, dict[str, Any]] = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": ORIGINAL_CONTEXT},
@@ -122,6 +134,9 @@ SCALED_ROPE: dict[str, dict[str, Any]] = {
                           "original_max_position_embeddings": ORIGINAL_CONTEXT},
     # dynamic NTK rescales past max_position_embeddings itself
     "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    # attention factor from max_position_embeddings / original = 64 / 8
+    "longrope": {"rope_type": "longrope", "short_factor": SHORT_FACTOR,
+                 "long_factor": LONG_FACTOR, "original_max_position_embeddings": ORIGINAL_CONTEXT},
 }  # fmt: skip
 
 
@@ -129,6 +144,13 @@ def _scaled_llama(variant: str, **kw: Any) -> nn.Module:
     params = SCALED_ROPE[variant]
     n_ctx = ORIGINAL_CONTEXT if variant == "dynamic" else 64
     return _llama(rope_scaling=dict(params), max_position_embeddings=n_ctx, **kw)
+
+
+def _phi3_longrope(**kw: Any) -> nn.Module:
+    params = {"rope_type": "longrope", "short_factor": SHORT_FACTOR[:6],
+              "long_factor": LONG_FACTOR[:6]}  # fmt: skip
+    return _phi3(rope_parameters=params, original_max_position_embeddings=ORIGINAL_CONTEXT,
+                 partial_rotary_factor=0.75, **kw)  # fmt: skip
 
 
 def _neox(**kw: Any) -> nn.Module:
@@ -213,11 +235,15 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "smollm3-yarn-window-on-nope-layer": lambda: _smollm3(
         rope_scaling=dict(SCALED_ROPE["yarn"]), use_sliding_window=True, sliding_window=4
     ),
+    "phi3-packed-gqa": lambda: _phi3(),
+    "phi3-partial-rotary-window-4": lambda: _phi3(partial_rotary_factor=0.5, sliding_window=4),
+    # original context 8 at the top level, as Phi-3 writes it; 12-wide rotary part: 6 pairs
+    "phi3-longrope-partial-rotary": lambda: _phi3_longrope(),
 }
 LONG_CONTEXT = sorted(
     name
     for name in FAMILIES
-    if "rope-" in name or name.startswith(("qwen3", "olmo2", "gemma3", "smollm3"))
+    if "rope-" in name or name.startswith(("qwen3", "olmo2", "gemma3", "smollm3", "phi3"))
 )
 """The families added with rotary scaling, q/k norms and per-layer rotary, generated past
 their original context and local windows."""
@@ -292,10 +318,9 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         # scaling reaches only the families whose scaled positions are tested
         (lambda: _mistral(rope_scaling={"rope_type": "linear", "factor": 2.0}),
          "rope scaling 'linear' is not supported for mistral"),
-        (lambda: _llama(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
-                                      "long_factor": [2.0] * 8,
-                                      "original_max_position_embeddings": 8}),
-         "rope scaling 'longrope' is not supported for llama"),
+        # HF reads long_factor only on a pass past the original context, so it builds this
+        (lambda: _llama(rope_scaling={**SCALED_ROPE["longrope"], "long_factor": [1.0] * 6}),
+         r"longrope long_factor has 6 entries; .* rotary_dim / 2 = 8"),
         (lambda: _qwen3(rope_scaling={"rope_type": "linear", "factor": 2.0, "spin": 1}),
          r"rope_type 'linear' parameter\(s\) \['spin'\]"),
         (lambda: _qwen3(layer_norm_in_fp8=True), "qwen3 config field.*layer_norm_in_fp8"),
@@ -308,7 +333,7 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         (lambda: _gemma(altup_coef_clip=1.0), "gemma config field.*altup_coef_clip"),
         (lambda: _gemma2(clip_qkv=8.0), "gemma2 config field.*clip_qkv"),
     ],
-    ids=["mistral-scaled", "longrope", "unknown-rope-key", "qwen3-field", "llama-field",
+    ids=["mistral-scaled", "longrope-long-list", "unknown-rope-key", "qwen3-field", "llama-field",
          "olmo2-field", "mistral-layer-types", "mistral-field", "qwen2-field", "gemma-field",
          "gemma2-field"],
 )  # fmt: skip
@@ -359,7 +384,11 @@ def _peaked_attention(model: nn.Module) -> nn.Module:
     gemma3 = model.config.model_type == "gemma3_text"
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
+            if name.endswith("qkv_proj.weight"):  # Phi-3 packs q, k, v: the q and k rows
+                cfg = model.config
+                d_head = cfg.hidden_size // cfg.num_attention_heads
+                param[: (cfg.num_attention_heads + cfg.num_key_value_heads) * d_head].mul_(8.0)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
                 param.add_(2.0) if gemma3 else param.mul_(3.0)
             elif name.endswith(("q_proj.weight", "k_proj.weight")):
                 param.mul_(8.0)
@@ -442,6 +471,8 @@ def test_breaking_a_scaling_formula_is_caught(variant: str, breakage: str, tmp_p
     scaling = model.cfg.rotary_scaling
     assert scaling is not None
     wrong = None if breakage == "unscaled" else scaling.replace(factor=scaling.factor * 1.5)
+    if wrong is not None and scaling.kind == "longrope":  # it reads per-pair factors instead
+        wrong = scaling.replace(long_factor=[f * 1.5 for f in scaling.long_factor or ()])
     broken = HookedTransformer(model.cfg.replace(rotary_scaling=wrong), seed=None)
     broken.load_state_dict(model.state_dict())
     tokens, mask = token_batch(VOCAB, padded=True)
@@ -605,6 +636,89 @@ def test_a_published_gemma_3_config_converts() -> None:
 def test_unsupported_gemma3_and_smollm3_variants_are_refused(
     make: Any, message: str, tmp_path: Path
 ) -> None:
+    make().save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(UnsupportedModelError, match=message):
+        HookedTransformer.from_pretrained(tmp_path)
+
+
+def test_longrope_within_the_original_context_uses_the_short_factors(tmp_path: Path) -> None:
+    """An 8-token batch (within Phi-3's original context) matches HF with the short factors:
+    wrong short factors fail parity, wrong long ones do not (the 12-token batch reads those)."""
+    torch.manual_seed(0)
+    hf = _randomised(_phi3_longrope(), seed=1)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf.config._attn_implementation = "eager"
+    model = HookedTransformer.from_pretrained(tmp_path)
+    scaling = model.cfg.rotary_scaling
+    assert scaling is not None and scaling.kind == "longrope"
+    tokens, mask = token_batch(VOCAB, padded=True)
+    short = tokens[:, :ORIGINAL_CONTEXT], mask[:, :ORIGINAL_CONTEXT]
+    assert_matches_hf(hf, model, *short, TOL)
+    assert_matches_hf(hf, model, tokens, mask, TOL)
+    doubled = [2 * f for f in scaling.short_factor or ()]
+    wrong_long = _broken_copy(model, rotary_scaling=scaling.replace(long_factor=doubled))
+    assert_matches_hf(hf, wrong_long, *short, TOL)
+    wrong_short = _broken_copy(model, rotary_scaling=scaling.replace(short_factor=doubled))
+    with pytest.raises(AssertionError, match="not close"):
+        assert_matches_hf(hf, wrong_short, *short, TOL)
+
+
+def test_longrope_generation_reruns_at_the_switch_only_where_hf_does() -> None:
+    """HF's Phi-3 ``generate`` reruns the sequence when it passes the original context; its
+    LLaMA keeps the keys it cached with the short factors."""
+    from mitk.model.pretrained.llama import llama_config
+    from mitk.model.pretrained.phi3 import phi3_config
+
+    phi3 = phi3_config(_phi3_longrope().config.to_dict()).rotary_scaling
+    llama = llama_config(_scaled_llama("longrope").config.to_dict()).rotary_scaling
+    assert phi3 is not None and phi3.recompute_at_switch
+    assert llama is not None and not llama.recompute_at_switch
+
+
+def test_a_published_phi_3_config_converts() -> None:
+    """Phi-3-mini-128k's ``config.json`` layout (``rope_scaling`` of the old type ``su``, a
+    top-level ``original_max_position_embeddings``, ``auto_map``) converts to LongRoPE.
+    The factor lists here are stand-ins of the published length (48: 96-wide heads)."""
+    from mitk.model.pretrained.phi3 import phi3_config
+
+    hf = {"_name_or_path": "Phi-3-mini-128k-instruct", "architectures": ["Phi3ForCausalLM"],
+          "attention_dropout": 0.0,
+          "auto_map": {"AutoConfig": "configuration_phi3.Phi3Config",
+                       "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"},
+          "bos_token_id": 1, "embd_pdrop": 0.0, "eos_token_id": 32000, "hidden_act": "silu",
+          "hidden_size": 3072, "initializer_range": 0.02, "intermediate_size": 8192,
+          "max_position_embeddings": 131072, "model_type": "phi3", "num_attention_heads": 32,
+          "num_hidden_layers": 32, "num_key_value_heads": 32,
+          "original_max_position_embeddings": 4096, "pad_token_id": 32000, "resid_pdrop": 0.0,
+          "rms_norm_eps": 1e-05,
+          "rope_scaling": {"long_factor": [1.0 + i / 8 for i in range(48)],
+                           "short_factor": [1.0 + i / 100 for i in range(48)], "type": "su"},
+          "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": False,
+          "torch_dtype": "bfloat16", "transformers_version": "4.40.2", "use_cache": True,
+          "attention_bias": False, "vocab_size": 32064}  # fmt: skip
+    cfg = phi3_config(hf)
+    scaling = cfg.rotary_scaling
+    assert scaling is not None and scaling.kind == "longrope"
+    assert (scaling.original_context, scaling.factor) == (4096, 32.0)
+    assert scaling.attention_factor == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
+    assert scaling.long_factor == hf["rope_scaling"]["long_factor"]
+    assert (cfg.d_head, cfg.rotary_dim, cfg.sliding_window) == (96, 96, 262144)
+    assert not cfg.attn_qkv_bias and not cfg.attn_out_bias and cfg.gated_mlp
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: _phi3(mup_width_multiplier=2.0), "phi3 config field.*mup_width_multiplier"),
+        (lambda: _phi3(attention_bias=True), "attention_bias are true"),
+        (lambda: _phi3(original_max_position_embeddings=ORIGINAL_CONTEXT, rope_parameters={
+            "rope_type": "longrope", "short_factor": SHORT_FACTOR,
+            "long_factor": [1.0] * 7 + [-1.0]}),
+         "longrope long_factor must be a list of positive numbers"),
+    ],
+    ids=["phi3-field", "phi3-bias", "longrope-negative-factor"],
+)  # fmt: skip
+def test_unsupported_phi3_variants_are_refused(make: Any, message: str, tmp_path: Path) -> None:
     make().save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(UnsupportedModelError, match=message):
         HookedTransformer.from_pretrained(tmp_path)

@@ -494,6 +494,11 @@ REFUSED_MITK: dict[str, dict[str, Any]] = {
     "rotary_scaling=RotaryScaling": {
         "positional": "rotary", "rotary_scaling": RotaryScaling(kind="linear", factor=2.0),
     },
+    r"rotary_scaling=RotaryScaling\(kind='longrope'": {
+        "positional": "rotary", "rotary_scaling": RotaryScaling(
+            kind="longrope", factor=4.0, original_context=8, short_factor=[1.0] * 4,
+            long_factor=[2.0] * 4),
+    },
     r"no_rotary_layers=\[0\]": {"positional": "rotary", "no_rotary_layers": [0]},
     r"rotary_local_layers=\[0\]": {"positional": "rotary", "rotary_local_layers": [0]},
 }  # fmt: skip

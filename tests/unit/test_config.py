@@ -98,13 +98,13 @@ SCALING = {"kind": "yarn", "factor": 4.0, "original_context": 8, "attention_fact
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"kind": "longrope"}, "kind must be one of"),
+        ({"kind": "ntk"}, "kind must be one of"),
         ({"factor": 0.0}, "factor must be a positive number"),
         ({"beta_fast": True}, "beta_fast must be a positive number"),
         ({"original_context": 0}, "original_context must be a positive int"),
         ({"kind": "llama3", "attention_factor": 1.0, "low_freq_factor": 4.0},
          "high_freq_factor .* > low_freq_factor"),
-        ({"kind": "linear"}, "attention_factor applies to yarn scaling only"),
+        ({"kind": "linear"}, "attention_factor applies to yarn and longrope scaling only"),
     ],
 )  # fmt: skip
 def test_invalid_rotary_scaling_is_named(change: dict, message: str) -> None:

@@ -10,7 +10,13 @@ import torch
 from mitk import HookedTransformer, TransformerConfig
 from mitk.analysis.patching import activation_patch, logit_diff
 from mitk.config import RotaryScaling
-from mitk.model.rotary import apply_rotary, inverse_frequencies, rotary_angles
+from mitk.errors import ConfigError
+from mitk.model.rotary import (
+    apply_rotary,
+    cache_outlives_short_factors,
+    inverse_frequencies,
+    rotary_angles,
+)
 from tests.unit.test_patching import last_position_logit_diff, naive
 
 STYLES = ["neox", "gptj"]
@@ -238,3 +244,126 @@ def test_layers_rotate_by_their_own_base_or_not_at_all() -> None:
         expected = apply_rotary(cache[f"blocks.{layer}.attn.hook_q"], angles, "neox")
         torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_rot_q"], expected)
     torch.testing.assert_close(cache["blocks.2.attn.hook_rot_q"], cache["blocks.2.attn.hook_q"])
+
+
+def _longrope(half: int, original: int = 8, **kw: object) -> RotaryScaling:
+    short = [1.0 + 0.25 * i for i in range(half)]
+    long = [2.0 + 0.5 * ((3 * i) % half) for i in range(half)]
+    fields = {"kind": "longrope", "factor": 4.0, "original_context": original,
+              "attention_factor": 1.2, "short_factor": short, "long_factor": long,
+              **kw}  # fmt: skip
+    return RotaryScaling(**fields)  # type: ignore[arg-type]
+
+
+def _longrope_oracle(half: int, base: float, factors: list[float]) -> list[float]:
+    """LongRoPE from its formula, pair by pair: ``1 / (factor_i * base^(2i / rotary_dim))``."""
+    return [1.0 / (factors[i] * base ** (2 * i / (2 * half))) for i in range(half)]
+
+
+@pytest.mark.parametrize("seq_len", [0, 1, 8, 9, 100])
+def test_longrope_frequencies_follow_the_formula(seq_len: int) -> None:
+    """Short factors up to the original context (8), long ones past it."""
+    scaling = _longrope(6)
+    factors = scaling.long_factor if seq_len > 8 else scaling.short_factor
+    assert factors is not None
+    expected = torch.tensor(_longrope_oracle(6, 500.0, factors))
+    ours = inverse_frequencies(12, 500.0, scaling, seq_len)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
+
+
+def test_longrope_angles_take_one_factor_set_per_pass() -> None:
+    """A pass within the original context rotates by the short set; a longer one (or a cached
+    step past it) rotates every position by the long set, on the device (no host sync)."""
+    scaling = _longrope(4)
+    positions = torch.arange(12)[None]
+    within = rotary_angles(positions[:, :8], 8, 10000.0, scaling)
+    past = rotary_angles(positions, 8, 10000.0, scaling)
+    short = torch.tensor(_longrope_oracle(4, 10000.0, scaling.short_factor or []))
+    long = torch.tensor(_longrope_oracle(4, 10000.0, scaling.long_factor or []))
+    torch.testing.assert_close(within, positions[:, :8, None] * short)
+    torch.testing.assert_close(past, positions[..., None] * long)
+    torch.testing.assert_close(
+        rotary_angles(torch.tensor([[7]]), 8, 10000.0, scaling), within[:, 7:]
+    )
+    torch.testing.assert_close(
+        rotary_angles(torch.tensor([[8]]), 8, 10000.0, scaling), past[:, 8:9]
+    )
+    assert rotary_angles(positions[:, :0], 8, 10000.0, scaling).shape == (1, 0, 4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    half=st.integers(1, 24),
+    base=st.sampled_from([500.0, 10000.0]),
+    context=st.integers(2, 4096),
+    stretch=st.floats(0.5, 64.0),
+    seq_len=st.integers(1, 9000),
+    attention_factor=st.sampled_from([None, 1.3]),
+    seed=st.integers(0, 1000),
+)
+def test_longrope_matches_hugging_face(
+    half: int, base: float, context: int, stretch: float, seq_len: int,
+    attention_factor: float | None, seed: int,
+) -> None:  # fmt: skip
+    """Frequencies and cos/sin factor equal transformers' ``longrope`` (factor from the lengths)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mitk.model.pretrained.mappings import rope_fields
+
+    gen = torch.Generator().manual_seed(seed)
+    short, long = (torch.rand(2, half, generator=gen) * 8 + 0.5).tolist()
+    params: dict = {"rope_type": "longrope", "rope_theta": base, "short_factor": short,
+                    "long_factor": long, "original_max_position_embeddings": context}  # fmt: skip
+    if attention_factor is not None:
+        params["attention_factor"] = attention_factor
+    n_ctx = max(1, round(context * stretch))
+    hf = LlamaConfig(hidden_size=2 * half, num_attention_heads=1, head_dim=2 * half,
+                     max_position_embeddings=n_ctx, rope_parameters=dict(params))  # fmt: skip
+    expected, expected_factor = ROPE_INIT_FUNCTIONS["longrope"](hf, None, seq_len=seq_len)
+    fields = rope_fields({"model_type": "llama", **hf.to_dict()}, 2 * half, scaled=True)
+    scaling = fields["rotary_scaling"]
+    ours = inverse_frequencies(2 * half, base, scaling, seq_len)
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-6, atol=0)
+    assert scaling.attention_factor == pytest.approx(expected_factor)
+
+
+def test_only_a_cached_step_that_passes_the_original_context_reruns() -> None:
+    scaling = _longrope(4)
+    reruns = [
+        cached for cached in range(12) if cache_outlives_short_factors(scaling, cached, cached + 1)
+    ]
+    assert reruns == [8]  # 8 cached positions, the 9th takes the long factors
+    assert cache_outlives_short_factors(scaling, 6, 10)  # several new tokens crossing at once
+    assert not cache_outlives_short_factors(scaling, 0, 12)  # no cache: nothing to rerun
+    assert not cache_outlives_short_factors(scaling.replace(recompute_at_switch=False), 8, 9)
+    assert not cache_outlives_short_factors(RotaryScaling(kind="linear", factor=2.0), 8, 9)
+    assert not cache_outlives_short_factors(None, 8, 9)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"short_factor": None}, "short_factor must be a non-empty list of positive numbers"),
+        ({"long_factor": [1.0, 0.0, 1.0, 1.0]}, "long_factor must be a non-empty list"),
+        ({"long_factor": (1.0,) * 4}, "long_factor must be a non-empty list"),
+        ({"long_factor": [1.0] * 3}, "must be equally long, got 4 and 3"),
+        ({"kind": "linear", "attention_factor": 1.0},
+         "short_factor, long_factor applies to longrope"),
+        ({"kind": "yarn", "short_factor": None, "long_factor": None, "recompute_at_switch": False},
+         "recompute_at_switch applies to longrope"),
+    ],
+)  # fmt: skip
+def test_invalid_longrope_fields_are_named(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _longrope(4, **change)
+
+
+def test_longrope_factors_must_number_half_the_rotary_dim() -> None:
+    scaling = _longrope(4)
+    cfg = _rotary_model(rotary_dim=8, rotary_scaling=scaling).cfg
+    assert TransformerConfig.from_json(cfg.to_json()) == cfg  # the lists round-trip
+    with pytest.raises(ConfigError, match=r"rotary_dim / 2 = 3 entries .* got 4"):
+        _rotary_model(rotary_dim=6, rotary_scaling=scaling)
+    with pytest.raises(ConfigError, match="longrope needs 3 per-pair factors, got 4"):
+        inverse_frequencies(6, 10000.0, scaling, 9)

@@ -34,6 +34,7 @@ from mitk.model.pretrained.mixtral import mixtral_config, mixtral_state_dict
 from mitk.model.pretrained.neox import neox_config, neox_state_dict
 from mitk.model.pretrained.olmo2 import olmo2_config, olmo2_state_dict
 from mitk.model.pretrained.olmoe import olmoe_config, olmoe_state_dict
+from mitk.model.pretrained.phi3 import phi3_config, phi3_state_dict
 from mitk.model.pretrained.qwen3 import qwen3_config, qwen3_state_dict
 from mitk.model.pretrained.qwen_moe import qwen_moe_config, qwen_moe_state_dict
 from mitk.model.pretrained.smollm3 import smollm3_config, smollm3_state_dict
@@ -60,6 +61,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "mixtral": (mixtral_config, mixtral_state_dict),
     "olmo2": (olmo2_config, olmo2_state_dict),
     "olmoe": (olmoe_config, olmoe_state_dict),
+    "phi3": (phi3_config, phi3_state_dict),
     "qwen2": (llama_config, llama_state_dict),
     "qwen2_moe": (qwen_moe_config, qwen_moe_state_dict),
     "qwen3": (qwen3_config, qwen3_state_dict),

@@ -5,8 +5,8 @@ The three share one layout: RMSNorm, a gated (SwiGLU) MLP, rotary positions
 projections. They differ in biases (Qwen2 has q/k/v biases, LLaMA's are
 optional) and in sliding-window attention (Mistral on every layer, Qwen2 on
 the layers its ``layer_types`` name). LLaMA reads rotary scaling (Llama 3,
-YaRN, linear, dynamic NTK); the others refuse it. Qwen 3 and OLMo 2 (their own
-files) reuse this conversion with q/k norms.
+YaRN, linear, dynamic NTK, LongRoPE); the others refuse it. Qwen 3 and OLMo 2
+(their own files) reuse this conversion with q/k norms, Phi-3 with packed projections.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ KNOWN_FIELDS: dict[str, frozenset[str]] = {
 """Each family's allow-list (Gemma's is in ``gemma.py``; Qwen 3's, OLMo 2's... in their files)."""
 
 
-SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2", "gemma3_text", "smollm3"})
+SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2", "gemma3_text", "smollm3", "phi3"})
 """Families whose rotary scaling is tested against Hugging Face (the rest refuse it)."""
 
 

@@ -148,9 +148,14 @@ ROPE_PARAMETERS: dict[str, frozenset[str]] = {
                          "original_max_position_embeddings"}),
     "yarn": frozenset({"factor", "original_max_position_embeddings", "attention_factor",
                        "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    "longrope": frozenset({"short_factor", "long_factor", "factor", "attention_factor",
+                           "original_max_position_embeddings"}),
 }  # fmt: skip
 """The ``rope_parameters`` keys each supported ``rope_type`` reads, besides theta and type."""
 _ROPE_COMMON = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+LONGROPE_RERUNS_AT_SWITCH = frozenset({"phi3"})
+"""Families whose HF ``generate`` reruns the sequence once LongRoPE takes its long factors
+(``RotaryScaling.recompute_at_switch``); the others (LLaMA) keep the keys they cached."""
 
 
 def rope_fields(
@@ -160,7 +165,7 @@ def rope_fields(
 
     Reads the old (``rope_theta``, ``rope_scaling``) and the new
     (``rope_parameters``) layout. Families whose attention applies scaling pass
-    ``scaled=True`` and get ``linear``/``dynamic``/``yarn``/``llama3``; any
+    ``scaled=True`` and get ``linear``/``dynamic``/``yarn``/``llama3``/``longrope``; any
     other ``rope_type``, or an unknown key of a supported one, raises
     ``UnsupportedModelError`` rather than silently computing different positions.
     """
@@ -181,9 +186,28 @@ def rope_fields(
     )
     fraction = default_fraction if fraction is None else fraction
     fields = {"positional": "rotary", "rotary_dim": int(d_head * fraction), "rotary_base": base}
+    if rope_type == "longrope":
+        _check_per_pair_factors(params, fields["rotary_dim"])
     if rope_type != "default":
         fields["rotary_scaling"] = rotary_scaling(hf, params, rope_type)
     return fields
+
+
+def _check_per_pair_factors(params: dict[str, Any], rotary_dim: int) -> None:
+    """LongRoPE's factor lists hold one positive number per rotated pair, or are refused."""
+    for key in ("short_factor", "long_factor"):
+        factors = params.get(key)
+        if not isinstance(factors, list) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in factors
+        ):
+            raise UnsupportedModelError(
+                f"longrope {key} must be a list of positive numbers, got {factors!r}"
+            )
+        if len(factors) != rotary_dim // 2:
+            raise UnsupportedModelError(
+                f"longrope {key} has {len(factors)} entries; the rotary part has "
+                f"rotary_dim / 2 = {rotary_dim // 2} pairs"
+            )
 
 
 def rotary_scaling(hf: dict[str, Any], params: dict[str, Any], rope_type: str) -> RotaryScaling:
@@ -197,6 +221,8 @@ def rotary_scaling(hf: dict[str, Any], params: dict[str, Any], rope_type: str) -
         return RotaryScaling(kind="dynamic", factor=float(params["factor"]), original_context=n_ctx)
     if rope_type == "linear":
         return RotaryScaling(kind="linear", factor=float(params["factor"]))
+    if rope_type == "longrope":
+        return _longrope_scaling(hf, params, original)
     if rope_type == "llama3":
         return RotaryScaling(
             kind="llama3",
@@ -222,6 +248,25 @@ def rotary_scaling(hf: dict[str, Any], params: dict[str, Any], rope_type: str) -
         beta_slow=float(params.get("beta_slow") or 1),
         attention_factor=float(attention_factor),
         truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _longrope_scaling(hf: dict[str, Any], params: dict[str, Any], original: int) -> RotaryScaling:
+    """LongRoPE's per-pair factors; its attention factor defaults to HF's
+    ``sqrt(1 + ln(factor) / ln(original))``, ``factor = max_position_embeddings / original``."""
+    factor = params.get("factor") or hf["max_position_embeddings"] / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        extends = factor > 1
+        attention_factor = math.sqrt(1 + math.log(factor) / math.log(original)) if extends else 1.0
+    return RotaryScaling(
+        kind="longrope",
+        factor=float(factor),
+        original_context=original,
+        attention_factor=float(attention_factor),
+        short_factor=[float(x) for x in params["short_factor"]],
+        long_factor=[float(x) for x in params["long_factor"]],
+        recompute_at_switch=hf.get("model_type") in LONGROPE_RERUNS_AT_SWITCH,
     )
 
 
@@ -306,6 +351,14 @@ def separate_qkv(sd: Weights, projections: Sequence[str], mk: str, *, bias: bool
     return out
 
 
+def packed_qkv(sd: Weights, hf: str, mk: str, *, bias: bool) -> Weights:
+    """One projection packing all q rows, then all k, then all v (Phi-3) as ``mk``'s ``W_qkv``.
+
+    That is mitk's own order (see ``separate_qkv``), so it is only transposed.
+    """
+    return linear(sd, hf, f"{mk}.W_qkv", f"{mk}.b_qkv" if bias else None)
+
+
 def per_kind_order(
     packed: Float[Tensor, "qkv_out ..."], n_heads: int
 ) -> Float[Tensor, "qkv_out ..."]:
@@ -349,6 +402,15 @@ def mlp(
     if gate is not None:
         out |= linear(sd, gate, f"{mk}.W_gate", transpose=transpose)
     return out
+
+
+def packed_gated_mlp(sd: Weights, gate_up: str, down: str, mk: str) -> Weights:
+    """A bias-free gated MLP whose gate and up projections are one ``nn.Linear`` (Phi-3).
+
+    ``gate_up`` holds the gate's rows first, then the up (mitk's ``W_in``) rows.
+    """
+    gate, up = sd[f"{gate_up}.weight"].chunk(2)
+    return {f"{mk}.W_gate": gate.T, f"{mk}.W_in": up.T, **linear(sd, down, f"{mk}.W_out")}
 
 
 def megatron_block(

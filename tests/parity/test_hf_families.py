@@ -118,6 +118,22 @@ def _phi3(**kw: Any) -> nn.Module:
     return Phi3ForCausalLM(Phi3Config(**{**base, **kw}))
 
 
+def _granite(**kw: Any) -> nn.Module:
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    # every multiplier away from 1 (and the attention scale from 16 ** -0.5)
+    base = {**LLAMA_LIKE, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+            "attention_multiplier": 0.4, "logits_scaling": 8.0}  # fmt: skip
+    return GraniteForCausalLM(GraniteConfig(**{**base, **kw}))
+
+
+def _starcoder2(**kw: Any) -> nn.Module:
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    base = {**LLAMA_LIKE, "bos_token_id": 0, "eos_token_id": 0}  # HF's defaults exceed VOCAB
+    return Starcoder2ForCausalLM(Starcoder2Config(**{**base, **kw}))
+
+
 # Pretraining context 8: the 12-token batch and generation run past it
 ORIGINAL_CONTEXT = 8
 # LongRoPE's per-pair divisors (16-wide heads: 8 pairs), unlike each other and across sets
@@ -230,6 +246,14 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "gemma3-local-global-linear-8-logit-softcap": lambda: _gemma3(
         rope_scaling={"rope_type": "linear", "factor": 8.0}, final_logit_softcapping=3.0
     ),
+    "granite-multipliers-gqa": lambda: _granite(),
+    "granite-multipliers-tied-biased": lambda: _granite(
+        tie_word_embeddings=True, attention_bias=True, num_key_value_heads=4
+    ),
+    "starcoder2-biased-window-4": lambda: _starcoder2(sliding_window=4, norm_epsilon=1e-3),
+    "starcoder2-unbiased-untied-relu": lambda: _starcoder2(
+        use_bias=False, tie_word_embeddings=False, hidden_act="relu"
+    ),
     "smollm3-nope-on-layer-1": lambda: _smollm3(),
     # NoPE layers get HF's windows: layer 1 sees 4 positions, layer 0 rotates with YaRN
     "smollm3-yarn-window-on-nope-layer": lambda: _smollm3(
@@ -332,10 +356,14 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         (lambda: _qwen2(clip_qkv=8.0), "qwen2 config field.*clip_qkv"),
         (lambda: _gemma(altup_coef_clip=1.0), "gemma config field.*altup_coef_clip"),
         (lambda: _gemma2(clip_qkv=8.0), "gemma2 config field.*clip_qkv"),
+        (lambda: _granite(mlp_bias=True), "MLP biases"),
+        (lambda: _granite(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+         "rope scaling 'linear' is not supported for granite"),
+        (lambda: _starcoder2(clip_qkv=8.0), "starcoder2 config field.*clip_qkv"),
     ],
     ids=["mistral-scaled", "longrope-long-list", "unknown-rope-key", "qwen3-field", "llama-field",
          "olmo2-field", "mistral-layer-types", "mistral-field", "qwen2-field", "gemma-field",
-         "gemma2-field"],
+         "gemma2-field", "granite-mlp-bias", "granite-scaled", "starcoder2-field"],
 )  # fmt: skip
 def test_unsupported_variants_are_refused_by_name(make: Any, message: str, tmp_path: Path) -> None:
     make().save_pretrained(tmp_path, safe_serialization=True)

@@ -13,6 +13,7 @@ result; ``test_breaking_a_scaling_formula_is_caught`` checks that it does.
 from __future__ import annotations
 
 from collections.abc import Callable
+import copy
 from functools import partial
 import math
 from pathlib import Path
@@ -400,6 +401,27 @@ def test_dla_sums_to_hf_logit_difference(pair: Any) -> None:
         return
     by_head = logit_attribution(model, cache, answers, wrong, by="head")
     torch.testing.assert_close(by_head.total(), expected, atol=TOL, rtol=0)
+
+
+PROCESSING_STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+@pytest.mark.parametrize("step", PROCESSING_STEPS)
+def test_weight_processing_keeps_log_probs_or_is_refused(pair: Any, step: str) -> None:
+    """Each processing step leaves log-probs as they were, or refuses the model by name."""
+    _, _, model = pair
+    tokens, mask = token_batch(VOCAB, padded=True)
+    real = mask.bool()
+    processed = copy.deepcopy(model)
+    try:
+        processed.process_weights(**{step: True})
+    except UnsupportedModelError as err:
+        assert str(err), "a refusal must say why"
+        return
+    with torch.no_grad():
+        before = model(tokens, attention_mask=mask).log_softmax(-1)[real]
+        after = processed(tokens, attention_mask=mask).log_softmax(-1)[real]
+    torch.testing.assert_close(after, before, atol=TOL, rtol=0)
 
 
 def _peaked_attention(model: nn.Module) -> nn.Module:

@@ -131,8 +131,9 @@ def _expert_writes_at(
     stored = name("expert_out", layer)
     if stored in cache.cache_dict:
         per_expert = pick(cache[stored])  # [batch, expert, d_model]
-    else:  # recompute the experts at these positions only
-        per_expert = expert_writes(stream, layer, *(pick(cache[name(k, layer)]) for k in kinds))
+    else:  # recompute the experts at these positions only, as [batch, pos=1, ...] inputs
+        inputs = [pick(cache[name(kind, layer)])[:, None] for kind in kinds]
+        per_expert = expert_writes(stream, layer, *inputs)[:, 0]
     labels = [f"L{layer}E{e}" for e in range(per_expert.shape[1])]
     blocks = [per_expert.movedim(1, 0)]
     shared = name("shared_out", layer)
@@ -164,8 +165,14 @@ def logit_attribution(
     """
     if by not in get_args(By):
         raise ValueError(f"by must be one of {get_args(By)}, got {by!r}")
-    if by == "expert" and not cache.stream.moe_layers:
+    moe_layers = cache.stream.moe_layers
+    if by == "expert" and not moe_layers:
         raise UnsupportedModelError("by='expert' needs a mixture-of-experts model; this is dense")
+    if by == "neuron" and moe_layers:
+        raise UnsupportedModelError(
+            f"layers {list(moe_layers)} are mixtures of experts: their writes are per expert "
+            "(by='expert'), not per neuron"
+        )
     cache.stream.require_additive()
     embed = cache["hook_embed"]
     batch, seq = embed.shape[0], embed.shape[1]

@@ -28,11 +28,12 @@ from mitk.sweeps import load_named_model
 
 
 class Granularity(str, Enum):
-    """What one attribution row is: a sublayer, a head or an MLP neuron."""
+    """What one attribution row is: a sublayer, a head, an MLP neuron or an MoE expert."""
 
     component = "component"
     head = "head"
     neuron = "neuron"
+    expert = "expert"
 
 
 def _model_logit_diff(
@@ -55,7 +56,7 @@ def dla(
     answer: AnswerOption = None,
     wrong: WrongOption = None,
     pos: Annotated[int, typer.Option(help="Position read; negative counts from the end.")] = -1,
-    by: Annotated[Granularity, typer.Option(help="One row per component, head or neuron.")] = (
+    by: Annotated[Granularity, typer.Option(help="Row per component, head, neuron or expert.")] = (
         Granularity.component
     ),
     top: Annotated[int, typer.Option(help="How many of the largest contributions to show.")] = 10,

@@ -85,7 +85,9 @@ class TransformerBlock(nn.Module):
         mlp_out = self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(mid + mlp_out)
 
-    def mlp_input(self, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_model"]:
+    def mlp_input(
+        self, x: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_model"]:
         """The MLP's input given the stream it reads (``resid_mid``; ``resid_pre`` if parallel)."""
         return self._pre(2, x)
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mitk.errors import UnsupportedModelError
 from mitk.model.factored_matrix import FactoredMatrix
+from mitk.model.moe import MixtureOfExperts
 from mitk.model.norms import LayerNorm, RMSNorm
 from mitk.shapes import Float
 
@@ -194,10 +195,10 @@ def fold_layer_norm(model: Any, cfg_changes: dict[str, bool]) -> None:
 
 
 def _folded_weight(
-    weight: Float[Tensor, "d_model d_out"], norm_w: Float[Tensor, " d_model"], centre: bool
-) -> Float[Tensor, "d_model d_out"]:
-    folded = _work(weight) * _work(norm_w)[:, None]
-    return folded - folded.mean(0, keepdim=True) if centre else folded
+    weight: Float[Tensor, "*experts d_model d_out"], norm_w: Float[Tensor, " d_model"], centre: bool
+) -> Float[Tensor, "*experts d_model d_out"]:
+    folded = _work(weight) * _work(norm_w)[:, None]  # experts' [n_experts, d_model, d_out] too
+    return folded - folded.mean(-2, keepdim=True) if centre else folded
 
 
 def _folded_bias(
@@ -208,16 +209,30 @@ def _folded_bias(
     return _work(bias) + _work(ln_bias) @ _work(weight)
 
 
+def _mlp_readers(mlp: nn.Module) -> list[Reader]:
+    """The weights reading an MLP's input: a dense MLP's, or a mixture of experts' router,
+    experts (``[n_experts, d_model, d_expert]``, folded alike) and shared expert."""
+    if not isinstance(mlp, MixtureOfExperts):
+        readers: list[Reader] = [(mlp, "W_in", "b_in", "mlp_bias")]
+        if mlp.W_gate is not None:
+            readers.append((mlp, "W_gate", None, "mlp_bias"))
+        return readers
+    # no config switch creates MoE biases, so a LayerNorm bias is refused below
+    readers = [(mlp, "W_router", None, ""), (mlp, "W_gate", None, ""), (mlp, "W_in", None, "")]
+    if mlp.moe.d_shared:
+        readers += _mlp_readers(mlp.shared)
+        if mlp.W_shared_gate is not None:
+            readers.append((mlp, "W_shared_gate", None, ""))
+    return readers
+
+
 def _norm_readers(model: Any) -> list[tuple[LayerNorm | RMSNorm, list[Reader]]]:
     """Each norm with the layers reading its output; refuses norms mitk cannot fold."""
     pairs: list[tuple[Any, list[Reader]]] = []
     for block in model.blocks:
         pairs.append((block.ln1, [(block.attn, "W_qkv", "b_qkv", "attn_qkv_bias")]))
         if hasattr(block, "mlp"):
-            mlp_readers: list[Reader] = [(block.mlp, "W_in", "b_in", "mlp_bias")]
-            if block.mlp.W_gate is not None:
-                mlp_readers.append((block.mlp, "W_gate", None, "mlp_bias"))
-            pairs.append((block.ln2, mlp_readers))
+            pairs.append((block.ln2, _mlp_readers(block.mlp)))
     pairs.append((model.ln_final, [(model.unembed, "W_U", "b_U", "unembed_bias")]))
     known = {id(norm) for norm, _ in pairs}
     for name, module in model.named_modules():
@@ -265,6 +280,8 @@ def center_residual_writes(model: Any) -> None:
         writes += [block.attn.W_o_packed, block.attn.b_o_param]
         if hasattr(block, "mlp"):
             writes += [block.mlp.W_out, block.mlp.b_out]
+            if isinstance(block.mlp, MixtureOfExperts) and block.mlp.moe.d_shared:
+                writes += [block.mlp.shared.W_out, block.mlp.shared.b_out]
     for param in writes:
         if param is not None:
             param.copy_(_centred(param, dim=-1))

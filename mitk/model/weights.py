@@ -41,6 +41,12 @@ class WeightViews:
     def _stack_mlp(self, get: Callable[[Any], Tensor]) -> Tensor:
         if not hasattr(self.blocks[0], "mlp"):
             raise UnsupportedModelError("this model is attention-only: it has no MLP weights")
+        if self.cfg.moe is not None:
+            raise UnsupportedModelError(
+                "this model's MLPs are mixtures of experts, so there is no per-layer neuron "
+                "weight to stack; read blocks[L].mlp.W_in / W_gate / W_out "
+                "[n_experts, ...] and W_router instead"
+            )
         return self._stack(lambda b: get(b.mlp))
 
     @property

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mitk.analysis.patching import GRANULARITIES, SITES
+from mitk.analysis.patching import ALL_GRANULARITIES, SITES
 from mitk.errors import ConfigError, UnknownHookError
 
 METRICS = ("logit_diff", "logit", "prob", "log_prob", "kl_to_clean")
@@ -81,7 +81,7 @@ class SweepSpec:
         if not self.sites:
             raise ConfigError("sites: give at least one patching site")
         for per in self.per:
-            _choice("per", per, GRANULARITIES)
+            _choice("per", per, ALL_GRANULARITIES)
         self.grid()  # validates every site name and (site, per) combination
 
     def grid(self) -> list[tuple[str, str]]:

@@ -57,6 +57,7 @@ REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "gpt_neo": families.FAMILIES["gpt-neo-global-local-window-4"],
     "gpt_neox": families.FAMILIES["gpt-neox-parallel-partial-rotary"],
     "gptj": families.FAMILIES["gptj-interleaved-partial-rotary"],
+    "granite": families.FAMILIES["granite-multipliers-gqa"],
     "llama": families.FAMILIES["llama-gqa"],
     "mistral": families.FAMILIES["mistral-window-4"],
     "olmo2": families.FAMILIES["olmo2-post-norms-projection-qk-norms"],
@@ -64,6 +65,7 @@ REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "qwen2": families.FAMILIES["qwen2"],
     "qwen3": families.FAMILIES["qwen3-head-qk-norms"],
     "smollm3": families.FAMILIES["smollm3-nope-on-layer-1"],
+    "starcoder2": families.FAMILIES["starcoder2-biased-window-4"],
 }
 
 

@@ -13,6 +13,7 @@ result; ``test_breaking_a_scaling_formula_is_caught`` checks that it does.
 from __future__ import annotations
 
 from collections.abc import Callable
+import copy
 from functools import partial
 import math
 from pathlib import Path
@@ -116,6 +117,22 @@ def _phi3(**kw: Any) -> nn.Module:
     # packed qkv_proj (4 query heads over 2 key-value heads) and gate_up_proj
     base = {**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 0, "bos_token_id": 0}
     return Phi3ForCausalLM(Phi3Config(**{**base, **kw}))
+
+
+def _granite(**kw: Any) -> nn.Module:
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    # every multiplier away from 1 (and the attention scale from 16 ** -0.5)
+    base = {**LLAMA_LIKE, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+            "attention_multiplier": 0.4, "logits_scaling": 8.0}  # fmt: skip
+    return GraniteForCausalLM(GraniteConfig(**{**base, **kw}))
+
+
+def _starcoder2(**kw: Any) -> nn.Module:
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    base = {**LLAMA_LIKE, "bos_token_id": 0, "eos_token_id": 0}  # HF's defaults exceed VOCAB
+    return Starcoder2ForCausalLM(Starcoder2Config(**{**base, **kw}))
 
 
 # Pretraining context 8: the 12-token batch and generation run past it
@@ -230,6 +247,14 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "gemma3-local-global-linear-8-logit-softcap": lambda: _gemma3(
         rope_scaling={"rope_type": "linear", "factor": 8.0}, final_logit_softcapping=3.0
     ),
+    "granite-multipliers-gqa": lambda: _granite(),
+    "granite-multipliers-tied-biased": lambda: _granite(
+        tie_word_embeddings=True, attention_bias=True, num_key_value_heads=4
+    ),
+    "starcoder2-biased-window-4": lambda: _starcoder2(sliding_window=4, norm_epsilon=1e-3),
+    "starcoder2-unbiased-untied-relu": lambda: _starcoder2(
+        use_bias=False, tie_word_embeddings=False, hidden_act="relu"
+    ),
     "smollm3-nope-on-layer-1": lambda: _smollm3(),
     # NoPE layers get HF's windows: layer 1 sees 4 positions, layer 0 rotates with YaRN
     "smollm3-yarn-window-on-nope-layer": lambda: _smollm3(
@@ -332,10 +357,14 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         (lambda: _qwen2(clip_qkv=8.0), "qwen2 config field.*clip_qkv"),
         (lambda: _gemma(altup_coef_clip=1.0), "gemma config field.*altup_coef_clip"),
         (lambda: _gemma2(clip_qkv=8.0), "gemma2 config field.*clip_qkv"),
+        (lambda: _granite(mlp_bias=True), "MLP biases"),
+        (lambda: _granite(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+         "rope scaling 'linear' is not supported for granite"),
+        (lambda: _starcoder2(clip_qkv=8.0), "starcoder2 config field.*clip_qkv"),
     ],
     ids=["mistral-scaled", "longrope-long-list", "unknown-rope-key", "qwen3-field", "llama-field",
          "olmo2-field", "mistral-layer-types", "mistral-field", "qwen2-field", "gemma-field",
-         "gemma2-field"],
+         "gemma2-field", "granite-mlp-bias", "granite-scaled", "starcoder2-field"],
 )  # fmt: skip
 def test_unsupported_variants_are_refused_by_name(make: Any, message: str, tmp_path: Path) -> None:
     make().save_pretrained(tmp_path, safe_serialization=True)
@@ -372,6 +401,27 @@ def test_dla_sums_to_hf_logit_difference(pair: Any) -> None:
         return
     by_head = logit_attribution(model, cache, answers, wrong, by="head")
     torch.testing.assert_close(by_head.total(), expected, atol=TOL, rtol=0)
+
+
+PROCESSING_STEPS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+
+@pytest.mark.parametrize("step", PROCESSING_STEPS)
+def test_weight_processing_keeps_log_probs_or_is_refused(pair: Any, step: str) -> None:
+    """Each processing step leaves log-probs as they were, or refuses the model by name."""
+    _, _, model = pair
+    tokens, mask = token_batch(VOCAB, padded=True)
+    real = mask.bool()
+    processed = copy.deepcopy(model)
+    try:
+        processed.process_weights(**{step: True})
+    except UnsupportedModelError as err:
+        assert str(err), "a refusal must say why"
+        return
+    with torch.no_grad():
+        before = model(tokens, attention_mask=mask).log_softmax(-1)[real]
+        after = processed(tokens, attention_mask=mask).log_softmax(-1)[real]
+    torch.testing.assert_close(after, before, atol=TOL, rtol=0)
 
 
 def _peaked_attention(model: nn.Module) -> nn.Module:

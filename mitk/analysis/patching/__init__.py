@@ -16,9 +16,10 @@ from mitk.analysis.patching.metrics import (
     prob,
 )
 from mitk.analysis.patching.path import PathPatchResult, path_patch, path_patch_heads
-from mitk.analysis.patching.sites import GRANULARITIES, SITES, Site
+from mitk.analysis.patching.sites import ALL_GRANULARITIES, GRANULARITIES, SITES, Site
 
 __all__ = [
+    "ALL_GRANULARITIES",
     "GRANULARITIES",
     "SITES",
     "EdgeScores",

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mitk.analysis.patching.engine import BaseRun, Variant, run_variants
 from mitk.analysis.patching.pair import Direction, check_patch_inputs, run_pair
-from mitk.analysis.patching.sites import Granularity, Site, site_for
+from mitk.analysis.patching.sites import Granularity, site_for, unit_granularity
 from mitk.hooks import name
 from mitk.shapes import Float, Int
 
@@ -26,6 +26,8 @@ AXES: dict[str, tuple[str, ...]] = {
     "pos": ("layer", "pos"),
     "head": ("layer", "head"),
     "head_pos": ("layer", "head", "pos"),
+    "expert": ("layer", "expert"),
+    "expert_pos": ("layer", "expert", "pos"),
 }
 
 
@@ -90,10 +92,6 @@ def _cells(per: Granularity, n_pos: int, n_heads: int) -> list[tuple[int | None,
     return [(p, h) for h in range(n_heads) for p in range(n_pos)]
 
 
-def _heads_at(model: Any, site: Site) -> int:
-    return int(model.cfg.n_key_value_heads if site.kv_heads else model.cfg.n_heads)
-
-
 def activation_patch(
     model: Any,
     clean_tokens: Int[Tensor, "batch pos"],
@@ -115,6 +113,10 @@ def activation_patch(
     ``attention_mask`` handles padding. ``memory_budget_gb`` bounds the
     activations of one batched forward (an estimate, fp32).
 
+    Mixture-of-experts sites (``router_logits``, ``expert_out``, ``shared_out``)
+    default to the MoE layers; ``per="expert"``/``"expert_pos"`` patch one
+    expert's router logit or weighted write at a time.
+
     Heads: for ``k`` and ``v`` sites ``head`` indexes key-value heads (the
     hooked tensors keep ``n_key_value_heads`` under grouped-query attention),
     so patching one changes the keys or values every query head of its group
@@ -123,7 +125,7 @@ def activation_patch(
     check_patch_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
     where = site_for(site, per)
     n_layers = model.cfg.n_layers
-    layers = list(range(n_layers)) if layers is None else list(layers)
+    layers = where.layers(model) if layers is None else list(layers)
     if any(not 0 <= layer < n_layers for layer in layers):
         raise ValueError(f"layers {layers} must lie in [0, {n_layers})")
     batch, seq = clean_tokens.shape
@@ -147,14 +149,17 @@ def activation_patch(
         base_logits=runs.corrupt_logits if denoising else runs.clean_logits,
         base_metric=runs.corrupt_metric if denoising else runs.clean_metric,
     )
-    n_heads = _heads_at(model, where)
+    n_heads = where.units(model)  # heads, or experts
+    as_heads = unit_granularity(per)
     variants = [
-        Variant(layer, pos, head) for layer in layers for pos, head in _cells(per, seq, n_heads)
+        Variant(layer, pos, head)
+        for layer in layers
+        for pos, head in _cells(as_heads, seq, n_heads)
     ]
     out = run_variants(
         model, base, where, variants, runs.fn, memory_budget_gb * 2**30
     )  # [variant, batch]
-    shape = {"layer": (), "pos": (seq,), "head": (n_heads,), "head_pos": (n_heads, seq)}[per]
+    shape = {"layer": (), "pos": (seq,), "head": (n_heads,), "head_pos": (n_heads, seq)}[as_heads]
     per_prompt = out.T.reshape(batch, len(layers), *shape)
     return PatchResult(
         per_prompt=per_prompt.detach(),

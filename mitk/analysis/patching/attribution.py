@@ -17,7 +17,7 @@ from mitk.analysis.patching.activation import PatchResult, activation_patch
 from mitk.analysis.patching.engine import metric_fn
 from mitk.analysis.patching.metrics import PositionMetric
 from mitk.analysis.patching.pair import Direction, check_patch_inputs, metric_at
-from mitk.analysis.patching.sites import Granularity, Site, site_for
+from mitk.analysis.patching.sites import Granularity, Site, site_for, unit_granularity
 from mitk.shapes import Float, Int
 
 
@@ -29,6 +29,7 @@ def _reduce(site: Site, per: str, contribution: Tensor) -> Tensor:
         "head": [site.head_axis],
         "head_pos": [site.head_axis, site.pos_axis],
     }
+    per = unit_granularity(per)  # experts sit on the unit axis as heads do
     keep = keeps[per]
     dims = [d for d in range(1, contribution.ndim) if d not in keep]
     summed = contribution.sum(dims) if dims else contribution
@@ -59,7 +60,8 @@ def attribution_patch(
     where = site_for(site, per)
     batch, seq = clean_tokens.shape
     fn, answer_pos = metric_fn(metric, batch, seq)
-    hooks = [where.hook(layer) for layer in range(model.cfg.n_layers)]
+    layers = where.layers(model)
+    hooks = [where.hook(layer) for layer in layers]
     denoising = direction == "denoising"
     base_tokens, source_tokens = (
         (corrupted_tokens, clean_tokens) if denoising else (clean_tokens, corrupted_tokens)
@@ -105,7 +107,7 @@ def attribution_patch(
         site=site,
         per=per,
         direction=direction,
-        layers=list(range(model.cfg.n_layers)),
+        layers=layers,
     )
 
 

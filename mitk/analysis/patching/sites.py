@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast, get_args
 
 from mitk.errors import UnknownHookError
 from mitk.hooks import name
 
-Granularity = Literal["layer", "pos", "head", "head_pos"]
+Granularity = Literal["layer", "pos", "head", "head_pos", "expert", "expert_pos"]
 GRANULARITIES: tuple[Granularity, ...] = ("layer", "pos", "head", "head_pos")
+EXPERT_GRANULARITIES: tuple[Granularity, ...] = ("layer", "pos", "expert", "expert_pos")
+ALL_GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
+AS_HEADS: dict[str, Granularity] = {"expert": "head", "expert_pos": "head_pos"}
+"""Expert granularities index their site's unit axis exactly as head ones index heads."""
+
+
+def unit_granularity(per: str) -> Granularity:
+    """``per`` with experts read as heads: the patching machinery indexes both alike."""
+    return AS_HEADS[per] if per in AS_HEADS else cast(Granularity, per)
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,9 @@ class Site:
     pos_axis: int
     head_axis: int | None = None
     kv_heads: bool = False  # k and v keep the key-value head count under GQA
+    unit: Literal["head", "expert"] = "head"
+    """What ``head_axis`` indexes: attention heads, or a mixture of experts' experts."""
+    moe_only: bool = False  # exists on mixture-of-experts layers only
 
     def hook(self, layer: int) -> str:
         """The hook name of this site at ``layer``."""
@@ -32,7 +44,28 @@ class Site:
 
     def granularities(self) -> tuple[Granularity, ...]:
         """Which ``per=`` values this site supports."""
-        return GRANULARITIES if self.head_axis is not None else ("layer", "pos")
+        if self.head_axis is None:
+            return ("layer", "pos")
+        return EXPERT_GRANULARITIES if self.unit == "expert" else GRANULARITIES
+
+    def layers(self, model: Any) -> list[int]:
+        """The layers that have this site: MoE layers for router/expert sites, else all."""
+        cfg = model.cfg
+        if not self.moe_only:
+            return list(range(cfg.n_layers))
+        layers = [layer for layer in range(cfg.n_layers) if cfg.is_moe_layer(layer)]
+        if self.kind == "shared_out":
+            layers = [layer for layer in layers if self.hook(layer) in model.hook_dict]
+        if not layers:
+            raise ValueError(f"this model has no layer with site {self.short!r}")
+        return layers
+
+    def units(self, model: Any) -> int:
+        """Size of ``head_axis``: experts, key-value heads (``k``/``v``) or query heads."""
+        cfg = model.cfg
+        if self.unit == "expert":
+            return int(cfg.moe.n_experts)
+        return int(cfg.n_key_value_heads if self.kv_heads else cfg.n_heads)
 
 
 SITES: dict[str, Site] = {
@@ -49,6 +82,12 @@ SITES: dict[str, Site] = {
         Site("v", "v", pos_axis=1, head_axis=2, kv_heads=True),
         Site("pattern", "pattern", pos_axis=2, head_axis=1),  # pos = query position
         Site("post", "post", pos_axis=1),  # MLP neuron activations
+        # mixture-of-experts layers: router logits and each expert's write, per expert
+        Site(
+            "router_logits", "router_logits", pos_axis=1, head_axis=2, unit="expert", moe_only=True
+        ),
+        Site("expert_out", "expert_out", pos_axis=1, head_axis=2, unit="expert", moe_only=True),
+        Site("shared_out", "shared_out", pos_axis=1, moe_only=True),
     )
 }
 

@@ -27,6 +27,7 @@ from mitk.model.pretrained.gemma3 import gemma3_config, gemma3_state_dict
 from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
 from mitk.model.pretrained.gpt_neo import gpt_neo_config, gpt_neo_state_dict
 from mitk.model.pretrained.gptj import gptj_config, gptj_state_dict
+from mitk.model.pretrained.granite import granite_config, granite_state_dict
 from mitk.model.pretrained.hub import looks_like_repo_id, resolve_repo
 from mitk.model.pretrained.legacy import upgrade_native_state
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
@@ -38,6 +39,7 @@ from mitk.model.pretrained.phi3 import phi3_config, phi3_state_dict
 from mitk.model.pretrained.qwen3 import qwen3_config, qwen3_state_dict
 from mitk.model.pretrained.qwen_moe import qwen_moe_config, qwen_moe_state_dict
 from mitk.model.pretrained.smollm3 import smollm3_config, smollm3_state_dict
+from mitk.model.pretrained.starcoder2 import starcoder2_config, starcoder2_state_dict
 
 NATIVE_CONFIG = "mitk_config.json"
 NATIVE_WEIGHTS = "model.safetensors"
@@ -56,6 +58,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "gpt_neo": (gpt_neo_config, gpt_neo_state_dict),
     "gpt_neox": (neox_config, neox_state_dict),
     "gptj": (gptj_config, gptj_state_dict),
+    "granite": (granite_config, granite_state_dict),
     "llama": (llama_config, llama_state_dict),
     "mistral": (llama_config, llama_state_dict),
     "mixtral": (mixtral_config, mixtral_state_dict),
@@ -67,6 +70,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "qwen3": (qwen3_config, qwen3_state_dict),
     "qwen3_moe": (qwen_moe_config, qwen_moe_state_dict),
     "smollm3": (smollm3_config, smollm3_state_dict),
+    "starcoder2": (starcoder2_config, starcoder2_state_dict),
 }
 
 

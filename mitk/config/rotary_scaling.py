@@ -40,8 +40,9 @@ class RotaryScaling(JsonConfig):
     kind: RotaryScalingKind
     """Which stretching (Hugging Face's ``rope_type``)."""
     factor: float
-    """Context-extension factor (> 0); ``longrope`` reads none (HF derives its default
-    ``attention_factor`` from it: ``max_position_embeddings / original_context``)."""
+    """Context-extension factor (> 0). ``longrope`` scales by its per-pair lists instead;
+    there it only sets the default ``attention_factor`` (HF's factor defaults to
+    ``max_position_embeddings / original_context``)."""
     original_context: int = 0
     """Pretraining context length: ``llama3``/``yarn``'s wavelength thresholds, the length
     past which ``dynamic`` rescales and ``longrope`` takes its long factors; unused by

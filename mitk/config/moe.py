@@ -13,13 +13,16 @@ class MoEConfig(JsonConfig):
     """Routing and expert shapes of the MoE layers; ``TransformerConfig.moe`` holds one.
 
     Each token's router logits ``x W_router (+ b_router)`` go through a softmax;
-    the ``top_k`` largest probabilities pick its experts (ties go to the lower
-    expert index, as ``torch.topk``), optionally renormalised to sum to one, and
-    scaled by ``routed_scale``. Each expert is a gated MLP ``d_expert`` wide. A
-    shared expert (``d_shared`` > 0) sees every token, optionally through a
-    sigmoid gate ``sigmoid(x w_shared_gate)``. Layers outside ``layers`` keep
-    the dense ``d_mlp`` MLP. Nothing is dropped for capacity: the supported
-    families route every token to its ``top_k`` experts at inference.
+    the ``top_k`` largest probabilities pick its experts (exact ties break as
+    ``torch.topk`` breaks them, as in the reference code), optionally renormalised
+    to sum to one, and scaled by ``routed_scale``. With ``n_groups`` > 1 (DeepSeek's
+    group-limited greedy routing) experts come in ``n_groups`` equal groups and
+    only the ``top_groups`` groups with the largest best probability compete.
+    Each expert is a gated MLP ``d_expert`` wide. A shared expert (``d_shared`` >
+    0) sees every token, optionally through a sigmoid gate on ``x
+    W_shared_gate``. Layers outside ``layers`` keep the dense ``d_mlp`` MLP.
+    Nothing is dropped for capacity: the supported families route every token
+    to its ``top_k`` experts at inference.
     """
 
     n_experts: int
@@ -46,6 +49,10 @@ class MoEConfig(JsonConfig):
     """Hidden width of a shared expert every token goes through; 0: none."""
     shared_gate: bool = False
     """The shared expert's output is scaled by ``sigmoid(x w_shared_gate)`` (Qwen2-MoE)."""
+    n_groups: int = 1
+    """Expert groups for group-limited routing; 1: every expert competes."""
+    top_groups: int = 1
+    """Groups whose experts may be chosen (with ``n_groups`` > 1)."""
     layers: list[int] | None = None
     """Layers with an MoE MLP; None: every layer. The others have the dense ``d_mlp`` MLP."""
 
@@ -61,6 +68,12 @@ class MoEConfig(JsonConfig):
             raise ConfigError(f"moe clamp_limit must be >= 0 (0: no clamp), got {self.clamp_limit}")
         if not isinstance(self.d_shared, int) or self.d_shared < 0:
             raise ConfigError(f"moe d_shared must be an int >= 0 (0: none), got {self.d_shared!r}")
+        check_positive_ints(self, ("n_groups", "top_groups"))
+        if self.n_experts % self.n_groups or self.top_groups > self.n_groups:
+            raise ConfigError(
+                f"moe n_groups ({self.n_groups}) must divide n_experts ({self.n_experts}) and "
+                f"be at least top_groups ({self.top_groups})"
+            )
         if self.shared_gate and not self.d_shared:
             raise ConfigError("moe shared_gate needs a shared expert (d_shared > 0)")
 

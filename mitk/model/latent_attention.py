@@ -89,12 +89,12 @@ class LatentAttention(Attention):
         self.W_o_packed = nn.Parameter(torch.empty(n * d_v, cfg.d_model))
         self.hook_kv_latent = HookPoint()
 
-    # --- the TransformerLens views do not exist for MLA -------------------------------
+    # --- the TransformerLens views: only W_O/b_O exist for MLA ------------------------
     def _refuse(self, what: str) -> NoReturn:
         raise UnsupportedModelError(
             f"{what} is not defined for multi-head latent attention (attention_type='mla'): "
             "keys and values come from a shared latent (see W_kv_a, W_kv_b); "
-            "analyses built on W_Q/W_K/W_V/W_O do not apply"
+            "analyses built on W_Q/W_K/W_V do not apply (W_O and per-head writes do)"
         )
 
     @property
@@ -111,7 +111,8 @@ class LatentAttention(Attention):
 
     @property
     def W_O(self) -> Tensor:
-        return self._refuse("W_O")
+        """``[head, v_head_dim, d_model]``: each head's output map (the one ordinary view)."""
+        return self.W_o_packed.view(self.cfg.n_heads, self.cfg.v_head_dim, self.cfg.d_model)
 
     @property
     def b_Q(self) -> Tensor:
@@ -127,7 +128,9 @@ class LatentAttention(Attention):
 
     @property
     def b_O(self) -> Tensor:
-        return self._refuse("b_O")
+        """``[d_model]`` (zeros when the model has no output bias)."""
+        bias = self.b_o_param
+        return bias if bias is not None else self.W_o_packed.new_zeros(self.cfg.d_model)
 
     # --- forward ----------------------------------------------------------------------
     def _queries(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos qk"]:

@@ -2,8 +2,9 @@
 
 Tokens are grouped by expert (one sort, one matmul chain per expert that was
 chosen at all), never looped over one by one. Routing follows the reference
-families exactly: softmax in float32, ``torch.topk`` (ties to the lower index),
-optional renormalisation of the chosen weights, a routed scale.
+families exactly: softmax in float32, ``torch.topk`` over ``[tokens, n_experts]``
+as Hugging Face calls it (so exact ties, e.g. a zero router, break the same way:
+not by index), optional renormalisation of the chosen weights, a routed scale.
 """
 
 from __future__ import annotations
@@ -86,11 +87,18 @@ class MixtureOfExperts(nn.Module):
         self, logits: Float[Tensor, "*lead n_experts"]
     ) -> tuple[Float[Tensor, "*lead top_k"], Int[Tensor, "*lead top_k"]]:
         """Each token's expert weights and indices from its router logits (float32 math)."""
-        probs = logits.float().softmax(-1)
-        weights, indices = torch.topk(probs, self.moe.top_k, dim=-1)
-        if self.moe.norm_top_k:
+        moe = self.moe
+        probs = logits.float().softmax(-1).reshape(-1, moe.n_experts)
+        if moe.n_groups > 1:  # only the experts of each token's best groups compete
+            grouped = probs.view(-1, moe.n_groups, moe.n_experts // moe.n_groups)
+            best = torch.topk(grouped.max(-1).values, moe.top_groups, dim=-1, sorted=False)[1]
+            keep = torch.zeros_like(grouped[..., 0]).scatter_(1, best, 1.0).bool()
+            probs = grouped.masked_fill(~keep[..., None], 0.0).view(-1, moe.n_experts)
+        weights, indices = torch.topk(probs, moe.top_k, dim=-1)
+        if moe.norm_top_k:
             weights = weights / weights.sum(-1, keepdim=True)
-        return weights * self.moe.routed_scale, indices
+        lead = logits.shape[:-1]
+        return (weights * moe.routed_scale).view(*lead, -1), indices.view(*lead, -1)
 
     def expert_writes(
         self,

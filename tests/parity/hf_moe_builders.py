@@ -66,11 +66,29 @@ def _olmoe(**kw: Any) -> nn.Module:
     return sharp_routers(OlmoeForCausalLM(OlmoeConfig(**{**base, **kw})))
 
 
+def _deepseek_v2_moe(**kw: Any) -> nn.Module:
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    # latent attention as test_hf_mla's; layer 0 dense, layers 1-2 MoE with 2 shared experts
+    base = {"vocab_size": VOCAB, "max_position_embeddings": 64, "hidden_size": 64,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 96,
+            "kv_lora_rank": 24, "q_lora_rank": 20, "qk_nope_head_dim": 12, "qk_rope_head_dim": 4,
+            "v_head_dim": 8, "rope_theta": 500.0, "first_k_dense_replace": 1,
+            "n_routed_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+            "n_shared_experts": 2, "routed_scaling_factor": 1.5}  # fmt: skip
+    return sharp_routers(DeepseekV2ForCausalLM(DeepseekV2Config(**{**base, **kw})))
+
+
 MOE_FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "mixtral-top2-of-4": lambda: _mixtral(),
     "mixtral-window-4-top1": lambda: _mixtral(sliding_window=4, num_experts_per_tok=1),
     "qwen2-moe-shared-expert-dense-layer-0": lambda: _qwen2_moe(),
     "qwen3-moe-normed-top-k-dense-layer-1": lambda: _qwen3_moe(),
     "olmoe-top3-unnormed": lambda: _olmoe(),
+    "deepseek-v2-moe-shared-scaled": lambda: _deepseek_v2_moe(),
+    # 6 experts in 3 groups; each token's best 2 groups compete
+    "deepseek-v2-moe-group-limited": lambda: _deepseek_v2_moe(
+        topk_method="group_limited_greedy", n_group=3, topk_group=2, num_experts_per_tok=3
+    ),
 }
 """The MoE entries of the shared parity suite (``test_hf_families.FAMILIES``)."""

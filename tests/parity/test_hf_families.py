@@ -327,7 +327,7 @@ def test_keys_and_values_keep_the_key_value_head_count(pair: Any) -> None:
     _, cache = model.run_with_cache(tokens, names_filter=names)
     n_kv = hf.config.to_dict().get("num_key_value_heads") or model.cfg.n_heads
     assert cache["blocks.0.attn.hook_k"].shape == (3, 12, n_kv, model.cfg.d_head)
-    assert cache["blocks.0.attn.hook_v"].shape == (3, 12, n_kv, model.cfg.d_head)
+    assert cache["blocks.0.attn.hook_v"].shape == (3, 12, n_kv, model.cfg.v_head_dim)
     assert cache["blocks.0.attn.hook_q"].shape == (3, 12, model.cfg.n_heads, model.cfg.d_head)
 
 

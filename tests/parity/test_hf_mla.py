@@ -1,12 +1,14 @@
 """Multi-head latent attention (DeepSeek-V2) against Hugging Face, tiny random weights (fp32).
 
-Every layer is dense (``first_k_dense_replace`` = layer count): mitk refuses
-mixture-of-experts layers. Query/key heads (16 wide: 12 non-rotary + 4
+Every layer here is dense (``first_k_dense_replace`` = layer count); the
+mixture-of-experts variants are in the shared family suite
+(``hf_moe_builders``). Query/key heads (16 wide: 12 non-rotary + 4
 rotary) differ from value heads (8 wide), so shapes are checked too.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +123,30 @@ def test_zeroing_the_latent_changes_the_output(pair: Any) -> None:
 
 def test_weight_views_and_processing_refuse_mla(pair: Any) -> None:
     _, model = pair
-    for view in ("W_Q", "W_K", "W_V", "W_O", "QK", "OV"):
+    for view in ("W_Q", "W_K", "W_V", "QK", "OV"):
         with pytest.raises(UnsupportedModelError, match="latent attention"):
             getattr(model, view)
     with pytest.raises(UnsupportedModelError, match="latent attention"):
         model.process_weights(fold_ln=True)
 
 
-def test_mixture_of_experts_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"norm_topk_prob": True}, "norm_topk_prob=True"),
+        ({"topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq=2"),
+        ({"kv_quant": True}, "deepseek_v2 config field.*kv_quant"),
+    ],
+)
+def test_unsupported_moe_variants_are_refused(
+    fields: dict[str, Any], message: str, tmp_path: Path
+) -> None:
     _deepseek(first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
               moe_intermediate_size=16, n_shared_experts=1).save_pretrained(tmp_path)  # fmt: skip
-    with pytest.raises(UnsupportedModelError, match="first_k_dense_replace"):
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(UnsupportedModelError, match=message):
         HookedTransformer.from_pretrained(tmp_path)
 
 

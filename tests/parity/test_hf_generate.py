@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mitk import HookedTransformer
+from tests.parity.hf_moe_builders import MOE_FAMILIES
 from tests.parity.test_hf_families import (
     VOCAB,
     _bloom,
@@ -49,6 +50,7 @@ FAMILIES: dict[str, Any] = {
         attn_logit_softcapping=5.0, final_logit_softcapping=30.0
     ),
     "deepseek-v2-mla": lambda: _deepseek(q_lora_rank=20),
+    **MOE_FAMILIES,
 }
 
 

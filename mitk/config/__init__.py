@@ -62,7 +62,7 @@ def loading_overrides(
 
 
 NormPosition = Literal["pre", "post"]
-QKNorm = Literal["none", "head", "projection"]
+QKNorm = Literal["none", "head", "projection", "head_layernorm"]
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,9 @@ class TransformerConfig(JsonConfig):
     stream, there is no ``ln1``/``ln2``, and ``sandwich_norms`` norm their outputs."""
     qk_norm: QKNorm = "none"
     """RMSNorm on queries and keys before rotary (``attn.q_norm``/``attn.k_norm``): ``head``
-    normalises each head's ``d_head`` (Qwen 3), ``projection`` all heads together (OLMo 2)."""
+    normalises each head's ``d_head`` (Qwen 3), ``projection`` all heads together (OLMo 2);
+    ``head_layernorm``: a LayerNorm on each head, with weights of its own per head (Cohere,
+    StableLM)."""
     moe: MoEConfig | None = None
     """Mixture-of-experts MLPs (router, top-k experts, shared expert); None: dense MLPs."""
     device: str = field(default="cpu", compare=False)

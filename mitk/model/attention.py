@@ -19,7 +19,7 @@ from mitk.model.alibi import alibi_bias, alibi_slopes
 from mitk.model.forward_context import ForwardContext
 from mitk.model.linear import affine
 from mitk.model.masks import AttentionMask
-from mitk.model.norms import RMSNorm
+from mitk.model.norms import make_qk_norm
 from mitk.model.rotary import apply_rotary, rotary_angles
 from mitk.model.softcap import soft_cap
 from mitk.shapes import Float
@@ -61,10 +61,11 @@ class Attention(nn.Module):
     with -inf), and ``hook_result`` ``[batch, pos, head, d_model]``, each head's
     write ``z @ W_O`` (without ``b_O``; heads plus ``b_O`` give the output),
     computed only when a hook is attached to it (TransformerLens's
-    ``use_attn_result``, without the flag). With ``cfg.qk_norm`` (Qwen 3, OLMo 2)
-    queries and keys pass RMSNorms ``q_norm``/``k_norm`` (their own
-    ``hook_scale``/``hook_normalized``; ``[..., head, 1]`` per head, ``[batch,
-    pos, 1]`` over the projection) between ``hook_q``/``hook_k`` and rotary, and
+    ``use_attn_result``, without the flag). With ``cfg.qk_norm`` (Qwen 3, OLMo 2,
+    Cohere, StableLM) queries and keys pass norms ``q_norm``/``k_norm`` (RMSNorms,
+    or LayerNorms with weights per head; their own ``hook_scale``/``hook_normalized``:
+    ``[..., head, 1]`` per head, ``[batch, pos, 1]`` over the projection) between
+    ``hook_q``/``hook_k`` and rotary, and
     ``hook_q_normed``/``hook_k_normed`` (shapes of ``hook_q``/``hook_k``) see the
     normed (weighted) result. Each forward records in its
     ``ForwardContext`` which path ran and why; soft-capped layers
@@ -89,10 +90,9 @@ class Attention(nn.Module):
         self.hook_k = HookPoint()
         self.hook_v = HookPoint()
         if cfg.qk_norm != "none":
-            per_head = cfg.qk_norm == "head"
             # typed as modules: latent attention (a subclass) has its own q_norm, of a latent
-            self.q_norm: nn.Module = RMSNorm(cfg, d_head if per_head else n_q * d_head)
-            self.k_norm: nn.Module = RMSNorm(cfg, d_head if per_head else n_kv * d_head)
+            self.q_norm: nn.Module = make_qk_norm(cfg, n_q)
+            self.k_norm: nn.Module = make_qk_norm(cfg, n_kv)
             self.hook_q_normed = HookPoint()
             self.hook_k_normed = HookPoint()
         if cfg.positional == "rotary":
@@ -232,9 +232,9 @@ class Attention(nn.Module):
         self, norm: nn.Module, x: Float[Tensor, "batch pos head d_head"]
     ) -> Float[Tensor, "batch pos head d_head"]:
         """``x`` through a q/k norm: per head, or over all heads' projection at once."""
-        if self.cfg.qk_norm == "head":
-            return norm(x)
-        return norm(x.flatten(2)).view(x.shape)
+        if self.cfg.qk_norm == "projection":
+            return norm(x.flatten(2)).view(x.shape)
+        return norm(x)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
         """Mix values by the path ``ctx`` allows; ``[batch, pos, head, d]`` in, ``hook_z`` out.

@@ -65,6 +65,7 @@ REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "qwen2": families.FAMILIES["qwen2"],
     "qwen3": families.FAMILIES["qwen3-head-qk-norms"],
     "smollm3": families.FAMILIES["smollm3-nope-on-layer-1"],
+    "stablelm": families.FAMILIES["stablelm-quarter-rotary-qkv-bias"],
     "starcoder2": families.FAMILIES["starcoder2-biased-window-4"],
 }
 

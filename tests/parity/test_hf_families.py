@@ -135,6 +135,14 @@ def _starcoder2(**kw: Any) -> nn.Module:
     return Starcoder2ForCausalLM(Starcoder2Config(**{**base, **kw}))
 
 
+def _stablelm(**kw: Any) -> nn.Module:
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    # a LayerNorm epsilon that matters for the tiny random stream
+    base = {**LLAMA_LIKE, "layer_norm_eps": 1e-3}
+    return StableLmForCausalLM(StableLmConfig(**{**base, **kw}))
+
+
 # Pretraining context 8: the 12-token batch and generation run past it
 ORIGINAL_CONTEXT = 8
 # LongRoPE's per-pair divisors (16-wide heads: 8 pairs), unlike each other and across sets
@@ -255,6 +263,11 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "starcoder2-unbiased-untied-relu": lambda: _starcoder2(
         use_bias=False, tie_word_embeddings=False, hidden_act="relu"
     ),
+    "stablelm-quarter-rotary-qkv-bias": lambda: _stablelm(use_qkv_bias=True),
+    # one norm shared by both sublayers; LayerNorms with weights per query/key head
+    "stablelm-parallel-head-qk-layernorms": lambda: _stablelm(
+        use_parallel_residual=True, qk_layernorm=True, partial_rotary_factor=0.5
+    ),
     "smollm3-nope-on-layer-1": lambda: _smollm3(),
     # NoPE layers get HF's windows: layer 1 sees 4 positions, layer 0 rotates with YaRN
     "smollm3-yarn-window-on-nope-layer": lambda: _smollm3(
@@ -361,10 +374,12 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         (lambda: _granite(rope_scaling={"rope_type": "linear", "factor": 2.0}),
          "rope scaling 'linear' is not supported for granite"),
         (lambda: _starcoder2(clip_qkv=8.0), "starcoder2 config field.*clip_qkv"),
+        (lambda: _stablelm(use_qk_norm=True), "stablelm config field.*use_qk_norm"),
     ],
     ids=["mistral-scaled", "longrope-long-list", "unknown-rope-key", "qwen3-field", "llama-field",
          "olmo2-field", "mistral-layer-types", "mistral-field", "qwen2-field", "gemma-field",
-         "gemma2-field", "granite-mlp-bias", "granite-scaled", "starcoder2-field"],
+         "gemma2-field", "granite-mlp-bias", "granite-scaled", "starcoder2-field",
+         "stablelm-field"],
 )  # fmt: skip
 def test_unsupported_variants_are_refused_by_name(make: Any, message: str, tmp_path: Path) -> None:
     make().save_pretrained(tmp_path, safe_serialization=True)
@@ -461,7 +476,11 @@ def test_greedy_generation_past_the_original_context_matches_hf(
 
 @pytest.mark.parametrize(
     "pair",
-    [f for f in sorted(FAMILIES) if f.startswith(("qwen3", "olmo2", "gemma3"))],
+    [
+        f
+        for f in sorted(FAMILIES)
+        if f.startswith(("qwen3", "olmo2", "gemma3")) or "qk-layernorm" in f
+    ],
     indirect=True,
 )
 def test_normed_queries_and_keys_match_hf_norm_outputs(pair: Any) -> None:
@@ -470,9 +489,12 @@ def test_normed_queries_and_keys_match_hf_norm_outputs(pair: Any) -> None:
     tokens, _ = token_batch(VOCAB, padded=False)
     seen: dict[str, torch.Tensor] = {}
     attn = hf.model.layers[1].self_attn
+    # StableLM's are q_layernorm/k_layernorm
+    norms = [getattr(attn, f"{which}_norm", None) or getattr(attn, f"{which}_layernorm")
+             for which in "qk"]  # fmt: skip
     handles = [
         module.register_forward_hook(lambda _m, _i, out, key=key: seen.__setitem__(key, out))
-        for key, module in (("q", attn.q_norm), ("k", attn.k_norm))
+        for key, module in zip("qk", norms, strict=True)
     ]
     try:
         hf_forward(hf, tokens, None)
@@ -489,7 +511,7 @@ def test_normed_queries_and_keys_match_hf_norm_outputs(pair: Any) -> None:
         torch.testing.assert_close(ours.flatten(2), theirs.flatten(2), atol=1e-5, rtol=0)
     scale = model.blocks[1].attn.q_norm.hook_scale.name
     _, cache = model.run_with_cache(tokens, names_filter=scale)
-    per_head = model.cfg.qk_norm == "head"
+    per_head = model.cfg.qk_norm != "projection"
     assert cache[scale].shape == ((3, 12, model.cfg.n_heads, 1) if per_head else (3, 12, 1))
 
 

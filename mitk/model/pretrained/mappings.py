@@ -305,6 +305,11 @@ def norm(sd: Weights, hf: str, mk: str, *, bias: bool = True) -> Weights:
     return out
 
 
+def bias_free_layernorm(weight: Tensor, mk: str) -> Weights:
+    """A bias-free LayerNorm's ``weight`` as mitk's LayerNorm ``mk``, whose ``b`` is zeros."""
+    return {f"{mk}.w": weight, f"{mk}.b": torch.zeros_like(weight)}
+
+
 def block_norms(
     sd: Weights,
     hf: str,

@@ -49,6 +49,7 @@ def _bert() -> nn.Module:
 REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "bert": _bert,
     "bloom": families.FAMILIES["bloom-alibi-8-heads"],
+    "cohere": families.FAMILIES["cohere-parallel-shared-norm-interleaved"],
     "deepseek_v2": _deepseek,
     "gemma": families.FAMILIES["gemma-gqa-head-dim"],
     "gemma2": families.FAMILIES["gemma2-window-logit-softcap"],

@@ -143,6 +143,15 @@ def _stablelm(**kw: Any) -> nn.Module:
     return StableLmForCausalLM(StableLmConfig(**{**base, **kw}))
 
 
+def _cohere(**kw: Any) -> nn.Module:
+    from transformers import CohereConfig, CohereForCausalLM
+
+    # HF's default token ids exceed VOCAB; a logit scale and LayerNorm epsilon that matter
+    base = {**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0,
+            "logit_scale": 0.3, "layer_norm_eps": 1e-3}  # fmt: skip
+    return CohereForCausalLM(CohereConfig(**{**base, **kw}))
+
+
 # Pretraining context 8: the 12-token batch and generation run past it
 ORIGINAL_CONTEXT = 8
 # LongRoPE's per-pair divisors (16-wide heads: 8 pairs), unlike each other and across sets
@@ -268,6 +277,10 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "stablelm-parallel-head-qk-layernorms": lambda: _stablelm(
         use_parallel_residual=True, qk_layernorm=True, partial_rotary_factor=0.5
     ),
+    "cohere-parallel-shared-norm-interleaved": lambda: _cohere(),
+    "cohere-head-qk-layernorms-untied-biased": lambda: _cohere(
+        use_qk_norm=True, tie_word_embeddings=False, attention_bias=True, rope_theta=500.0
+    ),
     "smollm3-nope-on-layer-1": lambda: _smollm3(),
     # NoPE layers get HF's windows: layer 1 sees 4 positions, layer 0 rotates with YaRN
     "smollm3-yarn-window-on-nope-layer": lambda: _smollm3(
@@ -375,11 +388,15 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
          "rope scaling 'linear' is not supported for granite"),
         (lambda: _starcoder2(clip_qkv=8.0), "starcoder2 config field.*clip_qkv"),
         (lambda: _stablelm(use_qk_norm=True), "stablelm config field.*use_qk_norm"),
+        (lambda: _cohere(qk_layernorm=True), "cohere config field.*qk_layernorm"),
+        (lambda: _cohere(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                          "partial_rotary_factor": 0.5}),
+         "cohere with a partial_rotary_factor"),
     ],
     ids=["mistral-scaled", "longrope-long-list", "unknown-rope-key", "qwen3-field", "llama-field",
          "olmo2-field", "mistral-layer-types", "mistral-field", "qwen2-field", "gemma-field",
          "gemma2-field", "granite-mlp-bias", "granite-scaled", "starcoder2-field",
-         "stablelm-field"],
+         "stablelm-field", "cohere-field", "cohere-partial-rotary"],
 )  # fmt: skip
 def test_unsupported_variants_are_refused_by_name(make: Any, message: str, tmp_path: Path) -> None:
     make().save_pretrained(tmp_path, safe_serialization=True)
@@ -662,6 +679,27 @@ def test_a_wrong_per_layer_rotary_fails_parity(
     assert_matches_hf(hf, model, tokens, mask, TOL)
     with pytest.raises(AssertionError, match="not close"):
         assert_matches_hf(hf, _broken_copy(model, **changes), tokens, mask, TOL)
+
+
+@pytest.mark.parametrize(
+    ("family", "changes"),
+    [
+        ("granite-multipliers-gqa", {"attn_scale": 0.25}),
+        ("starcoder2-biased-window-4", {"sliding_window": 0}),
+        ("starcoder2-biased-window-4", {"norm_eps": 1e-5}),
+        ("stablelm-parallel-head-qk-layernorms", {"rotary_dim": 16}),
+        ("stablelm-parallel-head-qk-layernorms", {"parallel_attn_mlp": False}),
+        ("cohere-head-qk-layernorms-untied-biased", {"rotary_style": "neox"}),
+    ],
+    ids=["granite-attention-multiplier-ignored", "starcoder2-no-window",
+         "starcoder2-default-eps", "stablelm-whole-head-rotary", "stablelm-sequential",
+         "cohere-rotate-halves"],
+)  # fmt: skip
+def test_a_wrong_dense_family_choice_fails_parity(
+    family: str, changes: dict[str, Any], tmp_path: Path
+) -> None:
+    """Granite's, StarCoder2's, StableLM's and Cohere's config choices each matter."""
+    test_a_wrong_per_layer_rotary_fails_parity(family, changes, tmp_path)
 
 
 def test_a_published_gemma_3_config_converts() -> None:

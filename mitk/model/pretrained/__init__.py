@@ -15,6 +15,7 @@ from mitk.config import TransformerConfig, loading_overrides
 from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.pretrained.bert import bert_config, bert_state_dict
 from mitk.model.pretrained.bloom import bloom_config, bloom_state_dict
+from mitk.model.pretrained.cohere import cohere_config, cohere_state_dict
 from mitk.model.pretrained.deepseek import deepseek_config, deepseek_state_dict
 from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.pretrained.files import (
@@ -51,6 +52,7 @@ StateFn = Callable[[dict[str, Tensor], TransformerConfig], dict[str, Tensor]]
 CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "bert": (bert_config, bert_state_dict),
     "bloom": (bloom_config, bloom_state_dict),
+    "cohere": (cohere_config, cohere_state_dict),
     "deepseek_v2": (deepseek_config, deepseek_state_dict),
     "gemma": (gemma_config, gemma_state_dict),
     "gemma2": (gemma_config, gemma_state_dict),

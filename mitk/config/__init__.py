@@ -176,6 +176,8 @@ class TransformerConfig(JsonConfig):
     normalises each head's ``d_head`` (Qwen 3), ``projection`` all heads together (OLMo 2);
     ``head_layernorm``: a LayerNorm on each head, with weights of its own per head (Cohere,
     StableLM)."""
+    attn_sinks: bool = False
+    """Each head has a learned sink logit ``attn.sinks`` that joins every softmax (gpt-oss)."""
     moe: MoEConfig | None = None
     """Mixture-of-experts MLPs (router, top-k experts, shared expert); None: dense MLPs."""
     device: str = field(default="cpu", compare=False)
@@ -269,6 +271,8 @@ class TransformerConfig(JsonConfig):
             scaling.check_rotary_dim(self.rotary_dim)
         if self.qk_norm != "none" and self.attention_type != "mha":
             raise ConfigError(f"qk_norm={self.qk_norm!r} needs attention_type='mha'")
+        if self.attn_sinks and (self.attention_type != "mha" or self.positional == "alibi"):
+            raise ConfigError("attn_sinks needs attention_type='mha' and no ALiBi bias")
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise ConfigError(f"moe must be a MoEConfig or None, got {self.moe!r}")
         if self.moe is not None and not all(

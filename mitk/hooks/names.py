@@ -28,6 +28,7 @@ HookKind = Literal[
     "rot_k",
     "attn_scores",
     "pattern",
+    "sink_prob",
     "z",
     "result",
     "kv_latent",
@@ -48,7 +49,7 @@ _BLOCK_LEVEL = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
 # kv_latent exists on latent-attention (MLA) layers only, q/k_normed with cfg.qk_norm only
 _ATTN_LEVEL = {
     "q", "k", "v", "q_normed", "k_normed", "rot_q", "rot_k", "attn_scores", "pattern", "z",
-    "result", "kv_latent",
+    "result", "kv_latent", "sink_prob",
 }  # fmt: skip
 # the router/expert kinds exist on mixture-of-experts layers only (shared_out with a shared expert)
 _MLP_LEVEL = {

@@ -21,6 +21,7 @@ from mitk.model.linear import affine
 from mitk.model.masks import AttentionMask
 from mitk.model.norms import make_qk_norm
 from mitk.model.rotary import apply_rotary, rotary_angles
+from mitk.model.sinks import fused_with_sink, softmax_with_sink
 from mitk.model.softcap import soft_cap
 from mitk.shapes import Float
 
@@ -31,16 +32,17 @@ Values = Float[Tensor, "batch kv_head key_pos d_value"]
 Mixed = Float[Tensor, "batch head pos d_value"]
 
 
-def eager_reason(backend: AttentionBackend, scores: HookPoint, pattern: HookPoint) -> str | None:
+def eager_reason(backend: AttentionBackend, *explicit_only: HookPoint) -> str | None:
     """The fused-attention rule's hook part: why this forward must run eager, or None.
 
-    ``"eager: <reason>"`` when the backend is ``"eager"`` or a hook needs the scores
-    or the pattern (which the fused kernel never materialises). With ``"sdpa"``
-    forced and such a hook attached it raises ``HookError``: refuse, never skip hooks.
+    ``"eager: <reason>"`` when the backend is ``"eager"`` or a hook needs what only
+    the explicit path computes (scores, pattern, a sink's share), which the fused
+    kernel never materialises. With ``"sdpa"`` forced and such a hook attached it
+    raises ``HookError``: refuse, never skip hooks.
     """
     if backend == "eager":
         return "eager: attention_backend='eager'"
-    needing = [h.name for h in (scores, pattern) if h.has_hooks]
+    needing = [h.name for h in explicit_only if h.has_hooks]
     if backend == "sdpa" and needing:
         raise HookError(
             f"attention_backend='sdpa' cannot fire {', '.join(needing)}: the fused kernel "
@@ -100,6 +102,9 @@ class Attention(nn.Module):
             self.hook_rot_k = HookPoint()
         self.hook_attn_scores = HookPoint()
         self.hook_pattern = HookPoint()
+        if cfg.attn_sinks:  # gpt-oss: one logit per head competing in every softmax
+            self.sinks = nn.Parameter(torch.zeros(n_q))
+            self.hook_sink_prob = HookPoint()
         self.hook_z = HookPoint()
         # n_heads times the output's size: built only for a hook that asks (derived)
         self.hook_result = HookPoint(derived=True)
@@ -173,7 +178,8 @@ class Attention(nn.Module):
 
     def choose_path(self, backend: AttentionBackend) -> str:
         """``"sdpa"`` or ``"eager: <reason>"`` for this forward, per the fused-attention rule."""
-        eager = eager_reason(backend, self.hook_attn_scores, self.hook_pattern)
+        sink_hook = (self.hook_sink_prob,) if self.cfg.attn_sinks else ()
+        eager = eager_reason(backend, self.hook_attn_scores, self.hook_pattern, *sink_hook)
         if eager is not None:
             return eager
         if self.cfg.attn_softcap:
@@ -272,6 +278,9 @@ class Attention(nn.Module):
         gqa = self.cfg.n_key_value_heads != self.cfg.n_heads
         bias = self._bias(ctx, q.device)
         windowed = mask.window_applies(self.cfg.window_of(self.layer))
+        if self.cfg.attn_sinks:  # config validation rules out a bias alongside
+            allowed = self._allowed(mask, q.device)
+            return fused_with_sink(q, k, v, allowed, self.sinks, self.cfg.attn_scale)
         if mask.is_plain_causal and bias is None and not windowed:
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.cfg.attn_scale, enable_gqa=gqa
@@ -300,7 +309,12 @@ class Attention(nn.Module):
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1).to(v.dtype))
+        if self.cfg.attn_sinks:
+            weights, sink_prob = softmax_with_sink(scores, self.sinks)
+            self.hook_sink_prob(sink_prob)
+        else:
+            weights = torch.softmax(scores, dim=-1)
+        pattern = self.hook_pattern(weights.to(v.dtype))
         return pattern @ v
 
 

@@ -310,9 +310,15 @@ def fold_value_biases_into_output(model: Any, cfg_changes: dict[str, bool]) -> N
     Exact because each attention pattern row sums to 1, so a head's value bias
     adds the constant ``b_V @ W_O`` to its output. Grouped-query models: query
     head ``h`` reads value head ``h // group``, so each value bias counts once
-    per query head that reads it.
+    per query head that reads it. Refused with attention sinks, whose rows sum to
+    less than 1.
     """
     cfg = model.cfg
+    if cfg.attn_sinks:
+        raise UnsupportedModelError(
+            "fold_value_biases needs attention rows that sum to 1; with attention sinks "
+            "(cfg.attn_sinks) each row gives the sink a share, so b_V's write varies per query"
+        )
     for block in model.blocks:
         attn = block.attn
         if attn.b_qkv is None or not bool(attn.b_V.any()):

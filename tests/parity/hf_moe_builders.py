@@ -79,6 +79,25 @@ def _deepseek_v2_moe(**kw: Any) -> nn.Module:
     return sharp_routers(DeepseekV2ForCausalLM(DeepseekV2Config(**{**base, **kw})))
 
 
+def _gpt_oss(**kw: Any) -> nn.Module:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    # sliding (window 4) and full layers, 16-wide heads, YaRN past an original context of 8;
+    # a clamp limit the tiny random gates reach
+    base = {**MOE_SHAPE, "num_hidden_layers": 2, "head_dim": 16, "intermediate_size": 32,
+            "num_local_experts": 4, "sliding_window": 4, "swiglu_limit": 0.05,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 500.0,
+                                "original_max_position_embeddings": 8, "beta_fast": 32.0,
+                                "beta_slow": 1.0, "truncate": False},
+            "pad_token_id": 0, "eos_token_id": 0, "bos_token_id": 0}  # fmt: skip
+    model = GptOssForCausalLM(GptOssConfig(**{**base, **kw}))
+    with torch.no_grad():  # sinks large enough to take a real share of each softmax
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, layer.self_attn.sinks.numel()))
+    return sharp_routers(model)
+
+
 MOE_FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "mixtral-top2-of-4": lambda: _mixtral(),
     "mixtral-window-4-top1": lambda: _mixtral(sliding_window=4, num_experts_per_tok=1),
@@ -86,6 +105,7 @@ MOE_FAMILIES: dict[str, Callable[[], nn.Module]] = {
     "qwen3-moe-normed-top-k-dense-layer-1": lambda: _qwen3_moe(),
     "olmoe-top3-unnormed": lambda: _olmoe(),
     "deepseek-v2-moe-shared-scaled": lambda: _deepseek_v2_moe(),
+    "gpt-oss-sinks-window-4-yarn-clamped": lambda: _gpt_oss(),
     # 6 experts in 3 groups; each token's best 2 groups compete
     "deepseek-v2-moe-group-limited": lambda: _deepseek_v2_moe(
         topk_method="group_limited_greedy", n_group=3, topk_group=2, num_experts_per_tok=3

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from mitk import HookedTransformer
 from mitk.analysis.dla import logit_attribution
@@ -84,13 +83,14 @@ def test_routing_matches_hf_router(pair: Any) -> None:
 def _hf_expert_writes(
     hf: nn.Module, layer: int, x: Tensor, indices: Tensor, weights: Tensor
 ) -> Tensor:
-    """``[token, expert, d_model]`` from HF's fused expert weights, one token at a time."""
+    """``[token, expert, d_model]``: HF's experts module run on one (token, expert) at a time."""
     experts = hf.model.layers[layer].mlp.experts
-    out = x.new_zeros(x.shape[0], experts.gate_up_proj.shape[0], x.shape[1])
+    out = x.new_zeros(x.shape[0], hf.config.to_dict().get("n_routed_experts")
+                      or experts.gate_up_proj.shape[0], x.shape[1])  # fmt: skip
     for t in range(x.shape[0]):
         for slot, e in enumerate(indices[t].tolist()):
-            gate, up = F.linear(x[t], experts.gate_up_proj[e]).chunk(2)
-            out[t, e] = weights[t, slot] * F.linear(F.silu(gate) * up, experts.down_proj[e])
+            one = torch.tensor([[e]])
+            out[t, e] = experts(x[t : t + 1], one, weights[t : t + 1, slot : slot + 1])[0]
     return out
 
 
@@ -210,3 +210,22 @@ def test_stacked_neuron_weights_are_refused_on_an_moe_model(pair: Any) -> None:
     _, model = pair
     with pytest.raises(UnsupportedModelError, match="mixtures of experts"):
         _ = model.W_in
+
+
+@pytest.mark.parametrize("pair", ["gpt-oss-sinks-window-4-yarn-clamped"], indirect=True)
+def test_sink_share_and_pattern_match_hf_attention_weights(pair: Any) -> None:
+    """``hook_pattern`` is HF's attention weights over real keys; with ``hook_sink_prob`` each
+    row is a distribution, and hooking the share takes the explicit path."""
+    hf, model = pair
+    tokens, _ = token_batch(VOCAB, padded=False)
+    with torch.no_grad():
+        theirs = hf(tokens, output_attentions=True).attentions
+    kinds = ("pattern", "sink_prob")
+    names = [name(kind, layer) for kind in kinds for layer in range(model.cfg.n_layers)]
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    assert all(path.startswith("eager") for path in model.attention_paths())
+    for layer in range(model.cfg.n_layers):
+        pattern, sink = cache["pattern", layer], cache["sink_prob", layer]
+        torch.testing.assert_close(pattern, theirs[layer], atol=TOL, rtol=0)
+        torch.testing.assert_close(pattern.sum(-1) + sink, torch.ones_like(sink))
+        assert sink.min() > 0.01, "the sinks should take a visible share"

@@ -27,6 +27,7 @@ from mitk.model.pretrained.gemma import gemma_config, gemma_state_dict
 from mitk.model.pretrained.gemma3 import gemma3_config, gemma3_state_dict
 from mitk.model.pretrained.gpt2 import gpt2_config, gpt2_state_dict
 from mitk.model.pretrained.gpt_neo import gpt_neo_config, gpt_neo_state_dict
+from mitk.model.pretrained.gpt_oss import gpt_oss_config, gpt_oss_state_dict
 from mitk.model.pretrained.gptj import gptj_config, gptj_state_dict
 from mitk.model.pretrained.granite import granite_config, granite_state_dict
 from mitk.model.pretrained.hub import looks_like_repo_id, resolve_repo
@@ -60,6 +61,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "gpt2": (gpt2_config, gpt2_state_dict),
     "gpt_neo": (gpt_neo_config, gpt_neo_state_dict),
     "gpt_neox": (neox_config, neox_state_dict),
+    "gpt_oss": (gpt_oss_config, gpt_oss_state_dict),
     "gptj": (gptj_config, gptj_state_dict),
     "granite": (granite_config, granite_state_dict),
     "llama": (llama_config, llama_state_dict),

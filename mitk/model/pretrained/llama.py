@@ -38,8 +38,7 @@ KNOWN_FIELDS: dict[str, frozenset[str]] = {
 }  # fmt: skip
 """Each family's allow-list (Gemma's is in ``gemma.py``; Qwen 3's, OLMo 2's... in their files)."""
 
-
-SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2", "gemma3_text", "smollm3", "phi3"})
+SCALED_ROPE = frozenset({"llama", "qwen3", "olmo2", "gemma3_text", "smollm3", "phi3", "gpt_oss"})
 """Families whose rotary scaling is tested against Hugging Face (the rest refuse it)."""
 
 

@@ -238,3 +238,7 @@ def _check_tl_can_compute(cfg: TransformerConfig) -> None:
         raise refuse("no_rotary_layers", "HookedTransformer rotates every layer")
     if cfg.rotary_local_layers:
         raise refuse("rotary_local_layers", "HookedTransformer has one rotary base for all layers")
+    if cfg.attn_sinks:
+        raise refuse("attn_sinks", "HookedTransformer has no attention sinks")
+    if cfg.moe is not None:
+        raise refuse("moe", "mixture-of-experts layers are not mapped to HookedTransformer's")

@@ -236,12 +236,14 @@ def _norm_readers(model: Any) -> list[tuple[LayerNorm | RMSNorm, list[Reader]]]:
     pairs.append((model.ln_final, [(model.unembed, "W_U", "b_U", "unembed_bias")]))
     known = {id(norm) for norm, _ in pairs}
     for name, module in model.named_modules():
-        # a norm whose readers we do not know (a post-norm, a q/k norm) would be left half-folded
+        # a norm whose readers we do not know (a post-norm) would be left half-folded
         leaf = name.rsplit(".", 1)[-1]
         is_norm = isinstance(module, (LayerNorm, RMSNorm)) or leaf.startswith("ln")
-        # BLOOM's embedding norm writes the stream itself rather than feeding a layer: it
-        # stays as it is, and the model's outputs with it
-        if is_norm and id(module) not in known and name != "ln_embed":
+        # BLOOM's embedding norm writes the stream itself rather than feeding a layer, and
+        # q/k norms read the projections (which ln1's weight folds into exactly): they stay
+        # as they are, and the model's outputs with them
+        inside = leaf in ("q_norm", "k_norm") and name.rsplit(".", 2)[-2] == "attn"
+        if is_norm and id(module) not in known and name != "ln_embed" and not inside:
             raise UnsupportedModelError(f"fold_ln does not know which layers read norm {name!r}")
     for norm, readers in pairs:
         if not isinstance(norm, (LayerNorm, RMSNorm)):

@@ -3,9 +3,9 @@
 For one random checkpoint per Hugging Face ``model_type`` (the builders the parity suites
 use), each capability is tried on mitk's load: greedy ``generate`` (with the key-value
 cache, else without it), each weight-processing step on its own, and direct logit
-attribution by component, head and neuron. The table these answers make must be the
-README's, row for row, so the table cannot drift from the code; on a mismatch the message
-holds the table to paste.
+attribution by component, head, neuron and (mixture-of-experts models) expert. The table
+these answers make must be the README's, row for row, so the table cannot drift from the
+code; on a mismatch the message holds the table to paste.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mitk.errors import MitkError
 from mitk.model import supported_architectures
 from tests.checkpoints import gpt2_hf_model
 from tests.parity import test_hf_families as families
-from tests.parity.test_hf_mla import _deepseek
+from tests.parity.hf_moe_builders import MOE_FAMILIES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- family table: checked by tests/parity/test_family_table.py -->"
@@ -50,21 +50,26 @@ REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "bert": _bert,
     "bloom": families.FAMILIES["bloom-alibi-8-heads"],
     "cohere": families.FAMILIES["cohere-parallel-shared-norm-interleaved"],
-    "deepseek_v2": _deepseek,
+    "deepseek_v2": MOE_FAMILIES["deepseek-v2-moe-shared-scaled"],
     "gemma": families.FAMILIES["gemma-gqa-head-dim"],
     "gemma2": families.FAMILIES["gemma2-window-logit-softcap"],
     "gemma3_text": families.FAMILIES["gemma3-local-global-linear-8-logit-softcap"],
     "gpt2": gpt2_hf_model,
     "gpt_neo": families.FAMILIES["gpt-neo-global-local-window-4"],
     "gpt_neox": families.FAMILIES["gpt-neox-parallel-partial-rotary"],
+    "gpt_oss": MOE_FAMILIES["gpt-oss-sinks-window-4-yarn-clamped"],
     "gptj": families.FAMILIES["gptj-interleaved-partial-rotary"],
     "granite": families.FAMILIES["granite-multipliers-gqa"],
     "llama": families.FAMILIES["llama-gqa"],
     "mistral": families.FAMILIES["mistral-window-4"],
+    "mixtral": MOE_FAMILIES["mixtral-top2-of-4"],
     "olmo2": families.FAMILIES["olmo2-post-norms-projection-qk-norms"],
+    "olmoe": MOE_FAMILIES["olmoe-top3-unnormed"],
     "phi3": families.FAMILIES["phi3-packed-gqa"],
     "qwen2": families.FAMILIES["qwen2"],
+    "qwen2_moe": MOE_FAMILIES["qwen2-moe-shared-expert-dense-layer-0"],
     "qwen3": families.FAMILIES["qwen3-head-qk-norms"],
+    "qwen3_moe": MOE_FAMILIES["qwen3-moe-normed-top-k-dense-layer-1"],
     "smollm3": families.FAMILIES["smollm3-nope-on-layer-1"],
     "stablelm": families.FAMILIES["stablelm-quarter-rotary-qkv-bias"],
     "starcoder2": families.FAMILIES["starcoder2-biased-window-4"],
@@ -97,7 +102,7 @@ def _row(model_type: str, model: HookedTransformer) -> str:
     answers, wrong = torch.tensor([1, 2]), torch.tensor([3, 4])
     dla = [
         by
-        for by in ("component", "head", "neuron")
+        for by in ("component", "head", "neuron", "expert")
         if model.cfg.has_lm_head
         and _works(lambda by=by: logit_attribution(model, cache, answers, wrong, by=by))
     ]

@@ -294,10 +294,12 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
 LONG_CONTEXT = sorted(
     name
     for name in FAMILIES
-    if "rope-" in name or name.startswith(("qwen3", "olmo2", "gemma3", "smollm3", "phi3"))
-)
-"""The families added with rotary scaling, q/k norms and per-layer rotary, generated past
-their original context and local windows."""
+    if "rope-" in name
+    or name.startswith(("qwen3", "olmo2", "gemma3", "smollm3", "phi3", "granite", "starcoder2",
+                        "stablelm", "cohere"))
+)  # fmt: skip
+"""The families added with rotary scaling, q/k norms, per-layer rotary or folded multipliers,
+generated past their original context and local windows."""
 
 
 def _randomised(model: nn.Module, seed: int) -> nn.Module:

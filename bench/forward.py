@@ -313,10 +313,11 @@ def print_results(
             f"{name:<22} {min(samples):>9.4f} {statistics.median(samples):>9.4f} "
             f"{diffs[name]:>12.1e}"
         )
-    print(f"\n{'ratio (best times)':<42} {'value':>7} {'target':>8}  status")
-    for row in ratios:
-        status = "met" if row["met"] else "MISSED"
-        print(f"{row['ratio']:<42} {row['value']:>6.3f}x {row['target']:>6.2f}x  {status}")
+    print(f"\n{'ratio (best times)':<44} {'value':>7} {'target':>8}  status")
+    for row in ratios:  # rows without a target are shown for information
+        target = "" if row["target"] is None else f"{row['target']:.2f}x"
+        status = "" if row["met"] is None else ("met" if row["met"] else "MISSED")
+        print(f"{row['ratio']:<44} {row['value']:>6.3f}x {target:>8}  {status}")
 
 
 def loadavg() -> list[float]:

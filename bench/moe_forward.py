@@ -42,7 +42,14 @@ from typing import Any
 
 # bench/ is the script's directory, so its sibling imports as a module; it also sets the
 # offline environment variables before transformers is imported
-from forward import Contender, loadavg, no_network, time_rounds, warm_up_and_check
+from forward import (
+    Contender,
+    loadavg,
+    no_network,
+    print_results,
+    time_rounds,
+    warm_up_and_check,
+)
 import torch
 from torch import Tensor
 
@@ -197,18 +204,8 @@ def print_shape(
     ratios: list[dict[str, Any]],
     load: tuple[list[float], list[float]],
 ) -> None:
-    print(f"\n== {shape.name}   loadavg before {load[0]}  after {load[1]}")
-    print(f"{'contender':<22} {'best s':>9} {'median s':>9} {'max|Δlogit|':>12}")
-    for name, samples in times.items():
-        print(
-            f"{name:<22} {min(samples):>9.4f} {statistics.median(samples):>9.4f} "
-            f"{diffs[name]:>12.1e}"
-        )
-    print(f"{'ratio (best times)':<44} {'value':>7} {'target':>8}  status")
-    for row in ratios:
-        target = "" if row["target"] is None else f"{row['target']:.2f}x"
-        status = "" if row["met"] is None else ("met" if row["met"] else "MISSED")
-        print(f"{row['ratio']:<44} {row['value']:>6.3f}x {target:>8}  {status}")
+    print(f"\n== {shape.name}   loadavg before {load[0]}  after {load[1]}", end="")
+    print_results(times, diffs, ratios)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,8 +41,30 @@ class HookError(MitkError, ValueError):
     """A hook was registered in a way that could not fire as asked."""
 
 
+class HookReplacementError(HookError, ShapeMismatchError):
+    """A hook returned something other than a tensor of its activation's dtype, device and shape.
+
+    A ``HookError`` raised at the hook point, so the message names it; also a
+    ``ShapeMismatchError`` (and so an ``AssertionError``), which is what a wrong
+    shape raised before dtype and device were checked too.
+    """
+
+
 class UnsupportedModelError(MitkError, ValueError):
     """A checkpoint uses an architecture or option mitk cannot reproduce."""
+
+
+class ModelFileError(MitkError, ValueError):
+    """A model directory's file is unreadable, malformed, outside the directory, or its
+    tensors are missing or mis-shaped; the message names the file and the tensor or field."""
+
+
+class ModelTooLargeError(MitkError, MemoryError):
+    """A model would need more memory than is available (or than the user allowed).
+
+    Raised from the config alone, before any weight is allocated; the message gives
+    the estimate and the limit it was compared with.
+    """
 
 
 class UnknownHookError(MitkError, KeyError):

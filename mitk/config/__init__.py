@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from typing_extensions import Self
 
+from mitk.config.field_types import check_sizes, check_types
 from mitk.config.json_config import (
     JsonConfig,
     check_choices,
@@ -188,6 +189,9 @@ class TransformerConfig(JsonConfig):
     PLACEMENT_FIELDS: ClassVar[tuple[str, ...]] = ("device",)
 
     def __post_init__(self) -> None:
+        # types first: the derived defaults below compute with the values
+        check_types(type(self), {k: v for k, v in vars(self).items() if k != "device"})
+        check_sizes(self, _SIZES)
         set_ = object.__setattr__  # frozen: fill the derived defaults once, here
         if self.d_head == -1 and self.n_heads > 0:
             set_(self, "d_head", self.d_model // self.n_heads)
@@ -287,6 +291,7 @@ class TransformerConfig(JsonConfig):
         """As ``JsonConfig.from_dict``; nested dicts become ``RotaryScaling``/``MoEConfig``."""
         for key, record in (("rotary_scaling", RotaryScaling), ("moe", MoEConfig)):
             if isinstance(data.get(key), dict):
+                check_types(record, data[key], prefix=f"{key}.")
                 data = {**data, key: record.from_dict(data[key])}
         return super().from_dict(data)
 
@@ -340,6 +345,8 @@ class TransformerConfig(JsonConfig):
         return self.n_heads // self.n_key_value_heads
 
 
+_SIZES = ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx", "d_head", "d_mlp", "token_types")
+"""Fields refused above ``field_types.MAX_SIZE``: no real model is that large in any of them."""
 _CHOICES: dict[str, Any] = {
     "act_fn": ActFn,
     "normalization": Normalization,

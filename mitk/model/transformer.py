@@ -32,6 +32,7 @@ from mitk.model.inputs import (
 from mitk.model.kv_cache import KVCache
 from mitk.model.loss import loss_from_logits, next_token_loss, next_token_losses
 from mitk.model.masks import AttentionMask
+from mitk.model.memory import ensure_fits
 from mitk.model.norms import make_norm
 from mitk.model.stream import decoder_stream_writes
 from mitk.model.tokenization import TextInterface
@@ -64,6 +65,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
 
     def __init__(self, cfg: TransformerConfig, tokenizer: Any = None, seed: int | None = 0) -> None:
         super().__init__()
+        ensure_fits(cfg)  # from the config alone: a 10**9-layer config stops here, by name
         self.cfg = cfg
         self.embed = Embed(cfg)
         self.hook_embed = HookPoint()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,25 @@ from torch import Tensor, nn
 
 from mitk.atomic import atomic_write_text
 from mitk.config import TransformerConfig, loading_overrides
-from mitk.errors import ConfigError, UnsupportedModelError
+from mitk.errors import ConfigError, MitkError, ModelFileError, UnsupportedModelError
+from mitk.model.memory import ensure_fits
 from mitk.model.pretrained.bert import bert_config, bert_state_dict
 from mitk.model.pretrained.bloom import bloom_config, bloom_state_dict
+from mitk.model.pretrained.checks import (
+    check_hf_fields,
+    check_state_shapes,
+    checked_conversion,
+)
 from mitk.model.pretrained.cohere import cohere_config, cohere_state_dict
 from mitk.model.pretrained.deepseek import deepseek_config, deepseek_state_dict
 from mitk.model.pretrained.embedded import embedded_models
 from mitk.model.pretrained.files import (
     atomic_save_safetensors,
+    check_tokenizer_files,
     has_tokenizer,
+    read_json_file,
     read_safetensors_dir,
+    weight_files,
 )
 from mitk.model.pretrained.gemma import gemma_config, gemma_state_dict
 from mitk.model.pretrained.gemma3 import gemma3_config, gemma3_state_dict
@@ -88,6 +96,8 @@ def supported_architectures() -> list[str]:
 def hf_converters(hf_config: dict[str, Any]) -> tuple[ConfigFn, StateFn]:
     """The converters for a Hugging Face config, or an error listing what is supported."""
     model_type = hf_config.get("model_type")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"field 'model_type' must be a string, got {model_type!r}")
     if model_type == "t5":  # encoder-decoder: a different model class, not a decoder-only config
         raise UnsupportedModelError(
             "model_type 't5' is an encoder-decoder; load it with "
@@ -114,41 +124,40 @@ def load_pretrained(
     center_unembed: bool = False,
     fold_value_biases: bool = False,
     revision: str | None = None,
+    max_memory_gb: float | None = None,
 ) -> Any:
     """Build ``model_cls`` from a HF directory, a mitk save directory or an in-memory HF model.
 
     A string that is neither a directory nor an embedded model name is a Hugging Face
     repo id, resolved through the hub cache at ``revision`` (see ``hub.resolve_repo``).
     The four processing flags, all off by default, are applied after loading
-    (see ``HookedTransformer.process_weights``).
+    (see ``HookedTransformer.process_weights``). Before any weight is read, the
+    memory the model and its weight files need is estimated from the config and
+    compared with ``max_memory_gb`` (else ``MITK_MAX_MEMORY_GB``, else the memory
+    available): ``ModelTooLargeError`` if it does not fit. Every file read lies
+    inside the directory; bad files raise ``ModelFileError``/``ConfigError`` naming them.
     """
     overrides = loading_overrides(dtype, attention_backend)
     if isinstance(source, nn.Module):
+        name = type(source).__name__
         hf_dict: dict[str, Any] = source.config.to_dict()  # type: ignore[union-attr,operator]
-        make_config, make_state = hf_converters(hf_dict)
-        cfg = make_config(hf_dict, **overrides)
-        state = make_state(source.state_dict(), cfg)
+        cfg, make_state = hf_config(hf_dict, overrides, f"the config of the in-memory {name}")
+        ensure_fits(cfg, max_memory_gb, what=f"the {name}")
+        where = f"the weights of the in-memory {name}"
+        state = checked_conversion(lambda: make_state(source.state_dict(), cfg), where)
     else:
         directory = _locate(source, revision)
-        if (directory / NATIVE_CONFIG).exists():
-            cfg = TransformerConfig.from_json((directory / NATIVE_CONFIG).read_text())
-            cfg = cfg.replace(**overrides) if overrides else cfg
-            state = upgrade_native_state(read_safetensors_dir(directory))
-        elif (directory / "config.json").exists():
-            hf_config = json.loads((directory / "config.json").read_text())
-            make_config, make_state = hf_converters(hf_config)
-            try:
-                cfg = make_config(hf_config, **overrides)
-            except KeyError as err:
-                raise ConfigError(f"{directory / 'config.json'} lacks field {err}") from err
-            state = make_state(read_safetensors_dir(directory), cfg)
-        else:
-            raise FileNotFoundError(f"{directory} has neither {NATIVE_CONFIG} nor config.json")
+        cfg, convert_state = _directory_config(directory, overrides)
+        weight_bytes = sum(f.stat().st_size for f in weight_files(directory) if f.is_file())
+        ensure_fits(cfg, max_memory_gb, extra_bytes=weight_bytes, what=str(directory))
+        state = checked_conversion(
+            lambda: convert_state(read_safetensors_dir(directory)), f"the weights in {directory}"
+        )
         if tokenizer is None and has_tokenizer(directory):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+            tokenizer = _load_tokenizer(directory)
+        where = f"the weights in {directory}"
     model = model_cls(cfg, tokenizer=tokenizer, seed=None)
+    check_state_shapes(model.state_dict(), state, where)
     model.load_state_dict(state, strict=True)
     model.eval()  # like Hugging Face: loaded models are for inference unless told otherwise
     model = model.to(device) if device is not None else model
@@ -158,6 +167,63 @@ def load_pretrained(
         center_unembed=center_unembed,
         fold_value_biases=fold_value_biases,
     )
+
+
+def _directory_config(
+    directory: Path, overrides: dict[str, Any]
+) -> tuple[TransformerConfig, Callable[[dict[str, Tensor]], dict[str, Tensor]]]:
+    """The config in ``directory`` (mitk's own or Hugging Face's) and its state conversion."""
+    if (directory / NATIVE_CONFIG).exists():
+        path = directory / NATIVE_CONFIG
+        data = read_json_file(directory, NATIVE_CONFIG)
+        try:
+            cfg = TransformerConfig.from_dict({**data, **overrides})
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+        except (TypeError, ValueError, KeyError, AttributeError) as err:  # a check's blind spot
+            raise ConfigError(f"{path}: invalid config ({type(err).__name__}: {err})") from err
+        return cfg, upgrade_native_state
+    if (directory / "config.json").exists():
+        hf = read_json_file(directory, "config.json")
+        cfg, make_state = hf_config(hf, overrides, str(directory / "config.json"))
+        return cfg, lambda weights: make_state(weights, cfg)
+    raise FileNotFoundError(f"{directory} has neither {NATIVE_CONFIG} nor config.json")
+
+
+def hf_config(
+    hf: dict[str, Any], overrides: dict[str, Any], where: str
+) -> tuple[TransformerConfig, StateFn]:
+    """Convert a Hugging Face config dict, every failure a ``MitkError`` naming ``where``.
+
+    Field types and ranges are checked first (``hf_fields``), so a ``"64"`` or a list
+    where a size belongs is reported by field name rather than as a ``TypeError``.
+    """
+    try:
+        make_config, make_state = hf_converters(hf)
+        check_hf_fields(hf)
+        cfg = make_config(hf, **overrides)
+    except KeyError as err:
+        raise ConfigError(f"{where} lacks field {err}") from err
+    except (ConfigError, UnsupportedModelError) as err:
+        raise type(err)(f"{where}: {err}") from err
+    except MitkError:
+        raise
+    except (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as err:
+        raise ConfigError(f"{where}: cannot convert ({type(err).__name__}: {err})") from err
+    return cfg, make_state
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    """The Hugging Face tokenizer in ``directory``, its files checked first."""
+    check_tokenizer_files(directory)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # transformers/tokenizers raise many types
+        raise ModelFileError(
+            f"{directory}: its tokenizer files cannot be loaded ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _locate(source: str | Path, revision: str | None = None) -> Path:

@@ -70,11 +70,11 @@ def cohere_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> di
     out["unembed.W_U"] = (w_u.float() * scale).to(w_u.dtype)
     for hf, mk in mappings.layer_prefixes(cfg.n_layers, "layers.{}"):
         attn = f"{hf}.self_attn"
-        qkv = [f"{attn}.{p}_proj" for p in "qkv"]
         shared = sd[f"{hf}.input_layernorm.weight"]  # copies, so each can be edited alone
         out |= {
-            **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=cfg.attn_qkv_bias),
-            **mappings.attn_out(sd, f"{attn}.o_proj", f"{mk}.attn", bias=cfg.attn_out_bias),
+            **mappings.llama_attention(
+                sd, attn, f"{mk}.attn", qkv_bias=cfg.attn_qkv_bias, out_bias=cfg.attn_out_bias
+            ),
             **mappings.llama_mlp(sd, hf, mk),
             **mappings.bias_free_layernorm(shared, f"{mk}.ln1"),
             **mappings.bias_free_layernorm(shared.clone(), f"{mk}.ln2"),

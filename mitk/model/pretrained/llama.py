@@ -106,10 +106,10 @@ def llama_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
     }
     for layer, (hf, mk) in enumerate(mappings.layer_prefixes(cfg.n_layers, "layers.{}")):
         attn = f"{hf}.self_attn"
-        qkv = [f"{attn}.{p}_proj" for p in "qkv"]
         out |= {
-            **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=cfg.attn_qkv_bias),
-            **mappings.attn_out(sd, f"{attn}.o_proj", f"{mk}.attn", bias=cfg.attn_out_bias),
+            **mappings.llama_attention(
+                sd, attn, f"{mk}.attn", qkv_bias=cfg.attn_qkv_bias, out_bias=cfg.attn_out_bias
+            ),
         }
         if not cfg.is_moe_layer(layer):  # MoE families (mixtral.py...) map their experts
             out |= mappings.llama_mlp(sd, hf, mk)

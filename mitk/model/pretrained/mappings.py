@@ -442,6 +442,15 @@ def qk_norms(sd: Weights, attn: str, mk: str) -> Weights:
     }
 
 
+def llama_attention(sd: Weights, attn: str, mk: str, *, qkv_bias: bool, out_bias: bool) -> Weights:
+    """Attention ``attn``'s ``q/k/v/o_proj`` (the names LLaMA's descendants kept) as ``mk``'s."""
+    qkv = [f"{attn}.{p}_proj" for p in "qkv"]
+    return {
+        **separate_qkv(sd, qkv, mk, bias=qkv_bias),
+        **attn_out(sd, f"{attn}.o_proj", mk, bias=out_bias),
+    }
+
+
 def llama_mlp(sd: Weights, hf: str, mk: str) -> Weights:
     """Block ``hf``'s SwiGLU MLP under the names LLaMA's descendants kept, as block ``mk``'s."""
     return mlp(

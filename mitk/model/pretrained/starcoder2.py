@@ -52,10 +52,10 @@ def starcoder2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -
     out = {**mappings.embeddings(sd, "embed_tokens"), **mappings.norm(sd, "norm", "ln_final")}
     for hf, mk in mappings.layer_prefixes(cfg.n_layers, "layers.{}"):
         attn = f"{hf}.self_attn"
-        qkv = [f"{attn}.{p}_proj" for p in "qkv"]
         out |= {
-            **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=cfg.attn_qkv_bias),
-            **mappings.attn_out(sd, f"{attn}.o_proj", f"{mk}.attn", bias=cfg.attn_out_bias),
+            **mappings.llama_attention(
+                sd, attn, f"{mk}.attn", qkv_bias=cfg.attn_qkv_bias, out_bias=cfg.attn_out_bias
+            ),
             **mappings.block_norms(sd, hf, mk),
             **mappings.mlp(
                 sd, f"{hf}.mlp.c_fc", f"{hf}.mlp.c_proj", f"{mk}.mlp", bias=cfg.mlp_bias

@@ -8,7 +8,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from mitk.errors import HookError, ShapeMismatchError
+from mitk.errors import HookError, HookReplacementError
 
 # A forward hook gets (activation, hook) and returns None (read only) or a replacement.
 ForwardHookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
@@ -275,17 +275,44 @@ class HookPoint(nn.Module):
         return call
 
     def _checked_replacement(self, old: Tensor, new: object, kind: str) -> Tensor:
+        """``new`` if it can stand in for ``old`` (same dtype, device and shape), else raise.
+
+        Runs on every replaced activation, so it compares three attributes and
+        nothing more; the message is built only on failure.
+        """
+        if (
+            isinstance(new, torch.Tensor)
+            and new.dtype == old.dtype
+            and new.device == old.device
+            and new.shape == old.shape
+        ):
+            return new
+        raise HookReplacementError(self._replacement_message(old, new, kind))
+
+    def _replacement_message(self, old: Tensor, new: object, kind: str) -> str:
+        expected = _describe(old)
         if not isinstance(new, torch.Tensor):
-            raise HookError(
-                f"{kind} hook on {self.name!r} returned {type(new).__name__}; "
-                "return a Tensor to replace the activation or None to leave it"
+            return (
+                f"{kind} hook on {self.name!r} returned {type(new).__name__}; return a Tensor "
+                f"({expected}) to replace the activation or None to leave it"
             )
-        if new.shape != old.shape:
-            raise ShapeMismatchError(
-                f"{kind} hook on {self.name!r} returned shape {tuple(new.shape)}, "
-                f"expected {tuple(old.shape)}"
+        wrong = [
+            f"{what} {got}, expected {want}"
+            for what, got, want in (
+                ("dtype", new.dtype, old.dtype),
+                ("device", new.device, old.device),
+                ("shape", tuple(new.shape), tuple(old.shape)),
             )
-        return new
+            if got != want
+        ]
+        return (
+            f"{kind} hook on {self.name!r} returned {'; '.join(wrong)} "
+            f"(expected {expected}; received {_describe(new)})"
+        )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, fwd={len(self.fwd_fns)}, bwd={len(self.bwd_fns)}"
+
+
+def _describe(x: Tensor) -> str:
+    return f"dtype {x.dtype}, device {x.device}, shape {tuple(x.shape)}"

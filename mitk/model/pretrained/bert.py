@@ -21,9 +21,18 @@ from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained import mappings
 
+KNOWN_FIELDS = frozenset({
+    "hidden_act", "hidden_size", "intermediate_size", "layer_norm_eps",
+    "max_position_embeddings", "num_attention_heads", "num_hidden_layers",
+    "position_embedding_type", "tie_word_embeddings", "type_vocab_size", "vocab_size",
+    *mappings.INERT_TRAINING_FIELDS,
+})  # fmt: skip
+"""``config.json`` fields the conversion reads or knows to be inert; others are refused."""
+
 
 def bert_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a BERT ``config.json``."""
+    mappings.refuse_unknown_fields(hf, KNOWN_FIELDS)
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
         raise UnsupportedModelError("BERT as a decoder or with cross-attention is not supported")
     if hf.get("position_embedding_type", "absolute") != "absolute":

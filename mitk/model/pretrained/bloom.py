@@ -20,8 +20,21 @@ from mitk.model.pretrained import mappings
 DEFAULT_N_CTX = 2048
 
 
+KNOWN_FIELDS = frozenset({
+    "apply_residual_connection_post_layernorm", "hidden_size", "n_embed", "layer_norm_epsilon",
+    "n_head", "n_layer", "n_inner", "pretraining_tp", "slow_but_exact", "seq_length",
+    "tie_word_embeddings", "vocab_size", "unk_token_id",
+    # Megatron kernel fusions and fp32 softmax: the same function
+    "attention_softmax_in_fp32", "bias_dropout_fusion", "masked_softmax_fusion", "offset_alibi",
+    "skip_bias_add", "skip_bias_add_qkv",
+    *mappings.INERT_TRAINING_FIELDS,
+})  # fmt: skip
+"""``config.json`` fields the conversion reads or knows to be inert; others are refused."""
+
+
 def bloom_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a BLOOM ``config.json``."""
+    mappings.refuse_unknown_fields(hf, KNOWN_FIELDS)
     if hf.get("apply_residual_connection_post_layernorm"):
         raise UnsupportedModelError(
             "BLOOM with apply_residual_connection_post_layernorm=True is not supported"

@@ -14,9 +14,19 @@ from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained import mappings
 
+KNOWN_FIELDS = frozenset({
+    "activation_function", "layer_norm_epsilon", "n_embd", "n_head", "n_inner", "n_layer",
+    "n_positions", "n_ctx", "vocab_size", "tie_word_embeddings", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn",  # fp32 upcast of the scores: the same function
+    *mappings.INERT_TRAINING_FIELDS,
+})  # fmt: skip
+"""``config.json`` fields the conversion reads or knows to be inert; others are refused."""
+
 
 def gpt2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a GPT-2 ``config.json``."""
+    mappings.refuse_unknown_fields(hf, KNOWN_FIELDS)
     if hf.get("scale_attn_by_inverse_layer_idx"):
         raise UnsupportedModelError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
     if hf.get("add_cross_attention"):

@@ -29,8 +29,18 @@ NAMES = mappings.ConfigNames(
 )
 
 
+KNOWN_FIELDS = frozenset({
+    "activation_function", "attention_layers", "attention_types", "hidden_size",
+    "intermediate_size", "layer_norm_epsilon", "max_position_embeddings", "num_heads",
+    "num_layers", "tie_word_embeddings", "vocab_size", "window_size",
+    *mappings.INERT_TRAINING_FIELDS,
+})  # fmt: skip
+"""``config.json`` fields the conversion reads or knows to be inert; others are refused."""
+
+
 def gpt_neo_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a GPT-Neo ``config.json``."""
+    mappings.refuse_unknown_fields(hf, KNOWN_FIELDS)
     layer_types = _layer_types(hf, hf["num_layers"])
     local = [i for i, kind in enumerate(layer_types) if kind == "local"]
     window = hf.get("window_size", 256)

@@ -16,9 +16,17 @@ from torch import Tensor
 from mitk.config import TransformerConfig
 from mitk.model.pretrained import mappings
 
+KNOWN_FIELDS = frozenset({
+    "activation_function", "layer_norm_epsilon", "n_embd", "n_head", "n_inner", "n_layer",
+    "n_positions", "n_ctx", "rotary", "rotary_dim", "tie_word_embeddings", "vocab_size",
+    *mappings.INERT_TRAINING_FIELDS,
+})  # fmt: skip
+"""``config.json`` fields the conversion reads or knows to be inert; others are refused."""
+
 
 def gptj_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a GPT-J ``config.json``."""
+    mappings.refuse_unknown_fields(hf, KNOWN_FIELDS)
     fields = mappings.decoder_fields(hf, mappings.GPT2_NAMES, "gptj")
     fields |= {
         "positional": "rotary",

@@ -126,6 +126,16 @@ HF_BOOKKEEPING = frozenset({
 """Config fields every HF model carries that do not change an inference forward."""
 
 
+INERT_TRAINING_FIELDS = frozenset({
+    "attn_pdrop", "embd_pdrop", "resid_pdrop", "embed_dropout", "resid_dropout",
+    "attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "classifier_dropout", "summary_activation", "summary_first_dropout",
+    "summary_proj_to_labels", "summary_type", "summary_use_proj", "gradient_checkpointing",
+})  # fmt: skip
+"""Dropout rates, the sequence-classification head's settings and training switches that
+older configs carry: none of them touches an inference forward."""
+
+
 def refuse_unknown_fields(hf: dict[str, Any], known: Iterable[str]) -> None:
     """``UnsupportedModelError`` naming every ``config.json`` field outside ``known``.
 

@@ -16,9 +16,19 @@ from torch import Tensor
 from mitk.config import TransformerConfig
 from mitk.model.pretrained import mappings
 
+KNOWN_FIELDS = frozenset({
+    "attention_bias", "hidden_act", "hidden_size", "intermediate_size", "layer_norm_eps",
+    "max_position_embeddings", "num_attention_heads", "num_hidden_layers", "rope_parameters",
+    "rope_scaling", "rope_theta", "rotary_pct", "rotary_emb_base", "partial_rotary_factor",
+    "tie_word_embeddings", "use_parallel_residual", "vocab_size",
+    *mappings.INERT_TRAINING_FIELDS,
+})  # fmt: skip
+"""``config.json`` fields the conversion reads or knows to be inert; others are refused."""
+
 
 def neox_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a GPT-NeoX ``config.json``."""
+    mappings.refuse_unknown_fields(hf, KNOWN_FIELDS)
     fields = mappings.decoder_fields(hf, mappings.ConfigNames(), "gpt_neox")
     bias = bool(hf.get("attention_bias", True))
     fields |= {

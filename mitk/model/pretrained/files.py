@@ -109,7 +109,10 @@ def shard_files(directory: Path) -> dict[Path, list[str]]:
         raise ModelFileError(f"{index}: field 'weight_map' must be an object of tensor -> file")
     shards: dict[Path, list[str]] = {}
     for tensor, shard in weight_map.items():
-        path = contained(directory, shard, f"{index} weight_map[{tensor!r}]")
+        entry = f"{index} weight_map[{tensor!r}]"
+        path = contained(directory, shard, entry)
+        if not path.is_file():
+            raise ModelFileError(f"{entry}: {shard!r} is not a file in {directory}")
         shards.setdefault(path, []).append(tensor)
     return shards
 

@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-PYTEST_ARGS ?=
+# two workers: the machines CI runs on have two cores, and the HF parity suite is large
+PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test test-tl4 lint install install-test clean
 

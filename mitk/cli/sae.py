@@ -10,6 +10,7 @@ import torch
 import typer
 
 from mitk.atomic import atomic_write
+from mitk.checkpoint import require_checkpoint
 from mitk.cli.common import DeviceOption, DtypeOption, JsonOption, ModelOption, QuietOption, emit
 from mitk.cli.inputs import InductionOption, SeedOption, check_one_source, read_token_matrix
 from mitk.config import json_object
@@ -115,6 +116,9 @@ def train_command(
     seed: Annotated[int | None, typer.Option(help="Seed of the initialisation.")] = None,
     log_every: Annotated[int | None, typer.Option(help="Steps between metrics.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    checkpoint_seconds: Annotated[
+        float | None, typer.Option(help="Also checkpoint every this many seconds (0: off).")
+    ] = None,
     normalize: Annotated[bool, typer.Option(help="Scale inputs to mean norm sqrt(d_in).")] = True,
     model_batch_size: Annotated[int, typer.Option(help="Sequences per model forward.")] = 32,
     buffer_batches: Annotated[int, typer.Option(help="Batches per shuffled chunk.")] = 32,
@@ -141,6 +145,8 @@ def train_command(
     """
     if resume and checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir")
+    if resume and checkpoint_dir is not None:
+        require_checkpoint(checkpoint_dir)  # before any work: nothing to resume is an input error
     _check_out(out)
     net = load_named_model(model, device, dtype)
     data = _token_source(net, tokens, text, induction, n_sequences, data_seed)
@@ -148,7 +154,7 @@ def train_command(
         "architecture": architecture, "d_sae": d_sae, "k": k, "l1_coefficient": l1_coefficient,
         "l0_coefficient": l0_coefficient, "lr": lr, "batch_size": batch_size,
         "total_tokens": total_tokens, "seed": seed, "log_every": log_every,
-        "checkpoint_every": checkpoint_every,
+        "checkpoint_every": checkpoint_every, "checkpoint_seconds": checkpoint_seconds,
     }  # fmt: skip
     file_batch = _batch_size_in(config)
     store = ActivationStore(

@@ -81,7 +81,9 @@ class SAEConfig(JsonConfig):
     log_every: int = 100
     """Steps between recorded training metrics."""
     checkpoint_every: int = 1000
-    """Steps between atomic checkpoints, when a checkpoint directory is given."""
+    """Steps between atomic checkpoints, when a checkpoint directory is given (and at the end)."""
+    checkpoint_seconds: float = 300.0
+    """Also checkpoint at the first log step this many seconds after the last one (0: off)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: fill the derived defaults once, here
@@ -103,7 +105,8 @@ class SAEConfig(JsonConfig):
             raise ConfigError(
                 f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})"
             )
-        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient", "grad_clip"):
+        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient", "grad_clip",
+                     "checkpoint_seconds"):  # fmt: skip
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")

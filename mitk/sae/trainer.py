@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import copy
 import csv
 from dataclasses import dataclass, field
 import io
 import math
 from pathlib import Path
+import time
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mitk.atomic import atomic_write_text
-from mitk.checkpoint import load_checkpoint, save_checkpoint
+from mitk.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from mitk.errors import ConfigError, MitkError, ShapeMismatchError
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.config import SAEConfig
@@ -27,6 +28,8 @@ from mitk.sae.metrics import ReconstructionStats
 from mitk.sae.sources import ActivationSource, TensorActivations
 
 THRESHOLD_EMA = 0.99  # BatchTopK: smoothing of the inference-threshold estimate
+# config fields that change when checkpoints are written, not what is trained: a resume may differ
+SCHEDULE_FIELDS = ("checkpoint_every", "checkpoint_seconds")
 
 
 class NonFiniteError(MitkError, FloatingPointError):
@@ -74,6 +77,7 @@ def train(
     log_csv: str | Path | None = None,
     wandb_project: str | None = None,
     device: str | torch.device | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TrainResult:
     """Train one SAE per config on ``source``'s activations; returns the SAEs and metrics.
 
@@ -83,8 +87,11 @@ def train(
       All configs share one pass over the data, so their ``batch_size`` and
       ``total_tokens`` must agree.
     - ``checkpoint_dir``: checkpoints are written there atomically every
-      ``checkpoint_every`` steps and at the end; ``resume=True`` continues from
-      the last complete one and ends bit-identical (on CPU) to an uninterrupted run.
+      ``checkpoint_every`` steps, at the first log step ``checkpoint_seconds``
+      (of ``clock``) after the last one, and at the end, so a run of any length
+      can be resumed; ``resume=True`` continues from the last complete one and
+      ends bit-identical (on CPU) to an uninterrupted run, or raises
+      ``NoCheckpointError`` when there is none.
     - Metrics every ``log_every`` steps: loss parts, L0, FVU over the window,
       dead and dense latent fractions, learning rate; to ``log_csv`` (rewritten
       atomically) and to Weights & Biases when ``wandb_project`` is given.
@@ -102,6 +109,9 @@ def train(
     if isinstance(source, Tensor):
         source = TensorActivations(source, cfgs[0].batch_size, seed=cfgs[0].seed)
     cfgs = _bind_hooks(cfgs, source)
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and directory is None:
+        raise ConfigError("resume=True needs the checkpoint_dir to resume from")
     world = current_world()
     rows = world.rows(cfgs[0].batch_size)
     target = torch.device(device) if device is not None else torch.device("cpu")
@@ -110,12 +120,14 @@ def train(
         {"params": list(sae.parameters()), "lr": c.lr, "betas": (c.adam_beta1, c.adam_beta2)}
         for sae, c in zip(state.models, cfgs, strict=True)
     )
-    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    meta = {"configs": [c.to_dict() for c in cfgs], "source": source.fingerprint()}
+    meta: dict[str, Any] = {"configs": [c.to_dict() for c in cfgs], "source": source.fingerprint()}
     start, history = 0, []
     restored = load_checkpoint(directory, state, optimizer) if resume and directory else None
     if restored is not None:
-        if restored["configs"] != meta["configs"] or restored["source"] != meta["source"]:
+        trained_as = [_trajectory(c) for c in restored["configs"]]
+        if trained_as != [_trajectory(c) for c in meta["configs"]] or (
+            restored["source"] != meta["source"]
+        ):
             raise ConfigError(
                 f"the checkpoint in {directory} was made with other configs or another "
                 "activation source; resume with the same ones, or use a new directory"
@@ -125,6 +137,9 @@ def train(
         _init_decoder_bias(state, cfgs, source.batch(0), target)
     logger = _Logger(log_csv, wandb_project, cfgs, world)
     total = cfgs[0].total_steps
+    schedule = CheckpointSchedule(
+        cfgs[0].checkpoint_every, cfgs[0].checkpoint_seconds, total, clock
+    )
     window = [ReconstructionStats(c.d_in, c.d_sae) for c in cfgs]
     bar = tqdm(range(start, total), desc="sae", initial=start, total=total,
                disable=not (progress and world.is_main))  # fmt: skip
@@ -160,17 +175,19 @@ def train(
             if c.unit_norm_decoder:
                 sae.normalize_decoder_()
         done = step + 1
-        if done % cfgs[0].log_every == 0 or done == total:
+        logged = done % cfgs[0].log_every == 0 or done == total
+        if logged:
             record = _record(done, cfgs, parts, window, state, optimizer, world)
             history.append(record)
             logger.log(history)
             window = [ReconstructionStats(c.d_in, c.d_sae) for c in cfgs]
             bar.set_postfix(_postfix(record, cfgs))
-        if directory is not None and (done % cfgs[0].checkpoint_every == 0 or done == total):
+        if directory is not None and _checkpoint_due(schedule, done, logged, world, target):
             if world.is_main:
                 save_checkpoint(directory, state, optimizer, {**meta, "step": done,
                                                               "history": history})  # fmt: skip
             world.barrier()
+            schedule.written()
     logger.close()
     trained = {}
     for sae, c in zip(state.models, cfgs, strict=True):
@@ -178,6 +195,23 @@ def train(
         final.fold_input_scale_(source.scale(c.hook_name))
         trained[c.hook_name] = final
     return TrainResult(trained, history)
+
+
+def _checkpoint_due(
+    schedule: CheckpointSchedule, done: int, logged: bool, world: World, device: torch.device
+) -> bool:
+    """The schedule's rule, with every process agreeing on the clock's (their clocks differ)."""
+    if schedule.by_step(done):
+        return True
+    if not logged:
+        return False
+    late = torch.tensor([schedule.by_time()], device=device)  # NCCL reduces on the GPU
+    return bool(world.any_(late).any())
+
+
+def _trajectory(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the checkpoint-schedule fields, which a resume may change."""
+    return {k: v for k, v in config.items() if k not in SCHEDULE_FIELDS}
 
 
 def _bind_hooks(cfgs: list[SAEConfig], source: ActivationSource) -> list[SAEConfig]:
@@ -207,11 +241,14 @@ def _bind_hooks(cfgs: list[SAEConfig], source: ActivationSource) -> list[SAEConf
     names = [c.hook_name for c in bound]
     if len(set(names)) != len(names):
         raise ConfigError(f"two configs read the same hook: {names}")
-    shared = {(c.batch_size, c.total_tokens, c.log_every, c.checkpoint_every) for c in bound}
+    shared = {
+        (c.batch_size, c.total_tokens, c.log_every, c.checkpoint_every, c.checkpoint_seconds)
+        for c in bound
+    }
     if len(shared) != 1:
         raise ConfigError(
-            "SAEs trained together must share batch_size, total_tokens, log_every and "
-            "checkpoint_every"
+            "SAEs trained together must share batch_size, total_tokens, log_every, "
+            "checkpoint_every and checkpoint_seconds"
         )
     return bound
 

@@ -6,13 +6,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 import math
 from pathlib import Path
+import time
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mitk.checkpoint import load_checkpoint, save_checkpoint
+from mitk.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from mitk.errors import ConfigError, MitkError
 from mitk.model import HookedTransformer
 from mitk.train.schedule import warmup_cosine
@@ -39,7 +40,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     checkpoint_every: int = 500
-    """Steps between checkpoints, when a checkpoint directory is given."""
+    """Steps between checkpoints, when a checkpoint directory is given (and always at the end)."""
+    checkpoint_seconds: float = 300.0
+    """Also checkpoint at the first log step this many seconds after the last one (0: off)."""
     log_every: int = 50
     """Steps between recorded metrics."""
 
@@ -48,6 +51,10 @@ class TrainConfig:
             raise ConfigError(f"steps and lr must be positive and warmup >= 0: {self}")
         if self.checkpoint_every <= 0 or self.log_every <= 0:
             raise ConfigError("checkpoint_every and log_every must be positive")
+        if not (math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
+            raise ConfigError(
+                f"checkpoint_seconds must be finite and >= 0, got {self.checkpoint_seconds!r}"
+            )
 
 
 def _optimizer(model: HookedTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -67,22 +74,28 @@ def train_language_model(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    clock: Callable[[], float] = time.monotonic,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on next-token loss over ``batch_fn(step)`` batches; returns logged metrics.
 
     ``batch_fn`` must be a pure function of the step (seed it from the step),
-    which is what makes a resumed run identical to an uninterrupted one. With
-    ``resume=True`` training continues from ``checkpoint_dir``'s last complete
-    checkpoint. A non-finite loss raises ``NonFiniteLossError`` before the
+    which is what makes a resumed run identical to an uninterrupted one.
+    Checkpoints go to ``checkpoint_dir`` every ``cfg.checkpoint_every`` steps,
+    every ``cfg.checkpoint_seconds`` of ``clock`` (at a log step) and at the
+    end, so a run of any length can be resumed. With ``resume=True`` training
+    continues from its last complete checkpoint; ``NoCheckpointError`` if there
+    is none. A non-finite loss raises ``NonFiniteLossError`` before the
     optimiser touches the weights.
     """
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and directory is None:
+        raise ConfigError("resume=True needs the checkpoint_dir to resume from")
     optimizer = _optimizer(model, cfg)
     start, history = 0, []
     if resume and directory is not None:
         meta = load_checkpoint(directory, model, optimizer)
-        if meta is not None:
-            start, history = meta["step"], meta["history"]
+        start, history = meta["step"], meta["history"]
+    schedule = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_seconds, cfg.steps, clock)
     model.train()
     bar = tqdm(range(start, cfg.steps), disable=not progress, desc="train", initial=start,
                total=cfg.steps)  # fmt: skip
@@ -100,11 +113,13 @@ def train_language_model(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        logged = done % cfg.log_every == 0 or done == cfg.steps
+        if logged:
             history.append({"step": done, "loss": loss.item(), "lr": lr})
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if directory is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        if directory is not None and schedule.due(done, logged):
             meta = {"step": done, "history": history, "train_config": asdict(cfg)}
             save_checkpoint(directory, model, optimizer, meta)
+            schedule.written()
     model.eval()
     return history

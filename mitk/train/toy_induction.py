@@ -63,13 +63,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where to save the trained model")
     parser.add_argument("--checkpoints", type=Path, default=None, help="resumable checkpoint dir")
     parser.add_argument("--steps", type=int, default=TRAIN.steps)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --checkpoints"
+    )
     args = parser.parse_args()
     torch.manual_seed(SEED)
     model = HookedTransformer(MODEL, seed=SEED)
     cfg = TrainConfig(**{**TRAIN.__dict__, "steps": args.steps})
-    train_language_model(
-        model, batch_for_step, cfg, args.checkpoints, resume=args.checkpoints is not None
-    )
+    train_language_model(model, batch_for_step, cfg, args.checkpoints, resume=args.resume)
     first, repeat = induction_loss_gap(model)
     print(f"loss on first half {first:.3f}, on repeated half {repeat:.3f}")
     model.save(args.out)

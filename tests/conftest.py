@@ -6,11 +6,17 @@ import os
 from pathlib import Path
 import pkgutil
 
+from hypothesis import settings
 from jaxtyping import install_import_hook
 import pytest
 import torch
 
 from tests.checkpoints import save_gpt2
+
+# Hypothesis's per-example deadline is a timing assert, and these machines' speed swings
+# several-fold with load: no test fails for being slow.
+settings.register_profile("mitk", deadline=None)
+settings.load_profile("mitk")
 
 # Every annotated function in these packages gets its jaxtyping shapes checked at test time.
 # mitk.config and mitk.sae.config are left out on purpose: they validate their own fields, and

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained import mappings
+from mitk.model.pretrained import mappings, rope
 
 
 def test_per_head_packing_is_reordered_as_all_q_then_k_then_v() -> None:
@@ -49,6 +49,6 @@ def test_decoder_fields_read_the_family_names_and_only_some_default_the_mlp() ->
 
 def test_scaled_rope_and_unknown_activations_are_refused() -> None:
     with pytest.raises(UnsupportedModelError, match="yarn"):
-        mappings.rope_fields({"rope_scaling": {"rope_type": "yarn"}}, d_head=8)
+        rope.rope_fields({"rope_scaling": {"rope_type": "yarn"}}, d_head=8)
     with pytest.raises(UnsupportedModelError, match="known"):
         mappings.hf_activation("mish")

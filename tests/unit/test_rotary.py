@@ -170,7 +170,7 @@ def test_scaled_frequencies_match_hugging_face(
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from mitk.model.pretrained.mappings import rope_fields
+    from mitk.model.pretrained.rope import rope_fields
 
     params: dict = {"rope_type": kind, "factor": factor, "rope_theta": base}
     if kind == "llama3":
@@ -309,7 +309,7 @@ def test_longrope_matches_hugging_face(
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from mitk.model.pretrained.mappings import rope_fields
+    from mitk.model.pretrained.rope import rope_fields
 
     gen = torch.Generator().manual_seed(seed)
     short, long = (torch.rand(2, half, generator=gen) * 8 + 0.5).tolist()

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained import mappings
+from mitk.model.pretrained import mappings, rope
 
 KNOWN_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -36,12 +36,12 @@ def cohere_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a Cohere ``config.json`` (``logit_scale`` in ``extra``)."""
     mappings.refuse_unknown_fields(hf, KNOWN_FIELDS)
     fields = mappings.decoder_fields(hf, NAMES, "cohere", d_head=hf.get("head_dim"))
-    rope = mappings.rope_fields(hf, fields["d_head"])
-    if rope["rotary_dim"] != fields["d_head"]:  # HF's Cohere rotates whole heads regardless
+    rotary = rope.rope_fields(hf, fields["d_head"])
+    if rotary["rotary_dim"] != fields["d_head"]:  # HF's Cohere rotates whole heads regardless
         raise UnsupportedModelError("cohere with a partial_rotary_factor is not supported")
     bias = bool(hf.get("attention_bias", False))
     fields |= {
-        **rope,
+        **rotary,
         "n_key_value_heads": hf.get("num_key_value_heads") or fields["n_heads"],
         "rotary_style": "gptj",
         "gated_mlp": True,

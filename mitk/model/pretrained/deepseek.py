@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mitk.config import MoEConfig, TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained import experts, mappings
+from mitk.model.pretrained import experts, mappings, rope
 
 KNOWN_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -47,7 +47,7 @@ def deepseek_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         raise UnsupportedModelError("MLP biases in a DeepSeek-V2 model are not supported")
     d_rope, d_nope = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"]
     # rope_fields refuses scaled rope (YaRN...), so the softmax scale needs no YaRN mscale
-    rope = mappings.rope_fields(hf, d_rope)
+    rotary = rope.rope_fields(hf, d_rope)
     bias = bool(hf.get("attention_bias", False))
     fields = mappings.decoder_fields(
         hf, mappings.LLAMA_NAMES, "deepseek_v2", d_head=d_nope + d_rope
@@ -55,7 +55,7 @@ def deepseek_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     fields |= {
         "gated_mlp": True,
         "normalization": "rmsnorm",
-        **rope,
+        **rotary,
         "rotary_style": "gptj",
         "attn_qkv_bias": bias,
         "attn_out_bias": bias,

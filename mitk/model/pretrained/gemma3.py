@@ -20,7 +20,7 @@ from typing import Any
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained import mappings
+from mitk.model.pretrained import mappings, rope
 from mitk.model.pretrained.gemma import gemma_config, gemma_state_dict
 
 KNOWN_FIELDS = frozenset({
@@ -49,7 +49,7 @@ def gemma3_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     d_head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     # the same reading as the global layers', without scaling: a scaled local ladder is refused
     local_hf = {"model_type": hf["model_type"], "rope_parameters": local_params}
-    local = mappings.rope_fields(local_hf, d_head)
+    local = rope.rope_fields(local_hf, d_head)
     fields = {
         "qk_norm": "head",
         "rotary_local_layers": [i for i, kind in enumerate(layer_types) if kind == LOCAL],

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
-from mitk.model.pretrained import mappings
+from mitk.model.pretrained import mappings, rope
 
 LLAMA_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -58,7 +58,7 @@ def llama_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         "n_key_value_heads": hf.get("num_key_value_heads") or fields["n_heads"],
         "gated_mlp": True,
         "normalization": "rmsnorm",
-        **mappings.rope_fields(hf, fields["d_head"], scaled=model_type in SCALED_ROPE),
+        **rope.rope_fields(hf, fields["d_head"], scaled=model_type in SCALED_ROPE),
         **_window_fields(hf),
         "attn_qkv_bias": model_type == "qwen2" or bool(hf.get("attention_bias", False)),
         # Mistral's and Qwen2's output projections never carry a bias

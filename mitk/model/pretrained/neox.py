@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from mitk.config import TransformerConfig
-from mitk.model.pretrained import mappings
+from mitk.model.pretrained import mappings, rope
 
 KNOWN_FIELDS = frozenset({
     "attention_bias", "hidden_act", "hidden_size", "intermediate_size", "layer_norm_eps",
@@ -33,7 +33,7 @@ def neox_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     bias = bool(hf.get("attention_bias", True))
     fields |= {
         # HF's default when a config names no fraction: a quarter of each head rotates
-        **mappings.rope_fields(hf, fields["d_head"], default_fraction=0.25),
+        **rope.rope_fields(hf, fields["d_head"], default_fraction=0.25),
         "parallel_attn_mlp": bool(hf.get("use_parallel_residual", True)),
         "attn_qkv_bias": bias,
         "attn_out_bias": bias,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from mitk.config import TransformerConfig
-from mitk.model.pretrained import mappings
+from mitk.model.pretrained import mappings, rope
 
 KNOWN_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -41,7 +41,7 @@ def stablelm_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         "n_key_value_heads": hf.get("num_key_value_heads") or fields["n_heads"],
         "gated_mlp": True,
         # HF's default when a config names no fraction: a quarter of each head rotates
-        **mappings.rope_fields(hf, fields["d_head"], default_fraction=0.25),
+        **rope.rope_fields(hf, fields["d_head"], default_fraction=0.25),
         "parallel_attn_mlp": bool(hf.get("use_parallel_residual", False)),
         "attn_qkv_bias": bool(hf.get("use_qkv_bias", False)),
         "attn_out_bias": False,

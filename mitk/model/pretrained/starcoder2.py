@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from mitk.config import TransformerConfig
-from mitk.model.pretrained import mappings
+from mitk.model.pretrained import mappings, rope
 
 KNOWN_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -37,7 +37,7 @@ def starcoder2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig
     bias = bool(hf.get("use_bias", True))
     fields |= {
         "n_key_value_heads": hf.get("num_key_value_heads") or fields["n_heads"],
-        **mappings.rope_fields(hf, fields["d_head"]),
+        **rope.rope_fields(hf, fields["d_head"]),
         "sliding_window": hf.get("sliding_window") or 0,
         "attn_qkv_bias": bias,
         "attn_out_bias": bias,

@@ -42,10 +42,13 @@ def parameter_count(cfg: TransformerConfig) -> int:
     return total
 
 
-def estimate_bytes(cfg: TransformerConfig) -> int:
-    """Bytes of memory building ``cfg``'s model takes at its peak (float32 build, then cast)."""
+def estimate_bytes(cfg: TransformerConfig, parameters: int | None = None) -> int:
+    """Bytes of memory building ``cfg``'s model takes at its peak (float32 build, then cast).
+
+    ``parameters`` is ``parameter_count(cfg)`` when the caller has it already.
+    """
     per_parameter = max(TORCH_DTYPES[cfg.dtype].itemsize, torch.float32.itemsize)
-    return parameter_count(cfg) * per_parameter
+    return (parameter_count(cfg) if parameters is None else parameters) * per_parameter
 
 
 def available_bytes() -> int | None:
@@ -100,12 +103,13 @@ def ensure_fits(
     checkpoint tensors being loaded. Returns the estimate in bytes. Parameters on a
     GPU are counted against the same limit: the model is built on the CPU first.
     """
-    need = estimate_bytes(cfg) + extra_bytes
+    parameters = parameter_count(cfg)  # counted once: the message quotes it too
+    need = estimate_bytes(cfg, parameters) + extra_bytes
     limit, source = memory_limit(max_memory_gb)
     if limit is not None and need > limit:
         loading = f" including {extra_bytes / GB:.2f} GB of weight files" if extra_bytes else ""
         raise ModelTooLargeError(
-            f"{what} needs about {need / GB:.2f} GB ({parameter_count(cfg):,} parameters as "
+            f"{what} needs about {need / GB:.2f} GB ({parameters:,} parameters as "
             f"{cfg.dtype}{loading}), more than {limit / GB:.2f} GB ({source}); set "
             f"max_memory_gb= or {LIMIT_VARIABLE} to allow more"
         )

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from mitk.config import JsonConfig, check_choices, check_positive_ints
 from mitk.errors import ConfigError
 
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
 DecoderBiasInit = Literal["geometric_median", "mean", "zeros"]
 SAEDType = Literal["float32", "float64", "float16", "bfloat16"]
 
@@ -29,9 +29,13 @@ class SAEConfig(JsonConfig):
     d_sae: int
     """Number of latents (dictionary size)."""
     architecture: Architecture = "topk"
-    """``relu`` (L1, decoder-norm weighted), ``topk`` (+AuxK), ``batchtopk`` or ``jumprelu``."""
+    """``relu`` (L1, decoder-norm weighted), ``topk`` (+AuxK), ``batchtopk``, ``jumprelu``,
+    ``gated`` (Rajamanoharan et al. 2024) or ``matryoshka_batchtopk`` (nested prefixes)."""
     k: int = 32
-    """Active latents per row for ``topk``; average per row for ``batchtopk``."""
+    """Active latents per row for ``topk``; average per row for the BatchTopK family."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """``matryoshka_batchtopk``: increasing prefix widths, the last equal to ``d_sae``; each
+    prefix of the dictionary reconstructs on its own. Empty means ``d_sae/8, /4, /2, d_sae``."""
     l1_coefficient: float = 5.0
     """``relu``: weight of the sparsity penalty sum_i f_i * ||W_dec[i]||."""
     l0_coefficient: float = 1e-3
@@ -76,6 +80,13 @@ class SAEConfig(JsonConfig):
     """Subtract ``b_dec`` from the input before encoding."""
     hook_name: str = ""
     """Hook point the SAE reads (informational for the SAE; the store selects data by it)."""
+    target_hook_name: str = ""
+    """Transcoders: the hook whose activations are reconstructed (e.g. the MLP's output);
+    empty for an SAE, which reconstructs its own input."""
+    d_out: int = -1
+    """Width of what is reconstructed; -1 means ``d_in`` (always so for an SAE)."""
+    skip_connection: bool = False
+    """Skip-transcoders: add a learned linear map ``x W_skip`` of the input to the output."""
     dtype: SAEDType = "float32"
     """Dtype of the parameters."""
     log_every: int = 100
@@ -89,13 +100,24 @@ class SAEConfig(JsonConfig):
         set_ = object.__setattr__  # frozen: fill the derived defaults once, here
         if self.aux_k == -1 and isinstance(self.d_in, int) and isinstance(self.d_sae, int):
             set_(self, "aux_k", max(1, min(self.d_in // 2, self.d_sae)))
+        if self.d_out == -1 and isinstance(self.d_in, int):
+            set_(self, "d_out", self.d_in)
+        if isinstance(self.matryoshka_widths, list):  # from JSON
+            set_(self, "matryoshka_widths", tuple(self.matryoshka_widths))
+        matryoshka = self.architecture == "matryoshka_batchtopk"
+        if matryoshka and not self.matryoshka_widths and isinstance(self.d_sae, int):
+            widths = sorted({max(1, self.d_sae // d) for d in (8, 4, 2, 1)})
+            set_(self, "matryoshka_widths", tuple(widths))
         if self.decoder_init_norm == -1.0:
             set_(self, "decoder_init_norm", 1.0 if self.unit_norm_decoder else 0.1)
         self._validate()
 
     def _validate(self) -> None:
         check_choices(self, _CHOICES)
-        check_positive_ints(self, ("d_in", "d_sae", "k", "aux_k", "batch_size", "total_tokens"))
+        check_positive_ints(
+            self, ("d_in", "d_sae", "d_out", "k", "aux_k", "batch_size", "total_tokens")
+        )
+        self._validate_dictionary_shape()
         for name in ("log_every", "checkpoint_every", "dead_after_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -124,19 +146,58 @@ class SAEConfig(JsonConfig):
         if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
             raise ConfigError("lr_warmup_fraction + lr_decay_fraction must not exceed 1")
 
+    def _validate_dictionary_shape(self) -> None:
+        """Matryoshka prefixes and the transcoder fields agree with the widths."""
+        widths = self.matryoshka_widths
+        if widths and self.architecture != "matryoshka_batchtopk":
+            raise ConfigError(
+                "matryoshka_widths applies only to architecture='matryoshka_batchtopk'"
+            )
+        if widths:
+            if not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+                raise ConfigError(f"matryoshka_widths must be integers, got {list(widths)!r}")
+            if list(widths) != sorted(set(widths)) or widths[0] < 1 or widths[-1] != self.d_sae:
+                raise ConfigError(
+                    f"matryoshka_widths must increase strictly from >= 1 and end at "
+                    f"d_sae={self.d_sae}, got {list(widths)!r}"
+                )
+        if not self.is_transcoder:
+            if self.d_out != self.d_in:
+                raise ConfigError(
+                    f"d_out={self.d_out} differs from d_in={self.d_in}: an SAE reconstructs its "
+                    "input; set target_hook_name to train a transcoder"
+                )
+            if self.skip_connection:
+                raise ConfigError("skip_connection needs a transcoder (set target_hook_name)")
+        elif self.target_hook_name == self.hook_name:
+            raise ConfigError(
+                f"target_hook_name equals hook_name ({self.hook_name!r}): that is an SAE; "
+                "leave target_hook_name empty"
+            )
+
+    @property
+    def is_transcoder(self) -> bool:
+        """True when the dictionary reads one hook and reconstructs another."""
+        return bool(self.target_hook_name)
+
     @property
     def uses_k(self) -> bool:
-        """True for the architectures that choose latents by rank (TopK, BatchTopK)."""
-        return self.architecture in ("topk", "batchtopk")
+        """True for the architectures that choose latents by rank (the TopK families)."""
+        return self.architecture in ("topk", "batchtopk", "matryoshka_batchtopk")
+
+    @property
+    def batch_level_k(self) -> bool:
+        """True where ``k`` is an average over the batch (BatchTopK, Matryoshka BatchTopK)."""
+        return self.architecture in ("batchtopk", "matryoshka_batchtopk")
 
     @property
     def unit_norm_decoder(self) -> bool:
         """True where the method keeps decoder rows at unit norm (all but the L1 ReLU SAE).
 
-        The L1 ReLU SAE instead weights its penalty by each row's norm, which
-        removes the incentive to shrink latents by growing decoder rows.
+        The L1 ReLU and gated SAEs instead weight their penalty by each row's
+        norm, which removes the incentive to shrink latents by growing decoder rows.
         """
-        return self.architecture != "relu"
+        return self.architecture not in ("relu", "gated")
 
     @property
     def total_steps(self) -> int:

@@ -183,7 +183,7 @@ def test_config_round_trips_and_validates() -> None:
     assert cfg.decoder_init_norm == 1.0 and cfg.aux_k == 4
     assert SAEConfig(d_in=8, d_sae=32, architecture="relu").decoder_init_norm == 0.1
     with pytest.raises(ConfigError, match="architecture must be one of"):
-        SAEConfig(d_in=8, d_sae=32, architecture="gated")  # type: ignore[arg-type]
+        SAEConfig(d_in=8, d_sae=32, architecture="abstopk")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="k=64 exceeds d_sae=32"):
         SAEConfig(d_in=8, d_sae=32, k=64)
     with pytest.raises(ConfigError, match="less than one batch"):
@@ -225,3 +225,24 @@ def test_gathered_and_dense_losses_agree(arch: str, monkeypatch: pytest.MonkeyPa
         torch.testing.assert_close(a, b)
     if arch == "jumprelu":  # the threshold's pseudo-gradient was exercised
         assert dense_grads[-1].abs().sum() > 0
+
+
+def test_dictionary_shape_fields_are_checked() -> None:
+    matryoshka = SAEConfig(d_in=8, d_sae=64, architecture="matryoshka_batchtopk", k=4)
+    assert matryoshka.matryoshka_widths == (8, 16, 32, 64)
+    assert SAEConfig.from_json(matryoshka.to_json()) == matryoshka
+    with pytest.raises(ConfigError, match="end at d_sae=64"):
+        matryoshka.replace(matryoshka_widths=[8, 32])
+    with pytest.raises(ConfigError, match="increase strictly"):
+        matryoshka.replace(matryoshka_widths=[32, 8, 64])
+    with pytest.raises(ConfigError, match="only to architecture='matryoshka_batchtopk'"):
+        SAEConfig(d_in=8, d_sae=64, matryoshka_widths=(8, 64))
+    with pytest.raises(ConfigError, match="d_out=4 differs from d_in=8"):
+        SAEConfig(d_in=8, d_sae=64, d_out=4)
+    with pytest.raises(ConfigError, match="skip_connection needs a transcoder"):
+        SAEConfig(d_in=8, d_sae=64, skip_connection=True)
+    with pytest.raises(ConfigError, match="that is an SAE"):
+        SAEConfig(d_in=8, d_sae=64, hook_name="a", target_hook_name="a")
+    transcoder = SAEConfig(d_in=8, d_sae=64, d_out=4, hook_name="a", target_hook_name="b")
+    assert transcoder.is_transcoder and not matryoshka.is_transcoder
+    assert SAEConfig(d_in=8, d_sae=64).d_out == 8

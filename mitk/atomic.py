@@ -9,15 +9,18 @@ leaves one complete folder that ``complete_folder`` finds. When the write fails,
 target is untouched.
 
 A process killed outright (SIGKILL, power loss) can leave a hidden ``.NAME.*.tmp``
-file or ``.NAME.tmp-*`` folder; it is never mistaken for the target.
+file or ``.NAME.tmp-*`` folder; it is never mistaken for the target, and
+``remove_leftovers`` deletes it on the next run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 import os
 from pathlib import Path
+import re
+import secrets
 import shutil
 import tempfile
 
@@ -25,6 +28,8 @@ FILE_MODE = 0o644
 """Files mitk writes are meant to be shared; ``mkstemp`` alone would give 0600."""
 FOLDER_MODE = 0o755
 """Likewise for folders (``mkdtemp`` gives 0700)."""
+_LEFTOVER = re.compile(r"\.(?P<target>.+)\.(?:[a-z0-9_]{8}\.tmp|tmp-[a-z0-9_]{8})")
+"""A temp file or staging folder this module made for ``target`` (mkstemp/mkdtemp: 8 characters)."""
 
 
 def atomic_write(path: str | Path, writer: Callable[[Path], object]) -> Path:
@@ -107,6 +112,43 @@ def set_aside_path(path: str | Path) -> Path:
     """Where ``atomic_folder`` keeps the old ``path`` while swapping the new one in."""
     target = Path(path)
     return target.parent / f".{target.name}.old"
+
+
+def discard_folder(path: str | Path) -> None:
+    """Delete the folder ``path``: renamed to a temp name first, so a kill midway leaves no
+    half-deleted folder under its real name (``remove_leftovers`` finishes the job)."""
+    target = Path(path)
+    doomed = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+    os.replace(target, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete what killed atomic writes of each ``folder/NAME`` left beside it; the paths deleted.
+
+    Only names this module gives: ``.NAME.XXXXXXXX.tmp`` temp files,
+    ``.NAME.tmp-XXXXXXXX`` staging folders, and a set-aside ``.NAME.old``
+    once ``NAME`` is back in place (while ``NAME`` is missing it is the last
+    complete copy and stays). The caller names only targets it alone writes,
+    so another process's write in progress is never touched.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    wanted = set(names)
+    asides = {f".{name}.old" for name in wanted if (root / name).exists()}
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink():
+            continue  # never ours, never followed
+        temp = _LEFTOVER.fullmatch(entry.name)
+        if entry.name in asides or (temp is not None and temp["target"] in wanted):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _swap_in(staging: Path, target: Path) -> None:

@@ -1,30 +1,47 @@
-"""Atomic training checkpoints: module and optimizer tensors in safetensors, the rest in JSON.
+"""Atomic, verified training checkpoints: tensors in safetensors, the rest in JSON, hashes beside.
 
-Shared by every long run (the language-model loop, the SAE trainer): the checkpoint folder is
-written with ``mitk.atomic.atomic_folder``, so a crash leaves the last complete one.
-``CheckpointSchedule`` is the one rule for when they write one.
+Shared by every long run (the language-model loop, the SAE trainer). A
+checkpoint is a folder (``model.safetensors``, ``optimizer.safetensors``,
+``state.json`` and ``hashes.json``, the ledger of the other three; see
+``mitk.integrity``) written with ``mitk.atomic.atomic_folder``. The directory
+keeps two: ``latest/`` and ``previous/``, the newest intact one before it.
+Resuming verifies ``latest/`` first and falls back to ``previous/`` with an
+``IntegrityWarning`` naming the damaged file; with neither intact it raises
+``NoIntactCheckpointError``, never starting over. ``CheckpointSchedule`` is the
+one rule for when they write one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 import json
+import os
 from pathlib import Path
 import time
 from typing import Any
+import warnings
 
 from safetensors.torch import load_file, save_file
 import torch
 from torch import Tensor, nn
 
-from mitk.atomic import atomic_folder, complete_folder
+from mitk.atomic import atomic_folder, complete_folder, discard_folder, remove_leftovers
 from mitk.errors import MitkError
+from mitk.integrity import CorruptFileError, IntegrityWarning, verify, write_ledger
 
 LATEST = "latest"
+PREVIOUS = "previous"
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+"""What a checkpoint folder holds besides its ledger."""
+LEDGER = "hashes.json"
 
 
 class NoCheckpointError(MitkError, FileNotFoundError):
     """Resuming was asked for, but the checkpoint directory holds no complete checkpoint."""
+
+
+class NoIntactCheckpointError(NoCheckpointError, CorruptFileError):
+    """Every checkpoint in the directory is damaged; the message names each damaged file."""
 
 
 class CheckpointSchedule:
@@ -71,39 +88,86 @@ class CheckpointSchedule:
 
 
 def require_checkpoint(directory: Path) -> Path:
-    """The last complete checkpoint folder in ``directory``; ``NoCheckpointError`` if none.
+    """The newest intact checkpoint folder in ``directory``, verified against its hashes.
 
-    Resuming calls this first, so asking to resume a run that never checkpointed
-    says so instead of silently starting over.
+    Resuming calls this first. Passing over a damaged or missing ``latest/``
+    warns (``IntegrityWarning``) naming the file and what was wrong;
+    ``NoIntactCheckpointError`` when no checkpoint is intact, and
+    ``NoCheckpointError`` when there is none at all, so asking to resume never
+    silently starts over. Leftovers of a killed checkpoint write are deleted.
     """
-    target = complete_folder(directory / LATEST)  # a crash mid-swap leaves the old one aside
-    if target is None:
+    remove_leftovers(directory, (LATEST, PREVIOUS))
+    latest, previous = complete_folder(directory / LATEST), directory / PREVIOUS
+    candidates = [c for c in (latest, previous) if c is not None and c.is_dir()]
+    if not candidates:
         raise NoCheckpointError(
             f"nothing to resume: {directory} holds no complete checkpoint ({LATEST}/ is "
             "missing); start without resume to train from the beginning"
         )
-    return target
+    passed_over = [] if latest is not None else [f"{directory / LATEST}: missing"]
+    for folder in candidates:
+        try:
+            verify_checkpoint(folder)
+        except CorruptFileError as err:
+            passed_over.append(str(err))
+            continue
+        for reason in passed_over:
+            warnings.warn(f"{reason}; resuming from {folder} instead", IntegrityWarning,
+                          stacklevel=2)  # fmt: skip
+        return folder
+    raise NoIntactCheckpointError(
+        f"no intact checkpoint to resume in {directory}: {'; '.join(passed_over)}. Start "
+        "without resume to train from the beginning (or restore the files)"
+    )
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Check a checkpoint folder's files against its ``hashes.json``; else ``CorruptFileError``."""
+    verify(folder / LEDGER, {name: folder / name for name in FILES})
 
 
 def save_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
 ) -> Path:
-    """Write ``directory/latest`` atomically: a complete folder replaces the old one."""
+    """Write ``directory/latest`` atomically with its hashes; the old one, if intact, becomes
+    ``previous``. A damaged old ``latest`` is dropped with a warning, keeping ``previous``."""
+    remove_leftovers(directory, (LATEST, PREVIOUS))
     tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     with atomic_folder(directory / LATEST) as staging:
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
                   staging / "model.safetensors")  # fmt: skip
         save_file(tensors, staging / "optimizer.safetensors")
         (staging / "state.json").write_text(json.dumps({"meta": meta, "optimizer": opt_meta}))
+        write_ledger(staging / LEDGER, {name: staging / name for name in FILES})
+        _keep_as_previous(directory)
     return directory / LATEST
+
+
+def _keep_as_previous(directory: Path) -> None:
+    """Move the current ``latest`` (or its set-aside copy) to ``previous`` if it is intact.
+
+    At every instant one intact checkpoint stays under ``latest`` or ``previous``.
+    """
+    current = complete_folder(directory / LATEST)
+    if current is None:
+        return
+    try:
+        verify_checkpoint(current)
+    except CorruptFileError as err:
+        warnings.warn(f"{err}; dropping {current}, keeping {directory / PREVIOUS}",
+                      IntegrityWarning, stacklevel=3)  # fmt: skip
+        return  # the swap replaces it; previous stays the last intact one
+    if (directory / PREVIOUS).exists():
+        discard_folder(directory / PREVIOUS)
+    os.replace(current, directory / PREVIOUS)
 
 
 def load_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore the last complete checkpoint into ``model``/``optimizer``; returns its meta.
+    """Restore the newest intact checkpoint into ``model``/``optimizer``; returns its meta.
 
-    Raises ``NoCheckpointError`` when ``directory`` holds none.
+    See ``require_checkpoint`` for the fallback, warnings and errors.
     """
     target = require_checkpoint(directory)
     state = json.loads((target / "state.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import math
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -69,6 +70,26 @@ class SparseAutoencoder(nn.Module):
         from mitk.sae.files import load_sae
 
         return load_sae(directory, device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        release: str,
+        sae_id: str,
+        *,
+        device: str | torch.device | None = None,
+        registry: str | Path | Mapping[str, Any] | None = None,
+        revision: str | None = None,
+    ) -> SparseAutoencoder:
+        """Load SAE ``sae_id`` of ``release`` from SAELens's registry, via the Hugging Face cache.
+
+        ``registry``: a YAML file in SAELens's ``pretrained_saes.yaml`` format or its
+        dict (default: the installed ``sae_lens``'s); offline, only the cache is read.
+        See ``mitk.sae.pretrained.from_pretrained``.
+        """
+        from mitk.sae.pretrained import from_pretrained
+
+        return from_pretrained(release, sae_id, device=device, registry=registry, revision=revision)
 
     def spliced(self, model: Any, hook_name: str | None = None, **options: Any) -> Any:
         """Context: the model runs with this SAE's reconstruction at the hook (see ``splice``)."""
@@ -168,17 +189,20 @@ class SparseAutoencoder(nn.Module):
         grad -= (grad * unit).sum(-1, keepdim=True) * unit
 
     @torch.no_grad()
-    def fold_input_scale_(self, scale: float) -> None:
-        """Absorb an input scaling: trained on ``x * scale``, afterwards read raw ``x``.
+    def fold_input_scale_(self, scale: float, output_scale: float | None = None) -> None:
+        """Absorb input scalings: trained on ``x * scale``, afterwards read raw ``x``.
 
-        ``W_enc *= scale``, ``W_dec /= scale`` and ``b_dec /= scale`` leave every
-        latent unchanged and return reconstructions in the raw units.
+        ``W_enc *= scale``, ``W_dec /= output_scale`` and ``b_dec /= output_scale``
+        leave every latent unchanged and return reconstructions in the raw units.
+        ``output_scale`` is the target's factor for a transcoder (default: ``scale``).
         """
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be finite and positive, got {scale}")
+        output_scale = scale if output_scale is None else output_scale
+        for value in (scale, output_scale):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"scales must be finite and positive, got {value}")
         self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
+        self.W_dec.div_(output_scale)
+        self.b_dec.div_(output_scale)
 
     def _flat_input(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.cfg.d_in:

@@ -45,15 +45,18 @@ def sae_loss(
     x: Float[Tensor, "batch d_in"],
     sparsity_scale: float = 1.0,
     dead: Bool[Tensor, " d_sae"] | None = None,
+    target: Float[Tensor, "batch d_out"] | None = None,
 ) -> LossParts:
     """The architecture's training loss on ``x``.
 
     ``sparsity_scale`` in [0, 1] is the warmup factor on the L1/L0 coefficient;
-    ``dead`` marks latents that count as dead for the AuxK loss (TopK family).
+    ``dead`` marks latents that count as dead for the AuxK loss (TopK family);
+    ``target`` is what a transcoder reconstructs (default: ``x`` itself).
     """
     cfg = sae.cfg
+    y = x if target is None else target
     if not cfg.uses_k:
-        return _thresholded_loss(sae, x, sparsity_scale)
+        return _thresholded_loss(sae, x, y, sparsity_scale)
     bias = sae.encoder_bias()
     pre = torch.addmm(bias, x, sae.W_enc)
     picked = sae.training_codes(pre.detach())
@@ -61,18 +64,20 @@ def sae_loss(
     # the picked entries' gradients reach the encoder without a dense [batch, d_sae] buffer
     values = gathered_pre_activations(x, sae.W_enc, bias, pre, pattern).relu()
     recon = sparse_decode(values, sae.W_dec, pattern) + sae.b_dec
-    mse = _squared_error(recon, x)
+    mse = _squared_error(recon, y)
     zero = x.new_zeros(())
     aux = zero
     if dead is not None and bool(dead.any()) and cfg.aux_coefficient > 0:
-        aux = cfg.aux_coefficient * _auxk_loss(sae, pre, x - recon.detach(), dead)
+        aux = cfg.aux_coefficient * _auxk_loss(sae, pre, y - recon.detach(), dead)
     active = values.detach() > 0
     counts = torch.bincount(picked.latents[active], minlength=cfg.d_sae)
     return LossParts(mse + aux, mse.detach(), zero, aux.detach(), counts, recon.detach(),
                      _min_positive(values))  # fmt: skip
 
 
-def _thresholded_loss(sae: SparseAutoencoder, x: Tensor, sparsity_scale: float) -> LossParts:
+def _thresholded_loss(
+    sae: SparseAutoencoder, x: Tensor, y: Tensor, sparsity_scale: float
+) -> LossParts:
     """ReLU (L1) and JumpReLU (L0) losses, on gathered entries when few are kept.
 
     Only entries above the cutoff have a non-zero value or gradient (for JumpReLU
@@ -114,7 +119,7 @@ def _thresholded_loss(sae: SparseAutoencoder, x: Tensor, sparsity_scale: float) 
         recon = latents @ sae.W_dec + sae.b_dec
         penalty = step(pre, threshold, eps).sum() / n_rows
         counts = column_counts(latents.detach() != 0)
-    mse = _squared_error(recon, x)
+    mse = _squared_error(recon, y)
     coefficient = cfg.l1_coefficient if relu else cfg.l0_coefficient
     sparsity = sparsity_scale * coefficient * penalty
     # min_active feeds only BatchTopK's threshold, so it is not computed here

@@ -7,6 +7,7 @@ import copy
 import csv
 from dataclasses import dataclass, field
 import io
+import json
 import math
 from pathlib import Path
 import time
@@ -38,10 +39,21 @@ class NonFiniteError(MitkError, FloatingPointError):
 
 @dataclass
 class TrainResult:
-    """What ``train`` returns: the trained SAEs by hook name and the logged metrics."""
+    """What ``train`` returns: the trained dictionaries by label, and the logged metrics.
+
+    A label is the config's hook name, ``"{hook}->{target}"`` for a transcoder, and
+    ``"{label}[{j}]"`` (j counting from 0 in the order given) where several configs
+    share one; metrics are keyed ``"{label}/{metric}"``. ``in_order`` lists the
+    dictionaries in the order of the configs.
+    """
 
     saes: dict[str, SparseAutoencoder]
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def in_order(self) -> list[SparseAutoencoder]:
+        """The trained dictionaries in the order their configs were given."""
+        return list(self.saes.values())
 
     @property
     def sae(self) -> SparseAutoencoder:
@@ -85,7 +97,9 @@ def train(
       ``CachedActivations``) or a ``[n, d_in]`` tensor of activations. Each
       config's ``hook_name`` picks its activations ("" works with a one-hook source).
       All configs share one pass over the data, so their ``batch_size`` and
-      ``total_tokens`` must agree.
+      ``total_tokens`` must agree; several may read the same hook (a sweep over
+      width, k or sparsity costs one model pass). A transcoder config
+      (``target_hook_name``) reconstructs that hook's activations from its own.
     - ``checkpoint_dir``: checkpoints are written there atomically every
       ``checkpoint_every`` steps, at the first log step ``checkpoint_seconds``
       (of ``clock``) after the last one, and at the end, so a run of any length
@@ -109,6 +123,7 @@ def train(
     if isinstance(source, Tensor):
         source = TensorActivations(source, cfgs[0].batch_size, seed=cfgs[0].seed)
     cfgs = _bind_hooks(cfgs, source)
+    labels = run_labels(cfgs)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and directory is None:
         raise ConfigError("resume=True needs the checkpoint_dir to resume from")
@@ -140,7 +155,7 @@ def train(
     schedule = CheckpointSchedule(
         cfgs[0].checkpoint_every, cfgs[0].checkpoint_seconds, total, clock
     )
-    window = [ReconstructionStats(c.d_in, c.d_sae) for c in cfgs]
+    window = [ReconstructionStats(c.d_out, c.d_sae) for c in cfgs]
     bar = tqdm(range(start, total), desc="sae", initial=start, total=total,
                disable=not (progress and world.is_main))  # fmt: skip
     for step in bar:
@@ -150,15 +165,20 @@ def train(
         for i, (sae, c) in enumerate(zip(state.models, cfgs, strict=True)):
             x = batch[c.hook_name][rows].to(target, sae.W_enc.dtype)
             _check_finite(x, f"activations of {c.hook_name!r}", step, directory)
+            y = x
+            if c.is_transcoder:
+                y = batch[c.target_hook_name][rows].to(target, sae.W_enc.dtype)
+                _check_finite(y, f"activations of {c.target_hook_name!r}", step, directory)
             optimizer.param_groups[i]["lr"] = c.lr * _lr_factor(step, c)
             idle = state.idle_steps(i)
             dead = idle * c.batch_size >= c.dead_after_tokens
-            part = sae_loss(sae, x, _warmup(step, c.sparsity_warmup_fraction, c), dead)
-            _check_finite(part.loss.detach(), f"the loss of {c.hook_name!r}", step, directory)
+            warm = _warmup(step, c.sparsity_warmup_fraction, c)
+            part = sae_loss(sae, x, warm, dead, target=y if c.is_transcoder else None)
+            _check_finite(part.loss.detach(), f"the loss of {labels[i]!r}", step, directory)
             part.loss.backward()
             parts.append(part)
             counts = part.fire_counts
-            window[i].update(x, part.reconstruction, fires=counts, active=float(counts.sum()))
+            window[i].update(y, part.reconstruction, fires=counts, active=float(counts.sum()))
         for i, (sae, c, part) in enumerate(zip(state.models, cfgs, parts, strict=True)):
             world.average_(p.grad for p in sae.parameters())
             if c.unit_norm_decoder:
@@ -168,7 +188,7 @@ def train(
             fired = world.any_(part.fire_counts > 0)
             idle = state.idle_steps(i)
             idle.add_(1).masked_fill_(fired, 0)
-            if c.architecture == "batchtopk":
+            if c.batch_level_k:
                 _update_batch_threshold(sae, part.min_active, world)
         optimizer.step()
         for sae, c in zip(state.models, cfgs, strict=True):
@@ -177,11 +197,11 @@ def train(
         done = step + 1
         logged = done % cfgs[0].log_every == 0 or done == total
         if logged:
-            record = _record(done, cfgs, parts, window, state, optimizer, world)
+            record = _record(done, cfgs, labels, parts, window, state, optimizer, world)
             history.append(record)
             logger.log(history)
-            window = [ReconstructionStats(c.d_in, c.d_sae) for c in cfgs]
-            bar.set_postfix(_postfix(record, cfgs))
+            window = [ReconstructionStats(c.d_out, c.d_sae) for c in cfgs]
+            bar.set_postfix(_postfix(record, labels[0]))
         if directory is not None and _checkpoint_due(schedule, done, logged, world, target):
             if world.is_main:
                 save_checkpoint(directory, state, optimizer, {**meta, "step": done,
@@ -190,11 +210,31 @@ def train(
             schedule.written()
     logger.close()
     trained = {}
-    for sae, c in zip(state.models, cfgs, strict=True):
+    for label, sae, c in zip(labels, state.models, cfgs, strict=True):
         final = copy.deepcopy(sae).eval()
-        final.fold_input_scale_(source.scale(c.hook_name))
-        trained[c.hook_name] = final
+        final.fold_input_scale_(source.scale(c.hook_name), source.scale(_target_hook(c)))
+        trained[label] = final
     return TrainResult(trained, history)
+
+
+def run_labels(cfgs: Sequence[SAEConfig]) -> list[str]:
+    """Each config's label in results and metrics (see ``TrainResult``)."""
+    bases = [
+        f"{c.hook_name}->{c.target_hook_name}" if c.is_transcoder else c.hook_name for c in cfgs
+    ]
+    seen: dict[str, int] = {}
+    labels = []
+    for base in bases:
+        if bases.count(base) == 1:
+            labels.append(base)
+        else:
+            labels.append(f"{base}[{seen.get(base, 0)}]")
+            seen[base] = seen.get(base, 0) + 1
+    return labels
+
+
+def _target_hook(c: SAEConfig) -> str:
+    return c.target_hook_name if c.is_transcoder else c.hook_name
 
 
 def _checkpoint_due(
@@ -210,12 +250,17 @@ def _checkpoint_due(
 
 
 def _trajectory(config: dict[str, Any]) -> dict[str, Any]:
-    """A config dict without the checkpoint-schedule fields, which a resume may change."""
-    return {k: v for k, v in config.items() if k not in SCHEDULE_FIELDS}
+    """A config dict without the checkpoint-schedule fields, which a resume may change.
+
+    Compared as JSON values, since a checkpoint's configs come back from JSON (tuples as lists).
+    """
+    kept = {k: v for k, v in config.items() if k not in SCHEDULE_FIELDS}
+    return dict(json.loads(json.dumps(kept)))
 
 
 def _bind_hooks(cfgs: list[SAEConfig], source: ActivationSource) -> list[SAEConfig]:
     """Give each config its hook and check widths, batch sizes and lengths agree."""
+    reads = ", ".join(source.hook_names)
     bound = []
     for c in cfgs:
         if not c.hook_name:
@@ -224,23 +269,20 @@ def _bind_hooks(cfgs: list[SAEConfig], source: ActivationSource) -> list[SAEConf
                     f"the source has hooks {list(source.hook_names)}; set hook_name on each config"
                 )
             c = c.replace(hook_name=source.hook_names[0])
-        if c.hook_name not in source.hook_names:
-            raise ConfigError(
-                f"hook {c.hook_name!r} is not read by the source (it has {list(source.hook_names)})"
-            )
-        if source.d_in[c.hook_name] != c.d_in:
-            raise ShapeMismatchError(
-                f"SAE for {c.hook_name!r} has d_in={c.d_in}, its activations have width "
-                f"{source.d_in[c.hook_name]}"
-            )
+        for hook, width, what in ((c.hook_name, c.d_in, "d_in"),
+                                  (_target_hook(c), c.d_out, "d_out")):  # fmt: skip
+            if hook not in source.hook_names:
+                raise ConfigError(f"hook {hook!r} is not read by the source (it has {reads})")
+            if source.d_in[hook] != width:
+                raise ShapeMismatchError(
+                    f"the dictionary on {c.hook_name!r} has {what}={width}, the activations of "
+                    f"{hook!r} have width {source.d_in[hook]}"
+                )
         if source.batch_size != c.batch_size:
             raise ConfigError(
                 f"config batch_size={c.batch_size} differs from the source's {source.batch_size}"
             )
         bound.append(c)
-    names = [c.hook_name for c in bound]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"two configs read the same hook: {names}")
     shared = {
         (c.batch_size, c.total_tokens, c.log_every, c.checkpoint_every, c.checkpoint_seconds)
         for c in bound
@@ -259,8 +301,9 @@ def _init_decoder_bias(
 ) -> None:
     """Set ``b_dec`` from the first batch (the whole global batch, so every rank agrees)."""
     for sae, c in zip(state.models, cfgs, strict=True):
-        x = batch[c.hook_name].to(device, sae.b_dec.dtype)
-        _check_finite(x, f"activations of {c.hook_name!r}", 0, None)
+        # b_dec lives in the reconstructed space: the target's, for a transcoder
+        x = batch[_target_hook(c)].to(device, sae.b_dec.dtype)
+        _check_finite(x, f"activations of {_target_hook(c)!r}", 0, None)
         if c.b_dec_init == "geometric_median":
             sae.b_dec.copy_(geometric_median(x))
         elif c.b_dec_init == "mean":
@@ -306,20 +349,20 @@ def _update_batch_threshold(sae: SparseAutoencoder, min_active: Tensor, world: W
 def _record(
     done: int,
     cfgs: list[SAEConfig],
+    labels: list[str],
     parts: list[LossParts],
     window: list[ReconstructionStats],
     state: _TrainingState,
     optimizer: torch.optim.Optimizer,
     world: World,
 ) -> dict[str, Any]:
-    """One metrics row: per-SAE values under ``{hook}/{metric}`` keys."""
+    """One metrics row: per-dictionary values under ``{label}/{metric}`` keys."""
     record: dict[str, Any] = {"step": done, "tokens": done * cfgs[0].batch_size}
-    for i, (c, part, stats) in enumerate(zip(cfgs, parts, window, strict=True)):
+    for i, (c, prefix, part, stats) in enumerate(zip(cfgs, labels, parts, window, strict=True)):
         stats.combine_(world.average_, world.size)
         scalars = torch.stack([part.loss.detach(), part.mse, part.sparsity, part.aux])
         world.average_([scalars])
         idle = state.idle_steps(i)
-        prefix = c.hook_name
         record.update({
             f"{prefix}/loss": float(scalars[0]),
             f"{prefix}/mse": float(scalars[1]),
@@ -336,8 +379,7 @@ def _record(
     return record
 
 
-def _postfix(record: dict[str, Any], cfgs: list[SAEConfig]) -> dict[str, str]:
-    c = cfgs[0].hook_name
+def _postfix(record: dict[str, Any], c: str) -> dict[str, str]:
     return {"loss": f"{record[f'{c}/loss']:.4g}", "l0": f"{record[f'{c}/l0']:.1f}",
             "fvu": f"{record[f'{c}/fvu']:.3f}"}  # fmt: skip
 

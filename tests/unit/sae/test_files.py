@@ -193,7 +193,7 @@ def test_pickle_weights_are_refused(tmp_path: Path, name: str) -> None:
 def test_tensor_shape_that_disagrees_with_the_config_is_refused(tmp_path: Path) -> None:
     folder = save_sae(random_sae("relu"), tmp_path / "sae")
     raw = read_cfg(folder)
-    raw["d_in"] = raw["mitk"]["d_in"] = 7
+    raw["d_in"] = raw["mitk"]["d_in"] = raw["mitk"]["d_out"] = 7
     write_cfg(folder, raw)
     with pytest.raises(ShapeMismatchError, match=r"W_enc has shape \(6, 10\).*\(7, 10\)"):
         load_sae(folder)

@@ -185,12 +185,14 @@ def test_mismatched_configs_are_refused() -> None:
         train(config(), source, progress=False)
     with pytest.raises(ConfigError, match="not read by the source"):
         train(config(hook_name="c"), source, progress=False)
-    with pytest.raises(ShapeMismatchError, match="d_in=8, its activations have width 16"):
+    with pytest.raises(ShapeMismatchError, match="d_in=8, the activations of 'a' have width 16"):
         train(config(hook_name="a", d_in=8), source, progress=False)
     with pytest.raises(ConfigError, match="batch_size=32 differs"):
         train(config(hook_name="a", batch_size=32), source, progress=False)
-    with pytest.raises(ConfigError, match="read the same hook"):
-        train([config(hook_name="a"), config(hook_name="a")], source, progress=False)
+    with pytest.raises(ConfigError, match="hook 'c' is not read by the source"):
+        train(config(hook_name="a", target_hook_name="c"), source, progress=False)
+    with pytest.raises(ShapeMismatchError, match="d_out=8, the activations of 'b' have width 16"):
+        train(config(hook_name="a", target_hook_name="b", d_out=8), source, progress=False)
     with pytest.raises(ConfigError, match="must share batch_size, total_tokens"):
         train([config(hook_name="a"), config(hook_name="b", total_tokens=64 * 30)], source,
               progress=False)  # fmt: skip

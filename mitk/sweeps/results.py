@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from mitk.analysis.patching import PatchResult
-from mitk.atomic import atomic_write_text
+from mitk.atomic import atomic_write_text, remove_leftovers
 from mitk.sweeps.chunks import ChunkStore, atomic_write_parquet
 
 DashboardWriter = Callable[[pd.DataFrame, dict[str, Any]], Path]
@@ -24,11 +24,13 @@ DashboardWriter = Callable[[pd.DataFrame, dict[str, Any]], Path]
 def finish(store: ChunkStore, dashboard: DashboardWriter | None = None) -> dict[str, Any]:
     """Merge every chunk, write results.parquet and results.json atomically; the sidecar.
 
-    ``IncompleteSweepError`` while a unit has no chunk. ``dashboard``, if
+    ``IncompleteSweepError`` while a unit has no chunk, ``CorruptFileError``
+    when the manifest or a chunk differs from its recorded hash. ``dashboard``, if
     given, is called with the merged table and the manifest before the sidecar
     is written, and the sidecar records the path it returns.
     """
     start = time.perf_counter()
+    remove_leftovers(store.root, [store.results_path.name, store.sidecar_path.name])
     manifest = store.manifest()
     frame = store.merge(manifest["n_units"])
     atomic_write_parquet(frame, store.results_path)

@@ -92,13 +92,14 @@ def prepare(spec: SweepSpec, pairs_dir: Path = Path(), model: Any = None) -> Swe
 def run_units(
     sweep: Sweep, store: ChunkStore, shard: Shard, quiet: bool, max_units: int | None = None
 ) -> RunStats:
-    """Run this shard's units that have no chunk yet, writing each chunk as it finishes.
+    """Run this shard's units that have no intact chunk yet, writing each chunk as it finishes.
 
     With ``max_units``, stop after that many (the rest run on the next call).
     """
     start = time.perf_counter()
     mine = shard.take(sweep.units)
-    pending = [unit for unit in mine if not store.done(unit)]
+    store.remove_leftovers(mine)
+    pending = [unit for unit in mine if not store.done(unit)]  # damaged chunks are redone
     todo = pending if max_units is None else pending[:max_units]
     rows = 0
     # delay: a bar only for runs longer than a couple of seconds

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+import signal
+import subprocess
+import sys
 import tempfile
 
 from hypothesis import given, settings
@@ -15,6 +18,8 @@ from mitk.atomic import (
     atomic_write_bytes,
     atomic_write_text,
     complete_folder,
+    discard_folder,
+    remove_leftovers,
     set_aside_path,
 )
 
@@ -170,3 +175,61 @@ def test_folder_over_a_file_is_refused(tmp_path: Path) -> None:
 
 def test_no_folder_yet_means_none(tmp_path: Path) -> None:
     assert complete_folder(tmp_path / "never") is None
+
+
+def test_leftovers_of_the_named_targets_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    atomic_write_bytes(tmp_path / "run.bin", b"whole")
+    (tmp_path / "run").mkdir()
+    ours = [
+        tmp_path / ".run.bin.ab_c1234.tmp",
+        tmp_path / ".run.tmp-0123abcd",
+        tmp_path / ".run.old",
+    ]
+    ours[0].write_bytes(b"half")
+    for folder in ours[1:]:
+        folder.mkdir()
+        (folder / "f").write_bytes(b"half")
+    kept = [
+        tmp_path / ".other.bin.ab_c1234.tmp",  # another target's: maybe someone else's write
+        tmp_path / ".run.bin.short.tmp",  # not a name mkstemp gives
+        tmp_path / "run.bin.ab_c1234.tmp",  # not hidden
+        tmp_path / ".gone.old",  # gone/ is missing: this is its last complete copy
+    ]
+    for path in kept:
+        path.write_bytes(b"keep")
+    (tmp_path / ".run.tmp-link5678").symlink_to(tmp_path / "run")
+    removed = remove_leftovers(tmp_path, ["run.bin", "run", "gone"])
+    assert sorted(removed) == sorted(ours)
+    assert names(tmp_path) == sorted(
+        [".run.tmp-link5678", "run", "run.bin", *(p.name for p in kept)]
+    )
+    assert remove_leftovers(tmp_path / "absent", ["run"]) == []
+
+
+KILLED_MIDWAY = """
+import os, signal, sys
+from mitk.atomic import atomic_folder, atomic_write
+def die(temp):
+    temp.write_bytes(b"half")
+    os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[2] == "file":
+    atomic_write(sys.argv[1] + "/x", die)
+with atomic_folder(sys.argv[1] + "/y") as staging:
+    die(staging / "f")
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_what_a_sigkill_leaves_is_found_and_removed(tmp_path: Path, kind: str) -> None:
+    done = subprocess.run([sys.executable, "-c", KILLED_MIDWAY, str(tmp_path), kind], timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert len(names(tmp_path)) == 1  # the temp file or staging folder
+    assert len(remove_leftovers(tmp_path, ["x", "y"])) == 1
+    assert names(tmp_path) == []
+
+
+def test_a_discarded_folder_goes_whole(tmp_path: Path) -> None:
+    with atomic_folder(tmp_path / "run") as staging:
+        (staging / "a").write_text("a")
+    discard_folder(tmp_path / "run")
+    assert names(tmp_path) == []

@@ -83,3 +83,20 @@ class UnknownHookError(MitkError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0])
+
+
+class InputFileError(MitkError, ValueError):
+    """An input file (spec, prompt pairs, token ids, a config) is unreadable, not text, or malformed.
+
+    Raised where the file is parsed, so the message names the file and, where the
+    format has them, the line and the field or key path.
+    """
+
+
+class OutputPathError(MitkError, ValueError):
+    """An output target cannot be written: its parent is a file or not writable, or it is a
+    directory where a file belongs (or the reverse). Checked before any work starts."""
+
+
+class OutputLockedError(MitkError, RuntimeError):
+    """Another running process holds the lock on an output target; the message names it."""

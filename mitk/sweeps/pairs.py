@@ -14,18 +14,22 @@ import csv
 from dataclasses import dataclass
 import difflib
 import hashlib
+import io
 import json
 from pathlib import Path
 import re
+import sys
 from typing import Any
 
-from mitk.errors import MitkError
+from mitk.errors import InputFileError
+from mitk.sweeps.reading import read_text, short_repr
 
 FIELDS = ("clean", "corrupted", "answer", "wrong_answer")
-_IDS = re.compile(r"^\s*\d+(\s+\d+)*\s*$")
+_IDS = re.compile(r"^\s*\d+(\s+\d+)*\s*$", re.ASCII)
+_ID = re.compile(r"^\s*\d+\s*$", re.ASCII)
 
 
-class PairsError(MitkError, ValueError):
+class PairsError(InputFileError):
     """A prompt pair cannot be used: malformed, out of the vocabulary, or misaligned."""
 
 
@@ -73,46 +77,66 @@ def read_pairs(
     return pairs
 
 
+def check_pairs(source: Path | list[dict[str, Any]], metric: str, where: str = "") -> int:
+    """Check what can be checked without the model; the number of pairs.
+
+    The same ``PairsError`` as ``read_pairs`` for unreadable files, malformed rows,
+    missing fields and values of the wrong type, so a bad file is refused before a
+    model loads. Token ids against the vocabulary, text (which needs the
+    tokenizer) and alignment are left to ``read_pairs``. ``where`` prefixes the
+    place of inline pairs (e.g. the spec file they sit in).
+    """
+    rows = _inline_rows(source, where) if isinstance(source, list) else _file_rows(source)
+    count = 0
+    for place, row in rows:
+        _parse_row(place, row, None, metric)
+        count += 1
+    if not count:
+        raise PairsError(f"{source if isinstance(source, Path) else 'pairs'}: no prompt pairs")
+    return count
+
+
 def pairs_digest(pairs: list[PromptPair]) -> str:
     """Hash of the pairs' token ids and answers (not of where they were read from)."""
     blob = json.dumps([[p.clean, p.corrupted, p.answer, p.wrong] for p in pairs])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _inline_rows(entries: list[dict[str, Any]]) -> Iterator[tuple[str, Any]]:
+def _inline_rows(entries: list[dict[str, Any]], where: str = "") -> Iterator[tuple[str, Any]]:
     for index, entry in enumerate(entries):
-        yield f"pairs[{index}]", entry
+        yield f"{where}pairs[{index}]", entry
 
 
 def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        yield from _jsonl_rows(path)
-    elif suffix in (".csv", ".tsv"):
-        yield from _csv_rows(path, "\t" if suffix == ".tsv" else ",")
-    else:
+    if suffix not in (".jsonl", ".json", ".ndjson", ".csv", ".tsv"):
         raise PairsError(f"{path}: pairs files are .jsonl or .csv, not {suffix or 'no suffix'!r}")
+    text = read_text(path, "pairs file")
+    if suffix in (".csv", ".tsv"):
+        yield from _csv_rows(text, path, "\t" if suffix == ".tsv" else ",")
+    else:
+        yield from _jsonl_rows(text, path)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open() as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PairsError(
-                    f"{where}: not valid JSON ({err.msg}, column {err.colno})"
-                ) from err
+def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[str, Any]]:
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PairsError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from err
+        except RecursionError:
+            raise PairsError(f"{where}: nested too deeply to be a prompt pair") from None
+        except ValueError as err:  # an integer of more digits than Python converts
+            raise PairsError(f"{where}: not a usable JSON value ({err})") from err
+        yield where, row
 
 
-def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
+def _csv_rows(text: str, path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
         missing = [f for f in ("clean", "corrupted") if f not in (reader.fieldnames or [])]
         if missing:
             raise PairsError(
@@ -124,11 +148,16 @@ def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
             # a CSV cell may not be empty-as-missing: drop empty optional cells
             yield f"{path}:{start}", {k: v for k, v in row.items() if v not in (None, "")}
             start = reader.line_num + 1
+    except csv.Error as err:
+        raise PairsError(f"{path}:{reader.line_num}: not valid CSV ({err})") from err
 
 
-def _parse_row(where: str, row: Any, vocab: Vocabulary, metric: str) -> PromptPair:
+def _parse_row(where: str, row: Any, vocab: Vocabulary | None, metric: str) -> PromptPair:
+    """One row as a pair; with no ``vocab``, only its shape and types are checked."""
     if not isinstance(row, dict):
-        raise PairsError(f"{where}: a pair is an object with fields {', '.join(FIELDS)}")
+        raise PairsError(
+            f"{where}: a pair is an object with fields {', '.join(FIELDS)}, got {short_repr(row)}"
+        )
     needed = ["clean", "corrupted"]
     needed += [] if metric == "kl_to_clean" else ["answer"]
     needed += ["wrong_answer"] if metric == "logit_diff" else []
@@ -147,44 +176,68 @@ def _parse_row(where: str, row: Any, vocab: Vocabulary, metric: str) -> PromptPa
     return PromptPair(clean, corrupted, answer, wrong, where)
 
 
-def _prompt(value: Any, where: str, vocab: Vocabulary) -> tuple[int, ...]:
+def _prompt(value: Any, where: str, vocab: Vocabulary | None) -> tuple[int, ...]:
     if isinstance(value, str) and value.strip().startswith("["):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
             raise PairsError(f"{where}: not a JSON list of token ids ({err.msg})") from err
+        except RecursionError:
+            raise PairsError(f"{where}: nested too deeply to be a list of token ids") from None
+        except ValueError as err:
+            raise PairsError(f"{where}: not a usable list of token ids ({err})") from err
     if isinstance(value, str) and _IDS.match(value):
-        value = [int(x) for x in value.split()]
+        value = [_token_id(x, where) for x in value.split()]
     if isinstance(value, str):
+        if not value:
+            raise PairsError(f"{where}: the prompt is empty")
+        if vocab is None:
+            return ()  # text: tokenised (and checked) once the model is there
         ids = _encode(value, where, vocab, vocab.prepend_bos)
     elif isinstance(value, list):
         if any(isinstance(x, bool) or not isinstance(x, int) for x in value):
-            raise PairsError(f"{where}: token ids must be integers, got {value!r}")
+            raise PairsError(f"{where}: token ids must be integers, got {short_repr(value)}")
         ids = list(value)
     else:
-        raise PairsError(f"{where}: expected a list of token ids or text, got {value!r}")
+        raise PairsError(f"{where}: expected a list of token ids or text, got {short_repr(value)}")
     if not ids:
         raise PairsError(f"{where}: the prompt is empty")
+    if vocab is None:
+        _check_ids(ids, where, None)
+        return tuple(ids)
     if len(ids) > vocab.n_ctx:
         raise PairsError(f"{where}: {len(ids)} tokens, more than the model's n_ctx={vocab.n_ctx}")
     _check_ids(ids, where, vocab)
     return tuple(ids)
 
 
-def _answer(value: Any, where: str, vocab: Vocabulary) -> int | None:
+def _token_id(text: str, where: str) -> int:
+    """An ASCII-digit token id; digit strings longer than any vocabulary are refused as text is."""
+    if len(text.strip()) > 12:
+        raise PairsError(f"{where}: token id {text.strip()[:20]}... is outside any vocabulary")
+    return int(text)
+
+
+def _answer(value: Any, where: str, vocab: Vocabulary | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str) and _ID.match(value):
+        value = _token_id(value, where)
     if isinstance(value, str):
+        if vocab is None:
+            return None  # text: one token or not, the tokenizer says
         ids = _encode(value, where, vocab, prepend_bos=False)
         if len(ids) != 1:
-            raise PairsError(f"{where}: {value!r} is {len(ids)} tokens; an answer is one token")
+            raise PairsError(
+                f"{where}: {short_repr(value)} is {len(ids)} tokens; an answer is one token"
+            )
         value = ids[0]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PairsError(f"{where}: expected one token id or one token of text, got {value!r}")
+        raise PairsError(
+            f"{where}: expected one token id or one token of text, got {short_repr(value)}"
+        )
     _check_ids([value], where, vocab)
     return value
 
@@ -202,13 +255,14 @@ def _encode(text: str, where: str, vocab: Vocabulary, prepend_bos: bool) -> list
     return ids
 
 
-def _check_ids(ids: list[int], where: str, vocab: Vocabulary) -> None:
+def _check_ids(ids: list[int], where: str, vocab: Vocabulary | None) -> None:
+    """Every id in ``[0, d_vocab)``; without a vocabulary, at least not negative."""
+    d_vocab = sys.maxsize if vocab is None else vocab.d_vocab
     for pos, token in enumerate(ids):
-        if not 0 <= token < vocab.d_vocab:
-            raise PairsError(
-                f"{where}: token id {token} at position {pos} is outside the "
-                f"vocabulary [0, {vocab.d_vocab})"
-            )
+        if not 0 <= token < d_vocab:
+            shown = short_repr(token)
+            bound = f"the vocabulary [0, {d_vocab})" if vocab is not None else "any vocabulary"
+            raise PairsError(f"{where}: token id {shown} at position {pos} is outside {bound}")
 
 
 def _check_alignment(pairs: list[PromptPair], align: str) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from mitk import HookedTransformer
 from mitk.analysis.patching import activation_patch, logit_diff
-from mitk.errors import ConfigError
+from mitk.errors import ConfigError, InputFileError
 from mitk.sweeps import (
     ChunkStore,
     IncompleteSweepError,
@@ -22,6 +22,7 @@ from mitk.sweeps import (
     read_pairs,
 )
 from mitk.sweeps.batch import batch_pairs
+from mitk.sweeps.pairs import check_pairs
 from mitk.sweeps.runner import run_unit
 from mitk.sweeps.units import plan_units
 from tests.checkpoints import word_tokenizer
@@ -121,6 +122,42 @@ def test_bad_pairs_name_file_line_and_field(tmp_path: Path, rows: list, message:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     with pytest.raises(PairsError, match=message):
         read_pairs(path, VOCAB, "logit_diff", "none")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("p.jsonl", b'{"clean": [1]}\n\xff\xfe\n', r"p.jsonl:2: not UTF-8 text \(byte 0xff\)"),
+        ("p.jsonl", b"\x00\x01\x02", r"p.jsonl:1: holds a NUL byte: a binary file"),
+        ("p.csv", b"clean,corrupted\n\x00", r"p.csv:2: holds a NUL byte"),
+        ("p.jsonl", b"[" * 100_000 + b"\n", r"p.jsonl:1: nested too deeply"),
+        ("p.jsonl", b'{"clean": [' + b"9" * 5000 + b"]}\n", r"p.jsonl:1: not a usable JSON value"),
+        ("p.jsonl", b'{"clean": "1 2", "corrupted": [1, -3]}\n', r"position 1 is outside"),
+        ("p.txt", b"", r"p.txt: pairs files are .jsonl or .csv"),
+    ],
+)
+def test_unreadable_pairs_files_name_file_and_line(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputFileError, match=message):  # PairsError is one
+        check_pairs(path, "kl_to_clean" if "answer" not in message else "prob")
+    with pytest.raises(InputFileError, match=message):
+        read_pairs(path, VOCAB, "kl_to_clean" if "answer" not in message else "prob", "none")
+
+
+def test_pairs_are_checked_without_the_model(tmp_path: Path) -> None:
+    # text and large ids wait for the tokenizer and vocabulary; shape and types do not
+    path = write_jsonl(tmp_path / "p.jsonl", [row(clean="the cat"), row(clean=(1, 2, 999))])
+    assert check_pairs(path, "logit_diff") == 2
+    inline = [{"clean": [1, 2], "corrupted": [1, 2], "answer": "x", "wrong_answer": [3.5]}]
+    with pytest.raises(PairsError, match=r"spec.yaml:4: pairs\[0\]: field 'wrong_answer'"):
+        check_pairs(inline, "logit_diff", where="spec.yaml:4: ")
+    digits = tmp_path / "p.csv"  # '²' is a digit to str.isdigit, but no token id
+    digits.write_text("clean,corrupted,answer\n1 2,1 3,\u00b2\n")
+    with pytest.raises(PairsError, match=r"p.csv:2: field 'answer': text '\u00b2' needs a model"):
+        read_pairs(digits, VOCAB, "prob", "none")
 
 
 def test_metric_decides_which_answers_are_needed(tmp_path: Path) -> None:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mitk.errors import ConfigError, MitkError
+from mitk.errors import ConfigError, InputFileError, MitkError
 from mitk.sweeps import SweepSpec, current_shard, field_help, parse_shard, read_spec_file
+from mitk.sweeps.spec import load_spec_file
 from mitk.sweeps.units import plan_units
 
 PAIRS = ({"clean": [0, 1, 2], "corrupted": [0, 3, 2], "answer": 4, "wrong_answer": 5},)
@@ -39,7 +40,7 @@ def test_yaml_and_json_files_read_the_same(tmp_path: Path) -> None:
 def test_yaml_is_read_safely(tmp_path: Path) -> None:
     path = tmp_path / "evil.yaml"
     path.write_text("model: !!python/object/apply:os.system ['true']\n")
-    with pytest.raises(ConfigError, match=r"evil\.yaml:1"):
+    with pytest.raises(InputFileError, match=r"evil\.yaml:1:8: not valid YAML"):
         read_spec_file(path)
 
 
@@ -61,6 +62,54 @@ def test_bad_specs_name_the_field(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         spec(**changes)
     assert isinstance(caught.value, MitkError) and isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("pairs_file: p.jsonl\nlayers: [0, a]\n", r"s.yaml:2: layers\[1\]: expected an int"),
+        ("pairs_file: p.jsonl\nlayers:\n  - 0\n  - b\n", r"s.yaml:4: layers\[1\]: expected an int"),
+        ("pairs_file: p\n\nbatch_size: 2.5\n", r"s.yaml:3: batch_size: expected an int, got 2\.5"),
+        ("pairs_file: p.jsonl\nbatch_size: true\n", r"s.yaml:2: batch_size: expected an int"),
+        ("pairs_file: [p.jsonl]\n", r"s.yaml:1: pairs_file: expected a string or null"),
+        ("pairs_file: p.jsonl\nsites: [z, 3]\n", r"s.yaml:2: sites\[1\]: expected a string, got 3"),
+        ("pairs: 5\n", r"s.yaml:1: pairs: expected a list of dict"),
+        ("pairs_file: p.jsonl\nmetric: [a]\n", r"s.yaml:2: metric: expected a string, got \['a'\]"),
+        ("pairs_file: p.jsonl\nsitez: [z]\n", r"s.yaml:2: unknown spec field 'sitez'"),
+        ("pairs_file: p.jsonl\nbatch_size: 0\n", r"s.yaml:2: batch_size must be at least 1"),
+        ("a: &x [1]\nb: [*x, *x, *x, *x, *x, *x]\n", r"unknown spec field 'a'"),
+    ],
+)  # fmt: skip
+def test_wrong_types_name_file_line_and_field(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    loaded = load_spec_file(path)
+    with pytest.raises(ConfigError, match=message):
+        SweepSpec.from_dict(loaded.values, str(path), loaded.places())
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"model: \xff\xfe\n", r"s.yaml:1: not UTF-8 text \(byte 0xff\)"),
+        (b"model: x\n\x00\x00", r"s.yaml:2: holds a NUL byte: a binary file"),
+        (b"model: [\n", r"s.yaml:2:1: not valid YAML/JSON"),
+        (b'{"model": "x",\n "layers": [1,}', r"s.yaml:2:\d+: not valid YAML/JSON"),
+        (b"- 1\n- 2\n", r"s.yaml: a spec file holds one mapping"),
+        (b"", r"s.yaml: a spec file holds one mapping"),
+        (b"[" * 50_000, r"s.yaml: nested too deeply"),
+        (b"batch_size: " + b"9" * 5000, r"s.yaml: not a usable YAML/JSON value"),
+    ],
+)
+def test_unreadable_spec_files_name_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_bytes(content)
+    with pytest.raises(InputFileError, match=message):
+        load_spec_file(path)
+
+
+def test_a_bare_site_string_is_one_site() -> None:
+    assert spec(sites="resid_pre").sites == ("resid_pre",)
 
 
 def test_fingerprint_covers_results_not_execution() -> None:

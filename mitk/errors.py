@@ -67,13 +67,13 @@ class ModelTooLargeError(MitkError, MemoryError):
     """
 
 
-class UnknownHookError(MitkError, KeyError):
-    """A hook name does not exist on this model.
+class UnknownNameError(MitkError, KeyError):
+    """A name (a hook, a pretrained SAE release or id, ...) does not exist.
 
     The message lists the closest valid names so a typo is one glance away.
     """
 
-    def __init__(self, name: str, valid: Iterable[str], what: str = "hook name") -> None:
+    def __init__(self, name: str, valid: Iterable[str], what: str = "name") -> None:
         valid = list(valid)
         close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -83,6 +83,21 @@ class UnknownHookError(MitkError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0])
+
+
+class UnknownHookError(UnknownNameError):
+    """A hook name does not exist on this model; the message lists the closest valid names."""
+
+    def __init__(self, name: str, valid: Iterable[str], what: str = "hook name") -> None:
+        super().__init__(name, valid, what)
+
+
+class HubFileNotFoundError(MitkError, FileNotFoundError):
+    """Files of a Hugging Face Hub repo are not in the local cache and cannot be fetched.
+
+    Offline, unreachable, or no such repo, revision or file; the message names the
+    cache searched and says how to fetch the files.
+    """
 
 
 class InputFileError(MitkError, ValueError):

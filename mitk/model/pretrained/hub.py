@@ -9,12 +9,13 @@ pickle checkpoints (``.bin``/``.pt``), so a repo without safetensors is refused.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 import re
 
-from mitk.errors import UnsupportedModelError
+from mitk.errors import HubFileNotFoundError, UnsupportedModelError
 
 # What loading needs; everything else in a repo (other frameworks' weights, pickles) is skipped.
 ALLOW_PATTERNS = [
@@ -34,6 +35,8 @@ ALLOW_PATTERNS = [
 # huggingface_hub's own rule (validate_repo_id): an optional namespace, a name, no "--" or "..".
 _REPO_ID = re.compile(r"(?!.*(--|\.\.))[\w][\w.-]*(/[\w][\w.-]*)?")
 _TRUE = {"1", "on", "yes", "true"}
+# A branch, tag or commit: no "..", no leading "/" (the cache reads refs/<revision> from disk).
+_REVISION = re.compile(r"(?!.*\.\.)[\w.-][\w./-]*")
 
 
 def hf_hub_cache() -> Path:
@@ -128,6 +131,83 @@ def resolve_repo(repo_id: str, revision: str | None = None) -> Path:
             )
             + "; mitk downloads and loads safetensors only"
         )
+    return snapshot
+
+
+def resolve_files(
+    repo_id: str,
+    filenames: Sequence[str],
+    revision: str | None = None,
+    *,
+    optional: Sequence[str] = (),
+) -> Path:
+    """The local snapshot directory of ``repo_id`` holding ``filenames`` (paths in the repo).
+
+    The same rules as ``resolve_repo``, file by file: a cached file is used as is, a
+    missing one is downloaded unless offline. ``optional`` files are taken when the
+    repo has them and skipped otherwise. Raises ``HubFileNotFoundError`` naming the
+    cache and the ``hf download`` command that fetches what is missing. The caller
+    checks that each name stays inside the repo (no ``..``, not absolute).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if not looks_like_repo_id(repo_id):
+        raise HubFileNotFoundError(f"{repo_id!r} is not a Hugging Face repo id ('org/name')")
+    if revision is not None and (len(revision) > 256 or not _REVISION.fullmatch(revision)):
+        raise HubFileNotFoundError(f"{revision!r} is not a branch, tag or commit name")
+    cache, offline = hf_hub_cache(), hub_offline()
+    at = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    fetch = (
+        f"`hf download {repo_id} {' '.join(filenames)}"
+        + (f" --revision {revision}" if revision else "")
+        + "`"
+    )
+    snapshot: Path | None = None
+    for name in [*filenames, *optional]:
+        required = name in filenames
+        found: str | None = None
+        try:
+            found = hf_hub_download(
+                repo_id, name, revision=revision, cache_dir=cache, local_files_only=True
+            )
+        except LocalEntryNotFoundError as err:
+            if offline and required:
+                raise HubFileNotFoundError(
+                    f"{name} of {at} is not in the Hugging Face cache {cache} and offline "
+                    f"mode is on (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); fetch it with {fetch} "
+                    "where the Hub is reachable, or unset offline mode"
+                ) from err
+        if found is None and not offline:
+            try:
+                found = hf_hub_download(repo_id, name, revision=revision, cache_dir=cache)
+            except RepositoryNotFoundError as err:
+                raise HubFileNotFoundError(
+                    f"no repo {repo_id!r} on the Hugging Face Hub (if it is private or gated, "
+                    "log in with `hf auth login`)"
+                ) from err
+            except RevisionNotFoundError as err:
+                raise HubFileNotFoundError(
+                    f"repo {repo_id!r} has no revision {revision!r}"
+                ) from err
+            except LocalEntryNotFoundError as err:  # not cached and the Hub unreachable
+                if required:
+                    raise HubFileNotFoundError(
+                        f"{name} of {at} is not in the Hugging Face cache {cache} and the Hub "
+                        f"could not be reached ({err}); fetch it with {fetch} where it is"
+                    ) from err
+            except EntryNotFoundError as err:  # the Hub answered: no such file
+                if required:
+                    raise HubFileNotFoundError(f"{at} has no file {name}") from err
+        if found is not None and snapshot is None:
+            snapshot = Path(found).parents[len(PurePosixPath(name).parts) - 1]
+    if snapshot is None:
+        raise HubFileNotFoundError(f"no files asked of {at}")
     return snapshot
 
 

@@ -45,10 +45,12 @@ EXACT_FILE = "mitk_exact.safetensors"
 def save_sae(sae: SparseAutoencoder, directory: str | Path) -> Path:
     """Write ``sae`` to ``directory`` atomically; the folder loads in mitk and in SAELens.
 
-    JumpReLU writes ``threshold = exp(log_threshold)``; BatchTopK writes its scalar
-    inference threshold as a per-latent ``threshold`` (SAELens's own conversion),
-    so SAELens sees a JumpReLU SAE that encodes identically. An existing folder is
-    replaced whole, and only if it holds nothing but files this function writes.
+    JumpReLU writes ``threshold = exp(log_threshold)``; the BatchTopK family
+    (Matryoshka included) writes its scalar inference threshold as a per-latent
+    ``threshold`` (SAELens's own conversion), so SAELens sees a JumpReLU SAE that
+    encodes identically. Gated SAEs and transcoders keep SAELens's tensor names. An
+    existing folder is replaced whole, and only if it holds nothing but files this
+    function writes.
     """
     target = Path(directory)
     _check_replaceable(target)
@@ -65,18 +67,23 @@ def save_sae(sae: SparseAutoencoder, directory: str | Path) -> Path:
 def sae_tensors(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """SAELens-named tensors of ``sae``, and the mitk-only ones needed for an exact reload."""
     tensors = {
-        name: getattr(sae, name).detach().cpu().contiguous()
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec")
+        name: getattr(sae, name).detach().cpu().contiguous() for name in _weight_names(sae.cfg)
     }
     exact: dict[str, Tensor] = {}
     arch = sae.cfg.architecture
     if arch == "jumprelu":
         exact["log_threshold"] = sae.log_threshold.detach().cpu().contiguous()
         tensors["threshold"] = exact["log_threshold"].exp()
-    elif arch == "batchtopk":
+    elif sae.cfg.batch_level_k:
         theta = sae.batch_threshold.detach().cpu()
         tensors["threshold"] = theta.expand(sae.cfg.d_sae).contiguous()
     return tensors, exact
+
+
+def _weight_names(cfg: SAEConfig) -> tuple[str, ...]:
+    """The parameters every architecture saves under SAELens's names (thresholds aside)."""
+    biases = ("b_gate", "b_mag", "r_mag") if cfg.architecture == "gated" else ("b_enc",)
+    return ("W_enc", "W_dec", *biases, "b_dec", *(("W_skip",) if cfg.skip_connection else ()))
 
 
 def _check_replaceable(target: Path) -> None:
@@ -150,9 +157,7 @@ def _mitk_config(raw: dict[str, Any]) -> SAEConfig:
 
 def _mitk_state(cfg: SAEConfig, tensors: dict[str, Tensor], folder: Path) -> dict[str, Tensor]:
     to_dtype = getattr(torch, cfg.dtype)
-    state = {
-        name: take(tensors, name).to(to_dtype) for name in ("W_enc", "W_dec", "b_enc", "b_dec")
-    }
+    state = {name: take(tensors, name).to(to_dtype) for name in _weight_names(cfg)}
     if cfg.architecture == "jumprelu":
         threshold = saelens_threshold(tensors, cfg.d_sae).to(to_dtype)
         exact_file = folder / EXACT_FILE
@@ -162,7 +167,7 @@ def _mitk_state(cfg: SAEConfig, tensors: dict[str, Tensor], folder: Path) -> dic
             state["log_threshold"] = log_threshold
         else:
             state["log_threshold"] = to_log_threshold(threshold)
-    elif cfg.architecture == "batchtopk":
+    elif cfg.batch_level_k:
         threshold = saelens_threshold(tensors, cfg.d_sae).to(to_dtype)
         state["batch_threshold"] = scalar_threshold(threshold)
     refuse_leftovers(tensors)
@@ -183,15 +188,20 @@ def _check_same_threshold(from_exact: Tensor, written: Tensor) -> None:
 def _check_shapes(cfg: SAEConfig, state: dict[str, Tensor]) -> None:
     expected: dict[str, tuple[int, ...]] = {
         "W_enc": (cfg.d_in, cfg.d_sae),
-        "W_dec": (cfg.d_sae, cfg.d_in),
+        "W_dec": (cfg.d_sae, cfg.d_out),
         "b_enc": (cfg.d_sae,),
-        "b_dec": (cfg.d_in,),
+        "b_gate": (cfg.d_sae,),
+        "b_mag": (cfg.d_sae,),
+        "r_mag": (cfg.d_sae,),
+        "b_dec": (cfg.d_out,),
+        "W_skip": (cfg.d_out, cfg.d_in),
         "log_threshold": (cfg.d_sae,),
         "batch_threshold": (),
     }
     for name, tensor in state.items():
         if tuple(tensor.shape) != expected[name]:
+            out = f", d_out={cfg.d_out}" if cfg.is_transcoder else ""
             raise ShapeMismatchError(
                 f"{name} has shape {tuple(tensor.shape)}, but d_in={cfg.d_in}, "
-                f"d_sae={cfg.d_sae} need {expected[name]}"
+                f"d_sae={cfg.d_sae}{out} need {expected[name]}"
             )

@@ -2,11 +2,15 @@
 
 ``saelens_config`` writes the keys SAELens (>= 6) reads, with the exact config
 under ``MITK_KEY``; ``saelens_to_mitk`` reads SAELens folders (standard, topk,
-jumprelu, and BatchTopK either as its training checkpoint or converted to
-JumpReLU) and raises ``ConfigError`` for any setting whose computation mitk would
-not reproduce. The folder layout (file names) is SAELens's, so it is defined
-here; reading and writing folders lives in ``mitk.sae.files``, which imports this
-module (never the other way round).
+jumprelu, gated, BatchTopK and Matryoshka BatchTopK either as training
+checkpoints or converted to JumpReLU, and the transcoders: ``transcoder``,
+``skip_transcoder`` and their JumpReLU forms) and raises ``ConfigError`` for any
+setting whose computation mitk would not reproduce. A transcoder of an
+architecture SAELens has no transcoder for (TopK, gated) is written under a
+name of the same pattern (``topk_transcoder``) that only mitk reads. The folder
+layout (file names) is SAELens's, so it is defined here; reading and writing
+folders lives in ``mitk.sae.files``, which imports this module (never the other
+way round).
 """
 
 from __future__ import annotations
@@ -25,13 +29,26 @@ MITK_KEY = "mitk"
 
 # SAELens >= 6 reads a cfg without this marker as a pre-6 file and rewrites its keys.
 _SAELENS_FORMAT = "6.0.0"
-_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+# the BatchTopK family ships as JumpReLU with one shared threshold, as SAELens converts it
+_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+               "gated": "gated", "matryoshka_batchtopk": "jumprelu"}  # fmt: skip
 _FROM_SAELENS = {
     "standard": "relu",
     "topk": "topk",
     "jumprelu": "jumprelu",
     "batchtopk": "batchtopk",
+    "gated": "gated",
+    "matryoshka_batchtopk": "matryoshka_batchtopk",
 }
+# SAELens's transcoders: (mitk architecture, skip connection)
+_TRANSCODERS = {
+    "transcoder": ("relu", False),
+    "skip_transcoder": ("relu", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
+_ENCODER_BIASES = {"gated": ("b_gate", "b_mag", "r_mag")}
+"""Tensors an architecture has in place of ``b_enc``."""
 _DTYPES = {"float32", "float64", "float16", "bfloat16"}
 
 
@@ -43,12 +60,13 @@ def saelens_config(cfg: SAEConfig) -> dict[str, Any]:
         "hook_name": cfg.hook_name or None,
     }
     out: dict[str, Any] = {
-        "architecture": _TO_SAELENS[cfg.architecture],
+        "architecture": saelens_architecture(cfg),
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        # a transcoder never subtracts its (output-space) b_dec; SAELens refuses True there
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input and not cfg.is_transcoder,
         "normalize_activations": "none",
         # SAELens flattens [.., head, d_head] itself for hook_z SAEs; mitk's d_in is that width
         "reshape_activations": "hook_z" if cfg.hook_name.endswith("hook_z") else "none",
@@ -57,11 +75,26 @@ def saelens_config(cfg: SAEConfig) -> dict[str, Any]:
     }
     if cfg.architecture == "topk":
         out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
-    if cfg.architecture == "batchtopk":  # what SAELens records when it converts BatchTopK
+    if cfg.batch_level_k:  # what SAELens records when it converts BatchTopK
+        details: dict[str, Any] = {"k": cfg.k}
+        if cfg.architecture == "matryoshka_batchtopk":
+            details["matryoshka_widths"] = list(cfg.matryoshka_widths)
         metadata.update(
-            training_architecture="batchtopk", training_architecture_details={"k": cfg.k}
+            training_architecture=cfg.architecture, training_architecture_details=details
         )
+    if cfg.is_transcoder:
+        out["d_out"] = cfg.d_out
+        metadata["hook_name_out"] = cfg.target_hook_name
     return out
+
+
+def saelens_architecture(cfg: SAEConfig) -> str:
+    """SAELens's architecture name for ``cfg`` (``skip_transcoder``, ``jumprelu``, ...)."""
+    base = _TO_SAELENS[cfg.architecture]
+    if not cfg.is_transcoder:
+        return base
+    prefix = "" if base == "standard" else f"{base}_"
+    return f"{prefix}{'skip_' if cfg.skip_connection else ''}transcoder"
 
 
 # --- SAELens to mitk ------------------------------------------------------------------------
@@ -81,7 +114,8 @@ def saelens_to_mitk(
     def field(key: str, default: Any = None) -> Any:  # 6.x keeps some keys in metadata
         return raw.get(key, meta.get(key, default))
 
-    arch_name = _saelens_architecture(raw, field)
+    arch_name, skip = _saelens_architecture(raw, field)
+    transcoder = arch_name in _TRANSCODERS
     _refuse_unsupported(field, tensors)
     dtype = str(field("dtype", "float32")).removeprefix("torch.")
     if dtype not in _DTYPES:
@@ -90,27 +124,35 @@ def saelens_to_mitk(
         if key not in raw:
             raise ConfigError(f"{CONFIG_FILE} lacks {key!r}")
     to_dtype = getattr(torch, dtype)
-    state = {
-        name: take(tensors, name).to(to_dtype) for name in ("W_enc", "W_dec", "b_enc", "b_dec")
-    }
-    arch = _FROM_SAELENS[arch_name]
+    arch, _ = _TRANSCODERS[arch_name] if transcoder else (_FROM_SAELENS[arch_name], False)
+    names = ("W_enc", "W_dec", *_ENCODER_BIASES.get(arch, ("b_enc",)), "b_dec")
+    state = {name: take(tensors, name).to(to_dtype) for name in names}
+    if skip:
+        state["W_skip"] = take(tensors, "W_skip").to(to_dtype)
     k = field("k", (field("activation_fn_kwargs") or {}).get("k"))
+    details = meta.get("training_architecture_details") or {}
+    widths: Any = ()
     if arch == "jumprelu":
         threshold = saelens_threshold(tensors, raw["d_sae"]).to(to_dtype)
-        batch_k = (meta.get("training_architecture_details") or {}).get("k")
-        from_batchtopk = meta.get("training_architecture") == "batchtopk" and _is_whole(batch_k)
+        trained_as = str(meta.get("training_architecture"))
+        batch_k = details.get("k")
+        from_batchtopk = trained_as in ("batchtopk", "matryoshka_batchtopk") and _is_whole(batch_k)
         if from_batchtopk and _is_uniform(threshold):  # SAELens's conversion of BatchTopK
-            arch, k = "batchtopk", batch_k
+            arch, k = trained_as, batch_k
             # mitk gates pre by pre > t with no ReLU: a t < 0 would pass what SAELens zeroes
             state["batch_threshold"] = scalar_threshold(threshold).clamp_min(0)
+            if arch == "matryoshka_batchtopk":
+                widths = details.get("matryoshka_widths") or ()
         else:
             state["log_threshold"] = to_log_threshold(threshold)
-    elif arch == "batchtopk":  # a BatchTopK training checkpoint
+    elif arch in ("batchtopk", "matryoshka_batchtopk"):  # a training checkpoint
         theta = take(tensors, "topk_threshold").to(to_dtype)
         state["batch_threshold"] = scalar_threshold(theta).clamp_min(0)
+        widths = field("matryoshka_widths") or ()
     # SAELens trains TopK-family SAEs with this on by default; its inference cfg defaults off
-    if arch_name in ("topk", "batchtopk") and field(
-        "rescale_acts_by_decoder_norm", arch_name == "batchtopk"
+    batch_trained = arch_name in ("batchtopk", "matryoshka_batchtopk")
+    if arch_name in ("topk", "batchtopk", "matryoshka_batchtopk") and field(
+        "rescale_acts_by_decoder_norm", batch_trained
     ):
         _fold_decoder_norms(state)
     tensors.pop("scaling_factor", None)  # all ones here: _refuse_unsupported checked it
@@ -119,16 +161,33 @@ def saelens_to_mitk(
         d_in=raw["d_in"],
         d_sae=raw["d_sae"],
         architecture=arch,
-        apply_b_dec_to_input=bool(field("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=bool(field("apply_b_dec_to_input", not transcoder)),
         hook_name=field("hook_name") or field("hook_point") or "",
         dtype=dtype,
     )
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
         cfg_fields["k"] = _integer_k(k)
+    if widths:
+        cfg_fields["matryoshka_widths"] = tuple(widths)
+    if transcoder:
+        cfg_fields.update(_transcoder_fields(field, raw["d_in"], skip))
     return SAEConfig(**cfg_fields), state
 
 
-def _saelens_architecture(raw: dict[str, Any], field: Any) -> str:
+def _transcoder_fields(field: Any, d_in: int, skip: bool) -> dict[str, Any]:
+    """``target_hook_name``, ``d_out`` and ``skip_connection`` of a SAELens transcoder."""
+    target = field("hook_name_out")
+    if not target:
+        raise ConfigError(
+            f"this transcoder's {CONFIG_FILE} does not say which hook it reconstructs "
+            "(hook_name_out); pass it, e.g. load_sae(folder, overrides={'hook_name_out': "
+            "'blocks.0.hook_mlp_out'})"
+        )
+    return {"target_hook_name": target, "d_out": field("d_out", d_in), "skip_connection": skip}
+
+
+def _saelens_architecture(raw: dict[str, Any], field: Any) -> tuple[str, bool]:
+    """SAELens's architecture name, and whether it is a skip-transcoder."""
     arch = raw.get("architecture", "standard")
     # before SAELens 6, TopK was a standard SAE with activation_fn "topk"
     activation = field("activation_fn", field("activation_fn_str"))
@@ -136,12 +195,12 @@ def _saelens_architecture(raw: dict[str, Any], field: Any) -> str:
         arch = "topk"
     elif activation not in (None, "relu", "topk"):
         raise ConfigError(f"activation_fn={activation!r} is not supported (relu or topk)")
-    if arch not in _FROM_SAELENS:
+    if arch not in _FROM_SAELENS and arch not in _TRANSCODERS:
         raise ConfigError(
             f"SAELens architecture {arch!r} is not supported; mitk loads "
-            f"{', '.join(sorted(_FROM_SAELENS))}"
+            f"{', '.join(sorted([*_FROM_SAELENS, *_TRANSCODERS]))}"
         )
-    return str(arch)
+    return str(arch), arch in _TRANSCODERS and _TRANSCODERS[arch][1]
 
 
 def _refuse_unsupported(field: Any, tensors: dict[str, Tensor]) -> None:

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+from mitk.errors import ConfigError
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.config import SAEConfig
 from mitk.sae.files import load_sae, save_sae
@@ -28,18 +29,32 @@ with warnings.catch_warnings():
         SAE,
         BatchTopKTrainingSAE,
         BatchTopKTrainingSAEConfig,
+        GatedSAE,
+        GatedSAEConfig,
         JumpReLUSAE,
         JumpReLUSAEConfig,
+        JumpReLUSkipTranscoder,
+        JumpReLUSkipTranscoderConfig,
+        JumpReLUTranscoder,
+        JumpReLUTranscoderConfig,
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+        SkipTranscoder,
+        SkipTranscoderConfig,
         StandardSAE,
         StandardSAEConfig,
         TopKSAE,
         TopKSAEConfig,
         TopKTrainingSAE,
         TopKTrainingSAEConfig,
+        Transcoder,
+        TranscoderConfig,
     )
+    from sae_lens.saes.sae import SAEMetadata
 
-D_IN, D_SAE, K = 8, 24, 4
+D_IN, D_SAE, K, D_OUT = 8, 24, 4, 6
 TOL = 1e-5
+WIDTHS = [3, 12, D_SAE]
 
 
 def randomize(sae: Any, seed: int = 0) -> Any:
@@ -136,27 +151,111 @@ def test_batchtopk_training_checkpoint(tmp_path: Path) -> None:
     assert_same(sae, SAE.load_from_disk(tmp_path / "shipped"))
 
 
+@pytest.mark.parametrize("apply_b_dec_to_input", [True, False])
+def test_gated(tmp_path: Path, apply_b_dec_to_input: bool) -> None:
+    cfg = GatedSAEConfig(d_in=D_IN, d_sae=D_SAE, apply_b_dec_to_input=apply_b_dec_to_input)
+    reference = randomize(GatedSAE(cfg))
+    reference.save_model(tmp_path)
+    sae = load_sae(tmp_path)
+    assert (sae.cfg.architecture, sae.cfg.apply_b_dec_to_input) == ("gated", apply_b_dec_to_input)
+    assert_same(sae, reference)
+
+
+def matryoshka_training_sae() -> Any:
+    cfg = MatryoshkaBatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K,
+                                               matryoshka_widths=list(WIDTHS))  # fmt: skip
+    trained = randomize(MatryoshkaBatchTopKTrainingSAE(cfg))
+    trained.topk_threshold.fill_(0.7)
+    return trained
+
+
+def test_matryoshka_as_saelens_ships_it(tmp_path: Path) -> None:
+    matryoshka_training_sae().save_inference_model(tmp_path)  # a JumpReLU folder
+    reference = SAE.load_from_disk(tmp_path)
+    assert isinstance(reference, JumpReLUSAE)
+    sae = load_sae(tmp_path)
+    assert sae.cfg.architecture == "matryoshka_batchtopk"
+    assert (sae.cfg.k, sae.cfg.matryoshka_widths) == (K, tuple(WIDTHS))
+    assert float(sae.batch_threshold) == pytest.approx(0.7)
+    assert_same(sae, reference)
+
+
+def test_matryoshka_training_checkpoint(tmp_path: Path) -> None:
+    trained = matryoshka_training_sae()
+    trained.save_model(tmp_path / "checkpoint")  # architecture "matryoshka_batchtopk"
+    trained.save_inference_model(tmp_path / "shipped")
+    sae = load_sae(tmp_path / "checkpoint")
+    assert (sae.cfg.architecture, sae.cfg.matryoshka_widths) == ("matryoshka_batchtopk",
+                                                                 tuple(WIDTHS))  # fmt: skip
+    assert_same(sae, SAE.load_from_disk(tmp_path / "shipped"))
+
+
+TRANSCODERS = {
+    "transcoder": (Transcoder, TranscoderConfig, "relu", False),
+    "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig, "relu", True),
+    "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig, "jumprelu", False),
+    "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig, "jumprelu",
+                                 True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(TRANSCODERS))
+def test_transcoders(tmp_path: Path, name: str) -> None:
+    cls, cfg_cls, architecture, skip = TRANSCODERS[name]
+    meta = SAEMetadata(
+        hook_name="blocks.0.ln2.hook_normalized", hook_name_out="blocks.0.hook_mlp_out"
+    )
+    cfg = cfg_cls(d_in=D_IN, d_sae=D_SAE, d_out=D_OUT, apply_b_dec_to_input=False, metadata=meta)
+    reference = randomize(cls(cfg))
+    reference.save_model(tmp_path)
+    sae = load_sae(tmp_path)
+    got = (sae.cfg.architecture, sae.cfg.skip_connection, sae.cfg.d_out, sae.cfg.target_hook_name)
+    assert got == (architecture, skip, D_OUT, "blocks.0.hook_mlp_out")
+    assert_same(sae, reference)
+
+
+def test_transcoder_without_its_output_hook_is_refused_by_name(tmp_path: Path) -> None:
+    cfg = TranscoderConfig(d_in=D_IN, d_sae=D_SAE, d_out=D_OUT, apply_b_dec_to_input=False)
+    randomize(Transcoder(cfg)).save_model(tmp_path)
+    with pytest.raises(ConfigError, match="hook_name_out"):
+        load_sae(tmp_path)
+
+
 # --- mitk writes, SAELens reads ---------------------------------------------------------------
+TRANSCODE = {"hook_name": "a", "target_hook_name": "b", "d_out": D_OUT}
+
+
 @pytest.mark.parametrize(
-    ("architecture", "saelens_class"),
+    ("architecture", "extra", "saelens_class"),
     [
-        ("relu", StandardSAE),
-        ("topk", TopKSAE),
-        ("jumprelu", JumpReLUSAE),
-        ("batchtopk", JumpReLUSAE),
+        ("relu", {}, StandardSAE),
+        ("topk", {}, TopKSAE),
+        ("jumprelu", {}, JumpReLUSAE),
+        ("batchtopk", {}, JumpReLUSAE),
+        ("gated", {}, GatedSAE),
+        ("matryoshka_batchtopk", {"matryoshka_widths": tuple(WIDTHS)}, JumpReLUSAE),
+        ("relu", TRANSCODE, Transcoder),
+        ("relu", {**TRANSCODE, "skip_connection": True}, SkipTranscoder),
+        ("jumprelu", TRANSCODE, JumpReLUTranscoder),
+        ("jumprelu", {**TRANSCODE, "skip_connection": True}, JumpReLUSkipTranscoder),
+        ("batchtopk", TRANSCODE, JumpReLUTranscoder),
     ],
-)
+    ids=["relu", "topk", "jumprelu", "batchtopk", "gated", "matryoshka", "transcoder",
+         "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder",
+         "batchtopk_transcoder"],
+)  # fmt: skip
 def test_saelens_loads_what_mitk_saves(
-    tmp_path: Path, architecture: str, saelens_class: type
+    tmp_path: Path, architecture: str, extra: dict[str, Any], saelens_class: type
 ) -> None:
-    sae = SparseAutoencoder(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=architecture, k=K))
+    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=architecture, k=K, **extra)  # type: ignore[arg-type]
+    sae = SparseAutoencoder(cfg)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for param in sae.parameters():
             param.copy_(torch.randn(param.shape, generator=gen))
         if architecture == "jumprelu":
             sae.log_threshold.copy_((torch.rand(D_SAE, generator=gen) * 0.8).log())
-        if architecture == "batchtopk":
+        if cfg.batch_level_k:
             sae.batch_threshold.fill_(0.6)
     reference = SAE.load_from_disk(save_sae(sae, tmp_path / "sae"))
     assert type(reference) is saelens_class

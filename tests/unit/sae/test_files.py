@@ -18,6 +18,19 @@ from mitk.sae.files import EXACT_FILE, load_sae, save_sae
 from mitk.sae.saelens_format import CONFIG_FILE, WEIGHTS_FILE
 
 ARCHITECTURES = ["relu", "topk", "batchtopk", "jumprelu"]
+TRANSCODER = {"target_hook_name": "blocks.0.hook_mlp_out", "d_out": 5}
+SKIP = {**TRANSCODER, "skip_connection": True}
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    **{arch: (arch, {}) for arch in ARCHITECTURES},
+    "gated": ("gated", {}),
+    "matryoshka": ("matryoshka_batchtopk", {"matryoshka_widths": (2, 5, 10)}),
+    "transcoder": ("relu", TRANSCODER),
+    "skip_transcoder": ("relu", SKIP),
+    "jumprelu_skip_transcoder": ("jumprelu", SKIP),
+    "matryoshka_transcoder": ("matryoshka_batchtopk", TRANSCODER),
+    "topk_skip_transcoder": ("topk", SKIP),  # no SAELens equivalent: mitk reads it alone
+    "gated_transcoder": ("gated", TRANSCODER),
+}
 
 
 def random_sae(architecture: str, dtype: str = "float32", **changes: Any) -> SparseAutoencoder:
@@ -37,7 +50,7 @@ def random_sae(architecture: str, dtype: str = "float32", **changes: Any) -> Spa
             param.copy_(torch.randn(param.shape, generator=gen))
         if architecture == "jumprelu":
             sae.log_threshold.copy_(torch.rand(cfg.d_sae, generator=gen).log())
-        if architecture == "batchtopk":
+        if cfg.batch_level_k:
             sae.batch_threshold.fill_(0.25)
     return sae
 
@@ -55,11 +68,10 @@ def write_cfg(folder: Path, raw: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_every_architecture_round_trips_exactly(
-    tmp_path: Path, architecture: str, dtype: str
-) -> None:
-    sae = random_sae(architecture, dtype)
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_architecture_round_trips_exactly(tmp_path: Path, case: str, dtype: str) -> None:
+    architecture, changes = CASES[case]
+    sae = random_sae(architecture, dtype, **changes)
     folder = save_sae(sae, tmp_path / "sae")
     loaded = load_sae(folder)
     assert loaded.cfg == sae.cfg
@@ -281,7 +293,7 @@ def test_negative_jumprelu_thresholds_act_as_zero(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"architecture": "gated"}, "architecture 'gated'"),
+        ({"architecture": "temporal"}, "architecture 'temporal'"),
         ({"normalize_activations": "layer_norm"}, "normalize_activations='layer_norm'"),
         ({"normalize_activations": "expected_average_only_in"}, "normalize_activations"),
         ({"metadata": {"hook_head_index": 2}}, "hook_head_index=2"),

@@ -18,6 +18,7 @@ from mitk.sae.features import (
 )
 from mitk.sae.files import load_sae, save_sae
 from mitk.sae.metrics import ReconstructionStats
+from mitk.sae.pretrained import PretrainedSAE, list_pretrained
 from mitk.sae.sources import ActivationSource, TensorActivations
 from mitk.sae.splice import Splice, spliced
 from mitk.sae.store import ActivationStore
@@ -32,6 +33,7 @@ __all__ = [
     "LatentStatistics",
     "LogitEffects",
     "NonFiniteError",
+    "PretrainedSAE",
     "ReconstructionStats",
     "SAEConfig",
     "SAEEvaluation",
@@ -43,6 +45,7 @@ __all__ = [
     "TrainResult",
     "evaluate",
     "latent_statistics",
+    "list_pretrained",
     "load_sae",
     "logit_effects",
     "mean_max_cosine_similarity",

@@ -83,9 +83,11 @@ def train_language_model(
     Checkpoints go to ``checkpoint_dir`` every ``cfg.checkpoint_every`` steps,
     every ``cfg.checkpoint_seconds`` of ``clock`` (at a log step) and at the
     end, so a run of any length can be resumed. With ``resume=True`` training
-    continues from its last complete checkpoint; ``NoCheckpointError`` if there
-    is none. A non-finite loss raises ``NonFiniteLossError`` before the
-    optimiser touches the weights.
+    continues from its newest intact checkpoint, verified against the hashes
+    recorded with it (a damaged ``latest`` falls back to ``previous`` with an
+    ``IntegrityWarning``); ``NoCheckpointError`` if there is none,
+    ``NoIntactCheckpointError`` if none is intact. A non-finite loss raises
+    ``NonFiniteLossError`` before the optimiser touches the weights.
     """
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and directory is None:

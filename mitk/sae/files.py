@@ -11,6 +11,7 @@ computation mitk would not reproduce (the translation is in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,16 @@ def _check_replaceable(target: Path) -> None:
 
 
 # --- loading --------------------------------------------------------------------------------
-def load_sae(directory: str | Path, device: str | torch.device | None = None) -> SparseAutoencoder:
+def load_sae(
+    directory: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> SparseAutoencoder:
     """Load an SAE folder written by ``save_sae`` or by SAELens (``save_model``).
+
+    ``overrides`` replace top-level ``cfg.json`` keys before it is read, as SAELens
+    applies a pretrained release's ``config_overrides``.
 
     Raises ``FileNotFoundError`` for a missing folder or file, ``UnsupportedModelError``
     for pickle weights, ``ConfigError`` (naming the field) for an architecture or
@@ -109,6 +118,7 @@ def load_sae(directory: str | Path, device: str | torch.device | None = None) ->
     # a save_sae killed mid-swap leaves the old folder aside: load that one
     folder = complete_folder(directory) or Path(directory)
     raw, tensors = _read_folder(folder)
+    raw.update(overrides or {})
     if MITK_KEY in raw:
         cfg = _mitk_config(raw)
         state = _mitk_state(cfg, tensors, folder)

@@ -5,6 +5,10 @@ through the SAE. ``keep_error=True`` adds back the reconstruction error, so the
 model computes exactly what it computed before while gradients and latent edits
 go through the SAE: the standard set-up for attributing to latents and for
 ablating or steering them without paying the reconstruction error.
+
+A transcoder reads one hook (``cfg.hook_name``, e.g. the MLP's input) and
+replaces another (``cfg.target_hook_name``, e.g. the MLP's output) with its
+output; the error term is then ``target activation - transcoder output``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class Splice:
 
     hook_name: str
     keep_error: bool
+    target_hook_name: str = ""
+    """Transcoders: the hook whose activation is replaced (``hook_name`` is read)."""
     calls: int = 0
     """Forwards the splice has run in (hook firings)."""
     inputs: Float[Tensor, "..."] | None = None
@@ -48,9 +54,10 @@ class Splice:
     latents: Float[Tensor, "..."] | None = None
     """Latents that were decoded, ``[*lead, d_sae]`` (after ``edit_latents``)."""
     reconstruction: Float[Tensor, "..."] | None = None
-    """Decoding of the unedited latents, ``[*lead, d_in]``."""
+    """Decoding of the unedited latents, ``[*lead, d_out]`` (a skip-transcoder's skip included)."""
     error: Float[Tensor, "..."] | None = None
-    """``keep_error`` only: ``inputs - reconstruction``, a leaf that requires grad in grad mode."""
+    """``keep_error`` only: ``replaced - reconstruction``, a leaf that requires grad in grad mode
+    (the replaced activation is the input for an SAE, the target for a transcoder)."""
 
 
 def as_sae_input(
@@ -74,16 +81,20 @@ def as_sae_input(
 
 
 def resolve_hook_name(
-    sae: SparseAutoencoder, model: HookedTransformer, hook_name: str | None
+    sae: SparseAutoencoder,
+    model: HookedTransformer,
+    hook_name: str | None,
+    field: str = "hook_name",
 ) -> str:
     """``hook_name``, else the SAE's ``cfg.hook_name``, checked against the model's hooks.
 
+    ``field="target_hook_name"`` resolves a transcoder's output hook the same way.
     Raises ``ConfigError`` when neither is set and ``UnknownHookError`` (with
     "did you mean" suggestions) when the model has no such hook.
     """
-    name = hook_name if hook_name is not None else sae.cfg.hook_name
+    name = hook_name if hook_name is not None else getattr(sae.cfg, field)
     if not name:
-        raise ConfigError("the SAE's config has no hook_name; pass hook_name=")
+        raise ConfigError(f"the SAE's config has no {field}; pass {field}=")
     if name not in model.hook_dict:
         raise UnknownHookError(name, model.hook_dict)
     return name
@@ -95,6 +106,7 @@ def spliced(
     model: HookedTransformer,
     hook_name: str | None = None,
     *,
+    target_hook_name: str | None = None,
     keep_error: bool = False,
     edit_latents: LatentEdit | None = None,
     record: bool = False,
@@ -111,19 +123,27 @@ def spliced(
     - ``edit_latents(latents)`` returns replacement latents ``[*lead, d_sae]``
       (it gets a copy, so editing in place is fine): ablate or steer latents.
     - ``record=True`` keeps the last forward's tensors on the yielded ``Splice``.
+    - A transcoder reads ``hook_name`` and replaces ``target_hook_name`` (default
+      ``sae.cfg.target_hook_name``), which must fire after it in the same forward;
+      with ``keep_error`` the error is the target's activation minus the output.
 
     The SAE runs on its own device and dtype; the result is cast back to the
     model's. The hook is attached first at that point, so hooks added inside the
     block see the spliced activation. It is removed on exit, even on error.
     """
     name = resolve_hook_name(sae, model, hook_name)
-    splice = Splice(hook_name=name, keep_error=keep_error)
-    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    target = name
+    if sae.cfg.is_transcoder:
+        target = resolve_hook_name(sae, model, target_hook_name, "target_hook_name")
+    splice = Splice(hook_name=name, keep_error=keep_error,
+                    target_hook_name=target if target != name else "")  # fmt: skip
+    d_in, d_out, d_sae = sae.cfg.d_in, sae.cfg.d_out, sae.cfg.d_sae
+    read: list[Tensor] = []  # a transcoder's input, from its hook to the target's
 
-    def replace(activation: Tensor, point: HookPoint) -> Tensor:
-        rows = as_sae_input(activation, d_in, name)
-        x = rows.to(sae.W_enc.device, sae.W_enc.dtype)
+    def transcode(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(latents, used latents, reconstruction, decoded used latents)``, skip included."""
         latents = sae.encode(x)
+        skip = sae.skip(x)
         reconstruction = sae.decode(latents)
         decoded, used = reconstruction, latents
         if edit_latents is not None:
@@ -135,9 +155,22 @@ def spliced(
                     f"{tuple(latents.shape)} (d_sae={d_sae})"
                 )
             decoded = sae.decode(used)
+        if skip is not None:
+            reconstruction, decoded = reconstruction + skip, decoded + skip
+        return latents, used, reconstruction, decoded
+
+    def replace(activation: Tensor, x: Tensor) -> Tensor:
+        rows = as_sae_input(activation, d_out, target)
+        if rows.shape[:-1] != x.shape[:-1]:
+            raise ShapeMismatchError(
+                f"{target!r} has rows {tuple(rows.shape[:-1])}, but {name!r} had "
+                f"{tuple(x.shape[:-1])}: the transcoder cannot pair them"
+            )
+        _, used, reconstruction, decoded = transcode(x)
         error = None
         if keep_error:
-            error = (x - reconstruction).detach()
+            replaced = rows.to(reconstruction.device, reconstruction.dtype)
+            error = (replaced - reconstruction).detach()
             if torch.is_grad_enabled():
                 error.requires_grad_()
             # Both differences below are exactly zero in value, so an unedited splice
@@ -153,5 +186,24 @@ def spliced(
             splice.reconstruction, splice.error = reconstruction, error
         return out.reshape(activation.shape)
 
-    with model.hooks(fwd_hooks=[(name, replace)]):
+    def sae_input(activation: Tensor) -> Tensor:
+        return as_sae_input(activation, d_in, name).to(sae.W_enc.device, sae.W_enc.dtype)
+
+    def read_input(activation: Tensor, point: HookPoint) -> Tensor:
+        read[:] = [sae_input(activation)]
+        return activation  # read, not replaced
+
+    def replace_target(activation: Tensor, point: HookPoint) -> Tensor:
+        if not read:
+            raise ConfigError(
+                f"the transcoder reads {name!r}, which did not fire before {target!r} "
+                "in this forward"
+            )
+        return replace(activation, read.pop())
+
+    if target == name:
+        hooks = [(name, lambda activation, point: replace(activation, sae_input(activation)))]
+    else:
+        hooks = [(name, read_input), (target, replace_target)]
+    with model.hooks(fwd_hooks=hooks):
         yield splice

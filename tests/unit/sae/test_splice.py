@@ -209,3 +209,84 @@ def test_as_sae_input_merges_the_fewest_trailing_axes():
     assert as_sae_input(x, 60).shape == (2, 60)
     with pytest.raises(ShapeMismatchError, match="d_in=7"):
         as_sae_input(x, 7)
+
+
+# --- transcoders: read one hook, replace another ------------------------------------------------
+MLP_IN, MLP_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
+
+
+def transcoder(skip: bool = True, hook_name: str = MLP_IN) -> SparseAutoencoder:
+    cfg = SAEConfig(d_in=32, d_sae=48, architecture="relu", hook_name=hook_name,
+                    target_hook_name=MLP_OUT, skip_connection=skip)  # fmt: skip
+    sae = SparseAutoencoder(cfg)
+    with torch.no_grad():
+        if skip:
+            sae.W_skip.copy_(torch.randn(32, 32, generator=torch.Generator().manual_seed(4)) * 0.1)
+        sae.b_dec.fill_(0.3)
+    return sae
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_transcoder_with_error_is_exact_and_gradients_reach_it(tiny: HookedTransformer, skip: bool):
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(2))
+    sae = transcoder(skip)
+    clean = tiny(tokens)
+    with spliced(sae, tiny, keep_error=True, record=True) as splice:
+        out = tiny(tokens)
+    assert torch.equal(out, clean)
+    assert (splice.hook_name, splice.target_hook_name) == (MLP_IN, MLP_OUT)
+    _, cache = tiny.run_with_cache(tokens, names_filter=[MLP_IN, MLP_OUT])
+    assert splice.inputs is not None and splice.error is not None
+    torch.testing.assert_close(splice.inputs, cache[MLP_IN])
+    torch.testing.assert_close(splice.reconstruction, sae(cache[MLP_IN]).reconstruction)
+    torch.testing.assert_close(splice.error, cache[MLP_OUT] - splice.reconstruction)
+    out.logsumexp(-1).sum().backward()
+    for param in (sae.W_enc, sae.W_dec, sae.b_enc, *((sae.W_skip,) if skip else ())):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert splice.calls == 1 and no_hooks_left(tiny)
+    tiny.zero_grad(set_to_none=True)
+
+
+def test_transcoder_without_error_replaces_the_mlp_output(tiny: HookedTransformer):
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(2))
+    sae = transcoder()
+    clean = tiny(tokens)
+    _, cache = tiny.run_with_cache(tokens, names_filter=[MLP_IN])
+    with spliced(sae, tiny) as splice:
+        out, spliced_cache = tiny.run_with_cache(tokens, names_filter=[MLP_OUT])
+    assert not torch.allclose(out, clean, atol=1e-3)
+    assert splice.target_hook_name == MLP_OUT
+    torch.testing.assert_close(spliced_cache[MLP_OUT], sae(cache[MLP_IN]).reconstruction)
+
+
+def test_transcoder_latent_edits_shift_the_output_by_decoder_rows(tiny: HookedTransformer):
+    tokens = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(3))
+    sae = transcoder()
+
+    def boost(latents: torch.Tensor) -> torch.Tensor:
+        latents[..., 7] += 2.0
+        return latents
+
+    _, clean = tiny.run_with_cache(tokens, names_filter=[MLP_OUT])
+    with spliced(sae, tiny, keep_error=True, edit_latents=boost):
+        _, edited = tiny.run_with_cache(tokens, names_filter=[MLP_OUT])
+    shift = edited[MLP_OUT] - clean[MLP_OUT]
+    torch.testing.assert_close(shift, (2.0 * sae.W_dec[7]).expand_as(shift), atol=1e-5, rtol=0)
+
+
+def test_transcoder_whose_input_fires_after_its_target_is_refused(tiny: HookedTransformer):
+    tokens = torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(3))
+    sae = transcoder(hook_name="blocks.1.hook_resid_pre")
+    with pytest.raises(ConfigError, match="did not fire before"), spliced(sae, tiny):
+        tiny(tokens)
+    assert no_hooks_left(tiny)
+
+
+def test_transcoder_target_must_be_a_hook(tiny: HookedTransformer):
+    sae = transcoder()
+    wrong = "blocks.0.hook_mlp_ou"
+    with (
+        pytest.raises(UnknownHookError, match=r"blocks\.0\.hook_mlp_ou"),
+        spliced(sae, tiny, target_hook_name=wrong),
+    ):
+        pass

@@ -236,6 +236,41 @@ def test_revision_picks_another_snapshot(tmp_path: Path, cache: Path) -> None:
             from_pretrained("tiny-saes", "sae", registry=registry(entries), revision=bad)
 
 
+def test_online_reads_the_cache_first_and_downloads_only_what_is_missing(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    sae = random_sae("topk")
+    saved = save_sae(sae, tmp_path / "saved")
+    only_cfg = tmp_path / "only_cfg"
+    only_cfg.mkdir()
+    shutil.copyfile(saved / CONFIG_FILE, only_cfg / CONFIG_FILE)
+    put_in_cache(cache, only_cfg, "sae")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    real = huggingface_hub.hf_hub_download
+    downloads: list[str] = []
+
+    def no_network(repo_id: str, filename: str, **kwargs: Any) -> Any:
+        if kwargs.get("local_files_only"):
+            return real(repo_id, filename, **kwargs)
+        downloads.append(filename)
+        if not (saved / Path(filename).name).is_file():
+            raise EntryNotFoundError(f"{filename} is not in the repo")
+        fetched = tmp_path / "fetched"
+        fetched.mkdir(exist_ok=True)
+        shutil.copyfile(saved / Path(filename).name, fetched / Path(filename).name)
+        put_in_cache(cache, fetched, "sae")  # stands in for the download
+        return real(repo_id, filename, local_files_only=True, cache_dir=kwargs["cache_dir"])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    loaded = from_pretrained("tiny-saes", "sae", registry=registry([{"id": "sae", "path": "sae"}]))
+    assert downloads == [f"sae/{WEIGHTS_FILE}", "sae/mitk_exact.safetensors"]  # cfg was cached
+    assert torch.equal(loaded.encode(inputs()), sae.encode(inputs()))
+
+
 # --- refusals ---------------------------------------------------------------------------------
 def test_unknown_release_and_id_name_close_matches(cache: Path) -> None:
     saes = [{"id": f"blocks.{i}.hook_resid_pre", "path": f"layer_{i}"} for i in range(3)]

@@ -101,7 +101,7 @@ class HubFileNotFoundError(MitkError, FileNotFoundError):
 
 
 class InputFileError(MitkError, ValueError):
-    """An input file (spec, prompt pairs, token ids, a config) is unreadable, not text, or malformed.
+    """An input file (spec, prompt pairs, token ids, a config) is unreadable or malformed.
 
     Raised where the file is parsed, so the message names the file and, where the
     format has them, the line and the field or key path.

@@ -21,6 +21,8 @@ from mitk.analysis.composition import KINDS, composition_baseline, composition_s
 from mitk.analysis.detectors import BEHAVIOURS, head_detector_scores
 from mitk.atomic import atomic_write
 from mitk.cli.common import DeviceOption, DtypeOption, JsonOption, ModelOption, QuietOption, emit
+from mitk.cli.inputs import MAX_SEED
+from mitk.cli.outputs import check_output_dir, hold_output_lock
 from mitk.errors import ConfigError
 from mitk.model import HookedTransformer
 from mitk.sweeps import load_named_model
@@ -153,16 +155,19 @@ def _describe(name: str, finding: Finding) -> str:
 
 
 def circuits(
+    ctx: typer.Context,
     model: ModelOption,
     what: Annotated[str, typer.Option(help="Comma-separated: qk, ov, composition, detectors.")] = (
         ",".join(ANALYSES)
     ),
     out: Annotated[Path | None, typer.Option(help="Directory for the parquet tables.")] = None,
-    top: Annotated[int, typer.Option(help="How many of the strongest entries to show.")] = 5,
+    top: Annotated[int, typer.Option(min=1, help="How many of the strongest entries to show.")] = 5,
     probe_half: Annotated[
         int | None, typer.Option(help="Detector probe: random tokens per half (default fits).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the detector probe and the baseline.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of the detector probe and the baseline.")
+    ] = 0,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
     as_json: JsonOption = False,
@@ -183,10 +188,15 @@ def circuits(
     --out DIR writes one DIR/<table>.parquet per analysis.
     """
     chosen = _parse_what(what)
+    check_output_dir(out, "--out")
+    if out is not None:
+        hold_output_lock(ctx, out, "--out")
     net = load_named_model(model, device, dtype)
-    half = probe_half if probe_half is not None else min(20, (net.cfg.n_ctx - 1) // 2)
-    if half < 1:
-        raise ConfigError(f"--probe-half must be >= 1, got {half}")
+    longest = (net.cfg.n_ctx - 1) // 2
+    half = probe_half if probe_half is not None else min(20, longest)
+    if not 1 <= half <= longest:
+        raise ConfigError(f"--probe-half must lie in [1, {longest}] (the model's context is "
+                          f"{net.cfg.n_ctx} tokens), got {half}")  # fmt: skip
     tables = {}
     for name in tqdm(chosen, desc="circuits", disable=quiet or as_json):
         tables[name] = TABLES[name](net, half, seed)

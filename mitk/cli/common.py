@@ -8,10 +8,25 @@ from typing import Annotated, Any
 
 import typer
 
+from mitk.sweeps.spec import device_problem
+
 ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="Embedded model name or local model directory.")
 ]
-DeviceOption = Annotated[str, typer.Option(help="Torch device to run on, e.g. cpu or cuda:0.")]
+
+
+def device_value(text: str) -> str:
+    """``--device``: a device this machine has, else a usage error (exit 2)."""
+    problem = device_problem(text)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return text
+
+
+DeviceOption = Annotated[
+    str,
+    typer.Option(callback=device_value, help="Torch device to run on, e.g. cpu or cuda:0."),
+]
 DtypeOption = Annotated[
     str, typer.Option(help="Weights and activations dtype: float32, float64, float16, bfloat16.")
 ]

@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 import typer
 
 from mitk.cli.common import JsonOption, QuietOption, emit
+from mitk.cli.outputs import check_output_file
 from mitk.errors import ConfigError
 from mitk.sae import SparseAutoencoder
 from mitk.sae.saelens_format import CONFIG_FILE, WEIGHTS_FILE
@@ -214,6 +215,7 @@ def dashboard(
     and mitk sae eval --out; SAE folders (with training curves from
     <folder>.log.csv); any other parquet or CSV is shown as a table.
     """
+    check_output_file(out, "--out")
     sections, inputs = [], []
     for path in _expand(results):
         if path.is_dir():

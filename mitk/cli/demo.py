@@ -17,6 +17,9 @@ from mitk.analysis.detectors import head_detector_scores
 from mitk.analysis.dla import Attribution, logit_attribution
 from mitk.analysis.lens import LogitLens, logit_lens
 from mitk.analysis.patching import PatchResult, activation_patch, logit_diff
+from mitk.cli.inputs import MAX_SEED
+from mitk.cli.outputs import check_output_file
+from mitk.errors import ConfigError
 from mitk.model import HookedTransformer
 from mitk.sequences import repeated_random_tokens
 from mitk.viz import (
@@ -160,15 +163,22 @@ def demo(
     model: Annotated[str, typer.Option(help="Embedded model name or local directory.")] = (
         "toy-induction"
     ),
-    half: Annotated[int, typer.Option(help="Length of the random segment that repeats.")] = 20,
-    batch: Annotated[int, typer.Option(help="Number of random prompts.")] = 16,
-    top: Annotated[int, typer.Option(help="Top predictions to show per position.")] = 3,
-    seed: Annotated[int, typer.Option(help="Seed for the random tokens.")] = 0,
+    half: Annotated[
+        int, typer.Option(min=1, help="Length of the random segment that repeats.")
+    ] = 20,
+    batch: Annotated[int, typer.Option(min=1, max=4096, help="Number of random prompts.")] = 16,
+    top: Annotated[int, typer.Option(min=1, help="Top predictions to show per position.")] = 3,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed for the random tokens.")] = 0,
     out: Annotated[Path, typer.Option(help="Where to write the HTML report.")] = DEFAULT_OUT,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Cache a forward on repeated random tokens, find the circuit, write an HTML report."""
+    check_output_file(out, "--out")
     net = HookedTransformer.from_pretrained(model)
+    if 2 * half + 1 > net.cfg.n_ctx:
+        longest = (net.cfg.n_ctx - 1) // 2
+        raise ConfigError(f"--half {half} makes {2 * half + 1} tokens; the model's context is "
+                          f"{net.cfg.n_ctx}, so use at most {longest}")  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     tokens = repeated_random_tokens(batch, half, net.cfg.d_vocab, gen)
     with torch.no_grad():

@@ -21,8 +21,10 @@ from mitk.cli.inputs import (
     SeedOption,
     TokensOption,
     WrongOption,
+    check_cache_fits,
     read_prompts,
 )
+from mitk.cli.outputs import check_output_file
 from mitk.errors import ConfigError
 from mitk.sweeps import load_named_model
 
@@ -59,7 +61,9 @@ def dla(
     by: Annotated[Granularity, typer.Option(help="Row per component, head, neuron or expert.")] = (
         Granularity.component
     ),
-    top: Annotated[int, typer.Option(help="How many of the largest contributions to show.")] = 10,
+    top: Annotated[
+        int, typer.Option(min=1, help="How many of the largest contributions to show.")
+    ] = 10,
     out: Annotated[Path | None, typer.Option(help="Write every row to this parquet file.")] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
@@ -73,12 +77,14 @@ def dla(
 
     A negative --pos counts back from each prompt's last real token.
     """
+    check_output_file(out, "--out")
     net = load_named_model(model, device, dtype)
     prompts = read_prompts(net, prompt=prompt, tokens_file=tokens, induction=induction,
                            n_prompts=n_prompts, seed=seed, answer=answer, wrong=wrong)  # fmt: skip
     if prompts.answers is None:
         raise ConfigError("dla needs answers: pass --answer, or a token file that holds them")
     positions = prompts.positions(pos)
+    check_cache_fits(net, prompts.tokens)
     mask = prompts.attention_mask
     device_tokens = prompts.tokens.to(net.W_E.device)
     with torch.no_grad():

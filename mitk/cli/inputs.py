@@ -20,16 +20,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 import json
 from pathlib import Path
+import re
 from typing import Annotated, Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 import torch
 from torch import Tensor
 import typer
 
-from mitk.errors import ConfigError, InvalidTokensError
+from mitk.errors import ConfigError, InputFileError, InvalidTokensError
 from mitk.model import HookedTransformer
+from mitk.model.memory import GB, memory_limit
 from mitk.sequences import repeated_random_tokens
+from mitk.sweeps.reading import read_text, short_repr
+
+MAX_SEED = 2**63 - 1
+"""Largest seed torch's generators take."""
+_TOKEN_ID = re.compile(r"^-?\d{1,12}$", re.ASCII)
 
 PromptOption = Annotated[
     list[str] | None,
@@ -47,13 +54,16 @@ InductionOption = Annotated[
     int | None,
     typer.Option(
         "--induction",
+        min=1,
         help="Synthetic prompts: BOS, N random tokens, the same N again (no tokenizer needed).",
     ),
 ]
 CountOption = Annotated[
-    int, typer.Option("--n-prompts", help="How many synthetic --induction prompts.")
+    int, typer.Option("--n-prompts", min=1, help="How many synthetic --induction prompts.")
 ]
-SeedOption = Annotated[int, typer.Option("--seed", help="Seed for synthetic prompts.")]
+SeedOption = Annotated[
+    int, typer.Option("--seed", min=0, max=MAX_SEED, help="Seed for synthetic prompts.")
+]
 AnswerOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -162,36 +172,64 @@ def _induction_tokens(model: HookedTransformer, half: int, n: int, seed: int) ->
     if half < 1 or n < 1:
         raise ConfigError(f"--induction and the prompt count must be >= 1, got {half} and {n}")
     length = 1 + 2 * half
-    if model.cfg.positional == "learned" and length > model.cfg.n_ctx:
+    if length > model.cfg.n_ctx:
         longest = (model.cfg.n_ctx - 1) // 2
         raise ConfigError(
             f"--induction {half} makes {length} tokens; the model's context is "
             f"{model.cfg.n_ctx}, so use at most {longest}"
         )
+    check_fits(n * length * 8, f"{n} synthetic prompts of {length} tokens")
     bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
     generator = torch.Generator().manual_seed(seed)
     return repeated_random_tokens(n, half, model.cfg.d_vocab, generator, bos=bos or 0)
 
 
+def check_cache_fits(model: HookedTransformer, tokens: Tensor) -> None:
+    """``ConfigError`` before a cached forward of ``tokens`` [batch, pos] would exceed the limit.
+
+    A rough upper bound on every cached activation (residual writes, q/k/v/z, the MLP,
+    attention scores and pattern), so a million synthetic prompts fail at once.
+    """
+    cfg = model.cfg
+    batch, pos = tokens.shape
+    per_position = 8 * cfg.d_model + 4 * cfg.n_heads * max(cfg.d_head, 1) + 3 * max(cfg.d_mlp, 0)
+    per_layer = batch * pos * (per_position + 2 * cfg.n_heads * pos)
+    element = max(model.W_E.element_size(), 4)
+    check_fits(
+        per_layer * cfg.n_layers * element, f"the cached activations of {batch} x {pos} tokens"
+    )
+
+
+def check_fits(need: int, what: str) -> None:
+    """``ConfigError`` instead of allocating ``need`` bytes beyond ``memory_limit()``."""
+    limit, source = memory_limit()
+    if limit is not None and need > limit:
+        raise ConfigError(f"{what} need about {need / GB:.2f} GB, more than {limit / GB:.2f} GB "
+                          f"({source})")  # fmt: skip
+
+
 def _read_token_file(path: Path) -> Prompts:
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"token file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     rows, answers, wrongs = [], [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "token file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             item: Any = json.loads(line)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}:{number}: not JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:  # too many digits, too deeply nested
+            raise InputFileError(f"{path}:{number}: not a usable JSON value ({err})") from None
         if isinstance(item, dict):
             answers.append(item.get("answer"))
             wrongs.append(item.get("wrong"))
             item = item.get("tokens")
-        if not isinstance(item, list) or not item or not all(isinstance(t, int) for t in item):
-            raise InvalidTokensError(f"{path}:{number}: expected a non-empty list of token ids")
+        if not isinstance(item, list) or not item or not all(_is_id(t) for t in item):
+            raise InvalidTokensError(f"{path}:{number}: expected a non-empty list of token ids, "
+                                     f"got {short_repr(item)}")  # fmt: skip
         rows.append(item)
     if not rows:
         raise ConfigError(f"token file {str(path)!r} holds no prompts")
@@ -202,13 +240,20 @@ def _read_token_file(path: Path) -> Prompts:
     )  # fmt: skip
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
 def _read_safetensors(path: Path) -> Prompts:
-    with safe_open(str(path), framework="pt") as handle:
-        names = set(handle.keys())
-        if "tokens" not in names:
-            raise ConfigError(f"{path} has no 'tokens' tensor (it has {sorted(names)})")
-        tensors = {name: handle.get_tensor(name) for name in ("tokens", "answer", "wrong")
-                   if name in names}  # fmt: skip
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = set(handle.keys())
+            if "tokens" not in names:
+                raise ConfigError(f"{path} has no 'tokens' tensor (it has {sorted(names)})")
+            tensors = {name: handle.get_tensor(name) for name in ("tokens", "answer", "wrong")
+                       if name in names}  # fmt: skip
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise InputFileError(f"{path}: not a readable safetensors file ({err})") from err
     tokens = tensors["tokens"]
     if tokens.dtype.is_floating_point or tokens.ndim != 2 or tokens.numel() == 0:
         raise InvalidTokensError(
@@ -238,7 +283,7 @@ def _optional_ids(values: list[Any], path: Path, key: str) -> Tensor | None:
     """Per-prompt ids from a file: all present, or None when no prompt gives one."""
     if all(value is None for value in values):
         return None
-    if not all(isinstance(value, int) for value in values):
+    if not all(_is_id(value) for value in values):
         raise ConfigError(f"{path}: give {key!r} as a token id on every line or on none")
     return torch.tensor(values, dtype=torch.long)
 
@@ -252,7 +297,7 @@ def _answer_ids(model: HookedTransformer, given: list[str], batch: int, flag: st
 
 
 def _one_token(model: HookedTransformer, value: str, flag: str) -> int:
-    if value.lstrip("-").isdigit():
+    if _TOKEN_ID.match(value.strip()):
         token = int(value)
     else:
         tokenizer = model.tokenizer

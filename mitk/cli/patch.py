@@ -11,6 +11,7 @@ import pandas as pd
 import typer
 
 from mitk.cli.common import JsonOption, QuietOption, emit
+from mitk.cli.outputs import check_output_dir, check_output_file, hold_output_lock
 from mitk.errors import ConfigError
 from mitk.sweeps import (
     DashboardWriter,
@@ -20,9 +21,10 @@ from mitk.sweeps import (
     field_help,
     mean_results,
     merge_sweep,
-    read_spec_file,
     run_sweep,
 )
+from mitk.sweeps.pairs import check_pairs
+from mitk.sweeps.spec import device_problem, load_spec_file
 
 HELP = field_help()
 
@@ -39,7 +41,11 @@ EPILOG = "\n\n".join(
         "in each task (OUT on a shared filesystem), then `mitk patch --merge OUT`.",
         "Models larger than one GPU: `--device-map auto` spreads whole blocks over the visible "
         "GPUs with Hugging Face accelerate, so hooks still see whole activations.",
-        "Exit codes: 0 done, 2 bad spec, pairs or usage (nothing was run), 1 failure.",
+        "Before any work the spec, the pairs (all but their token ids against the vocabulary) "
+        "and the output targets are checked, and OUT is locked: a second run on the same OUT "
+        "(and shard) exits 2 naming the process that holds it (`mitk --lock-wait SECONDS patch "
+        "...` waits instead). A lock left by a killed run is taken over with a warning.",
+        "Exit codes: 0 done, 2 bad spec, pairs, output or usage (nothing was run), 1 failure.",
     ]
 )
 
@@ -49,6 +55,7 @@ def _opt(field: str, *names: str) -> Any:
 
 
 def patch(
+    ctx: typer.Context,
     out: Annotated[Path | None, typer.Option(help="Output folder (chunks, results).")] = None,
     spec_file: Annotated[
         Path | None, typer.Option("--spec", help="YAML or JSON spec file; flags override it.")
@@ -88,7 +95,9 @@ def patch(
     quiet: QuietOption = False,
 ) -> None:
     """Sweep activation patching over prompt pairs, sites and granularities into parquet."""
+    check_output_file(dashboard, "--dashboard")
     if merge is not None:
+        check_output_dir(merge, "--merge")
         sidecar = merge_sweep(merge, None if dashboard is None else _dashboard_writer(dashboard))
         _report({"merged": True, **_summary(sidecar)}, as_json, quiet)
         return
@@ -111,7 +120,9 @@ def patch(
         "device_map": device_map,
     }
     spec, pairs_dir = _spec(spec_file, {k: v for k, v in flags.items() if v is not None})
+    check_output_dir(out, "--out")
     where = current_shard(shard)
+    hold_output_lock(ctx, out, "--out", f"shard-{where.label()}")
     result = _run(spec, pairs_dir, out, where, dashboard, quiet)
     if where.is_main or not where.launched:  # under torchrun rank 0 speaks for all
         _report(result, as_json, quiet)
@@ -164,20 +175,34 @@ def _dashboard_writer(path: Path) -> DashboardWriter:
 
 
 def _spec(spec_file: Path | None, flags: dict[str, Any]) -> tuple[SweepSpec, Path]:
-    """The spec from the file overlaid with the flags; the folder relative pairs paths use."""
+    """The spec from the file overlaid with the flags; the folder relative pairs paths use.
+
+    The pairs are checked too (all but their token ids against the vocabulary), so a
+    malformed spec or pairs file is refused before any model loads.
+    """
     values: dict[str, Any] = {}
+    places: dict[str, str] = {}
     pairs_dir = Path()
     if spec_file is not None:
-        if not spec_file.is_file():
-            raise FileNotFoundError(f"spec file {spec_file} does not exist")
-        values = read_spec_file(spec_file)
+        loaded = load_spec_file(spec_file)
+        values, places = loaded.values, loaded.places()
         pairs_dir = spec_file.parent  # a spec's relative pairs_file sits beside it
     if "pairs_file" in flags or "pairs" in flags:
         values.pop("pairs_file", None)
         values.pop("pairs", None)
         pairs_dir = Path()  # a path on the command line is relative to where it was typed
     values.update(flags)
-    return SweepSpec.from_dict(values, source=str(spec_file or "flags")), pairs_dir
+    places.update({name: "command line" for name in flags})
+    spec = SweepSpec.from_dict(values, str(spec_file or "command line"), places)
+    problem = None if spec.device_map is not None else device_problem(spec.device)
+    if problem is not None:
+        raise ConfigError(f"{places.get('device', spec_file or 'command line')}: device: {problem}")
+    if spec.pairs_file is not None:
+        check_pairs(pairs_dir / spec.pairs_file, spec.metric)
+    else:
+        origin = places.get("pairs", "command line")
+        check_pairs(list(spec.pairs), spec.metric, where=f"{origin}: ")
+    return spec, pairs_dir
 
 
 def _inline_pair(text: str, index: int) -> Any:
@@ -185,6 +210,8 @@ def _inline_pair(text: str, index: int) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"--pair #{index + 1}: not valid JSON ({err.msg})") from err
+    except (ValueError, RecursionError) as err:  # too many digits, too deeply nested
+        raise ConfigError(f"--pair #{index + 1}: not a usable JSON value ({err})") from err
 
 
 def _split(values: list[str] | None) -> list[str] | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,8 +12,16 @@ import typer
 from mitk.atomic import atomic_write
 from mitk.checkpoint import require_checkpoint
 from mitk.cli.common import DeviceOption, DtypeOption, JsonOption, ModelOption, QuietOption, emit
-from mitk.cli.inputs import InductionOption, SeedOption, check_one_source, read_token_matrix
+from mitk.cli.inputs import (
+    MAX_SEED,
+    InductionOption,
+    SeedOption,
+    check_one_source,
+    read_token_matrix,
+)
+from mitk.cli.outputs import check_output_dir, check_output_file, hold_output_lock
 from mitk.config import json_object
+from mitk.config.field_types import check_types
 from mitk.errors import ConfigError
 from mitk.sae import ActivationStore, SAEConfig, SparseAutoencoder, evaluate, train
 from mitk.sae.distributed import current_world
@@ -21,6 +29,7 @@ from mitk.sae.files import EXACT_FILE
 from mitk.sae.saelens_format import CONFIG_FILE, WEIGHTS_FILE
 from mitk.sae.tokens import as_token_source
 from mitk.sweeps import load_named_model
+from mitk.sweeps.reading import read_text
 
 app = typer.Typer(
     help="Train and evaluate sparse autoencoders on a model's activations.",
@@ -39,10 +48,11 @@ TextOption = Annotated[
     Path | None, typer.Option("--text", help="UTF-8 text file, tokenised by the model's tokenizer.")
 ]
 SequencesOption = Annotated[
-    int, typer.Option("--n-sequences", help="How many synthetic --induction sequences.")
+    int, typer.Option("--n-sequences", min=1, help="How many synthetic --induction sequences.")
 ]
 ContextOption = Annotated[
-    int | None, typer.Option(help="Tokens per sequence (default: the source's; text: n_ctx).")
+    int | None,
+    typer.Option(min=1, help="Tokens per sequence (default: the source's; text: n_ctx)."),
 ]
 _SAVED_FILES = {WEIGHTS_FILE, CONFIG_FILE, EXACT_FILE}
 
@@ -57,15 +67,21 @@ def _token_source(
                              seed=seed)  # fmt: skip
 
 
+def _config_fields(config: Path | None) -> dict[str, Any]:
+    """The ``--config`` JSON object, each known field of its annotated type (else exit 2)."""
+    if config is None:
+        return {}
+    fields = json_object(read_text(config, "SAE config file"), str(config))
+    check_types(SAEConfig, fields, prefix=f"{config}: ")
+    return fields
+
+
 def _sae_config(
-    config: Path | None, options: dict[str, Any], d_in: int, hook: str, expansion: int | None
-) -> SAEConfig:
-    """``--config`` JSON, overridden by the options given (not None), with the hook's width."""
-    fields: dict[str, Any] = {}
-    if config is not None:
-        if not config.is_file():
-            raise FileNotFoundError(f"config file {str(config)!r} does not exist")
-        fields = json_object(config.read_text(), str(config))
+    config: Path | None, fields: dict[str, Any], options: dict[str, Any], d_in: int, hook: str,
+    expansion: int | None,
+) -> SAEConfig:  # fmt: skip
+    """``--config`` fields, overridden by the options given (not None), with the hook's width."""
+    fields = dict(fields)
     if fields.get("d_in", d_in) != d_in:
         raise ConfigError(f"{config} has d_in={fields['d_in']}, but {hook!r} is {d_in} wide")
     fields.update({name: value for name, value in options.items() if value is not None})
@@ -78,6 +94,7 @@ def _sae_config(
 
 def _check_out(out: Path) -> None:
     """Refuse early (before training) a folder ``save`` would refuse to replace."""
+    check_output_dir(out, "--out")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
     if out.is_dir():
@@ -94,6 +111,7 @@ def training_log_path(out: Path) -> Path:
 
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     model: ModelOption,
     hook: Annotated[str, typer.Option(help="Hook point to read, e.g. blocks.0.hook_resid_post.")],
     out: Annotated[Path, typer.Option(help="Folder to save the trained SAE in.")],
@@ -101,7 +119,9 @@ def train_command(
     text: TextOption = None,
     induction: InductionOption = None,
     n_sequences: SequencesOption = 256,
-    data_seed: Annotated[int, typer.Option(help="Seed of the data order and synthetic data.")] = 0,
+    data_seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of the data order and synthetic data.")
+    ] = 0,
     context_size: ContextOption = None,
     config: Annotated[Path | None, typer.Option(help="SAEConfig JSON; options override.")] = None,
     architecture: Annotated[str | None, typer.Option(help="relu|topk|batchtopk|jumprelu")] = None,
@@ -113,15 +133,17 @@ def train_command(
     lr: Annotated[float | None, typer.Option(help="Peak Adam learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Activation rows per step.")] = None,
     total_tokens: Annotated[int | None, typer.Option(help="Activation rows in training.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the initialisation.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, max=MAX_SEED, help="Seed of the initialisation.")
+    ] = None,
     log_every: Annotated[int | None, typer.Option(help="Steps between metrics.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
     checkpoint_seconds: Annotated[
         float | None, typer.Option(help="Also checkpoint every this many seconds (0: off).")
     ] = None,
     normalize: Annotated[bool, typer.Option(help="Scale inputs to mean norm sqrt(d_in).")] = True,
-    model_batch_size: Annotated[int, typer.Option(help="Sequences per model forward.")] = 32,
-    buffer_batches: Annotated[int, typer.Option(help="Batches per shuffled chunk.")] = 32,
+    model_batch_size: Annotated[int, typer.Option(min=1, help="Sequences per model forward.")] = 32,
+    buffer_batches: Annotated[int, typer.Option(min=1, help="Batches per shuffled chunk.")] = 32,
     activation_cache: Annotated[
         Path | None, typer.Option(help="Cache activation chunks here (safetensors shards).")
     ] = None,
@@ -148,6 +170,15 @@ def train_command(
     if resume and checkpoint_dir is not None:
         require_checkpoint(checkpoint_dir)  # before any work: nothing to resume is an input error
     _check_out(out)
+    log_path = training_log_path(out) if log_csv else None
+    check_output_file(log_path, "--log-csv")
+    check_output_dir(checkpoint_dir, "--checkpoint-dir")
+    check_output_dir(activation_cache, "--activation-cache")
+    file_fields = _config_fields(config)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes these
+        for target, option in ((out, "--out"), (checkpoint_dir, "--checkpoint-dir")):
+            if target is not None:
+                hold_output_lock(ctx, target, option)
     net = load_named_model(model, device, dtype)
     data = _token_source(net, tokens, text, induction, n_sequences, data_seed)
     options = {
@@ -156,15 +187,14 @@ def train_command(
         "total_tokens": total_tokens, "seed": seed, "log_every": log_every,
         "checkpoint_every": checkpoint_every, "checkpoint_seconds": checkpoint_seconds,
     }  # fmt: skip
-    file_batch = _batch_size_in(config)
+    file_batch = file_fields.get("batch_size", SAEConfig.__dataclass_fields__["batch_size"].default)
     store = ActivationStore(
         net, hook, data, batch_size=batch_size or file_batch, context_size=context_size,
         model_batch_size=model_batch_size, buffer_batches=buffer_batches, normalize=normalize,
         cache_dir=activation_cache, seed=data_seed,
     )  # fmt: skip
     hook_name = store.hook_names[0]
-    cfg = _sae_config(config, options, store.d_in[hook_name], hook_name, expansion)
-    log_path = training_log_path(out) if log_csv else None
+    cfg = _sae_config(config, file_fields, options, store.d_in[hook_name], hook_name, expansion)
     result = train(cfg, store, checkpoint_dir=checkpoint_dir, resume=resume,
                    progress=not (quiet or as_json), log_csv=log_path, device=device)  # fmt: skip
     world = current_world()
@@ -195,18 +225,6 @@ def train_command(
     emit(summary, as_json, quiet, lines)
 
 
-def _batch_size_in(config: Path | None) -> int:
-    """The store's batch size when no --batch-size is given: the config file's, or the default."""
-    default = SAEConfig.__dataclass_fields__["batch_size"].default
-    if config is None or not config.is_file():
-        return int(default)  # type: ignore[arg-type]
-    try:
-        value = json.loads(config.read_text()).get("batch_size", default)
-    except (json.JSONDecodeError, AttributeError):
-        return int(default)  # type: ignore[arg-type]  # _sae_config reports the bad file
-    return int(value)
-
-
 @app.command("eval")
 def eval_command(
     sae: Annotated[Path, typer.Option(help="SAE folder (mitk or SAELens format).")],
@@ -218,7 +236,7 @@ def eval_command(
     seed: SeedOption = 0,
     context_size: ContextOption = None,
     hook: Annotated[str | None, typer.Option(help="Hook to splice at (default: SAE's).")] = None,
-    sequences_per_batch: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
+    sequences_per_batch: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 8,
     out: Annotated[Path | None, typer.Option(help="Write the metrics to this parquet.")] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
@@ -231,6 +249,7 @@ def eval_command(
     at its hook, and with the hook zero-ablated; the reconstruction metrics
     come from the spliced runs.
     """
+    check_output_file(out, "--out")
     net = load_named_model(model, device, dtype)
     autoencoder = SparseAutoencoder.load(sae, device=device)
     data = _token_source(net, tokens, text, induction, n_sequences, seed)

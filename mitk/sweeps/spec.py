@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import torch
+
 from mitk.analysis.patching import ALL_GRANULARITIES, SITES
 from mitk.config.field_types import describe, matches
 from mitk.errors import ConfigError, InputFileError, UnknownHookError
@@ -95,6 +97,8 @@ class SweepSpec:
         _choice("direction", self.direction, DIRECTIONS)
         _choice("align", self.align, ALIGNMENTS)
         _choice("dtype", self.dtype, DTYPES)
+        if (problem := device_problem(self.device, available=False)) is not None:
+            raise SpecFieldError("device", f"device: {problem}")
         if self.device_map not in (None, "auto"):
             raise SpecFieldError(
                 "device_map", f"device_map must be 'auto' or unset, got {self.device_map!r}"
@@ -180,6 +184,33 @@ def _choice(name: str, value: Any, choices: tuple[str, ...], field: str | None =
     if value not in choices:
         message = f"{name} must be one of {', '.join(choices)}; got {short_repr(value)}"
         raise SpecFieldError(field or name, message)
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def device_problem(text: str, available: bool = True) -> str | None:
+    """Why ``text`` is no device to run on (None when it is one).
+
+    ``available``: also require this machine to have it (a spec written on a GPU
+    machine is still read, e.g. to merge its results, where there is none).
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{short_repr(text)} is not a torch device (e.g. cpu, cuda, cuda:1)"
+    if device.type not in DEVICE_TYPES:
+        return f"{short_repr(text)}: mitk runs on {', '.join(DEVICE_TYPES)}"
+    if not available or device.type == "cpu":
+        return None
+    if device.type == "mps":
+        return None if torch.backends.mps.is_available() else "no MPS device is available"
+    count = torch.cuda.device_count()
+    if count == 0:
+        return f"{short_repr(text)}: no CUDA device is available"
+    if device.index is not None and device.index >= count:
+        return f"{short_repr(text)}: this machine has {count} CUDA device(s)"
+    return None
 
 
 @cache
@@ -288,6 +319,7 @@ __all__ = [
     "SpecFieldError",
     "SpecFile",
     "SweepSpec",
+    "device_problem",
     "field_help",
     "load_spec_file",
     "read_spec_file",

@@ -4,9 +4,9 @@ Layout of ``OUT``::
 
     manifest.json          spec, fingerprint, unit count (written once, then checked)
     chunks/unit-000000.parquet ...
-    hashes/manifest.json.json, hashes/unit-000000.parquet.json ...
-                           size and sha256 of each (``mitk.integrity`` ledgers)
     timings/shard-0-of-1.json  what each shard ran and how long it took
+    hashes/manifest.json.json, hashes/unit-000000.parquet.json ...
+                           size and sha256 of each file above (``mitk.integrity`` ledgers)
     results.parquet        the merged table (``merge``), results.json beside it
 
 A chunk is written to a temporary file, its hash recorded, then renamed, so it
@@ -25,7 +25,7 @@ import warnings
 
 import pandas as pd
 
-from mitk.atomic import atomic_write, atomic_write_text, remove_leftovers
+from mitk.atomic import atomic_write, remove_leftovers
 from mitk.errors import ConfigError, MitkError
 from mitk.integrity import CorruptFileError, IntegrityWarning, verify, write_ledger
 from mitk.sweeps.units import Unit
@@ -145,17 +145,28 @@ class ChunkStore:
         """Append one run's timing record to this shard's timing file."""
         path = self.timing_dir / f"shard-{label}.json"
         self._remove_leftovers([path])
-        runs = json.loads(path.read_text()) if path.exists() else []
-        atomic_write_text(path, json.dumps([*runs, record], indent=2))
+        exists = path.exists() or self.ledger(path).exists()
+        text = json.dumps([*(self._timing_runs(path) if exists else []), record], indent=2)
+        self._write_recorded(path, lambda temp: temp.write_bytes(text.encode()))
 
     def timings(self) -> dict[str, Any]:
         """Every shard's timing records, by shard label."""
         if not self.timing_dir.is_dir():
             return {}
         return {
-            p.stem.removeprefix("shard-"): json.loads(p.read_text())
+            p.stem.removeprefix("shard-"): self._timing_runs(p)
             for p in sorted(self.timing_dir.glob("shard-*.json"))
         }
+
+    def _timing_runs(self, path: Path) -> list[Any]:
+        """A shard's timing records; a damaged file warns and counts as none (they only inform)."""
+        try:
+            verify(self.ledger(path), {path.name: path})
+        except CorruptFileError as err:
+            warnings.warn(f"{err}; its timing records are dropped", IntegrityWarning,
+                          stacklevel=3)  # fmt: skip
+            return []
+        return list(json.loads(path.read_text()))
 
     def missing(self, n_units: int) -> list[int]:
         """Indices of units without a chunk."""

@@ -102,6 +102,17 @@ def test_chunks_without_any_manifest_are_not_adopted(out: Path, model: HookedTra
     assert not store.manifest_path.exists()
 
 
+def test_a_damaged_timing_file_is_dropped_with_a_warning(
+    out: Path, model: HookedTransformer, uninterrupted: pd.DataFrame
+) -> None:
+    timing = ChunkStore(out).timing_dir / "shard-0-of-1.json"
+    timing.write_bytes(b"\x00 garbage")
+    with pytest.warns(IntegrityWarning, match=rf"{timing.name}: .*timing records are dropped"):
+        run = run_sweep(model, SPEC, out, progress=False)
+    assert run.sidecar is not None and len(run.sidecar["timings"]["shards"]["0-of-1"]) == 1
+    pd.testing.assert_frame_equal(run.results(), uninterrupted)
+
+
 def test_the_cli_merge_of_a_damaged_manifest_exits_2(
     out: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

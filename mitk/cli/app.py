@@ -13,10 +13,11 @@ bad input.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 import json
 import sys
 import traceback
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -81,6 +82,12 @@ app.add_typer(sae.app, name="sae")
 app.command("dashboard")(dashboard.dashboard)
 
 
+@cache
+def command() -> Any:
+    """The parser typer builds from ``app``, built once (tests run many command lines)."""
+    return typer.main.get_command(app)
+
+
 def exit_code(error: BaseException) -> int:
     """The exit code ``EXIT_CODES`` gives ``error``: 2 for bad input, 1 for a failure."""
     return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)
@@ -94,7 +101,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     SETTINGS.reset()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        done = app(args=args, prog_name="mitk", standalone_mode=False)
+        done = command()(args=args, prog_name="mitk", standalone_mode=False)
     except typer.Exit as stop:
         return stop.exit_code
     except typer.TyperException as usage:  # bad options or arguments: the parser's code (2)

@@ -133,6 +133,7 @@ def read_prompts(
         found = Prompts(tokens, None if full else mask, None, None, f"{len(prompt)} prompt(s)")
     elif tokens_file is not None:
         found = _read_token_file(tokens_file)
+        _check_vocabulary(found, tokens_file, model.cfg.d_vocab)
     else:
         assert induction is not None
         probe = _induction_tokens(model, induction, n_prompts, seed)
@@ -238,6 +239,15 @@ def _read_token_file(path: Path) -> Prompts:
         tokens, mask, _optional_ids(answers, path, "answer"), _optional_ids(wrongs, path, "wrong"),
         f"{len(rows)} prompt(s) from {path.name}",
     )  # fmt: skip
+
+
+def _check_vocabulary(found: Prompts, path: Path, d_vocab: int) -> None:
+    """``InvalidTokensError`` naming the file for an id outside ``[0, d_vocab)``."""
+    for name, ids in (("tokens", found.tokens), ("answer", found.answers), ("wrong", found.wrong)):
+        if ids is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < d_vocab:
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise InvalidTokensError(f"{path}: {name} id {bad} is outside the vocabulary "
+                                     f"[0, {d_vocab})")  # fmt: skip
 
 
 def _is_id(value: Any) -> bool:

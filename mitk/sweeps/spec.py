@@ -258,8 +258,9 @@ def load_spec_file(path: Path) -> SpecFile:
     import yaml  # JSON is YAML too, so one parser reads both
 
     text = read_text(path, "spec file", MAX_SPEC_BYTES)
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader already refuses control characters
         node = loader.get_single_node()
         values = None if node is None else loader.construct_document(node)
     except yaml.MarkedYAMLError as err:
@@ -267,14 +268,16 @@ def load_spec_file(path: Path) -> SpecFile:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = err.problem or err.context or "unreadable"
         raise InputFileError(f"{where}: not valid YAML/JSON: {problem}") from err
-    except yaml.YAMLError as err:
-        raise InputFileError(f"{path}: not valid YAML/JSON: {err}") from err
+    except yaml.YAMLError as err:  # e.g. a control character, at a position, not a line
+        problem = str(err).splitlines()[0]
+        raise InputFileError(f"{path}: not valid YAML/JSON: {problem}") from err
     except RecursionError:
         raise InputFileError(f"{path}: nested too deeply to be a spec") from None
     except ValueError as err:  # e.g. an integer of more digits than Python converts
         raise InputFileError(f"{path}: not a usable YAML/JSON value: {err}") from err
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(values, dict):
         raise InputFileError(f"{path}: a spec file holds one mapping of field: value, "
                              f"not {short_repr(values)}")  # fmt: skip

@@ -48,7 +48,8 @@ def found_models(search: list[Path]) -> list[dict[str, Any]]:
     rows = []
     for folder in search:
         if not folder.is_dir():
-            raise FileNotFoundError(f"--search folder {str(folder)!r} does not exist")
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise FileNotFoundError(f"--search folder {str(folder)!r} {what}")
         for directory in _under(folder, _SEARCH_DEPTH):
             if (model_type := _model_type(directory)) is not None:
                 rows.append({"name": directory.name, "path": str(directory),

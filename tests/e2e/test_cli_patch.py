@@ -216,6 +216,9 @@ def test_text_pairs_from_csv_with_a_tokenizer(gpt2_dir: Path, tmp_path: Path) ->
             '{"clean": [0, 1, 2], "corrupted": [0, 2], "answer": 1, "wrong_answer": 2}\n',
             "pairs.jsonl:1: field 'corrupted': 2 tokens but 'clean' has 3",
         ),
+        ({"batch_size": 2.5}, None, "spec.json:1: batch_size: expected an int, got 2.5"),
+        ({"layers": ["a"]}, None, "spec.json:1: layers[0]: expected an int, got 'a'"),
+        ({}, "\x00\x01binary", "pairs.jsonl:1: holds a NUL byte: a binary file"),
     ],
 )
 def test_bad_input_exits_2_before_any_work(

@@ -26,13 +26,17 @@ from typing import Any
 
 import typer
 
-from mitk.errors import OutputLockedError
+from mitk.errors import OutputLockedError, OutputPathError
 
 POLL_SECONDS = 0.2
 
 
 def lock_path(target: Path, name: str = "") -> Path:
-    """The lock file of ``target``: hidden, beside it (``name`` tells shards apart)."""
+    """The lock file of ``target``: hidden, beside it (``name`` tells shards apart).
+
+    The path is resolved first, so ``.`` and a symlink to the same folder share one lock.
+    """
+    target = target.resolve()
     suffix = f".{name}" if name else ""
     return target.parent / f".{target.name}{suffix}.lock"
 
@@ -47,8 +51,13 @@ def output_lock(
     naming its pid, host, start time and command. The lock file is removed on exit.
     """
     path = lock_path(target, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, target, option, time.monotonic() + wait_seconds)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, target, option, time.monotonic() + wait_seconds)
+    except OSError as err:
+        raise OutputPathError(
+            f"{option} {target}: cannot create its lock file {path} ({err.strerror or err})"
+        ) from err
     try:
         previous = _holder(fd)
         if previous:  # its process ended without removing the file: killed, or crashed

@@ -61,6 +61,10 @@ def test_a_second_holder_is_refused_by_pid_and_the_lock_file_goes(tmp_path: Path
     assert not lock_path(out).exists()
     with output_lock(out, "--out"):  # free again
         pass
+    (tmp_path / "file").write_text("")
+    unusable = pytest.raises(OutputPathError, match="cannot create its lock file")
+    with unusable, output_lock(tmp_path / "file" / "out", "--out"):
+        pass
 
 
 def test_waiting_for_the_lock(tmp_path: Path) -> None:

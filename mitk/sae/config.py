@@ -194,10 +194,13 @@ class SAEConfig(JsonConfig):
     def unit_norm_decoder(self) -> bool:
         """True where the method keeps decoder rows at unit norm (all but the L1 ReLU SAE).
 
-        The L1 ReLU and gated SAEs instead weight their penalty by each row's
-        norm, which removes the incentive to shrink latents by growing decoder rows.
+        The L1 ReLU SAE instead weights its penalty by each row's norm, which
+        removes the incentive to shrink latents by growing decoder rows. Gated
+        SAEs keep unit rows, as Rajamanoharan et al. do: their auxiliary loss
+        decodes through a frozen decoder, so free rows would shrink under the
+        penalty with nothing to restore them, and every gate would open.
         """
-        return self.architecture not in ("relu", "gated")
+        return self.architecture != "relu"
 
     @property
     def total_steps(self) -> int:

@@ -35,7 +35,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "relu-skip-transcoder": ("relu", SKIP),
     "topk-skip-transcoder": ("topk", SKIP),
     "batchtopk-transcoder": ("batchtopk", TRANSCODER),
-    "jumprelu-skip-transcoder": ("jumprelu", SKIP),
+    # a narrow kernel: no entry within it, so the oracle needs no pseudo-derivative
+    "jumprelu-skip-transcoder": ("jumprelu", {**SKIP, "jumprelu_bandwidth": 1e-6}),
 }
 
 

@@ -7,6 +7,7 @@ activations; ``evaluate`` measures it, ``spliced`` puts it into a model.
 
 from mitk.sae.autoencoder import SAEOutput, SparseAutoencoder
 from mitk.sae.chunks import CachedActivations
+from mitk.sae.collapse import CollapseError, CollapseWarning
 from mitk.sae.config import SAEConfig
 from mitk.sae.evaluate import SAEEvaluation, evaluate
 from mitk.sae.features import (
@@ -29,6 +30,8 @@ __all__ = [
     "ActivationSource",
     "ActivationStore",
     "CachedActivations",
+    "CollapseError",
+    "CollapseWarning",
     "LatentExamples",
     "LatentStatistics",
     "LogitEffects",

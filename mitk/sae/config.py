@@ -20,8 +20,10 @@ class SAEConfig(JsonConfig):
 
     Frozen, validated on construction, and JSON round-trips (``to_json`` /
     ``from_json``). Fields left at -1 take the architecture's published
-    default (see each field). Coefficients assume activations normalised to a
-    mean norm of ``sqrt(d_in)`` (the store's ``normalize=True``).
+    default or a value scaled to the run (see each field; ``peak_lr`` and
+    ``dead_window`` resolve them, so ``replace`` rescales). Coefficients assume
+    activations normalised to a mean norm of ``sqrt(d_in)``, which every
+    activation source does by default.
     """
 
     d_in: int
@@ -37,23 +39,33 @@ class SAEConfig(JsonConfig):
     """``matryoshka_batchtopk``: increasing prefix widths, the last equal to ``d_sae``; each
     prefix of the dictionary reconstructs on its own. Empty means ``d_sae/8, /4, /2, d_sae``."""
     l1_coefficient: float = 5.0
-    """``relu``: weight of the sparsity penalty sum_i f_i * ||W_dec[i]||."""
-    l0_coefficient: float = 1e-3
-    """``jumprelu``: weight of the L0 penalty (per row, summed over latents)."""
-    jumprelu_bandwidth: float = 1e-3
+    """``relu``/``gated``: weight of the penalty sum_i f_i * ||W_dec[i]|| (Anthropic's
+    April 2024 recipe, for inputs normalised to mean norm sqrt(d_in))."""
+    l0_coefficient: float = 3.0
+    """``jumprelu``: weight of the L0 penalty (per row, summed over latents).
+
+    The JumpReLU defaults (3.0, bandwidth 0.25, initial threshold 1.0) are for
+    normalised inputs, where a row's interference on any latent is O(1) and an
+    active latent's value a few units: thresholds start near where they end,
+    which short runs need (they are learnt in log space, slowly). Measured on
+    ground truth in ``bench/sae_defaults.py``."""
+    jumprelu_bandwidth: float = 0.25
     """``jumprelu``: width of the rectangle kernel of the straight-through estimator."""
-    jumprelu_init_threshold: float = 1e-3
+    jumprelu_init_threshold: float = 1.0
     """``jumprelu``: initial threshold of every latent."""
     aux_k: int = -1
     """``topk``/``batchtopk``: latents AuxK revives per row; -1 means ``min(d_in // 2, d_sae)``."""
     aux_coefficient: float = 1 / 32
     """``topk``/``batchtopk``: weight of the AuxK dead-latent loss."""
-    dead_after_tokens: int = 10_000_000
-    """A latent that has not fired for this many training rows counts as dead (AuxK, metrics)."""
+    dead_after_tokens: int = -1
+    """A latent that has not fired for this many training rows counts as dead (AuxK, metrics).
+
+    -1 means Gao et al.'s 10M rows, shortened to a tenth of the run (at least one
+    batch) so short runs see their dead latents; never longer than the run."""
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of rows counts as dense (metrics)."""
-    lr: float = 3e-4
-    """Peak Adam learning rate."""
+    lr: float = -1.0
+    """Peak Adam learning rate; -1 scales it with the dictionary size (``default_lr``)."""
     adam_beta1: float = 0.9
     """Adam's first-moment decay."""
     adam_beta2: float = 0.999
@@ -95,6 +107,12 @@ class SAEConfig(JsonConfig):
     """Steps between atomic checkpoints, when a checkpoint directory is given (and at the end)."""
     checkpoint_seconds: float = 300.0
     """Also checkpoint at the first log step this many seconds after the last one (0: off)."""
+    collapse_l0_floor: float = 0.1
+    """After warm-up, a logged L0 (mean active latents per row) below this counts as collapse."""
+    collapse_fvu_ceiling: float = 0.99
+    """After warm-up, a logged FVU above this counts as collapse (nothing is reconstructed)."""
+    stop_on_collapse: bool = False
+    """Stop a collapsed run with ``CollapseError`` instead of warning and going on."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: fill the derived defaults once, here
@@ -119,21 +137,31 @@ class SAEConfig(JsonConfig):
         )
         self._validate_dictionary_shape()
         for name in ("log_every", "checkpoint_every", "dead_after_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value <= 0 and not (name == "dead_after_tokens" and value == -1):
+                raise ConfigError(
+                    f"{name} must be positive (or -1: scaled to the run), got {value!r}"
+                )
+        if self.dead_after_tokens > self.total_tokens:
+            raise ConfigError(
+                f"dead_after_tokens={self.dead_after_tokens} is longer than the run "
+                f"(total_tokens={self.total_tokens}): no latent could ever count as dead; "
+                "leave it at -1 to scale it to the run"
+            )
         if self.uses_k and self.k > self.d_sae:
             raise ConfigError(f"k={self.k} exceeds d_sae={self.d_sae}")
         if self.total_tokens < self.batch_size:
             raise ConfigError(
                 f"total_tokens={self.total_tokens} is less than one batch ({self.batch_size})"
             )
-        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient", "grad_clip",
-                     "checkpoint_seconds"):  # fmt: skip
+        for name in _NON_NEGATIVE:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
         for name in ("lr", "jumprelu_bandwidth", "jumprelu_init_threshold", "decoder_init_norm"):
             value = getattr(self, name)
+            if name == "lr" and value == -1.0:
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
         for name in ("adam_beta1", "adam_beta2", "dense_threshold"):
@@ -203,11 +231,44 @@ class SAEConfig(JsonConfig):
         return self.architecture != "relu"
 
     @property
+    def peak_lr(self) -> float:
+        """The learning rate training uses: ``lr``, or ``default_lr(d_sae)`` when it is -1."""
+        return default_lr(self.d_sae) if self.lr == -1.0 else self.lr
+
+    @property
+    def dead_window(self) -> int:
+        """Rows without firing after which a latent counts as dead (resolves -1)."""
+        if self.dead_after_tokens != -1:
+            return self.dead_after_tokens
+        return min(DEAD_AFTER_TOKENS, max(self.batch_size, self.total_tokens // 10))
+
+    @property
     def total_steps(self) -> int:
         """Optimiser steps in the run: ``total_tokens // batch_size``."""
         return self.total_tokens // self.batch_size
 
 
+DEAD_AFTER_TOKENS = 10_000_000
+"""Gao et al.'s window for dead latents, the default for runs of 100M rows or more."""
+LR_REFERENCE = (2e-4, 2**14)
+"""Gao et al. (2024): learning rate 2e-4 at 16,384 latents, scaling as ``1/sqrt(d_sae)``."""
+
+
+def default_lr(d_sae: int) -> float:
+    """The learning rate for a dictionary of ``d_sae`` latents: ``2e-4 * sqrt(2**14 / d_sae)``.
+
+    Gao et al. ("Scaling and evaluating sparse autoencoders", 2024) fit the best
+    learning rate of TopK SAEs as falling with the square root of the number of
+    latents; mitk applies the same rule to every architecture (Adam's step size
+    per latent is what it controls, whatever picks the active latents), capped
+    at 1e-2 for tiny dictionaries.
+    """
+    base, at = LR_REFERENCE
+    return min(1e-2, base * math.sqrt(at / d_sae))
+
+
+_NON_NEGATIVE = ("l1_coefficient", "l0_coefficient", "aux_coefficient", "grad_clip",
+                 "checkpoint_seconds", "collapse_l0_floor", "collapse_fvu_ceiling")  # fmt: skip
 _CHOICES: dict[str, Any] = {
     "architecture": Architecture,
     "b_dec_init": DecoderBiasInit,

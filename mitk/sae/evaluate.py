@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import math
 from typing import Protocol, runtime_checkable
+import warnings
 
 import pandas as pd
 import torch
@@ -19,6 +20,7 @@ from mitk.errors import ConfigError, UnknownHookError
 from mitk.hooks import HookPoint
 from mitk.model import HookedTransformer
 from mitk.sae.autoencoder import SparseAutoencoder
+from mitk.sae.collapse import CollapseWarning
 from mitk.sae.metrics import ReconstructionStats
 from mitk.sae.splice import Splice, resolve_hook_name, spliced
 from mitk.shapes import Bool, Float, Int
@@ -114,6 +116,8 @@ def evaluate(
       ``activations`` the reconstruction metrics come from the activations of
       that same spliced forward (real tokens only).
     Raises ``ConfigError`` when neither is given or only one of model/tokens is.
+    An SAE none of whose latents fires is flagged in ``notes`` and warned about
+    (``CollapseWarning``).
     """
     if (model is None) != (tokens is None):
         raise ConfigError("pass both model= and tokens= to measure the loss, or neither")
@@ -143,6 +147,12 @@ def evaluate(
                       ce_loss_increase=spliced_loss - clean)  # fmt: skip
     if stats.rows == 0:
         raise ConfigError("the evaluation set holds no activation rows")
+    if stats.dead_fraction() == 1.0:
+        notes.append(
+            f"all {sae.cfg.d_sae} latents are dead on these {stats.rows} rows (none fired): "
+            "the SAE collapsed in training or reads activations of another scale or hook"
+        )
+        warnings.warn(f"evaluate: {notes[-1]}", CollapseWarning, stacklevel=2)
     return SAEEvaluation(
         hook_name=name,
         rows=stats.rows,

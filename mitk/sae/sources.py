@@ -66,8 +66,10 @@ class TensorActivations:
     Pass one tensor (served under ``hook_name``) or a dict of tensors with the same
     ``n`` (rows are kept aligned across hooks). Epoch ``e = step // (n // batch_size)``
     walks a permutation seeded by ``(seed, e)``; the last ``n % batch_size`` rows of
-    each permutation are dropped. With ``normalize`` every tensor is scaled so its
-    mean row norm is ``sqrt(d_in)``. Batches stay on the tensors' device and dtype.
+    each permutation are dropped. With ``normalize`` (the default, which the
+    sparsity coefficients' defaults assume) every tensor is scaled so its mean
+    row norm is ``sqrt(d_in)``; the trainer folds the factor back into the SAE.
+    Batches stay on the tensors' device and dtype.
     Raises ``ShapeMismatchError`` for a non-2-D or non-float tensor, mismatched ``n``
     or non-finite values, and ``ConfigError`` when ``n < batch_size``.
     """
@@ -79,7 +81,7 @@ class TensorActivations:
         *,
         seed: int = 0,
         hook_name: str = "activations",
-        normalize: bool = False,
+        normalize: bool = True,
     ) -> None:
         acts = {hook_name: activations} if isinstance(activations, Tensor) else dict(activations)
         if not acts:

@@ -45,7 +45,9 @@ class ActivationStore(ChunkedSource):
     - Activations with extra axes are flattened: ``attn.hook_z`` ``[batch, pos,
       head, d_head]`` gives ``d_in = head * d_head``. Hooks without a position axis
       (attention scores and patterns) are refused.
-    - ``normalize``: batches are scaled so chunk 0's mean row norm is ``sqrt(d_in)``.
+    - ``normalize`` (default on; the sparsity defaults assume it): batches are scaled
+      so chunk 0's mean row norm is ``sqrt(d_in)``; the trainer folds the factor
+      back, so trained SAEs read raw activations.
     - ``device``/``dtype``: where batches (and the chunk in memory) live; the
       default device is the model's.
     - ``cache_dir``: chunks are read from / written to ``chunk_{c:06d}.safetensors``
@@ -68,7 +70,7 @@ class ActivationStore(ChunkedSource):
         model_batch_size: int = 32,
         buffer_batches: int = 32,
         exclude_bos: bool = True,
-        normalize: bool = False,
+        normalize: bool = True,
         cache_dir: str | Path | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,

@@ -8,10 +8,12 @@ import csv
 from dataclasses import dataclass, field
 import io
 import json
+import logging
 import math
 from pathlib import Path
 import time
 from typing import Any
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,7 @@ from mitk.atomic import atomic_write_text
 from mitk.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
 from mitk.errors import ConfigError, MitkError, ShapeMismatchError
 from mitk.sae.autoencoder import SparseAutoencoder
+from mitk.sae.collapse import FLAG, CollapseError, CollapseWarning, collapse_verdict
 from mitk.sae.config import SAEConfig
 from mitk.sae.distributed import World, current_world
 from mitk.sae.geometric_median import geometric_median
@@ -28,6 +31,7 @@ from mitk.sae.losses import LossParts, sae_loss
 from mitk.sae.metrics import ReconstructionStats
 from mitk.sae.sources import ActivationSource, TensorActivations
 
+_log = logging.getLogger("mitk.sae")
 THRESHOLD_EMA = 0.99  # BatchTopK: smoothing of the inference-threshold estimate
 # config fields that change when checkpoints are written, not what is trained: a resume may differ
 SCHEDULE_FIELDS = ("checkpoint_every", "checkpoint_seconds")
@@ -132,7 +136,7 @@ def train(
     target = torch.device(device) if device is not None else torch.device("cpu")
     state = _TrainingState([SparseAutoencoder(c) for c in cfgs]).to(target)
     optimizer = torch.optim.Adam(
-        {"params": list(sae.parameters()), "lr": c.lr, "betas": (c.adam_beta1, c.adam_beta2)}
+        {"params": list(sae.parameters()), "lr": c.peak_lr, "betas": (c.adam_beta1, c.adam_beta2)}
         for sae, c in zip(state.models, cfgs, strict=True)
     )
     meta: dict[str, Any] = {"configs": [c.to_dict() for c in cfgs], "source": source.fingerprint()}
@@ -169,9 +173,9 @@ def train(
             if c.is_transcoder:
                 y = batch[c.target_hook_name][rows].to(target, sae.W_enc.dtype)
                 _check_finite(y, f"activations of {c.target_hook_name!r}", step, directory)
-            optimizer.param_groups[i]["lr"] = c.lr * _lr_factor(step, c)
+            optimizer.param_groups[i]["lr"] = c.peak_lr * _lr_factor(step, c)
             idle = state.idle_steps(i)
-            dead = idle * c.batch_size >= c.dead_after_tokens
+            dead = idle * c.batch_size >= c.dead_window
             warm = _warmup(step, c.sparsity_warmup_fraction, c)
             part = sae_loss(sae, x, warm, dead, target=y if c.is_transcoder else None)
             _check_finite(part.loss.detach(), f"the loss of {labels[i]!r}", step, directory)
@@ -199,7 +203,12 @@ def train(
         if logged:
             record = _record(done, cfgs, labels, parts, window, state, optimizer, world)
             history.append(record)
+            stop = _judge_collapse(cfgs, labels, history, source, world)
             logger.log(history)
+            if stop is not None:
+                logger.close()
+                kept = f"; the last checkpoint in {directory} is kept" if directory else ""
+                raise CollapseError(f"{stop} (stop_on_collapse=True stopped the run{kept})")
             window = [ReconstructionStats(c.d_out, c.d_sae) for c in cfgs]
             bar.set_postfix(_postfix(record, labels[0]))
         if directory is not None and _checkpoint_due(schedule, done, logged, world, target):
@@ -235,6 +244,30 @@ def run_labels(cfgs: Sequence[SAEConfig]) -> list[str]:
 
 def _target_hook(c: SAEConfig) -> str:
     return c.target_hook_name if c.is_transcoder else c.hook_name
+
+
+def _judge_collapse(
+    cfgs: list[SAEConfig],
+    labels: list[str],
+    history: list[dict[str, Any]],
+    source: ActivationSource,
+    world: World,
+) -> str | None:
+    """Flag collapsed dictionaries in the last record; warn, or return why the run must stop."""
+    record, stop = history[-1], None
+    for c, label in zip(cfgs, labels, strict=True):
+        flagged = any(r.get(f"{label}/{FLAG}") for r in history[:-1])
+        why = collapse_verdict(c, label, history, source.scale(c.hook_name))
+        record[f"{label}/{FLAG}"] = float(flagged or why is not None)
+        if why is None:
+            continue
+        if c.stop_on_collapse:
+            stop = stop or why
+        elif world.is_main:
+            _log.warning(why)
+            warnings.warn(CollapseWarning(f"{why} (stop_on_collapse=True would stop here)"),
+                          stacklevel=3)  # fmt: skip
+    return stop
 
 
 def _checkpoint_due(
@@ -371,7 +404,7 @@ def _record(
             f"{prefix}/l0": stats.l0,
             f"{prefix}/fvu": stats.fvu,
             f"{prefix}/dead_fraction": float(
-                (idle * c.batch_size >= c.dead_after_tokens).double().mean()
+                (idle * c.batch_size >= c.dead_window).double().mean()
             ),
             f"{prefix}/dense_fraction": stats.dense_fraction(c.dense_threshold),
             f"{prefix}/lr": optimizer.param_groups[i]["lr"],

@@ -10,6 +10,7 @@ import torch
 
 from mitk import HookedTransformer
 from mitk.errors import ConfigError, ShapeMismatchError, UnknownHookError
+from mitk.sae.collapse import CollapseWarning
 from mitk.sae.evaluate import SAEEvaluation, evaluate
 from mitk.sae.splice import spliced
 from tests.unit.sae.test_splice import RESID, perfect_sae, relu_sae
@@ -124,7 +125,9 @@ def test_zero_sae_recovers_nothing(tiny: HookedTransformer, tokens: torch.Tensor
     with torch.no_grad():
         for param in sae.parameters():
             param.zero_()
-    result = evaluate(sae, model=tiny, tokens=tokens % tiny.cfg.d_vocab)
+    with pytest.warns(CollapseWarning, match="all 48 latents are dead"):
+        result = evaluate(sae, model=tiny, tokens=tokens % tiny.cfg.d_vocab)
+    assert any("all 48 latents are dead" in note for note in result.notes)
     assert result.ce_loss_spliced == pytest.approx(result.ce_loss_zero_ablated, abs=1e-6)
     assert result.ce_loss_recovered == pytest.approx(0.0, abs=1e-3)
     assert result.fvu >= 1.0  # x_hat = 0 leaves at least all the variance
@@ -138,7 +141,8 @@ def test_recovered_is_nan_when_zero_ablation_changes_nothing(tiny: HookedTransfo
     with torch.no_grad():
         for param in mlp.parameters():
             param.zero_()
-    result = evaluate(relu_sae(32, 48, hook), model=tiny, tokens=tokens)
+    with pytest.warns(CollapseWarning):  # a zero MLP output fires no latent either
+        result = evaluate(relu_sae(32, 48, hook), model=tiny, tokens=tokens)
     assert result.ce_loss_zero_ablated == result.ce_loss_clean
     assert math.isnan(result.ce_loss_recovered or 0.0)
     assert any("ce_loss_recovered is NaN" in note for note in result.notes)

@@ -47,7 +47,9 @@ def seqs() -> Tensor:
 
 
 def small_store(model: HookedTransformer, tokens: object, **kwargs: object) -> ActivationStore:
-    settings: dict = {"batch_size": 16, "buffer_batches": 4, "model_batch_size": 3, **kwargs}
+    # raw activations unless a test asks: most tests compare rows with a plain forward
+    settings: dict = {"batch_size": 16, "buffer_batches": 4, "model_batch_size": 3,
+                      "normalize": False, **kwargs}  # fmt: skip
     return ActivationStore(model, settings.pop("hooks", RESID), tokens, **settings)  # type: ignore[arg-type]
 
 
@@ -255,7 +257,8 @@ def test_text_file_rows_start_with_bos(tmp_path: Path) -> None:
 def test_text_file_store_excludes_bos(gpt2: HookedTransformer, tmp_path: Path) -> None:
     write_text(tmp_path / "t.txt", 120)
     store = ActivationStore(gpt2, "blocks.0.hook_resid_pre", tmp_path / "t.txt", context_size=8,
-                            batch_size=14, buffer_batches=2, model_batch_size=4)  # fmt: skip
+                            batch_size=14, buffer_batches=2, model_batch_size=4,
+                            normalize=False)  # fmt: skip
     assert store.bos_token_id == 0 and store.sequences_per_chunk == 4  # 28 rows, 7 per sequence
     used = store.tokens.sequences(store.sequence_indices(0))
     reference = direct(gpt2, used, "blocks.0.hook_resid_pre").reshape(4, 8, -1)
@@ -263,7 +266,7 @@ def test_text_file_store_excludes_bos(gpt2: HookedTransformer, tmp_path: Path) -
     assert sorted(match_rows(rows, reference[:, 1:].reshape(28, -1)).tolist()) == list(range(28))
     keep_bos = ActivationStore(gpt2, "blocks.0.hook_resid_pre", tmp_path / "t.txt",
                                context_size=8, batch_size=14, buffer_batches=2,
-                               exclude_bos=False)  # fmt: skip
+                               exclude_bos=False, normalize=False)  # fmt: skip
     assert keep_bos.sequences_per_chunk == 4
     assert torch.cdist(keep_bos.chunk(0)["blocks.0.hook_resid_pre"], reference[:1, 0]).min() < 1e-5
 
@@ -325,7 +328,7 @@ def test_shard_dir_errors(seqs: Tensor, tmp_path: Path) -> None:
 
 def test_tensor_activations_epochs_follow_the_seeded_permutation() -> None:
     acts = torch.randn(50, 6, generator=torch.Generator().manual_seed(0))
-    source = TensorActivations(acts, batch_size=16, seed=4)
+    source = TensorActivations(acts, batch_size=16, seed=4, normalize=False)
     assert isinstance(source, ActivationSource)
     assert source.hook_names == ("activations",) and source.d_in == {"activations": 6}
     for epoch in range(2):
@@ -333,7 +336,7 @@ def test_tensor_activations_epochs_follow_the_seeded_permutation() -> None:
         for j in range(3):  # 50 // 16 = 3 batches, 2 rows dropped
             rows = order[j * 16 : (j + 1) * 16]
             assert torch.equal(source.batch(epoch * 3 + j)["activations"], acts[rows])
-    fresh = TensorActivations(acts, batch_size=16, seed=4)
+    fresh = TensorActivations(acts, batch_size=16, seed=4, normalize=False)
     assert torch.equal(fresh.batch(4)["activations"], source.batch(4)["activations"])
     assert not torch.equal(source.batch(0)["activations"], source.batch(3)["activations"])
     json.dumps(source.fingerprint())

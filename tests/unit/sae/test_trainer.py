@@ -30,6 +30,7 @@ def config(arch: str = "topk", **kw: Any) -> SAEConfig:
         lr=3e-3, log_every=4, checkpoint_every=4, dead_after_tokens=64,
         l1_coefficient=0.1, l0_coefficient=0.05, jumprelu_init_threshold=0.05,
         jumprelu_bandwidth=0.05,
+        collapse_fvu_ceiling=10.0,  # Gaussian noise: 24 steps reconstruct next to nothing
     )  # fmt: skip
     settings.update(kw)
     return SAEConfig(**settings)

@@ -80,7 +80,7 @@ def _l0_cause(cfg: SAEConfig, input_scale: float) -> str:
         )
     if cfg.architecture == "jumprelu":
         return (
-            f"the L0 penalty (l0_coefficient={cfg.l0_coefficient:g}) or the thresholds "
+            f"the L0 penalty (l0_coefficient={cfg.l0_weight:g}) or the thresholds "
             f"(jumprelu_init_threshold={cfg.jumprelu_init_threshold:g}) are too large for this "
             f"activation scale{scale}: lower them"
         )

@@ -41,14 +41,17 @@ class SAEConfig(JsonConfig):
     l1_coefficient: float = 5.0
     """``relu``/``gated``: weight of the penalty sum_i f_i * ||W_dec[i]|| (Anthropic's
     April 2024 recipe, for inputs normalised to mean norm sqrt(d_in))."""
-    l0_coefficient: float = 3.0
-    """``jumprelu``: weight of the L0 penalty (per row, summed over latents).
+    l0_coefficient: float = -1.0
+    """``jumprelu``: weight of the L0 penalty (per row, summed over latents); -1 means
+    ``d_in / 16`` (``l0_weight``).
 
-    The JumpReLU defaults (3.0, bandwidth 0.25, initial threshold 1.0) are for
-    normalised inputs, where a row's interference on any latent is O(1) and an
-    active latent's value a few units: thresholds start near where they end,
-    which short runs need (they are learnt in log space, slowly). Measured on
-    ground truth in ``bench/sae_defaults.py``."""
+    The squared error sums over ``d_in`` coordinates of inputs normalised to
+    squared norm ~``d_in``, so the price of one more active latent must grow
+    with ``d_in`` to buy the same FVU. The bandwidth (0.25) and initial
+    threshold (1.0) suit normalised inputs, where a row's interference on any
+    latent is O(1): thresholds start near where they end, which short runs need
+    (they are learnt in log space, slowly). Measured on ground truth in
+    ``bench/sae_defaults.py``."""
     jumprelu_bandwidth: float = 0.25
     """``jumprelu``: width of the rectangle kernel of the straight-through estimator."""
     jumprelu_init_threshold: float = 1.0
@@ -156,6 +159,8 @@ class SAEConfig(JsonConfig):
             )
         for name in _NON_NEGATIVE:
             value = getattr(self, name)
+            if name == "l0_coefficient" and value == -1.0:
+                continue
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
         for name in ("lr", "jumprelu_bandwidth", "jumprelu_init_threshold", "decoder_init_norm"):
@@ -234,6 +239,11 @@ class SAEConfig(JsonConfig):
     def peak_lr(self) -> float:
         """The learning rate training uses: ``lr``, or ``default_lr(d_sae)`` when it is -1."""
         return default_lr(self.d_sae) if self.lr == -1.0 else self.lr
+
+    @property
+    def l0_weight(self) -> float:
+        """JumpReLU's L0 penalty weight: ``l0_coefficient``, or ``d_in / 16`` when it is -1."""
+        return self.d_in / 16 if self.l0_coefficient == -1.0 else self.l0_coefficient
 
     @property
     def dead_window(self) -> int:

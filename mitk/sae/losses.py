@@ -191,7 +191,7 @@ def _thresholded_loss(
         penalty = step(pre, threshold, eps).sum() / n_rows
         counts = column_counts(latents.detach() != 0)
     mse = _squared_error(recon, y)
-    coefficient = cfg.l1_coefficient if relu else cfg.l0_coefficient
+    coefficient = cfg.l1_coefficient if relu else cfg.l0_weight
     sparsity = sparsity_scale * coefficient * penalty
     # min_active feeds only BatchTopK's threshold, so it is not computed here
     no_min = x.new_tensor(float("inf"))

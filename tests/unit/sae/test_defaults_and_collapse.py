@@ -115,3 +115,12 @@ def test_several_dictionaries_on_one_hook_equal_training_each_alone() -> None:
         alone = train(cfg, x, progress=False).sae
         for name, tensor in alone.state_dict().items():
             assert torch.equal(tensor, sae.state_dict()[name]), (cfg.k, cfg.d_sae, name)
+
+
+def test_l0_weight_scales_with_the_input_width() -> None:
+    assert SAEConfig(d_in=32, d_sae=64, architecture="jumprelu").l0_weight == 2.0
+    assert SAEConfig(d_in=2048, d_sae=64, architecture="jumprelu").l0_weight == 128.0
+    explicit = SAEConfig(d_in=32, d_sae=64, architecture="jumprelu", l0_coefficient=0.5)
+    assert explicit.l0_weight == 0.5
+    with pytest.raises(ConfigError, match="l0_coefficient must be finite and >= 0"):
+        SAEConfig(d_in=32, d_sae=64, l0_coefficient=-2.0)

@@ -7,6 +7,7 @@ import math
 from typing import Any, Literal
 
 from mitk.config import JsonConfig, check_choices, check_positive_ints
+from mitk.config.field_types import check_types
 from mitk.errors import ConfigError
 
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
@@ -118,6 +119,8 @@ class SAEConfig(JsonConfig):
     """Stop a collapsed run with ``CollapseError`` instead of warning and going on."""
 
     def __post_init__(self) -> None:
+        # types first, so a JSON "lr": "fast" is a ConfigError naming the field, not a TypeError
+        check_types(type(self), {k: v for k, v in vars(self).items() if k not in _CHOICES})
         set_ = object.__setattr__  # frozen: fill the derived defaults once, here
         if self.aux_k == -1 and isinstance(self.d_in, int) and isinstance(self.d_sae, int):
             set_(self, "aux_k", max(1, min(self.d_in // 2, self.d_sae)))

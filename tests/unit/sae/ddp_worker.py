@@ -18,10 +18,10 @@ from mitk.sae.distributed import current_world
 
 
 def config(arch: str) -> SAEConfig:
-    """The run both the test and the workers train (no dead latents: AuxK is per rank)."""
+    """The run both the test and the workers train (no latent dies: AuxK is per rank)."""
     return SAEConfig(
         d_in=16, d_sae=48, architecture=arch, k=3, batch_size=64, total_tokens=64 * 12,
-        lr=3e-3, log_every=4, checkpoint_every=4, dead_after_tokens=10**9, l1_coefficient=0.1,
+        lr=3e-3, log_every=4, checkpoint_every=4, dead_after_tokens=64 * 12, l1_coefficient=0.1,
     )  # fmt: skip
 
 

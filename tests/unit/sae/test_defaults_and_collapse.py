@@ -124,3 +124,13 @@ def test_l0_weight_scales_with_the_input_width() -> None:
     assert explicit.l0_weight == 0.5
     with pytest.raises(ConfigError, match="l0_coefficient must be finite and >= 0"):
         SAEConfig(d_in=32, d_sae=64, l0_coefficient=-2.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [("lr", "fast", "lr must be"), ("k", 2.5, "k must be"), ("stop_on_collapse", 1, "stop_on"),
+     ("matryoshka_widths", ["a"], "matryoshka_widths must be"), ("hook_name", 3, "hook_name")],
+)  # fmt: skip
+def test_wrong_field_types_name_the_field(field: str, value: Any, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        SAEConfig.from_dict({"d_in": 8, "d_sae": 16, field: value})

@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
         ("patching.py", "TL bridge / mitk batched"),
         ("sweep.py", "TL loop / mitk units"),
         ("sae.py", "mitk / SAELens throughput (topk)"),
+        ("sae_dictionaries.py", "mitk / SAELens throughput"),
         ("long_context.py", "mitk fused / TL HookedTransformer (added memory)"),
         ("gpu_check.py", "mitk fused / HF sdpa"),  # on a CPU: paths, bf16 bound, timings
     ],

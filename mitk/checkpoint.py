@@ -121,6 +121,25 @@ def require_checkpoint(directory: Path) -> Path:
     )
 
 
+class CheckpointExistsError(MitkError, FileExistsError):
+    """A fresh run was pointed at a directory that holds another run's checkpoints."""
+
+
+def refuse_existing_run(directory: Path) -> None:
+    """Raise ``CheckpointExistsError`` when ``directory`` holds a checkpoint of an earlier run.
+
+    A fresh run would replace it within two saves; the last good checkpoint of a
+    killed run is exactly what must not be lost, so starting over has to be asked
+    for by emptying the directory or choosing another.
+    """
+    held = [directory / name for name in (LATEST, PREVIOUS) if (directory / name).exists()]
+    if held:
+        raise CheckpointExistsError(
+            f"{directory} holds checkpoints of an earlier run ({', '.join(p.name for p in held)}); "
+            "resume it (resume=True, --resume), or pick a new or empty checkpoint directory"
+        )
+
+
 def verify_checkpoint(folder: Path) -> None:
     """Check a checkpoint folder's files against its ``hashes.json``; else ``CorruptFileError``."""
     verify(folder / LEDGER, {name: folder / name for name in FILES})

@@ -20,7 +20,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mitk.atomic import atomic_write_text
-from mitk.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
+from mitk.checkpoint import (
+    CheckpointSchedule,
+    load_checkpoint,
+    refuse_existing_run,
+    save_checkpoint,
+)
 from mitk.errors import ConfigError, MitkError, ShapeMismatchError
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.collapse import FLAG, CollapseError, CollapseWarning, collapse_verdict
@@ -141,6 +146,8 @@ def train(
     )
     meta: dict[str, Any] = {"configs": [c.to_dict() for c in cfgs], "source": source.fingerprint()}
     start, history = 0, []
+    if directory is not None and not resume:
+        refuse_existing_run(directory)
     restored = load_checkpoint(directory, state, optimizer) if resume and directory else None
     if restored is not None:
         trained_as = [_trajectory(c) for c in restored["configs"]]

@@ -13,7 +13,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mitk.checkpoint import CheckpointSchedule, load_checkpoint, save_checkpoint
+from mitk.checkpoint import (
+    CheckpointSchedule,
+    load_checkpoint,
+    refuse_existing_run,
+    save_checkpoint,
+)
 from mitk.errors import ConfigError, MitkError
 from mitk.model import HookedTransformer
 from mitk.train.schedule import warmup_cosine
@@ -94,6 +99,8 @@ def train_language_model(
         raise ConfigError("resume=True needs the checkpoint_dir to resume from")
     optimizer = _optimizer(model, cfg)
     start, history = 0, []
+    if directory is not None and not resume:
+        refuse_existing_run(directory)
     if resume and directory is not None:
         meta = load_checkpoint(directory, model, optimizer)
         start, history = meta["step"], meta["history"]

@@ -29,6 +29,7 @@ from mitk.checkpoint import (
     LATEST,
     LEDGER,
     PREVIOUS,
+    CheckpointExistsError,
     NoCheckpointError,
     NoIntactCheckpointError,
     load_checkpoint,
@@ -318,3 +319,13 @@ def test_the_cli_exits_2_naming_the_damage_when_no_checkpoint_is_intact(
     assert "latest/model.safetensors: bytes changed in place" in err
     assert "previous/state.json: missing" in err
     assert "Traceback" not in err and not (tmp_path / "never").exists()
+
+
+def test_a_fresh_run_never_replaces_an_earlier_runs_checkpoints(checkpoints: Path) -> None:
+    before = snapshot(checkpoints)
+    with pytest.raises(CheckpointExistsError, match="resume it"):
+        train(SAE_CFG, sae_source(), checkpoint_dir=checkpoints, progress=False)
+    with pytest.raises(CheckpointExistsError, match="pick a new or empty"):
+        train_language_model(HookedTransformer(LM, seed=0), lm_batches, LM_CFG, checkpoints,
+                             progress=False)  # fmt: skip
+    assert snapshot(checkpoints) == before

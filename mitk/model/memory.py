@@ -104,13 +104,27 @@ def ensure_fits(
     GPU are counted against the same limit: the model is built on the CPU first.
     """
     parameters = parameter_count(cfg)  # counted once: the message quotes it too
-    need = estimate_bytes(cfg, parameters) + extra_bytes
+    return ensure_parameters_fit(parameters, cfg.dtype, max_memory_gb, extra_bytes=extra_bytes,
+                                 what=what)  # fmt: skip
+
+
+def ensure_parameters_fit(
+    parameters: int,
+    dtype: str,
+    max_memory_gb: float | None = None,
+    *,
+    extra_bytes: int = 0,
+    what: str = "the model",
+) -> int:
+    """``ensure_fits`` for a parameter count already known (models other than decoder stacks)."""
+    per_parameter = max(TORCH_DTYPES[dtype].itemsize, torch.float32.itemsize)
+    need = parameters * per_parameter + extra_bytes
     limit, source = memory_limit(max_memory_gb)
     if limit is not None and need > limit:
         loading = f" including {extra_bytes / GB:.2f} GB of weight files" if extra_bytes else ""
         raise ModelTooLargeError(
             f"{what} needs about {need / GB:.2f} GB ({parameters:,} parameters as "
-            f"{cfg.dtype}{loading}), more than {limit / GB:.2f} GB ({source}); set "
+            f"{dtype}{loading}), more than {limit / GB:.2f} GB ({source}); set "
             f"max_memory_gb= or {LIMIT_VARIABLE} to allow more"
         )
     return need

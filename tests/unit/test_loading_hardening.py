@@ -252,3 +252,30 @@ def test_estimate_counts_exactly_the_parameters_built(name: str) -> None:
     assert memory.parameter_count(cfg) == sum(p.numel() for p in model.parameters())
     built = sum(p.numel() * p.element_size() for p in model.parameters())
     assert built <= memory.estimate_bytes(cfg) <= 2 * built
+
+
+@pytest.mark.parametrize("proj", ["relu", "gated-gelu"])
+def test_t5_estimate_counts_exactly_the_parameters_built(proj: str) -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from mitk.model.encoder_decoder import HookedEncoderDecoder
+    from mitk.model.pretrained.t5 import t5_parameter_count
+
+    hf = T5ForConditionalGeneration(T5Config(vocab_size=99, d_model=32, d_kv=8, d_ff=64,
+        num_layers=2, num_decoder_layers=3, num_heads=4, feed_forward_proj=proj))  # fmt: skip
+    model = HookedEncoderDecoder.from_pretrained(hf)
+    assert t5_parameter_count(model.cfg) == sum(p.numel() for p in model.parameters())
+
+
+def test_huge_or_malformed_t5_config_stops_before_reading_weights(tmp_path: Path) -> None:
+    from mitk.model.encoder_decoder import HookedEncoderDecoder
+
+    config = {"model_type": "t5", "vocab_size": 32128, "d_model": 4096, "d_kv": 128,
+              "d_ff": 16384, "num_layers": 10**5, "num_heads": 64}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)  # would fail if it were read
+    with pytest.raises(ModelTooLargeError, match=rf"{tmp_path} needs about .* GB"):
+        HookedEncoderDecoder.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config\.json is not valid JSON"):
+        HookedEncoderDecoder.from_pretrained(tmp_path)

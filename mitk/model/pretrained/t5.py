@@ -9,16 +9,16 @@ A checkpoint's own ``lm_head.weight`` is used when present, else the embedding.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mitk.config import loading_overrides
+from mitk.config import json_object, loading_overrides
 from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.encoder_decoder_config import EncoderDecoderConfig
+from mitk.model.memory import ensure_parameters_fit
 from mitk.model.pretrained import mappings
 from mitk.model.pretrained.files import read_safetensors_dir
 
@@ -97,6 +97,22 @@ def _attention(sd: dict[str, Tensor], hf: str, mk: str) -> dict[str, Tensor]:
     return out
 
 
+def t5_parameter_count(cfg: EncoderDecoderConfig) -> int:
+    """Parameters of ``HookedEncoderDecoder(cfg)``, counted from the config alone.
+
+    Per encoder layer: q/k/v/o (``4 d_model n_heads d_head``), the MLP (2 or 3
+    ``d_model x d_mlp`` matrices) and two norms; decoder layers add cross-attention
+    and a third norm. Plus the embedding, the untied unembedding, one relative
+    position bias table per stack and the two final norms.
+    """
+    d, inner = cfg.d_model, cfg.n_heads * cfg.d_head
+    mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp
+    encoder = cfg.n_layers * (4 * d * inner + mlp + 2 * d)
+    decoder = cfg.n_decoder_layers * (8 * d * inner + mlp + 3 * d)
+    tables = 2 * cfg.relative_buckets * cfg.n_heads
+    return 2 * cfg.d_vocab * d + encoder + decoder + tables + 2 * d
+
+
 def load_t5(
     model_cls: Any,
     source: str | Path | nn.Module,
@@ -112,10 +128,10 @@ def load_t5(
         state = dict(source.state_dict())
     else:
         directory = Path(source)
-        if not (directory / "config.json").exists():
+        config_file = directory / "config.json"
+        if not config_file.exists():
             raise FileNotFoundError(f"{directory} holds no config.json")
-        hf_config = json.loads((directory / "config.json").read_text())
-        state = read_safetensors_dir(directory)
+        hf_config = json_object(config_file.read_text(errors="replace"), str(config_file))
     if hf_config.get("model_type") != "t5":
         raise UnsupportedModelError(
             f"HookedEncoderDecoder loads model_type 't5', got {hf_config.get('model_type')!r}"
@@ -124,6 +140,11 @@ def load_t5(
         cfg = t5_config(hf_config, **overrides)
     except KeyError as err:
         raise ConfigError(f"T5 config lacks field {err}") from err
+    # estimated from the config before any weight is read or any block is built
+    where = "the in-memory T5" if isinstance(source, nn.Module) else str(source)
+    ensure_parameters_fit(t5_parameter_count(cfg), cfg.dtype, what=where)
+    if not isinstance(source, nn.Module):
+        state = read_safetensors_dir(Path(source))
     model = model_cls(cfg, seed=None)
     model.load_state_dict(t5_state_dict(state, cfg), strict=True)
     model.eval()

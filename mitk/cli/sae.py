@@ -124,7 +124,10 @@ def train_command(
     ] = 0,
     context_size: ContextOption = None,
     config: Annotated[Path | None, typer.Option(help="SAEConfig JSON; options override.")] = None,
-    architecture: Annotated[str | None, typer.Option(help="relu|topk|batchtopk|jumprelu")] = None,
+    architecture: Annotated[
+        str | None,
+        typer.Option(help="relu|topk|batchtopk|jumprelu|gated|matryoshka_batchtopk"),
+    ] = None,
     d_sae: Annotated[int | None, typer.Option(help="Number of latents.")] = None,
     expansion: Annotated[int | None, typer.Option(help="d_sae / d_in (default 8).")] = None,
     k: Annotated[int | None, typer.Option(help="Active latents per row (topk, batchtopk).")] = None,

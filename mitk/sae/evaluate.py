@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mitk.errors import ConfigError, UnknownHookError
+from mitk.errors import ConfigError, ShapeMismatchError, UnknownHookError
 from mitk.hooks import HookPoint
 from mitk.model import HookedTransformer
 from mitk.sae.autoencoder import SparseAutoencoder
@@ -103,6 +103,7 @@ def evaluate(
     tokens: Int[Tensor, "batch pos"] | None = None,
     attention_mask: Int[Tensor, "batch pos"] | Bool[Tensor, "batch pos"] | None = None,
     sequences_per_batch: int = 8,
+    targets: Float[Tensor, "*rows d_out"] | None = None,
 ) -> SAEEvaluation:
     """L0, FVU, dead/dense latents and, given ``model`` and ``tokens``, the loss cost of the SAE.
 
@@ -115,6 +116,9 @@ def evaluate(
       the hook zero-ablated, ``sequences_per_batch`` sequences at a time. Without
       ``activations`` the reconstruction metrics come from the activations of
       that same spliced forward (real tokens only).
+    - Transcoders are measured against their target: ``targets`` (row for row with a
+      tensor of ``activations``), the source's ``target_hook_name`` batches, or that
+      hook in the model, which the splice replaces and the zero-ablation zeroes.
     Raises ``ConfigError`` when neither is given or only one of model/tokens is.
     An SAE none of whose latents fires is flagged in ``notes`` and warned about
     (``CollapseWarning``).
@@ -127,13 +131,23 @@ def evaluate(
                         ("sequences_per_batch", sequences_per_batch)):  # fmt: skip
         if value <= 0:
             raise ConfigError(f"{what} must be positive, got {value}")
-    stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae)
+    stats = ReconstructionStats(sae.cfg.d_out, sae.cfg.d_sae)
     name = hook_name if hook_name is not None else sae.cfg.hook_name
+    if targets is not None and not sae.cfg.is_transcoder:
+        raise ConfigError("targets= is for transcoders; an SAE reconstructs its own input")
     if isinstance(activations, Tensor):
-        _add_tensor_rows(sae, stats, activations, rows_per_batch)
+        if sae.cfg.is_transcoder and targets is None:
+            raise ConfigError(
+                f"a transcoder's reconstruction is measured against {sae.cfg.target_hook_name!r}: "
+                "pass its activations as targets= (row for row with activations)"
+            )
+        _add_tensor_rows(sae, stats, activations, targets, rows_per_batch)
     elif activations is not None:
         name = _source_hook(activations, name)
-        _add_source_rows(sae, stats, activations, name, n_batches)
+        target = (
+            _source_hook(activations, sae.cfg.target_hook_name) if sae.cfg.is_transcoder else name
+        )
+        _add_source_rows(sae, stats, activations, name, target, n_batches)
     losses: dict[str, float | None] = dict.fromkeys(_CE_FIELDS)
     notes: list[str] = []
     if model is not None and tokens is not None:
@@ -168,19 +182,33 @@ def evaluate(
     )
 
 
-def _update(sae: SparseAutoencoder, stats: ReconstructionStats, rows: Tensor) -> None:
+def _update(
+    sae: SparseAutoencoder, stats: ReconstructionStats, rows: Tensor, targets: Tensor | None
+) -> None:
     # flatten by the tensor's own width, so the SAE's width check sees a mismatch
     x = rows.reshape(-1, rows.shape[-1]).to(sae.W_enc.device, sae.W_enc.dtype)
     reconstruction, latents = sae(x)
-    stats.update(x, reconstruction, latents)
+    y = x if targets is None else targets.reshape(-1, targets.shape[-1])
+    if y.shape != reconstruction.shape:
+        raise ShapeMismatchError(
+            f"targets have rows of shape {tuple(y.shape)}, the transcoder reconstructs "
+            f"{tuple(reconstruction.shape)} (d_out={sae.cfg.d_out})"
+        )
+    stats.update(y.to(reconstruction.device, reconstruction.dtype), reconstruction, latents)
 
 
 def _add_tensor_rows(
-    sae: SparseAutoencoder, stats: ReconstructionStats, activations: Tensor, rows_per_batch: int
+    sae: SparseAutoencoder,
+    stats: ReconstructionStats,
+    activations: Tensor,
+    targets: Tensor | None,
+    rows_per_batch: int,
 ) -> None:
     flat = activations.reshape(-1, activations.shape[-1])
+    flat_targets = None if targets is None else targets.reshape(-1, targets.shape[-1])
     for start in range(0, flat.shape[0], rows_per_batch):
-        _update(sae, stats, flat[start : start + rows_per_batch])
+        part = slice(start, start + rows_per_batch)
+        _update(sae, stats, flat[part], None if flat_targets is None else flat_targets[part])
 
 
 def _source_hook(source: ActivationBatches, hook_name: str) -> str:
@@ -197,13 +225,19 @@ def _add_source_rows(
     stats: ReconstructionStats,
     source: ActivationBatches,
     hook_name: str,
+    target_hook_name: str,
     n_batches: int,
 ) -> None:
     scale_of = getattr(source, "scale", None)
-    scale = float(scale_of(hook_name)) if callable(scale_of) else 1.0
+
+    def raw(batch: dict[str, Tensor], name: str) -> Tensor:
+        scale = float(scale_of(name)) if callable(scale_of) else 1.0
+        return batch[name] / scale if scale != 1.0 else batch[name]
+
     for step in range(n_batches):
-        rows = source.batch(step)[hook_name]
-        _update(sae, stats, rows / scale if scale != 1.0 else rows)
+        batch = source.batch(step)
+        targets = raw(batch, target_hook_name) if target_hook_name != hook_name else None
+        _update(sae, stats, raw(batch, hook_name), targets)
 
 
 def _losses(
@@ -231,7 +265,8 @@ def _losses(
             spliced_loss = model(batch, mask, return_type="loss")
         if stats is not None:
             _add_spliced_rows(stats, splice, mask)
-        with model.hooks(fwd_hooks=[(hook_name, _zeros)]):
+        replaced = sae.cfg.target_hook_name if sae.cfg.is_transcoder else hook_name
+        with model.hooks(fwd_hooks=[(replaced, _zeros)]):
             zero = model(batch, mask, return_type="loss")
         for i, loss in enumerate((clean, spliced_loss, zero)):
             totals[i] += float(loss) * pairs
@@ -251,7 +286,7 @@ def _predicted_tokens(tokens: Tensor, mask: Tensor | None) -> int:
 
 
 def _add_spliced_rows(stats: ReconstructionStats, splice: Splice, mask: Tensor | None) -> None:
-    x, latents, reconstruction = splice.inputs, splice.latents, splice.reconstruction
+    x, latents, reconstruction = splice.replaced, splice.latents, splice.reconstruction
     if x is None or latents is None or reconstruction is None:
         raise ConfigError(f"the hook {splice.hook_name!r} did not fire in the forward")
     if mask is not None and tuple(x.shape[: mask.ndim]) == tuple(mask.shape):

@@ -58,6 +58,9 @@ class Splice:
     error: Float[Tensor, "..."] | None = None
     """``keep_error`` only: ``replaced - reconstruction``, a leaf that requires grad in grad mode
     (the replaced activation is the input for an SAE, the target for a transcoder)."""
+    replaced: Float[Tensor, "..."] | None = None
+    """The activation the splice replaced, ``[*lead, d_out]`` in the SAE's dtype: what the
+    reconstruction is measured against (``inputs`` itself for an SAE)."""
 
 
 def as_sae_input(
@@ -184,6 +187,7 @@ def spliced(
         if record:
             splice.inputs, splice.latents = x, used
             splice.reconstruction, splice.error = reconstruction, error
+            splice.replaced = rows.detach().to(reconstruction.device, reconstruction.dtype)
         return out.reshape(activation.shape)
 
     def sae_input(activation: Tensor) -> Tensor:

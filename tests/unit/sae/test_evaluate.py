@@ -10,10 +10,11 @@ import torch
 
 from mitk import HookedTransformer
 from mitk.errors import ConfigError, ShapeMismatchError, UnknownHookError
+from mitk.sae import ReconstructionStats, TensorActivations
 from mitk.sae.collapse import CollapseWarning
 from mitk.sae.evaluate import SAEEvaluation, evaluate
 from mitk.sae.splice import spliced
-from tests.unit.sae.test_splice import RESID, perfect_sae, relu_sae
+from tests.unit.sae.test_splice import MLP_IN, MLP_OUT, RESID, perfect_sae, relu_sae, transcoder
 
 
 def shifted_batches(seed: int = 0) -> torch.Tensor:
@@ -184,3 +185,40 @@ def test_bad_requests_are_refused(tiny: HookedTransformer):
         evaluate(sae)
     with pytest.raises(ShapeMismatchError, match="d_in=32"):
         evaluate(sae, torch.randn(10, 16))
+
+
+# --- transcoders are measured against their target ---------------------------------------------
+def test_transcoder_metrics_compare_with_the_target_in_every_path(tiny: HookedTransformer):
+    tokens = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(3))
+    sae = transcoder(skip=True)
+    _, cache = tiny.run_with_cache(tokens, names_filter=[MLP_IN, MLP_OUT])
+    x, y = cache[MLP_IN].reshape(-1, 32), cache[MLP_OUT].reshape(-1, 32)
+    expected = numpy_fvu(y.double().numpy(), sae(x).reconstruction.detach().double().numpy())
+    from_tensors = evaluate(sae, x, targets=y)
+    assert from_tensors.fvu == pytest.approx(expected, rel=1e-5)
+    source = TensorActivations({MLP_IN: x, MLP_OUT: y}, batch_size=6, normalize=True)
+    from_source = evaluate(sae, source, n_batches=3)
+    assert from_source.rows == 18
+    reference = ReconstructionStats(32, 48)
+    with torch.no_grad():
+        for step in range(3):
+            batch = source.batch(step)
+            bx, by = (batch[n] / source.scale(n) for n in (MLP_IN, MLP_OUT))
+            out = sae(bx)
+            reference.update(by, out.reconstruction, out.latents)
+    assert from_source.fvu == pytest.approx(reference.fvu, rel=1e-5)
+    with_model = evaluate(sae, model=tiny, tokens=tokens)
+    assert with_model.fvu == pytest.approx(expected, rel=1e-4)
+    with torch.no_grad(), tiny.hooks(fwd_hooks=[(MLP_OUT, lambda a, p: torch.zeros_like(a))]):
+        zeroed = tiny(tokens, return_type="loss")
+    assert with_model.ce_loss_zero_ablated == pytest.approx(float(zeroed), rel=1e-6)
+
+
+def test_transcoder_evaluation_needs_its_targets():
+    sae = transcoder()
+    with pytest.raises(ConfigError, match="pass its activations as targets="):
+        evaluate(sae, torch.randn(4, 32))
+    with pytest.raises(ShapeMismatchError, match="d_out=32"):
+        evaluate(sae, torch.randn(4, 32), targets=torch.randn(4, 16))
+    with pytest.raises(ConfigError, match="targets= is for transcoders"):
+        evaluate(relu_sae(32, 48), torch.randn(4, 32), targets=torch.randn(4, 32))

@@ -123,15 +123,7 @@ def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PairsError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from err
-        except RecursionError:
-            raise PairsError(f"{where}: nested too deeply to be a prompt pair") from None
-        except ValueError as err:  # an integer of more digits than Python converts
-            raise PairsError(f"{where}: not a usable JSON value ({err})") from err
-        yield where, row
+        yield where, _json_value(line, where, "a prompt pair")
 
 
 def _csv_rows(text: str, path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
@@ -176,16 +168,23 @@ def _parse_row(where: str, row: Any, vocab: Vocabulary | None, metric: str) -> P
     return PromptPair(clean, corrupted, answer, wrong, where)
 
 
+def _json_value(text: str, where: str, what: str) -> Any:
+    """``json.loads(text)``, every way it can fail a ``PairsError`` naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PairsError(
+            f"{where}: not valid JSON for {what} ({err.msg}, column {err.colno})"
+        ) from err
+    except RecursionError:
+        raise PairsError(f"{where}: nested too deeply to be {what}") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise PairsError(f"{where}: not usable as {what} ({err})") from err
+
+
 def _prompt(value: Any, where: str, vocab: Vocabulary | None) -> tuple[int, ...]:
     if isinstance(value, str) and value.strip().startswith("["):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise PairsError(f"{where}: not a JSON list of token ids ({err.msg})") from err
-        except RecursionError:
-            raise PairsError(f"{where}: nested too deeply to be a list of token ids") from None
-        except ValueError as err:
-            raise PairsError(f"{where}: not a usable list of token ids ({err})") from err
+        value = _json_value(value, where, "a list of token ids")
     if isinstance(value, str) and _IDS.match(value):
         value = [_token_id(x, where) for x in value.split()]
     if isinstance(value, str):

@@ -131,7 +131,11 @@ def test_bad_pairs_name_file_line_and_field(tmp_path: Path, rows: list, message:
         ("p.jsonl", b"\x00\x01\x02", r"p.jsonl:1: holds a NUL byte: a binary file"),
         ("p.csv", b"clean,corrupted\n\x00", r"p.csv:2: holds a NUL byte"),
         ("p.jsonl", b"[" * 100_000 + b"\n", r"p.jsonl:1: nested too deeply"),
-        ("p.jsonl", b'{"clean": [' + b"9" * 5000 + b"]}\n", r"p.jsonl:1: not a usable JSON value"),
+        (
+            "p.jsonl",
+            b'{"clean": [' + b"9" * 5000 + b"]}\n",
+            r"p.jsonl:1: not usable as a prompt pair",
+        ),
         ("p.jsonl", b'{"clean": "1 2", "corrupted": [1, -3]}\n', r"position 1 is outside"),
         ("p.txt", b"", r"p.txt: pairs files are .jsonl or .csv"),
     ],

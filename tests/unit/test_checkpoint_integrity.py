@@ -40,35 +40,9 @@ from mitk.integrity import IntegrityWarning
 from mitk.sae import SAEConfig, SparseDictionaryData, TensorActivations, TrainResult, train
 from mitk.train import TrainConfig, train_language_model
 from tests.corruption import CORRUPTIONS, LEDGER_SYMPTOMS, SYMPTOMS
+from tests.interrupted import InterruptedSource, KilledError
 
 KINDS = [*FILES, LEDGER]
-
-
-class KilledError(Exception):
-    pass
-
-
-class KilledSource:
-    """An activation source that dies when asked for batch ``kill_at``."""
-
-    def __init__(self, source: TensorActivations, kill_at: int) -> None:
-        self.source, self.kill_at = source, kill_at
-        self.hook_names, self.batch_size, self.d_in = (
-            source.hook_names,
-            source.batch_size,
-            source.d_in,
-        )
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        if step == self.kill_at:
-            raise KilledError
-        return dict(self.source.batch(step))
-
-    def scale(self, hook_name: str) -> float:
-        return float(self.source.scale(hook_name))
-
-    def fingerprint(self) -> dict[str, Any]:
-        return dict(self.source.fingerprint())
 
 
 SAE_CFG = SAEConfig(
@@ -96,7 +70,9 @@ def killed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoints of a run killed at step 10: latest/ at step 8, previous/ at step 4."""
     directory = tmp_path_factory.mktemp("killed")
     with pytest.raises(KilledError):
-        train(SAE_CFG, KilledSource(sae_source(), 10), checkpoint_dir=directory, progress=False)
+        train(
+            SAE_CFG, InterruptedSource(sae_source(), 10), checkpoint_dir=directory, progress=False
+        )
     assert (step_of(directory / LATEST), step_of(directory / PREVIOUS)) == (8, 4)
     return directory
 

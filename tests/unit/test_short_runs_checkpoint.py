@@ -19,6 +19,7 @@ from mitk.cli.app import main
 from mitk.errors import ConfigError
 from mitk.sae import SAEConfig, SparseAutoencoder, SparseDictionaryData, TensorActivations, train
 from mitk.train import TrainConfig, train_language_model
+from tests.interrupted import InterruptedSource, KilledError
 
 SECONDS_PER_BATCH = 10.0
 
@@ -33,32 +34,13 @@ class Clock:
         return self.now
 
 
-class KilledError(Exception):
-    pass
+def slow(source: Any, clock: Clock, kill_at: int | None = None) -> InterruptedSource:
+    """``source`` with every batch advancing ``clock``; killed at ``kill_at``."""
 
+    def tick() -> None:
+        clock.now += SECONDS_PER_BATCH
 
-class SlowSource:
-    """Wraps an activation source: every batch advances the clock; one step can be a kill."""
-
-    def __init__(self, source: Any, clock: Clock, kill_at: int | None = None) -> None:
-        self.source, self.clock, self.kill_at = source, clock, kill_at
-        self.hook_names, self.batch_size, self.d_in = (
-            source.hook_names,
-            source.batch_size,
-            source.d_in,
-        )
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        if step == self.kill_at:
-            raise KilledError
-        self.clock.now += SECONDS_PER_BATCH
-        return dict(self.source.batch(step))
-
-    def scale(self, hook_name: str) -> float:
-        return float(self.source.scale(hook_name))
-
-    def fingerprint(self) -> dict[str, Any]:
-        return dict(self.source.fingerprint())
+    return InterruptedSource(source, kill_at, on_batch=tick)
 
 
 def sae_config(**kw: Any) -> SAEConfig:
@@ -101,12 +83,12 @@ def test_a_short_sae_run_killed_midway_resumes_to_the_uninterrupted_result(
     whole = train(cfg, sae_source(), progress=False)
     clock = Clock()
     with pytest.raises(KilledError):
-        train(cfg, SlowSource(sae_source(), clock, kill_at), checkpoint_dir=tmp_path,
+        train(cfg, slow(sae_source(), clock, kill_at), checkpoint_dir=tmp_path,
               progress=False, clock=clock)  # fmt: skip
     # 10 s a batch, 35 s between checkpoints, at log steps (every 4): steps 4, 8, 12, 16
     assert saved_step(tmp_path) == expected
     clock = Clock()
-    resumed = train(cfg, SlowSource(sae_source(), clock), checkpoint_dir=tmp_path, resume=True,
+    resumed = train(cfg, slow(sae_source(), clock), checkpoint_dir=tmp_path, resume=True,
                     progress=False, clock=clock)  # fmt: skip
     for name, tensor in whole.sae.state_dict().items():
         assert torch.equal(tensor, resumed.sae.state_dict()[name]), name
@@ -118,7 +100,7 @@ def test_a_resume_may_change_when_checkpoints_are_written(tmp_path: Path) -> Non
     cfg = sae_config(total_tokens=64 * 8)
     whole = train(cfg, sae_source(), progress=False)
     with pytest.raises(KilledError):
-        train(cfg.replace(checkpoint_every=4), SlowSource(sae_source(), Clock(), 6),
+        train(cfg.replace(checkpoint_every=4), slow(sae_source(), Clock(), 6),
               checkpoint_dir=tmp_path, progress=False)  # fmt: skip
     resumed = train(cfg.replace(checkpoint_seconds=0), sae_source(), checkpoint_dir=tmp_path,
                     resume=True, progress=False)  # fmt: skip
@@ -128,7 +110,7 @@ def test_a_resume_may_change_when_checkpoints_are_written(tmp_path: Path) -> Non
 def test_resuming_a_run_that_never_checkpointed_says_so(tmp_path: Path) -> None:
     cfg = sae_config()
     with pytest.raises(KilledError):  # killed before its first checkpoint: the clock stood still
-        train(cfg, SlowSource(sae_source(), Clock(), 3), checkpoint_dir=tmp_path, progress=False,
+        train(cfg, slow(sae_source(), Clock(), 3), checkpoint_dir=tmp_path, progress=False,
               clock=Clock())  # fmt: skip
     with pytest.raises(NoCheckpointError, match=r"nothing to resume: .* no complete checkpoint"):
         train(cfg, sae_source(), checkpoint_dir=tmp_path, resume=True, progress=False)

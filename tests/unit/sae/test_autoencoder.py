@@ -190,7 +190,7 @@ def test_config_round_trips_and_validates() -> None:
         SAEConfig(d_in=8, d_sae=32, batch_size=100, total_tokens=10)
     with pytest.raises(ConfigError, match="unknown SAEConfig field"):
         SAEConfig.from_json(json.dumps({**cfg.to_dict(), "l2": 1}))
-    with pytest.raises(ConfigError, match="lr must be( a)? finite"):
+    with pytest.raises(ConfigError, match=r"lr must be( a)? finite"):
         SAEConfig(d_in=8, d_sae=32, lr=float("nan"))
 
 

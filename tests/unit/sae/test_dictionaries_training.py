@@ -23,7 +23,8 @@ from mitk.sae import (
     train,
 )
 import mitk.sae.losses as losses
-from tests.unit.sae.test_trainer import KilledError, StopAt, config, data, state
+from tests.interrupted import InterruptedSource, KilledError
+from tests.unit.sae.test_trainer import config, data, state
 
 # a higher learning rate: a transcoder's untied encoder needs it to leave FVU 1 in 24 steps
 TRANSCODER = {"hook_name": "in", "target_hook_name": "out", "d_out": 12, "lr": 1e-2}
@@ -63,7 +64,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(
     source = TensorActivations(rows, cfg.batch_size, seed=5)
     whole = train(cfg, source, checkpoint_dir=tmp_path / "a", progress=False)
     with pytest.raises(KilledError):
-        train(cfg, StopAt(source, 10), checkpoint_dir=tmp_path / "b", progress=False)
+        train(cfg, InterruptedSource(source, 10), checkpoint_dir=tmp_path / "b", progress=False)
     saved = json.loads((tmp_path / "b" / "latest" / "state.json").read_text())
     assert saved["meta"]["step"] == 8  # the last complete checkpoint before the kill
     resumed = train(cfg, source, checkpoint_dir=tmp_path / "b", resume=True, progress=False)

@@ -22,6 +22,7 @@ from mitk.sae import (
     train,
 )
 import mitk.sae.losses as losses
+from tests.interrupted import InterruptedSource, KilledError
 
 
 def config(arch: str = "topk", **kw: Any) -> SAEConfig:
@@ -38,36 +39,6 @@ def config(arch: str = "topk", **kw: Any) -> SAEConfig:
 
 def data(n: int = 2000) -> torch.Tensor:
     return SparseDictionaryData(d_in=16, n_features=48, mean_active=3.0).sample(n)
-
-
-class KilledError(Exception):
-    pass
-
-
-class StopAt:
-    """Wraps a source: raises at one step (a kill mid-run) or hands out a poisoned batch there."""
-
-    def __init__(self, source: Any, step: int, poison: float | None = None) -> None:
-        self.source, self.step, self.poison = source, step, poison
-        self.hook_names, self.batch_size, self.d_in = (
-            source.hook_names,
-            source.batch_size,
-            source.d_in,
-        )
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        out = self.source.batch(step)
-        if step == self.step:
-            if self.poison is None:
-                raise KilledError
-            out = {k: v.clone().fill_(self.poison) for k, v in out.items()}
-        return out
-
-    def scale(self, hook_name: str) -> float:
-        return float(self.source.scale(hook_name))
-
-    def fingerprint(self) -> dict[str, Any]:
-        return dict(self.source.fingerprint())
 
 
 def state(result: Any) -> dict[str, torch.Tensor]:
@@ -89,7 +60,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(
     source = TensorActivations(data(), cfg.batch_size, seed=5)
     whole = train(cfg, source, checkpoint_dir=tmp_path / "a", progress=False)
     with pytest.raises(KilledError):
-        train(cfg, StopAt(source, 10), checkpoint_dir=tmp_path / "b", progress=False)
+        train(cfg, InterruptedSource(source, 10), checkpoint_dir=tmp_path / "b", progress=False)
     saved = json.loads((tmp_path / "b" / "latest" / "state.json").read_text())
     assert saved["meta"]["step"] == 8  # the last complete checkpoint before the kill
     resumed = train(cfg, source, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
@@ -113,9 +84,14 @@ def test_bad_numbers_stop_training_and_keep_the_checkpoint(poison: float, tmp_pa
     cfg = config()
     source = TensorActivations(data(), cfg.batch_size)
     with pytest.raises(KilledError):
-        train(cfg, StopAt(source, 9), checkpoint_dir=tmp_path / "ref", progress=False)
+        train(cfg, InterruptedSource(source, 9), checkpoint_dir=tmp_path / "ref", progress=False)
     with pytest.raises(NonFiniteError, match=r"at step 9 hold .* NaN/inf"):
-        train(cfg, StopAt(source, 9, poison), checkpoint_dir=tmp_path / "run", progress=False)
+        train(
+            cfg,
+            InterruptedSource(source, 9, poison),
+            checkpoint_dir=tmp_path / "run",
+            progress=False,
+        )
     for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
         good = (tmp_path / "ref" / "latest" / name).read_bytes()
         assert (tmp_path / "run" / "latest" / name).read_bytes() == good, name

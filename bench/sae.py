@@ -75,6 +75,7 @@ from safetensors.torch import load_file, save_file
 import torch
 from torch import Tensor
 
+from mitk.checkpoint import reseal_checkpoint
 from mitk.sae import (
     ReconstructionStats,
     SAEConfig,
@@ -436,6 +437,7 @@ def reset_adam(path: Path, state: dict[str, Any]) -> None:
     """
     assert not any(state["optimizer"]["scalars"].values()), state["optimizer"]["scalars"]
     save_file({k: torch.zeros_like(v) for k, v in load_file(path).items()}, str(path))
+    reseal_checkpoint(path.parent)  # an edit on purpose: record its hashes, or resume refuses
 
 
 def warm_mitk(case: Case, data: Data, run_dir: Path) -> SparseAutoencoder:

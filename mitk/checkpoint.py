@@ -145,6 +145,15 @@ def verify_checkpoint(folder: Path) -> None:
     verify(folder / LEDGER, {name: folder / name for name in FILES})
 
 
+def reseal_checkpoint(folder: Path) -> Path:
+    """Record fresh hashes for a checkpoint folder whose files were edited on purpose.
+
+    For tools that rewrite a checkpoint deliberately (e.g. a benchmark zeroing the
+    optimiser state); anything else that changes a file is damage, caught on resume.
+    """
+    return write_ledger(folder / LEDGER, {name: folder / name for name in FILES})
+
+
 def save_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]
 ) -> Path:

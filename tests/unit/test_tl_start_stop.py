@@ -352,7 +352,9 @@ def test_no_stop_logit_output():
     normal_output = model(rand_input)
     output, cache = model.run_with_cache(rand_input, stop_at_layer=None)
 
-    assert torch.allclose(output, normal_output)
+    # documented difference: a plain forward runs fused attention and a caching one the
+    # explicit path, which agree to float32 rounding, not to allclose's atol of 1e-8
+    torch.testing.assert_close(output, normal_output)
     assert isinstance(output, torch.Tensor)
     assert output.shape == (2, 10, 50)
 

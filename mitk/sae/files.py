@@ -16,13 +16,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 import torch
 from torch import Tensor
 
 from mitk.atomic import atomic_folder, complete_folder
 from mitk.config import json_object
 from mitk.errors import ConfigError, ShapeMismatchError, UnsupportedModelError
+from mitk.model.pretrained.files import read_safetensors
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.config import SAEConfig
 from mitk.sae.saelens_format import (
@@ -119,11 +120,16 @@ def load_sae(
     folder = complete_folder(directory) or Path(directory)
     raw, tensors = _read_folder(folder)
     raw.update(overrides or {})
-    if MITK_KEY in raw:
-        cfg = _mitk_config(raw)
-        state = _mitk_state(cfg, tensors, folder)
-    else:
-        cfg, state = saelens_to_mitk(raw, tensors)
+    try:
+        if MITK_KEY in raw:
+            cfg = _mitk_config(raw)
+            state = _mitk_state(cfg, tensors, folder)
+        else:
+            cfg, state = saelens_to_mitk(raw, tensors)
+    except ConfigError as err:
+        if str(folder) in str(err):
+            raise
+        raise ConfigError(f"{folder / CONFIG_FILE}: {err}") from err  # say which file
     _check_shapes(cfg, state)
     with torch.device("meta"):  # skip the random initialisation the weights overwrite
         sae = SparseAutoencoder(cfg)
@@ -146,7 +152,14 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE}")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}")
-    return json_object(cfg_file.read_text(), str(cfg_file)), load_file(weights)
+    # (pretrained SAEs are hub-cache links into blobs, so no containment check here)
+    try:
+        text = cfg_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{cfg_file} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from err
+    return json_object(text, str(cfg_file)), read_safetensors(weights)
 
 
 def _mitk_config(raw: dict[str, Any]) -> SAEConfig:
@@ -172,7 +185,7 @@ def _mitk_state(cfg: SAEConfig, tensors: dict[str, Tensor], folder: Path) -> dic
         threshold = saelens_threshold(tensors, cfg.d_sae).to(to_dtype)
         exact_file = folder / EXACT_FILE
         if exact_file.is_file():
-            log_threshold = take(load_file(exact_file), "log_threshold").to(to_dtype)
+            log_threshold = take(read_safetensors(exact_file), "log_threshold").to(to_dtype)
             _check_same_threshold(log_threshold.exp(), threshold)
             state["log_threshold"] = log_threshold
         else:

@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 from safetensors.torch import load_file, save_file
 import torch
 
-from mitk.errors import ConfigError, ShapeMismatchError, UnsupportedModelError
+from mitk.errors import ConfigError, MitkError, ShapeMismatchError, UnsupportedModelError
 from mitk.sae import files
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.config import SAEConfig
@@ -315,3 +317,27 @@ def test_saelens_scaling_factor_other_than_one_is_refused(tmp_path: Path) -> Non
     folder = saelens_folder(tmp_path / "s", raw, scaling_factor=torch.full((10,), 2.0))
     with pytest.raises(ConfigError, match="finetuning_scaling_factor"):
         load_sae(folder)
+
+
+@settings(max_examples=60)
+@given(
+    name=st.sampled_from([WEIGHTS_FILE, CONFIG_FILE]),
+    cut=st.floats(0.0, 0.99),
+    flips=st.lists(st.tuples(st.floats(0.0, 0.999), st.integers(1, 255)), max_size=4),
+    junk=st.binary(max_size=64),
+)
+def test_damaged_sae_folders_raise_mitk_errors_naming_the_file(
+    tmp_path_factory: pytest.TempPathFactory, name: str, cut: float,
+    flips: list[tuple[float, int]], junk: bytes,
+) -> None:  # fmt: skip
+    """Truncated, bit-flipped or garbage files: a MitkError naming the file, or a clean load."""
+    folder = save_sae(random_sae("topk"), tmp_path_factory.mktemp("sae") / "sae")
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    for where, mask in flips:
+        data[int(where * len(data))] ^= mask
+    path.write_bytes(bytes(data[: max(1, int(len(data) * (1 - cut)))]) + junk)
+    try:
+        load_sae(folder)
+    except MitkError as err:
+        assert name in str(err) or "cfg.json" in str(err) or "W_" in str(err) or "b_" in str(err)

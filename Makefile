@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # two workers: the machines CI runs on have two cores, and the HF parity suite is large
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-tl4 lint install install-test clean
+.PHONY: demo test test-tl4 lint install install-test docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.docs: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install -q -e ".[docs]"
 	touch $@
 
 install: $(VENV)/.runtime
@@ -61,6 +65,11 @@ $(TL4_VENV)/.installed: pyproject.toml | $(TL4_BIN)/python
 # the main run out of that folder)
 test-tl4: $(TL4_VENV)/.installed
 	$(TL4_BIN)/pytest tests/tl4 $(TL4_PYTEST_ARGS)
+
+# the documentation site (mkdocs.yml), offline, into site/: notebooks executed, API pages
+# from the docstrings, every warning (a broken link, a missing reference) an error
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) $(TL4_VENV) .pytest_cache .mypy_cache .ruff_cache

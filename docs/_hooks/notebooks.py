@@ -23,23 +23,7 @@ KERNEL = "mitk-docs"
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 PLOTLY_ASSET = "assets/plotly.min.js"
 
-# Run by the kernel before the first cell: a renderer that emits a div and a
-# ``Plotly.newPlot`` call, with neither plotly.js nor MathJax inlined or fetched.
-KERNEL_STARTUP = '''
-import os, tempfile
-import plotly.io as pio
-from plotly.io._base_renderers import MimetypeRenderer
-
-class SiteRenderer(MimetypeRenderer):
-    def to_mimebundle(self, fig_dict):
-        html = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False,
-                           full_html=False, default_width="100%", validate=False)
-        return {"text/html": html}
-
-pio.renderers["mitk_docs"] = SiteRenderer()
-pio.renderers.default = "mitk_docs"
-os.chdir(tempfile.mkdtemp(prefix="mitk-docs-notebook-"))
-'''
+KERNEL_STARTUP = Path(__file__).with_name("kernel_startup.py")
 
 _scratch = tempfile.TemporaryDirectory(prefix="mitk-docs-")
 
@@ -47,8 +31,6 @@ _scratch = tempfile.TemporaryDirectory(prefix="mitk-docs-")
 def on_config(config: Any) -> Any:
     """Install the private kernel spec and point Jupyter's and IPython's files at scratch."""
     root = Path(_scratch.name)
-    startup = root / "kernel_startup.py"
-    startup.write_text(KERNEL_STARTUP)
     spec_dir = root / "jupyter" / "kernels" / KERNEL
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -58,7 +40,7 @@ def on_config(config: Any) -> Any:
             "ipykernel_launcher",
             "-f",
             "{connection_file}",
-            f"--IPKernelApp.exec_files={startup}",
+            f"--IPKernelApp.exec_files={KERNEL_STARTUP}",
         ],
         "display_name": "mitk docs",
         "language": "python",

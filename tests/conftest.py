@@ -38,6 +38,8 @@ with install_import_hook(_CHECKED, "beartype.beartype"):
     import mitk.analysis.lens
     import mitk.analysis.patching
     import mitk.analysis.patching.path
+    import mitk.analysis.probes
+    import mitk.analysis.steering
     import mitk.sae
     import mitk.viz  # noqa: F401
 

@@ -123,6 +123,21 @@ def discard_folder(path: str | Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def move_folder(source: str | Path, target: str | Path) -> None:
+    """Rename the folder ``source`` to ``target``, replacing (discarding) any ``target`` first.
+
+    The rename is made durable before returning. Between the discard and the
+    rename neither name holds the old ``target``, so callers move only when
+    another complete copy exists elsewhere (a checkpoint's ``latest`` while its
+    old ``previous`` goes).
+    """
+    destination = Path(target)
+    if destination.exists():
+        discard_folder(destination)
+    os.replace(source, destination)
+    _sync_folder(destination.parent)
+
+
 def remove_leftovers(folder: str | Path, names: Iterable[str]) -> list[Path]:
     """Delete what killed atomic writes of each ``folder/NAME`` left beside it; the paths deleted.
 

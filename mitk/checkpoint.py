@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import json
-import os
 from pathlib import Path
 import time
 from typing import Any
@@ -25,7 +24,7 @@ from safetensors.torch import load_file, save_file
 import torch
 from torch import Tensor, nn
 
-from mitk.atomic import atomic_folder, complete_folder, discard_folder, remove_leftovers
+from mitk.atomic import atomic_folder, complete_folder, move_folder, remove_leftovers
 from mitk.errors import MitkError
 from mitk.integrity import CorruptFileError, IntegrityWarning, verify, write_ledger
 
@@ -185,9 +184,7 @@ def _keep_as_previous(directory: Path) -> None:
         warnings.warn(f"{err}; dropping {current}, keeping {directory / PREVIOUS}",
                       IntegrityWarning, stacklevel=3)  # fmt: skip
         return  # the swap replaces it; previous stays the last intact one
-    if (directory / PREVIOUS).exists():
-        discard_folder(directory / PREVIOUS)
-    os.replace(current, directory / PREVIOUS)
+    move_folder(current, directory / PREVIOUS)
 
 
 def load_checkpoint(

@@ -19,6 +19,7 @@ from mitk.atomic import (
     atomic_write_text,
     complete_folder,
     discard_folder,
+    move_folder,
     remove_leftovers,
     set_aside_path,
 )
@@ -233,3 +234,15 @@ def test_a_discarded_folder_goes_whole(tmp_path: Path) -> None:
         (staging / "a").write_text("a")
     discard_folder(tmp_path / "run")
     assert names(tmp_path) == []
+
+
+@pytest.mark.parametrize("target_exists", [False, True])
+def test_a_moved_folder_replaces_the_target_whole(tmp_path: Path, target_exists: bool) -> None:
+    (tmp_path / "latest").mkdir()
+    (tmp_path / "latest" / "new").write_text("new")
+    if target_exists:
+        (tmp_path / "previous").mkdir()
+        (tmp_path / "previous" / "old").write_text("old")
+    move_folder(tmp_path / "latest", tmp_path / "previous")
+    assert names(tmp_path) == ["previous"]
+    assert names(tmp_path / "previous") == ["new"]

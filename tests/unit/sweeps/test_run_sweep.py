@@ -116,13 +116,13 @@ def test_another_sweep_in_the_same_folder_is_refused(
         run_sweep(model, other, tmp_path, progress=False)
 
 
-def test_the_readme_notebook_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    section = readme.split("### The same sweep from a notebook", 1)[1]
+def test_the_docs_notebook_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = (Path(__file__).resolve().parents[3] / "docs" / "cli.md").read_text()
+    section = page.split("### The same sweep from a notebook", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)  # it writes runs/notebook relative to where it runs
     namespace: dict[str, object] = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/cli.md", "exec"), namespace)
     frame = namespace["frame"]
     assert isinstance(frame, pd.DataFrame) and set(frame["site"]) == {"z", "resid_pre"}
     assert (tmp_path / "runs" / "notebook" / "results.parquet").exists()

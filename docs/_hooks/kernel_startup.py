@@ -8,6 +8,7 @@ works in a scratch directory, so whatever a notebook writes stays out of the rep
 import os
 import tempfile
 from typing import Any
+import warnings
 
 import plotly.io as pio
 from plotly.io._base_renderers import MimetypeRenderer
@@ -28,6 +29,8 @@ class SiteRenderer(MimetypeRenderer):
         return {"text/html": html}
 
 
+# tqdm.auto asks for ipywidgets, which a static page cannot use: plain bars are what we want
+warnings.filterwarnings("ignore", message="IProgress not found")
 pio.renderers["mitk_docs"] = SiteRenderer()
 pio.renderers.default = "mitk_docs"
 os.chdir(tempfile.mkdtemp(prefix="mitk-docs-notebook-"))

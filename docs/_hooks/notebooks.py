@@ -3,9 +3,9 @@
 mkdocs-jupyter executes ``notebooks/*.ipynb`` at build time. The kernel it starts is
 this interpreter (a private kernel spec, so a ``python3`` spec elsewhere on the machine
 cannot be picked), runs in a scratch directory (anything a notebook writes stays out of
-the repository) and shows plotly figures as HTML that calls the ``Plotly`` the site
-loads once (``assets/plotly.min.js``, copied from the installed plotly), so a page
-needs no CDN.
+the repository) and shows plotly figures as HTML calling the one plotly.js the site
+carries (``assets/plotly.min.js``, copied from the installed plotly; notebook pages load
+it in their head, ``docs/_theme/main.html``), so no page needs a CDN.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from mitk.viz.defaults import UnsupportedResultError, figures_for
 from mitk.viz.dla import dla_bar, dla_head_heatmap, logit_lens_heatmap
 from mitk.viz.export import ImageExportError, save_image
 from mitk.viz.feature_card import feature_card
-from mitk.viz.patching import patching_facets, patching_heatmap
+from mitk.viz.patching import patching_curve, patching_facets, patching_heatmap
+from mitk.viz.probes import probe_curve, probe_sections
 from mitk.viz.sae import (
     density_histogram,
     l0_fvu_tradeoff,
@@ -42,8 +43,11 @@ __all__ = [
     "head_scores_heatmap",
     "l0_fvu_tradeoff",
     "logit_lens_heatmap",
+    "patching_curve",
     "patching_facets",
     "patching_heatmap",
+    "probe_curve",
+    "probe_sections",
     "save_image",
     "tradeoff_point",
     "training_curves",

@@ -10,6 +10,7 @@ import torch
 from mitk.analysis.dla import Attribution
 from mitk.analysis.lens import LogitLens
 from mitk.analysis.patching import PatchResult
+from mitk.analysis.probes import ProbeResult
 from mitk.errors import MitkError
 from mitk.model.factored_matrix import FactoredMatrix
 from mitk.sae.evaluate import SAEEvaluation
@@ -19,7 +20,8 @@ from mitk.viz.axes import HEAD_LABEL
 from mitk.viz.circuits import composition_heatmap, eigenvalue_scatter
 from mitk.viz.dla import dla_bar, dla_head_heatmap, logit_lens_heatmap
 from mitk.viz.feature_card import feature_card
-from mitk.viz.patching import patching_facets, patching_heatmap
+from mitk.viz.patching import min_prompts, patching_curve, patching_facets, patching_heatmap
+from mitk.viz.probes import probe_sections
 from mitk.viz.sae import density_histogram, history_hooks, training_curves
 from mitk.viz.section import Section
 
@@ -34,7 +36,18 @@ def _patching(result: PatchResult) -> list[Section]:
     where = f"{result.site} per {result.per}"
     if result.per == "head_pos":
         return [Section(f"Activation patching: {where}", patching_facets(result))]
+    curve: list[Section] = []
+    if result.per == "layer" and result.per_prompt.shape[0] >= min_prompts(0.05):
+        curve = [
+            Section(
+                f"Activation patching: {where} (recovery with 95% intervals)",
+                patching_curve(result),
+                note="Error bars: bootstrap over prompts. Hollow markers: not significantly "
+                "different from the unpatched run (sign-flip test, Benjamini–Hochberg at 0.05).",
+            )
+        ]
     return [
+        *curve,
         Section(
             f"Activation patching: {where} (recovery)",
             patching_heatmap(result),
@@ -109,6 +122,7 @@ def _eigenvalues(result: FactoredMatrix) -> list[Section]:
 # result type -> its default sections; the types are unrelated, so the order does not matter
 _DEFAULTS: dict[type, Callable[[Any], list[Section]]] = {
     PatchResult: _patching,
+    ProbeResult: probe_sections,
     Attribution: _attribution,
     LogitLens: _lens,
     TrainResult: _training,
@@ -121,7 +135,7 @@ _DEFAULTS: dict[type, Callable[[Any], list[Section]]] = {
 def figures_for(result: Any) -> list[Section]:
     """The default sections for a result object; raises ``UnsupportedResultError`` otherwise.
 
-    Known: ``PatchResult``, ``Attribution``, ``LogitLens``, ``TrainResult``,
+    Known: ``PatchResult``, ``ProbeResult``, ``Attribution``, ``LogitLens``, ``TrainResult``,
     ``SAEEvaluation``, ``LatentStatistics``, a ``FactoredMatrix`` circuit
     (eigenvalues) and a ``[layer, head, layer, head]`` tensor of composition scores.
     """

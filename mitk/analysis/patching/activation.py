@@ -18,6 +18,7 @@ from torch import Tensor
 from mitk.analysis.patching.engine import BaseRun, Variant, run_variants
 from mitk.analysis.patching.pair import Direction, check_patch_inputs, run_pair
 from mitk.analysis.patching.sites import Granularity, site_for, unit_granularity
+from mitk.analysis.patching.uncertainty import bootstrap_interval, sign_flip_test
 from mitk.hooks import name
 from mitk.shapes import Float, Int
 
@@ -67,9 +68,44 @@ class PatchResult:
         clean, corrupted = self.clean.mean(), self.corrupted.mean()
         return (self.values - corrupted) / (clean - corrupted)
 
+    def confidence_interval(
+        self,
+        confidence: float = 0.95,
+        *,
+        normalized: bool = False,
+        resamples: int = 2000,
+        seed: int = 0,
+    ) -> tuple[Float[Tensor, "..."], Float[Tensor, "..."]]:
+        """``(low, high)`` bootstrap interval over prompts of ``values`` (or of ``normalized()``).
+
+        Percentile bootstrap, seeded; the normalised interval resamples each
+        prompt's patched, clean and corrupted metric together. See
+        ``mitk.analysis.patching.uncertainty``.
+        """
+        baselines = (self.clean, self.corrupted) if normalized else (None, None)
+        return bootstrap_interval(
+            self.per_prompt, *baselines, confidence=confidence, resamples=resamples, seed=seed
+        )
+
+    def p_values(self, *, resamples: int = 2000, seed: int = 0) -> Float[Tensor, "..."]:
+        """Per cell, the sign-flip p-value that patching leaves the metric unchanged.
+
+        Tests each prompt's patched metric against the same prompt's unpatched
+        run: the corrupted run when denoising, the clean run when noising.
+        Two-sided, uncorrected over cells (``uncertainty.benjamini_hochberg``
+        controls the false discovery rate); exact for up to log2(resamples) prompts.
+        """
+        baseline = self.corrupted if self.direction == "denoising" else self.clean
+        return sign_flip_test(self.per_prompt, baseline, resamples=resamples, seed=seed)
+
     def to_frame(self) -> pd.DataFrame:
-        """Long table: one row per layer/pos/head cell with the raw and normalised value."""
+        """Long table: one row per layer/pos/head cell with raw and normalised value, CI and p.
+
+        ``ci_low``/``ci_high`` bound ``value`` (95% bootstrap over prompts) and
+        ``p_value`` is ``p_values()``, all with their default seeds.
+        """
         values, normalized = self.values.cpu(), self.normalized().cpu()
+        low, high = self.confidence_interval()
         grids = torch.meshgrid(*[torch.arange(n) for n in values.shape], indexing="ij")
         frame = pd.DataFrame(
             {axis: g.reshape(-1).tolist() for axis, g in zip(self.axes, grids, strict=True)}
@@ -77,6 +113,9 @@ class PatchResult:
         frame["layer"] = [self.layers[i] for i in frame["layer"]]
         frame["value"] = values.reshape(-1).tolist()
         frame["normalized"] = normalized.reshape(-1).tolist()
+        frame["ci_low"] = low.cpu().reshape(-1).tolist()
+        frame["ci_high"] = high.cpu().reshape(-1).tolist()
+        frame["p_value"] = self.p_values().cpu().reshape(-1).tolist()
         frame["site"], frame["direction"] = self.site, self.direction
         return frame
 

@@ -1,0 +1,359 @@
+"""The masked run: the model with each edge kept (1), ablated (0) or anything in between.
+
+Every receiver's input is the residual stream it would read, less what the
+ablated part of each edge into it would have changed::
+
+    input_r = stream_r - sum_s (1 - keep[s, r]) * (out_s - ablated_s)
+
+where ``out_s`` is sender ``s``'s output in this very run (it already sees the
+upstream ablations) and ``ablated_s`` its ablated value. Queries, keys and
+values are recomputed per head from each head's own input (through the
+block's ``ln1`` and the head's ``W_Q``/``W_K``/``W_V`` at ``hook_q``/``hook_k``/
+``hook_v``); an MLP's input replaces the stream it reads and the block's
+output is corrected so the residual stream itself is untouched; the logits
+read the last ``resid_post`` so changed. Everything after those hooks (q/k
+norms, rotary, the attention itself, the unembedding) is the model's own code.
+
+Many masks run at once, stacked along the batch (one forward per ablation
+setting, never one per edge), and ``keep`` may carry gradients: edge
+attribution, integrated gradients and learned masks are all derivatives or
+optimisations of this one function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from mitk.analysis.discovery.graph import EdgeGraph
+from mitk.analysis.patching.engine import bytes_per_token, metric_fn
+from mitk.analysis.patching.metrics import PositionMetric
+from mitk.hooks import HookPoint, name
+from mitk.shapes import Float, Int
+
+Ablation = Literal["mean", "resample", "zero"]
+ABLATIONS: tuple[str, ...] = ("mean", "resample", "zero")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The prompts a circuit is scored on.
+
+    ``corrupted`` (same shape as ``clean``) supplies resample ablations and
+    mean ablations' reference; without it, ``"resample"`` takes each clean
+    prompt's neighbour (the batch rolled by one) and ``"mean"`` averages the
+    clean prompts. ``attention_mask`` is shared by both.
+    """
+
+    clean: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "batch pos"] | None = None
+    attention_mask: Int[Tensor, "batch pos"] | None = None
+
+    def __post_init__(self) -> None:
+        for what in ("corrupted", "attention_mask"):
+            other = getattr(self, what)
+            if other is not None and other.shape != self.clean.shape:
+                raise ValueError(
+                    f"{what} {tuple(other.shape)} must match clean {tuple(self.clean.shape)}"
+                )
+
+
+def as_prompts(data: Any) -> Prompts:
+    """``Prompts``, a clean token tensor, or a ``(clean, corrupted)`` pair, as ``Prompts``."""
+    if isinstance(data, Prompts):
+        return data
+    if isinstance(data, Tensor):
+        return Prompts(data)
+    if isinstance(data, tuple) and len(data) == 2:
+        return Prompts(*data)
+    raise TypeError("data must be Prompts, clean tokens, or a (clean, corrupted) pair of tensors")
+
+
+def sender_outputs(
+    model: Any, graph: EdgeGraph, tokens: Tensor, attention_mask: Tensor | None
+) -> Float[Tensor, "sender batch pos d_model"]:
+    """Every head-level sender's write into the residual stream on a plain run of ``tokens``."""
+    shape = graph.shape
+    names = [name("resid_pre", 0)] + [name("z", L) for L in range(shape.n_layers)]
+    names += [name("mlp_out", L) for L in range(shape.n_layers)] if shape.has_mlp else []
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, attention_mask=attention_mask, names_filter=names)
+        out = [cache[names[0]][None]]
+        for L in range(shape.n_layers):
+            W_O = model.blocks[L].attn.W_O
+            out.append(torch.einsum("bphd,hdm->hbpm", cache[name("z", L)], W_O))
+            if shape.has_mlp:
+                out.append(cache[name("mlp_out", L)][None])
+        return torch.cat(out)
+
+
+def ablated_outputs(
+    model: Any, graph: EdgeGraph, prompts: Prompts, ablation: Ablation
+) -> Float[Tensor, "sender batch_or_1 pos d_model"]:
+    """What each sender writes when ablated: zeros, the reference mean, or resampled prompts."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    mask = prompts.attention_mask
+    if ablation == "resample":
+        if prompts.corrupted is not None:
+            return sender_outputs(model, graph, prompts.corrupted, mask)
+        if prompts.clean.shape[0] < 2:
+            raise ValueError(
+                "resample ablation without corrupted prompts needs a batch of 2 or more"
+            )
+        rolled = prompts.clean.roll(1, 0)
+        return sender_outputs(model, graph, rolled, None if mask is None else mask.roll(1, 0))
+    reference = prompts.corrupted if prompts.corrupted is not None else prompts.clean
+    outputs = sender_outputs(model, graph, reference, mask)
+    return outputs.mean(1, keepdim=True) if ablation == "mean" else torch.zeros_like(outputs[:, :1])
+
+
+class _Deltas:
+    """``out_s - ablated_s`` of the senders so far, ``[sender, variant, batch, pos, d_model]``."""
+
+    def __init__(self) -> None:
+        self.chunks: list[Tensor] = []
+        self._stacked: Tensor | None = None
+
+    def add(self, chunk: Tensor) -> None:
+        self.chunks.append(chunk)
+        self._stacked = None
+
+    def stacked(self) -> Tensor:
+        if self._stacked is None:
+            self._stacked = torch.cat(self.chunks)
+        return self._stacked
+
+
+class MaskedRun:
+    """A model, prompts, metric and ablation, ready to score any number of edge masks.
+
+    ``metric`` is a ready-made metric (``mitk.analysis.patching.metrics``) or
+    a callable from logits ``[batch, pos, d_vocab]`` to ``[batch]``.
+    ``full`` and ``empty`` are the metric per prompt with every edge kept and
+    with every edge ablated.
+    """
+
+    def __init__(
+        self, model: Any, graph: EdgeGraph, data: Any, metric: Any, ablation: Ablation = "mean"
+    ) -> None:
+        self.model, self.graph = model, graph.fine
+        self.prompts = as_prompts(data)
+        device = model.W_E.device
+        clean = self.prompts.clean.to(device)
+        self.tokens = clean
+        self.mask = (
+            None if self.prompts.attention_mask is None else self.prompts.attention_mask.to(device)
+        )
+        self.batch, self.seq = clean.shape
+        self.fn, self.answer_pos = metric_fn(metric, self.batch, self.seq)
+        self.ablation = ablation
+        self.ablated = ablated_outputs(model, self.graph, Prompts(
+            clean, None if self.prompts.corrupted is None else self.prompts.corrupted.to(device),
+            self.mask), ablation)  # fmt: skip
+        with torch.no_grad():
+            logits = model(clean, attention_mask=self.mask)
+            picked = self._at_answer(logits)
+            if isinstance(metric, PositionMetric):
+                metric.prepare(picked)
+            self.clean_log_probs = picked.float().log_softmax(-1)
+            self.full = self.fn(picked).detach()
+            self.empty = self.metric(self.keep_all(0.0))[0]
+
+    # --- masks -------------------------------------------------------------------------
+    def keep_all(self, value: float, variants: int = 1) -> Float[Tensor, "variant sender receiver"]:
+        """A mask keeping every edge with weight ``value`` (1: the clean run, 0: all ablated)."""
+        return torch.full((variants, *self.graph.present.shape), value, device=self.tokens.device)
+
+    # --- runs --------------------------------------------------------------------------
+    def _at_answer(self, logits_or_hidden: Tensor) -> Tensor:
+        if self.answer_pos is None:
+            return logits_or_hidden
+        rows = torch.arange(logits_or_hidden.shape[0], device=logits_or_hidden.device)
+        pos = self.answer_pos.to(logits_or_hidden.device).repeat(
+            logits_or_hidden.shape[0] // self.batch
+        )
+        return logits_or_hidden[rows, pos]
+
+    def logits(
+        self,
+        keep: Float[Tensor, "variant *seq sender receiver"],
+        embed_alpha: Float[Tensor, " variant"] | None = None,
+        probe: Float[Tensor, "variant_batch seq receiver d_model"] | None = None,
+    ) -> Float[Tensor, "variant batch *answer d_vocab"]:
+        """Logits of each mask's run (at the metric's answer positions when it has them).
+
+        ``embed_alpha`` moves the embeddings from their ablated value (0) to
+        the clean one (1) per variant; ``probe`` is added to every receiver's
+        input (its gradient is each receiver input's gradient).
+        """
+        n = keep.shape[0]
+        hooks = _MaskHooks(self, keep, embed_alpha, probe).specs()
+        tokens = self.tokens.repeat(n, 1)
+        mask = None if self.mask is None else self.mask.repeat(n, 1)
+        with self.model.hooks(fwd_hooks=hooks):
+            hidden = self.model(tokens, attention_mask=mask, return_type="hidden")
+        logits = self.model.unembed(self._at_answer(hidden))
+        return logits.view(n, self.batch, *logits.shape[1:])
+
+    def metric(
+        self, keep: Float[Tensor, "variant *seq sender receiver"], **kw: Any
+    ) -> Float[Tensor, "variant batch"]:
+        """The metric per mask and prompt (``kw`` as for ``logits``)."""
+        return torch.stack([self.fn(lg) for lg in self.logits(keep, **kw)])
+
+    def kl(
+        self, keep: Float[Tensor, "variant *seq sender receiver"]
+    ) -> Float[Tensor, "variant batch"]:
+        """KL(full model || masked run) per mask and prompt, at the answer positions or averaged."""
+        log_probs = self.logits(keep).float().log_softmax(-1)
+        clean = self.clean_log_probs
+        kl = (clean.exp() * (clean - log_probs)).sum(-1)
+        if self.answer_pos is not None:
+            return kl
+        if self.mask is None:
+            return kl.mean(-1)
+        valid = self.mask.to(kl)
+        return (kl * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+    def variants_per_forward(self, memory_budget_gb: float) -> int:
+        """How many masks one forward holds under ``memory_budget_gb`` (a rough fp32 estimate)."""
+        cfg, senders = self.model.cfg, self.graph.present.shape[0]
+        per_token = bytes_per_token(self.model, self.seq) + 4 * cfg.d_model * (
+            senders + 3 * cfg.n_heads
+        )
+        per_variant = self.batch * self.seq * per_token
+        return max(1, int(memory_budget_gb * 2**30 // per_variant))
+
+    def chunked(
+        self,
+        score: Callable[[Tensor], Tensor],
+        keep: Float[Tensor, "variant *seq sender receiver"],
+        memory_budget_gb: float = 2.0,
+    ) -> Float[Tensor, "variant batch"]:
+        """``score(keep)`` (``metric`` or ``kl``) over chunks of masks, without gradients."""
+        per = self.variants_per_forward(memory_budget_gb)
+        with torch.no_grad():
+            return torch.cat([score(keep[lo : lo + per]) for lo in range(0, keep.shape[0], per)])
+
+
+class _MaskHooks:
+    """The forward hooks of one masked forward (state lives here, never on the model)."""
+
+    def __init__(
+        self, run: MaskedRun, keep: Tensor, alpha: Tensor | None, probe: Tensor | None
+    ) -> None:
+        self.run, self.shape = run, run.graph.shape
+        self.n = keep.shape[0]
+        self.drop = 1.0 - keep.to(run.tokens.device, torch.float32)  # [V, (P,) S, R]
+        self.positional = keep.dim() == 4
+        self.alpha, self.probe = alpha, probe
+        self.deltas = _Deltas()
+        self.stream: dict[int, Tensor] = {}
+        self.offset: dict[int, Tensor] = {}
+        self.receivers: dict[tuple[int, str], list[int]] = {}
+        for r, node in enumerate(run.graph.fine_receivers):
+            self.receivers.setdefault((node.layer, node.kind), []).append(r)
+        senders = run.graph.fine_senders
+        self.sender_start = {(n.layer, n.kind): i for i, n in reversed(list(enumerate(senders)))}
+
+    def specs(self) -> list[tuple[str, Callable[[Tensor, HookPoint], Tensor | None]]]:
+        shape = self.shape
+        specs: list[tuple[str, Callable[[Tensor, HookPoint], Tensor | None]]] = []
+        last = shape.n_layers - 1
+        for L in range(shape.n_layers):
+            specs.append((name("resid_pre", L), self._resid_pre(L)))
+            specs += [(name(c, L), self._qkv(L, c)) for c in ("q", "k", "v")]
+            specs.append((name("z", L), self._z(L)))
+            if shape.has_mlp:
+                if not shape.parallel_attn_mlp:
+                    specs.append((name("resid_mid", L), self._mlp_in(L)))
+                specs.append((name("mlp_out", L), self._mlp_out(L)))
+            if shape.has_mlp or last == L:
+                specs.append((name("resid_post", L), self._resid_post(L)))
+        return specs
+
+    # --- the ablated part of the edges into a group of receivers -------------------------
+    def _removed(self, receivers: list[int], like: Tensor) -> Tensor:
+        """``sum_s drop[s, r] * delta_s`` for each receiver, ``[V*B, pos, n, d_model]``."""
+        deltas = self.deltas.stacked()  # [S', V, B|1 ..., P, M] as [S', V, B, P, M]
+        s = deltas.shape[0]
+        drop = self.drop[..., :s, receivers]
+        pattern = "svbpm,vpsn->vbpnm" if self.positional else "svbpm,vsn->vbpnm"
+        removed = torch.einsum(pattern, deltas, drop).flatten(0, 1)
+        if self.probe is not None:
+            removed = removed - self.probe[:, :, receivers]
+        return removed.to(like.dtype)
+
+    def _add_delta(self, out: Tensor, index: int) -> None:
+        """Record senders ``index..`` given their outputs ``[n, V*B, pos, m]``."""
+        n = out.shape[0]
+        ablated = self.run.ablated[index : index + n, None]  # [n, 1, B|1, P, M]
+        per_variant = out.view(n, self.n, -1, *out.shape[2:])
+        self.deltas.add(per_variant - ablated.to(out.dtype))
+
+    # --- hooks -------------------------------------------------------------------------
+    def _resid_pre(self, L: int) -> Callable[[Tensor, HookPoint], Tensor]:
+        def hook(resid: Tensor, point: HookPoint) -> Tensor:
+            if L == 0:
+                if self.alpha is not None:  # interpolate the embeddings from ablated to clean
+                    ablated = self.run.ablated[0].to(resid.dtype)
+                    shaped = resid.view(self.n, -1, *resid.shape[1:])
+                    alpha = self.alpha.to(resid)[:, None, None, None]
+                    resid = (ablated + alpha * (shaped - ablated)).flatten(0, 1)
+                self._add_delta(resid[None], 0)
+            self.stream[L] = resid
+            if self.shape.has_mlp and self.shape.parallel_attn_mlp:
+                return self._mlp_input(L, resid)
+            return resid
+
+        return hook
+
+    def _qkv(self, L: int, channel: str) -> Callable[[Tensor, HookPoint], Tensor]:
+        def hook(act: Tensor, point: HookPoint) -> Tensor:
+            block = self.run.model.blocks[L]
+            stream = self.stream[L][:, :, None, :]
+            x = stream - self._removed(self.receivers[(L, channel)], stream)
+            W = {"q": block.attn.W_Q, "k": block.attn.W_K, "v": block.attn.W_V}[channel]
+            b = {"q": block.attn.b_Q, "k": block.attn.b_K, "v": block.attn.b_V}[channel]
+            return (torch.einsum("bphm,hmd->bphd", block.ln1(x), W) + b).to(act.dtype)
+
+        return hook
+
+    def _z(self, L: int) -> Callable[[Tensor, HookPoint], None]:
+        def hook(z: Tensor, point: HookPoint) -> None:
+            writes = torch.einsum("bphd,hdm->hbpm", z, self.run.model.blocks[L].attn.W_O)
+            self._add_delta(writes, self.sender_start[(L, "head")])
+
+        return hook
+
+    def _mlp_input(self, L: int, stream: Tensor) -> Tensor:
+        x = stream - self._removed(self.receivers[(L, "mlp")], stream[:, :, None])[:, :, 0]
+        self.offset[L] = stream - x
+        return x
+
+    def _mlp_in(self, L: int) -> Callable[[Tensor, HookPoint], Tensor]:
+        return lambda mid, point: self._mlp_input(L, mid)
+
+    def _mlp_out(self, L: int) -> Callable[[Tensor, HookPoint], None]:
+        def hook(out: Tensor, point: HookPoint) -> None:
+            self._add_delta(out[None], self.sender_start[(L, "mlp")])
+
+        return hook
+
+    def _resid_post(self, L: int) -> Callable[[Tensor, HookPoint], Tensor]:
+        def hook(resid: Tensor, point: HookPoint) -> Tensor:
+            if L in self.offset:  # the MLP read a changed stream; the residual keeps the real one
+                resid = resid + self.offset.pop(L)
+            if self.shape.n_layers - 1 == L:
+                resid = (
+                    resid
+                    - self._removed(self.receivers[(L + 1, "logits")], resid[:, :, None])[:, :, 0]
+                )
+            return resid
+
+        return hook

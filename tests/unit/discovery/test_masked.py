@@ -1,0 +1,135 @@
+"""Masked-run identities: nothing ablated is the clean run, everything ablated the ablated run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mitk import HookedTransformer, TransformerConfig
+from mitk.analysis.discovery import Circuit, EdgeGraph, Prompts, faithfulness
+from mitk.analysis.discovery.masked import MaskedRun
+from mitk.errors import UnsupportedModelError
+from tests.unit.discovery.models import LastLogit, random_pair, tiny
+
+KINDS = ("mha", "gqa", "parallel", "attn_only")
+
+
+def _logits(run: MaskedRun, keep: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return run.logits(keep)[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ablation", ["mean", "resample", "zero"])
+def test_ablating_no_edge_is_the_clean_run(kind: str, ablation: str) -> None:
+    model, prompts = tiny(kind), random_pair()
+    run = MaskedRun(model, EdgeGraph.of(model), prompts, LastLogit(), ablation)
+    with torch.no_grad():
+        clean = model(prompts.clean)
+    torch.testing.assert_close(_logits(run, run.keep_all(1.0)), clean, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ablating_every_edge_into_the_logits_is_the_ablated_run(kind: str) -> None:
+    model, prompts = tiny(kind), random_pair()
+    graph = EdgeGraph.of(model)
+    keep = torch.ones(1, *graph.present.shape)
+    keep[0, :, graph.receivers.index("logits")] = 0.0
+    resample = MaskedRun(model, graph, prompts, LastLogit(), "resample")
+    with torch.no_grad():
+        corrupted = model(prompts.corrupted)
+    torch.testing.assert_close(_logits(resample, keep), corrupted, atol=1e-5, rtol=0)
+    # mean ablation: the logits read the mean of the corrupted runs' final residual streams
+    mean = MaskedRun(model, graph, prompts, LastLogit(), "mean")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(prompts.corrupted)
+        final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"].mean(0, keepdim=True)
+        expected = model.unembed(model.ln_final(final)).expand(prompts.clean.shape[0], -1, -1)
+    torch.testing.assert_close(_logits(mean, keep), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ablating_every_edge_with_resampling_is_the_corrupted_run(kind: str) -> None:
+    model, prompts = tiny(kind), random_pair()
+    run = MaskedRun(model, EdgeGraph.of(model), prompts, LastLogit(), "resample")
+    with torch.no_grad():
+        corrupted = model(prompts.corrupted)
+    torch.testing.assert_close(_logits(run, run.keep_all(0.0)), corrupted, atol=1e-5, rtol=0)
+
+
+def test_masks_in_one_batch_equal_masks_run_alone() -> None:
+    model, prompts = tiny("gqa"), random_pair()
+    graph = EdgeGraph.of(model)
+    run = MaskedRun(model, graph, prompts, LastLogit(), "mean")
+    masks = torch.stack([Circuit.random(graph, n, seed=n).mask() for n in (5, 40, 120)])
+    together = run.chunked(run.metric, masks)
+    alone = torch.cat([run.chunked(run.metric, m[None]) for m in masks])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_a_mask_at_every_position_equals_the_plain_mask() -> None:
+    model, prompts = tiny("mha"), random_pair()
+    graph = EdgeGraph.of(model)
+    run = MaskedRun(model, graph, prompts, LastLogit(), "resample")
+    plain = Circuit.random(graph, 50, seed=1).mask()
+    positional = plain.expand(prompts.clean.shape[1], *plain.shape)
+    torch.testing.assert_close(
+        _logits(run, positional[None]), _logits(run, plain[None]), atol=1e-6, rtol=0
+    )
+
+
+def test_an_edge_at_one_position_changes_only_that_position_and_later() -> None:
+    model, prompts = tiny("mha"), random_pair()
+    graph = EdgeGraph.of(model)
+    run = MaskedRun(model, graph, prompts, LastLogit(), "resample")
+    keep = torch.ones(1, prompts.clean.shape[1], *graph.present.shape)
+    keep[0, 4, graph.senders.index("embed"), graph.receivers.index("L0H1.v")] = 0.0
+    changed = (_logits(run, keep) - _logits(run, run.keep_all(1.0))).abs().amax((0, 2))
+    assert (changed[:4] == 0).all() and changed[4:].max() > 0
+
+
+def test_layer_circuit_runs_as_its_head_level_expansion() -> None:
+    model, prompts = tiny("mha"), random_pair()
+    layers = Circuit.of(
+        model, [("embed", "L0_attn"), ("L0_attn", "L2_mlp"), ("L2_mlp", "logits")], "layers"
+    )
+    heads = EdgeGraph.of(model)
+    fine = layers.graph.fine_mask(layers.mask())
+    as_heads = Circuit.from_mask(heads, fine > 0)
+    a = faithfulness(model, layers, prompts, LastLogit(), "mean")
+    b = faithfulness(model, as_heads, prompts, LastLogit(), "mean")
+    torch.testing.assert_close(a.circuit, b.circuit, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ablation", ["mean", "resample", "zero"])
+def test_faithfulness_of_the_full_and_empty_circuits(ablation: str) -> None:
+    model, prompts = tiny("mha"), random_pair()
+    graph = EdgeGraph.of(model)
+    full = faithfulness(model, Circuit.full(graph), prompts, LastLogit(), ablation)
+    assert full.recovered == pytest.approx(
+        1.0, abs=1e-4
+    ) and full.random_recovered == pytest.approx(1.0, abs=1e-4)
+    empty = faithfulness(model, Circuit.of(model), prompts, LastLogit(), ablation)
+    assert empty.recovered == pytest.approx(0.0, abs=1e-4) and empty.n_edges == 0
+
+
+def test_clean_tokens_alone_resample_from_the_neighbouring_prompt() -> None:
+    model, prompts = tiny("mha"), random_pair()
+    run = MaskedRun(model, EdgeGraph.of(model), prompts.clean, LastLogit(), "resample")
+    with torch.no_grad():
+        rolled = model(prompts.clean.roll(1, 0))
+    torch.testing.assert_close(_logits(run, run.keep_all(0.0)), rolled, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="batch of 2"):
+        MaskedRun(model, EdgeGraph.of(model), prompts.clean[:1], LastLogit(), "resample")
+    with pytest.raises(ValueError, match="ablation must be"):
+        MaskedRun(model, EdgeGraph.of(model), prompts, LastLogit(), "noise")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must match"):
+        Prompts(prompts.clean, prompts.corrupted[:, :3])
+
+
+def test_post_norm_models_are_refused() -> None:
+    cfg = TransformerConfig(
+        d_model=32, n_layers=2, n_heads=4, d_vocab=40, n_ctx=16, norm_position="post"
+    )
+    with pytest.raises(UnsupportedModelError):
+        EdgeGraph.of(HookedTransformer(cfg, seed=0))

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+
+from mitk.sae import TrainResult, train
 
 
 class KilledError(Exception):
@@ -48,3 +53,23 @@ class InterruptedSource:
 
     def fingerprint(self) -> dict[str, Any]:
         return dict(self.source.fingerprint())
+
+
+def kill_then_resume(cfg: Any, source: Any, tmp_path: Path) -> tuple[TrainResult, TrainResult]:
+    """Train ``cfg`` whole, then again killed at step 10 and resumed; both results.
+
+    Checks that the kill left the step-8 checkpoint (``checkpoint_every=4``) and
+    that the resumed run ends bit-identical to the whole one: every tensor of
+    the SAE's state and the logged history.
+    """
+    whole = train(cfg, source, checkpoint_dir=tmp_path / "a", progress=False)
+    with pytest.raises(KilledError):
+        train(cfg, InterruptedSource(source, 10), checkpoint_dir=tmp_path / "b", progress=False)
+    saved = json.loads((tmp_path / "b" / "latest" / "state.json").read_text())
+    assert saved["meta"]["step"] == 8  # the last complete checkpoint before the kill
+    resumed = train(cfg, source, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+    expected, got = whole.sae.state_dict(), resumed.sae.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+    assert resumed.history == whole.history
+    return whole, resumed

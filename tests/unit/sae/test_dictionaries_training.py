@@ -7,8 +7,6 @@ the transcoder's decoder rows must recover ``D_out``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,8 @@ from mitk.sae import (
     train,
 )
 import mitk.sae.losses as losses
-from tests.interrupted import InterruptedSource, KilledError
-from tests.unit.sae.test_trainer import config, data, state
+from tests.interrupted import kill_then_resume
+from tests.unit.sae.test_trainer import config, data
 
 # a higher learning rate: a transcoder's untied encoder needs it to leave FVU 1 in 24 steps
 TRANSCODER = {"hook_name": "in", "target_hook_name": "out", "d_out": 12, "lr": 1e-2}
@@ -62,26 +60,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(
     cfg = config(arch, **extra)
     rows = transcoder_data() if cfg.is_transcoder else data()
     source = TensorActivations(rows, cfg.batch_size, seed=5)
-    whole = train(cfg, source, checkpoint_dir=tmp_path / "a", progress=False)
-    with pytest.raises(KilledError):
-        train(cfg, InterruptedSource(source, 10), checkpoint_dir=tmp_path / "b", progress=False)
-    saved = json.loads((tmp_path / "b" / "latest" / "state.json").read_text())
-    assert saved["meta"]["step"] == 8  # the last complete checkpoint before the kill
-    resumed = train(cfg, source, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
-    for name, tensor in state(whole).items():
-        assert torch.equal(tensor, state(resumed)[name]), name
-    assert resumed.history == whole.history
+    whole, _ = kill_then_resume(cfg, source, tmp_path)
     if cfg.batch_level_k:
         assert torch.isfinite(whole.sae.batch_threshold)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """These matrices are tiny: a second thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # 64 features in 32 dimensions, ~3 active per row; transcoders write to 24 dimensions

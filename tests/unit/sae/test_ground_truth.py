@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,15 +17,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "relu": {"steps": 1500},
     "jumprelu": {"steps": 1500},
 }
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """These matrices are tiny: a second thread only adds synchronisation (3-10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 import sys
 from typing import Any
@@ -22,7 +21,7 @@ from mitk.sae import (
     train,
 )
 import mitk.sae.losses as losses
-from tests.interrupted import InterruptedSource, KilledError
+from tests.interrupted import InterruptedSource, KilledError, kill_then_resume
 
 
 def config(arch: str = "topk", **kw: Any) -> SAEConfig:
@@ -41,10 +40,6 @@ def data(n: int = 2000) -> torch.Tensor:
     return SparseDictionaryData(d_in=16, n_features=48, mean_active=3.0).sample(n)
 
 
-def state(result: Any) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in result.sae.state_dict().items()}
-
-
 @pytest.mark.parametrize(
     ("arch", "density"),
     [("relu", 0.0), ("relu", 1.0), ("jumprelu", 0.0), ("jumprelu", 1.0), ("topk", None),
@@ -58,15 +53,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(
         monkeypatch.setattr(losses, "SPARSE_DENSITY", density)
     cfg = config(arch)
     source = TensorActivations(data(), cfg.batch_size, seed=5)
-    whole = train(cfg, source, checkpoint_dir=tmp_path / "a", progress=False)
-    with pytest.raises(KilledError):
-        train(cfg, InterruptedSource(source, 10), checkpoint_dir=tmp_path / "b", progress=False)
-    saved = json.loads((tmp_path / "b" / "latest" / "state.json").read_text())
-    assert saved["meta"]["step"] == 8  # the last complete checkpoint before the kill
-    resumed = train(cfg, source, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
-    for name, tensor in state(whole).items():
-        assert torch.equal(tensor, state(resumed)[name]), name
-    assert resumed.history == whole.history
+    whole, _ = kill_then_resume(cfg, source, tmp_path)
     if arch in ("topk", "batchtopk"):  # the AuxK path (dead latents) was exercised too
         assert any(row[f"{cfg.hook_name or 'activations'}/aux_loss"] > 0 for row in whole.history)
 

@@ -12,11 +12,14 @@ from collections.abc import Iterator
 import itertools
 from pathlib import Path
 import re
+from typing import Any
 
 import pytest
 import torch
+import typer
 
 from mitk import HookedTransformer
+from mitk.cli import app
 from mitk.config import TransformerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,6 +27,7 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
 NOT_RUN = "# not run:"
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+SHELL_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
 HOOK_TABLE_MARKER = "<!-- hook table: checked by tests/e2e/test_docs.py -->"
 API_PACKAGES = ("model", "hooks", "cache", "analysis", "sae", "viz", "train", "cli")
 
@@ -58,6 +62,49 @@ def test_blocks_that_do_not_run_say_why() -> None:
             if block.startswith(NOT_RUN):
                 reason = block.splitlines()[0].removeprefix(NOT_RUN).strip()
                 assert reason, f"{page.name}: a block marked '{NOT_RUN}' gives no reason"
+
+
+# --- shell commands: the docs run no shell, but every command they show must exist ----------
+
+
+def shell_lines(path: Path) -> list[str]:
+    """The commands of a page's bash blocks, continuation lines joined, comments dropped."""
+    lines = []
+    for block in SHELL_BLOCK.findall(path.read_text()):
+        for line in block.replace("\\\n", " ").splitlines():
+            command = line.split(" #", 1)[0].strip()
+            if command and not command.startswith("#"):
+                lines.append(command)
+    return lines
+
+
+def _options(command: Any) -> set[str]:
+    return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+
+
+def _check_mitk_command(words: list[str], where: str) -> None:
+    """Each subcommand and ``--option`` of a ``mitk ...`` line names one the CLI has."""
+    command = typer.main.get_command(app)  # typer's own click: subcommands in .commands
+    known = _options(command) | {"--help"}
+    for word in words:
+        option = word.split("=", 1)[0]
+        if option.startswith("--"):
+            assert option in known, f"{where}: `{' '.join(words)}`: no option {option}"
+        elif word in getattr(command, "commands", {}):
+            command = command.commands[word]
+            known = _options(command) | {"--help"}
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", *PAGES], ids=lambda page: page.stem)
+def test_the_commands_a_page_shows_exist(page: Path) -> None:
+    for line in shell_lines(page):
+        words = line.split()
+        if "mitk" in words:  # mitk ..., torchrun ... -m mitk ...
+            _check_mitk_command(words[words.index("mitk") + 1 :], page.name)
+        scripts = [word for word in words if word.endswith(".py") and "/" in word]
+        for script in scripts:  # bench/forward.py and the like, relative to the repository
+            if not script.startswith(("~", "/")):
+                assert (ROOT / script).exists(), f"{page.name}: `{line}`: no {script}"
 
 
 # --- the hook table on the concepts page ----------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from mitk.analysis.patching.uncertainty import (
     benjamini_hochberg,
     bootstrap_interval,
     bootstrap_weights,
+    cell_table,
     sign_flip_test,
 )
 
@@ -131,3 +133,53 @@ def test_activation_patch_results_carry_intervals_into_their_frame(tiny: HookedT
     assert frame.loc[frame["pos"] == 0, "p_value"].eq(1.0).all()
     low, high = patched.confidence_interval()
     assert low.shape == patched.values.shape == high.shape
+
+
+def long_table(result: PatchResult, direction: str = "denoising") -> pd.DataFrame:
+    """The per-pair rows ``mitk patch`` writes, for a ``per="pos"`` result."""
+    batch, n_layers, n_pos = result.per_prompt.shape
+    rows = [
+        {"pair": i, "site": result.site, "per": result.per, "layer": result.layers[layer],
+         "head": pd.NA, "pos": pos, "value": float(result.per_prompt[i, layer, pos]),
+         "clean": float(result.clean[i]), "corrupted": float(result.corrupted[i]),
+         "direction": direction}
+        for i in range(batch) for layer in range(n_layers) for pos in range(n_pos)
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame["head"], frame["pos"] = frame["head"].astype("Int64"), frame["pos"].astype("Int64")
+    return frame
+
+
+def test_cell_table_of_the_per_pair_parquet_equals_the_results_own_statistics():
+    gen = torch.Generator().manual_seed(10)
+    per_prompt = torch.randn(9, 2, 3, generator=gen, dtype=torch.float64)
+    per_prompt[:, 1, 2] += 2.0
+    patched = PatchResult(
+        per_prompt=per_prompt, clean=torch.full((9,), 3.0, dtype=torch.float64),
+        corrupted=torch.zeros(9, dtype=torch.float64), site="resid_pre", per="pos",
+        direction="denoising", layers=[0, 2],
+    )  # fmt: skip
+    table = cell_table(long_table(patched))
+    low, high = patched.confidence_interval()
+    assert list(table["layer"]) == [0, 0, 0, 2, 2, 2] and table["head"].isna().all()
+    assert table["value"].to_numpy() == pytest.approx(patched.values.reshape(-1).numpy())
+    assert table["ci_low"].to_numpy() == pytest.approx(low.reshape(-1).numpy())
+    assert table["ci_high"].to_numpy() == pytest.approx(high.reshape(-1).numpy())
+    assert table["p_value"].to_numpy() == pytest.approx(patched.p_values().reshape(-1).numpy())
+    assert (table["pairs"] == 9).all()
+
+
+def test_cells_missing_for_some_prompts_use_the_prompts_that_have_them():
+    """A ragged cell's statistics equal those of its own prompts (the sign flips exactly)."""
+    gen = torch.Generator().manual_seed(11)
+    per_prompt = torch.randn(7, 3, generator=gen, dtype=torch.float64) + 1.0
+    per_prompt[4:, 2] = float("nan")  # the last three prompts are shorter
+    baseline = torch.zeros(7, dtype=torch.float64)
+    p = sign_flip_test(per_prompt, baseline)
+    assert p[2].item() == pytest.approx(sign_flip_test(per_prompt[:4, 2:], baseline[:4]).item())
+    low, high = bootstrap_interval(per_prompt)
+    values = per_prompt[:4, 2]
+    assert values.min() <= low[2] <= values.mean() <= high[2] <= values.max()
+    assert not low.isnan().any()
+    empty = torch.full((3, 1), float("nan"), dtype=torch.float64)
+    assert bootstrap_interval(empty)[0].isnan().all()

@@ -16,12 +16,15 @@ seeded, so the same result gives the same numbers.
   estimate, which never returns 0 and keeps the test valid. p-values are per
   cell and uncorrected; ``benjamini_hochberg`` controls the false discovery
   rate over a heatmap's cells.
+- ``cell_table``: both, per cell, from a per-pair table such as the CLI's
+  ``results.parquet`` (cells missing for some pairs use the pairs that have them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -37,12 +40,18 @@ def _chunks(n_cells: int, resamples: int) -> Iterator[slice]:
 
 
 def _percentile(sorted_draws: Float[Tensor, "draw cell"], q: float) -> Float[Tensor, " cell"]:
-    """Linear-interpolated ``q`` quantile of draws sorted along dim 0 (NaNs sort last)."""
-    position = q * (sorted_draws.shape[0] - 1)
-    below = int(position)
-    above = min(below + 1, sorted_draws.shape[0] - 1)
+    """Linear-interpolated ``q`` quantile of each column's finite draws (sorted, NaNs last).
+
+    A column with no finite draw gives NaN.
+    """
+    finite = (~sorted_draws.isnan()).sum(0)
+    position = q * (finite - 1).clamp_min(0).double()
+    below = position.floor().long()
+    above = (below + 1).clamp_max((finite - 1).clamp_min(0))
     frac = position - below
-    return sorted_draws[below] * (1 - frac) + sorted_draws[above] * frac
+    low = sorted_draws.gather(0, below[None])[0]
+    high = sorted_draws.gather(0, above[None])[0]
+    return torch.where(finite > 0, low * (1 - frac) + high * frac, torch.nan)
 
 
 def bootstrap_weights(
@@ -70,6 +79,8 @@ def bootstrap_interval(
     With ``clean`` and ``corrupted`` the interval is of the normalised recovery
     ``(mean patched - mean corrupted) / (mean clean - mean corrupted)``, each
     resample drawing whole prompts. One prompt gives a zero-width interval.
+    NaN marks a cell a prompt does not have (a position past a shorter prompt):
+    each mean is over the drawn prompts that have the cell.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
@@ -77,19 +88,25 @@ def bootstrap_interval(
         raise ValueError("pass both clean and corrupted (for the normalised interval) or neither")
     batch = per_prompt.shape[0]
     values = per_prompt.detach().double().reshape(batch, -1)
+    present = (~values.isnan()).double()
+    values = values.nan_to_num(0.0)
     weights = bootstrap_weights(batch, resamples, seed, values.device)
-    normalise: Callable[[Tensor], Tensor] = lambda means: means  # noqa: E731
-    if clean is not None and corrupted is not None:
-        clean_means = weights @ clean.detach().double().to(values.device)
-        corrupt_means = weights @ corrupted.detach().double().to(values.device)
-        normalise = lambda means: (  # noqa: E731
-            (means - corrupt_means[:, None]) / (clean_means - corrupt_means)[:, None]
-        )
+
+    def means(w: Tensor, x: Tensor, have: Tensor) -> Tensor:
+        return (w @ (x * have)) / (w @ have)  # over the drawn prompts that have each cell
+
     low = torch.empty(values.shape[1], dtype=torch.float64, device=values.device)
     high = torch.empty_like(low)
     tail = (1 - confidence) / 2
     for cells in _chunks(values.shape[1], resamples):
-        draws = normalise(weights @ values[:, cells]).sort(0).values
+        have = present[:, cells]
+        draws = means(weights, values[:, cells], have)
+        if clean is not None and corrupted is not None:
+            ones = torch.ones_like(have)
+            c = means(weights, clean.detach().double().to(values.device)[:, None] * ones, have)
+            r = means(weights, corrupted.detach().double().to(values.device)[:, None] * ones, have)
+            draws = (draws - r) / (c - r)
+        draws = draws.sort(0).values
         low[cells], high[cells] = _percentile(draws, tail), _percentile(draws, 1 - tail)
     shape = per_prompt.shape[1:]
     return low.reshape(shape), high.reshape(shape)
@@ -120,11 +137,15 @@ def sign_flip_test(
     ``baseline`` is each prompt's metric without the patch (the corrupted run
     when denoising). Exact over all ``2**batch`` sign patterns when that is at
     most ``resamples``; otherwise ``(1 + hits) / (1 + resamples)`` over random
-    patterns. A cell where the patch changes no prompt gets p = 1; a NaN cell NaN.
+    patterns. A cell where the patch changes no prompt gets p = 1. NaN marks a
+    cell a prompt does not have; the test then runs over the prompts that do
+    (a cell no prompt has gets NaN).
     """
     batch = per_prompt.shape[0]
     diffs = per_prompt.detach().double().reshape(batch, -1)
+    missing = diffs.isnan().all(0)
     diffs = diffs - baseline.detach().double().to(diffs.device)[:, None]
+    diffs = diffs.nan_to_num(0.0)  # an absent prompt adds nothing to any signed sum
     signs, exact = _sign_patterns(batch, resamples, seed)
     signs = signs.to(diffs.device)
     observed = (torch.ones(1, batch, dtype=torch.float64, device=diffs.device) @ diffs).abs()[0]
@@ -134,7 +155,7 @@ def sign_flip_test(
         # the same sums in the same order: a tiny relative slack absorbs rounding only
         hits = (null >= observed[cells] * (1 - 1e-10)).sum(0).double()
         p[cells] = hits / signs.shape[0] if exact else (1 + hits) / (1 + signs.shape[0])
-    p = torch.where(observed.isnan(), torch.nan, p)
+    p = torch.where(missing, torch.nan, p)
     return p.reshape(per_prompt.shape[1:])
 
 
@@ -153,3 +174,40 @@ def benjamini_hochberg(p_values: Float[Tensor, "..."], alpha: float = 0.05) -> B
             chosen[order[: int(below.max()) + 1]] = True
             significant[finite] = chosen
     return significant.reshape(p_values.shape)
+
+
+def cell_table(
+    frame: pd.DataFrame, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """Per-cell summary of a per-pair patching table (``mitk patch``'s ``results.parquet``).
+
+    ``frame`` has one row per pair and cell (columns ``pair``, ``site``, ``per``,
+    ``layer``, ``head``, ``pos``, ``value``, ``clean``, ``corrupted``,
+    ``direction``). Returns one row per ``(site, per, layer, head, pos)`` with
+    ``value`` (mean over the pairs that have the cell), ``ci_low``/``ci_high``
+    (bootstrap over pairs), ``p_value`` (sign flips against each pair's
+    unpatched run) and ``pairs`` (how many pairs have the cell).
+    """
+    cell = ["layer", "head", "pos"]
+    parts = []
+    for (site, per), part in frame.groupby(["site", "per"], sort=False):
+        keyed = part.assign(**{c: part[c].astype("Int64").fillna(-1) for c in ("head", "pos")})
+        grid = keyed.pivot(index="pair", columns=cell, values="value")
+        baselines = keyed.drop_duplicates("pair").set_index("pair").loc[grid.index]
+        values = torch.tensor(grid.to_numpy(dtype=float), dtype=torch.float64)
+        denoising = part["direction"].iloc[0] == "denoising"
+        base = baselines["corrupted" if denoising else "clean"].to_numpy(dtype=float)
+        low, high = bootstrap_interval(
+            values, confidence=confidence, resamples=resamples, seed=seed
+        )
+        p = sign_flip_test(values, torch.tensor(base), resamples=resamples, seed=seed)
+        table = grid.columns.to_frame(index=False)
+        for column in ("head", "pos"):
+            table[column] = table[column].astype("Int64").replace(-1, pd.NA)
+        table.insert(0, "per", per)
+        table.insert(0, "site", site)
+        table["value"] = values.nanmean(0).numpy()
+        table["ci_low"], table["ci_high"], table["p_value"] = low.numpy(), high.numpy(), p.numpy()
+        table["pairs"] = (~values.isnan()).sum(0).numpy()
+        parts.append(table)
+    return pd.concat(parts, ignore_index=True)

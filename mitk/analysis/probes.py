@@ -33,6 +33,8 @@ from mitk.analysis.readout import PositionChoice, Prompts, read_activations
 from mitk.errors import ShapeMismatchError
 from mitk.shapes import Bool, Float, Int
 
+__all__ = ["ProbeResult", "probe_activations", "train_probes"]
+
 ProbeKind = Literal["logistic", "ridge"]
 VARIANTS = ("probe", "control", "shuffled")
 

@@ -24,6 +24,8 @@ from mitk.errors import ShapeMismatchError
 from mitk.hooks import HookPoint, name
 from mitk.shapes import Bool, Float, Int
 
+__all__ = ["Steering", "latent_steering", "steer", "steering_vector"]
+
 SteerPositions = Literal["all", "last"] | Bool[Tensor, "batch pos"]
 HookChoice = str | int | Sequence[str | int]
 

@@ -1,4 +1,7 @@
-"""Causal interventions: activation, path, attribution and edge patching; ablations; metrics."""
+"""Causal interventions: activation, path, attribution and edge patching; ablations; metrics.
+
+Uncertainty over prompts (bootstrap intervals, sign-flip tests) lives in ``uncertainty``.
+"""
 
 from mitk.analysis.patching.ablation import mean_ablation, resample_ablation, zero_ablation
 from mitk.analysis.patching.activation import PatchResult, activation_patch
@@ -17,6 +20,12 @@ from mitk.analysis.patching.metrics import (
 )
 from mitk.analysis.patching.path import PathPatchResult, path_patch, path_patch_heads
 from mitk.analysis.patching.sites import ALL_GRANULARITIES, GRANULARITIES, SITES, Site
+from mitk.analysis.patching.uncertainty import (
+    benjamini_hochberg,
+    bootstrap_interval,
+    cell_table,
+    sign_flip_test,
+)
 
 __all__ = [
     "ALL_GRANULARITIES",
@@ -33,6 +42,9 @@ __all__ = [
     "Site",
     "activation_patch",
     "attribution_patch",
+    "benjamini_hochberg",
+    "bootstrap_interval",
+    "cell_table",
     "compare_with_activation_patching",
     "edge_attribution_patch",
     "kl_to_clean",
@@ -43,5 +55,6 @@ __all__ = [
     "path_patch_heads",
     "prob",
     "resample_ablation",
+    "sign_flip_test",
     "zero_ablation",
 ]

@@ -24,6 +24,7 @@ from mitk.shapes import Bool, Float
 
 Solver = Literal["auto", "newton", "lbfgs"]
 NEWTON_MAX_FEATURES = 512  # above this, a Hessian per problem costs more than L-BFGS's steps
+CHUNK_ELEMENTS = 1 << 26  # elements of one intermediate (the Hessians, or a block of rows of them)
 
 
 def _scores(
@@ -100,7 +101,12 @@ def fit_logistic_newton(
         p = torch.sigmoid(theta @ za.transpose(1, 2))  # [group, variant, row]
         grad = ((p - t) @ za) / n + penalty * theta
         weight = p * (1 - p) / n
-        hess = torch.einsum("grf,gvr,grh->gvfh", za, weight, za) + torch.diag(penalty)
+        hess = torch.diag(penalty).expand(g, v, f + 1, f + 1).clone()
+        rows = max(1, CHUNK_ELEMENTS // (g * v * (f + 1)))
+        for start in range(0, n, rows):  # the [.., row, feature] product, a block of rows at a time
+            block = za[:, start : start + rows]
+            scaled = block[:, None] * weight[..., start : start + rows, None]
+            hess += scaled.transpose(-1, -2) @ block[:, None]
         hess = hess + 1e-10 * torch.eye(f + 1, dtype=z.dtype, device=z.device)
         step = torch.linalg.solve(hess, grad[..., None])[..., 0]
         size = torch.ones(g, v, 1, dtype=z.dtype, device=z.device)
@@ -162,7 +168,8 @@ def fit_logistic(
     solver: str = "auto",
     max_iter: int | None = None,
 ) -> tuple[Float[Tensor, "group variant feature"], Float[Tensor, "group variant"]]:
-    """Logistic probes by Newton (``"auto"`` up to 512 features) or L-BFGS (wider).
+    """Logistic probes by Newton (``"auto"``: up to 512 features, Hessians within 2**26 numbers)
+    or L-BFGS (wider).
 
     ``solver`` is a ``Solver``, typed ``str`` because it comes from users: an
     unknown one is a ``ValueError`` naming the choices.
@@ -171,7 +178,9 @@ def fit_logistic(
         raise ValueError(f"solver must be 'auto', 'newton' or 'lbfgs', not {solver!r}")
     if l2 <= 0:
         raise ValueError(f"logistic probes need l2 > 0 (separable data has no optimum), got {l2}")
-    newton = solver == "newton" or (solver == "auto" and z.shape[2] <= NEWTON_MAX_FEATURES)
+    g, f, v = z.shape[0], z.shape[2], y.shape[1]
+    small = f <= NEWTON_MAX_FEATURES and g * v * (f + 1) ** 2 <= CHUNK_ELEMENTS
+    newton = solver == "newton" or (solver == "auto" and small)
     if newton:
         return fit_logistic_newton(z, y, l2, **({} if max_iter is None else {"max_iter": max_iter}))
     return fit_logistic_lbfgs(z, y, l2, **({} if max_iter is None else {"max_iter": max_iter}))

@@ -81,7 +81,7 @@ class ProbeResult:
         picked = torch.gather(
             activations.to(self.weights),
             2,
-            self.features[:, None, :].expand(-1, activations.shape[1], -1).to(activations.device),
+            self.features[:, None, :].expand(-1, activations.shape[1], -1).to(self.weights.device),
         )
         return (picked @ self.weights[..., None])[..., 0] + self.bias[:, None]
 
@@ -154,7 +154,8 @@ def train_probes(
       features, L-BFGS above, or ``solver=``) or ``"ridge"`` (closed form on ±1
       targets). ``l2`` penalises the weights on features centred and scaled to
       unit mean variance per layer (see ``mitk.analysis.probe_fit`` for the
-      objectives).
+      objectives). Fitting runs on the activations' device in their dtype, at
+      least float32 (pass float64 for tight agreement with other solvers).
     - ``test_fraction`` of the rows (a seeded random split) is held out for
       every metric. ``control_groups``: see the module docstring.
     - ``top_k``: a sparse probe reading only the ``k`` features (e.g. SAE
@@ -187,7 +188,7 @@ def train_probes(
     shuffled[torch.cat([train, test])] = y[shuffle]  # row i gets the label of a random other row
     targets = torch.stack([y, control, shuffled])  # [variant, row]
 
-    dtype = torch.float64 if x.device.type == "cpu" else torch.float32
+    dtype = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 activations fit in fp32
     x_train, x_test = x[:, train].to(dtype), x[:, test].to(dtype)
     y_train, y_test = targets[:, train], targets[:, test]
     if top_k is None:

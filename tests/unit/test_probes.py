@@ -72,7 +72,7 @@ def test_a_planted_direction_is_found_and_the_controls_stay_at_chance():
 def test_ridge_equals_a_per_layer_closed_form():
     x, labels, _ = planted(n=120, d=8, seed=1)
     l2 = 0.05
-    result = train_probes(x, labels, "ridge", l2=l2)
+    result = train_probes(x.double(), labels, "ridge", l2=l2)  # float64 in, float64 solve
     train = train_split(result, len(labels))
     for layer in range(x.shape[0]):
         xs = x[layer, train].double()
@@ -84,8 +84,8 @@ def test_ridge_equals_a_per_layer_closed_form():
         a = centred.T @ centred + len(train) * l2 * scale2 * torch.eye(8, dtype=torch.float64)
         w = torch.linalg.solve(a, centred.T @ (t - t.mean()))
         b = t.mean() - mean @ w
-        torch.testing.assert_close(result.weights[layer].double(), w, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(result.bias[layer].double(), b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.weights[layer].double(), w, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(result.bias[layer].double(), b, atol=1e-6, rtol=1e-5)
 
 
 def test_ridge_primal_and_dual_agree():
@@ -93,7 +93,7 @@ def test_ridge_primal_and_dual_agree():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 30, 50, generator=gen)
     labels = torch.arange(30) % 2 == 0
-    wide = train_probes(x, labels, "ridge", l2=0.1)
+    wide = train_probes(x.double(), labels, "ridge", l2=0.1)
     train = train_split(wide, 30)
     xs = x[:, train].double()
     centred = xs - xs.mean(1, keepdim=True)
@@ -103,7 +103,7 @@ def test_ridge_primal_and_dual_agree():
         c = centred[layer]
         a = c.T @ c + len(train) * 0.1 * scale2[layer] * torch.eye(50, dtype=torch.float64)
         w = torch.linalg.solve(a, c.T @ (t - t.mean()))
-        torch.testing.assert_close(wide.weights[layer].double(), w, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(wide.weights[layer].double(), w, atol=1e-6, rtol=1e-5)
 
 
 def reference_logistic(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -128,7 +128,7 @@ def reference_logistic(x: torch.Tensor, y: torch.Tensor, penalty: float) -> torc
 def test_logistic_equals_a_per_layer_reference(solver: str):
     x, labels, _ = planted(n=200, d=6, strength=1.0, seed=3)
     l2 = 0.02
-    result = train_probes(x, labels, l2=l2, solver=solver)  # type: ignore[arg-type]
+    result = train_probes(x.double(), labels, l2=l2, solver=solver)
     train = train_split(result, len(labels))
     sklearn = None
     try:
@@ -152,6 +152,25 @@ def test_logistic_equals_a_per_layer_reference(solver: str):
                 atol=1e-3,
                 rtol=1e-3,
             )
+
+
+def test_float32_fits_agree_with_float64_ones():
+    x, labels, _ = planted(n=200, d=6, strength=1.0, seed=3)
+    for kind in ("logistic", "ridge"):
+        single, double = train_probes(x, labels, kind), train_probes(x.double(), labels, kind)
+        torch.testing.assert_close(single.weights, double.weights.float(), atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(single.accuracy, double.accuracy)
+
+
+def test_newton_accumulates_its_hessians_over_blocks_of_rows(monkeypatch: pytest.MonkeyPatch):
+    import mitk.analysis.probe_fit as probe_fit
+
+    x, labels, _ = planted(n=90, d=5, strength=1.0, seed=7)
+    whole = train_probes(x.double(), labels, solver="newton")
+    monkeypatch.setattr(probe_fit, "CHUNK_ELEMENTS", 200)  # a few rows per block
+    blocks = train_probes(x.double(), labels, solver="newton")
+    torch.testing.assert_close(blocks.weights, whole.weights)
+    torch.testing.assert_close(blocks.bias, whole.bias)
 
 
 def test_logistic_refuses_no_penalty_and_unknown_solver():

@@ -134,7 +134,9 @@ def _control_labels(
 
 
 def train_probes(
-    activations: Float[Tensor, "layer row d"] | Mapping[str, Float[Tensor, "row ..."]],
+    activations: Float[Tensor, "layer row d"]
+    | Mapping[str, Float[Tensor, "row ..."]]
+    | tuple[Any, Any, list[str]],
     labels: Bool[Tensor, " n_labels"] | Int[Tensor, " n_labels"],
     kind: str = "logistic",
     *,
@@ -149,7 +151,9 @@ def train_probes(
     """Fit a binary probe per layer, with a control task and shuffled inputs, scored held out.
 
     - ``activations``: ``[layer, row, d]``, or hook name -> ``[row, ...]`` (as
-      ``probe_activations`` or a cache gives; trailing axes are flattened).
+      ``probe_activations`` or a cache gives; trailing axes are flattened), or
+      ``(model, prompts, hooks)``, read with ``probe_activations`` (each
+      prompt's last real token: one row per prompt).
     - ``labels``: 0/1 or bool per row. ``kind`` (a ``ProbeKind``): ``"logistic"`` (Newton up to 512
       features, L-BFGS above, or ``solver=``) or ``"ridge"`` (closed form on ±1
       targets). ``l2`` penalises the weights on features centred and scaled to
@@ -162,6 +166,9 @@ def train_probes(
       latents) whose class means differ most on the training rows, chosen per
       layer and, for the controls, on their own labels.
     """
+    if isinstance(activations, tuple):
+        model, prompts, hooks = activations
+        activations = probe_activations(model, prompts, hooks)
     x, names = _stacked(activations)
     labels = labels.to(x.device)
     n_layers, n, d = x.shape

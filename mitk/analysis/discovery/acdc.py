@@ -96,8 +96,9 @@ def acdc(
             continue
         candidates = keep[:, r].nonzero().flatten().tolist()
         while candidates:
-            keep, current, candidates = _try_receiver(score, keep, current, r, candidates,
-                                                      threshold, effects)  # fmt: skip
+            keep, current, candidates = _try_receiver(
+                score, keep, current, r, candidates, threshold, effects
+            )
     circuit = Circuit.from_mask(graph, keep.cpu() > 0)
     return DiscoveryResult(circuit, with_nan(graph, effects), f"acdc[{criterion}, {threshold}]")
 

@@ -152,9 +152,9 @@ class MaskedRun:
         self.batch, self.seq = clean.shape
         self.fn, self.answer_pos = metric_fn(metric, self.batch, self.seq)
         self.ablation = ablation
-        self.ablated = ablated_outputs(model, self.graph, Prompts(
-            clean, None if self.prompts.corrupted is None else self.prompts.corrupted.to(device),
-            self.mask), ablation)  # fmt: skip
+        corrupted = self.prompts.corrupted
+        source = Prompts(clean, None if corrupted is None else corrupted.to(device), self.mask)
+        self.ablated = ablated_outputs(model, self.graph, source, ablation)
         with torch.no_grad():
             logits = model(clean, attention_mask=self.mask)
             picked = self._at_answer(logits)

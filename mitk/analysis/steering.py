@@ -26,6 +26,7 @@ from mitk.shapes import Bool, Float, Int
 
 __all__ = ["Steering", "latent_steering", "steer", "steering_vector"]
 
+NOT_PER_POSITION = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
 SteerPositions = Literal["all", "last"] | Bool[Tensor, "batch pos"]
 HookChoice = str | int | Sequence[str | int]
 
@@ -147,6 +148,10 @@ def steer(
             raise ValueError("steer needs hooks= (names or layers) for a single vector")
         plan = dict.fromkeys(_hook_names(model, hooks), vectors)
     for hook_name, vector in plan.items():
+        if hook_name.endswith(NOT_PER_POSITION):
+            raise ValueError(
+                f"{hook_name!r} is not [batch, pos, ...]: steer a residual, z or MLP hook"
+            )
         if not isinstance(vector, Tensor) or not vector.is_floating_point():
             raise TypeError(f"the steering vector for {hook_name!r} must be a float tensor")
     handle = Steering(hooks=list(plan), calls=dict.fromkeys(plan, 0))

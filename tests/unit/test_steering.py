@@ -188,6 +188,11 @@ def test_vectors_per_hook_and_argument_errors(linear_head: HookedTransformer):
         pass
     with pytest.raises(ValueError, match="hooks="), steer(linear_head, a):
         pass
+    with (
+        pytest.raises(ValueError, match="not \\[batch, pos"),
+        steer(linear_head, a, "blocks.0.attn.hook_pattern"),
+    ):
+        pass
 
 
 def perfect_sae(d_in: int, hook_name: str) -> SparseAutoencoder:

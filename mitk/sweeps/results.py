@@ -59,27 +59,32 @@ def _versions() -> dict[str, str]:
 
 
 def mean_results(frame: pd.DataFrame) -> list[PatchResult]:
-    """One prompt-averaged ``PatchResult`` per (site, granularity) of a results table.
+    """One ``PatchResult`` per (site, granularity) of a results table, holding every pair.
 
-    Cells missing for some pairs (positions past a shorter batch's width) average
-    over the pairs that have them; a cell no pair has is NaN.
+    ``per_prompt`` is ``[pair, ...]``; a cell missing for some pairs (a position
+    past a shorter batch's width) is NaN for them, so ``values`` averages over
+    the pairs that have it, and the figures' intervals and tests use those pairs.
+    A cell no pair has is NaN.
     """
     results = []
     for (site, per), part in frame.groupby(["site", "per"], sort=False):
         layers = sorted(part["layer"].unique().tolist())
         axes = [a for a in ("layer", "head", "pos") if part[a].notna().any()]
         sizes = [len(layers)] + [int(part[a].max()) + 1 for a in axes[1:]]
-        grid = torch.full(sizes, float("nan"), dtype=torch.float64)
-        means = part.groupby(axes)["value"].mean()
-        for key, value in means.items():
-            cell = (key,) if len(axes) == 1 else key
-            grid[(layers.index(int(cell[0])), *(int(c) for c in cell[1:]))] = float(value)
-        baselines = part.drop_duplicates("pair")
+        pairs = sorted(part["pair"].unique().tolist())
+        grid = torch.full([len(pairs), *sizes], float("nan"), dtype=torch.float64)
+        index = [
+            torch.tensor(part["pair"].map({p: i for i, p in enumerate(pairs)}).to_numpy()),
+            torch.tensor(part["layer"].map({x: i for i, x in enumerate(layers)}).to_numpy()),
+            *(torch.tensor(part[a].astype("int64").to_numpy()) for a in axes[1:]),
+        ]
+        grid[tuple(index)] = torch.tensor(part["value"].to_numpy(dtype=float))
+        baselines = part.drop_duplicates("pair").set_index("pair").loc[pairs]
         results.append(
             PatchResult(
-                per_prompt=grid[None],
-                clean=torch.tensor([baselines["clean"].mean()], dtype=torch.float64),
-                corrupted=torch.tensor([baselines["corrupted"].mean()], dtype=torch.float64),
+                per_prompt=grid,
+                clean=torch.tensor(baselines["clean"].to_numpy(dtype=float)),
+                corrupted=torch.tensor(baselines["corrupted"].to_numpy(dtype=float)),
                 site=str(site),
                 per=str(per),
                 direction=str(part["direction"].iloc[0]),

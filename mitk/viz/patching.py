@@ -46,14 +46,16 @@ def min_prompts(alpha: float) -> int:
 def _uncertainty(
     result: PatchResult, normalized: bool, alpha: float, show: bool | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """``(low, high, p, significant)`` on the values' grid, or None when not shown."""
+    """``(low, high, p, unmarked)`` on the values' grid (unmarked: significant or empty), or None."""
     if show is None:
         show = result.per_prompt.shape[0] >= min_prompts(alpha)
     if not show:
         return None
     low, high = result.confidence_interval(normalized=normalized)
     p = result.p_values()
-    return low.double().cpu(), high.double().cpu(), p.double().cpu(), benjamini_hochberg(p, alpha)
+    # a cell no prompt has (NaN) is blank, not "not significant"
+    keep = benjamini_hochberg(p, alpha) | p.isnan()
+    return low.double().cpu(), high.double().cpu(), p.double().cpu(), keep.cpu()
 
 
 def _hover(low: Tensor, high: Tensor, p: Tensor) -> dict[str, Any]:

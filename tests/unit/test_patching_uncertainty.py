@@ -183,3 +183,27 @@ def test_cells_missing_for_some_prompts_use_the_prompts_that_have_them():
     assert not low.isnan().any()
     empty = torch.full((3, 1), float("nan"), dtype=torch.float64)
     assert bootstrap_interval(empty)[0].isnan().all()
+
+
+def test_sweep_results_keep_every_pair_for_the_figures():
+    """``mean_results`` (the ``mitk patch`` dashboard's input) keeps pairs, NaN where one lacks a
+    cell, so its values average the pairs that have each cell and its intervals are real."""
+    from mitk.sweeps import mean_results
+
+    gen = torch.Generator().manual_seed(12)
+    per_prompt = torch.randn(8, 2, 3, generator=gen, dtype=torch.float64)
+    patched = PatchResult(
+        per_prompt=per_prompt, clean=torch.arange(8.0, dtype=torch.float64) + 2,
+        corrupted=torch.zeros(8, dtype=torch.float64), site="resid_pre", per="pos",
+        direction="denoising", layers=[1, 3],
+    )  # fmt: skip
+    frame = long_table(patched)
+    short = (frame["pair"] >= 5) & (frame["pos"] == 2)  # three pairs end a position earlier
+    frame = frame[~short].sample(frac=1.0, random_state=0)  # rows in any order
+    (merged,) = mean_results(frame)
+    expected = per_prompt.clone()
+    expected[5:, :, 2] = float("nan")
+    torch.testing.assert_close(merged.per_prompt, expected, equal_nan=True)
+    torch.testing.assert_close(merged.values[:, 2], per_prompt[:5, :, 2].mean(0))
+    torch.testing.assert_close(merged.clean, patched.clean)
+    assert merged.layers == [1, 3] and not merged.confidence_interval()[0].isnan().any()

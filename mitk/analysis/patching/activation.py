@@ -39,6 +39,9 @@ class PatchResult:
     ``per_prompt`` is ``[batch, layer, ...]`` with one axis per granularity
     dimension (``axes`` names them); ``values`` averages over prompts.
     ``clean``/``corrupted`` are the metric on the unpatched runs, per prompt.
+    A NaN in ``per_prompt`` is a cell that prompt lacks (a position past a
+    shorter prompt, in results gathered from a sweep): means, intervals and
+    tests use the prompts that have the cell.
     """
 
     per_prompt: Float[Tensor, "batch ..."]
@@ -56,8 +59,8 @@ class PatchResult:
 
     @property
     def values(self) -> Float[Tensor, "..."]:
-        """Mean over prompt pairs of the patched metric."""
-        return self.per_prompt.mean(0)
+        """Mean over prompt pairs of the patched metric (over those that have the cell)."""
+        return self.per_prompt.nanmean(0)
 
     def normalized(self) -> Float[Tensor, "..."]:
         """``(patched - corrupted) / (clean - corrupted)`` on prompt means: 1 = fully restored.

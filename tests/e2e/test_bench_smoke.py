@@ -22,6 +22,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
         ("sae_dictionaries.py", "mitk / SAELens throughput"),
         ("long_context.py", "mitk fused / TL HookedTransformer (added memory)"),
         ("gpu_check.py", "mitk fused / HF sdpa"),  # on a CPU: paths, bf16 bound, timings
+        ("discovery.py", "TL EAP-IG reference / mitk eap_ig"),
     ],
 )
 def test_benchmark_quick_mode(script: str, ratio: str) -> None:

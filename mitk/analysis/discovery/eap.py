@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mitk.analysis.discovery.circuit import Circuit
 from mitk.analysis.discovery.graph import EdgeGraph, Granularity
-from mitk.analysis.discovery.masked import Ablation, MaskedRun, sender_outputs
+from mitk.analysis.discovery.masked import Ablation, MaskedRun
 from mitk.analysis.discovery.result import DiscoveryResult, with_nan
 from mitk.shapes import Float
 
@@ -58,8 +58,7 @@ def _activation_scores(
 
 
 def _input_scores(run: MaskedRun, alphas: Tensor, per: int) -> Float[Tensor, "sender receiver"]:
-    clean = sender_outputs(run.model, run.graph, run.tokens, run.mask)
-    delta = clean - run.ablated  # [S, B, P, M]
+    delta = run.clean_outputs - run.ablated  # [S, B, P, M]
     n_receivers, d_model = run.graph.present.shape[1], run.model.cfg.d_model
     grads = torch.zeros(run.batch, run.seq, n_receivers, d_model, device=run.tokens.device)
     for chunk in _chunks(alphas, per):

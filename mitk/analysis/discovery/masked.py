@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import torch
@@ -73,22 +74,31 @@ def as_prompts(data: Any) -> Prompts:
     raise TypeError("data must be Prompts, clean tokens, or a (clean, corrupted) pair of tensors")
 
 
-def sender_outputs(
+def run_senders(
     model: Any, graph: EdgeGraph, tokens: Tensor, attention_mask: Tensor | None
-) -> Float[Tensor, "sender batch pos d_model"]:
-    """Every head-level sender's write into the residual stream on a plain run of ``tokens``."""
+) -> tuple[Float[Tensor, "sender batch pos d_model"], Float[Tensor, "batch pos d_vocab"]]:
+    """Every head-level sender's write into the residual stream on a plain run, and its logits."""
     shape = graph.shape
     names = [name("resid_pre", 0)] + [name("z", L) for L in range(shape.n_layers)]
     names += [name("mlp_out", L) for L in range(shape.n_layers)] if shape.has_mlp else []
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, attention_mask=attention_mask, names_filter=names)
+        logits, cache = model.run_with_cache(
+            tokens, attention_mask=attention_mask, names_filter=names
+        )
         out = [cache[names[0]][None]]
         for L in range(shape.n_layers):
             W_O = model.blocks[L].attn.W_O
             out.append(torch.einsum("bphd,hdm->hbpm", cache[name("z", L)], W_O))
             if shape.has_mlp:
                 out.append(cache[name("mlp_out", L)][None])
-        return torch.cat(out)
+        return torch.cat(out), logits
+
+
+def sender_outputs(
+    model: Any, graph: EdgeGraph, tokens: Tensor, attention_mask: Tensor | None
+) -> Float[Tensor, "sender batch pos d_model"]:
+    """Every head-level sender's write into the residual stream on a plain run of ``tokens``."""
+    return run_senders(model, graph, tokens, attention_mask)[0]
 
 
 def ablated_outputs(
@@ -135,7 +145,7 @@ class MaskedRun:
     ``metric`` is a ready-made metric (``mitk.analysis.patching.metrics``) or
     a callable from logits ``[batch, pos, d_vocab]`` to ``[batch]``.
     ``full`` and ``empty`` are the metric per prompt with every edge kept and
-    with every edge ablated.
+    with every edge ablated; ``clean_outputs`` every sender's clean write.
     """
 
     def __init__(
@@ -155,14 +165,19 @@ class MaskedRun:
         corrupted = self.prompts.corrupted
         source = Prompts(clean, None if corrupted is None else corrupted.to(device), self.mask)
         self.ablated = ablated_outputs(model, self.graph, source, ablation)
+        self.clean_outputs, logits = run_senders(model, self.graph, clean, self.mask)
         with torch.no_grad():
-            logits = model(clean, attention_mask=self.mask)
             picked = self._at_answer(logits)
             if isinstance(metric, PositionMetric):
                 metric.prepare(picked)
             self.clean_log_probs = picked.float().log_softmax(-1)
             self.full = self.fn(picked).detach()
-            self.empty = self.metric(self.keep_all(0.0))[0]
+
+    @cached_property
+    def empty(self) -> Float[Tensor, " batch"]:
+        """The metric per prompt with every edge ablated."""
+        with torch.no_grad():
+            return self.metric(self.keep_all(0.0))[0]
 
     # --- masks -------------------------------------------------------------------------
     def keep_all(self, value: float, variants: int = 1) -> Float[Tensor, "variant sender receiver"]:

@@ -123,3 +123,18 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="on must be"):
         eap_ig(model, prompts, LastLogit(), on="weights")  # type: ignore[arg-type]
     assert isinstance(prompts, Prompts)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "parallel"])
+@pytest.mark.parametrize("granularity", ["heads", "layers"])
+def test_acdc_and_edge_pruning_run_on_every_block_kind(kind: str, granularity: str) -> None:
+    from mitk.analysis.discovery import acdc, edge_pruning
+
+    model, prompts, metric = tiny(kind), random_pair(), LastLogit(3)
+    graph = EdgeGraph.of(model, granularity)  # type: ignore[arg-type]
+    found = acdc(model, prompts, metric, 1e-3, granularity=granularity)  # type: ignore[arg-type]
+    learned = edge_pruning(model, prompts, metric, steps=3, granularity=granularity)  # type: ignore[arg-type]
+    for result in (found, learned):
+        assert result.scores.shape == graph.present.shape
+        assert result.scores[~graph.present].isnan().all()
+        assert result.circuit.graph.receivers == graph.receivers

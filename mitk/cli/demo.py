@@ -1,4 +1,9 @@
-"""``mitk demo``: the README's main job: find the embedded model's circuit, write a report."""
+"""``mitk demo``: the README's main job: analyse an embedded model, write a report.
+
+A model with a tokenizer (the default, shakespeare-small) gets the real-text
+report (``demo_text``); one without (toy-induction) the repeated-random-token
+report below, which finds its induction circuit.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,13 @@ from mitk.analysis.detectors import head_detector_scores
 from mitk.analysis.dla import Attribution, logit_attribution
 from mitk.analysis.lens import LogitLens, logit_lens
 from mitk.analysis.patching import PatchResult, activation_patch, logit_diff
+from mitk.cli.demo_text import (
+    DEFAULT_PROMPT,
+    measure_text,
+    print_text_json,
+    print_text_summary,
+    write_text_report,
+)
 from mitk.cli.inputs import MAX_SEED
 from mitk.cli.outputs import check_output_file
 from mitk.errors import ConfigError
@@ -161,20 +173,38 @@ def _report(out: Path, model_name: str, net: HookedTransformer, half: int, batch
 
 def demo(
     model: Annotated[str, typer.Option(help="Embedded model name or local directory.")] = (
-        "toy-induction"
+        "shakespeare-small"
     ),
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            help="Text to analyse (models with a tokenizer; default: a held-out play's opening)."
+        ),
+    ] = None,
     half: Annotated[
-        int, typer.Option(min=1, help="Length of the random segment that repeats.")
+        int, typer.Option(min=1, help="Length of the random segment that repeats (no tokenizer).")
     ] = 20,
-    batch: Annotated[int, typer.Option(min=1, max=4096, help="Number of random prompts.")] = 16,
+    batch: Annotated[
+        int, typer.Option(min=1, max=4096, help="Number of random prompts (no tokenizer).")
+    ] = 16,
     top: Annotated[int, typer.Option(min=1, help="Top predictions to show per position.")] = 3,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed for the random tokens.")] = 0,
     out: Annotated[Path, typer.Option(help="Where to write the HTML report.")] = DEFAULT_OUT,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """Cache a forward on repeated random tokens, find the circuit, write an HTML report."""
+    """Analyse a model on text (or, without a tokenizer, repeated random tokens); write a report."""
     check_output_file(out, "--out")
     net = HookedTransformer.from_pretrained(model)
+    if net.tokenizer is not None:
+        text_found, text_cache, text_tokens = measure_text(net, prompt or DEFAULT_PROMPT, seed, top)
+        path, titles = write_text_report(out, model, net, text_found, text_cache, text_tokens)
+        if as_json:
+            print_text_json(model, text_found, path, titles)
+        else:
+            print_text_summary(model, net, text_found, path)
+        return
+    if prompt is not None:
+        raise ConfigError(f"--prompt needs a model with a tokenizer; {model} has none")
     if 2 * half + 1 > net.cfg.n_ctx:
         longest = (net.cfg.n_ctx - 1) // 2
         raise ConfigError(f"--half {half} makes {2 * half + 1} tokens; the model's context is "

@@ -5,7 +5,8 @@ features in ``d_in`` dimensions, each row a sparse non-negative mix of about
 ``mean_active`` of them) and a token budget. Sizes differ from every size the unit tests
 and ``sae_ground_truth.py`` use. For each architecture both tools get what a new user
 would type — the shape, ``k`` (= mean_active, rounded) where the architecture takes one,
-the batch size and the token budget — and nothing else:
+the batch size and the token budget — and nothing else (Matryoshka also gets its prefix
+widths, mitk's default ``d_sae/8, /4, /2, d_sae``, as SAELens has no default for them):
 
 - ``mitk``: ``train(SAEConfig(d_in, d_sae, architecture, k, batch_size, total_tokens), x)``
   on the raw tensor ``x``;
@@ -60,6 +61,10 @@ SAELENS_CLASSES = {
     "batchtopk": ("BatchTopKTrainingSAE", "BatchTopKTrainingSAEConfig"),
     "jumprelu": ("JumpReLUTrainingSAE", "JumpReLUTrainingSAEConfig"),
     "gated": ("GatedTrainingSAE", "GatedTrainingSAEConfig"),
+    "matryoshka_batchtopk": (
+        "MatryoshkaBatchTopKTrainingSAE",
+        "MatryoshkaBatchTopKTrainingSAEConfig",
+    ),
 }
 TUNED_LRS = (3e-4, 1e-3, 3e-3)
 
@@ -124,8 +129,11 @@ def saelens_run(point: Point, arch: str, x: Tensor) -> SparseAutoencoder:
 
     model_name, config_name = SAELENS_CLASSES[arch]
     shape: dict[str, Any] = {"d_in": point.d_in, "d_sae": point.n_features}
-    if arch in ("topk", "batchtopk"):
+    if arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
         shape["k"] = point.k
+    if arch == "matryoshka_batchtopk":  # SAELens has no default: mitk's default widths
+        mitk_cfg = SAEConfig(d_in=point.d_in, d_sae=point.n_features, architecture=arch)
+        shape["matryoshka_widths"] = list(mitk_cfg.matryoshka_widths)
     torch.manual_seed(point.seed)
     sae = getattr(sae_lens, model_name)(getattr(sae_lens, config_name)(**shape))
     cfg = SAETrainerConfig(

@@ -75,7 +75,7 @@ def _l0_cause(cfg: SAEConfig, input_scale: float) -> str:
     scale = _scale_hint(input_scale)
     if cfg.architecture in ("relu", "gated"):
         return (
-            f"the L1 penalty (l1_coefficient={cfg.l1_coefficient:g}) outweighs the "
+            f"the L1 penalty (l1_coefficient={cfg.l1_weight:g}) outweighs the "
             f"reconstruction at this activation scale{scale}: lower l1_coefficient"
         )
     if cfg.architecture == "jumprelu":

@@ -142,7 +142,7 @@ def _gated_loss(sae: SparseAutoencoder, x: Tensor, y: Tensor, sparsity_scale: fl
         counts = column_counts(values.detach() > 0)
     mse = _squared_error(recon, y)
     aux = _squared_error(via_gate, y)
-    sparsity = sparsity_scale * cfg.l1_coefficient * penalty
+    sparsity = sparsity_scale * cfg.l1_weight * penalty
     no_min = x.new_tensor(float("inf"))
     return LossParts(mse + sparsity + aux, mse.detach(), sparsity.detach(), aux.detach(), counts,
                      recon.detach(), no_min)  # fmt: skip
@@ -191,7 +191,7 @@ def _thresholded_loss(
         penalty = step(pre, threshold, eps).sum() / n_rows
         counts = column_counts(latents.detach() != 0)
     mse = _squared_error(recon, y)
-    coefficient = cfg.l1_coefficient if relu else cfg.l0_weight
+    coefficient = cfg.l1_weight if relu else cfg.l0_weight
     sparsity = sparsity_scale * coefficient * penalty
     # min_active feeds only BatchTopK's threshold, so it is not computed here
     no_min = x.new_tensor(float("inf"))

@@ -126,6 +126,15 @@ def test_l0_weight_scales_with_the_input_width() -> None:
         SAEConfig(d_in=32, d_sae=64, l0_coefficient=-2.0)
 
 
+def test_l1_weight_is_per_architecture_unless_given() -> None:
+    assert SAEConfig(d_in=32, d_sae=64, architecture="relu").l1_weight == 5.0
+    assert SAEConfig(d_in=32, d_sae=64, architecture="gated").l1_weight == 4.0
+    explicit = SAEConfig(d_in=32, d_sae=64, architecture="gated", l1_coefficient=0.5)
+    assert explicit.l1_weight == 0.5
+    with pytest.raises(ConfigError, match="l1_coefficient must be finite and >= 0"):
+        SAEConfig(d_in=32, d_sae=64, l1_coefficient=-2.0)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
     [("lr", "fast", "lr must be"), ("k", 2.5, "k must be"), ("stop_on_collapse", 1, "stop_on"),

@@ -35,11 +35,11 @@ from mitk.train.shakespeare_card import write_card
 from mitk.train.shakespeare_corpus import Split, load_split
 
 MODEL = TransformerConfig(
-    d_model=192,
+    d_model=128,
     n_layers=4,
     n_heads=4,
     n_key_value_heads=2,
-    d_mlp=512,
+    d_mlp=384,
     d_vocab=4096,
     n_ctx=256,
     act_fn="silu",
@@ -61,9 +61,12 @@ MODEL = TransformerConfig(
     },
 )
 TRAIN = TrainConfig(
-    steps=300, lr=2e-3, warmup=40, weight_decay=0.1, checkpoint_every=50, log_every=10
+    steps=400, lr=3e-3, warmup=30, weight_decay=0.1, checkpoint_every=50, log_every=10
 )
-BATCH, SEED = 12, 0
+BATCH, SEED = 16, 0
+REPEATED_ROWS = 4
+"""Rows of each batch that hold a passage twice (BOS, 128 tokens, their first 127 again), to
+reward copying (induction) on a budget of CPU-minutes."""
 STORED_DTYPE = torch.float16
 """Weights are written in half precision (half the bytes); the config says float32, so
 loading casts them back and the model runs in fp32 unless ``dtype=`` says otherwise."""
@@ -85,13 +88,21 @@ def windows_at(
     return torch.cat([torch.full((len(starts), 1), bos, dtype=torch.long), rows], dim=1)
 
 
-def batch_fn(stream: Int[Tensor, " n"], batch: int, seq_len: int, bos: int, seed: int) -> BatchFn:
-    """Batches of random windows of ``stream``, seeded by the step (so resumes see the same)."""
+def batch_fn(
+    stream: Int[Tensor, " n"], batch: int, seq_len: int, bos: int, seed: int, repeated: int = 0
+) -> BatchFn:
+    """Batches of random windows of ``stream``, seeded by the step (so resumes see the same).
+
+    The first ``repeated`` rows hold a passage and then the passage again (cut to fit).
+    """
 
     def at(step: int) -> Tensor:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         starts = torch.randint(0, len(stream) - seq_len + 1, (batch,), generator=gen)
-        return windows_at(stream, starts, seq_len, bos)
+        rows = windows_at(stream, starts, seq_len, bos)
+        half = seq_len // 2
+        rows[:repeated, 1 + half :] = rows[:repeated, 1 : seq_len - half]
+        return rows
 
     return at
 
@@ -132,6 +143,7 @@ def build(
     model_cfg: TransformerConfig = MODEL,
     train_cfg: TrainConfig = TRAIN,
     batch: int = BATCH,
+    repeated: int = REPEATED_ROWS,
     progress: bool = True,
     split: Split | None = None,
     note: str = "",
@@ -147,13 +159,14 @@ def build(
     stream = token_stream(tokenizer, split.train.values())
     torch.manual_seed(SEED)
     model = HookedTransformer(model_cfg, tokenizer=tokenizer, seed=SEED)
-    batches = batch_fn(stream, batch, model_cfg.n_ctx, tokenizer.bos_token_id, SEED)
+    batches = batch_fn(stream, batch, model_cfg.n_ctx, tokenizer.bos_token_id, SEED, repeated)
     history, seconds = _timed_training(model, batches, train_cfg, checkpoints, resume, progress)
     save_half(model, out)
     shipped = HookedTransformer.from_pretrained(out)
     run = {
         "steps": train_cfg.steps,
         "batch": batch,
+        "repeated_rows": repeated,
         "tokens_seen": train_cfg.steps * batch * (model_cfg.n_ctx - 1),
         "train_tokens": len(stream),
         "seconds": seconds,

@@ -44,7 +44,7 @@ def build(
     split: Split, out: Path, checkpoints: Path | None = None, resume: bool = False
 ) -> HookedTransformer:
     return shakespeare_small.build(
-        out, checkpoints, resume, TINY, TRAIN, batch=2, progress=False, split=split
+        out, checkpoints, resume, TINY, TRAIN, batch=2, repeated=1, progress=False, split=split
     )
 
 
@@ -87,3 +87,13 @@ def test_recipe_trains_saves_writes_the_card_and_resumes_bit_identically(
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_batches_are_a_function_of_the_step_with_repeated_rows_first() -> None:
+    stream = torch.arange(10, 2_000)
+    batches = shakespeare_small.batch_fn(stream, batch=4, seq_len=17, bos=0, seed=0, repeated=1)
+    rows = batches(5)
+    assert torch.equal(rows, batches(5)) and not torch.equal(rows, batches(6))
+    assert (rows[:, 0] == 0).all()
+    assert torch.equal(rows[0, 9:], rows[0, 1:9])  # BOS, 8 tokens, the same 8 again
+    assert (rows[1:, 2:] - rows[1:, 1:-1] == 1).all()  # the others: plain windows of the text

@@ -46,7 +46,7 @@ def min_prompts(alpha: float) -> int:
 def _uncertainty(
     result: PatchResult, normalized: bool, alpha: float, show: bool | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """``(low, high, p, unmarked)`` on the values' grid (unmarked: significant or empty), or None."""
+    """``(low, high, p, unmarked)`` on the values' grid (unmarked: significant or empty) or None."""
     if show is None:
         show = result.per_prompt.shape[0] >= min_prompts(alpha)
     if not show:

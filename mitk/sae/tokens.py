@@ -166,7 +166,10 @@ def _tokenize_file(path: Path, tokenizer: Any) -> tuple[list[int], str]:
 
     def flush() -> None:
         if block:
-            ids.extend(tokenizer("".join(block), add_special_tokens=False)["input_ids"])
+            # blocks are longer than the model's context on purpose (rows are cut later):
+            # verbose=False drops transformers' "sequence length is longer than" notice
+            text = "".join(block)
+            ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
             block.clear()
 
     with path.open(encoding="utf-8") as handle:

@@ -174,12 +174,12 @@ def hf_contenders(directory: Path, tokens: Tensor) -> list[Contender]:
     return contenders
 
 
-def tl_hooked_contender(directory: Path, tokens: Tensor) -> Contender:
-    """Legacy HookedTransformer, built through TL's local-path loaders.
+def tl_hooked_model(directory: Path) -> Any:
+    """TL's legacy HookedTransformer on a local HF checkpoint, unprocessed, in eval mode.
 
     ``HookedTransformer.from_pretrained`` needs an official model name and then fetches that
     name's config from the hub, so it cannot run offline; the loaders it calls accept a
-    local directory instead.
+    local directory instead. The other benches load TL through this too.
     """
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
@@ -191,6 +191,7 @@ def tl_hooked_contender(directory: Path, tokens: Tensor) -> Contender:
     )
     cfg.tokenizer_name = None  # otherwise the constructor loads a tokenizer it never uses
     state = loading.get_pretrained_state_dict(str(directory), cfg, hf_model)
+    del hf_model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "use TransformerBridge"
         model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
@@ -202,7 +203,12 @@ def tl_hooked_contender(directory: Path, tokens: Tensor) -> Contender:
         center_unembed=False,
         fold_value_biases=False,
     )
-    model.eval()
+    return model.eval()
+
+
+def tl_hooked_contender(directory: Path, tokens: Tensor) -> Contender:
+    """Legacy HookedTransformer (``tl_hooked_model``)."""
+    model = tl_hooked_model(directory)
     return "TL HookedTransformer", lambda: model(tokens)
 
 

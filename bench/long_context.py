@@ -56,8 +56,8 @@ import sys
 import tempfile
 import time
 from typing import Any
-import warnings
 
+from forward import tl_hooked_model  # bench/forward.py: one way to load TL offline
 import torch
 from torch import Tensor
 import torch.nn.functional as F
@@ -170,29 +170,8 @@ def case_tokens(case: Case) -> Tensor:
 
 
 def tl_model(directory: Path) -> Any:
-    """TL's HookedTransformer from a local HF directory, unprocessed (see bench/forward.py)."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoModelForCausalLM
-
-    hf_model = AutoModelForCausalLM.from_pretrained(directory)
-    cfg = loading.get_pretrained_model_config(
-        str(directory), hf_cfg=hf_model.config.to_dict(), fold_ln=False, device="cpu"
-    )
-    cfg.tokenizer_name = None
-    state = loading.get_pretrained_state_dict(str(directory), cfg, hf_model)
-    del hf_model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
-    model.load_and_process_state_dict(
-        state,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-    )
-    return model.eval()
+    """TL's HookedTransformer from a local HF directory, unprocessed (bench/forward.py)."""
+    return tl_hooked_model(directory)
 
 
 def build(name: str, directory: Path, shared: dict[str, Any]) -> Callable[[Tensor], Any]:

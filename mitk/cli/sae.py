@@ -131,7 +131,7 @@ def train_command(
     d_sae: Annotated[int | None, typer.Option(help="Number of latents.")] = None,
     expansion: Annotated[int | None, typer.Option(help="d_sae / d_in (default 8).")] = None,
     k: Annotated[int | None, typer.Option(help="Active latents per row (topk, batchtopk).")] = None,
-    l1_coefficient: Annotated[float | None, typer.Option(help="relu: sparsity weight.")] = None,
+    l1_coefficient: Annotated[float | None, typer.Option(help="relu/gated: L1 weight.")] = None,
     l0_coefficient: Annotated[float | None, typer.Option(help="jumprelu: L0 weight.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak Adam learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Activation rows per step.")] = None,

@@ -8,6 +8,7 @@ figure to PNG/SVG/PDF where Kaleido and a Chrome are installed.
 """
 
 from mitk.viz.attention import attention_heatmap, cached_attention_heatmap
+from mitk.viz.circuit_graph import circuit_graph
 from mitk.viz.circuits import composition_heatmap, eigenvalue_scatter, head_scores_heatmap
 from mitk.viz.dashboard import as_sections, dashboard, dashboard_html
 from mitk.viz.defaults import UnsupportedResultError, figures_for
@@ -31,6 +32,7 @@ __all__ = [
     "as_sections",
     "attention_heatmap",
     "cached_attention_heatmap",
+    "circuit_graph",
     "composition_heatmap",
     "dashboard",
     "dashboard_html",

@@ -34,6 +34,7 @@ with install_import_hook(_CHECKED, "beartype.beartype"):
     import mitk.analysis.circuits
     import mitk.analysis.composition
     import mitk.analysis.detectors
+    import mitk.analysis.discovery
     import mitk.analysis.dla
     import mitk.analysis.lens
     import mitk.analysis.patching

@@ -90,7 +90,7 @@ class _Node:
 def _head_senders(shape: GraphShape) -> list[_Node]:
     nodes = [_Node("embed", -1.0, -1, "embed", 0)]
     for L in range(shape.n_layers):
-        nodes += [_Node(f"L{L}H{h}", L, L, "head", h) for h in range(shape.n_heads)]
+        nodes += [_Node(f"L{L}H{h}", float(L), L, "head", h) for h in range(shape.n_heads)]
         if shape.has_mlp:
             nodes.append(_Node(f"L{L}_mlp", L + 0.5, L, "mlp", 0))
     return nodes
@@ -99,15 +99,16 @@ def _head_senders(shape: GraphShape) -> list[_Node]:
 def _head_receivers(shape: GraphShape) -> list[_Node]:
     nodes = []
     for L in range(shape.n_layers):
-        nodes += [_Node(f"L{L}H{h}.q", L, L, "q", h) for h in range(shape.n_heads)]
+        nodes += [_Node(f"L{L}H{h}.q", float(L), L, "q", h) for h in range(shape.n_heads)]
         for channel in ("k", "v"):
             nodes += [
-                _Node(_kv_label(shape, L, g, channel), L, L, channel, g)
+                _Node(_kv_label(shape, L, g, channel), float(L), L, channel, g)
                 for g in range(shape.n_key_value_heads)
             ]
         if shape.has_mlp:
             # a parallel block's MLP reads resid_pre, like its attention
-            nodes.append(_Node(f"L{L}_mlp", L if shape.parallel_attn_mlp else L + 0.5, L, "mlp", 0))
+            read_at = L + (0.0 if shape.parallel_attn_mlp else 0.5)
+            nodes.append(_Node(f"L{L}_mlp", read_at, L, "mlp", 0))
     nodes.append(_Node("logits", float(shape.n_layers), shape.n_layers, "logits", 0))
     return nodes
 

@@ -36,6 +36,7 @@ with install_import_hook(_CHECKED, "beartype.beartype"):
     import mitk.analysis.detectors
     import mitk.analysis.discovery
     import mitk.analysis.dla
+    import mitk.analysis.graphs
     import mitk.analysis.lens
     import mitk.analysis.patching
     import mitk.analysis.patching.path

@@ -1,0 +1,36 @@
+"""Attribution graphs: the local replacement model of a prompt and the direct effects in it.
+
+- ``attribution_graph(model, transcoders, tokens)``: features, error terms,
+  token embeddings and the likeliest logits as nodes, direct effects through
+  the frozen replacement model as edges (circuit-tracer's definitions).
+- ``prune_graph(graph)`` and ``graph_scores(graph)``: node and edge pruning by
+  influence on the logits, and the replacement and completeness scores.
+- ``replacement_logits``, ``prompt_state``, ``frozen_forward``: the replacement
+  model itself, for checks and interventions.
+"""
+
+from mitk.analysis.graphs.attribution import active_features, attribution_graph, salient_logits
+from mitk.analysis.graphs.nodes import AttributionGraph, GraphNodes
+from mitk.analysis.graphs.replacement import (
+    FrozenRun,
+    PromptState,
+    frozen_forward,
+    prompt_state,
+    replacement_logits,
+)
+from mitk.analysis.graphs.transcoders import Transcoder, TranscoderSet
+
+__all__ = [
+    "AttributionGraph",
+    "FrozenRun",
+    "GraphNodes",
+    "PromptState",
+    "Transcoder",
+    "TranscoderSet",
+    "active_features",
+    "attribution_graph",
+    "frozen_forward",
+    "prompt_state",
+    "replacement_logits",
+    "salient_logits",
+]

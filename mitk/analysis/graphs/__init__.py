@@ -11,6 +11,14 @@
 
 from mitk.analysis.graphs.attribution import active_features, attribution_graph, salient_logits
 from mitk.analysis.graphs.nodes import AttributionGraph, GraphNodes
+from mitk.analysis.graphs.pruning import (
+    GraphPruning,
+    GraphScores,
+    graph_scores,
+    logit_weights,
+    node_influence,
+    prune_graph,
+)
 from mitk.analysis.graphs.replacement import (
     FrozenRun,
     PromptState,
@@ -24,13 +32,19 @@ __all__ = [
     "AttributionGraph",
     "FrozenRun",
     "GraphNodes",
+    "GraphPruning",
+    "GraphScores",
     "PromptState",
     "Transcoder",
     "TranscoderSet",
     "active_features",
     "attribution_graph",
     "frozen_forward",
+    "graph_scores",
+    "logit_weights",
+    "node_influence",
     "prompt_state",
+    "prune_graph",
     "replacement_logits",
     "salient_logits",
 ]

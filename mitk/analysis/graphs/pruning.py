@@ -1,0 +1,117 @@
+"""Pruning a graph to what matters for its logits, and how much of it the features explain.
+
+Circuit-tracer's definitions (``prune_graph`` and ``compute_graph_scores`` of
+its ``graph.py``): nodes are kept by influence on the logits until
+``node_threshold`` of the total is covered (tokens and logits always stay),
+then edges by their share of influence until ``edge_threshold``; features and
+errors left without outgoing edges, and features without incoming ones, go
+too, repeatedly, until nothing changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mitk.analysis.graphs.influence import influence, normalized
+from mitk.analysis.graphs.nodes import AttributionGraph
+from mitk.shapes import Bool, Float
+
+
+@dataclass(frozen=True)
+class GraphPruning:
+    """What ``prune_graph`` keeps: ``node_mask [n_nodes]``, ``edge_mask [target, source]``.
+
+    ``cumulative_scores[i]`` is the share of all node influence held by the
+    nodes at least as influential as node ``i`` (what the node threshold cuts).
+    """
+
+    node_mask: Bool[Tensor, " n_nodes"]
+    edge_mask: Bool[Tensor, "n_nodes n_nodes"]
+    cumulative_scores: Float[Tensor, " n_nodes"]
+
+
+@dataclass(frozen=True)
+class GraphScores:
+    """``replacement``: share of token-to-logit influence not through errors; ``completeness``:
+    influence-weighted share of node inputs that come from features and tokens, not errors."""
+
+    replacement: float
+    completeness: float
+
+
+def logit_weights(graph: AttributionGraph) -> Float[Tensor, " n_nodes"]:
+    """The logit nodes' probabilities, zero at every other node."""
+    nodes = graph.nodes
+    weights = graph.adjacency.new_zeros(nodes.n_nodes)
+    weights[nodes.logit_start :] = nodes.logit_probabilities.to(weights.dtype)
+    return weights
+
+
+def node_influence(graph: AttributionGraph) -> Float[Tensor, " n_nodes"]:
+    """Each node's influence on the logits: ``w (Â + Â² + …)`` with rows of ``|A|`` normalised."""
+    return influence(normalized(graph.adjacency), logit_weights(graph))
+
+
+def prune_graph(
+    graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98
+) -> GraphPruning:
+    """Masks keeping ``node_threshold`` of node influence, ``edge_threshold`` of edge influence."""
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    nodes = graph.nodes
+    weights = logit_weights(graph)
+    scores = node_influence(graph)
+    node_mask = scores >= _threshold(scores, node_threshold)
+    node_mask[nodes.token_start :] = True  # tokens and logits always stay
+    pruned = graph.adjacency.clone()
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    share = normalized(pruned)
+    edge_scores = share * (influence(share, weights) + weights)[:, None]
+    edge_mask = edge_scores >= _threshold(edge_scores.flatten(), edge_threshold)
+    inner = slice(0, nodes.token_start)  # features and errors
+    features = slice(0, nodes.n_features)
+
+    def drop_dangling() -> None:
+        node_mask[inner] &= edge_mask[:, inner].any(0)  # something downstream reads it
+        node_mask[features] &= edge_mask[features].any(1)  # something upstream feeds it
+
+    before = node_mask.clone()
+    drop_dangling()
+    while not torch.equal(node_mask, before):  # each round may leave others dangling
+        before = node_mask.clone()
+        edge_mask[~node_mask] = False
+        edge_mask[:, ~node_mask] = False
+        drop_dangling()
+    order = scores.argsort(descending=True)
+    cumulative = torch.empty_like(scores)
+    cumulative[order] = scores[order].cumsum(0) / scores.sum()
+    return GraphPruning(node_mask, edge_mask, cumulative)
+
+
+def graph_scores(graph: AttributionGraph) -> GraphScores:
+    """Circuit-tracer's replacement and completeness scores of an (unpruned) graph."""
+    nodes = graph.nodes
+    weights = logit_weights(graph)
+    share = normalized(graph.adjacency)
+    scores = influence(share, weights)
+    errors = slice(nodes.error_start, nodes.token_start)
+    from_tokens = scores[nodes.token_start : nodes.logit_start].sum()
+    from_errors = scores[errors].sum()
+    replacement = from_tokens / (from_tokens + from_errors)
+    not_error = 1 - share[:, errors].sum(-1)
+    reach = scores + weights
+    completeness = (not_error * reach).sum() / reach.sum()
+    return GraphScores(float(replacement), float(completeness))
+
+
+def _threshold(scores: Float[Tensor, " n"], keep: float) -> Tensor:
+    """The smallest score among the top ones whose sum first reaches ``keep`` of the total."""
+    ranked = scores.sort(descending=True).values
+    cumulative = ranked.cumsum(0) / ranked.sum()
+    at = int(torch.searchsorted(cumulative, torch.tensor(keep, dtype=cumulative.dtype)))
+    return ranked[min(at, len(ranked) - 1)]

@@ -128,6 +128,7 @@ class ActivationCache(Mapping[str, Tensor]):
     def head_results(self, layer: int) -> Float[Tensor, "*lead head d_model"]:
         """Each head's write at block ``layer`` without ``b_O``: ``hook_result`` if cached, else
         derived from ``hook_z`` and ``W_O`` (not stored)."""
+        self.stream.require_heads(layer)
         result = name("result", layer)
         if result in self._acts:
             return self._acts[result]
@@ -283,8 +284,9 @@ class ActivationCache(Mapping[str, Tensor]):
     ) -> Stacked:
         """Embeddings and each sublayer output before ``layer``; they sum to the stream there.
 
-        Labels ``embed``, ``pos_embed``, ``{l}_attn_out``, ``{l}_mlp_out``;
-        ``mode`` is ``"all"``, ``"attn"`` or ``"mlp"``.
+        Labels ``embed``, ``pos_embed``, ``{l}_attn_out``, ``{l}_mlp_out``
+        (``{l}_mixer_out`` for a state-space layer); ``mode`` is ``"all"``, ``"attn"``
+        or ``"mlp"``.
         """
         parts = decompose.decompose_resid(
             self, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds

@@ -41,7 +41,14 @@ Components = tuple[Tensor, list[str]]
 MODES = ("all", "mlp", "attn")
 
 
-def _no_mlp_at_unembed(mlp_input: bool, end: int, n_layers: int) -> None:
+def _no_mlp_at_unembed(
+    mlp_input: bool, end: int, n_layers: int, mixer_layers: tuple[int, ...] = ()
+) -> None:
+    if mlp_input and end in mixer_layers:
+        raise UnsupportedModelError(
+            f"mlp_input=True reads the input of layer {end}'s MLP, but layer {end} is a "
+            "state-space (Mamba) layer: it has one mixer and no MLP"
+        )
     if mlp_input and end == n_layers:
         raise CacheArgumentError(
             f"mlp_input=True reads the input of layer {end}'s MLP, but layer {end} is the "
@@ -81,7 +88,8 @@ def accumulated_resid(
     """
     n_layers = cache.stream.n_layers
     end = resolve_layer(layer, n_layers)
-    _no_mlp_at_unembed(mlp_input, end, n_layers)
+    mixers = cache.stream.mixer_layers
+    _no_mlp_at_unembed(mlp_input, end, n_layers, mixers)
     pos = as_slice(pos_slice)
     labels: list[str] = []
     parts: list[Tensor] = []
@@ -92,6 +100,8 @@ def accumulated_resid(
             continue
         labels.append(f"{block}_pre")
         parts.append(cache[name("resid_pre", block)])
+        if block in mixers:  # one write per mixer block: no stream between sublayers
+            continue
         if (incl_mid and block < end) or (mlp_input and block == end):
             labels.append(f"{block}_mid")
             parts.append(cache[name("resid_mid", block)])
@@ -115,16 +125,17 @@ def decompose_resid(
     """Embeddings and each sublayer's output before ``layer``: they sum to the stream there.
 
     Labels ``embed``, ``pos_embed`` (learned positions only), ``{l}_attn_out``,
-    ``{l}_mlp_out``. ``mode`` keeps ``"attn"`` or ``"mlp"`` outputs only;
-    ``mlp_input`` adds ``{layer}_attn_out`` (the stream entering that MLP).
-    Sublayer outputs include their biases.
+    ``{l}_mlp_out``, and ``{l}_mixer_out`` for a state-space layer (``mode="all"``
+    only: a mixer is neither attention nor MLP). ``mode`` keeps ``"attn"`` or
+    ``"mlp"`` outputs only; ``mlp_input`` adds ``{layer}_attn_out`` (the stream
+    entering that MLP). Sublayer outputs include their biases.
     """
     if mode not in MODES:
         raise CacheArgumentError(f"mode must be one of {MODES}, got {mode!r}")
     stream = cache.stream
     stream.require_additive()
     end = resolve_layer(layer, stream.n_layers)
-    _no_mlp_at_unembed(mlp_input, end, stream.n_layers)
+    _no_mlp_at_unembed(mlp_input, end, stream.n_layers, stream.mixer_layers)
     pos = as_slice(pos_slice)
     incl_attn, incl_mlp = mode != "mlp", mode != "attn" and stream.has_mlp
     labels: list[str] = []
@@ -133,6 +144,11 @@ def decompose_resid(
         labels += [label for label, _ in stream.embedding_hooks]
         parts += [cache[hook] for _, hook in stream.embedding_hooks]
     for block in range(end + 1):
+        if block in stream.mixer_layers:
+            if mode == "all" and block < end:
+                labels.append(f"{block}_mixer_out")
+                parts.append(cache[name("mixer_out", block)])
+            continue
         if incl_attn and (block < end or mlp_input):
             labels.append(f"{block}_attn_out")
             parts.append(cache[name("attn_out", block)])
@@ -222,7 +238,8 @@ def _neurons_of(
 
 def _require_neurons(cache: ActivationCache) -> None:
     if not cache.stream.has_mlp:
-        raise UnsupportedModelError("this model is attention-only: it has no neurons")
+        kind = "state-space (Mamba)" if cache.stream.mixer_layers else "attention-only"
+        raise UnsupportedModelError(f"this model is {kind}: it has no neurons")
 
 
 def get_neuron_results(

@@ -54,6 +54,22 @@ class StreamWrites:
     expert_output: ExpertOutput | None = None
     mlp_reads: str = "resid_mid"
     """The hook kind holding the stream an MLP reads (``resid_pre`` in parallel blocks)."""
+    mixer_layers: tuple[int, ...] = ()
+    """Layers whose one write is a state-space mixer's ``hook_mixer_out`` (no attention, no MLP)."""
+
+    def require_heads(self, layer: int) -> None:
+        """Raise ``UnsupportedModelError`` if ``layer`` has no attention heads (a mixer layer)."""
+        if layer in self.mixer_layers:
+            raise UnsupportedModelError(
+                f"layer {layer} is a state-space (Mamba) layer: it has no attention heads; "
+                f"its write is blocks.{layer}.hook_mixer_out"
+            )
+
+    def sublayer_writes(self, layer: int) -> tuple[str, ...]:
+        """The hook kinds of ``layer``'s writes into the stream, in the order they are added."""
+        if layer in self.mixer_layers:
+            return ("mixer_out",)
+        return ("attn_out", "mlp_out") if self.has_mlp else ("attn_out",)
 
     def require_additive(self) -> None:
         """Raise ``UnsupportedModelError`` unless the stream is a sum of its writes."""
@@ -72,6 +88,7 @@ def head_writes(
 ) -> Float[Tensor, "head *lead d_model"]:
     """Each head's write, ``z[..., h, :] @ W_O[h]`` (no bias), head axis first."""
     stream.require_per_unit("per-head")
+    stream.require_heads(layer)
     W_O, _ = stream.head_output(layer)
     return torch.einsum("...hd,hdm->h...m", z, W_O)
 

@@ -22,6 +22,7 @@ from mitk.config.json_config import (
 )
 from mitk.config.moe import MoEConfig
 from mitk.config.rotary_scaling import RotaryScaling, RotaryScalingKind
+from mitk.config.ssm import SSMConfig
 from mitk.errors import ConfigError
 
 ActFn = Literal["gelu", "gelu_tanh", "relu", "silu"]
@@ -181,6 +182,9 @@ class TransformerConfig(JsonConfig):
     """Each head has a learned sink logit ``attn.sinks`` that joins every softmax (gpt-oss)."""
     moe: MoEConfig | None = None
     """Mixture-of-experts MLPs (router, top-k experts, shared expert); None: dense MLPs."""
+    ssm: SSMConfig | None = None
+    """Selective state-space (Mamba) mixers: the layers it names have one mixer block
+    (``resid + mixer(ln1(resid))``) instead of attention and MLP; None: none."""
     device: str = field(default="cpu", compare=False)
     """Where the weights live (``"cpu"``, ``"cuda:0"``): a model is built there and keeps
     this up to date through ``model.to(...)``. Not part of ``==`` or of the saved JSON, so
@@ -283,17 +287,30 @@ class TransformerConfig(JsonConfig):
             isinstance(i, int) and 0 <= i < self.n_layers for i in self.moe.layers or ()
         ):
             raise ConfigError(f"moe layers must lie in [0, {self.n_layers}), got {self.moe.layers}")
+        if self.ssm is not None:
+            self._validate_ssm()
         if not self.pre_norms and not (self.sandwich_norms and self.norm_position == "pre"):
             raise ConfigError("pre_norms=False needs sandwich_norms=True and norm_position='pre'")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
         """As ``JsonConfig.from_dict``; nested dicts become ``RotaryScaling``/``MoEConfig``."""
-        for key, record in (("rotary_scaling", RotaryScaling), ("moe", MoEConfig)):
+        records = (("rotary_scaling", RotaryScaling), ("moe", MoEConfig), ("ssm", SSMConfig))
+        for key, record in records:
             if isinstance(data.get(key), dict):
                 check_types(record, data[key], prefix=f"{key}.")
                 data = {**data, key: record.from_dict(data[key])}
         return super().from_dict(data)
+
+    def _validate_ssm(self) -> None:
+        if not isinstance(self.ssm, SSMConfig):
+            raise ConfigError(f"ssm must be an SSMConfig or None, got {self.ssm!r}")
+        if not all(0 <= i < self.n_layers for i in self.ssm.layers or ()):
+            raise ConfigError(f"ssm layers must lie in [0, {self.n_layers}), got {self.ssm.layers}")
+        if self.norm_position != "pre" or not self.pre_norms or self.sandwich_norms:
+            raise ConfigError("ssm mixers need plain pre-norm blocks")
+        if self.moe is not None and self.ssm.layers is None:
+            raise ConfigError("every layer is an ssm mixer, so there is no MLP for moe to replace")
 
     def _validate_mla(self) -> None:
         for name in ("kv_lora_rank", "v_head_dim"):
@@ -322,6 +339,10 @@ class TransformerConfig(JsonConfig):
         if self.sliding_window_layers is not None and layer not in self.sliding_window_layers:
             return 0
         return self.sliding_window
+
+    def is_ssm_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s block is a state-space mixer (see ``ssm``)."""
+        return self.ssm is not None and self.ssm.applies_to(layer)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether ``layer``'s MLP is a mixture of experts (see ``moe``)."""
@@ -362,6 +383,6 @@ _CHOICES: dict[str, Any] = {
 __all__ = [
     "ActFn", "AttentionBackend", "AttentionType", "DType", "JsonConfig", "MoEConfig",
     "NormPosition", "Normalization", "Positional", "QKNorm", "RotaryScaling",
-    "RotaryScalingKind", "RotaryStyle", "TransformerConfig", "check_choices",
+    "RotaryScalingKind", "RotaryStyle", "SSMConfig", "TransformerConfig", "check_choices",
     "check_positive_ints", "json_object", "loading_overrides", "torch_dtype",
 ]  # fmt: skip

@@ -42,10 +42,19 @@ HookKind = Literal[
     "shared_out",
     "scale",
     "normalized",
+    "mixer_out",
+    "in_proj",
+    "conv",
+    "dt",
+    "A",
+    "B",
+    "C",
+    "ssm_state",
+    "gated",
 ]
 
 _MODEL_LEVEL = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}
-_BLOCK_LEVEL = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
+_BLOCK_LEVEL = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mixer_out"}
 # kv_latent exists on latent-attention (MLA) layers only, q/k_normed with cfg.qk_norm only
 _ATTN_LEVEL = {
     "q", "k", "v", "q_normed", "k_normed", "rot_q", "rot_k", "attn_scores", "pattern", "z",
@@ -56,6 +65,8 @@ _MLP_LEVEL = {
     "pre", "pre_linear", "post", "router_logits", "expert_indices", "expert_weights",
     "expert_out", "shared_out",
 }  # fmt: skip
+# a state-space (Mamba) layer's mixer: mixer_out is its write, these its insides
+_MIXER_LEVEL = {"in_proj", "conv", "dt", "A", "B", "C", "ssm_state", "gated"}
 _NORM_LEVEL = {"scale", "normalized"}
 NORMS = ("ln1", "ln2")
 
@@ -87,6 +98,8 @@ def name(kind: str, layer: int | None = None, norm: str | None = None) -> str:
         return f"blocks.{layer}.attn.hook_{kind}"
     if kind in _MLP_LEVEL:
         return f"blocks.{layer}.mlp.hook_{kind}"
+    if kind in _MIXER_LEVEL:
+        return f"blocks.{layer}.mixer.hook_{kind}"
     if norm not in NORMS:
         raise ValueError(f"hook kind {kind!r} at a layer needs norm='ln1' or 'ln2', got {norm!r}")
     return f"blocks.{layer}.{norm}.hook_{kind}"

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from mitk.errors import ShapeMismatchError
 from mitk.model.forward_context import PastKV
+from mitk.model.ssm.state import SSMState
 from mitk.shapes import Bool, Float
 
 
@@ -44,6 +45,7 @@ class KVCache:
         self.key_valid: Bool[Tensor, "batch key_pos"] | None = None
         self.batch_size = batch_size
         self.frozen = False
+        self._length = 0
 
     @classmethod
     def init_cache(cls, cfg: Any, device: Any = None, batch_size: int = 1) -> KVCache:
@@ -66,15 +68,16 @@ class KVCache:
     @property
     def length(self) -> int:
         """Number of positions cached (0 before the first forward)."""
-        first = self.layers[0]
-        return 0 if first is None else first[0].shape[2]
+        return self._length
 
     @property
     def entries(self) -> list[KVCacheEntry]:
         """Each cached layer's keys and values, ``[batch, pos, head, d_head]`` (none before one)."""
         return [
             KVCacheEntry(k.transpose(1, 2), v.transpose(1, 2))
-            for k, v in (kv for kv in self.layers if kv is not None)
+            for k, v in (
+                kv for kv in self.layers if kv is not None and not isinstance(kv, SSMState)
+            )
         ]
 
     def __getitem__(self, layer: int) -> KVCacheEntry:
@@ -89,7 +92,7 @@ class KVCache:
         self, new_valid: Bool[Tensor, "batch new"] | None, batch: int, new: int
     ) -> Bool[Tensor, "batch key_pos"] | None:
         """Real-token mask over cached and new positions (None: nothing is padding)."""
-        first = self.layers[0]
+        first = next((kv for kv in self.layers if kv is not None), None)
         held = first[0].shape[0] if first is not None else self.batch_size
         if held is not None and held != batch:
             raise ShapeMismatchError(
@@ -105,10 +108,20 @@ class KVCache:
             new_valid = old.new_ones(batch, new)
         return torch.cat([old.to(new_valid.device), new_valid], dim=1)
 
-    def append(self, present: dict[int, PastKV], key_valid: Tensor | None) -> None:
-        """Take the full (past + new) state each layer left in a finished forward, unless frozen."""
+    def append(
+        self, present: dict[int, PastKV], key_valid: Tensor | None, length: int | None = None
+    ) -> None:
+        """Take the full (past + new) state each layer left in a finished forward, unless frozen.
+
+        ``length`` is the number of positions seen so far (None: read from the keys);
+        a state-space layer's ``SSMState`` is the same size at any length.
+        """
         if self.frozen:
             return
         for layer, kv in present.items():
             self.layers[layer] = kv
         self.key_valid = key_valid
+        if length is None:
+            first = next((kv for kv in present.values() if not isinstance(kv, SSMState)), None)
+            length = self._length if first is None else first[0].shape[2]
+        self._length = length

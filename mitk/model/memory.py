@@ -27,6 +27,7 @@ def parameter_count(cfg: TransformerConfig) -> int:
     from mitk.model.block import TransformerBlock
     from mitk.model.embed import Embed, PosEmbed, TokenTypeEmbed, Unembed
     from mitk.model.norms import make_norm
+    from mitk.model.ssm import MambaBlock
 
     kinds = {layer: count for layer, count in _layer_kinds(cfg).items() if count}
     with torch.device("meta"):
@@ -38,7 +39,8 @@ def parameter_count(cfg: TransformerConfig) -> int:
         outer += [make_norm(cfg)] * (int(cfg.embed_norm) + int(cfg.final_norm))
         total = sum(_numel(m) for m in outer)
         for layer, count in kinds.items():
-            total += count * _numel(TransformerBlock(cfg, layer))
+            block = MambaBlock if cfg.is_ssm_layer(layer) else TransformerBlock
+            total += count * _numel(block(cfg, layer))
     return total
 
 

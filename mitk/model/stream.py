@@ -67,6 +67,7 @@ def decoder_stream_writes(model: Any) -> StreamWrites:
         moe_layers=moe_layers,
         expert_output=expert_output,
         mlp_reads="resid_pre" if cfg.parallel_attn_mlp else "resid_mid",
+        mixer_layers=tuple(i for i in range(cfg.n_layers) if cfg.is_ssm_layer(i)),
     )
 
 

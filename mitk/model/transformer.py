@@ -34,6 +34,7 @@ from mitk.model.loss import loss_from_logits, next_token_loss, next_token_losses
 from mitk.model.masks import AttentionMask
 from mitk.model.memory import ensure_fits
 from mitk.model.norms import make_norm
+from mitk.model.ssm import MambaBlock
 from mitk.model.stream import decoder_stream_writes
 from mitk.model.tokenization import TextInterface
 from mitk.model.transformer_lens_api import TransformerLensAPI
@@ -80,7 +81,10 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
             self.hook_token_type_embed = HookPoint()
         if cfg.embed_norm:
             self.ln_embed = make_norm(cfg)
-        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer) for layer in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(
+            MambaBlock(cfg, layer) if cfg.is_ssm_layer(layer) else TransformerBlock(cfg, layer)
+            for layer in range(cfg.n_layers)
+        )
         # BERT's encoder output is the last block's (post-norm) output: no final norm, no hooks
         self.ln_final = make_norm(cfg) if cfg.final_norm else nn.Identity()
         self.unembed = Unembed(cfg)
@@ -108,6 +112,9 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
                     else 0.02
                 )
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
+        for block in self.blocks:  # Mamba's decay rates, skip and time-step biases
+            if isinstance(block, MambaBlock):
+                block.mixer.init_ssm_parameters(gen)
 
     @classmethod
     def from_pretrained(
@@ -260,6 +267,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         ctx = self.forward_context(
             pos, key_valid, start=first, stop=last, past=past, held=hold,
             keep_state=past_kv_cache is not None,
+            past_len=None if past_kv_cache is None else past_kv_cache.length,
         )  # fmt: skip
         with holding(self.hook_dict, ctx.held):
             if input_tokens is not None:
@@ -274,7 +282,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
             )
         if past_kv_cache is not None:  # only a finished pass extends the cache
             assert ctx.present is not None
-            past_kv_cache.append(ctx.present, key_valid)
+            past_kv_cache.append(ctx.present, key_valid, length=ctx.mask.k_len)
         self._report_paths(ctx.paths)
         return out
 
@@ -339,6 +347,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         past: Mapping[int, PastKV] | None = None,
         held: Mapping[str, Tensor] | None = None,
         keep_state: bool = False,
+        past_len: int | None = None,
     ) -> ForwardContext:
         """The context of one pass of ``q_len`` new positions after any ``past`` state.
 
@@ -346,9 +355,12 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         True at real tokens; None: nothing padded). ``past`` maps a layer to its
         earlier keys and values (all layers run must agree on their length);
         ``keep_state=True`` collects each layer's full state in ``ctx.present``.
+        ``past_len`` counts the past positions (None: read from the keys in ``past``;
+        a state-space layer's state does not say how many positions it has seen).
         """
         past = dict(past or {})
-        past_len = next(iter(past.values()))[0].shape[2] if past else 0
+        if past_len is None:
+            past_len = next(iter(past.values()))[0].shape[2] if past else 0
         check_length(past_len + q_len, self.cfg)
         mask = AttentionMask(self.cfg.causal, q_len, past_len + q_len, key_valid)
         return ForwardContext(
@@ -418,7 +430,12 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         run say ``"not run"``); the record is a report only and never changes what
         a forward computes.
         """
-        return [self._path_record.get(block.attn.name, "not run") for block in self.blocks]
+        return [
+            self._path_record.get(
+                (block.mixer if isinstance(block, MambaBlock) else block.attn).name, "not run"
+            )
+            for block in self.blocks
+        ]
 
     # --- hooks and caching -------------------------------------------------------------
     def hooks_that_fire(

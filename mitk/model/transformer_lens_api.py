@@ -108,7 +108,8 @@ class TransformerLensAPI:
         )
         past = {} if past_kv_cache is None else past_kv_cache.past()
         model = cast("HookedTransformer", self)
-        ctx = model.forward_context(pos, key_valid, past=past)
+        past_len = None if past_kv_cache is None else past_kv_cache.length
+        ctx = model.forward_context(pos, key_valid, past=past, past_len=past_len)
         resid = model._embed(tokens, ctx)
         wants_mask = (
             attention_mask is not None

@@ -75,8 +75,8 @@ def test_config_missing_a_field(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture_lists_supported(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    with pytest.raises(UnsupportedModelError, match=r"'mamba' is not supported; supported: .*gpt2"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "xlnet"}))
+    with pytest.raises(UnsupportedModelError, match=r"'xlnet' is not supported; supported: .*gpt2"):
         HookedTransformer.from_pretrained(tmp_path)
 
 

@@ -26,7 +26,8 @@ from mitk.cli.outputs import check_output_file
 from mitk.errors import ConfigError
 from mitk.sae import SparseAutoencoder
 from mitk.sae.saelens_format import CONFIG_FILE, WEIGHTS_FILE
-from mitk.viz import Section, training_curves
+from mitk.sweeps import mean_results
+from mitk.viz import Section, figures_for, training_curves
 from mitk.viz import dashboard as write_dashboard
 
 DEFAULT_OUT = Path("mitk-dashboard.html")
@@ -47,8 +48,24 @@ def _heatmap(grid: pd.DataFrame, title: str, unit: bool, note_axis: str) -> go.F
     return fig
 
 
+PER_PAIR_COLUMNS = frozenset({"pair", "clean", "corrupted", "direction", "per"})
+"""A per-pair table (``mitk patch``'s ``results.parquet``) has these; a prompt-averaged one not."""
+
+
 def patching_sections(frame: pd.DataFrame, name: str) -> list[Section]:
-    """One heatmap (or bar chart) per site and granularity, averaged over prompt pairs."""
+    """One heatmap (or bar chart) per site and granularity, averaged over prompt pairs.
+
+    A per-pair table draws each cell's mean with its bootstrap interval and
+    p-value on hover and crosses on non-significant cells, as ``mitk patch``'s
+    own page does (recovery is then a ratio of means, as
+    ``PatchResult.normalized``); a prompt-averaged table draws the means only.
+    """
+    if set(frame.columns) >= PER_PAIR_COLUMNS:
+        return [
+            Section(f"{section.title} ({name})", section.content, section.note)
+            for result in mean_results(frame)
+            for section in figures_for(result)
+        ]
     sections = []
     keys = [k for k in ("site", "per") if k in frame.columns]
     for key, group in frame.groupby(keys, sort=False):

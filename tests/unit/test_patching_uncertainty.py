@@ -167,6 +167,10 @@ def test_cell_table_of_the_per_pair_parquet_equals_the_results_own_statistics():
     assert table["ci_high"].to_numpy() == pytest.approx(high.reshape(-1).numpy())
     assert table["p_value"].to_numpy() == pytest.approx(patched.p_values().reshape(-1).numpy())
     assert (table["pairs"] == 9).all()
+    assert table["normalized"].to_numpy() == pytest.approx(patched.normalized().reshape(-1).numpy())
+    low, high = patched.confidence_interval(normalized=True)
+    assert table["normalized_ci_low"].to_numpy() == pytest.approx(low.reshape(-1).numpy())
+    assert table["normalized_ci_high"].to_numpy() == pytest.approx(high.reshape(-1).numpy())
 
 
 def test_cells_missing_for_some_prompts_use_the_prompts_that_have_them():

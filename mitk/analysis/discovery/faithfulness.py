@@ -67,7 +67,7 @@ def faithfulness(
     circuit: Circuit,
     data: Any,
     metric: Any,
-    ablation: Ablation = "mean",
+    ablation: Ablation = "resample",
     *,
     seed: int = 0,
     memory_budget_gb: float = 2.0,
@@ -75,7 +75,9 @@ def faithfulness(
     """Run ``model`` with every edge outside ``circuit`` ablated; the metric it recovers.
 
     ``data``: ``Prompts``, clean tokens, or ``(clean, corrupted)``; see
-    ``Prompts`` for where mean and resample ablations come from. ``metric``:
+    ``Prompts`` for where mean and resample ablations come from; the default,
+    resample, is the discovery methods' default too, so a circuit is scored
+    under the ablation it was found with. ``metric``:
     a ready-made metric or a callable from logits ``[batch, pos, d_vocab]``
     to ``[batch]``. Circuit and random baseline run in one batched forward.
     """
@@ -137,7 +139,7 @@ def faithfulness_curve(
     data: Any,
     metric: Any,
     fractions: Sequence[float] = FRACTIONS,
-    ablation: Ablation = "mean",
+    ablation: Ablation = "resample",
     *,
     seed: int = 0,
     memory_budget_gb: float = 2.0,

@@ -176,6 +176,26 @@ def benjamini_hochberg(p_values: Float[Tensor, "..."], alpha: float = 0.05) -> B
     return significant.reshape(p_values.shape)
 
 
+BASELINES = ("clean", "corrupted")
+
+
+def _recovery(
+    values: Float[Tensor, "pair cell"],
+    clean: Float[Tensor, " pair"],
+    corrupted: Float[Tensor, " pair"],
+) -> Float[Tensor, " cell"]:
+    """``(mean patched - mean corrupted) / (mean clean - mean corrupted)`` over a cell's pairs."""
+    have = ~values.isnan()
+    count = have.sum(0)
+
+    def mean(x: Tensor) -> Tensor:
+        return torch.where(have, x, 0.0).sum(0) / count
+
+    r = mean(corrupted[:, None].expand_as(values))
+    gap = mean(clean[:, None].expand_as(values)) - r
+    return torch.where(gap != 0, (mean(values) - r) / gap, torch.nan)
+
+
 def cell_table(
     frame: pd.DataFrame, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> pd.DataFrame:
@@ -185,8 +205,11 @@ def cell_table(
     ``layer``, ``head``, ``pos``, ``value``, ``clean``, ``corrupted``,
     ``direction``). Returns one row per ``(site, per, layer, head, pos)`` with
     ``value`` (mean over the pairs that have the cell), ``ci_low``/``ci_high``
-    (bootstrap over pairs), ``p_value`` (sign flips against each pair's
-    unpatched run) and ``pairs`` (how many pairs have the cell).
+    (bootstrap over pairs), ``normalized`` with ``normalized_ci_low``/``_high``
+    (the recovery ``PatchResult.normalized`` gives: a ratio of means over the
+    pairs that have the cell, NaN where the baselines' means coincide),
+    ``p_value`` (sign flips against each pair's unpatched run; it is the
+    recovery's p-value too) and ``pairs`` (how many pairs have the cell).
     """
     cell = ["layer", "head", "pos"]
     parts = []
@@ -200,6 +223,10 @@ def cell_table(
         low, high = bootstrap_interval(
             values, confidence=confidence, resamples=resamples, seed=seed
         )
+        clean, corrupted = (torch.tensor(baselines[b].to_numpy(dtype=float)) for b in BASELINES)
+        norm_low, norm_high = bootstrap_interval(
+            values, clean, corrupted, confidence=confidence, resamples=resamples, seed=seed
+        )
         p = sign_flip_test(values, torch.tensor(base), resamples=resamples, seed=seed)
         table = grid.columns.to_frame(index=False)
         for column in ("head", "pos"):
@@ -208,6 +235,9 @@ def cell_table(
         table.insert(0, "site", site)
         table["value"] = values.nanmean(0).numpy()
         table["ci_low"], table["ci_high"], table["p_value"] = low.numpy(), high.numpy(), p.numpy()
+        table["normalized"] = _recovery(values, clean, corrupted).numpy()
+        table["normalized_ci_low"] = norm_low.numpy()
+        table["normalized_ci_high"] = norm_high.numpy()
         table["pairs"] = (~values.isnan()).sum(0).numpy()
         parts.append(table)
     return pd.concat(parts, ignore_index=True)

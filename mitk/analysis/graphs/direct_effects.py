@@ -22,9 +22,6 @@ from mitk.analysis.graphs.transcoders import Transcoder
 from mitk.model import HookedTransformer
 from mitk.shapes import Float, Int
 
-# bounds the [batch, features, d_model] products formed while contracting (elements)
-_CHUNK_ELEMENTS = 1 << 24
-
 
 class DirectEffects:
     """The frozen model's graph, kept for many backward passes; ``rows`` computes edges.
@@ -49,12 +46,11 @@ class DirectEffects:
             run = frozen_forward(model, transcoders, state, self.embed, self.writes)
         self.outputs = [*run.inputs, run.hidden]  # index n_layers: the logits' input
         layer, pos, index = features.unbind(-1)
-        self.feature_slots = layer * self.n_pos + pos
         vectors = state.writes.new_zeros(features.shape[0], self.d_model)
         for at, transcoder in enumerate(transcoders):
             chosen = layer == at
             vectors[chosen] = transcoder.W_dec.detach()[index[chosen]]
-        self.feature_vectors = vectors * activations[:, None]
+        self._group_by_slot(layer * self.n_pos + pos, vectors * activations[:, None])
         errors = state.errors.clone()
         if not state.first_position_features:
             errors[:, 0] = 0
@@ -90,17 +86,35 @@ class DirectEffects:
             is_grads_batched=True,
         )
         out = directions.new_zeros(batch, self.n_sources)
-        n_features = self.feature_slots.shape[0]
+        n_features = self.n_features
         if grad_writes is not None:
             flat = grad_writes.reshape(batch, self.n_layers * self.n_pos, self.d_model)
-            step = max(1, _CHUNK_ELEMENTS // max(1, batch * self.d_model))
-            for start in range(0, n_features, step):
-                part = slice(start, min(start + step, n_features))
-                slots, vectors = self.feature_slots[part], self.feature_vectors[part]
-                out[:, part] = torch.einsum("bnd,nd->bn", flat[:, slots], vectors)
+            at_slots = flat[:, self.slots].transpose(0, 1)  # [slot, batch, d_model]
+            per_slot = torch.bmm(at_slots, self.slot_vectors.transpose(1, 2))
+            out[:, :n_features] = per_slot.transpose(0, 1).reshape(batch, -1)[:, self.slot_order]
             errors = torch.einsum("blpd,lpd->blp", grad_writes, self.error_vectors)
             out[:, n_features : n_features + self.n_layers * self.n_pos] = errors.flatten(1)
         if grad_embed is not None:
             tokens = torch.einsum("bpd,pd->bp", grad_embed, self.token_vectors)
             out[:, n_features + self.n_layers * self.n_pos :] = tokens
         return out
+
+    def _group_by_slot(self, slots: Int[Tensor, " n"], vectors: Float[Tensor, "n d_model"]) -> None:
+        """Source vectors padded per (layer, position) slot, so one ``bmm`` contracts them all.
+
+        ``slot_vectors [n_slots, widest, d_model]`` holds each occupied slot's
+        vectors (zero-padded); ``slot_order`` picks feature ``i``'s entry out of
+        the flattened ``[n_slots * widest]`` products.
+        """
+        self.n_features = int(slots.shape[0])
+        occupied, which, counts = torch.unique(slots, return_inverse=True, return_counts=True)
+        widest = int(counts.max()) if len(counts) else 0
+        order = torch.argsort(which, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(which)
+        rank[order] = torch.arange(len(which), device=which.device) - starts[which[order]]
+        padded = vectors.new_zeros(len(occupied), widest, self.d_model)
+        padded[which, rank] = vectors
+        self.slots = occupied
+        self.slot_vectors = padded
+        self.slot_order = which * widest + rank

@@ -110,8 +110,18 @@ def graph_scores(graph: AttributionGraph) -> GraphScores:
 
 
 def _threshold(scores: Float[Tensor, " n"], keep: float) -> Tensor:
-    """The smallest score among the top ones whose sum first reaches ``keep`` of the total."""
-    ranked = scores.sort(descending=True).values
+    """The smallest score among the top ones whose sum first reaches ``keep`` of the total.
+
+    Scores are non-negative; zeros add nothing to the running sum, so only the
+    non-zero ones are sorted (most edges are zero), and a cut that falls past
+    them lands on a zero, as it would with the zeros sorted in.
+    """
+    nonzero = scores[scores != 0]
+    if nonzero.numel() == 0:
+        return scores.new_zeros(())
+    ranked = nonzero.sort(descending=True).values
     cumulative = ranked.cumsum(0) / ranked.sum()
     at = int(torch.searchsorted(cumulative, torch.tensor(keep, dtype=cumulative.dtype)))
-    return ranked[min(at, len(ranked) - 1)]
+    if at < len(ranked):
+        return ranked[at]
+    return scores.new_zeros(()) if len(ranked) < scores.numel() else ranked[-1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -59,18 +61,18 @@ def attribution_graph(
     # targets: logits first (at the final norm's output, last position), then features
     unembed = model.unembed.W_U.detach()
     logit_directions = (unembed[:, logit_tokens] - unembed.mean(-1, keepdim=True)).T
-    encoders = unembed.new_zeros(len(features), unembed.shape[0])
-    for i, row in enumerate(features.tolist()):
-        encoders[i] = _encoder_row(layers, row)
+    encoders = _encoder_rows(layers, features)
     n_logits, n_features = logit_tokens.shape[0], features.shape[0]
     logit_rows = effects.rows(
-        torch.full((n_logits,), n_layers), torch.full((n_logits,), n_pos - 1), logit_directions
+        features.new_full((n_logits,), n_layers),
+        features.new_full((n_logits,), n_pos - 1),
+        logit_directions,
     )
     keep = _chosen_features(effects, features, encoders, logit_rows, probabilities,
                             max_feature_nodes, batch_size)  # fmt: skip
     feature_rows = keep.rows
     chosen = keep.chosen
-    sources = torch.cat([chosen, torch.arange(n_features, effects.n_sources)])
+    sources = torch.cat([chosen, torch.arange(n_features, effects.n_sources, device=chosen.device)])
     kept_features = features[chosen]
     nodes = GraphNodes(
         tokens=state.tokens,
@@ -105,13 +107,14 @@ def salient_logits(
     """Likeliest tokens until their probabilities reach ``probability`` (``max_logits`` at most)."""
     probs = torch.softmax(logits, -1)
     top, index = torch.topk(probs, min(max_logits, probs.shape[0]))
-    cutoff = int(torch.searchsorted(top.cumsum(0), torch.tensor(probability, dtype=top.dtype))) + 1
+    reached = top.cumsum(0).cpu()
+    cutoff = int(torch.searchsorted(reached, torch.tensor(probability, dtype=reached.dtype))) + 1
     return index[:cutoff], top[:cutoff]
 
 
-class _Chosen:
-    def __init__(self, chosen: Tensor, rows: Tensor) -> None:
-        self.chosen, self.rows = chosen, rows
+class _Chosen(NamedTuple):
+    chosen: Tensor  # indices into the active features, ascending
+    rows: Tensor  # their rows, [n_chosen, n_sources]
 
 
 def _chosen_features(
@@ -131,14 +134,14 @@ def _chosen_features(
         for start in range(0, n_features, batch_size):
             part = slice(start, start + batch_size)
             rows[part] = effects.rows(layer[part], pos[part], encoders[part])
-        return _Chosen(torch.arange(n_features), rows)
+        return _Chosen(torch.arange(n_features, device=features.device), rows)
     n_logits = logit_rows.shape[0]
     n_nodes = effects.n_sources + n_logits
     weights = logit_rows.new_zeros(n_nodes)
     weights[effects.n_sources :] = probabilities
     known = torch.cat([logit_rows, logit_rows.new_zeros(n_logits, n_logits)], dim=1)
-    row_nodes = torch.arange(effects.n_sources, n_nodes)
-    visited = torch.zeros(n_features, dtype=torch.bool)
+    row_nodes = torch.arange(effects.n_sources, n_nodes, device=features.device)
+    visited = torch.zeros(n_features, dtype=torch.bool, device=features.device)
     order: list[Tensor] = []
     done = 0
     while done < cap:
@@ -158,9 +161,13 @@ def _chosen_features(
     return _Chosen(sorted_chosen, rows)
 
 
-def _encoder_row(layers: list[Transcoder], feature: list[int]) -> Tensor:
-    layer, _, index = feature
-    return layers[layer].W_enc.detach()[:, index]
+def _encoder_rows(layers: list[Transcoder], features: Tensor) -> Float[Tensor, "n d_model"]:
+    """Each feature's encoder direction: the target vector of its row."""
+    rows = layers[0].W_enc.new_zeros(len(features), layers[0].W_enc.shape[0])
+    for at, transcoder in enumerate(layers):
+        chosen = features[:, 0] == at
+        rows[chosen] = transcoder.W_enc.detach()[:, features[chosen, 2]].T
+    return rows
 
 
 def _feature_pre_activations(

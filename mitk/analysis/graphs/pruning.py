@@ -121,7 +121,7 @@ def _threshold(scores: Float[Tensor, " n"], keep: float) -> Tensor:
         return scores.new_zeros(())
     ranked = nonzero.sort(descending=True).values
     cumulative = ranked.cumsum(0) / ranked.sum()
-    at = int(torch.searchsorted(cumulative, torch.tensor(keep, dtype=cumulative.dtype)))
+    at = int(torch.searchsorted(cumulative, cumulative.new_tensor(keep)))
     if at < len(ranked):
         return ranked[at]
     return scores.new_zeros(()) if len(ranked) < scores.numel() else ranked[-1]

@@ -14,14 +14,20 @@ D_MODEL, D_SAE, N_LAYERS = 32, 48, 3
 
 
 def model(kind: str = "gpt2", seed: int = 3) -> HookedTransformer:
-    """``gpt2`` (LayerNorm, learned positions) or ``llama`` (RMSNorm, rotary, gated MLP)."""
+    """A tiny random model of one of four kinds.
+
+    ``gpt2`` (LayerNorm, learned positions), ``llama`` (RMSNorm, rotary, gated MLP),
+    ``gqa`` (llama with 2 key-value heads), ``parallel`` (attention and MLP side by side).
+    """
     common = dict(d_model=D_MODEL, n_layers=N_LAYERS, n_heads=4, d_vocab=40, n_ctx=16)
-    if kind == "llama":
-        cfg = TransformerConfig(
-            positional="rotary", normalization="rmsnorm", gated_mlp=True, act_fn="silu", **common
-        )
-    else:
-        cfg = TransformerConfig(**common)
+    llama = dict(positional="rotary", normalization="rmsnorm", gated_mlp=True, act_fn="silu")
+    variants: dict[str, dict[str, object]] = {
+        "gpt2": {},
+        "llama": llama,
+        "gqa": {**llama, "n_key_value_heads": 2},
+        "parallel": {"parallel_attn_mlp": True},
+    }
+    cfg = TransformerConfig(**common, **variants[kind])  # type: ignore[arg-type]
     built = HookedTransformer(cfg, seed=seed)
     with torch.no_grad():  # norm weights and biases away from 1 and 0, so that they matter
         gen = torch.Generator().manual_seed(seed + 1)

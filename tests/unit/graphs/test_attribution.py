@@ -37,7 +37,14 @@ def test_replacement_model_logits_equal_the_models(kind: str, reads: str, skip: 
     assert state.errors.abs().max() > 1e-2
 
 
-@pytest.mark.parametrize(("kind", "reads", "skip", "first"), VARIANTS)
+@pytest.mark.parametrize(
+    ("kind", "reads", "skip", "first"),
+    [
+        *VARIANTS,
+        ("gqa", "ln2.hook_normalized", True, False),
+        ("parallel", "ln2.hook_normalized", False, False),
+    ],
+)
 def test_each_target_is_its_incoming_edges_plus_the_terms_that_are_no_nodes(
     kind: str, reads: str, skip: bool, first: bool
 ):
@@ -65,7 +72,7 @@ def test_each_target_is_its_incoming_edges_plus_the_terms_that_are_no_nodes(
     assert not graph.adjacency[: nodes.n_features, : nodes.n_features][same_or_later].any()
 
 
-@pytest.mark.parametrize(("kind", "reads", "skip", "first"), VARIANTS[:3])
+@pytest.mark.parametrize(("kind", "reads", "skip", "first"), [VARIANTS[0], VARIANTS[2]])
 def test_zeroing_a_source_moves_each_target_by_minus_its_edge(
     kind: str, reads: str, skip: bool, first: bool
 ):
@@ -78,7 +85,7 @@ def test_zeroing_a_source_moves_each_target_by_minus_its_edge(
     full = frozen.targets(built, layers, state, graph)
     gen = torch.Generator().manual_seed(0)
     in_early_layers = (nodes.features[:, 0] < built.cfg.n_layers - 1).nonzero()[:, 0]
-    picks = in_early_layers[torch.randperm(len(in_early_layers), generator=gen)[:4]]
+    picks = in_early_layers[torch.randperm(len(in_early_layers), generator=gen)[:3]]
     for source in picks.tolist():
         layer, pos, feature = nodes.features[source].tolist()
         acts = [a.clone() for a in state.activations]

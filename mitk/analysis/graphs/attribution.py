@@ -86,7 +86,7 @@ def attribution_graph(
     adjacency[: len(chosen), : nodes.logit_start] = feature_rows[:, sources]
     adjacency[nodes.logit_start :, : nodes.logit_start] = logit_rows[:, sources]
     values = adjacency.new_zeros(nodes.n_nodes)
-    values[: len(chosen)] = _feature_pre_activations(state, effects, layers, kept_features)
+    values[: len(chosen)] = _feature_pre_activations(state, layers, kept_features)
     values[nodes.logit_start :] = logit_directions @ state.hidden[-1]
     return AttributionGraph(nodes=nodes, adjacency=adjacency, target_values=values)
 
@@ -171,13 +171,13 @@ def _encoder_rows(layers: list[Transcoder], features: Tensor) -> Float[Tensor, "
 
 
 def _feature_pre_activations(
-    state: PromptState, effects: DirectEffects, layers: list[Transcoder], features: Tensor
+    state: PromptState, layers: list[Transcoder], features: Tensor
 ) -> Float[Tensor, " n"]:
+    """Each feature node's pre-activation on the prompt (its row's target value)."""
     out = state.writes.new_zeros(features.shape[0])
     for at, transcoder in enumerate(layers):
         chosen = (features[:, 0] == at).nonzero()[:, 0]
         if len(chosen):
-            x = effects.outputs[at].detach()[features[chosen, 1]]
-            pre = pre_activations(transcoder, x)
+            pre = pre_activations(transcoder, state.inputs[at][features[chosen, 1]])
             out[chosen] = pre.gather(1, features[chosen, 2:3])[:, 0]
     return out

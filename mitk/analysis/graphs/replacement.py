@@ -43,13 +43,15 @@ class PromptState:
     computes exactly what the model did. ``held`` maps every pattern and norm
     scale hook to its value; ``embed`` is the ``hook_embed`` write, ``hidden``
     the final norm's output and ``logits`` those of the last position.
-    ``writes[L]`` is what layer L's MLP wrote less its skip term (``decode + error``).
+    ``writes[L]`` is what layer L's MLP wrote less its skip term (``decode + error``),
+    ``inputs[L]`` what its transcoder read.
     """
 
     tokens: Int[Tensor, " pos"]
     held: dict[str, Tensor]
     embed: Float[Tensor, "pos d_model"]
     activations: tuple[Tensor, ...]
+    inputs: Float[Tensor, "n_layers pos d_model"]
     errors: Float[Tensor, "n_layers pos d_model"]
     writes: Float[Tensor, "n_layers pos d_model"]
     hidden: Float[Tensor, "pos d_model"]
@@ -98,7 +100,7 @@ def prompt_state(
         ids[None], attention_mask=torch.ones_like(ids[None]), return_type="hidden",
         names_filter=[*held_names, *reads, *outs, "hook_embed"],
     )  # fmt: skip
-    activations, errors, writes = [], [], []
+    activations, errors, writes, inputs = [], [], [], []
     for transcoder, read, out in zip(layers, reads, outs, strict=True):
         x = cache[read][0]
         acts = transcoder.encode(x)
@@ -106,6 +108,7 @@ def prompt_state(
             acts[0] = 0
         reconstruction = transcoder.decode(acts) + _skip(transcoder, x)
         activations.append(acts)
+        inputs.append(x)
         errors.append(cache[out][0] - reconstruction)
         writes.append(cache[out][0] - _skip(transcoder, x))
     logits = model.unembed(hidden[:, -1:])[0, 0]
@@ -114,6 +117,7 @@ def prompt_state(
         held={name: cache[name] for name in held_names},
         embed=cache["hook_embed"][0],
         activations=tuple(activations),
+        inputs=torch.stack(inputs),
         errors=torch.stack(errors),
         writes=torch.stack(writes),
         hidden=hidden[0],

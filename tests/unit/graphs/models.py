@@ -14,10 +14,11 @@ D_MODEL, D_SAE, N_LAYERS = 32, 48, 3
 
 
 def model(kind: str = "gpt2", seed: int = 3) -> HookedTransformer:
-    """A tiny random model of one of four kinds.
+    """A tiny random model of one of five kinds.
 
     ``gpt2`` (LayerNorm, learned positions), ``llama`` (RMSNorm, rotary, gated MLP),
-    ``gqa`` (llama with 2 key-value heads), ``parallel`` (attention and MLP side by side).
+    ``gqa`` (llama with 2 key-value heads), ``parallel`` (attention and MLP side by side),
+    ``sandwich`` (Gemma-2's norms around each sublayer: graphs take the autograd path).
     """
     common = dict(d_model=D_MODEL, n_layers=N_LAYERS, n_heads=4, d_vocab=40, n_ctx=16)
     llama = dict(positional="rotary", normalization="rmsnorm", gated_mlp=True, act_fn="silu")
@@ -26,6 +27,7 @@ def model(kind: str = "gpt2", seed: int = 3) -> HookedTransformer:
         "llama": llama,
         "gqa": {**llama, "n_key_value_heads": 2},
         "parallel": {"parallel_attn_mlp": True},
+        "sandwich": {**llama, "sandwich_norms": True},
     }
     cfg = TransformerConfig(**common, **variants[kind])  # type: ignore[arg-type]
     built = HookedTransformer(cfg, seed=seed)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mitk.analysis.graphs import GraphNodes, attribution_graph, prompt_state, replacement_logits
+from mitk.analysis.graphs import (
+    GraphNodes,
+    active_features,
+    attribution_graph,
+    prompt_state,
+    replacement_logits,
+)
+from mitk.analysis.graphs.direct_effects import DirectEffects
+from mitk.analysis.graphs.transpose import covers
 from tests.unit.graphs import frozen
 from tests.unit.graphs.models import model, prompt, transcoders
 
@@ -43,6 +51,7 @@ def test_replacement_model_logits_equal_the_models(kind: str, reads: str, skip: 
         *VARIANTS,
         ("gqa", "ln2.hook_normalized", True, False),
         ("parallel", "ln2.hook_normalized", False, False),
+        ("sandwich", "hook_resid_mid", True, False),
     ],
 )
 def test_each_target_is_its_incoming_edges_plus_the_terms_that_are_no_nodes(
@@ -101,3 +110,32 @@ def test_zeroing_a_source_moves_each_target_by_minus_its_edge(
     moved = frozen.targets(built, layers, state, graph, embed_scale=0.0) - full
     tokens_sum = graph.adjacency[:, nodes.token_start : nodes.logit_start].sum(1)
     torch.testing.assert_close(moved, -tokens_sum, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reads", "skip"),
+    [("gpt2", "ln2.hook_normalized", True), ("gqa", "hook_resid_mid", True),
+     ("parallel", "ln2.hook_normalized", False)],
+)  # fmt: skip
+def test_the_written_out_transpose_agrees_with_autograd(kind: str, reads: str, skip: bool):
+    built = model(kind)
+    assert covers(built) and not covers(model("sandwich"))
+    layers = transcoders(built, reads=reads, skip=skip)
+    state = prompt_state(built, layers, prompt())
+    features, activations = active_features(state)
+    # every feature as a target, and two logit-like targets at the final norm's output
+    n_layers, n_pos = built.cfg.n_layers, state.tokens.shape[0]
+    at_layer = torch.cat([features[:, 0], torch.tensor([n_layers, n_layers])])
+    at_pos = torch.cat([features[:, 1], torch.tensor([n_pos - 1, n_pos - 2])])
+    gen = torch.Generator().manual_seed(1)
+    directions = torch.randn(len(at_layer), built.cfg.d_model, generator=gen)
+    rows = {
+        backward: DirectEffects(built, layers, state, features, activations, backward).rows(
+            at_layer, at_pos, directions
+        )
+        for backward in ("autograd", "transpose")
+    }
+    scale = rows["autograd"].abs().max()
+    torch.testing.assert_close(
+        rows["transpose"] / scale, rows["autograd"] / scale, atol=1e-6, rtol=0
+    )

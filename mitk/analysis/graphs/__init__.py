@@ -5,11 +5,14 @@
   the frozen replacement model as edges (circuit-tracer's definitions).
 - ``prune_graph(graph)`` and ``graph_scores(graph)``: node and edge pruning by
   influence on the logits, and the replacement and completeness scores.
+- ``check_intervention``: clamp or ablate features in the real model and set
+  the logit changes beside the graph's prediction.
 - ``replacement_logits``, ``prompt_state``, ``frozen_forward``: the replacement
   model itself, for checks and interventions.
 """
 
 from mitk.analysis.graphs.attribution import active_features, attribution_graph, salient_logits
+from mitk.analysis.graphs.interventions import InterventionCheck, check_intervention
 from mitk.analysis.graphs.nodes import AttributionGraph, GraphNodes
 from mitk.analysis.graphs.pruning import (
     GraphPruning,
@@ -34,11 +37,13 @@ __all__ = [
     "GraphNodes",
     "GraphPruning",
     "GraphScores",
+    "InterventionCheck",
     "PromptState",
     "Transcoder",
     "TranscoderSet",
     "active_features",
     "attribution_graph",
+    "check_intervention",
     "frozen_forward",
     "graph_scores",
     "logit_weights",

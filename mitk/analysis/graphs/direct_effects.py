@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from mitk.analysis.graphs.replacement import PromptState, frozen_forward
+from mitk.analysis.graphs.sources import SourceVectors
 from mitk.analysis.graphs.transcoders import Transcoder
-from mitk.analysis.graphs.transpose import FrozenTranspose, covers
+from mitk.analysis.graphs.transpose import FrozenTranspose, Sink, covers
 from mitk.model import HookedTransformer
 from mitk.shapes import Float, Int
 
@@ -57,18 +58,16 @@ class DirectEffects:
                 self.writes = state.writes.detach().clone().requires_grad_(True)
                 run = frozen_forward(model, transcoders, state, self.embed, self.writes)
             self.outputs = [*run.inputs, run.hidden]  # index n_layers: the logits' input
-        layer, pos, index = features.unbind(-1)
+        layer, _, index = features.unbind(-1)
         vectors = state.writes.new_zeros(features.shape[0], self.d_model)
         for at, transcoder in enumerate(transcoders):
             chosen = layer == at
             vectors[chosen] = transcoder.W_dec.detach()[index[chosen]]
-        self._group_by_slot(layer * self.n_pos + pos, vectors * activations[:, None])
         errors = state.errors.clone()
         if not state.first_position_features:
             errors[:, 0] = 0
-        self.error_vectors = errors
-        self.token_vectors = state.embed
-        self.n_sources = features.shape[0] + (self.n_layers + 1) * self.n_pos
+        self.sources = SourceVectors(features, vectors * activations[:, None], errors, state.embed)
+        self.n_sources = self.sources.n_sources
 
     def rows(
         self,
@@ -81,30 +80,18 @@ class DirectEffects:
         The output is layer ``layers[i]``'s transcoder input at ``positions[i]``;
         ``layers[i] == n_layers`` means the final norm's output (logit targets).
         """
-        batch = layers.shape[0]
-        grad_embed: Tensor | None
-        grad_writes: Tensor | None
+        out = directions.new_zeros(layers.shape[0], self.n_sources)
+
+        def sink(layer: int, g: Tensor) -> None:
+            self.sources.contract(out, layer, g)
+
         if self.transpose is not None:
-            grad_embed, grad_writes = self.transpose.grads(layers, positions, directions)
+            self.transpose.grads(layers, positions, directions, sink)
         else:
-            grad_embed, grad_writes = self._autograd(layers, positions, directions)
-        out = directions.new_zeros(batch, self.n_sources)
-        n_features = self.n_features
-        if grad_writes is not None:
-            flat = grad_writes.reshape(batch, self.n_layers * self.n_pos, self.d_model)
-            at_slots = flat[:, self.slots].transpose(0, 1)  # [slot, batch, d_model]
-            per_slot = torch.bmm(at_slots, self.slot_vectors.transpose(1, 2))
-            out[:, :n_features] = per_slot.transpose(0, 1).reshape(batch, -1)[:, self.slot_order]
-            errors = torch.einsum("blpd,lpd->blp", grad_writes, self.error_vectors)
-            out[:, n_features : n_features + self.n_layers * self.n_pos] = errors.flatten(1)
-        if grad_embed is not None:
-            tokens = torch.einsum("bpd,pd->bp", grad_embed, self.token_vectors)
-            out[:, n_features + self.n_layers * self.n_pos :] = tokens
+            self._autograd(layers, positions, directions, sink)
         return out
 
-    def _autograd(
-        self, layers: Tensor, positions: Tensor, directions: Tensor
-    ) -> tuple[Tensor | None, Tensor | None]:
+    def _autograd(self, layers: Tensor, positions: Tensor, directions: Tensor, sink: Sink) -> None:
         """The gradients by autograd: one batched backward from the targets' outputs."""
         batch = layers.shape[0]
         wanted = sorted(set(layers.tolist()))
@@ -122,24 +109,8 @@ class DirectEffects:
             allow_unused=True,
             is_grads_batched=True,
         )
-        return grad_embed, grad_writes
-
-    def _group_by_slot(self, slots: Int[Tensor, " n"], vectors: Float[Tensor, "n d_model"]) -> None:
-        """Source vectors padded per (layer, position) slot, so one ``bmm`` contracts them all.
-
-        ``slot_vectors [n_slots, widest, d_model]`` holds each occupied slot's
-        vectors (zero-padded); ``slot_order`` picks feature ``i``'s entry out of
-        the flattened ``[n_slots * widest]`` products.
-        """
-        self.n_features = int(slots.shape[0])
-        occupied, which, counts = torch.unique(slots, return_inverse=True, return_counts=True)
-        widest = int(counts.max()) if len(counts) else 0
-        order = torch.argsort(which, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(which)
-        rank[order] = torch.arange(len(which), device=which.device) - starts[which[order]]
-        padded = vectors.new_zeros(len(occupied), widest, self.d_model)
-        padded[which, rank] = vectors
-        self.slots = occupied
-        self.slot_vectors = padded
-        self.slot_order = which * widest + rank
+        if grad_writes is not None:
+            for layer in range(self.n_layers):
+                sink(layer, grad_writes[:, layer])
+        if grad_embed is not None:
+            sink(-1, grad_embed)

@@ -13,7 +13,7 @@ as fast. Models it does not cover use autograd through the same frozen model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,12 +23,16 @@ from mitk.analysis.graphs.transcoders import Transcoder, input_hook
 from mitk.model import HookedTransformer
 from mitk.shapes import Float, Int
 
+Sink = Callable[[int, Tensor], None]
+"""``sink(layer, gradient [batch, p, d_model])``: layer -1 is the token embeddings."""
+
 
 def covers(model: HookedTransformer) -> bool:
     """Whether ``FrozenTranspose`` runs ``model``: pre-norm blocks, plain attention, no extras."""
     cfg = model.cfg
     return (
-        cfg.norm_position == "pre"
+        cfg.causal
+        and cfg.norm_position == "pre"
         and cfg.pre_norms
         and cfg.final_norm
         and not cfg.sandwich_norms
@@ -46,8 +50,10 @@ class _Norm:
     def __init__(self, centred: bool, weight: Tensor | None, scale: Tensor) -> None:
         self.centred, self.weight, self.scale = centred, weight, scale  # scale [pos, 1]
 
-    def back(self, g: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        g = g / self.scale if self.weight is None else g * (self.weight / self.scale)
+    def back(self, g: Float[Tensor, "batch p d_model"]) -> Float[Tensor, "batch p d_model"]:
+        """The transpose on the first ``p`` positions."""
+        scale = self.scale[: g.shape[1]]
+        g = g / scale if self.weight is None else g * (self.weight / scale)
         return g - g.mean(-1, keepdim=True) if self.centred else g
 
 
@@ -80,8 +86,10 @@ class FrozenTranspose:
                 norm(f"{prefix}.ln2", block.ln2, False) if reads_normalized else None
             )
             self.patterns.append(held[f"{prefix}.attn.hook_pattern"][0])  # [head, query, key]
-            self.W_V.append(block.attn.W_V.detach())  # [kv_head, d_model, d_head]
-            self.W_O.append(block.attn.W_o_packed.detach())  # [head * d_head, d_model]
+            # both as the matrices the transpose multiplies by: [d_model, head * d_head] for W_O^T,
+            # [kv_head * d_head, d_model] for W_V^T
+            self.W_O.append(block.attn.W_o_packed.detach().T.contiguous())
+            self.W_V.append(block.attn.W_V.detach().transpose(1, 2).reshape(-1, cfg.d_model))
             skip = getattr(transcoders[layer], "W_skip", None)
             has_skip = getattr(transcoders[layer].cfg, "skip_connection", False)
             self.skips.append(skip.detach() if has_skip and skip is not None else None)
@@ -92,19 +100,25 @@ class FrozenTranspose:
         layers: Int[Tensor, " batch"],
         positions: Int[Tensor, " batch"],
         directions: Float[Tensor, "batch d_model"],
-    ) -> tuple[Float[Tensor, "batch pos d_model"], Float[Tensor, "batch n_layers pos d_model"]]:
-        """``(d target / d embed, d target / d writes)`` for target ``i``: ``directions[i]`` at
-        layer ``layers[i]``'s transcoder input (``n_layers``: the final norm's output), at
-        ``positions[i]``."""
-        batch = layers.shape[0]
-        g = directions.new_zeros(batch, self.n_pos, self.d_model)
-        writes = directions.new_zeros(batch, self.n_layers, self.n_pos, self.d_model)
+        sink: Sink,
+    ) -> None:
+        """Give ``sink`` the gradients: ``sink(L, d/d writes[L])`` and ``sink(-1, d/d embed)``.
+
+        Target ``i`` is ``directions[i]`` at layer ``layers[i]``'s transcoder input
+        (``n_layers``: the final norm's output) at ``positions[i]``. Gradients are
+        ``[batch, p, d_model]`` for the first ``p`` positions only: attention is
+        causal, so nothing after the last target's position is reached. Layers at
+        and above every target's are not reached either and are not handed over.
+        """
+        p = int(positions.max()) + 1
         top = int(layers.max())
+        g = directions.new_zeros(layers.shape[0], p, self.d_model)
         if top == self.n_layers:
-            g = g + self.ln_final.back(self._injected(layers, positions, directions, top))
+            g = g + self.ln_final.back(self._injected(layers, positions, directions, top, p))
         for layer in range(min(top, self.n_layers - 1), -1, -1):
-            writes[:, layer] = g
-            at_mlp_input = self._injected(layers, positions, directions, layer)
+            if layer < top:
+                sink(layer, g)
+            at_mlp_input = self._injected(layers, positions, directions, layer, p)
             skip = self.skips[layer]
             if skip is not None:
                 at_mlp_input = at_mlp_input + g @ skip
@@ -115,13 +129,13 @@ class FrozenTranspose:
             else:  # the MLP reads resid_mid = input + attention
                 g = g + into_stream
                 g = g + self.ln1[layer].back(self._attention_back(layer, g))
-        return g, writes
+        sink(-1, g)
 
     def _injected(
-        self, layers: Tensor, positions: Tensor, directions: Tensor, layer: int
-    ) -> Float[Tensor, "batch pos d_model"]:
+        self, layers: Tensor, positions: Tensor, directions: Tensor, layer: int, p: int
+    ) -> Float[Tensor, "batch p d_model"]:
         """The cotangent of the targets at ``layer`` (zero for the other samples)."""
-        out = directions.new_zeros(layers.shape[0], self.n_pos, self.d_model)
+        out = directions.new_zeros(layers.shape[0], p, self.d_model)
         chosen = (layers == layer).nonzero()[:, 0]
         out[chosen, positions[chosen]] = directions[chosen]
         return out
@@ -130,9 +144,13 @@ class FrozenTranspose:
         self, layer: int, g: Float[Tensor, "batch pos d_model"]
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attention output to input (after ln1): ``W_O^T``, ``P^T``, ``W_V^T``."""
-        batch = g.shape[0]
-        g_z = (g @ self.W_O[layer].T).view(batch, self.n_pos, self.n_heads, self.d_head)
-        g_v = torch.einsum("hqk,bqhe->bkhe", self.patterns[layer], g_z)
+        batch, p, _ = g.shape
+        heads, d_head = self.n_heads, self.d_head
+        g_z = (g @ self.W_O[layer]).view(batch, p, heads, d_head)
+        # per head, the pattern's transpose mixes queries into keys: one bmm over heads
+        by_head = g_z.permute(2, 1, 0, 3).reshape(heads, p, batch * d_head)
+        g_v = torch.bmm(self.patterns[layer][:, :p, :p].transpose(1, 2), by_head)
+        g_v = g_v.view(heads, p, batch, d_head).permute(2, 1, 0, 3)  # [batch, key, head, d_head]
         if self.group > 1:  # query heads of one key-value head share its values
-            g_v = g_v.view(batch, self.n_pos, -1, self.group, self.d_head).sum(3)
-        return torch.einsum("bkge,gde->bkd", g_v, self.W_V[layer])
+            g_v = g_v.reshape(batch, p, -1, self.group, d_head).sum(3)
+        return g_v.reshape(batch, p, -1) @ self.W_V[layer]

@@ -5,6 +5,8 @@
   the frozen replacement model as edges (circuit-tracer's definitions).
 - ``prune_graph(graph)`` and ``graph_scores(graph)``: node and edge pruning by
   influence on the logits, and the replacement and completeness scores.
+- ``frontend_json`` / ``write_frontend_json``: the pruned graph in circuit-tracer's
+  frontend JSON (its viewer and Neuronpedia's open it).
 - ``check_intervention``: clamp or ablate features in the real model and set
   the logit changes beside the graph's prediction.
 - ``replacement_logits``, ``prompt_state``, ``frozen_forward``: the replacement
@@ -12,6 +14,7 @@
 """
 
 from mitk.analysis.graphs.attribution import active_features, attribution_graph, salient_logits
+from mitk.analysis.graphs.frontend import frontend_json, write_frontend_json
 from mitk.analysis.graphs.interventions import InterventionCheck, check_intervention
 from mitk.analysis.graphs.nodes import AttributionGraph, GraphNodes
 from mitk.analysis.graphs.pruning import (
@@ -44,6 +47,7 @@ __all__ = [
     "active_features",
     "attribution_graph",
     "check_intervention",
+    "frontend_json",
     "frozen_forward",
     "graph_scores",
     "logit_weights",
@@ -52,4 +56,5 @@ __all__ = [
     "prune_graph",
     "replacement_logits",
     "salient_logits",
+    "write_frontend_json",
 ]

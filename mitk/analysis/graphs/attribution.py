@@ -147,6 +147,8 @@ def _chosen_features(
     while done < cap:
         ranking = partial_influence(known, row_nodes, weights)[:n_features].argsort(descending=True)
         pending = ranking[~visited[ranking]][: min(_BATCHES_PER_RANKING * batch_size, cap - done)]
+        # in node order (layer, then position), each batch stops at its last layer and position
+        pending = pending.sort().values
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             rows = effects.rows(layer[batch], pos[batch], encoders[batch])

@@ -52,20 +52,23 @@ def _reference_scan(
     return torch.stack(ys, 1), h
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 8, 32])
-@pytest.mark.parametrize("dt_scale", [0.1, 3.0])  # 3.0: decay spans force the chunks to split
-def test_chunked_scan_equals_a_slow_loop(chunk: int, dt_scale: float) -> None:
+@pytest.mark.parametrize(("chunk", "block"), [(1, 128), (3, 128), (8, 10), (32, 128)])
+@pytest.mark.parametrize("dt_scale", [0.1, 3.0])  # 3.0: a chunk's decay passes e^-88 (fp32's)
+@pytest.mark.parametrize("grad", [False, True])  # in place, or with autograd's graph
+def test_chunked_scan_equals_a_slow_loop(
+    chunk: int, block: int, dt_scale: float, grad: bool
+) -> None:
     gen = torch.Generator().manual_seed(chunk)
     b, pos = 2, 37
     x = torch.randn(b, pos, C, generator=gen)
     dt = torch.rand(b, pos, C, generator=gen) * dt_scale
     A = -torch.rand(C, N, generator=gen) * 8
     B, C_ = torch.randn(b, pos, N, generator=gen), torch.randn(b, pos, N, generator=gen)
-    h0 = torch.randn(b, C, N, generator=gen)
-    y, last = chunked_scan(x, dt, A, B, C_, h0, chunk=chunk)
-    y_ref, last_ref = _reference_scan(*(t.double() for t in (x, dt, A, B, C_, h0)))
-    torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(last.double(), last_ref, atol=1e-5, rtol=1e-5)
+    h0 = torch.randn(b, C, N, generator=gen).requires_grad_(grad)
+    y, last = chunked_scan(x, dt, A, B, C_, h0, chunk=chunk, block=block)
+    y_ref, last_ref = _reference_scan(*(t.detach().double() for t in (x, dt, A, B, C_, h0)))
+    torch.testing.assert_close(y.detach().double(), y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last.detach().double(), last_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_state_hooks_take_the_sequential_path_and_agree(model: HookedTransformer) -> None:
@@ -155,6 +158,7 @@ def test_attention_and_neuron_analyses_are_refused_by_name(model: HookedTransfor
         lambda: cache.get_full_resid_decomposition(),
         lambda: cache.decompose_resid(layer=1, mlp_input=True),
         lambda: model.process_weights(fold_ln=True),
+        lambda: model.to_transformer_lens(),
     ):
         with pytest.raises(UnsupportedModelError, match=r"Mamba|state-space"):
             ask()

@@ -2,14 +2,13 @@
 
 Two forms of one recurrence:
 
-- ``chunked_scan`` (the default path): positions in chunks; inside a chunk the
-  states come from cumulative sums, all positions at once, and only the state
-  at the chunk's end is carried to the next one. ``h_t = e^{S_t} (h_0 + Σ_{s≤t}
-  e^{-S_s} u_s)`` with ``S_t`` the chunk's cumulative log-decay: ``e^{-S_s}`` grows
-  with the chunk's total decay, so a chunk whose decay spans more than
-  ``SPAN_LIMIT`` (in log space) is split in halves until it does not, down to
-  single positions, which need no exponent at all. Memory is one chunk's
-  ``[batch, chunk, d_inner, d_state]``, never the whole sequence's.
+- ``chunked_scan`` (the default path): a block of positions is cut into ``K`` chunks
+  of ``T``; the recurrence advances all chunks together, one position of each per
+  step (``T`` steps, each one operation over ``K`` chunks), from a zero state, then
+  ``K`` small steps carry the state across chunk boundaries. About ``2 sqrt(block)``
+  steps per block instead of one per position, and exact: only decays ``<= 1`` are
+  multiplied. Memory is a block's ``[batch, BLOCK, d_inner, d_state]`` tensors, never
+  the whole sequence's.
 - ``sequential_scan``: one position at a time, every state kept; the path a
   mixer takes when a hook asks for the states or the per-position decays.
 """
@@ -18,14 +17,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+import torch.nn.functional as F
 
 from mitk.shapes import Float
 
-CHUNK = 32
-"""Positions per chunk of ``chunked_scan`` (before any split for a wide decay span)."""
-SPAN_LIMIT = 30.0
-"""Largest decay span (``-S`` at a chunk's end) computed in one piece: ``e^{30}`` is far from
-fp32's overflow and its rounding stays near ``30 * eps`` relative."""
+CHUNK = 4
+"""Positions per chunk of ``chunked_scan``."""
+BLOCK = 32
+"""Positions whose chunks ``chunked_scan`` computes together: memory is a block's
+``[batch, BLOCK, d_inner, d_state]`` tensors, never the whole sequence's."""
 
 
 def chunked_scan(
@@ -36,41 +36,71 @@ def chunked_scan(
     C: Float[Tensor, "batch pos d_state"],
     state: Float[Tensor, "batch d_inner d_state"] | None,
     chunk: int = CHUNK,
+    block: int = BLOCK,
 ) -> tuple[Float[Tensor, "batch pos d_inner"], Float[Tensor, "batch d_inner d_state"]]:
-    """``y_t = C_t · h_t`` for every position, and the last state, chunk by chunk.
+    """``y_t = C_t · h_t`` for every position, and the last state.
 
-    The input ``u_t = dt_t B_t x_t`` and the log-decay ``dt_t A`` are built one
-    chunk at a time. ``state`` is the state before the first position (None: zeros).
+    Blocks of ``block`` positions run one after the other (``_scan_block``).
+    ``state`` is the state before the first position (None: zeros).
     """
     batch, pos, d_inner = x.shape
     h = x.new_zeros(batch, d_inner, A.shape[1]) if state is None else state.to(x.dtype)
     outputs = []
-    for start in range(0, pos, chunk):
-        stop = min(start + chunk, pos)
-        dt_c = dt[:, start:stop]
-        a = dt_c[..., None] * A  # [batch, T, d_inner, d_state], <= 0
-        u = (dt_c * x[:, start:stop])[..., None] * B[:, start:stop, None, :]
-        states = _chunk_states(a, u, h)
-        outputs.append(torch.einsum("btcn,btn->btc", states, C[:, start:stop]))
-        h = states[:, -1]
+    for start in range(0, pos, block):
+        part = slice(start, min(start + block, pos))
+        y, h = _scan_block(x[:, part], dt[:, part], A, B[:, part], C[:, part], h, chunk)
+        outputs.append(y)
     y = torch.cat(outputs, dim=1) if outputs else x.new_zeros(batch, 0, d_inner)
     return y, h
 
 
-def _chunk_states(
-    a: Float[Tensor, "batch T d_inner d_state"],
-    u: Float[Tensor, "batch T d_inner d_state"],
-    h0: Float[Tensor, "batch d_inner d_state"],
-) -> Float[Tensor, "batch T d_inner d_state"]:
-    """Every state of one chunk from its log-decays ``a``, inputs ``u`` and entering state."""
-    if a.shape[1] == 1:
-        return a.exp() * h0[:, None] + u
-    S = a.cumsum(1)
-    if float(-S[:, -1].detach().min()) > SPAN_LIMIT:  # e^{-S} would overflow or lose precision
-        half = a.shape[1] // 2
-        first = _chunk_states(a[:, :half], u[:, :half], h0)
-        return torch.cat([first, _chunk_states(a[:, half:], u[:, half:], first[:, -1])], dim=1)
-    return S.exp() * ((-S).exp() * u).cumsum(1).add_(h0[:, None])
+def _scan_block(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """One block of ``chunked_scan``: its outputs ``[batch, P, d_inner]`` and last state.
+
+    The block's ``K`` chunks of ``T`` positions run side by side: step ``t`` advances
+    every chunk's state (from zero) by one position, all chunks in one operation, so
+    ``T`` steps cover the block. Then ``K`` small steps carry the state across the
+    chunk boundaries, and each state gets the carried state's share, decayed to its
+    position (``e^{S}``, ``S`` the log-decay summed from the chunk's start). Only
+    decays (``<= 1``) are ever multiplied: nothing overflows, however fast a channel
+    decays. Without autograd the states are built in place, over the inputs.
+    """
+    batch, P, d_inner = x.shape
+    T = min(chunk, P)
+    pad = -P % T  # padded positions: dt = 0 (no decay) and no input, so h passes unchanged
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0, 0, pad)) for t in (x, dt, B, C))
+    K = (P + pad) // T
+
+    def by_step(t: Tensor) -> Tensor:  # [batch, K * T, ...] -> [batch, T, K, ...]
+        return t.unflatten(1, (K, T)).transpose(1, 2)
+
+    dt_steps = by_step(dt)  # [batch, T, K, d_inner]
+    step_decay = (dt_steps[..., None] * A).exp_()  # [batch, T, K, d_inner, d_state]
+    decay = (dt_steps.cumsum(1)[..., None] * A).exp_()  # from each chunk's start
+    u = by_step(dt * x)[..., None] * by_step(B)[..., None, :]
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, h))
+    if differentiable:  # autograd keeps every step: a new tensor per step
+        steps = [u[:, 0]]
+        for t in range(1, T):
+            steps.append(torch.addcmul(u[:, t], step_decay[:, t], steps[-1]))
+        local = torch.stack(steps, 1)
+    else:  # the states overwrite the inputs they are built from
+        local = u
+        for t in range(1, T):
+            local[:, t].addcmul_(step_decay[:, t], local[:, t - 1])
+    entering = []
+    for k in range(K):
+        entering.append(h)
+        h = torch.addcmul(local[:, -1, k], decay[:, -1, k], h)
+    carried = torch.stack(entering, 1)[:, None]  # [batch, 1, K, d_inner, d_state]
+    states = (
+        torch.addcmul(local, decay, carried) if differentiable else local.addcmul_(decay, carried)
+    )
+    y = torch.einsum("btkcn,btkn->bktc", states, by_step(C))
+    return y.reshape(batch, K * T, d_inner)[:, :P], h
 
 
 def sequential_scan(

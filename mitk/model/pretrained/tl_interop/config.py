@@ -213,6 +213,8 @@ def _check_tl_can_compute(cfg: TransformerConfig) -> None:
         value = getattr(cfg, field)
         return UnsupportedModelError(f"mitk config {field}={value!r}: TransformerLens {why}")
 
+    if cfg.ssm is not None:
+        raise refuse("ssm", "HookedTransformer has no state-space (Mamba) layers")
     if cfg.positional not in TL_POSITIONAL.values():
         raise refuse("positional", f"supports {sorted(TL_POSITIONAL.values())} positions")
     if cfg.token_types:

@@ -1,0 +1,165 @@
+"""Mamba forward benchmark on a CPU: mitk's chunked scan against Hugging Face's CPU path.
+
+The model is a random-weight ``MambaForCausalLM`` with mamba-130m's layer shape (d_model
+768, d_inner 1536, d_state 16, conv 4, dt rank 48) but 4 layers and a 4096-token
+vocabulary, so the time goes to the mixers rather than the unembedding; fp32, one
+sequence of 2048 tokens. Contenders:
+
+- ``mitk chunked``: ``HookedTransformer.from_pretrained(hf_model)(tokens)`` (the chunked
+  scan: per chunk of positions, cumulative sums; no per-token Python loop);
+- ``mitk state-hooked``: ``run_with_cache`` of every layer's ``hook_ssm_state`` (the
+  sequential path that keeps ``[batch, pos, d_inner, d_state]`` states; for information);
+- ``HF``: ``MambaForCausalLM(tokens, use_cache=False)``. Without the CUDA kernels
+  (``mamba_ssm``, ``causal_conv1d``) transformers runs its PyTorch fallback: the decays and
+  inputs of every position at once, then a Python loop over positions.
+
+Logits are checked against ``mitk chunked``'s first; contenders are interleaved in a
+shuffled order each round and the best of ``--rounds`` is compared (timing helpers shared
+with ``bench/forward.py``). Memory: the peak resident memory a call adds over what the
+process held before it (``/proc/self/clear_refs`` resets the kernel's peak mark; glibc's
+mmap threshold is pinned, by re-executing with ``MALLOC_MMAP_THRESHOLD_``, so freed
+tensors go back to the system between calls). Target: ``mitk chunked / HF`` time <= 1.0x.
+
+Run::
+
+    python bench/ssm_scan.py                  # 2048 tokens, 3 rounds (a minute or two)
+    python bench/ssm_scan.py --quick          # a tiny model, for a smoke run
+    python bench/ssm_scan.py --rounds 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+import gc
+import os
+from pathlib import Path
+import sys
+import time
+from typing import Any
+
+# bench/ is the script's directory, so its sibling imports as a module; it also sets the
+# offline environment variables before transformers is imported
+from forward import Contender, loadavg, logits_of, no_network, time_rounds
+import torch
+
+SEED = 0
+PARITY_ATOL = 1e-3
+TARGET = 1.0  # mitk chunked / HF, best times
+MMAP_THRESHOLD = "65536"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    n_layers: int
+    d_model: int
+    d_state: int
+    d_vocab: int
+    seq: int
+
+
+FULL = Case("mamba-130m layers x4, 1x2048", 4, 768, 16, 4096, 2048)
+QUICK = Case("tiny 1x256", 2, 64, 8, 256, 256)
+
+
+def hf_model(case: Case) -> Any:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(
+        vocab_size=case.d_vocab,
+        hidden_size=case.d_model,
+        state_size=case.d_state,
+        num_hidden_layers=case.n_layers,
+    )
+    torch.manual_seed(SEED)
+    return MambaForCausalLM(config).eval()
+
+
+def contenders_for(case: Case) -> list[Contender]:
+    import mitk
+
+    hf = hf_model(case)
+    model = mitk.HookedTransformer.from_pretrained(hf).eval()
+    tokens = torch.randint(
+        0, case.d_vocab, (1, case.seq), generator=torch.Generator().manual_seed(SEED)
+    )
+
+    def state_hooked() -> Any:
+        return model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_ssm_state"))
+
+    return [
+        ("mitk chunked", lambda: model(tokens)),
+        ("mitk state-hooked", state_hooked),
+        ("HF", lambda: hf(tokens, use_cache=False)),
+    ]
+
+
+def check_logits(contenders: list[Contender]) -> dict[str, float]:
+    """One (warm-up) call each; exits if any logits differ from ``mitk chunked``'s."""
+    with torch.inference_mode():
+        outputs = {name: logits_of(run()).float() for name, run in contenders}
+    reference = outputs["mitk chunked"]
+    diffs = {name: (out - reference).abs().max().item() for name, out in outputs.items()}
+    for name, diff in diffs.items():
+        if diff > PARITY_ATOL:
+            raise SystemExit(f"{name}: logits differ from mitk chunked's by {diff:.2e}")
+    return diffs
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def added_peak_bytes(run: Any) -> int:
+    """Peak resident memory one call adds over what the process held before it."""
+    gc.collect()
+    before = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak mark := the current RSS
+    with torch.inference_mode():
+        out = run()
+    peak = _status_bytes("VmHWM")
+    del out
+    return peak - before
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=None, help="timed calls per contender")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
+    args = parser.parse_args(argv)
+    case = QUICK if args.quick else FULL
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    torch.set_num_threads(args.threads)
+    print(f"case: {case.name}; rounds: {rounds}; threads: {args.threads}; "
+          f"torch {torch.__version__}")  # fmt: skip
+    with no_network():
+        contenders = contenders_for(case)
+        diffs = check_logits(contenders)
+        print(f"loadavg before: {loadavg()}")
+        start = time.perf_counter()
+        times = time_rounds(contenders, rounds)
+        memory = {name: added_peak_bytes(run) for name, run in contenders}
+        print(f"loadavg after: {loadavg()} ({time.perf_counter() - start:.0f} s)")
+    header = f"{'contender':<20} {'best s':>8} {'worst s':>8} {'added peak MiB':>15}"
+    print(f"\n{header} {'max|Δlogit|':>12}")
+    for name, samples in times.items():
+        print(f"{name:<20} {min(samples):>8.3f} {max(samples):>8.3f} "
+              f"{memory[name] / 2**20:>15.1f} {diffs[name]:>12.1e}")  # fmt: skip
+    ratio = min(times["mitk chunked"]) / min(times["HF"])
+    status = "met" if ratio <= TARGET else "MISSED"
+    print(f"\nmitk chunked / HF (time): {ratio:.3f}x  target <= {TARGET:.2f}x  {status}")
+    memory_ratio = memory["mitk chunked"] / max(memory["HF"], 1)
+    print(f"mitk chunked / HF (added peak memory): {memory_ratio:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # before any allocation
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    raise SystemExit(main())

@@ -82,8 +82,10 @@ def attribution_graph(
         logit_tokens=logit_tokens,
         logit_probabilities=probabilities,
     )
-    adjacency = logit_rows.new_zeros(nodes.n_nodes, nodes.n_nodes)
-    adjacency[: len(chosen), : nodes.logit_start] = feature_rows[:, sources]
+    adjacency = keep.adjacency
+    if adjacency is None:
+        adjacency = logit_rows.new_zeros(nodes.n_nodes, nodes.n_nodes)
+        adjacency[: len(chosen), : nodes.logit_start] = feature_rows[:, sources]
     adjacency[nodes.logit_start :, : nodes.logit_start] = logit_rows[:, sources]
     values = adjacency.new_zeros(nodes.n_nodes)
     values[: len(chosen)] = _feature_pre_activations(state, layers, kept_features)
@@ -115,6 +117,7 @@ def salient_logits(
 class _Chosen(NamedTuple):
     chosen: Tensor  # indices into the active features, ascending
     rows: Tensor  # their rows, [n_chosen, n_sources]
+    adjacency: Tensor | None = None  # every feature chosen: the graph's, rows filled in
 
 
 def _chosen_features(
@@ -130,11 +133,14 @@ def _chosen_features(
     n_features = features.shape[0]
     layer, pos = features[:, 0], features[:, 1]
     if cap is None or cap >= n_features:
-        rows = logit_rows.new_zeros(n_features, effects.n_sources)
+        # every feature stays: rows go straight into the graph's adjacency (one n x n buffer)
+        n_nodes = effects.n_sources + logit_rows.shape[0]
+        adjacency = logit_rows.new_zeros(n_nodes, n_nodes)
+        rows = adjacency[:n_features, : effects.n_sources]
         for start in range(0, n_features, batch_size):
             part = slice(start, start + batch_size)
             rows[part] = effects.rows(layer[part], pos[part], encoders[part])
-        return _Chosen(torch.arange(n_features, device=features.device), rows)
+        return _Chosen(torch.arange(n_features, device=features.device), rows, adjacency)
     n_logits = logit_rows.shape[0]
     n_nodes = effects.n_sources + n_logits
     weights = logit_rows.new_zeros(n_nodes)

@@ -119,12 +119,20 @@ class AttributionGraph:
     adjacency: Float[Tensor, "n_nodes n_nodes"]
     target_values: Float[Tensor, " n_nodes"]
 
-    def edges_frame(self, min_abs: float = 0.0) -> pd.DataFrame:
-        """The non-zero edges with ``|weight| > min_abs``: ``target, source, weight``."""
+    def to_frame(self, min_abs: float = 0.0) -> pd.DataFrame:
+        """One row per edge with ``|weight| > min_abs``: ``target, source, weight`` and, for
+        each end, its ``kind``, ``layer``, ``pos`` and ``feature`` (``target_kind``, ...)."""
         weights = self.adjacency
         targets, sources = (weights.abs() > min_abs).nonzero(as_tuple=True)
-        return pd.DataFrame({
+        edges = pd.DataFrame({
             "target": targets.tolist(),
             "source": sources.tolist(),
             "weight": weights[targets, sources].tolist(),
         })  # fmt: skip
+        described = self.nodes.to_frame()[["node", "kind", "layer", "pos", "feature"]]
+        for end in ("target", "source"):
+            named = described.rename(
+                columns=lambda c, end=end: end if c == "node" else f"{end}_{c}"
+            )
+            edges = edges.merge(named, on=end, how="left")
+        return edges

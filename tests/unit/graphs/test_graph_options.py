@@ -63,12 +63,14 @@ def test_pruning_a_real_graph_keeps_tokens_and_logits_and_scores_lie_in_0_1():
     scores = graph_scores(FULL)
     assert 0 < scores.replacement < 1 and 0 < scores.completeness < 1
     frame = nodes.to_frame()
-    assert len(frame) == nodes.n_nodes and set(frame["kind"]) == {
-        "feature",
-        "error",
-        "token",
-        "logit",
-    }
+    assert len(frame) == nodes.n_nodes
+    assert set(frame["kind"]) == {"feature", "error", "token", "logit"}
+    edges = FULL.to_frame(min_abs=1e-3)
+    assert len(edges) == int((FULL.adjacency.abs() > 1e-3).sum())
+    assert set(edges["target_kind"]) == {"feature", "logit"}
+    row = edges.iloc[0]
+    assert row["weight"] == pytest.approx(float(FULL.adjacency[row["target"], row["source"]]))
+    assert row["source_kind"] == frame.loc[row["source"], "kind"]
 
 
 @settings(max_examples=20)

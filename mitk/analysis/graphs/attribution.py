@@ -15,9 +15,6 @@ from mitk.analysis.graphs.transcoders import Transcoder, TranscoderSet, per_laye
 from mitk.model import HookedTransformer
 from mitk.shapes import Float, Int
 
-# features ranked between rounds of rows when the graph is capped (circuit-tracer's update_interval)
-_BATCHES_PER_RANKING = 4
-
 
 @torch.no_grad()
 def attribution_graph(
@@ -29,6 +26,7 @@ def attribution_graph(
     logit_probability: float = 0.95,
     max_feature_nodes: int | None = None,
     batch_size: int = 256,
+    ranking_round: int = 2048,
     first_position_features: bool = False,
 ) -> AttributionGraph:
     """Direct effects between features, errors, tokens and logits of ``tokens``' replacement model.
@@ -40,7 +38,11 @@ def attribution_graph(
       probabilities sum to ``logit_probability``, at most ``max_logits``.
     - ``max_feature_nodes``: keep only this many features, chosen by their
       influence on the logits as the rows come in (as circuit-tracer does).
-    - ``batch_size``: targets per backward pass (memory ~ batch x model pass).
+    - ``ranking_round``: with a cap, how many features are taken per ranking
+      (circuit-tracer's ``update_interval x batch_size``, 4 x 512 by default):
+      it decides which features a capped graph keeps.
+    - ``batch_size``: targets per backward pass (memory ~ batch x one pass's
+      activations); it changes no result.
     - ``first_position_features=False``: position 0 (BOS) has no features,
       as in circuit-tracer.
     """
@@ -50,8 +52,9 @@ def attribution_graph(
         raise ValueError(f"logit_probability must be in (0, 1], got {logit_probability}")
     if max_feature_nodes is not None and max_feature_nodes < 1:
         raise ValueError(f"max_feature_nodes must be None or at least 1, got {max_feature_nodes}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for name, value in (("batch_size", batch_size), ("ranking_round", ranking_round)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     layers = per_layer(model, transcoders)
     state = prompt_state(model, layers, tokens, first_position_features=first_position_features)
     features, activations = active_features(state)
@@ -69,7 +72,7 @@ def attribution_graph(
         logit_directions,
     )
     keep = _chosen_features(effects, features, encoders, logit_rows, probabilities,
-                            max_feature_nodes, batch_size)  # fmt: skip
+                            max_feature_nodes, ranking_round, batch_size)  # fmt: skip
     feature_rows = keep.rows
     chosen = keep.chosen
     sources = torch.cat([chosen, torch.arange(n_features, effects.n_sources, device=chosen.device)])
@@ -127,6 +130,7 @@ def _chosen_features(
     logit_rows: Tensor,
     probabilities: Tensor,
     cap: int | None,
+    ranking_round: int,
     batch_size: int,
 ) -> _Chosen:
     """Rows of every feature, or of the ``cap`` most influential (ranked as rows come in)."""
@@ -152,7 +156,7 @@ def _chosen_features(
     done = 0
     while done < cap:
         ranking = partial_influence(known, row_nodes, weights)[:n_features].argsort(descending=True)
-        pending = ranking[~visited[ranking]][: min(_BATCHES_PER_RANKING * batch_size, cap - done)]
+        pending = ranking[~visited[ranking]][: min(ranking_round, cap - done)]
         # in node order (layer, then position), each batch stops at its last layer and position
         pending = pending.sort().values
         for start in range(0, len(pending), batch_size):

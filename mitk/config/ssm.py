@@ -8,7 +8,7 @@ from typing import Literal
 from mitk.config.json_config import JsonConfig, check_choices, check_positive_ints
 from mitk.errors import ConfigError
 
-SSMVariant = Literal["mamba"]
+SSMVariant = Literal["mamba", "mamba2"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,12 @@ class SSMConfig(JsonConfig):
     it, runs the recurrence ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t`` with a learned
     ``A = -exp(A_log)`` (``[d_inner, d_state]``), reads ``y_t = C_t h_t + D x_t``, gates
     it with ``silu(gate)`` and projects back to ``d_model``.
+
+    ``mamba2`` (Mamba-2): ``A`` is one scalar per head (``n_heads`` heads of
+    ``d_inner / n_heads`` channels), ``dt`` one per head straight from the input
+    projection (no ``dt_rank`` bottleneck), ``B`` and ``C`` come out of the convolution
+    with ``x`` and are shared by the heads of each of ``n_groups`` groups, and the gated
+    output is RMS-normed per group before the output projection.
     """
 
     d_inner: int
@@ -37,13 +43,25 @@ class SSMConfig(JsonConfig):
     proj_bias: bool = False
     """The input and output projections carry biases."""
     variant: SSMVariant = "mamba"
-    """Which selective state-space layer (``mamba``: Mamba-1's per-channel ``A``)."""
+    """Which selective state-space layer (``mamba``: Mamba-1's per-channel ``A``;
+    ``mamba2``: Mamba-2's per-head scalar ``A``)."""
+    n_heads: int = 1
+    """``mamba2``: heads, each with its own ``A``, ``dt`` and ``D``."""
+    n_groups: int = 1
+    """``mamba2``: groups of heads sharing ``B`` and ``C`` (and one norm group each)."""
     layers: list[int] | None = None
     """Layers whose block is a mixer; None: every layer."""
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("d_inner", "d_state", "d_conv", "dt_rank"))
+        check_positive_ints(
+            self, ("d_inner", "d_state", "d_conv", "dt_rank", "n_heads", "n_groups")
+        )
         check_choices(self, {"variant": SSMVariant})
+        if self.d_inner % self.n_heads or self.n_heads % self.n_groups:
+            raise ConfigError(
+                f"ssm n_heads ({self.n_heads}) must divide d_inner ({self.d_inner}) and be a "
+                f"multiple of n_groups ({self.n_groups})"
+            )
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ConfigError(f"ssm layers must be non-negative ints, got {self.layers!r}")
 

@@ -26,7 +26,7 @@ from mitk.model import supported_architectures
 from tests.checkpoints import gpt2_hf_model
 from tests.parity import test_hf_families as families
 from tests.parity.hf_moe_builders import MOE_FAMILIES
-from tests.parity.test_hf_mamba import _mamba
+from tests.parity.test_hf_mamba import _mamba, _mamba2
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- family table: checked by tests/parity/test_family_table.py -->"
@@ -63,6 +63,7 @@ REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "granite": families.FAMILIES["granite-multipliers-gqa"],
     "llama": families.FAMILIES["llama-gqa"],
     "mamba": _mamba,
+    "mamba2": lambda: _mamba2(num_heads=8, head_dim=8),
     "mistral": families.FAMILIES["mistral-window-4"],
     "mixtral": MOE_FAMILIES["mixtral-top2-of-4"],
     "olmo2": families.FAMILIES["olmo2-post-norms-projection-qk-norms"],

@@ -22,7 +22,7 @@ CONFIG_CLASSES = {
     "gemma3_text": "Gemma3TextConfig", "gpt2": "GPT2Config", "gpt_neo": "GPTNeoConfig",
     "gpt_neox": "GPTNeoXConfig", "gpt_oss": "GptOssConfig", "gptj": "GPTJConfig",
     "granite": "GraniteConfig", "llama": "LlamaConfig", "mamba": "MambaConfig",
-    "mistral": "MistralConfig",
+    "mamba2": "Mamba2Config", "mistral": "MistralConfig",
     "mixtral": "MixtralConfig", "olmo2": "Olmo2Config", "olmoe": "OlmoeConfig",
     "phi3": "Phi3Config", "qwen2": "Qwen2Config", "qwen2_moe": "Qwen2MoeConfig",
     "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig", "smollm3": "SmolLM3Config",

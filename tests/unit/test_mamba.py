@@ -223,3 +223,45 @@ def test_config_round_trips_and_validates() -> None:
         _config(layers=[5])
     assert name("ssm_state", 2) == "blocks.2.mixer.hook_ssm_state"
     assert name("mixer_out", 0) == "blocks.0.hook_mixer_out"
+
+
+@pytest.fixture(scope="module")
+def mamba2() -> HookedTransformer:
+    cfg = _config(variant="mamba2", n_heads=6, n_groups=2, d_conv=3)  # 4 channels per head
+    m = HookedTransformer(cfg, seed=5)
+    with torch.no_grad():
+        for param in m.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    return m.eval()
+
+
+def test_mamba2_paths_hooks_and_state_agree(mamba2: HookedTransformer) -> None:
+    tokens = _tokens(pos=13)
+    hooks = [name("ssm_state", 0), name("A", 0), name("B", 0), name("dt", 0), name("conv", 0)]
+    cache_state = KVCache(mamba2.cfg.n_layers)
+    with torch.no_grad():
+        fast = mamba2(tokens)
+        slow, cache = mamba2.run_with_cache(tokens, names_filter=hooks)
+        parts = [mamba2(tokens[:, :8], past_kv_cache=cache_state)]
+        parts += [mamba2(tokens[:, t : t + 1], past_kv_cache=cache_state) for t in range(8, 13)]
+    torch.testing.assert_close(slow, fast, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(parts, 1), fast, atol=1e-5, rtol=0)
+    assert cache[name("ssm_state", 0)].shape == (2, 13, C, N)
+    assert cache[name("A", 0)].shape == cache[name("dt", 0)].shape == (2, 13, 6)
+    assert cache[name("B", 0)].shape == (2, 13, 2, N)
+    assert cache[name("conv", 0)].shape == (2, 13, C + 2 * 2 * N)
+    # the carried state is the last position's, channels head by head
+    torch.testing.assert_close(
+        cache_state.layers[0][1], cache[name("ssm_state", 0)][:, -1], atol=1e-5, rtol=0
+    )
+
+
+def test_mamba2_decomposition_and_config(mamba2: HookedTransformer) -> None:
+    with torch.no_grad():
+        _, cache = mamba2.run_with_cache(_tokens())
+    parts, labels = cache.decompose_resid(return_labels=True)
+    assert labels == ["embed", "0_mixer_out", "1_mixer_out"]
+    torch.testing.assert_close(parts.sum(0), cache[name("resid_post", 1)], atol=1e-6, rtol=0)
+    assert "blocks.0.mixer.norm.hook_scale" in cache
+    with pytest.raises(ConfigError, match="n_groups"):
+        _config(variant="mamba2", n_heads=6, n_groups=4)

@@ -41,7 +41,12 @@ from mitk.model.pretrained.granite import granite_config, granite_state_dict
 from mitk.model.pretrained.hub import looks_like_repo_id, resolve_repo
 from mitk.model.pretrained.legacy import upgrade_native_state
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
-from mitk.model.pretrained.mamba import mamba_config, mamba_state_dict
+from mitk.model.pretrained.mamba import (
+    mamba2_config,
+    mamba2_state_dict,
+    mamba_config,
+    mamba_state_dict,
+)
 from mitk.model.pretrained.mixtral import mixtral_config, mixtral_state_dict
 from mitk.model.pretrained.neox import neox_config, neox_state_dict
 from mitk.model.pretrained.olmo2 import olmo2_config, olmo2_state_dict
@@ -75,6 +80,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "granite": (granite_config, granite_state_dict),
     "llama": (llama_config, llama_state_dict),
     "mamba": (mamba_config, mamba_state_dict),
+    "mamba2": (mamba2_config, mamba2_state_dict),
     "mistral": (llama_config, llama_state_dict),
     "mixtral": (mixtral_config, mixtral_state_dict),
     "olmo2": (olmo2_config, olmo2_state_dict),

@@ -1,9 +1,11 @@
-"""Hugging Face Mamba (``model_type="mamba"``) checkpoints to mitk weights.
+"""Hugging Face Mamba and Mamba-2 (``mamba``, ``mamba2``) checkpoints to mitk weights.
 
 Every block is ``resid + mixer(rmsnorm(resid))`` with Mamba-1's selective
 state-space mixer (``mitk.model.ssm``); no attention, no MLP, no positions.
 The mixer's convolution activation is ``hidden_act``; its gate is always SiLU,
-as in Hugging Face's and the reference implementation's code.
+as in Hugging Face's and the reference implementation's code. Mamba-2 (``mamba2``)
+has one scalar decay per head, ``B``/``C`` from the convolution shared per group of
+heads, and a grouped RMSNorm of the gated output.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from mitk.config import SSMConfig, TransformerConfig
+from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained import mappings
 
 KNOWN_FIELDS = frozenset({
@@ -30,9 +33,10 @@ KNOWN_FIELDS = frozenset({
 """``model_type="mamba"`` fields the conversion reads or knows to be inert; others are refused."""
 
 MAMBA_NAMES = mappings.ConfigNames(
-    n_heads="hidden_size", n_ctx="hidden_size", default_act="silu", eps="layer_norm_epsilon"
-)
-"""Mamba's names; it has no heads and no context limit (those two are overwritten below)."""
+    n_heads="hidden_size", d_mlp="hidden_size", n_ctx="hidden_size", default_act="silu",
+    eps="layer_norm_epsilon",
+)  # fmt: skip
+"""Mamba's names; it has no attention heads, MLP or context limit (overwritten below)."""
 
 NO_LIMIT = 2**20
 """``n_ctx`` of a Mamba model: nothing in it depends on the position, so no real limit."""
@@ -90,3 +94,91 @@ def mamba_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dic
         if cfg.ssm.conv_bias:
             out[f"{mk_mixer}.b_conv"] = sd[f"{mixer}.conv1d.bias"]
     return out
+
+
+MAMBA2_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "state_size", "num_hidden_layers", "layer_norm_epsilon",
+    "expand", "conv_kernel", "use_bias", "use_conv_bias", "hidden_act", "num_heads",
+    "head_dim", "n_groups", "tie_word_embeddings", "residual_in_fp32",
+    "time_step_limit",  # read below: only the default (no clamp) is supported
+    # initialisation only, or unused by the forward (time_step_rank: Mamba-2 has no dt_proj)
+    "time_step_min", "time_step_max", "time_step_floor", "rescale_prenorm_residual",
+    "time_step_rank",
+    # the chunk length of HF's own scan: the same function at any length
+    "chunk_size",
+})  # fmt: skip
+"""``model_type="mamba2"`` fields the conversion reads or knows to be inert; others are refused."""
+
+
+def mamba2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
+    """TransformerConfig equivalent to a Mamba-2 ``config.json``."""
+    mappings.refuse_unknown_fields(hf, MAMBA2_FIELDS)
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    if limit is not None and tuple(map(_number, limit)) != (0.0, float("inf")):
+        raise UnsupportedModelError(
+            f"mamba2 config field time_step_limit={limit!r} is not supported (Hugging Face "
+            "clamps dt with it on the prefill but not per generated token)"
+        )
+    d_model, heads = hf["hidden_size"], hf["num_heads"]
+    d_inner = int(hf.get("expand", 2) * d_model)
+    if hf.get("head_dim") is not None and heads * hf["head_dim"] != d_inner:
+        raise UnsupportedModelError(
+            f"mamba2 num_heads * head_dim ({heads} * {hf['head_dim']}) must equal "
+            f"expand * hidden_size ({d_inner})"
+        )
+    ssm = SSMConfig(
+        d_inner=d_inner,
+        d_state=hf.get("state_size", 128),
+        d_conv=hf.get("conv_kernel", 4),
+        dt_rank=1,  # unused: Mamba-2's dt comes straight from the input projection
+        conv_bias=bool(hf.get("use_conv_bias", True)),
+        proj_bias=bool(hf.get("use_bias", False)),
+        variant="mamba2",
+        n_heads=heads,
+        n_groups=hf.get("n_groups", 1),
+    )
+    fields = mappings.decoder_fields(hf, MAMBA_NAMES, "mamba2", d_head=d_model)
+    fields |= {
+        "n_heads": 1,
+        "d_mlp": 0,
+        "n_ctx": NO_LIMIT,
+        "normalization": "rmsnorm",
+        "positional": "none",
+        "ssm": ssm,
+    }
+    return TransformerConfig(**{**fields, **overrides})
+
+
+def mamba2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
+    """Rename and transpose a ``Mamba2ForCausalLM`` (or bare ``Mamba2Model``) state dict."""
+    sd = mappings.without_prefix(hf_state, "backbone.")
+    assert cfg.ssm is not None
+    bias = cfg.ssm.proj_bias
+    out = {
+        **mappings.embeddings(sd, "embeddings"),
+        **mappings.norm(sd, "norm_f", "ln_final", bias=False),
+    }
+    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "layers.{}"):
+        mixer, mk_mixer = f"{hf}.mixer", f"{mk}.mixer"
+        out |= {
+            **mappings.norm(sd, f"{hf}.norm", f"{mk}.ln1", bias=False),
+            **mappings.norm(sd, f"{mixer}.norm", f"{mk_mixer}.norm", bias=False),
+            **mappings.linear(sd, f"{mixer}.in_proj", f"{mk_mixer}.W_in",
+                              f"{mk_mixer}.b_in" if bias else None),
+            **mappings.linear(sd, f"{mixer}.out_proj", f"{mk_mixer}.W_out",
+                              f"{mk_mixer}.b_out" if bias else None),
+            f"{mk_mixer}.W_conv": sd[f"{mixer}.conv1d.weight"][:, 0],
+            f"{mk_mixer}.b_dt": sd[f"{mixer}.dt_bias"],
+            f"{mk_mixer}.A_log": sd[f"{mixer}.A_log"],
+            f"{mk_mixer}.D": sd[f"{mixer}.D"],
+        }  # fmt: skip
+        if cfg.ssm.conv_bias:
+            out[f"{mk_mixer}.b_conv"] = sd[f"{mixer}.conv1d.bias"]
+    return out
+
+
+def _number(value: Any) -> float:
+    """A JSON number, or HF's spelling of a non-finite one (``{"__float__": "Infinity"}``)."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return float(value["__float__"])
+    return float(value)

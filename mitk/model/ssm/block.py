@@ -11,6 +11,7 @@ from mitk.errors import UnsupportedModelError
 from mitk.hooks import HookPoint
 from mitk.model.forward_context import ForwardContext
 from mitk.model.norms import make_norm
+from mitk.model.ssm.mamba2 import Mamba2Mixer
 from mitk.model.ssm.mixer import MambaMixer
 from mitk.shapes import Float
 
@@ -19,7 +20,8 @@ class MambaBlock(nn.Module):
     """Pre-norm Mamba block: no attention, no MLP; the mixer's write is ``hook_mixer_out``.
 
     Hooks: ``hook_resid_pre``, ``ln1.hook_scale``/``hook_normalized``, the mixer's
-    (``mixer.hook_*``, see ``MambaMixer``), ``hook_mixer_out`` and ``hook_resid_post``.
+    (``mixer.hook_*``, see ``MambaMixer`` and ``Mamba2Mixer``), ``hook_mixer_out`` and
+    ``hook_resid_post``.
     Asking it for ``attn`` or ``mlp`` (an attention or neuron analysis of this
     layer) raises ``UnsupportedModelError`` naming the layer kind.
     """
@@ -29,7 +31,9 @@ class MambaBlock(nn.Module):
         self.cfg = cfg
         self.layer = layer
         self.ln1 = make_norm(cfg)
-        self.mixer = MambaMixer(cfg, layer)
+        assert cfg.ssm is not None
+        mixer = Mamba2Mixer if cfg.ssm.variant == "mamba2" else MambaMixer
+        self.mixer: MambaMixer | Mamba2Mixer = mixer(cfg, layer)
         self.hook_resid_pre = HookPoint()
         self.hook_mixer_out = HookPoint()
         self.hook_resid_post = HookPoint()

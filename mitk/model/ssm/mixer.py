@@ -99,11 +99,12 @@ class MambaMixer(nn.Module):
         """The mixer's write for the pass's new positions, after any state in ``ctx.past``."""
         c = self.ssm.d_inner
         past = ctx.past.get(self.layer)
-        valid = _new_valid(ctx, x.shape[1], x.dtype)
+        valid = padding_mask(ctx, x.shape[1], x.dtype)
         if valid is not None:
             x = x * valid
         xs, gate = self.hook_in_proj(affine(x, self.W_in, self.b_in)).split(c, dim=-1)
-        conv_out, conv_state = self._conv(xs, None if past is None else past[0])
+        conv_out, conv_state = causal_conv(xs, None if past is None else past[0], self.W_conv,
+                                           self.b_conv)  # fmt: skip
         xs = self.act(conv_out)
         if valid is not None:
             xs = xs * valid
@@ -129,21 +130,25 @@ class MambaMixer(nn.Module):
             ctx.present[self.layer] = SSMState(conv_state, last)
         return affine(gated, self.W_out, self.b_out)
 
-    def _conv(
-        self, xs: Float[Tensor, "batch pos d_inner"], past: Tensor | None
-    ) -> tuple[Float[Tensor, "batch pos d_inner"], Float[Tensor, "batch d_inner width"]]:
-        """The causal depthwise convolution after the ``past`` inputs (None: zeros), and the
-        last ``d_conv - 1`` inputs it leaves for the next pass."""
-        width = self.ssm.d_conv - 1
-        seq = xs.transpose(1, 2)  # [batch, d_inner, pos]
-        if past is None:
-            past = seq.new_zeros(*seq.shape[:2], width)
-        full = torch.cat([past.to(seq.dtype), seq], dim=-1)
-        out = F.conv1d(full, self.W_conv[:, None, :], self.b_conv, groups=self.ssm.d_inner)
-        return out.transpose(1, 2), full[..., full.shape[-1] - width :]
+
+def causal_conv(
+    xs: Float[Tensor, "batch pos channel"],
+    past: Tensor | None,
+    W_conv: Float[Tensor, "channel width"],
+    b_conv: Tensor | None,
+) -> tuple[Float[Tensor, "batch pos channel"], Float[Tensor, "batch channel past"]]:
+    """The causal depthwise convolution after the ``past`` inputs (None: zeros), and the
+    last ``width - 1`` inputs it leaves for the next pass."""
+    width = W_conv.shape[1] - 1
+    seq = xs.transpose(1, 2)  # [batch, channel, pos]
+    if past is None:
+        past = seq.new_zeros(*seq.shape[:2], width)
+    full = torch.cat([past.to(seq.dtype), seq], dim=-1)
+    out = F.conv1d(full, W_conv[:, None, :], b_conv, groups=W_conv.shape[0])
+    return out.transpose(1, 2), full[..., full.shape[-1] - width :]
 
 
-def _new_valid(ctx: ForwardContext, pos: int, dtype: torch.dtype) -> Tensor | None:
+def padding_mask(ctx: ForwardContext, pos: int, dtype: torch.dtype) -> Tensor | None:
     """``[batch, pos, 1]``: 1 at the pass's real tokens, 0 at padding (None: no padding)."""
     key_valid = ctx.mask.key_valid
     if key_valid is None:

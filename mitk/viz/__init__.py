@@ -4,10 +4,12 @@ Nothing here runs a model: callers compute results (``mitk.analysis``,
 ``mitk.sae``) and pass them in. Every figure function returns a
 ``plotly.graph_objects.Figure``; ``dashboard`` writes figures, tables and
 result objects into one self-contained HTML file; ``save_image`` exports a
-figure to PNG/SVG/PDF where Kaleido and a Chrome are installed.
+figure to PNG/SVG/PDF where Kaleido and a Chrome are installed; ``graph_viewer`` writes
+an attribution graph as a self-contained, clickable HTML page.
 """
 
 from mitk.viz.attention import attention_heatmap, cached_attention_heatmap
+from mitk.viz.attribution_graph import graph_viewer, graph_viewer_html
 from mitk.viz.circuit_graph import circuit_graph
 from mitk.viz.circuits import composition_heatmap, eigenvalue_scatter, head_scores_heatmap
 from mitk.viz.dashboard import as_sections, dashboard, dashboard_html
@@ -42,6 +44,8 @@ __all__ = [
     "eigenvalue_scatter",
     "feature_card",
     "figures_for",
+    "graph_viewer",
+    "graph_viewer_html",
     "head_scores_heatmap",
     "l0_fvu_tradeoff",
     "logit_lens_heatmap",

@@ -3,6 +3,8 @@
 ``train(SAEConfig(...), source)`` learns one SAE per hook point from an
 ``ActivationStore`` (a model run over tokens), cached shards or a tensor of
 activations; ``evaluate`` measures it, ``spliced`` puts it into a model.
+``load_transcoder_set`` / ``save_transcoder_set`` read and write circuit-tracer's
+per-layer transcoder sets.
 """
 
 from mitk.sae.autoencoder import SAEOutput, SparseAutoencoder
@@ -25,6 +27,7 @@ from mitk.sae.splice import Splice, spliced
 from mitk.sae.store import ActivationStore
 from mitk.sae.synthetic import SparseDictionaryData, mean_max_cosine_similarity
 from mitk.sae.trainer import NonFiniteError, TrainResult, train
+from mitk.sae.transcoder_sets import load_transcoder_set, save_transcoder_set
 
 __all__ = [
     "ActivationSource",
@@ -50,9 +53,11 @@ __all__ = [
     "latent_statistics",
     "list_pretrained",
     "load_sae",
+    "load_transcoder_set",
     "logit_effects",
     "mean_max_cosine_similarity",
     "save_sae",
+    "save_transcoder_set",
     "spliced",
     "train",
 ]

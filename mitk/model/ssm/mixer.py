@@ -145,7 +145,8 @@ def causal_conv(
         past = seq.new_zeros(*seq.shape[:2], width)
     full = torch.cat([past.to(seq.dtype), seq], dim=-1)
     out = F.conv1d(full, W_conv[:, None, :], b_conv, groups=W_conv.shape[0])
-    return out.transpose(1, 2), full[..., full.shape[-1] - width :]
+    # positions-major again, in memory too: the scan slices positions
+    return out.transpose(1, 2).contiguous(), full[..., full.shape[-1] - width :]
 
 
 def padding_mask(ctx: ForwardContext, pos: int, dtype: torch.dtype) -> Tensor | None:

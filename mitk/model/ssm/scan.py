@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from mitk.shapes import Float
 
-CHUNK = 4
+CHUNK = 16
 """Positions per chunk of ``chunked_scan``."""
-BLOCK = 32
+BLOCK = 256
 """Positions whose chunks ``chunked_scan`` computes together: memory is a block's
 ``[batch, BLOCK, d_inner, d_state]`` tensors, never the whole sequence's."""
 
@@ -79,7 +79,6 @@ def _scan_block(
 
     dt_steps = by_step(dt)  # [batch, T, K, d_inner]
     step_decay = (dt_steps[..., None] * A).exp_()  # [batch, T, K, d_inner, d_state]
-    decay = (dt_steps.cumsum(1)[..., None] * A).exp_()  # from each chunk's start
     u = by_step(dt * x)[..., None] * by_step(B)[..., None, :]
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, h))
     if differentiable:  # autograd keeps every step: a new tensor per step
@@ -87,10 +86,12 @@ def _scan_block(
         for t in range(1, T):
             steps.append(torch.addcmul(u[:, t], step_decay[:, t], steps[-1]))
         local = torch.stack(steps, 1)
-    else:  # the states overwrite the inputs they are built from
-        local = u
+        decay = (dt_steps.cumsum(1)[..., None] * A).exp_()  # from each chunk's start
+    else:  # states and cumulative decays overwrite the inputs they are built from
+        local, decay = u, step_decay
         for t in range(1, T):
             local[:, t].addcmul_(step_decay[:, t], local[:, t - 1])
+            decay[:, t].mul_(decay[:, t - 1])
     entering = []
     for k in range(K):
         entering.append(h)

@@ -1,5 +1,9 @@
 """Mamba forward benchmark on a CPU: mitk's chunked scan against Hugging Face's CPU path.
 
+``--family mamba2`` runs the same comparison on a Mamba-2 model of the same width (24
+heads of 64 channels, d_state 128, one group), whose HF CPU path is its own chunked
+(state-space-duality) PyTorch scan.
+
 The model is a random-weight ``MambaForCausalLM`` with mamba-130m's layer shape (d_model
 768, d_inner 1536, d_state 16, conv 4, dt rank 48) but 4 layers and a 4096-token
 vocabulary, so the time goes to the mixers rather than the unembedding; fp32, one
@@ -61,25 +65,31 @@ class Case:
 
 FULL = Case("mamba-130m layers x4, 1x2048", 4, 768, 16, 4096, 2048)
 QUICK = Case("tiny 1x256", 2, 64, 8, 256, 256)
+FULL2 = Case("mamba2 d768 x4 (24 heads x 64, d_state 128), 1x2048", 4, 768, 128, 4096, 2048)
+QUICK2 = Case("mamba2 tiny 1x256", 2, 64, 16, 256, 256)
 
 
-def hf_model(case: Case) -> Any:
-    from transformers import MambaConfig, MambaForCausalLM
+def hf_model(case: Case, family: str) -> Any:
+    from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
-    config = MambaConfig(
-        vocab_size=case.d_vocab,
-        hidden_size=case.d_model,
-        state_size=case.d_state,
-        num_hidden_layers=case.n_layers,
-    )
     torch.manual_seed(SEED)
-    return MambaForCausalLM(config).eval()
+    sizes = {
+        "vocab_size": case.d_vocab,
+        "hidden_size": case.d_model,
+        "state_size": case.d_state,
+        "num_hidden_layers": case.n_layers,
+    }
+    if family == "mamba2":
+        heads = 2 * case.d_model // 64
+        config = Mamba2Config(**sizes, num_heads=heads, head_dim=64, n_groups=1)
+        return Mamba2ForCausalLM(config).eval()
+    return MambaForCausalLM(MambaConfig(**sizes)).eval()
 
 
-def contenders_for(case: Case) -> list[Contender]:
+def contenders_for(case: Case, family: str) -> list[Contender]:
     import mitk
 
-    hf = hf_model(case)
+    hf = hf_model(case, family)
     model = mitk.HookedTransformer.from_pretrained(hf).eval()
     tokens = torch.randint(
         0, case.d_vocab, (1, case.seq), generator=torch.Generator().manual_seed(SEED)
@@ -131,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="timed calls per contender")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
+    parser.add_argument("--family", choices=("mamba", "mamba2"), default="mamba")
     args = parser.parse_args(argv)
-    case = QUICK if args.quick else FULL
+    if args.family == "mamba2":
+        case = QUICK2 if args.quick else FULL2
+    else:
+        case = QUICK if args.quick else FULL
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
     torch.set_num_threads(args.threads)
     print(f"case: {case.name}; rounds: {rounds}; threads: {args.threads}; "
           f"torch {torch.__version__}")  # fmt: skip
     with no_network():
-        contenders = contenders_for(case)
+        contenders = contenders_for(case, args.family)
         diffs = check_logits(contenders)
         print(f"loadavg before: {loadavg()}")
         start = time.perf_counter()

@@ -7,7 +7,7 @@ Two forms of one recurrence:
   step (``T`` steps, each one operation over ``K`` chunks), from a zero state, then
   ``K`` small steps carry the state across chunk boundaries. About ``2 sqrt(block)``
   steps per block instead of one per position, and exact: only decays ``<= 1`` are
-  multiplied. Memory is a block's ``[batch, BLOCK, d_inner, d_state]`` tensors, never
+  multiplied. Memory is a block's ``[batch, block, d_inner, d_state]`` tensors, never
   the whole sequence's.
 - ``sequential_scan``: one position at a time, every state kept; the path a
   mixer takes when a hook asks for the states or the per-position decays.
@@ -23,9 +23,10 @@ from mitk.shapes import Float
 
 CHUNK = 16
 """Positions per chunk of ``chunked_scan``."""
-BLOCK = 256
-"""Positions whose chunks ``chunked_scan`` computes together: memory is a block's
-``[batch, BLOCK, d_inner, d_state]`` tensors, never the whole sequence's."""
+BLOCK_ELEMENTS = 256 * 1536 * 16
+"""State entries per batch row of a block of positions whose chunks ``chunked_scan`` computes
+together (256 positions of mamba-130m's layers): memory is a block's few
+``[batch, block, d_inner, d_state]`` tensors, never the whole sequence's."""
 
 
 def chunked_scan(
@@ -36,14 +37,17 @@ def chunked_scan(
     C: Float[Tensor, "batch pos d_state"],
     state: Float[Tensor, "batch d_inner d_state"] | None,
     chunk: int = CHUNK,
-    block: int = BLOCK,
+    block: int | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_inner"], Float[Tensor, "batch d_inner d_state"]]:
     """``y_t = C_t · h_t`` for every position, and the last state.
 
-    Blocks of ``block`` positions run one after the other (``_scan_block``).
-    ``state`` is the state before the first position (None: zeros).
+    Blocks of ``block`` positions (None: as many chunks as ``BLOCK_ELEMENTS`` state
+    entries allow) run one after the other (``_scan_block``). ``state`` is the state
+    before the first position (None: zeros).
     """
     batch, pos, d_inner = x.shape
+    if block is None:
+        block = max(1, BLOCK_ELEMENTS // (d_inner * A.shape[1] * chunk)) * chunk
     h = x.new_zeros(batch, d_inner, A.shape[1]) if state is None else state.to(x.dtype)
     outputs = []
     for start in range(0, pos, block):

@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # two workers: the machines CI runs on have two cores, and the HF parity suite is large
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-tl4 lint install install-test docs clean
+.PHONY: demo test test-tl4 install-ct bench-graphs-parity lint install install-test docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,10 +69,37 @@ $(TL4_VENV)/.installed: pyproject.toml | $(TL4_BIN)/python
 test-tl4: $(TL4_VENV)/.installed
 	$(TL4_BIN)/pytest tests/tl4 $(TL4_PYTEST_ARGS)
 
+# circuit-tracer 0.5.0 (the attribution graphs mitk.analysis.graphs must match) pins
+# transformer-lens 3.2 and transformers 4.x, so it too gets its own environment, built the
+# same way: the CPU torch first, then circuit-tracer (about 2 minutes). mitk is not installed
+# there: bench/graphs_parity.py puts this checkout on sys.path, and circuit-tracer's own
+# dependencies (plus the few named below) cover what mitk.analysis.graphs imports.
+CT_VENV ?= .venv-ct
+CT_BIN := $(CT_VENV)/bin
+CT ?= circuit-tracer==0.5.0
+
+$(CT_BIN)/python:
+	$(PYTHON) -m venv $(CT_VENV)
+	echo '*' > $(CT_VENV)/.gitignore
+	$(CT_BIN)/pip install -q --upgrade pip
+
+$(CT_VENV)/.installed: pyproject.toml | $(CT_BIN)/python
+	$(CT_BIN)/pip install -q "$(TORCH)"
+	$(CT_BIN)/pip install -q "$(CT)" jaxtyping beartype pyyaml safetensors
+	touch $@
+
+install-ct: $(CT_VENV)/.installed
+
+# adjacency, pruned graphs and scores against circuit-tracer's on the same random model and
+# transcoders, then both timed in one run (one thread); exits 1 on any mismatch.
+# GRAPHS_PARITY_ARGS="--case gpt2-small --rounds 1" for the 12-layer case (capped at 1024)
+bench-graphs-parity: $(CT_VENV)/.installed
+	OMP_NUM_THREADS=1 $(CT_BIN)/python bench/graphs_parity.py $(GRAPHS_PARITY_ARGS)
+
 # the documentation site (mkdocs.yml), offline, into site/: notebooks executed, API pages
 # from the docstrings, every warning (a broken link, a missing reference) an error
 docs: $(VENV)/.docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) $(TL4_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TL4_VENV) $(CT_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -11,8 +11,9 @@ set share of their latents fire):
   prompt, with ``--max-feature-nodes`` (default 1024; 0: uncapped).
 
 Circuit-tracer itself needs its own environment (it pins transformer-lens 3.2 and
-transformers 4.x), so it is not run here yet; the ratio against it is for a later run
-that builds that venv. Calls are best-of-N and the load average is printed: the machine
+transformers 4.x): ``bench/graphs_parity.py`` runs both on these same cases in
+``.venv-ct`` (``make bench-graphs-parity``), checks the graphs agree and times both.
+Calls are best-of-N and the load average is printed: the machine
 is shared and its speed swings several-fold with load.
 
 Run::

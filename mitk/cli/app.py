@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mitk.cli import circuits, dashboard, demo, dla, models, patch, sae
+from mitk.cli import circuits, dashboard, demo, dla, graph, models, patch, sae
 from mitk.cli.settings import SETTINGS
 from mitk.errors import MitkError
 
@@ -80,6 +80,7 @@ app.command("dla")(dla.dla)
 app.command("circuits")(circuits.circuits)
 app.add_typer(sae.app, name="sae")
 app.command("dashboard")(dashboard.dashboard)
+app.command("graph")(graph.graph)
 
 
 @cache

@@ -1,0 +1,275 @@
+"""``mitk graph``: the attribution graph of one prompt, as the offline viewer or the frontend JSON.
+
+``--transcoders`` is one of:
+
+- a folder of mitk transcoders, one subfolder per layer named ``layer_0``,
+  ``layer_1``, ...: each a saved ``SparseAutoencoder`` (``save_sae`` /
+  ``sae.save``, so SAELens's transcoder folders work too) that reads
+  ``blocks.L.ln2.hook_normalized`` (or ``blocks.L.hook_resid_mid``) and writes
+  ``blocks.L.hook_mlp_out``; other entries in the folder are ignored;
+- a circuit-tracer transcoder set: its ``config.yaml``, or a folder holding one
+  (``mitk.sae.transcoder_sets.load_transcoder_set``).
+
+Transcoders are converted to the model's dtype, so that the graph's error
+terms stay exact. ``--out`` ending in ``.html`` writes the viewer
+(``mitk.viz.graph_viewer``, each feature with its top logit effects);
+``.json`` writes circuit-tracer's frontend JSON, which its viewer and
+Neuronpedia's open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+import re
+from typing import Annotated, Any, cast, overload
+
+import torch
+from torch import Tensor
+import typer
+
+from mitk.analysis.graphs import (
+    AttributionGraph,
+    TranscoderSet,
+    attribution_graph,
+    graph_scores,
+    prune_graph,
+    write_frontend_json,
+)
+from mitk.cli.common import DeviceOption, DtypeOption, JsonOption, ModelOption, QuietOption, emit
+from mitk.cli.inputs import InductionOption, PromptOption, SeedOption, TokensOption, read_prompts
+from mitk.cli.outputs import check_output_file
+from mitk.config import TORCH_DTYPES
+from mitk.errors import ConfigError
+from mitk.model import HookedTransformer
+from mitk.sae import SparseAutoencoder, load_sae
+from mitk.sae.config import SAEDType
+from mitk.sae.transcoder_sets import CONFIG_NAME, load_transcoder_set
+from mitk.sweeps import load_named_model
+from mitk.viz.attribution_graph import graph_viewer
+
+LAYER_FOLDER = re.compile(r"^layer_(\d+)$")
+VIEWER_SUFFIXES = (".html", ".htm")
+LOGIT_EFFECTS = 5  # tokens each way a clicked feature lists
+
+
+def graph(
+    model: ModelOption,
+    transcoders: Annotated[
+        Path,
+        typer.Option(
+            "--transcoders",
+            "-t",
+            help="Folder of per-layer transcoders (layer_0/, layer_1/, ... each a saved SAE), "
+            "or a circuit-tracer set's config.yaml (or its folder).",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(help="graph.html: the offline viewer; graph.json: circuit-tracer's JSON."),
+    ],
+    prompt: PromptOption = None,
+    tokens: TokensOption = None,
+    induction: InductionOption = None,
+    seed: SeedOption = 0,
+    node_threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of node influence pruning keeps.")
+    ] = 0.8,
+    edge_threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of edge influence pruning keeps.")
+    ] = 0.98,
+    max_feature_nodes: Annotated[
+        int | None,
+        typer.Option(min=1, help="Keep only this many features, the most influential."),
+    ] = None,
+    max_logits: Annotated[
+        int, typer.Option(min=1, help="Most logit nodes (likeliest next tokens).")
+    ] = 10,
+    logit_probability: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Logit nodes until their probabilities sum to this."),
+    ] = 0.95,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Targets per backward pass (memory, not results).")
+    ] = 256,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Trace the attribution graph of one prompt through per-layer transcoders.
+
+    Nodes are active features, error terms, token embeddings and the likeliest
+    next tokens; edges direct effects through the replacement model with
+    attention and norms frozen (circuit-tracer's definitions). The graph is
+    pruned with --node-threshold and --edge-threshold before it is written.
+    """
+    check_output_file(out, "--out")
+    suffix = out.suffix.lower()
+    if suffix not in (*VIEWER_SUFFIXES, ".json"):
+        raise ConfigError(f"--out {out}: give a .html file (the viewer) or a .json file "
+                          "(circuit-tracer's frontend JSON)")  # fmt: skip
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: use one of {sorted(TORCH_DTYPES)}")
+    net = load_named_model(model, device, dtype)
+    layers = read_transcoders(transcoders, device, dtype)
+    prompts = read_prompts(net, prompt=prompt, tokens_file=tokens, induction=induction,
+                           n_prompts=1, seed=seed)  # fmt: skip
+    if prompts.tokens.shape[0] != 1:
+        raise ConfigError(f"a graph is of one prompt; got {prompts.tokens.shape[0]} "
+                          f"({prompts.source})")  # fmt: skip
+    ids = prompts.tokens[0].to(net.W_E.device)
+    # cast: the Transcoder protocol declares W_enc/W_dec as plain (invariant) attributes,
+    # which an nn.Parameter does not match for mypy although it is a Tensor
+    found = attribution_graph(
+        net, cast(TranscoderSet, layers), ids, max_logits=max_logits,
+        logit_probability=logit_probability, max_feature_nodes=max_feature_nodes,
+        batch_size=batch_size,
+    )  # fmt: skip
+    texts = _token_strings(net, ids)
+    vocab = _Vocabulary(net)
+    scores = graph_scores(found)
+    pruned = prune_graph(found, node_threshold, edge_threshold)
+    options: dict[str, Any] = {
+        "token_strings": texts, "vocab_strings": vocab,
+        "node_threshold": node_threshold, "edge_threshold": edge_threshold,
+    }  # fmt: skip
+    if suffix == ".json":
+        write_frontend_json(found, out, slug=out.stem, scan=transcoders.name,
+                            prompt="".join(texts), **options)  # fmt: skip
+    else:
+        header = {
+            "model": model,
+            "transcoders": str(transcoders),
+            "replacement score": f"{scores.replacement:.4f}",
+            "completeness score": f"{scores.completeness:.4f}",
+        }
+        effects = feature_logit_effects(net, layers, found, pruned.node_mask, vocab)
+        graph_viewer(out, found, logit_effects=effects, header=header, **options)
+    nodes = found.nodes
+    logits = [{"token": vocab[t], "probability": p} for t, p in zip(
+        nodes.logit_tokens.tolist(), nodes.logit_probabilities.tolist(), strict=True)]  # fmt: skip
+    result: dict[str, Any] = {
+        "model": model,
+        "transcoders": str(transcoders),
+        "prompt": texts,
+        "n_features": nodes.n_features,
+        "n_nodes": nodes.n_nodes,
+        "kept_nodes": int(pruned.node_mask.sum()),
+        "kept_edges": int(pruned.edge_mask.sum()),
+        "replacement_score": scores.replacement,
+        "completeness_score": scores.completeness,
+        "logits": logits,
+        "format": "frontend-json" if suffix == ".json" else "html",
+        "out": str(out),
+    }
+    lines = [
+        f"attribution graph of {len(texts)} tokens: {nodes.n_features} active features, "
+        f"{nodes.n_nodes} nodes; kept {result['kept_nodes']} nodes and "
+        f"{result['kept_edges']} edges",
+        f"replacement score {scores.replacement:.4f}, completeness {scores.completeness:.4f}",
+        "likeliest next tokens: "
+        + ", ".join(f"{item['token']!r} {item['probability']:.3f}" for item in logits),
+        f"written to {out}",
+    ]
+    emit(result, as_json, quiet, lines)
+
+
+def read_transcoders(path: Path, device: str, dtype: str) -> list[SparseAutoencoder]:
+    """The transcoders ``--transcoders`` names (see the module docstring), in ``dtype``."""
+    if not path.exists():
+        raise FileNotFoundError(f"--transcoders {path}: no such file or folder")
+    if path.is_file() or (path / CONFIG_NAME).is_file():
+        return load_transcoder_set(path, device=device, dtype=cast(SAEDType, dtype))
+    by_layer: dict[int, Path] = {}
+    for entry in path.iterdir():
+        match = LAYER_FOLDER.match(entry.name)
+        if match and entry.is_dir():
+            by_layer[int(match.group(1))] = entry
+    if not by_layer:
+        raise ConfigError(
+            f"--transcoders {path}: no layer_0/, layer_1/, ... subfolders (saved SAEs) and no "
+            f"{CONFIG_NAME} (a circuit-tracer set)"
+        )
+    missing = sorted(set(range(max(by_layer) + 1)) - set(by_layer))
+    if missing:
+        raise ConfigError(f"--transcoders {path}: no folder for layers {missing}")
+    loaded = []
+    for layer in range(len(by_layer)):
+        sae = load_sae(by_layer[layer], device)
+        loaded.append(sae.to(TORCH_DTYPES[dtype]))
+    return loaded
+
+
+@torch.no_grad()
+def feature_logit_effects(
+    model: HookedTransformer,
+    transcoders: Sequence[SparseAutoencoder],
+    graph: AttributionGraph,
+    shown: Tensor,
+    vocab: Sequence[str],
+    k: int = LOGIT_EFFECTS,
+) -> dict[tuple[int, int], list[tuple[str, float]]]:
+    """Per feature node in ``shown``, the tokens its decoder row raises and lowers most.
+
+    The row goes through the final norm's linear part (centred for LayerNorm,
+    times its weight; the input-dependent scale left out) and the unembedding,
+    with the mean over the vocabulary taken off, as graph logits are.
+    """
+    nodes = graph.nodes
+    chosen = shown[: nodes.n_features].nonzero()[:, 0]
+    keys = sorted({(int(layer), int(feature)) for layer, _, feature in nodes.features[chosen]})
+    if not keys:
+        return {}
+    rows = torch.stack([transcoders[layer].W_dec[feature] for layer, feature in keys])
+    if model.cfg.normalization == "layernorm":
+        rows = rows - rows.mean(-1, keepdim=True)
+    weight = getattr(model.ln_final, "w", None)
+    if weight is not None:
+        rows = rows * weight
+    effects = rows @ model.unembed.W_U
+    effects = (effects - effects.mean(-1, keepdim=True)).float().cpu()
+    n = min(k, effects.shape[-1])
+    top, bottom = effects.topk(n), effects.topk(n, largest=False)
+    found = {}
+    for i, key in enumerate(keys):
+        ids = top.indices[i].tolist() + bottom.indices[i].tolist()[::-1]
+        values = top.values[i].tolist() + bottom.values[i].tolist()[::-1]
+        found[key] = [(vocab[t], v) for t, v in zip(ids, values, strict=True)]
+    return found
+
+
+def _token_strings(model: HookedTransformer, ids: Tensor) -> list[str]:
+    if model.tokenizer is None:
+        return [str(t) for t in ids.tolist()]
+    return [str(t) for t in model.to_str_tokens(ids.cpu())]
+
+
+class _Vocabulary(Sequence[str]):
+    """Token id -> text, decoded when asked (a whole vocabulary up front would be slow).
+
+    Without a tokenizer the text is the id; an id the tokenizer decodes to nothing is ``[id]``.
+    """
+
+    def __init__(self, model: HookedTransformer) -> None:
+        self._tokenizer = model.tokenizer
+        self._size = model.cfg.d_vocab
+
+    def __len__(self) -> int:
+        return self._size
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._size))]
+        if not -self._size <= index < self._size:
+            raise IndexError(index)
+        token = index % self._size
+        if self._tokenizer is None:
+            return str(token)
+        return str(self._tokenizer.decode([token])) or f"[{token}]"  # no text: say which id

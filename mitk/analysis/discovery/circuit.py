@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 import json
 import math
+from numbers import Integral
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,7 +25,7 @@ from torch import Tensor
 from mitk.analysis.discovery.graph import GRANULARITIES, EdgeGraph, Granularity, GraphShape
 from mitk.atomic import atomic_write
 from mitk.errors import MitkError
-from mitk.shapes import Float
+from mitk.shapes import Bool, Float
 
 FORMAT = "mitk-circuit"
 VERSION = 1
@@ -51,9 +52,10 @@ def _as_edge(edge: Any) -> Edge:
     if len(items) not in (2, 3):
         raise ValueError(f"an edge is (sender, receiver) or (sender, receiver, pos), got {edge!r}")
     pos = items[2] if len(items) == 3 else None
-    if pos is not None and (isinstance(pos, bool) or not isinstance(pos, int) or pos < 0):
+    # numpy integers count (a pos read from a frame); bools and floats do not
+    if pos is not None and (isinstance(pos, bool) or not isinstance(pos, Integral) or pos < 0):
         raise ValueError(f"edge {edge!r}: pos must be a non-negative int or None")
-    return Edge(str(items[0]), str(items[1]), pos)
+    return Edge(str(items[0]), str(items[1]), None if pos is None else int(pos))
 
 
 @dataclass(frozen=True)
@@ -88,27 +90,55 @@ class Circuit:
         return cls(graph.shape, graph.granularity, frozenset(Edge(*e) for e in graph.edges()))
 
     @classmethod
-    def from_mask(cls, graph: EdgeGraph, keep: Tensor) -> Circuit:
-        """The edges where ``keep[s, r]`` is true (absent edges ignored)."""
+    def from_mask(cls, graph: EdgeGraph, keep: Bool[Tensor, "*pos sender receiver"]) -> Circuit:
+        """The edges where ``keep[s, r]`` is true (absent edges ignored).
+
+        A ``[pos, sender, receiver]`` mask gives positional edges ``(s, r, pos)``.
+        """
         chosen = (keep.bool().cpu() & graph.present).nonzero().tolist()
-        edges = frozenset(Edge(graph.senders[s], graph.receivers[r]) for s, r in chosen)
+        if keep.dim() == 3:
+            edges = frozenset(Edge(graph.senders[s], graph.receivers[r], p) for p, s, r in chosen)
+        else:
+            edges = frozenset(Edge(graph.senders[s], graph.receivers[r]) for s, r in chosen)
         return cls(graph.shape, graph.granularity, edges)
 
     @classmethod
-    def top(cls, graph: EdgeGraph, scores: Tensor, n_edges: int, absolute: bool = True) -> Circuit:
-        """The ``n_edges`` existing edges with the largest (absolute) scores."""
+    def top(
+        cls,
+        graph: EdgeGraph,
+        scores: Float[Tensor, "*pos sender receiver"],
+        n_edges: int,
+        absolute: bool = True,
+    ) -> Circuit:
+        """The ``n_edges`` existing edges with the largest (absolute) scores.
+
+        Scores ``[pos, sender, receiver]`` rank each edge at each position: the
+        circuit is positional.
+        """
+        if scores.dim() not in (2, 3) or scores.shape[-2:] != graph.present.shape:
+            raise ValueError(
+                f"scores {tuple(scores.shape)} must be [*pos, sender, receiver] with "
+                f"[sender, receiver] = {tuple(graph.present.shape)}"
+            )
         values = scores.detach().float().cpu().abs() if absolute else scores.detach().float().cpu()
-        values = values.masked_fill(~graph.present, -math.inf).flatten()
-        n_edges = max(0, min(n_edges, graph.n_edges))
+        values = values.masked_fill(~graph.present, -math.inf)
+        positions = values.shape[0] if values.dim() == 3 else 1
+        n_edges = max(0, min(n_edges, graph.n_edges * positions))
         keep = torch.zeros(values.numel(), dtype=torch.bool)
-        keep[values.topk(n_edges).indices] = True
-        return cls.from_mask(graph, keep.view(graph.present.shape))
+        keep[values.flatten().topk(n_edges).indices] = True
+        return cls.from_mask(graph, keep.view(values.shape))
 
     @classmethod
-    def random(cls, graph: EdgeGraph, n_edges: int, seed: int = 0) -> Circuit:
-        """``n_edges`` existing edges drawn uniformly without replacement (seeded)."""
+    def random(
+        cls, graph: EdgeGraph, n_edges: int, seed: int = 0, seq: int | None = None
+    ) -> Circuit:
+        """``n_edges`` existing edges drawn uniformly without replacement (seeded).
+
+        With ``seq``, positional edges drawn from every edge at every position.
+        """
         generator = torch.Generator().manual_seed(seed)
-        scores = torch.rand(graph.present.shape, generator=generator)
+        shape = graph.present.shape if seq is None else (seq, *graph.present.shape)
+        scores = torch.rand(shape, generator=generator)
         return cls.top(graph, scores, n_edges, absolute=False)
 
     @cached_property

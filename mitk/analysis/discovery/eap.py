@@ -15,7 +15,11 @@ plain EAP, the gradient on the clean run):
   of ``dmetric/dkeep[s, r]`` along that path, which by the completeness of
   integrated gradients sums to about ``m_full - m_empty`` over all edges.
 
-All steps of a chunk run as one batched forward and backward.
+All steps of a chunk run as one batched forward and backward. With
+``positional=True`` the sum over positions is left out: each edge gets a
+score at each position (the receiver's input there), the scores over
+positions add up to the position-free ones, and the circuit keeps edges at
+the positions where they matter (a positional circuit, as MIB scores them).
 """
 
 from __future__ import annotations
@@ -45,11 +49,13 @@ def _chunks(alphas: Tensor, per: int) -> list[Tensor]:
 
 
 def _activation_scores(
-    run: MaskedRun, alphas: Tensor, per: int
-) -> Float[Tensor, "sender receiver"]:
-    total = torch.zeros(run.graph.present.shape, device=run.tokens.device)
+    run: MaskedRun, alphas: Tensor, per: int, positional: bool
+) -> Float[Tensor, "*pos sender receiver"]:
+    shape = (run.seq, *run.graph.present.shape) if positional else run.graph.present.shape
+    total = torch.zeros(shape, device=run.tokens.device)
     for chunk in _chunks(alphas, per):
-        keep = chunk.to(total)[:, None, None].expand(-1, *total.shape).clone().requires_grad_(True)
+        alpha = chunk.to(total).view(-1, *[1] * total.dim())
+        keep = alpha.expand(-1, *total.shape).clone().requires_grad_(True)
         with torch.enable_grad():
             run.metric(keep).sum().backward()
         assert keep.grad is not None
@@ -57,7 +63,9 @@ def _activation_scores(
     return total / (alphas.numel() * run.batch)
 
 
-def _input_scores(run: MaskedRun, alphas: Tensor, per: int) -> Float[Tensor, "sender receiver"]:
+def _input_scores(
+    run: MaskedRun, alphas: Tensor, per: int, positional: bool
+) -> Float[Tensor, "*pos sender receiver"]:
     delta = run.clean_outputs - run.ablated  # [S, B, P, M]
     n_receivers, d_model = run.graph.present.shape[1], run.model.cfg.d_model
     grads = torch.zeros(run.batch, run.seq, n_receivers, d_model, device=run.tokens.device)
@@ -70,7 +78,8 @@ def _input_scores(run: MaskedRun, alphas: Tensor, per: int) -> Float[Tensor, "se
             run.metric(keep, embed_alpha=chunk.to(grads), probe=probe).sum().backward()
         assert probe.grad is not None
         grads += probe.grad.view(n, run.batch, *grads.shape[1:]).sum(0)
-    return torch.einsum("sbpm,bprm->sr", delta, grads) / (alphas.numel() * run.batch)
+    pattern = "sbpm,bprm->psr" if positional else "sbpm,bprm->sr"
+    return torch.einsum(pattern, delta, grads) / (alphas.numel() * run.batch)
 
 
 def eap_ig(
@@ -82,6 +91,7 @@ def eap_ig(
     on: IgOn = "inputs",
     ablation: Ablation = "resample",
     granularity: Granularity = "heads",
+    positional: bool = False,
     n_edges: int | None = None,
     edge_fraction: float = 0.05,
     memory_budget_gb: float = 2.0,
@@ -92,6 +102,8 @@ def eap_ig(
     a ready-made metric or a callable from logits ``[batch, pos, d_vocab]``
     to ``[batch]``. A positive score means ablating the edge lowers the metric.
     Layer granularity sums the head-level scores of each layer edge.
+    ``positional``: scores ``[pos, sender, receiver]`` and a positional
+    circuit; ``edge_fraction`` is then of the edges at all positions.
     """
     if on not in ("inputs", "activations"):
         raise ValueError(f"on must be 'inputs' or 'activations', got {on!r}")
@@ -103,12 +115,15 @@ def eap_ig(
     params = [p.requires_grad for p in model.parameters()]
     try:
         model.requires_grad_(False)
-        fine = (_input_scores if on == "inputs" else _activation_scores)(run, alphas, per)
+        scorer = _input_scores if on == "inputs" else _activation_scores
+        fine = scorer(run, alphas, per, positional)
     finally:
         for p, flag in zip(model.parameters(), params, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
     scores = with_nan(graph, graph.coarse_scores(fine))
-    size = n_edges if n_edges is not None else round(edge_fraction * graph.n_edges)
+    total = graph.n_edges * (run.seq if positional else 1)
+    size = n_edges if n_edges is not None else round(edge_fraction * total)
     circuit = Circuit.top(graph, scores.nan_to_num(0.0), size)
-    return DiscoveryResult(circuit, scores, f"eap_ig[{on}, steps={ig_steps}]")
+    where = ", positional" if positional else ""
+    return DiscoveryResult(circuit, scores, f"eap_ig[{on}, steps={ig_steps}{where}]")

@@ -82,9 +82,10 @@ def faithfulness(
     to ``[batch]``. Circuit and random baseline run in one batched forward.
     """
     run = MaskedRun(model, circuit.graph, data, metric, ablation)
-    baseline = Circuit.random(
-        circuit.graph, len({(e.sender, e.receiver) for e in circuit.edges}), seed
-    )
+    if circuit.positional:  # as many edge-positions, drawn from every edge at every position
+        baseline = Circuit.random(circuit.graph, len(circuit), seed, seq=run.seq)
+    else:
+        baseline = Circuit.random(circuit.graph, len(circuit), seed)
     values = run.chunked(run.metric, _masks(run, [circuit, baseline]), memory_budget_gb)
     recovered = normalized(values, run.full, run.empty)
     return Faithfulness(
@@ -147,17 +148,20 @@ def faithfulness_curve(
     """The MIB faithfulness curve of any method's scores: top edges by |score| per fraction.
 
     Each fraction keeps ``round(fraction * total)`` edges (at least one for a
-    positive fraction). Every circuit, and a random one per size, runs in as
-    few batched forwards as the memory budget allows.
+    positive fraction); for positional scores ``total`` counts every edge at
+    every position, and the circuits (random ones too) are positional. Every
+    circuit, and a random one per size, runs in as few batched forwards as
+    the memory budget allows.
     """
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise ValueError("fractions must be a non-empty sequence of values in (0, 1]")
     graph = scores.graph
-    total = graph.n_edges
+    seq = scores.scores.shape[0] if scores.positional else None
+    total = graph.n_edges * (seq or 1)
     sizes = sorted({max(1, min(total, round(f * total))) for f in fractions})
     ranked = as_scores(graph, scores.scores)
     circuits = [Circuit.top(graph, ranked, n) for n in sizes]
-    randoms = [Circuit.random(graph, n, seed + i) for i, n in enumerate(sizes)]
+    randoms = [Circuit.random(graph, n, seed + i, seq) for i, n in enumerate(sizes)]
     run = MaskedRun(model, graph, data, metric, ablation)
     values = run.chunked(run.metric, _masks(run, circuits + randoms), memory_budget_gb)
     recovered = normalized(values, run.full, run.empty).tolist()

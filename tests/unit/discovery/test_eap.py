@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mitk import HookedTransformer
-from mitk.analysis.discovery import EdgeGraph, Prompts, eap_ig
+from mitk.analysis.discovery import Circuit, EdgeGraph, Prompts, eap_ig
 from tests.unit.discovery.models import LastLogit, random_pair, tiny
 
 
@@ -140,3 +140,32 @@ def test_acdc_and_edge_pruning_run_on_every_block_kind(kind: str, granularity: s
         assert result.scores.shape == graph.present.shape
         assert result.scores[~graph.present].isnan().all()
         assert result.circuit.graph.receivers == graph.receivers
+
+
+@pytest.mark.parametrize("on", ["inputs", "activations"])
+def test_positional_scores_add_up_over_positions_to_the_position_free_ones(on: str) -> None:
+    model, prompts, metric = tiny("gqa"), random_pair(), LastLogit(3)
+    free = eap_ig(model, prompts, metric, ig_steps=2, on=on)  # type: ignore[arg-type]
+    per_pos = eap_ig(model, prompts, metric, ig_steps=2, on=on, positional=True, n_edges=7)  # type: ignore[arg-type]
+    seq = prompts.clean.shape[1]
+    assert per_pos.positional and per_pos.scores.shape == (seq, *free.scores.shape)
+    torch.testing.assert_close(per_pos.scores.sum(0), free.scores, atol=1e-5, rtol=1e-4,
+                               equal_nan=True)  # fmt: skip
+    assert per_pos.circuit.positional and len(per_pos.circuit) == 7
+    frame = per_pos.to_frame()
+    assert len(frame) == seq * free.graph.n_edges and frame["in_circuit"].sum() == 7
+    top = frame.iloc[0]
+    assert (top["sender"], top["receiver"], top["pos"]) in per_pos.circuit
+
+
+def test_a_positional_curve_counts_edges_at_every_position_and_ends_at_the_full_model() -> None:
+    from mitk.analysis.discovery import faithfulness_curve
+
+    model, prompts, metric = tiny("mha"), random_pair(), LastLogit(3)
+    result = eap_ig(model, prompts, metric, ig_steps=1, positional=True)
+    curve = faithfulness_curve(model, result, prompts, metric, fractions=(0.01, 0.1, 1.0))
+    seq, total = prompts.clean.shape[1], result.graph.n_edges
+    assert curve.n_edges[-1] == seq * total and curve.recovered[-1] == pytest.approx(1.0)
+    assert curve.random[-1] == pytest.approx(1.0)  # every edge at every position: the model
+    with pytest.raises(ValueError, match="sender, receiver"):
+        Circuit.top(result.graph, result.scores[:, :2], 3)

@@ -1,10 +1,17 @@
 """SAE training benchmark: mitk's trainer against SAELens's on the same activations.
 
-What it measures, per architecture (TopK with k=32, and the L1 ReLU SAE), with d_in 512,
-d_sae 4096, batch 4096 and 60 optimiser steps (fp32, CPU):
+What it measures, per architecture (TopK with k=32, the L1 ReLU SAE, and Matryoshka
+BatchTopK with k=32 over mitk's default prefixes 512/1024/2048/4096, which SAELens is given
+too since it has no default), with d_in 512, d_sae 4096, batch 4096 and 60 optimiser steps
+(fp32, CPU):
 
 - ``mitk``: ``mitk.sae.train(SAEConfig(...), source, progress=False)``;
-- ``SAELens``: ``SAETrainer(cfg, TopKTrainingSAE | StandardTrainingSAE, iterator).fit()``.
+- ``SAELens``: ``SAETrainer(cfg, TopKTrainingSAE | StandardTrainingSAE |
+  MatryoshkaBatchTopKTrainingSAE, iterator).fit()``.
+
+SAELens 6.54 has no transcoder trainer (its ``Transcoder`` classes load and run trained
+ones), so there is no transcoder row to compare; mitk's transcoders train through the same
+loss code as its SAEs.
 
 Both read identical tensors in identical order: rows of ``SparseDictionaryData`` (4096
 unit-norm ground-truth features in 512 dimensions, about 32 active per row with uniform
@@ -87,7 +94,8 @@ from mitk.sae.losses import SPARSE_DENSITY
 from mitk.sae.sources import norm_scale
 
 SEED = 0
-TARGET_SPEEDUP = 1.5
+# the issue's targets: TopK >= 3x, ReLU-L1 >= 1.5x; Matryoshka is held to at least parity
+TARGET_SPEEDUP = {"topk": 3.0, "relu": 1.5, "matryoshka_batchtopk": 1.0}
 FVU_TOLERANCE = 0.01  # relative: the tools start from different random decoders
 HOOK = "activations"
 
@@ -141,7 +149,8 @@ QUICK = Case(
     eval_rows=1024,
     pretrain_steps=40,
 )
-ARCHS = ("topk", "relu")
+ARCHS = ("topk", "relu", "matryoshka_batchtopk")
+TOPK_FAMILY = ("topk", "matryoshka_batchtopk")  # these use lr_topk and k
 TOOLS = ("mitk", "SAELens")
 
 
@@ -195,7 +204,7 @@ def mitk_config(case: Case, arch: str, steps: int) -> SAEConfig:
         architecture=arch,
         k=case.k,
         l1_coefficient=case.l1_coefficient,
-        lr=case.lr_topk if arch == "topk" else case.lr_relu,
+        lr=case.lr_topk if arch in TOPK_FAMILY else case.lr_relu,
         lr_warmup_fraction=0.0,
         lr_decay_fraction=0.0,
         sparsity_warmup_fraction=0.0,
@@ -216,6 +225,8 @@ def train_mitk(case: Case, arch: str, batches: list[Tensor]) -> SparseAutoencode
 def saelens_sae(case: Case, arch: str) -> Any:
     """A fresh SAELens training SAE, initialised from the reseeded global generator."""
     from sae_lens import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
         StandardTrainingSAE,
         StandardTrainingSAEConfig,
         TopKTrainingSAE,
@@ -226,6 +237,11 @@ def saelens_sae(case: Case, arch: str) -> Any:
     shape = {"d_in": case.d_in, "d_sae": case.d_sae, "device": "cpu", "dtype": "float32"}
     if arch == "topk":
         return TopKTrainingSAE(TopKTrainingSAEConfig(k=case.k, **shape))
+    if arch == "matryoshka_batchtopk":
+        widths = list(mitk_config(case, arch, 1).matryoshka_widths)
+        return MatryoshkaBatchTopKTrainingSAE(
+            MatryoshkaBatchTopKTrainingSAEConfig(k=case.k, matryoshka_widths=widths, **shape)
+        )
     return StandardTrainingSAE(
         StandardTrainingSAEConfig(l1_coefficient=case.l1_coefficient, l1_warm_up_steps=0, **shape)
     )
@@ -253,7 +269,7 @@ def fit_saelens(case: Case, sae: Any, lr: float, batches: list[Tensor]) -> Any:
 
 
 def train_saelens(case: Case, arch: str, batches: list[Tensor]) -> Any:
-    lr = case.lr_topk if arch == "topk" else case.lr_relu
+    lr = case.lr_topk if arch in TOPK_FAMILY else case.lr_relu
     return fit_saelens(case, saelens_sae(case, arch), lr, batches)
 
 
@@ -321,6 +337,11 @@ def time_rounds(case: Case, data: Data, rounds: int) -> tuple[dict[str, list[flo
     return times, trained
 
 
+def target_speedup(label: str) -> float:
+    """The throughput ratio a row must reach (the steady-state ReLU row is a ReLU row)."""
+    return TARGET_SPEEDUP[label.split(",")[0]]
+
+
 def compare(
     case: Case, data: Data, label: str, times: dict[str, list[float]], trained: dict[str, Any]
 ) -> dict[str, Any]:
@@ -341,7 +362,7 @@ def compare(
         "fvu": {t: stats[t].fvu for t in TOOLS},
         "l0": {t: stats[t].l0 for t in TOOLS},
         "ratio": ratio,
-        "speedup_met": ratio >= TARGET_SPEEDUP,
+        "speedup_met": ratio >= target_speedup(label),
         "fvu_equal_or_better": stats["mitk"].fvu <= stats["SAELens"].fvu * (1 + FVU_TOLERANCE),
         "saelens_own_inference_fvu": own_fvu,
     }
@@ -501,7 +522,7 @@ def print_header(case: Case, rounds: int) -> None:
 def print_results(case: Case, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         arch = row["arch"]
-        lr = case.lr_topk if arch == "topk" else case.lr_relu
+        lr = case.lr_topk if arch in TOPK_FAMILY else case.lr_relu
         print(f"\n{arch}  ({case.steps} steps x {case.batch} rows, lr {lr:g})")
         if "start" in row:
             print_start(case, row["start"])
@@ -518,7 +539,7 @@ def print_results(case: Case, rows: list[dict[str, Any]]) -> None:
         status = "met" if row["speedup_met"] else "NOT MET"
         print(
             f"mitk / SAELens throughput ({arch}): {row['ratio']:.2f}x  "
-            f"(target >= {TARGET_SPEEDUP}x: {status})"
+            f"(target >= {target_speedup(arch)}x: {status})"
         )
         print(
             f"FVU equal or better (within {FVU_TOLERANCE:.0%}): "

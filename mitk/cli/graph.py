@@ -12,7 +12,8 @@
 
 Transcoders are converted to the model's dtype, so that the graph's error
 terms stay exact. ``--out`` ending in ``.html`` writes the viewer
-(``mitk.viz.graph_viewer``, each feature with its top logit effects);
+(``mitk.viz.graph_viewer``, each feature with its top logit effects and, with
+``--examples FILE``, its top-activating contexts in those tokens);
 ``.json`` writes circuit-tracer's frontend JSON, which its viewer and
 Neuronpedia's open.
 """
@@ -37,12 +38,19 @@ from mitk.analysis.graphs import (
     write_frontend_json,
 )
 from mitk.cli.common import DeviceOption, DtypeOption, JsonOption, ModelOption, QuietOption, emit
-from mitk.cli.inputs import InductionOption, PromptOption, SeedOption, TokensOption, read_prompts
+from mitk.cli.inputs import (
+    InductionOption,
+    PromptOption,
+    SeedOption,
+    TokensOption,
+    read_prompts,
+    read_token_matrix,
+)
 from mitk.cli.outputs import check_output_file
 from mitk.config import TORCH_DTYPES
 from mitk.errors import ConfigError
 from mitk.model import HookedTransformer
-from mitk.sae import SparseAutoencoder, load_sae
+from mitk.sae import SparseAutoencoder, latent_statistics, load_sae
 from mitk.sae.config import SAEDType
 from mitk.sae.transcoder_sets import CONFIG_NAME, load_transcoder_set
 from mitk.sweeps import load_named_model
@@ -51,6 +59,8 @@ from mitk.viz.attribution_graph import graph_viewer
 LAYER_FOLDER = re.compile(r"^layer_(\d+)$")
 VIEWER_SUFFIXES = (".html", ".htm")
 LOGIT_EFFECTS = 5  # tokens each way a clicked feature lists
+EXAMPLES = 5  # top-activating contexts a clicked feature lists
+CONTEXT_BEFORE, CONTEXT_AFTER = 8, 2  # tokens around each example's peak
 
 
 def graph(
@@ -92,6 +102,14 @@ def graph(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Targets per backward pass (memory, not results).")
     ] = 256,
+    examples: Annotated[
+        Path | None,
+        typer.Option(
+            "--examples",
+            help="Token file (JSONL of equal-length id lists, or .safetensors 'tokens') whose "
+            "top-activating contexts the viewer shows for each feature.",
+        ),
+    ] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
     as_json: JsonOption = False,
@@ -139,13 +157,23 @@ def graph(
                             prompt="".join(texts), **options)  # fmt: skip
     else:
         header = {
+            "prompt": prompt[0] if prompt else "".join(texts),  # the text, not its tokens joined
             "model": model,
             "transcoders": str(transcoders),
             "replacement score": f"{scores.replacement:.4f}",
             "completeness score": f"{scores.completeness:.4f}",
         }
-        effects = feature_logit_effects(net, layers, found, pruned.node_mask, vocab)
-        graph_viewer(out, found, logit_effects=effects, header=header, **options)
+        keys = shown_features(found, pruned.node_mask)
+        effects = feature_logit_effects(net, layers, keys, vocab)
+        contexts = None
+        if examples is not None:
+            corpus = read_token_matrix(net, tokens_file=examples, induction=None)
+            if isinstance(corpus, Path):
+                raise ConfigError(f"--examples {examples}: give a token file, not a folder")
+            contexts = feature_examples(net, layers, keys, corpus, vocab)
+            header["examples from"] = f"{examples} ({corpus.shape[0]} x {corpus.shape[1]} tokens)"
+        graph_viewer(out, found, logit_effects=effects, examples=contexts, header=header,
+                     **options)  # fmt: skip
     nodes = found.nodes
     logits = [{"token": vocab[t], "probability": p} for t, p in zip(
         nodes.logit_tokens.tolist(), nodes.logit_probabilities.tolist(), strict=True)]  # fmt: skip
@@ -201,24 +229,27 @@ def read_transcoders(path: Path, device: str, dtype: str) -> list[SparseAutoenco
     return loaded
 
 
+def shown_features(graph: AttributionGraph, node_mask: Tensor) -> list[tuple[int, int]]:
+    """``(layer, feature)`` of every feature node the mask keeps, sorted, once each."""
+    nodes = graph.nodes
+    chosen = node_mask[: nodes.n_features].nonzero()[:, 0]
+    return sorted({(int(layer), int(feature)) for layer, _, feature in nodes.features[chosen]})
+
+
 @torch.no_grad()
 def feature_logit_effects(
     model: HookedTransformer,
     transcoders: Sequence[SparseAutoencoder],
-    graph: AttributionGraph,
-    shown: Tensor,
+    keys: Sequence[tuple[int, int]],
     vocab: Sequence[str],
     k: int = LOGIT_EFFECTS,
 ) -> dict[tuple[int, int], list[tuple[str, float]]]:
-    """Per feature node in ``shown``, the tokens its decoder row raises and lowers most.
+    """Per ``(layer, feature)``, the tokens its decoder row raises and lowers most.
 
     The row goes through the final norm's linear part (centred for LayerNorm,
     times its weight; the input-dependent scale left out) and the unembedding,
     with the mean over the vocabulary taken off, as graph logits are.
     """
-    nodes = graph.nodes
-    chosen = shown[: nodes.n_features].nonzero()[:, 0]
-    keys = sorted({(int(layer), int(feature)) for layer, _, feature in nodes.features[chosen]})
     if not keys:
         return {}
     rows = torch.stack([transcoders[layer].W_dec[feature] for layer, feature in keys])
@@ -236,6 +267,38 @@ def feature_logit_effects(
         ids = top.indices[i].tolist() + bottom.indices[i].tolist()[::-1]
         values = top.values[i].tolist() + bottom.values[i].tolist()[::-1]
         found[key] = [(vocab[t], v) for t, v in zip(ids, values, strict=True)]
+    return found
+
+
+def feature_examples(
+    model: HookedTransformer,
+    transcoders: Sequence[SparseAutoencoder],
+    keys: Sequence[tuple[int, int]],
+    corpus: Tensor,
+    vocab: Sequence[str],
+    k: int = EXAMPLES,
+) -> dict[tuple[int, int], list[tuple[str, float]]]:
+    """Per ``(layer, feature)``, its ``k`` top-activating contexts in ``corpus`` ``[n, pos]``.
+
+    A context is the tokens before the peak and a few after, the peak token in
+    brackets, e.g. ``"the cat [sat] on"``.
+    """
+    found: dict[tuple[int, int], list[tuple[str, float]]] = {}
+    for layer in sorted({layer for layer, _ in keys}):
+        stats = latent_statistics(
+            transcoders[layer], model, corpus, top_k=k,
+            context_before=CONTEXT_BEFORE, context_after=CONTEXT_AFTER,
+        )  # fmt: skip
+        for _, feature in (key for key in keys if key[0] == layer):
+            shown = stats.examples(feature)
+            rows = []
+            for window, value in zip(shown.window_tokens.tolist(), shown.activations.tolist(),
+                                     strict=True):  # fmt: skip
+                parts = [f"[{vocab[t]}]" if offset == 0 else vocab[t]
+                         for t, offset in zip(window, shown.offsets.tolist(), strict=True)
+                         if t >= 0]  # fmt: skip
+                rows.append((" ".join(parts), float(value)))
+            found[(layer, feature)] = rows
     return found
 
 

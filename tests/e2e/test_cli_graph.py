@@ -111,6 +111,40 @@ def test_the_viewer_page_holds_the_pruned_graph_with_logit_effects(
     assert "replacement score" in page and "http" not in page
 
 
+def test_examples_are_each_features_top_contexts_in_a_token_file(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = torch.randint(2, 20, (6, 12), generator=torch.Generator().manual_seed(1))
+    corpus[:, 0] = 0  # BOS, as the prompt has
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps(row) + "\n" for row in corpus.tolist()))
+    out = tmp_path / "graph.html"
+    code, _, err = mitk(capsys, *graph_args(setup, out), "--examples", str(examples), "-q")
+    assert code == 0, err
+    page = out.read_text(encoding="utf-8")
+    features = json.loads(re.findall(rf"id='{DATA_ID}'>(.*?)</script>", page, re.DOTALL)[0])[
+        "features"
+    ]
+    net = setup["net"]
+    with torch.no_grad():
+        _, cache = net.run_with_cache(corpus)
+    checked = 0
+    for key, entry in features.items():
+        layer, feature = map(int, key.split(":"))
+        sae = setup["transcoders"][layer]
+        with torch.no_grad():
+            acts = sae.encode(cache[f"blocks.{layer}.ln2.hook_normalized"])[..., feature]
+        listed = entry["examples"]
+        assert len(listed) == min(5, int((acts > 0).sum()))
+        if listed:
+            assert listed[0][1] == pytest.approx(float(acts.max()), rel=1e-4)
+            assert all("[" in context for context, _ in listed)
+            checked += 1
+    assert checked > 0 and "examples from" in page
+    code, _, err = mitk(capsys, *graph_args(setup, out), "--examples", str(tmp_path / "none"))
+    assert code == 2 and "does not exist" in err
+
+
 def test_json_output_is_the_frontend_json_and_thresholds_and_caps_apply(
     setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

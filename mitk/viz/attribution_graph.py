@@ -259,7 +259,9 @@ _JS = """
   const details = document.getElementById('details');
   const ROW = 90, LEFT = 80, TOP = 20, BOTTOM = 90;
   const nRows = data.rows.length;
-  const width = Math.max(1, ...data.nodes.map(n => n.column[1]));
+  // a fold, not Math.max(...list): spreading 100k+ values overflows the call stack
+  const largest = (list, floor) => list.reduce((a, b) => (b > a ? b : a), floor);
+  const width = largest(data.nodes.map(n => n.column[1]), 1);
   // node slots at least 22 px apart, spread to fill the frame when there are few
   const room = svg.parentElement.clientWidth - LEFT - 20;
   const UNIT = Math.min(80, Math.max(22, room / width));
@@ -292,15 +294,15 @@ _JS = """
   });
   const byId = new Map(data.nodes.map(n => [n.id, n]));
   const edgeLayer = make('g', {}, svg), nodeLayer = make('g', {}, svg);
-  const maxWeight = Math.max(1e-30, ...data.edges.map(e => Math.abs(e.weight)));
+  const maxWeight = largest(data.edges.map(e => Math.abs(e.weight)), 1e-30);
   const edgeEls = data.edges.map(e => {
     const s = byId.get(e.source), t = byId.get(e.target);
     return make('line', {class: 'edge', x1: xOf(s), y1: yOf(s), x2: xOf(t), y2: yOf(t),
       stroke: e.weight >= 0 ? '#2471a3' : '#c0392b',
       'stroke-width': (0.4 + 4 * Math.abs(e.weight) / maxWeight).toFixed(2)}, edgeLayer);
   });
-  const maxInfluence = Math.max(1e-30, ...data.nodes.map(n => n.influence));
-  const maxActivation = Math.max(1e-30, ...data.nodes.map(n => n.activation || 0));
+  const maxInfluence = largest(data.nodes.map(n => n.influence), 1e-30);
+  const maxActivation = largest(data.nodes.map(n => n.activation || 0), 1e-30);
   const shade = f => { // white to #d35400
     const mix = (a, b) => Math.round(a + (b - a) * f);
     return 'rgb(' + mix(255, 211) + ',' + mix(255, 84) + ',' + mix(255, 0) + ')';

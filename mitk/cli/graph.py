@@ -129,8 +129,10 @@ def graph(
                           "(circuit-tracer's frontend JSON)")  # fmt: skip
     if dtype not in TORCH_DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: use one of {sorted(TORCH_DTYPES)}")
+    if examples is not None and not examples.is_file():
+        raise FileNotFoundError(f"--examples {examples}: token file does not exist")
+    layers = read_transcoders(transcoders, device, dtype)  # files first: bad ones fail fast
     net = load_named_model(model, device, dtype)
-    layers = read_transcoders(transcoders, device, dtype)
     prompts = read_prompts(net, prompt=prompt, tokens_file=tokens, induction=induction,
                            n_prompts=1, seed=seed)  # fmt: skip
     if prompts.tokens.shape[0] != 1:

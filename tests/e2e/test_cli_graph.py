@@ -218,3 +218,11 @@ def test_the_console_command_writes_the_viewer(setup: dict, tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr
     assert f"written to {out}" in done.stdout and "replacement score" in done.stdout
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_help_names_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, _ = mitk(capsys, "graph", "--help")
+    assert code == 0
+    for option in ("--transcoders", "--out", "--max-feature-nodes", "--node-threshold",
+                   "--edge-threshold", "--examples"):  # fmt: skip
+        assert option in stdout

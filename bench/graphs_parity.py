@@ -5,11 +5,13 @@ transformers 4.x)::
 
     make install-ct                                    # builds .venv-ct (about 2 minutes)
     OMP_NUM_THREADS=1 .venv-ct/bin/python bench/graphs_parity.py --case small
-    OMP_NUM_THREADS=1 .venv-ct/bin/python bench/graphs_parity.py --case gpt2-small
+    OMP_NUM_THREADS=1 .venv-ct/bin/python bench/graphs_parity.py --case gpt2-small --rounds 1
+    OMP_NUM_THREADS=1 .venv-ct/bin/python bench/graphs_parity.py --jumprelu --skip --no-timing
 
 mitk runs from this checkout (the repository goes on ``sys.path``; ``.venv-ct``
 already has what ``mitk.analysis.graphs`` imports). The model and transcoders are
-``bench/graphs.py``'s random GPT-2-shaped cases with a BOS-like first token; the
+``bench/graphs.py``'s random GPT-2-shaped cases with a BOS-like first token
+(``--jumprelu`` / ``--skip``: the transcoders as JumpReLU / with ``W_skip``); the
 model goes to circuit-tracer through ``mitk.to_transformer_lens`` and the
 transcoders through ``save_transcoder_set`` (circuit-tracer's set format), which
 both tools then load from the same files.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import os
 from pathlib import Path
 import subprocess
@@ -55,6 +58,7 @@ from graphs import CASES, build  # noqa: E402  (bench/graphs.py)
 
 from mitk.analysis.graphs import attribution_graph, graph_scores, prune_graph  # noqa: E402
 from mitk.model.pretrained.tl_interop import to_transformer_lens  # noqa: E402
+from mitk.sae import SparseAutoencoder  # noqa: E402
 from mitk.sae.transcoder_sets import load_transcoder_set, save_transcoder_set  # noqa: E402
 
 
@@ -165,6 +169,31 @@ def compare(ct_graph: Any, graph: Any) -> bool:
     return float(diff.max()) <= 1e-4 and same_nodes and edge_diff == 0 and scores_match
 
 
+def variant(transcoders: list[Any], jumprelu: bool, skip: bool) -> list[Any]:
+    """``bench/graphs.py``'s ReLU transcoders as JumpReLU (thresholds in [0, 0.5)) and/or with
+    a random skip connection: the other forms circuit-tracer's set format holds."""
+    if not (jumprelu or skip):
+        return transcoders
+    gen = torch.Generator().manual_seed(1)
+    made = []
+    for old in transcoders:
+        cfg = dataclasses.replace(
+            old.cfg, architecture="jumprelu" if jumprelu else old.cfg.architecture,
+            skip_connection=skip,
+        )  # fmt: skip
+        new = SparseAutoencoder(cfg)
+        with torch.no_grad():
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                getattr(new, name).copy_(getattr(old, name))
+            if jumprelu:
+                new.log_threshold.copy_((torch.rand(cfg.d_sae, generator=gen) * 0.5).log())
+            if skip:
+                d = cfg.d_in
+                new.W_skip.copy_(torch.randn(d, d, generator=gen) * 0.05 / d**0.5)
+        made.append(new)
+    return made
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), default="small")
@@ -173,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-feature-nodes", type=int, default=None,
                         help="cap on feature nodes (gpt2-small default 1024; 0: none)")  # fmt: skip
     parser.add_argument("--no-timing", action="store_true", help="parity only")
+    parser.add_argument("--jumprelu", action="store_true", help="JumpReLU transcoders")
+    parser.add_argument("--skip", action="store_true", help="skip-transcoders (W_skip)")
     parser.add_argument("--memory-of", choices=["circuit-tracer", "mitk"],
                         help="(internal) one call's extra peak RSS in MiB, then exit")  # fmt: skip
     args = parser.parse_args(argv)
@@ -185,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         cap = 1024
     cap = cap or None
     model, transcoders, tokens = build(case)
+    transcoders = variant(transcoders, args.jumprelu, args.skip)
     tokens[0] = case.d_vocab - 1  # a "BOS": circuit-tracer keeps a special first token as is
     if args.memory_of is None:
-        print(f"case {args.case}: {case}, cap {cap}, threads {args.threads}")
+        print(f"case {args.case}: {case}, cap {cap}, threads {args.threads}, "
+              f"jumprelu {args.jumprelu}, skip {args.skip}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_transcoder_set(transcoders, Path(tmp) / "set")
         mitk_transcoders = load_transcoder_set(folder)

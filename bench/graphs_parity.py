@@ -12,7 +12,7 @@ mitk runs from this checkout (the repository goes on ``sys.path``; ``.venv-ct``
 already has what ``mitk.analysis.graphs`` imports). The model and transcoders are
 ``bench/graphs.py``'s random GPT-2-shaped cases with a BOS-like first token
 (``--jumprelu`` / ``--skip``: the transcoders as JumpReLU / with ``W_skip``); the
-model goes to circuit-tracer through ``mitk.to_transformer_lens`` and the
+model goes to circuit-tracer through mitk's ``to_transformer_lens`` and the
 transcoders through ``save_transcoder_set`` (circuit-tracer's set format), which
 both tools then load from the same files.
 
@@ -20,8 +20,8 @@ Reported: the kept features, logit targets and activations (must be equal), max
 |adjacency difference| over the graph (target <= 1e-4), whether pruning with the
 default thresholds keeps the same nodes and edges, both tools' replacement and
 completeness scores; then both timed in one run, interleaved, best of ``--rounds``,
-with the extra peak resident memory of each call (VmHWM after resetting it through
-``/proc/self/clear_refs``) and the load average, and the ratio mitk / circuit-tracer
+with the extra peak resident memory of one call of each in a fresh process (VmHWM
+after resetting it through ``/proc/self/clear_refs``) and the load average, and the ratio mitk / circuit-tracer
 (target <= 0.3).
 """
 

@@ -21,8 +21,8 @@ Reported: the kept features, logit targets and activations (must be equal), max
 default thresholds keeps the same nodes and edges, both tools' replacement and
 completeness scores; then both timed in one run, interleaved, best of ``--rounds``,
 with the extra peak resident memory of one call of each in a fresh process (VmHWM
-after resetting it through ``/proc/self/clear_refs``) and the load average, and the ratio mitk / circuit-tracer
-(target <= 0.3).
+after resetting it through ``/proc/self/clear_refs``) and the load average, and the
+ratio mitk / circuit-tracer (target <= 0.3).
 """
 
 from __future__ import annotations

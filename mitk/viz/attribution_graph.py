@@ -235,7 +235,8 @@ p.note { color: #555; }
 #graph-frame { overflow: auto; border: 1px solid #ddd; max-height: 80vh; }
 #graph { display: block; background: #fff; }
 #graph text { font-size: 11px; fill: #333; }
-#graph .edge { fill: none; stroke-opacity: 0.55; }
+#graph .edge { fill: none; }
+#graph .edge.lit { stroke-opacity: 0.9; }
 #graph .node { stroke: #333; stroke-width: 0.8; cursor: pointer; }
 #graph .dim { opacity: 0.08; }
 #graph .selected { stroke: #000; stroke-width: 2.5; }
@@ -299,6 +300,7 @@ _JS = """
     const s = byId.get(e.source), t = byId.get(e.target);
     return make('line', {class: 'edge', x1: xOf(s), y1: yOf(s), x2: xOf(t), y2: yOf(t),
       stroke: e.weight >= 0 ? '#2471a3' : '#c0392b',
+      'stroke-opacity': (0.3 + 0.5 * Math.abs(e.weight) / maxWeight).toFixed(2),  // faint: weak
       'stroke-width': (0.4 + 4 * Math.abs(e.weight) / maxWeight).toFixed(2)}, edgeLayer);
   });
   const maxInfluence = largest(data.nodes.map(n => n.influence), 1e-30);
@@ -377,6 +379,7 @@ _JS = """
     data.edges.forEach((e, i) => {
       const on = e.source === n.id || e.target === n.id;
       edgeEls[i].classList.toggle('dim', !on);
+      edgeEls[i].classList.toggle('lit', on);
       if (on) { linked.add(e.source); linked.add(e.target); }
     });
     data.nodes.forEach((m, i) => {
@@ -399,7 +402,7 @@ _JS = """
     }
   }
   background.addEventListener('click', () => {
-    edgeEls.concat(nodeEls).forEach(el => el.classList.remove('dim', 'selected'));
+    edgeEls.concat(nodeEls).forEach(el => el.classList.remove('dim', 'lit', 'selected'));
   });
   svg.setAttribute('data-nodes', nodeEls.length);
   svg.setAttribute('data-edges', edgeEls.length);

@@ -90,17 +90,18 @@ def test_the_viewer_draws_every_pruned_node_and_edge_without_errors(
 
     assert errors(drawn.dom) == [], errors(drawn.dom)
     assert drawn.dom.count('class="node ') == n_nodes
-    assert len(re.findall(r'class="edge( dim)?"', drawn.dom)) == n_edges
+    assert len(re.findall(r'class="edge( dim| lit)?"', drawn.dom)) == n_edges
     assert f'data-nodes="{n_nodes}"' in drawn.dom and f'data-edges="{n_edges}"' in drawn.dom
     assert drawn.dom.count('class="column-label"') == graph.nodes.n_pos
     # the click selected the first feature drawn and filled the details panel
     assert len(re.findall(r'class="node kind-feature selected"', drawn.dom)) == 1
-    assert 'class="edge dim"' in drawn.dom and 'class="edge"' in drawn.dom
+    assert 'class="edge dim"' in drawn.dom and 'class="edge lit"' in drawn.dom
     details = drawn.dom[drawn.dom.index('id="details"') :]
     assert f"feature L{key[0]} #{key[1]}" in details
     assert "an example context" in details and "promoted" in details
     assert "Strongest inputs" in details and "Strongest outputs" in details
     picture = read_png(drawn.screenshot)
-    edge_blue = (picture[..., 0] < 120) & (picture[..., 2] > 140) & (picture[..., 1] < 170)
+    r, g, b = (picture[..., c].astype(int) for c in range(3))
+    edge_blue = (b - r > 40) & (b > g)  # the clicked node's blue edges; not green tokens
     orange = (picture[..., 0] > 180) & (picture[..., 1] < 150) & (picture[..., 2] < 90)
     assert orange.sum() > 50 and edge_blue.sum() > 20, (orange.sum(), edge_blue.sum())

@@ -130,6 +130,7 @@ def render(card: dict[str, Any]) -> str:
     """``MODEL_CARD.md`` from the card's numbers."""
     run, model, data, m = card["run"], card["model"], card["data"], card["measured"]
     cfg, tc = model["config"], run["train_config"]
+    low, high = run["repeat_lengths"]
     held = data["held_out"]
     lines = [
         "# shakespeare-small",
@@ -170,10 +171,11 @@ def render(card: dict[str, Any]) -> str:
         f"- {run['steps']} AdamW steps of {run['batch']} windows (BOS + {cfg['n_ctx'] - 1} "
         f"tokens at random offsets): {run['tokens_seen']:,} tokens seen, "
         f"{run['tokens_seen'] / run['train_tokens']:.2f} epochs.",
-        f"- {run.get('repeated_rows', 0)} of the {run['batch']} rows of every batch hold a "
-        f"passage twice (BOS, {cfg['n_ctx'] // 2} tokens, then their first "
-        f"{cfg['n_ctx'] // 2 - 1} again), to reward copying on this small budget; the "
-        "induction measurement below uses held-out passages.",
+        f"- {run.get('repeated_rows', 0)} of the {run['batch']} rows of every batch hold "
+        "random segments twice each (BOS, then segments of ids drawn uniformly from the "
+        f"ordinary tokens, of lengths {low} to {high - 1}, each followed at once by itself), "
+        "to reward copying on this small budget; the induction measurement below uses "
+        "held-out passages of real text.",
         f"- Peak lr {tc['lr']}, {tc['warmup']} warmup steps then cosine to 10%, weight decay "
         f"{tc['weight_decay']}, gradient clip {tc['grad_clip']}.",
         f"- Wall time {run['seconds'] / 60:.1f} minutes on {run['threads']} CPU threads "

@@ -10,6 +10,7 @@ heads, and a grouped RMSNorm of the gated output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -38,6 +39,9 @@ MAMBA_NAMES = mappings.ConfigNames(
 )  # fmt: skip
 """Mamba's names; it has no attention heads, MLP or context limit (overwritten below)."""
 
+MixerWeights = Callable[[dict[str, Tensor], str, str], dict[str, Tensor]]
+"""``(hf state dict, HF mixer prefix, mitk mixer prefix) -> mitk weights`` of one variant."""
+
 NO_LIMIT = 2**20
 """``n_ctx`` of a Mamba model: nothing in it depends on the position, so no real limit."""
 
@@ -56,44 +60,19 @@ def mamba_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         conv_bias=bool(hf.get("use_conv_bias", True)),
         proj_bias=bool(hf.get("use_bias", False)),
     )
-    fields = mappings.decoder_fields(hf, MAMBA_NAMES, "mamba", d_head=d_model)
-    fields |= {
-        "n_heads": 1,
-        "d_mlp": 0,
-        "n_ctx": NO_LIMIT,
-        "normalization": "rmsnorm",
-        "positional": "none",
-        "ssm": ssm,
-    }
-    return TransformerConfig(**{**fields, **overrides})
+    return _ssm_model_config(hf, "mamba", ssm, overrides)
 
 
 def mamba_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``MambaForCausalLM`` (or bare ``MambaModel``) state dict."""
-    sd = mappings.without_prefix(hf_state, "backbone.")
-    assert cfg.ssm is not None
-    bias = cfg.ssm.proj_bias
-    out = {
-        **mappings.embeddings(sd, "embeddings"),
-        **mappings.norm(sd, "norm_f", "ln_final", bias=False),
-    }
-    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "layers.{}"):
-        mixer, mk_mixer = f"{hf}.mixer", f"{mk}.mixer"
-        out |= {
-            **mappings.norm(sd, f"{hf}.norm", f"{mk}.ln1", bias=False),
-            **mappings.linear(sd, f"{mixer}.in_proj", f"{mk_mixer}.W_in",
-                              f"{mk_mixer}.b_in" if bias else None),
-            **mappings.linear(sd, f"{mixer}.x_proj", f"{mk_mixer}.W_x"),
-            **mappings.linear(sd, f"{mixer}.dt_proj", f"{mk_mixer}.W_dt", f"{mk_mixer}.b_dt"),
-            **mappings.linear(sd, f"{mixer}.out_proj", f"{mk_mixer}.W_out",
-                              f"{mk_mixer}.b_out" if bias else None),
-            f"{mk_mixer}.W_conv": sd[f"{mixer}.conv1d.weight"][:, 0],
-            f"{mk_mixer}.A_log": sd[f"{mixer}.A_log"],
-            f"{mk_mixer}.D": sd[f"{mixer}.D"],
-        }  # fmt: skip
-        if cfg.ssm.conv_bias:
-            out[f"{mk_mixer}.b_conv"] = sd[f"{mixer}.conv1d.bias"]
-    return out
+
+    def selective(sd: dict[str, Tensor], mixer: str, mk: str) -> dict[str, Tensor]:
+        return {
+            **mappings.linear(sd, f"{mixer}.x_proj", f"{mk}.W_x"),
+            **mappings.linear(sd, f"{mixer}.dt_proj", f"{mk}.W_dt", f"{mk}.b_dt"),
+        }
+
+    return _ssm_state_dict(hf_state, cfg, selective)
 
 
 MAMBA2_FIELDS = frozenset({
@@ -137,7 +116,33 @@ def mamba2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
         n_heads=heads,
         n_groups=hf.get("n_groups", 1),
     )
-    fields = mappings.decoder_fields(hf, MAMBA_NAMES, "mamba2", d_head=d_model)
+    return _ssm_model_config(hf, "mamba2", ssm, overrides)
+
+
+def mamba2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
+    """Rename and transpose a ``Mamba2ForCausalLM`` (or bare ``Mamba2Model``) state dict."""
+
+    def grouped(sd: dict[str, Tensor], mixer: str, mk: str) -> dict[str, Tensor]:
+        return {
+            **mappings.norm(sd, f"{mixer}.norm", f"{mk}.norm", bias=False),
+            f"{mk}.b_dt": sd[f"{mixer}.dt_bias"],
+        }
+
+    return _ssm_state_dict(hf_state, cfg, grouped)
+
+
+def _number(value: Any) -> float:
+    """A JSON number, or HF's spelling of a non-finite one (``{"__float__": "Infinity"}``)."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        return float(value["__float__"])
+    return float(value)
+
+
+def _ssm_model_config(
+    hf: dict[str, Any], model_type: str, ssm: SSMConfig, overrides: dict[str, Any]
+) -> TransformerConfig:
+    """The decoder fields both variants share: one mixer per block, no heads, MLP or positions."""
+    fields = mappings.decoder_fields(hf, MAMBA_NAMES, model_type, d_head=hf["hidden_size"])
     fields |= {
         "n_heads": 1,
         "d_mlp": 0,
@@ -149,8 +154,11 @@ def mamba2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     return TransformerConfig(**{**fields, **overrides})
 
 
-def mamba2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
-    """Rename and transpose a ``Mamba2ForCausalLM`` (or bare ``Mamba2Model``) state dict."""
+def _ssm_state_dict(
+    hf_state: dict[str, Tensor], cfg: TransformerConfig, variant_weights: MixerWeights
+) -> dict[str, Tensor]:
+    """Embeddings, norms and the mixer weights both variants share; ``variant_weights(sd,
+    mixer, mk_mixer)`` adds the rest of one layer's mixer."""
     sd = mappings.without_prefix(hf_state, "backbone.")
     assert cfg.ssm is not None
     bias = cfg.ssm.proj_bias
@@ -162,23 +170,15 @@ def mamba2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> di
         mixer, mk_mixer = f"{hf}.mixer", f"{mk}.mixer"
         out |= {
             **mappings.norm(sd, f"{hf}.norm", f"{mk}.ln1", bias=False),
-            **mappings.norm(sd, f"{mixer}.norm", f"{mk_mixer}.norm", bias=False),
             **mappings.linear(sd, f"{mixer}.in_proj", f"{mk_mixer}.W_in",
                               f"{mk_mixer}.b_in" if bias else None),
             **mappings.linear(sd, f"{mixer}.out_proj", f"{mk_mixer}.W_out",
                               f"{mk_mixer}.b_out" if bias else None),
             f"{mk_mixer}.W_conv": sd[f"{mixer}.conv1d.weight"][:, 0],
-            f"{mk_mixer}.b_dt": sd[f"{mixer}.dt_bias"],
             f"{mk_mixer}.A_log": sd[f"{mixer}.A_log"],
             f"{mk_mixer}.D": sd[f"{mixer}.D"],
+            **variant_weights(sd, mixer, mk_mixer),
         }  # fmt: skip
         if cfg.ssm.conv_bias:
             out[f"{mk_mixer}.b_conv"] = sd[f"{mixer}.conv1d.bias"]
     return out
-
-
-def _number(value: Any) -> float:
-    """A JSON number, or HF's spelling of a non-finite one (``{"__float__": "Infinity"}``)."""
-    if isinstance(value, dict) and set(value) == {"__float__"}:
-        return float(value["__float__"])
-    return float(value)

@@ -360,8 +360,8 @@ def test_keys_and_values_keep_the_key_value_head_count(pair: Any) -> None:
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text('{"model_type": "mamba"}')
-    with pytest.raises(UnsupportedModelError, match=r"'mamba'.*supported: .*llama.*mistral"):
+    (tmp_path / "config.json").write_text('{"model_type": "xlnet"}')
+    with pytest.raises(UnsupportedModelError, match=r"'xlnet'.*supported: .*llama.*mistral"):
         HookedTransformer.from_pretrained(tmp_path)
 
 

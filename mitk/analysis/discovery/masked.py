@@ -212,7 +212,13 @@ class MaskedRun:
         mask = None if self.mask is None else self.mask.repeat(n, 1)
         with self.model.hooks(fwd_hooks=hooks):
             hidden = self.model(tokens, attention_mask=mask, return_type="hidden")
-        logits = self.model.unembed(self._at_answer(hidden))
+        picked = self._at_answer(hidden)  # [rows, d_model] at the answers, else [rows, pos, ...]
+        # the unembedding takes [batch, pos, d_model]: answer rows get a length-1 position axis
+        logits = (
+            self.model.unembed(picked[:, None])[:, 0]
+            if picked.dim() == 2
+            else self.model.unembed(picked)
+        )
         return logits.view(n, self.batch, *logits.shape[1:])
 
     def metric(

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mitk.analysis.graphs import AttributionGraph, node_influence, prune_graph
+from mitk.analysis.graphs.frontend import token_texts
 from mitk.atomic import atomic_write_text
 
 FeatureKey = tuple[int, int]
@@ -118,12 +119,7 @@ def graph_viewer_data(
     (graph indices) and ``weight``, weakest first so strong edges draw on top.
     """
     nodes = graph.nodes
-    tokens = nodes.tokens.tolist()
-    if token_strings is not None and len(token_strings) != len(tokens):
-        raise ValueError(
-            f"token_strings has {len(token_strings)} entries, the prompt {len(tokens)} tokens"
-        )
-    texts = list(token_strings) if token_strings is not None else [str(t) for t in tokens]
+    texts = token_texts(graph, token_strings)
     pruned = prune_graph(graph, node_threshold, edge_threshold)
     influence = node_influence(graph).tolist()
     kept = pruned.node_mask.nonzero()[:, 0].tolist()

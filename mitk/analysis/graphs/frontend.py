@@ -39,13 +39,7 @@ def frontend_json(
     ``vocab_strings`` a token-id -> text table for the logit labels (default:
     ids); ``scan`` names the transcoders (Neuronpedia looks features up by it).
     """
-    nodes = graph.nodes
-    tokens = nodes.tokens.tolist()
-    if token_strings is not None and len(token_strings) != len(tokens):
-        raise ValueError(
-            f"token_strings has {len(token_strings)} entries, the prompt {len(tokens)} tokens"
-        )
-    texts = list(token_strings) if token_strings is not None else [str(t) for t in tokens]
+    texts = token_texts(graph, token_strings)
     pruned = prune_graph(graph, node_threshold, edge_threshold)
     influence = pruned.cumulative_scores.tolist()
     made: dict[int, dict[str, Any]] = {}
@@ -84,6 +78,16 @@ def frontend_json(
         "nodes": kept,
         "links": links,
     }
+
+
+def token_texts(graph: AttributionGraph, token_strings: Sequence[str] | None) -> list[str]:
+    """The prompt's tokens as text: ``token_strings`` (one per token, checked), else their ids."""
+    tokens = graph.nodes.tokens.tolist()
+    if token_strings is not None and len(token_strings) != len(tokens):
+        raise ValueError(
+            f"token_strings has {len(token_strings)} entries, the prompt {len(tokens)} tokens"
+        )
+    return list(token_strings) if token_strings is not None else [str(t) for t in tokens]
 
 
 def write_frontend_json(graph: AttributionGraph, path: str | Path, **options: Any) -> Path:

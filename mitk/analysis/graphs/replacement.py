@@ -138,24 +138,17 @@ def frozen_forward(
     Patterns and norm scales are ``state``'s; positional embeddings and every
     bias are as in the model. Differentiable in ``embed`` and ``writes``.
     """
-    inputs: dict[int, Tensor] = {}
 
     def put_embed(x: Tensor, hook: HookPoint) -> Tensor:
         return embed[None].to(x.dtype)
 
-    def read(layer: int) -> HookFn:
-        def keep(x: Tensor, hook: HookPoint) -> None:
-            inputs[layer] = x[0]
-
-        return keep
-
-    def write(layer: int) -> HookFn:
+    def write(layer: int, inputs: dict[int, Tensor]) -> HookFn:
         def replace(x: Tensor, hook: HookPoint) -> Tensor:
             return (writes[layer] + _skip(transcoders[layer], inputs[layer]))[None].to(x.dtype)
 
         return replace
 
-    return _run(model, transcoders, state, [("hook_embed", put_embed)], read, write, inputs)
+    return _run(model, transcoders, state, [("hook_embed", put_embed)], write)
 
 
 @torch.no_grad()
@@ -172,15 +165,8 @@ def replacement_logits(
     """
     layers = per_layer(model, transcoders)
     state = prompt_state(model, layers, tokens, first_position_features=first_position_features)
-    inputs: dict[int, Tensor] = {}
 
-    def read(layer: int) -> HookFn:
-        def keep(x: Tensor, hook: HookPoint) -> None:
-            inputs[layer] = x[0]
-
-        return keep
-
-    def write(layer: int) -> HookFn:
+    def write(layer: int, inputs: dict[int, Tensor]) -> HookFn:
         def replace(x: Tensor, hook: HookPoint) -> Tensor:
             transcoder, x_in = layers[layer], inputs[layer]
             acts = transcoder.encode(x_in)
@@ -191,7 +177,7 @@ def replacement_logits(
 
         return replace
 
-    run = _run(model, layers, state, [], read, write, inputs)
+    run = _run(model, layers, state, [], write)
     return model.unembed(run.hidden[None])[0]
 
 
@@ -200,14 +186,22 @@ def _run(
     layers: Sequence[Transcoder],
     state: PromptState,
     extra: list[tuple[str, HookFn]],
-    read: Callable[[int], HookFn],
-    write: Callable[[int], HookFn],
-    inputs: dict[int, Tensor],
+    write: Callable[[int, dict[int, Tensor]], HookFn],
 ) -> FrozenRun:
+    """Run under ``state`` with each transcoder's input kept and ``write(layer, inputs)``
+    replacing each MLP output (it runs after that layer's input is kept)."""
+    inputs: dict[int, Tensor] = {}
+
+    def read(layer: int) -> HookFn:
+        def keep(x: Tensor, hook: HookPoint) -> None:
+            inputs[layer] = x[0]
+
+        return keep
+
     hooks = list(extra)
     for layer, transcoder in enumerate(layers):
         hooks.append((input_hook(transcoder), read(layer)))
-        hooks.append((f"blocks.{layer}.{OUTPUT_HOOK}", write(layer)))
+        hooks.append((f"blocks.{layer}.{OUTPUT_HOOK}", write(layer, inputs)))
     ids = state.tokens[None]
     with model.hooks(hooks):
         hidden = model(ids, torch.ones_like(ids), return_type="hidden", hold=state.held)

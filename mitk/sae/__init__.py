@@ -4,13 +4,17 @@
 ``ActivationStore`` (a model run over tokens), cached shards or a tensor of
 activations; ``evaluate`` measures it, ``spliced`` puts it into a model.
 ``load_transcoder_set`` / ``save_transcoder_set`` read and write circuit-tracer's
-per-layer transcoder sets.
+per-layer transcoder sets; ``CrossLayerTranscoder`` (``CLTConfig``) with
+``load_clt`` / ``save_clt`` is one dictionary over every layer, in circuit-tracer's CLT format.
 """
 
 from mitk.sae.autoencoder import SAEOutput, SparseAutoencoder
 from mitk.sae.chunks import CachedActivations
 from mitk.sae.collapse import CollapseError, CollapseWarning
 from mitk.sae.config import SAEConfig
+from mitk.sae.crosslayer import CrossLayerTranscoder
+from mitk.sae.crosslayer_config import CLTConfig
+from mitk.sae.crosslayer_files import load_clt, save_clt
 from mitk.sae.evaluate import SAEEvaluation, evaluate
 from mitk.sae.features import (
     LatentExamples,
@@ -32,9 +36,11 @@ from mitk.sae.transcoder_sets import load_transcoder_set, save_transcoder_set
 __all__ = [
     "ActivationSource",
     "ActivationStore",
+    "CLTConfig",
     "CachedActivations",
     "CollapseError",
     "CollapseWarning",
+    "CrossLayerTranscoder",
     "LatentExamples",
     "LatentStatistics",
     "LogitEffects",
@@ -52,10 +58,12 @@ __all__ = [
     "evaluate",
     "latent_statistics",
     "list_pretrained",
+    "load_clt",
     "load_sae",
     "load_transcoder_set",
     "logit_effects",
     "mean_max_cosine_similarity",
+    "save_clt",
     "save_sae",
     "save_transcoder_set",
     "spliced",

@@ -91,8 +91,13 @@ def load_transcoder_set(
     if config_file.is_dir():
         config_file = config_file / CONFIG_NAME
     folder = config_file.parent
-    raw = _read_config(config_file)
+    raw = read_set_config(config_file)
     where = str(config_file)
+    if raw["model_kind"] == "cross_layer_transcoder":
+        raise UnsupportedModelError(
+            f"{config_file}: model_kind 'cross_layer_transcoder' is one cross-layer transcoder, "
+            "not a per-layer set; read it with mitk.sae.load_clt"
+        )
     reads = _input_hook_of(raw, where, norms_folded)
     _hook(raw, "feature_output_hook", OUTPUT_HOOKS, where)
     writes = "hook_mlp_out"  # circuit-tracer's mlp.hook_out is the same value
@@ -110,7 +115,8 @@ def load_transcoder_set(
     return [t.to(device) for t in transcoders] if device is not None else transcoders
 
 
-def _read_config(config_file: Path) -> dict[str, Any]:
+def read_set_config(config_file: Path) -> dict[str, Any]:
+    """A ``config.yaml`` of circuit-tracer's, read safely and bounded; its keys and kind checked."""
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: no transcoder-set {CONFIG_NAME} there")
     size = config_file.stat().st_size
@@ -126,13 +132,11 @@ def _read_config(config_file: Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{config_file}: unknown key(s) {unknown} (known: {sorted(_KNOWN_KEYS)})")
     kind = raw.get("model_kind")
-    if kind == "cross_layer_transcoder":
-        raise UnsupportedModelError(
-            f"{config_file}: model_kind 'cross_layer_transcoder' is not supported; "
-            "mitk reads per-layer sets (model_kind: transcoder_set)"
+    if kind not in ("transcoder_set", "cross_layer_transcoder"):
+        raise ConfigError(
+            f"{config_file}: model_kind must be 'transcoder_set' or 'cross_layer_transcoder', "
+            f"got {kind!r}"
         )
-    if kind != "transcoder_set":
-        raise ConfigError(f"{config_file}: model_kind must be 'transcoder_set', got {kind!r}")
     return raw
 
 

@@ -32,10 +32,18 @@ from mitk.analysis.graphs.replacement import (
     prompt_state,
     replacement_logits,
 )
-from mitk.analysis.graphs.transcoders import Transcoder, TranscoderSet
+from mitk.analysis.graphs.transcoders import (
+    CrossLayer,
+    Dictionaries,
+    Transcoder,
+    TranscoderSet,
+    dictionaries,
+)
 
 __all__ = [
     "AttributionGraph",
+    "CrossLayer",
+    "Dictionaries",
     "FrozenRun",
     "GraphNodes",
     "GraphPruning",
@@ -47,6 +55,7 @@ __all__ = [
     "active_features",
     "attribution_graph",
     "check_intervention",
+    "dictionaries",
     "frontend_json",
     "frozen_forward",
     "graph_scores",

@@ -11,7 +11,7 @@ from mitk.analysis.graphs.direct_effects import DirectEffects
 from mitk.analysis.graphs.influence import partial_influence
 from mitk.analysis.graphs.nodes import AttributionGraph, GraphNodes
 from mitk.analysis.graphs.replacement import PromptState, prompt_state
-from mitk.analysis.graphs.transcoders import Transcoder, TranscoderSet, per_layer, pre_activations
+from mitk.analysis.graphs.transcoders import Dictionaries, TranscoderSet, dictionaries
 from mitk.model import HookedTransformer
 from mitk.shapes import Float, Int
 
@@ -32,7 +32,8 @@ def attribution_graph(
     """Direct effects between features, errors, tokens and logits of ``tokens``' replacement model.
 
     - ``transcoders``: one per layer (list or ``{layer: transcoder}``), each
-      reading its layer's MLP input and writing ``hook_mlp_out``.
+      reading its layer's MLP input and writing ``hook_mlp_out``; or one
+      cross-layer transcoder, whose features' edges sum over every layer they write.
     - ``tokens``: one prompt, ``[pos]`` or ``[1, pos]``.
     - Logit nodes: the most likely next tokens at the last position until their
       probabilities sum to ``logit_probability``, at most ``max_logits``.
@@ -55,12 +56,12 @@ def attribution_graph(
     for name, value in (("batch_size", batch_size), ("ranking_round", ranking_round)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    layers = per_layer(model, transcoders)
+    layers = dictionaries(model, transcoders)
     state = prompt_state(model, layers, tokens, first_position_features=first_position_features)
     features, activations = active_features(state)
     logit_tokens, probabilities = salient_logits(state.logits, max_logits, logit_probability)
     effects = DirectEffects(model, layers, state, features, activations)
-    n_pos, n_layers = state.tokens.shape[0], len(layers)
+    n_pos, n_layers = state.tokens.shape[0], layers.n_layers
     # targets: logits first (at the final norm's output, last position), then features
     unembed = model.unembed.W_U.detach()
     logit_directions = (unembed[:, logit_tokens] - unembed.mean(-1, keepdim=True)).T
@@ -173,23 +174,21 @@ def _chosen_features(
     return _Chosen(sorted_chosen, rows)
 
 
-def _encoder_rows(layers: list[Transcoder], features: Tensor) -> Float[Tensor, "n d_model"]:
-    """Each feature's encoder direction: the target vector of its row."""
-    rows = layers[0].W_enc.new_zeros(len(features), layers[0].W_enc.shape[0])
-    for at, transcoder in enumerate(layers):
-        chosen = features[:, 0] == at
-        rows[chosen] = transcoder.W_enc.detach()[:, features[chosen, 2]].T
-    return rows
+def _encoder_rows(layers: Dictionaries, features: Tensor) -> Float[Tensor, "n d_model"]:
+    """Each feature's encoder direction (the target vector of its row); features layer-major."""
+    return torch.cat([
+        layers.encoder_rows(at, features[features[:, 0] == at, 2]) for at in range(layers.n_layers)
+    ])  # fmt: skip
 
 
 def _feature_pre_activations(
-    state: PromptState, layers: list[Transcoder], features: Tensor
+    state: PromptState, layers: Dictionaries, features: Tensor
 ) -> Float[Tensor, " n"]:
     """Each feature node's pre-activation on the prompt (its row's target value)."""
     out = state.writes.new_zeros(features.shape[0])
-    for at, transcoder in enumerate(layers):
+    for at in range(layers.n_layers):
         chosen = (features[:, 0] == at).nonzero()[:, 0]
         if len(chosen):
-            pre = pre_activations(transcoder, state.inputs[at][features[chosen, 1]])
+            pre = layers.pre_activations(at, state.inputs[at][features[chosen, 1]])
             out[chosen] = pre.gather(1, features[chosen, 2:3])[:, 0]
     return out

@@ -13,7 +13,6 @@ either way the forward is never repeated.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from mitk.analysis.graphs.replacement import PromptState, frozen_forward
 from mitk.analysis.graphs.sources import SourceVectors
-from mitk.analysis.graphs.transcoders import Transcoder
+from mitk.analysis.graphs.transcoders import Dictionaries, TranscoderSet, dictionaries
 from mitk.analysis.graphs.transpose import FrozenTranspose, Sink, covers
 from mitk.model import HookedTransformer
 from mitk.shapes import Float, Int
@@ -40,33 +39,30 @@ class DirectEffects:
     def __init__(
         self,
         model: HookedTransformer,
-        transcoders: Sequence[Transcoder],
+        transcoders: TranscoderSet,
         state: PromptState,
         features: Int[Tensor, "n_features 3"],
         activations: Float[Tensor, " n_features"],
         backward: Backward = "auto",
     ) -> None:
         self.n_layers, self.n_pos, self.d_model = state.writes.shape
+        layers = dictionaries(model, transcoders)
         if backward == "transpose" and not covers(model):
             raise ValueError("backward='transpose' does not cover this model; use 'autograd'")
         self.transpose = None
         if backward != "autograd" and covers(model):
-            self.transpose = FrozenTranspose(model, transcoders, state)
+            self.transpose = FrozenTranspose(model, layers, state)
         else:
             with torch.enable_grad():
                 self.embed = state.embed.detach().clone().requires_grad_(True)
                 self.writes = state.writes.detach().clone().requires_grad_(True)
-                run = frozen_forward(model, transcoders, state, self.embed, self.writes)
+                run = frozen_forward(model, layers, state, self.embed, self.writes)
             self.outputs = [*run.inputs, run.hidden]  # index n_layers: the logits' input
-        layer, _, index = features.unbind(-1)
-        vectors = state.writes.new_zeros(features.shape[0], self.d_model)
-        for at, transcoder in enumerate(transcoders):
-            chosen = layer == at
-            vectors[chosen] = transcoder.W_dec.detach()[index[chosen]]
         errors = state.errors.clone()
         if not state.first_position_features:
             errors[:, 0] = 0
-        self.sources = SourceVectors(features, vectors * activations[:, None], errors, state.embed)
+        writes = _feature_writes(layers, features, activations)
+        self.sources = SourceVectors(features.shape[0], writes, errors, state.embed)
         self.n_sources = self.sources.n_sources
 
     def rows(
@@ -114,3 +110,27 @@ class DirectEffects:
                 sink(layer, grad_writes[:, layer])
         if grad_embed is not None:
             sink(-1, grad_embed)
+
+
+def _feature_writes(
+    transcoders: Dictionaries,
+    features: Int[Tensor, "n_features 3"],
+    activations: Float[Tensor, " n_features"],
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """For each layer M: the feature columns writing M, their positions and vectors."""
+    layer, pos, index = features.unbind(-1)
+    columns = torch.arange(features.shape[0], device=features.device)
+    by_source = []
+    for source in range(transcoders.n_layers):
+        chosen = layer == source
+        rows = transcoders.decoder_rows(source, index[chosen])  # [k, span, d_model]
+        by_source.append((columns[chosen], pos[chosen], rows * activations[chosen, None, None]))
+    writes = []
+    for target in range(transcoders.n_layers):
+        parts = [
+            (cols, at, rows[:, target - source])
+            for source, (cols, at, rows) in enumerate(by_source[: target + 1])
+            if target - source < rows.shape[1]
+        ]
+        writes.append(tuple(torch.cat(part) for part in zip(*parts, strict=True)))
+    return writes  # type: ignore[return-value]

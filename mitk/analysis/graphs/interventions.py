@@ -10,7 +10,8 @@ where the linear picture holds and where it breaks.
 The real run is circuit-tracer's ``feature_intervention`` without freezing:
 each MLP keeps its true output and adds ``(value - live activation) W_dec``
 for the clamped features, the live activation being the transcoder's on that
-run's own input.
+run's own input (a cross-layer feature adds its decoder vector into every
+layer it writes).
 """
 
 from __future__ import annotations
@@ -24,13 +25,7 @@ from torch import Tensor
 
 from mitk.analysis.graphs.nodes import AttributionGraph
 from mitk.analysis.graphs.replacement import HookFn, prompt_state, prompt_tokens
-from mitk.analysis.graphs.transcoders import (
-    OUTPUT_HOOK,
-    Transcoder,
-    TranscoderSet,
-    input_hook,
-    per_layer,
-)
+from mitk.analysis.graphs.transcoders import OUTPUT_HOOK, Dictionaries, TranscoderSet, dictionaries
 from mitk.hooks import HookPoint
 from mitk.model import HookedTransformer
 from mitk.shapes import Float, Int
@@ -79,7 +74,7 @@ def check_intervention(
     and norm scales at their values on the prompt in the real run too, so that
     only later features' responses separate it from the graph.
     """
-    layers = per_layer(model, transcoders)
+    layers = dictionaries(model, transcoders)
     ids = prompt_tokens(model, tokens)
     nodes = graph.nodes
     if not torch.equal(ids.cpu(), nodes.tokens.cpu()):
@@ -111,35 +106,39 @@ def _hidden(
 
 
 class _Clamp:
-    """One layer's clamps: adds ``(value - live activation) W_dec`` to the MLP's output."""
+    """One source layer's clamps: adds ``(value - live activation) W_dec`` to each MLP it writes."""
 
-    def __init__(self, transcoder: Transcoder, at: Tensor, values: Tensor) -> None:
-        self.transcoder, self.at, self.values = transcoder, at, values  # at: [k, 2] (pos, feature)
-        self.x: Tensor | None = None
+    def __init__(self, layers: Dictionaries, layer: int, at: Tensor, values: Tensor) -> None:
+        self.layers, self.layer, self.at, self.values = layers, layer, at, values  # at: [k, 2]
+        self.rows = layers.decoder_rows(layer, at[:, 1])  # [k, span, d_model]
+        self.change: Tensor | None = None
 
     def keep(self, x: Tensor, hook: HookPoint) -> None:
-        self.x = x[0]
-
-    def add(self, x: Tensor, hook: HookPoint) -> Tensor:
-        assert self.x is not None  # the input hook fires first
-        live = self.transcoder.encode(self.x)
+        # the live activation is read where the latents read: before any layer they write
+        live = self.layers.encode(self.layer, x[0])
         pos, feature = self.at[:, 0].to(x.device), self.at[:, 1].to(x.device)
-        change = self.values.to(live) - live[pos, feature]
-        delta = torch.zeros_like(x[0])
-        delta.index_add_(0, pos, change[:, None] * self.transcoder.W_dec[feature].to(delta))
-        return x + delta[None]
+        self.change = self.values.to(live) - live[pos, feature]
+
+    def add(self, slot: int) -> HookFn:
+        def hook_fn(x: Tensor, hook: HookPoint) -> Tensor:
+            assert self.change is not None  # the input hook fires first
+            pos = self.at[:, 0].to(x.device)
+            delta = torch.zeros_like(x[0])
+            delta.index_add_(0, pos, self.change[:, None] * self.rows[:, slot].to(delta))
+            return x + delta[None]
+
+        return hook_fn
 
 
-def _clamp_hooks(
-    layers: list[Transcoder], chosen: Tensor, values: Tensor
-) -> list[tuple[str, HookFn]]:
+def _clamp_hooks(layers: Dictionaries, chosen: Tensor, values: Tensor) -> list[tuple[str, HookFn]]:
     """The hooks that clamp ``chosen`` (``[k, 3]``) to ``values`` in a real forward."""
     hooks: list[tuple[str, HookFn]] = []
     for layer in sorted(set(chosen[:, 0].tolist())):
         here = chosen[:, 0] == layer
-        clamp = _Clamp(layers[layer], chosen[here, 1:], values[here])
+        clamp = _Clamp(layers, layer, chosen[here, 1:], values[here])
+        hooks.append((layers.input_hook(layer), clamp.keep))
         hooks += [
-            (input_hook(layers[layer]), clamp.keep),
-            (f"blocks.{layer}.{OUTPUT_HOOK}", clamp.add),
+            (f"blocks.{layer + slot}.{OUTPUT_HOOK}", clamp.add(slot))
+            for slot in range(layers.span(layer))
         ]
     return hooks

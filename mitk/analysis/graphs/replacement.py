@@ -11,19 +11,13 @@ edges are derivatives of and what ablations under the frozen model run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mitk.analysis.graphs.transcoders import (
-    OUTPUT_HOOK,
-    Transcoder,
-    TranscoderSet,
-    input_hook,
-    per_layer,
-)
+from mitk.analysis.graphs.transcoders import OUTPUT_HOOK, Dictionaries, TranscoderSet, dictionaries
 from mitk.errors import InvalidTokensError
 from mitk.hooks import HookPoint
 from mitk.model import HookedTransformer
@@ -39,7 +33,8 @@ class PromptState:
 
     ``activations[L]`` are layer L's feature activations ``[pos, d_sae]``
     (position 0 zeroed unless ``first_position_features``); ``errors[L]`` is
-    ``mlp_out - (decode(activations) + skip(input))``, so the replacement model
+    ``mlp_out - (reconstruction + skip(input))``, the reconstruction of layer L
+    from the latents of every layer writing it, so the replacement model
     computes exactly what the model did. ``held`` maps every pattern and norm
     scale hook to its value; ``embed`` is the ``hook_embed`` write, ``hidden``
     the final norm's output and ``logits`` those of the last position.
@@ -90,27 +85,29 @@ def prompt_state(
     ``first_position_features=False`` (circuit-tracer's rule) leaves position 0
     without features: its MLP outputs are then all error term.
     """
-    layers = per_layer(model, transcoders)
+    layers = dictionaries(model, transcoders)
     ids = prompt_tokens(model, tokens)
     fired = model.hooks_that_fire(return_type="hidden")
     held_names = [n for n in fired if n.endswith((".hook_pattern", "hook_scale"))]
-    reads = [input_hook(t) for t in layers]
-    outs = [f"blocks.{layer}.{OUTPUT_HOOK}" for layer in range(len(layers))]
+    reads = [layers.input_hook(layer) for layer in range(layers.n_layers)]
+    outs = [f"blocks.{layer}.{OUTPUT_HOOK}" for layer in range(layers.n_layers)]
     hidden, cache = model.run_with_cache(
         ids[None], attention_mask=torch.ones_like(ids[None]), return_type="hidden",
         names_filter=[*held_names, *reads, *outs, "hook_embed"],
     )  # fmt: skip
-    activations, errors, writes, inputs = [], [], [], []
-    for transcoder, read, out in zip(layers, reads, outs, strict=True):
+    activations: list[Tensor] = []
+    errors, writes, inputs = [], [], []
+    for layer, (read, out) in enumerate(zip(reads, outs, strict=True)):
         x = cache[read][0]
-        acts = transcoder.encode(x)
+        acts = layers.encode(layer, x)
         if not first_position_features:
             acts[0] = 0
-        reconstruction = transcoder.decode(acts) + _skip(transcoder, x)
         activations.append(acts)
+        skip = layers.skip(layer, x)
+        reconstruction = layers.decode(layer, activations) + skip
         inputs.append(x)
         errors.append(cache[out][0] - reconstruction)
-        writes.append(cache[out][0] - _skip(transcoder, x))
+        writes.append(cache[out][0] - skip)
     logits = model.unembed(hidden[:, -1:])[0, 0]
     return PromptState(
         tokens=ids,
@@ -128,7 +125,7 @@ def prompt_state(
 
 def frozen_forward(
     model: HookedTransformer,
-    transcoders: Sequence[Transcoder],
+    transcoders: TranscoderSet,
     state: PromptState,
     embed: Float[Tensor, "pos d_model"],
     writes: Float[Tensor, "n_layers pos d_model"],
@@ -138,17 +135,18 @@ def frozen_forward(
     Patterns and norm scales are ``state``'s; positional embeddings and every
     bias are as in the model. Differentiable in ``embed`` and ``writes``.
     """
+    layers = dictionaries(model, transcoders)
 
     def put_embed(x: Tensor, hook: HookPoint) -> Tensor:
         return embed[None].to(x.dtype)
 
     def write(layer: int, inputs: dict[int, Tensor]) -> HookFn:
         def replace(x: Tensor, hook: HookPoint) -> Tensor:
-            return (writes[layer] + _skip(transcoders[layer], inputs[layer]))[None].to(x.dtype)
+            return (writes[layer] + layers.skip(layer, inputs[layer]))[None].to(x.dtype)
 
         return replace
 
-    return _run(model, transcoders, state, [("hook_embed", put_embed)], write)
+    return _run(model, layers, state, [("hook_embed", put_embed)], write)
 
 
 @torch.no_grad()
@@ -163,16 +161,18 @@ def replacement_logits(
 
     Equal to the model's own logits on ``tokens`` (the error terms make it so).
     """
-    layers = per_layer(model, transcoders)
+    layers = dictionaries(model, transcoders)
     state = prompt_state(model, layers, tokens, first_position_features=first_position_features)
+    live: list[Tensor] = []  # each layer's latents, encoded as the run reaches its input
 
     def write(layer: int, inputs: dict[int, Tensor]) -> HookFn:
         def replace(x: Tensor, hook: HookPoint) -> Tensor:
-            transcoder, x_in = layers[layer], inputs[layer]
-            acts = transcoder.encode(x_in)
+            x_in = inputs[layer]
+            acts = layers.encode(layer, x_in)
             if not first_position_features:
                 acts[0] = 0
-            out = transcoder.decode(acts) + _skip(transcoder, x_in) + state.errors[layer]
+            live.append(acts)
+            out = layers.decode(layer, live) + layers.skip(layer, x_in) + state.errors[layer]
             return out[None].to(x.dtype)
 
         return replace
@@ -183,7 +183,7 @@ def replacement_logits(
 
 def _run(
     model: HookedTransformer,
-    layers: Sequence[Transcoder],
+    layers: Dictionaries,
     state: PromptState,
     extra: list[tuple[str, HookFn]],
     write: Callable[[int, dict[int, Tensor]], HookFn],
@@ -199,15 +199,10 @@ def _run(
         return keep
 
     hooks = list(extra)
-    for layer, transcoder in enumerate(layers):
-        hooks.append((input_hook(transcoder), read(layer)))
+    for layer in range(layers.n_layers):
+        hooks.append((layers.input_hook(layer), read(layer)))
         hooks.append((f"blocks.{layer}.{OUTPUT_HOOK}", write(layer, inputs)))
     ids = state.tokens[None]
     with model.hooks(hooks):
         hidden = model(ids, torch.ones_like(ids), return_type="hidden", hold=state.held)
-    return FrozenRun([inputs[layer] for layer in range(len(layers))], hidden[0])
-
-
-def _skip(transcoder: Transcoder, x: Tensor) -> Tensor | float:
-    skip = transcoder.skip(x)
-    return 0.0 if skip is None else skip
+    return FrozenRun([inputs[layer] for layer in range(layers.n_layers)], hidden[0])

@@ -3,19 +3,21 @@
 A source's edge into a target is the target's gradient at the source's
 location (its layer's MLP write, or the token embedding, at its position)
 dotted with the source's vector: activation times decoder row for a feature,
-the error vector for an error node, the embedding for a token. Features are
-grouped by (layer, position) and zero-padded per group, so one ``bmm`` per
-layer contracts them all.
+the error vector for an error node, the embedding for a token. A cross-layer
+transcoder's feature writes several layers: its edge is the sum over them.
+The vectors writing each layer are grouped by position and zero-padded per
+group, so one ``bmm`` per written layer contracts them all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mitk.shapes import Float, Int
+from mitk.shapes import Float
 
 
 @dataclass(frozen=True)
@@ -35,29 +37,32 @@ class _LayerGroups:
 
 
 class SourceVectors:
-    """Every source's vector, in the graph's node order (features, errors, tokens)."""
+    """Every source's vector, in the graph's node order (features, errors, tokens).
+
+    ``writes[M]`` holds what writes layer ``M``'s MLP output: feature columns
+    ``[k]``, their positions ``[k]`` and vectors ``[k, d_model]`` (activation
+    times the decoder vector into layer M); a column may write several layers.
+    """
 
     def __init__(
         self,
-        features: Int[Tensor, "n_features 3"],
-        feature_vectors: Float[Tensor, "n_features d_model"],
+        n_features: int,
+        writes: Sequence[tuple[Tensor, Tensor, Tensor]],  # k differs by layer: shapes unchecked
         errors: Float[Tensor, "n_layers pos d_model"],
         embed: Float[Tensor, "pos d_model"],
     ) -> None:
         self.n_layers, self.n_pos, self.d_model = errors.shape
-        self.n_features = int(features.shape[0])
+        self.n_features = n_features
         self.error_start = self.n_features
         self.token_start = self.n_features + self.n_layers * self.n_pos
         self.n_sources = self.token_start + self.n_pos
         self.errors, self.embed = errors, embed
-        columns = torch.arange(self.n_features, device=features.device)
         self.layers = [
-            _grouped(features[chosen, 1], feature_vectors[chosen], columns[chosen])
-            for chosen in (features[:, 0] == layer for layer in range(self.n_layers))
+            _grouped(positions, vectors, columns) for columns, positions, vectors in writes
         ]
 
     def contract(self, out: Float[Tensor, "batch n_sources"], layer: int, g: Tensor) -> None:
-        """Fill ``out``'s columns of layer ``layer``'s sources from ``g [batch, p, d_model]``.
+        """Add into ``out``'s columns of layer ``layer``'s sources from ``g [batch, p, d_model]``.
 
         ``g`` is the gradient at that layer's MLP writes (``layer == -1``: at the
         token embeddings) on the first ``p`` positions; sources after them keep 0.
@@ -77,7 +82,9 @@ class SourceVectors:
         at = g[:, groups.positions[:reached]].transpose(0, 1)  # [position, batch, d_model]
         products = torch.bmm(at, groups.vectors[:reached].transpose(1, 2))
         n = int(groups.ends[reached - 1])
-        out[:, groups.columns[:n]] = products.transpose(0, 1).reshape(batch, -1)[:, groups.flat[:n]]
+        # a cross-layer feature's column sums its writes into every layer
+        columns = groups.columns[:n]
+        out[:, columns] += products.transpose(0, 1).reshape(batch, -1)[:, groups.flat[:n]]
 
 
 def _grouped(positions: Tensor, vectors: Tensor, columns: Tensor) -> _LayerGroups:

@@ -1,11 +1,17 @@
-"""The per-layer transcoders a graph reads, checked against the model they replace MLPs of.
+"""The transcoders a graph reads, checked against the model whose MLPs they replace.
 
-``mitk.analysis`` does not import ``mitk.sae`` (sibling layers), so a transcoder
-is anything with the shape of ``mitk.sae.SparseAutoencoder`` built as a
-transcoder: ``cfg.hook_name`` (the MLP's input, ``blocks.L.ln2.hook_normalized``
-or ``blocks.L.hook_resid_mid``), ``cfg.target_hook_name`` (``blocks.L.hook_mlp_out``),
-``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``encoder_bias()``, ``encode``,
-``decode`` and ``skip``.
+Two kinds, one interface (``Dictionaries``) for the rest of the package:
+
+- per-layer transcoders, one per layer: anything with the shape of
+  ``mitk.sae.SparseAutoencoder`` built as a transcoder (``cfg.hook_name``, the
+  MLP's input ``blocks.L.ln2.hook_normalized`` or ``blocks.L.hook_resid_mid``;
+  ``cfg.target_hook_name``, ``blocks.L.hook_mlp_out``; ``W_enc [d_in, d_sae]``,
+  ``W_dec [d_sae, d_out]``, ``encoder_bias()``, ``encode``, ``decode``, ``skip``);
+- one cross-layer transcoder (``mitk.sae.CrossLayerTranscoder``'s shape): layer
+  L's latents read layer L's MLP input and write every MLP output from L on.
+
+``mitk.analysis`` does not import ``mitk.sae`` (sibling layers), hence the protocols.
+A per-layer transcoder is the cross-layer case whose latents write one layer.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from mitk.config import TORCH_DTYPES
 from mitk.errors import ConfigError, ShapeMismatchError, UnsupportedModelError
 from mitk.model import HookedTransformer
-from mitk.shapes import Float
+from mitk.shapes import Float, Int
 
 INPUT_HOOKS = ("ln2.hook_normalized", "hook_resid_mid")
 """What layer L's transcoder may read (after ``blocks.L.``): the MLP input after or before ln2."""
@@ -42,11 +49,162 @@ class Transcoder(Protocol):
     def skip(self, x: Tensor) -> Tensor | None: ...
 
 
-TranscoderSet = Sequence[Transcoder] | Mapping[int, Transcoder]
-"""One transcoder per layer: a list in layer order, or a mapping from layer to transcoder."""
+@runtime_checkable
+class CrossLayer(Protocol):
+    """What a graph needs of a cross-layer transcoder (``mitk.sae.CrossLayerTranscoder`` has it)."""
+
+    cfg: Any
+    W_enc: Tensor
+    b_dec: Tensor
+
+    @property
+    def W_dec(self) -> Sequence[Tensor]: ...
+
+    def pre_activations(self, layer: int, x: Tensor) -> Tensor: ...
+
+    def encode_layer(self, layer: int, x: Tensor) -> Tensor: ...
 
 
-def per_layer(model: HookedTransformer, transcoders: TranscoderSet) -> list[Transcoder]:
+class Dictionaries:
+    """A model's replacement dictionaries, per-layer or cross-layer, behind one interface.
+
+    Layer ``L``'s latents read ``input_hook(L)``; latent ``f`` of layer ``L``
+    writes layers ``L .. L + span(L) - 1`` with ``decoder_rows(L, f)[:, j]`` into
+    layer ``L + j``. Build with ``dictionaries(model, transcoders)``, which checks them.
+    """
+
+    def __init__(self, n_layers: int, dtype: torch.dtype) -> None:
+        self.n_layers, self.dtype = n_layers, dtype
+
+    def input_hook(self, layer: int) -> str:
+        """The full name of the hook layer ``layer``'s latents read."""
+        raise NotImplementedError
+
+    def span(self, layer: int) -> int:
+        """How many layers (``layer`` and those after it) layer ``layer``'s latents write."""
+        raise NotImplementedError
+
+    def pre_activations(
+        self, layer: int, x: Float[Tensor, "*lead d_model"]
+    ) -> Float[Tensor, "*lead d_sae"]:
+        """``x W_enc + b``: what layer ``layer``'s activation reads (and graph edges target)."""
+        raise NotImplementedError
+
+    def encode(self, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_sae"]:
+        """Layer ``layer``'s latent activations."""
+        raise NotImplementedError
+
+    def encoder_rows(self, layer: int, index: Int[Tensor, " n"]) -> Float[Tensor, "n d_model"]:
+        """The encoder directions of latents ``index`` of layer ``layer``."""
+        raise NotImplementedError
+
+    def decoder_rows(self, layer: int, index: Int[Tensor, " n"]) -> Float[Tensor, "n span d_model"]:
+        """The decoder vectors of latents ``index`` of layer ``layer``, one per layer written."""
+        raise NotImplementedError
+
+    def decode(self, layer: int, latents: Sequence[Tensor]) -> Float[Tensor, "*lead d_model"]:
+        """Layer ``layer``'s reconstruction (biases in, skip out) from ``latents[0..layer]``."""
+        raise NotImplementedError
+
+    def skip_weight(self, layer: int) -> Float[Tensor, "d_model d_model"] | None:
+        """A skip-transcoder's ``W_skip`` (``skip(x) = x W_skip^T``), else ``None``."""
+        return None
+
+    def skip(self, layer: int, x: Float[Tensor, "*lead d_model"]) -> Tensor | float:
+        """The skip term layer ``layer`` adds to its MLP output (0.0 without one)."""
+        weight = self.skip_weight(layer)
+        return 0.0 if weight is None else x.to(weight.dtype) @ weight.T
+
+
+TranscoderSet = Sequence[Transcoder] | Mapping[int, Transcoder] | CrossLayer | Dictionaries
+"""One transcoder per layer (a list in layer order, or ``{layer: transcoder}``), one CLT,
+or the ``Dictionaries`` that ``dictionaries`` built of either."""
+
+
+class _PerLayer(Dictionaries):
+    def __init__(self, layers: list[Transcoder]) -> None:
+        super().__init__(len(layers), layers[0].W_enc.dtype)
+        self.layers = layers
+
+    def input_hook(self, layer: int) -> str:
+        return str(self.layers[layer].cfg.hook_name)
+
+    def span(self, layer: int) -> int:
+        return 1
+
+    def pre_activations(self, layer: int, x: Tensor) -> Tensor:
+        transcoder = self.layers[layer]
+        return x.to(transcoder.W_enc.dtype) @ transcoder.W_enc + transcoder.encoder_bias()
+
+    def encode(self, layer: int, x: Tensor) -> Tensor:
+        return self.layers[layer].encode(x)
+
+    def encoder_rows(self, layer: int, index: Tensor) -> Tensor:
+        return self.layers[layer].W_enc.detach()[:, index].T
+
+    def decoder_rows(self, layer: int, index: Tensor) -> Tensor:
+        return self.layers[layer].W_dec.detach()[index][:, None]
+
+    def decode(self, layer: int, latents: Sequence[Tensor]) -> Tensor:
+        return self.layers[layer].decode(latents[layer])
+
+    def skip_weight(self, layer: int) -> Tensor | None:
+        transcoder = self.layers[layer]
+        has_skip = getattr(transcoder.cfg, "skip_connection", False)
+        weight = getattr(transcoder, "W_skip", None)
+        return weight.detach() if has_skip and weight is not None else None
+
+
+class _CrossLayer(Dictionaries):
+    def __init__(self, clt: CrossLayer) -> None:
+        super().__init__(int(clt.cfg.n_layers), clt.W_enc.dtype)
+        self.clt = clt
+
+    def input_hook(self, layer: int) -> str:
+        return f"blocks.{layer}.{self.clt.cfg.input_hook}"
+
+    def span(self, layer: int) -> int:
+        return self.n_layers - layer
+
+    def pre_activations(self, layer: int, x: Tensor) -> Tensor:
+        return self.clt.pre_activations(layer, x)
+
+    def encode(self, layer: int, x: Tensor) -> Tensor:
+        return self.clt.encode_layer(layer, x)
+
+    def encoder_rows(self, layer: int, index: Tensor) -> Tensor:
+        return self.clt.W_enc.detach()[layer][:, index].T
+
+    def decoder_rows(self, layer: int, index: Tensor) -> Tensor:
+        return self.clt.W_dec[layer].detach()[index]
+
+    def decode(self, layer: int, latents: Sequence[Tensor]) -> Tensor:
+        out = self.clt.b_dec[layer]
+        for source in range(layer + 1):
+            out = out + latents[source] @ self.clt.W_dec[source][:, layer - source]
+        return out
+
+
+def dictionaries(model: HookedTransformer, transcoders: TranscoderSet) -> Dictionaries:
+    """``transcoders`` checked against ``model``: one per layer, or one CLT over all layers.
+
+    Each must read its layer's MLP input (one of ``INPUT_HOOKS``) and write its
+    ``hook_mlp_out``, be ``d_model`` wide on both sides, share the model's
+    dtype, and have an encoder that is affine before its activation (gated SAEs
+    are refused). Errors name the layer and what does not fit.
+    """
+    if isinstance(transcoders, Dictionaries):
+        return transcoders  # checked when it was built
+    if isinstance(transcoders, CrossLayer) and not isinstance(transcoders, Transcoder):
+        _check_model(model)
+        _check_cross_layer(model, transcoders)
+        return _CrossLayer(transcoders)
+    return _PerLayer(per_layer(model, transcoders))
+
+
+def per_layer(
+    model: HookedTransformer, transcoders: Sequence[Transcoder] | Mapping[int, Transcoder]
+) -> list[Transcoder]:
     """The transcoders in layer order, or an error naming what does not fit the model.
 
     Every layer needs one; each must read that layer's MLP input (one of
@@ -70,18 +228,6 @@ def per_layer(model: HookedTransformer, transcoders: TranscoderSet) -> list[Tran
     for layer, transcoder in enumerate(ordered):
         _check_one(model, layer, transcoder)
     return ordered
-
-
-def input_hook(transcoder: Transcoder) -> str:
-    """The hook a transcoder reads (already checked by ``per_layer``)."""
-    return str(transcoder.cfg.hook_name)
-
-
-def pre_activations(
-    transcoder: Transcoder, x: Float[Tensor, "*lead d_in"]
-) -> Float[Tensor, "*lead d_sae"]:
-    """``x W_enc + encoder_bias``: what the activation function reads (and graph edges target)."""
-    return x.to(transcoder.W_enc.dtype) @ transcoder.W_enc + transcoder.encoder_bias()
 
 
 def _check_model(model: HookedTransformer) -> None:
@@ -128,5 +274,27 @@ def _check_one(model: HookedTransformer, layer: int, transcoder: object) -> None
     if transcoder.W_enc.dtype != dtype or transcoder.W_dec.dtype != dtype:
         raise ConfigError(
             f"{where} has {transcoder.W_enc.dtype} weights, the model {dtype}: "
+            "convert one so that the error terms are exact"
+        )
+
+
+def _check_cross_layer(model: HookedTransformer, clt: CrossLayer) -> None:
+    cfg = clt.cfg
+    where = "the cross-layer transcoder"
+    if cfg.n_layers != model.cfg.n_layers:
+        raise ConfigError(
+            f"{where} spans {cfg.n_layers} layers; the model has {model.cfg.n_layers}"
+        )
+    if cfg.input_hook not in INPUT_HOOKS:
+        raise ConfigError(
+            f"{where} reads {cfg.input_hook!r}; it must read one of {list(INPUT_HOOKS)}"
+        )
+    d_model = model.cfg.d_model
+    if cfg.d_model != d_model:
+        raise ShapeMismatchError(f"{where} is {cfg.d_model} wide; the model's d_model is {d_model}")
+    dtype = TORCH_DTYPES[model.cfg.dtype]
+    if clt.W_enc.dtype != dtype:
+        raise ConfigError(
+            f"{where} has {clt.W_enc.dtype} weights, the model {dtype}: "
             "convert one so that the error terms are exact"
         )

@@ -13,13 +13,13 @@ as fast. Models it does not cover use autograd through the same frozen model
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from mitk.analysis.graphs.replacement import PromptState
-from mitk.analysis.graphs.transcoders import Transcoder, input_hook
+from mitk.analysis.graphs.transcoders import Dictionaries
 from mitk.model import HookedTransformer
 from mitk.shapes import Float, Int
 
@@ -61,7 +61,7 @@ class FrozenTranspose:
     """Gradients at the token embeddings and MLP writes for batches of targets (see ``grads``)."""
 
     def __init__(
-        self, model: HookedTransformer, transcoders: Sequence[Transcoder], state: PromptState
+        self, model: HookedTransformer, transcoders: Dictionaries, state: PromptState
     ) -> None:
         cfg = model.cfg
         centred = cfg.normalization == "layernorm"
@@ -81,7 +81,7 @@ class FrozenTranspose:
             self.ln1.append(norm(f"{prefix}.ln1", block.ln1))
             self.ln2.append(norm(f"{prefix}.ln2", block.ln2))
             # what the transcoder reads, seen from the stream: ln2 before its weight, or the stream
-            reads_normalized = input_hook(transcoders[layer]).endswith("ln2.hook_normalized")
+            reads_normalized = transcoders.input_hook(layer).endswith("ln2.hook_normalized")
             self.mlp_in.append(
                 norm(f"{prefix}.ln2", block.ln2, False) if reads_normalized else None
             )
@@ -90,9 +90,7 @@ class FrozenTranspose:
             # [kv_head * d_head, d_model] for W_V^T
             self.W_O.append(block.attn.W_o_packed.detach().T.contiguous())
             self.W_V.append(block.attn.W_V.detach().transpose(1, 2).reshape(-1, cfg.d_model))
-            skip = getattr(transcoders[layer], "W_skip", None)
-            has_skip = getattr(transcoders[layer].cfg, "skip_connection", False)
-            self.skips.append(skip.detach() if has_skip and skip is not None else None)
+            self.skips.append(transcoders.skip_weight(layer))
         self.ln_final = norm("ln_final", model.ln_final)
 
     def grads(

@@ -6,13 +6,13 @@ import torch
 from torch import Tensor
 
 from mitk import HookedTransformer
-from mitk.analysis.graphs import AttributionGraph, PromptState, frozen_forward
-from mitk.sae import SparseAutoencoder
+from mitk.analysis.graphs import AttributionGraph, PromptState, TranscoderSet, frozen_forward
+from mitk.analysis.graphs.transcoders import dictionaries
 
 
 def targets(
     model: HookedTransformer,
-    layers: list[SparseAutoencoder],
+    transcoders: TranscoderSet,
     state: PromptState,
     graph: AttributionGraph,
     *,
@@ -24,20 +24,21 @@ def targets(
 
     Error terms at positions without features are no nodes: they keep their value.
     """
+    layers = dictionaries(model, transcoders)
     acts = list(state.activations) if activations is None else activations
     writes = []
-    for layer, sae in enumerate(layers):
+    for layer in range(layers.n_layers):
         scale = torch.full((state.tokens.shape[0], 1), error_scale)
         if not state.first_position_features:
             scale[0] = 1.0
-        writes.append(sae.decode(acts[layer]) + state.errors[layer] * scale)
+        # a cross-layer transcoder's layer is written by the latents of every layer up to it
+        writes.append(layers.decode(layer, acts) + state.errors[layer] * scale)
     with torch.no_grad():
         run = frozen_forward(model, layers, state, state.embed * embed_scale, torch.stack(writes))
     nodes = graph.nodes
     out = torch.zeros(nodes.n_nodes)
     for i, (layer, pos, feature) in enumerate(nodes.features.tolist()):
-        sae = layers[layer]
-        out[i] = run.inputs[layer][pos] @ sae.W_enc[:, feature] + sae.encoder_bias()[feature]
+        out[i] = layers.pre_activations(layer, run.inputs[layer][pos])[feature]
     unembed = model.unembed.W_U
     directions = unembed[:, nodes.logit_tokens] - unembed.mean(-1, keepdim=True)
     out[nodes.logit_start :] = run.hidden[-1] @ directions

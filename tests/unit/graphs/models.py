@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mitk import HookedTransformer, TransformerConfig
-from mitk.sae import SAEConfig, SparseAutoencoder
+from mitk.sae import CLTConfig, CrossLayerTranscoder, SAEConfig, SparseAutoencoder
 
 D_MODEL, D_SAE, N_LAYERS = 32, 48, 3
 
@@ -69,6 +69,35 @@ def transcoders(
                 sae.W_skip.copy_(_randn(gen, D_MODEL, D_MODEL) * 0.05)
         made.append(sae)
     return made
+
+
+def cross_layer(
+    built: HookedTransformer,
+    *,
+    reads: str = "ln2.hook_normalized",
+    activation: str = "relu",
+    seed: int = 0,
+    cross: bool = True,
+) -> CrossLayerTranscoder:
+    """A random cross-layer transcoder, scaled as ``transcoders``; ``cross=False`` zeroes every
+    decoder slot into a later layer (what remains is per-layer transcoders)."""
+    n_layers = built.cfg.n_layers
+    cfg = CLTConfig(
+        n_layers=n_layers, d_model=D_MODEL, d_sae=D_SAE, activation=activation,  # type: ignore[arg-type]
+        input_hook=reads, jumprelu_init_threshold=0.1,  # type: ignore[arg-type]
+    )  # fmt: skip
+    clt = CrossLayerTranscoder(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in range(n_layers):
+            scale = 1.0 if reads == "ln2.hook_normalized" else 1.0 / _resid_scale(built, layer)
+            clt.W_enc[layer] = _randn(gen, D_MODEL, D_SAE) * scale / math.sqrt(D_MODEL) * 0.6
+            clt.b_enc[layer] = _randn(gen, D_SAE) * 0.1 - 0.25
+            clt.W_dec[layer].copy_(_randn(gen, D_SAE, n_layers - layer, D_MODEL) * 0.05)
+            if not cross:
+                clt.W_dec[layer][:, 1:] = 0
+        clt.b_dec.copy_(_randn(gen, n_layers, D_MODEL) * 0.01)
+    return clt
 
 
 def prompt(length: int = 9, seed: int = 5) -> Tensor:

@@ -31,7 +31,6 @@ import typer
 
 from mitk.analysis.graphs import (
     AttributionGraph,
-    TranscoderSet,
     attribution_graph,
     graph_scores,
     prune_graph,
@@ -139,10 +138,8 @@ def graph(
         raise ConfigError(f"a graph is of one prompt; got {prompts.tokens.shape[0]} "
                           f"({prompts.source})")  # fmt: skip
     ids = prompts.tokens[0].to(net.W_E.device)
-    # cast: the Transcoder protocol declares W_enc/W_dec as plain (invariant) attributes,
-    # which an nn.Parameter does not match for mypy although it is a Tensor
     found = attribution_graph(
-        net, cast(TranscoderSet, layers), ids, max_logits=max_logits,
+        net, layers, ids, max_logits=max_logits,
         logit_probability=logit_probability, max_feature_nodes=max_feature_nodes,
         batch_size=batch_size,
     )  # fmt: skip

@@ -36,9 +36,15 @@ OUTPUT_HOOK = "hook_mlp_out"
 class Transcoder(Protocol):
     """What a graph needs of one layer's transcoder (``mitk.sae.SparseAutoencoder`` has it)."""
 
-    cfg: Any
-    W_enc: Tensor
-    W_dec: Tensor
+    # read-only properties, so that an nn.Parameter attribute (a Tensor subclass) satisfies them
+    @property
+    def cfg(self) -> Any: ...
+
+    @property
+    def W_enc(self) -> Tensor: ...
+
+    @property
+    def W_dec(self) -> Tensor: ...
 
     def encoder_bias(self) -> Tensor: ...
 
@@ -50,15 +56,29 @@ class Transcoder(Protocol):
 
 
 @runtime_checkable
+class _TensorList(Protocol):
+    """Tensors by index (an ``nn.ParameterList`` is one; mypy does not count it a Sequence)."""
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
+@runtime_checkable
 class CrossLayer(Protocol):
     """What a graph needs of a cross-layer transcoder (``mitk.sae.CrossLayerTranscoder`` has it)."""
 
-    cfg: Any
-    W_enc: Tensor
-    b_dec: Tensor
+    @property
+    def cfg(self) -> Any: ...
 
     @property
-    def W_dec(self) -> Sequence[Tensor]: ...
+    def W_enc(self) -> Tensor: ...
+
+    @property
+    def b_dec(self) -> Tensor: ...
+
+    @property
+    def W_dec(self) -> _TensorList: ...
 
     def pre_activations(self, layer: int, x: Tensor) -> Tensor: ...
 
@@ -195,7 +215,11 @@ def dictionaries(model: HookedTransformer, transcoders: TranscoderSet) -> Dictio
     """
     if isinstance(transcoders, Dictionaries):
         return transcoders  # checked when it was built
-    if isinstance(transcoders, CrossLayer) and not isinstance(transcoders, Transcoder):
+    if isinstance(transcoders, Transcoder):
+        raise TypeError(
+            "got one transcoder; a graph needs one per layer (a list, or {layer: transcoder})"
+        )
+    if isinstance(transcoders, CrossLayer):
         _check_model(model)
         _check_cross_layer(model, transcoders)
         return _CrossLayer(transcoders)

@@ -5,7 +5,8 @@
 activations; ``evaluate`` measures it, ``spliced`` puts it into a model.
 ``load_transcoder_set`` / ``save_transcoder_set`` read and write circuit-tracer's
 per-layer transcoder sets; ``CrossLayerTranscoder`` (``CLTConfig``) with
-``load_clt`` / ``save_clt`` is one dictionary over every layer, in circuit-tracer's CLT format.
+``load_clt`` / ``save_clt`` is one dictionary over every layer, in circuit-tracer's CLT format,
+trained by ``train_clt``.
 """
 
 from mitk.sae.autoencoder import SAEOutput, SparseAutoencoder
@@ -15,6 +16,7 @@ from mitk.sae.config import SAEConfig
 from mitk.sae.crosslayer import CrossLayerTranscoder
 from mitk.sae.crosslayer_config import CLTConfig
 from mitk.sae.crosslayer_files import load_clt, save_clt
+from mitk.sae.crosslayer_train import CLTTrainResult, train_clt
 from mitk.sae.evaluate import SAEEvaluation, evaluate
 from mitk.sae.features import (
     LatentExamples,
@@ -37,6 +39,7 @@ __all__ = [
     "ActivationSource",
     "ActivationStore",
     "CLTConfig",
+    "CLTTrainResult",
     "CachedActivations",
     "CollapseError",
     "CollapseWarning",
@@ -68,4 +71,5 @@ __all__ = [
     "save_transcoder_set",
     "spliced",
     "train",
+    "train_clt",
 ]

@@ -41,17 +41,18 @@ class CrossLayerTranscoder(nn.Module):
         dtype = TORCH_DTYPES[cfg.dtype]
         gen = torch.Generator().manual_seed(cfg.seed)
 
-        def unit_rows(*shape: int) -> Tensor:
+        def unit(*shape: int, dims: tuple[int, ...]) -> Tensor:
             rows = torch.randn(*shape, generator=gen, dtype=torch.float64)
-            return rows / rows.norm(dim=-1, keepdim=True)
+            return rows / rows.norm(dim=dims, keepdim=True)
 
         # encoders read another space than decoders write, so each draws its own directions;
         # unit encoder columns give pre-activations of O(1) on inputs of norm ~sqrt(d_model)
-        encoder = unit_rows(n, s, d).transpose(1, 2) / math.sqrt(d) * 2
+        encoder = unit(n, s, d, dims=(-1,)).transpose(1, 2) / math.sqrt(d) * 2
         self.W_enc = nn.Parameter(encoder.contiguous().to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(n, s, dtype=dtype))
+        # each latent's decoder, all the layers it writes together, has norm decoder_init_norm
         self.W_dec = nn.ParameterList(
-            nn.Parameter((unit_rows(s, n - layer, d) * cfg.decoder_init_norm).to(dtype))
+            nn.Parameter((unit(s, n - layer, d, dims=(1, 2)) * cfg.decoder_init_norm).to(dtype))
             for layer in range(n)
         )
         self.b_dec = nn.Parameter(torch.zeros(n, d, dtype=dtype))
@@ -152,6 +153,24 @@ class CrossLayerTranscoder(nn.Module):
     def decoder_norms(self) -> Float[Tensor, "n_layers d_sae"]:
         """Each latent's decoder norm over every layer it writes (root of the sum of squares)."""
         return torch.stack([w.pow(2).sum((1, 2)).sqrt() for w in self.W_dec])
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale each latent's decoder (over every layer it writes) to unit norm, in place."""
+        for dec in self.W_dec:
+            dec.div_(dec.norm(dim=(1, 2), keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Drop each latent's decoder-gradient component along its (unit) decoder.
+
+        With ``normalize_decoder_`` after each step, Adam then moves directions only.
+        """
+        for dec in self.W_dec:
+            if dec.grad is None:
+                continue
+            unit = dec / dec.norm(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+            dec.grad -= (dec.grad * unit).sum((1, 2), keepdim=True) * unit
 
     @torch.no_grad()
     def fold_scales_(self, input_scales: Sequence[float], output_scales: Sequence[float]) -> None:

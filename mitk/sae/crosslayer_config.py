@@ -57,21 +57,27 @@ class CLTConfig(JsonConfig):
     sparsity_warmup_fraction: float = 0.1
     jumprelu_bandwidth: float = 0.25
     jumprelu_init_threshold: float = 1.0
-    decoder_init_norm: float = 0.1
-    """Initial norm of each decoder vector (per latent and output layer)."""
+    decoder_init_norm: float = -1.0
+    """Initial norm of each latent's decoder over every layer it writes; -1 means 1.0 where
+    training holds it there (``jumprelu``, ``topk``), else 0.1."""
     grad_clip: float = 1.0
     log_every: int = 50
     checkpoint_every: int = 1000
+    """Steps between atomic checkpoints, when a checkpoint directory is given (and at the end)."""
+    checkpoint_seconds: float = 300.0
+    """Also checkpoint at the first log step this many seconds after the last one (0: off)."""
 
     def __post_init__(self) -> None:
         # types first, so a JSON "lr": "fast" is a ConfigError naming the field
         check_types(type(self), {k: v for k, v in vars(self).items() if k not in _CHOICES})
         check_choices(self, _CHOICES)
+        if self.decoder_init_norm == -1.0:  # frozen: fill the derived default once, here
+            object.__setattr__(self, "decoder_init_norm", 1.0 if self.unit_norm_decoder else 0.1)
         check_positive_ints(
             self, ("n_layers", "d_model", "d_sae", "k", "batch_size", "total_tokens",
                    "log_every", "checkpoint_every")
         )  # fmt: skip
-        if self.k > self.d_sae:
+        if self.activation == "topk" and self.k > self.d_sae:  # k means nothing elsewhere
             raise ConfigError(f"k={self.k} exceeds d_sae={self.d_sae}")
         if self.total_tokens < self.batch_size:
             raise ConfigError(
@@ -88,8 +94,10 @@ class CLTConfig(JsonConfig):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be finite and > 0, got {value!r}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise ConfigError(f"grad_clip must be finite and >= 0, got {self.grad_clip!r}")
+        for name in ("grad_clip", "checkpoint_seconds"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
         for name in ("lr_warmup_fraction", "lr_decay_fraction", "sparsity_warmup_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)!r}")
@@ -108,6 +116,17 @@ class CLTConfig(JsonConfig):
     def peak_lr(self) -> float:
         """``lr``, or ``default_lr(n_layers * d_sae)`` when it is -1."""
         return default_lr(self.n_layers * self.d_sae) if self.lr == -1.0 else self.lr
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """True where training holds each latent's decoder (all its layers) at unit norm.
+
+        So for JumpReLU and TopK, as for mitk's single-layer SAEs: their penalty (L0,
+        or none) does not see magnitudes, and a free norm would let a latent trade
+        encoder scale for decoder scale. ReLU's L1 is weighted by the decoder norm
+        instead, which removes that trade.
+        """
+        return self.activation != "relu"
 
     @property
     def sparsity_weight(self) -> float:

@@ -34,6 +34,7 @@ from mitk.sae.distributed import World, current_world
 from mitk.sae.geometric_median import geometric_median
 from mitk.sae.losses import LossParts, sae_loss
 from mitk.sae.metrics import ReconstructionStats
+from mitk.sae.schedule import lr_factor, warmup_factor
 from mitk.sae.sources import ActivationSource, TensorActivations
 
 _log = logging.getLogger("mitk.sae")
@@ -150,8 +151,8 @@ def train(
         refuse_existing_run(directory)
     restored = load_checkpoint(directory, state, optimizer) if resume and directory else None
     if restored is not None:
-        trained_as = [_trajectory(c) for c in restored["configs"]]
-        if trained_as != [_trajectory(c) for c in meta["configs"]] or (
+        trained_as = [trajectory(c) for c in restored["configs"]]
+        if trained_as != [trajectory(c) for c in meta["configs"]] or (
             restored["source"] != meta["source"]
         ):
             raise ConfigError(
@@ -175,17 +176,18 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         for i, (sae, c) in enumerate(zip(state.models, cfgs, strict=True)):
             x = batch[c.hook_name][rows].to(target, sae.W_enc.dtype)
-            _check_finite(x, f"activations of {c.hook_name!r}", step, directory)
+            check_finite(x, f"activations of {c.hook_name!r}", step, directory)
             y = x
             if c.is_transcoder:
                 y = batch[c.target_hook_name][rows].to(target, sae.W_enc.dtype)
-                _check_finite(y, f"activations of {c.target_hook_name!r}", step, directory)
-            optimizer.param_groups[i]["lr"] = c.peak_lr * _lr_factor(step, c)
+                check_finite(y, f"activations of {c.target_hook_name!r}", step, directory)
+            factor = lr_factor(step, c.total_steps, c.lr_warmup_fraction, c.lr_decay_fraction)
+            optimizer.param_groups[i]["lr"] = c.peak_lr * factor
             idle = state.idle_steps(i)
             dead = idle * c.batch_size >= c.dead_window
-            warm = _warmup(step, c.sparsity_warmup_fraction, c)
+            warm = warmup_factor(step, c.sparsity_warmup_fraction, c.total_steps)
             part = sae_loss(sae, x, warm, dead, target=y if c.is_transcoder else None)
-            _check_finite(part.loss.detach(), f"the loss of {labels[i]!r}", step, directory)
+            check_finite(part.loss.detach(), f"the loss of {labels[i]!r}", step, directory)
             part.loss.backward()
             parts.append(part)
             counts = part.fire_counts
@@ -289,7 +291,7 @@ def _checkpoint_due(
     return bool(world.any_(late).any())
 
 
-def _trajectory(config: dict[str, Any]) -> dict[str, Any]:
+def trajectory(config: dict[str, Any]) -> dict[str, Any]:
     """A config dict without the checkpoint-schedule fields, which a resume may change.
 
     Compared as JSON values, since a checkpoint's configs come back from JSON (tuples as lists).
@@ -343,34 +345,20 @@ def _init_decoder_bias(
     for sae, c in zip(state.models, cfgs, strict=True):
         # b_dec lives in the reconstructed space: the target's, for a transcoder
         x = batch[_target_hook(c)].to(device, sae.b_dec.dtype)
-        _check_finite(x, f"activations of {_target_hook(c)!r}", 0, None)
+        check_finite(x, f"activations of {_target_hook(c)!r}", 0, None)
         if c.b_dec_init == "geometric_median":
             sae.b_dec.copy_(geometric_median(x))
         elif c.b_dec_init == "mean":
             sae.b_dec.copy_(x.mean(0))
 
 
-def _check_finite(value: Tensor, what: str, step: int, directory: Path | None) -> None:
+def check_finite(value: Tensor, what: str, step: int, directory: Path | None) -> None:
+    """Raise ``NonFiniteError`` (naming ``what``, the step and the kept checkpoint) on NaN/inf."""
     if bool(torch.isfinite(value).all()):
         return
     bad = int((~torch.isfinite(value)).sum())
     kept = f"; the last checkpoint in {directory} is untouched" if directory else ""
     raise NonFiniteError(f"{what} at step {step} hold {bad} NaN/inf value(s); stopped{kept}")
-
-
-def _lr_factor(step: int, c: SAEConfig) -> float:
-    """Linear warmup from 0, flat, then linear decay to 0 over the last steps."""
-    total = c.total_steps
-    factor = _warmup(step, c.lr_warmup_fraction, c)
-    decay = round(c.lr_decay_fraction * total)
-    if decay > 0 and step >= total - decay:
-        factor = min(factor, (total - step) / decay)
-    return factor
-
-
-def _warmup(step: int, fraction: float, c: SAEConfig) -> float:
-    steps = round(fraction * c.total_steps)
-    return min(1.0, (step + 1) / steps) if steps > 0 else 1.0
 
 
 @torch.no_grad()
@@ -443,14 +431,15 @@ class _Logger:
         if self.run is not None:
             self.run.log(history[-1], step=history[-1]["step"])
         if self.csv_path is not None:
-            _write_csv_atomically(self.csv_path, history)
+            write_csv_atomically(self.csv_path, history)
 
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
 
 
-def _write_csv_atomically(path: Path, history: list[dict[str, Any]]) -> None:
+def write_csv_atomically(path: Path, history: list[dict[str, Any]]) -> None:
+    """Write the metric history (one row per record, the first record's keys) atomically."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
     writer.writeheader()

@@ -7,6 +7,7 @@ transformers 4.x)::
     OMP_NUM_THREADS=1 .venv-ct/bin/python bench/graphs_parity.py --case small
     OMP_NUM_THREADS=1 .venv-ct/bin/python bench/graphs_parity.py --case gpt2-small --rounds 1
     OMP_NUM_THREADS=1 .venv-ct/bin/python bench/graphs_parity.py --jumprelu --skip --no-timing
+    OMP_NUM_THREADS=1 .venv-ct/bin/python bench/graphs_parity.py --clt --jumprelu --no-timing
 
 mitk runs from this checkout (the repository goes on ``sys.path``; ``.venv-ct``
 already has what ``mitk.analysis.graphs`` imports). The model and transcoders are
@@ -14,7 +15,10 @@ already has what ``mitk.analysis.graphs`` imports). The model and transcoders ar
 (``--jumprelu`` / ``--skip``: the transcoders as JumpReLU / with ``W_skip``); the
 model goes to circuit-tracer through mitk's ``to_transformer_lens`` and the
 transcoders through ``save_transcoder_set`` (circuit-tracer's set format), which
-both tools then load from the same files.
+both tools then load from the same files. ``--clt`` makes one cross-layer
+transcoder of them instead (their encoders, each layer's decoder in its own slot
+and random decoders into every later layer), written by ``save_clt`` in
+circuit-tracer's CLT format and loaded by both tools' ``load_clt``.
 
 Reported: the kept features, logit targets and activations (must be equal), max
 |adjacency difference| over the graph (target <= 1e-4), whether pruning with the
@@ -51,6 +55,9 @@ from circuit_tracer.graph import prune_graph as ct_prune_graph  # noqa: E402
 from circuit_tracer.replacement_model.replacement_model_transformerlens import (  # noqa: E402
     TransformerLensReplacementModel,
 )
+from circuit_tracer.transcoder.cross_layer_transcoder import (  # noqa: E402
+    load_clt as ct_load_clt,
+)
 from circuit_tracer.transcoder.single_layer_transcoder import (  # noqa: E402
     load_transcoder_set as ct_load_transcoder_set,
 )
@@ -58,7 +65,13 @@ from graphs import CASES, build  # noqa: E402  (bench/graphs.py)
 
 from mitk.analysis.graphs import attribution_graph, graph_scores, prune_graph  # noqa: E402
 from mitk.model.pretrained.tl_interop import to_transformer_lens  # noqa: E402
-from mitk.sae import SparseAutoencoder  # noqa: E402
+from mitk.sae import (  # noqa: E402
+    CLTConfig,
+    CrossLayerTranscoder,
+    SparseAutoencoder,
+    load_clt,
+    save_clt,
+)
 from mitk.sae.transcoder_sets import load_transcoder_set, save_transcoder_set  # noqa: E402
 
 
@@ -83,17 +96,17 @@ def circuit_tracer_model(model: Any, set_folder: Path) -> TransformerLensReplace
         padding_side="right",
         vocab_size=model.cfg.d_vocab,
     )
-    files = sorted(set_folder.glob("layer_*.safetensors"), key=lambda p: int(p.stem[6:]))
-    transcoders = ct_load_transcoder_set(
-        {i: str(p) for i, p in enumerate(files)},
-        scan="mitk-bench",
-        feature_input_hook="ln2.hook_normalized",
-        feature_output_hook="hook_mlp_out",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        lazy_encoder=False,
-        lazy_decoder=False,
-    )
+    common: dict[str, Any] = dict(
+        feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
+        device=torch.device("cpu"), dtype=torch.float32, lazy_encoder=False, lazy_decoder=False,
+    )  # fmt: skip
+    if (set_folder / "W_enc_0.safetensors").exists():
+        transcoders = ct_load_clt(str(set_folder), scan="mitk-bench", **common)
+    else:
+        files = sorted(set_folder.glob("layer_*.safetensors"), key=lambda p: int(p.stem[6:]))
+        transcoders = ct_load_transcoder_set(
+            {i: str(p) for i, p in enumerate(files)}, scan="mitk-bench", **common
+        )
     ct._configure_replacement_model(transcoders)
     return ct
 
@@ -194,6 +207,32 @@ def variant(transcoders: list[Any], jumprelu: bool, skip: bool) -> list[Any]:
     return made
 
 
+def cross_layer(transcoders: list[Any]) -> CrossLayerTranscoder:
+    """One CLT of per-layer transcoders: their encoders, biases and thresholds, each layer's
+    decoder in its own slot, and random decoders (a tenth of the own one's scale) into every
+    later layer."""
+    first = transcoders[0].cfg
+    n_layers = len(transcoders)
+    cfg = CLTConfig(
+        n_layers=n_layers, d_model=first.d_in, d_sae=first.d_sae,
+        activation="jumprelu" if first.architecture == "jumprelu" else "relu",
+        input_hook="ln2.hook_normalized",
+    )  # fmt: skip
+    clt = CrossLayerTranscoder(cfg)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer, old in enumerate(transcoders):
+            clt.W_enc[layer] = old.W_enc
+            clt.b_enc[layer] = old.encoder_bias()
+            clt.b_dec[layer] = old.b_dec
+            if cfg.activation == "jumprelu":
+                clt.log_threshold[layer] = old.log_threshold
+            slots = clt.W_dec[layer]
+            slots.copy_(torch.randn(slots.shape, generator=gen) * old.W_dec.std() * 0.1)
+            slots[:, 0] = old.W_dec
+    return clt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), default="small")
@@ -204,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-timing", action="store_true", help="parity only")
     parser.add_argument("--jumprelu", action="store_true", help="JumpReLU transcoders")
     parser.add_argument("--skip", action="store_true", help="skip-transcoders (W_skip)")
+    parser.add_argument("--clt", action="store_true", help="one cross-layer transcoder")
     parser.add_argument("--memory-of", choices=["circuit-tracer", "mitk"],
                         help="(internal) one call's extra peak RSS in MiB, then exit")  # fmt: skip
     args = parser.parse_args(argv)
@@ -220,10 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     tokens[0] = case.d_vocab - 1  # a "BOS": circuit-tracer keeps a special first token as is
     if args.memory_of is None:
         print(f"case {args.case}: {case}, cap {cap}, threads {args.threads}, "
-              f"jumprelu {args.jumprelu}, skip {args.skip}")  # fmt: skip
+              f"jumprelu {args.jumprelu}, skip {args.skip}, clt {args.clt}")  # fmt: skip
+    if args.clt and args.skip:
+        parser.error("circuit-tracer's CLT files hold no skip connection: --clt without --skip")
+    mitk_transcoders: Any
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_transcoder_set(transcoders, Path(tmp) / "set")
-        mitk_transcoders = load_transcoder_set(folder)
+        if args.clt:
+            folder = save_clt(cross_layer(transcoders), Path(tmp) / "clt")
+            mitk_transcoders = load_clt(folder)
+        else:
+            folder = save_transcoder_set(transcoders, Path(tmp) / "set")
+            mitk_transcoders = load_transcoder_set(folder)
         ct_model = circuit_tracer_model(model, folder)
 
     def run_ct() -> Any:

@@ -12,7 +12,13 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 ALL = sorted(NOTEBOOKS.glob("*.ipynb"))
-REQUIRED = {"01_tour", "02_induction_heads", "03_activation_patching", "04_sparse_autoencoder"}
+REQUIRED = {
+    "01_tour",
+    "02_induction_heads",
+    "03_activation_patching",
+    "04_sparse_autoencoder",
+    "05_attribution_graphs",
+}
 CELL_TIMEOUT_S = 180  # a notebook takes seconds; this only stops a hung kernel
 KERNEL = "mitk-test-kernel"
 

@@ -46,8 +46,9 @@ class CrossLayerTranscoder(nn.Module):
             return rows / rows.norm(dim=dims, keepdim=True)
 
         # encoders read another space than decoders write, so each draws its own directions;
-        # unit encoder columns give pre-activations of O(1) on inputs of norm ~sqrt(d_model)
-        encoder = unit(n, s, d, dims=(-1,)).transpose(1, 2) / math.sqrt(d) * 2
+        # unit encoder columns give pre-activations of about unit spread on inputs of norm
+        # ~sqrt(d_model) (a JumpReLU threshold starts at 1: some latents fire from the start)
+        encoder = unit(n, s, d, dims=(-1,)).transpose(1, 2)
         self.W_enc = nn.Parameter(encoder.contiguous().to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(n, s, dtype=dtype))
         # each latent's decoder, all the layers it writes together, has norm decoder_init_norm

@@ -63,8 +63,8 @@ def fvu(recon: torch.Tensor, y: torch.Tensor) -> float:
     return float((recon - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
 
 
-# measured (seed 0, 200 steps): FVU 0.245 (layer 1: 0.38) at L0 3.8 for jumprelu; 0.13 (0.16)
-# at L0 8 for topk; 0.13 (0.17) at L0 7.7 for relu (L1 coefficient 1)
+# measured (seed 0, 200 steps): FVU 0.21 (layer 1: 0.31) at L0 3.9 for jumprelu; 0.12 (0.16)
+# at L0 7.8 for topk; 0.13 (0.17) at L0 7.7 for relu (L1 coefficient 1)
 BOUNDS = {"jumprelu": 0.3, "topk": 0.2, "relu": 0.2}
 
 
@@ -74,7 +74,8 @@ def test_loss_falls_and_cross_layer_structure_is_learnt(activation: str, one_thr
     cfg = config(activation, sparsity_coefficient=1.0 if activation == "relu" else -1.0)
     result = train_clt(cfg, TensorActivations(acts, cfg.batch_size), progress=False)
     first, last = result.history[0], result.history[-1]
-    assert last["loss"] < 0.5 * first["loss"]
+    assert last["loss"] < 0.6 * first["loss"]  # the penalty's warmup ends after the first record
+    assert last["mse"] < 0.5 * first["mse"]
     assert last["fvu"] < BOUNDS[activation]
     assert last["layer_1/fvu"] < 0.45  # below what layer 1's own latents could reach (~0.5)
     # the returned CLT reads raw activations: the source's scales are folded in

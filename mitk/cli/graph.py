@@ -8,7 +8,9 @@
   ``blocks.L.ln2.hook_normalized`` (or ``blocks.L.hook_resid_mid``) and writes
   ``blocks.L.hook_mlp_out``; other entries in the folder are ignored;
 - a circuit-tracer transcoder set: its ``config.yaml``, or a folder holding one
-  (``mitk.sae.transcoder_sets.load_transcoder_set``).
+  (``mitk.sae.transcoder_sets.load_transcoder_set``);
+- a cross-layer transcoder folder, mitk's or circuit-tracer's
+  (``W_enc_0.safetensors``, ...; ``mitk.sae.load_clt``).
 
 Transcoders are converted to the model's dtype, so that the graph's error
 terms stay exact. ``--out`` ending in ``.html`` writes the viewer
@@ -32,6 +34,7 @@ import typer
 from mitk.analysis.graphs import (
     AttributionGraph,
     attribution_graph,
+    dictionaries,
     graph_scores,
     prune_graph,
     write_frontend_json,
@@ -49,8 +52,10 @@ from mitk.cli.outputs import check_output_file
 from mitk.config import TORCH_DTYPES
 from mitk.errors import ConfigError
 from mitk.model import HookedTransformer
-from mitk.sae import SparseAutoencoder, latent_statistics, load_sae
+from mitk.sae import CrossLayerTranscoder, SparseAutoencoder, latent_statistics, load_clt, load_sae
 from mitk.sae.config import SAEDType
+from mitk.sae.crosslayer_files import is_clt_folder
+from mitk.sae.crosslayer_view import layer_transcoder
 from mitk.sae.transcoder_sets import CONFIG_NAME, load_transcoder_set
 from mitk.sweeps import load_named_model
 from mitk.viz.attribution_graph import graph_viewer
@@ -70,7 +75,8 @@ def graph(
             "--transcoders",
             "-t",
             help="Folder of per-layer transcoders (layer_0/, layer_1/, ... each a saved SAE), "
-            "or a circuit-tracer set's config.yaml (or its folder).",
+            "a circuit-tracer set's config.yaml (or its folder), or a cross-layer "
+            "transcoder's folder (mitk's or circuit-tracer's).",
         ),
     ],
     out: Annotated[
@@ -202,10 +208,15 @@ def graph(
     emit(result, as_json, quiet, lines)
 
 
-def read_transcoders(path: Path, device: str, dtype: str) -> list[SparseAutoencoder]:
+Transcoders = list[SparseAutoencoder] | CrossLayerTranscoder
+
+
+def read_transcoders(path: Path, device: str, dtype: str) -> Transcoders:
     """The transcoders ``--transcoders`` names (see the module docstring), in ``dtype``."""
     if not path.exists():
         raise FileNotFoundError(f"--transcoders {path}: no such file or folder")
+    if is_clt_folder(path):
+        return load_clt(path, device=device, dtype=cast(SAEDType, dtype))
     if path.is_file() or (path / CONFIG_NAME).is_file():
         return load_transcoder_set(path, device=device, dtype=cast(SAEDType, dtype))
     by_layer: dict[int, Path] = {}
@@ -215,8 +226,9 @@ def read_transcoders(path: Path, device: str, dtype: str) -> list[SparseAutoenco
             by_layer[int(match.group(1))] = entry
     if not by_layer:
         raise ConfigError(
-            f"--transcoders {path}: no layer_0/, layer_1/, ... subfolders (saved SAEs) and no "
-            f"{CONFIG_NAME} (a circuit-tracer set)"
+            f"--transcoders {path}: no layer_0/, layer_1/, ... subfolders (saved SAEs), no "
+            f"{CONFIG_NAME} (a circuit-tracer set) and no W_enc_0.safetensors (a cross-layer "
+            "transcoder)"
         )
     missing = sorted(set(range(max(by_layer) + 1)) - set(by_layer))
     if missing:
@@ -238,20 +250,24 @@ def shown_features(graph: AttributionGraph, node_mask: Tensor) -> list[tuple[int
 @torch.no_grad()
 def feature_logit_effects(
     model: HookedTransformer,
-    transcoders: Sequence[SparseAutoencoder],
+    transcoders: Transcoders,
     keys: Sequence[tuple[int, int]],
     vocab: Sequence[str],
     k: int = LOGIT_EFFECTS,
 ) -> dict[tuple[int, int], list[tuple[str, float]]]:
     """Per ``(layer, feature)``, the tokens its decoder row raises and lowers most.
 
+    A cross-layer feature's row is the sum of what it writes into every layer.
     The row goes through the final norm's linear part (centred for LayerNorm,
     times its weight; the input-dependent scale left out) and the unembedding,
     with the mean over the vocabulary taken off, as graph logits are.
     """
     if not keys:
         return {}
-    rows = torch.stack([transcoders[layer].W_dec[feature] for layer, feature in keys])
+    layers = dictionaries(model, transcoders)
+    rows = torch.cat([
+        layers.decoder_rows(layer, torch.tensor([feature])).sum(1) for layer, feature in keys
+    ])  # fmt: skip
     if model.cfg.normalization == "layernorm":
         rows = rows - rows.mean(-1, keepdim=True)
     weight = getattr(model.ln_final, "w", None)
@@ -271,7 +287,7 @@ def feature_logit_effects(
 
 def feature_examples(
     model: HookedTransformer,
-    transcoders: Sequence[SparseAutoencoder],
+    transcoders: Transcoders,
     keys: Sequence[tuple[int, int]],
     corpus: Tensor,
     vocab: Sequence[str],
@@ -284,8 +300,13 @@ def feature_examples(
     """
     found: dict[tuple[int, int], list[tuple[str, float]]] = {}
     for layer in sorted({layer for layer, _ in keys}):
+        one = (
+            layer_transcoder(transcoders, layer)
+            if isinstance(transcoders, CrossLayerTranscoder)
+            else transcoders[layer]
+        )
         stats = latent_statistics(
-            transcoders[layer], model, corpus, top_k=k,
+            one, model, corpus, top_k=k,
             context_before=CONTEXT_BEFORE, context_after=CONTEXT_AFTER,
         )  # fmt: skip
         for _, feature in (key for key in keys if key[0] == layer):

@@ -20,7 +20,7 @@ import torch
 from mitk import HookedTransformer
 from mitk.analysis.graphs import attribution_graph, frontend_json, prune_graph
 from mitk.cli.app import run
-from mitk.sae import SAEConfig, SparseAutoencoder
+from mitk.sae import CLTConfig, CrossLayerTranscoder, SAEConfig, SparseAutoencoder, save_clt
 from mitk.sae.transcoder_sets import save_transcoder_set
 from mitk.viz.attribution_graph import DATA_ID
 from tests.checkpoints import save_gpt2
@@ -174,6 +174,42 @@ def test_a_circuit_tracer_set_gives_the_same_graph(
         assert code == 0, (where, err)
         results.append({k: v for k, v in json.loads(stdout).items() if k != "transcoders"})
     assert results[0] == results[1] == results[2]
+
+
+def test_a_cross_layer_transcoder_folder_gives_the_librarys_graph(
+    setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CLT's graph from the shell; a feature's logit effects sum its writes into every layer."""
+    net, transcoders = setup["net"], setup["transcoders"]
+    n_layers, d = net.cfg.n_layers, net.cfg.d_model
+    cfg = CLTConfig(n_layers=n_layers, d_model=d, d_sae=D_SAE, activation="relu",
+                    input_hook="ln2.hook_normalized")  # fmt: skip
+    clt = CrossLayerTranscoder(cfg)
+    with torch.no_grad():
+        for layer, sae in enumerate(transcoders):  # the per-layer encoders; decoders everywhere
+            clt.W_enc[layer] = sae.W_enc
+            clt.b_enc[layer] = sae.b_enc
+    save_clt(clt, tmp_path / "clt")
+    args = graph_args(setup, tmp_path / "g.html", "--json")
+    args[args.index("--transcoders") + 1] = str(tmp_path / "clt")
+    code, stdout, err = mitk(capsys, *args)
+    assert code == 0, err
+    result = json.loads(stdout)
+    graph = attribution_graph(net, clt, net.to_tokens(PROMPT)[0])
+    pruned = prune_graph(graph)
+    assert result["n_features"] == graph.nodes.n_features > 0
+    assert result["kept_nodes"] == int(pruned.node_mask.sum())
+    page = (tmp_path / "g.html").read_text(encoding="utf-8")
+    data = json.loads(re.findall(rf"id='{DATA_ID}'>(.*?)</script>", page, re.DOTALL)[0])
+    first = sorted(k for k in data["features"] if k.startswith("0:"))
+    assert first, "no layer-0 feature shown"
+    feature = int(first[0].split(":")[1])
+    row = clt.W_dec[0][feature].detach().sum(0)  # its writes into layers 0 and 1
+    with torch.no_grad():
+        effects = ((row - row.mean()) * net.ln_final.w) @ net.unembed.W_U
+        effects = effects - effects.mean()
+    listed = data["features"][first[0]]["logit_effects"]
+    assert listed[0][1] == pytest.approx(float(effects.max()), rel=1e-4)
 
 
 def test_bad_input_is_exit_2_with_a_message_that_says_what(

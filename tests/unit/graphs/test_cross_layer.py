@@ -14,7 +14,8 @@ from mitk.analysis.graphs import (
 )
 from mitk.analysis.graphs.direct_effects import DirectEffects
 from mitk.errors import ConfigError, ShapeMismatchError
-from mitk.sae import CLTConfig, CrossLayerTranscoder, SAEConfig, SparseAutoencoder
+from mitk.sae import CLTConfig, CrossLayerTranscoder, SparseAutoencoder
+from mitk.sae.crosslayer_view import layer_transcoder
 from tests.unit.graphs import frozen
 from tests.unit.graphs.models import cross_layer, model, prompt
 from tests.unit.graphs.test_attribution import target_rows
@@ -28,22 +29,8 @@ VARIANTS = [  # (model kind, what the CLT reads, activation, features at positio
 
 
 def as_per_layer(clt: CrossLayerTranscoder) -> list[SparseAutoencoder]:
-    """Per-layer ReLU transcoders with a CLT's encoders and its own-layer decoder slots."""
-    made = []
-    for layer in range(clt.cfg.n_layers):
-        cfg = SAEConfig(
-            d_in=clt.cfg.d_model, d_sae=clt.cfg.d_sae, architecture="relu",
-            hook_name=f"blocks.{layer}.{clt.cfg.input_hook}",
-            target_hook_name=f"blocks.{layer}.hook_mlp_out", apply_b_dec_to_input=False,
-        )  # fmt: skip
-        sae = SparseAutoencoder(cfg)
-        with torch.no_grad():
-            sae.W_enc.copy_(clt.W_enc[layer])
-            sae.b_enc.copy_(clt.b_enc[layer])
-            sae.W_dec.copy_(clt.W_dec[layer][:, 0])
-            sae.b_dec.copy_(clt.b_dec[layer])
-        made.append(sae)
-    return made
+    """Per-layer transcoders with a CLT's encoders and its own-layer decoder slots."""
+    return [layer_transcoder(clt, layer) for layer in range(clt.cfg.n_layers)]
 
 
 @pytest.mark.parametrize(("kind", "reads", "activation", "first"), VARIANTS)

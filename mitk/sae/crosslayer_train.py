@@ -148,9 +148,9 @@ def train_clt(
     outputs = [cfg.output_hook_name(layer) for layer in range(cfg.n_layers)]
 
     def stacked(batch: dict[str, Tensor], hooks: list[str], step: int) -> Tensor:
-        rows = torch.stack([batch[hook] for hook in hooks]).to(target, dtype)
-        check_finite(rows, f"activations of {hooks[0]!r}..{hooks[-1]!r}", step, directory)
-        return rows
+        for hook in hooks:
+            check_finite(batch[hook], f"activations of {hook!r}", step, directory)
+        return torch.stack([batch[hook] for hook in hooks]).to(target, dtype)
 
     start, history = 0, []
     if directory is not None and not resume:

@@ -16,11 +16,13 @@ from mitk.errors import ConfigError, ShapeMismatchError
 from mitk.sae import (
     ActivationStore,
     CLTConfig,
+    CrossLayerTranscoder,
     NonFiniteError,
     SparseDictionaryData,
     TensorActivations,
     train_clt,
 )
+from mitk.sae.crosslayer_train import clt_loss
 from tests.interrupted import InterruptedSource, KilledError
 
 D_MODEL, N_FEATURES = 16, 24
@@ -66,6 +68,30 @@ def fvu(recon: torch.Tensor, y: torch.Tensor) -> float:
 # measured (seed 0, 200 steps): FVU 0.21 (layer 1: 0.31) at L0 3.9 for jumprelu; 0.12 (0.16)
 # at L0 7.8 for topk; 0.13 (0.17) at L0 7.7 for relu (L1 coefficient 1)
 BOUNDS = {"jumprelu": 0.3, "topk": 0.2, "relu": 0.2}
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+def test_loss_is_the_summed_error_plus_the_decoder_norm_weighted_penalty(activation: str) -> None:
+    cfg = config(activation, n_layers=3, d_model=8, d_sae=6, k=2, sparsity_coefficient=0.7)
+    clt = CrossLayerTranscoder(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in clt.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    x, y = torch.randn(3, 5, 8, generator=gen) * 2, torch.randn(3, 5, 8, generator=gen)
+    parts = clt_loss(clt, x, y, sparsity_scale=0.5)
+    with torch.no_grad():
+        recon, latents = clt(x)
+        norms = [clt.W_dec[layer].pow(2).sum((1, 2)).sqrt() for layer in range(3)]
+    error = sum(float((recon[m] - y[m]).pow(2).sum()) / 5 for m in range(3))
+    if activation == "topk":
+        penalty = 0.0
+    else:
+        counted = latents if activation == "relu" else (latents != 0).float()
+        penalty = sum(float((counted[layer] @ norms[layer]).sum()) for layer in range(3)) / 5
+    assert float(parts.sparsity) == pytest.approx(0.5 * 0.7 * penalty, rel=1e-5)
+    assert float(parts.loss.detach()) == pytest.approx(error + 0.5 * 0.7 * penalty, rel=1e-5)
+    torch.testing.assert_close(parts.reconstruction, recon.detach())
 
 
 @pytest.mark.parametrize("activation", list(BOUNDS))
@@ -116,7 +142,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(
 def test_non_finite_activations_stop_the_run_and_keep_the_checkpoint(tmp_path: Path) -> None:
     cfg = config(total_tokens=256 * 16)
     source = TensorActivations(cross_layer_data(1024), cfg.batch_size)
-    with pytest.raises(NonFiniteError, match=r"step 6.*untouched"):
+    with pytest.raises(NonFiniteError, match=r"'blocks\.0\.hook_resid_mid' at step 6.*untouched"):
         train_clt(cfg, InterruptedSource(source, 6, poison=float("nan")),
                   checkpoint_dir=tmp_path, progress=False)  # fmt: skip
     saved = json.loads((tmp_path / "latest" / "state.json").read_text())

@@ -37,12 +37,19 @@ import yaml
 from mitk.atomic import atomic_folder
 from mitk.config import TORCH_DTYPES
 from mitk.errors import ConfigError, ShapeMismatchError, UnsupportedModelError
-from mitk.model.pretrained.files import read_safetensors
 from mitk.sae.config import SAEDType
 from mitk.sae.crosslayer import CrossLayerTranscoder
 from mitk.sae.crosslayer_config import CLT_OUTPUT_HOOK, CLTConfig
 from mitk.sae.saelens_format import to_log_threshold
-from mitk.sae.transcoder_sets import CONFIG_NAME, MAX_FILE_BYTES, MAX_LAYERS, read_set_config
+from mitk.sae.transcoder_sets import (
+    CONFIG_NAME,
+    MAX_FILE_BYTES,
+    MAX_LAYERS,
+    check_tensor_names,
+    check_tensor_shapes,
+    read_bounded,
+    read_set_config,
+)
 
 MITK_CONFIG = "mitk_clt.json"
 KIND = "cross_layer_transcoder"
@@ -107,9 +114,8 @@ def load_clt(
     saved = _mitk_config(folder)
     hook = _input_hook(folder, saved, input_hook)
     n_layers = _count_layers(folder)
-    encoders = [
-        _read(folder / _ENCODER_FILE.format(layer), max_file_bytes) for layer in range(n_layers)
-    ]
+    encoder_files = [folder / _ENCODER_FILE.format(layer) for layer in range(n_layers)]
+    encoders = [read_bounded(file, max_file_bytes) for file in encoder_files]
     first = encoders[0]
     if "W_enc_0" not in first:
         raise ConfigError(f"{folder / _ENCODER_FILE.format(0)}: no tensor W_enc_0")
@@ -137,7 +143,7 @@ def load_clt(
         }
         if jump:
             want[f"threshold_{layer}"] = (d_sae,)
-        _check_tensors(tensors, want, file)
+        _check_layer_tensors(tensors, want, file)
         W_enc.append(tensors[f"W_enc_{layer}"].T)
         b_enc.append(tensors[f"b_enc_{layer}"])
         b_dec.append(tensors[f"b_dec_{layer}"])
@@ -149,8 +155,8 @@ def load_clt(
                 raise UnsupportedModelError(f"{file}: threshold_{layer} has negative entries")
             thresholds.append(threshold)
         decoder_file = folder / _DECODER_FILE.format(layer)
-        decoder = _read(decoder_file, max_file_bytes)
-        _check_tensors(
+        decoder = read_bounded(decoder_file, max_file_bytes)
+        _check_layer_tensors(
             decoder, {f"W_dec_{layer}": (d_sae, n_layers - layer, d_model)}, decoder_file
         )
         state[f"W_dec.{layer}"] = decoder[f"W_dec_{layer}"]
@@ -245,13 +251,6 @@ def _count_layers(folder: Path) -> int:
     return n_layers
 
 
-def _read(file: Path, max_bytes: int) -> dict[str, Tensor]:
-    size = file.stat().st_size
-    if size > max_bytes:
-        raise ConfigError(f"{file}: {size} bytes exceeds max_file_bytes={max_bytes}")
-    return read_safetensors(file)
-
-
 def _matrix_shape(tensor: Tensor, file: Path) -> tuple[int, int]:
     if tensor.dim() != 2 or 0 in tensor.shape:
         raise ShapeMismatchError(
@@ -260,22 +259,11 @@ def _matrix_shape(tensor: Tensor, file: Path) -> tuple[int, int]:
     return int(tensor.shape[0]), int(tensor.shape[1])
 
 
-def _check_tensors(
+def _check_layer_tensors(
     tensors: dict[str, Tensor], want: dict[str, tuple[int, ...]], file: Path
 ) -> None:
-    unknown, missing = sorted(set(tensors) - set(want)), sorted(set(want) - set(tensors))
-    if unknown or missing:
-        parts = [f"unknown tensor(s) {unknown}"] if unknown else []
-        parts += [f"missing tensor(s) {missing}"] if missing else []
-        raise ConfigError(f"{file}: {'; '.join(parts)}")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != want[name]:
-            raise ShapeMismatchError(
-                f"{file}: {name} has shape {tuple(tensor.shape)}; "
-                f"the CLT's other files make it {want[name]}"
-            )
-        if not tensor.is_floating_point():
-            raise ConfigError(f"{file}: {name} is {tensor.dtype}, not a floating-point tensor")
+    check_tensor_names(tensors, set(want), set(), file)
+    check_tensor_shapes(tensors, want, file, "the CLT's other files make it")
 
 
 def _config(

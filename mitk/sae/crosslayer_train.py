@@ -33,8 +33,6 @@ from tqdm.auto import tqdm
 
 from mitk.checkpoint import (
     CheckpointSchedule,
-    load_checkpoint,
-    refuse_existing_run,
     save_checkpoint,
 )
 from mitk.config import TORCH_DTYPES
@@ -45,7 +43,7 @@ from mitk.sae.crosslayer_config import CLTConfig
 from mitk.sae.metrics import ReconstructionStats
 from mitk.sae.schedule import lr_factor, warmup_factor
 from mitk.sae.sources import ActivationSource
-from mitk.sae.trainer import check_finite, trajectory, write_csv_atomically
+from mitk.sae.trainer import check_finite, restored_run, write_csv_atomically
 from mitk.shapes import Float
 
 
@@ -143,7 +141,7 @@ def train_clt(
     dtype = TORCH_DTYPES[cfg.dtype]
     clt = CrossLayerTranscoder(cfg).to(target)
     optimizer = torch.optim.Adam(clt.parameters(), lr=cfg.peak_lr)
-    meta: dict[str, Any] = {"config": cfg.to_dict(), "source": source.fingerprint()}
+    meta: dict[str, Any] = {"configs": [cfg.to_dict()], "source": source.fingerprint()}
     inputs = [cfg.input_hook_name(layer) for layer in range(cfg.n_layers)]
     outputs = [cfg.output_hook_name(layer) for layer in range(cfg.n_layers)]
 
@@ -153,17 +151,8 @@ def train_clt(
         return torch.stack([batch[hook] for hook in hooks]).to(target, dtype)
 
     start, history = 0, []
-    if directory is not None and not resume:
-        refuse_existing_run(directory)
-    restored = load_checkpoint(directory, clt, optimizer) if resume and directory else None
+    restored = restored_run(directory, resume, clt, optimizer, meta)
     if restored is not None:
-        if trajectory(restored["config"]) != trajectory(meta["config"]) or (
-            restored["source"] != meta["source"]
-        ):
-            raise ConfigError(
-                f"the checkpoint in {directory} was made with another config or another "
-                "activation source; resume with the same ones, or use a new directory"
-            )
         start, history = restored["step"], restored["history"]
     else:
         with torch.no_grad():

@@ -147,18 +147,8 @@ def train(
     )
     meta: dict[str, Any] = {"configs": [c.to_dict() for c in cfgs], "source": source.fingerprint()}
     start, history = 0, []
-    if directory is not None and not resume:
-        refuse_existing_run(directory)
-    restored = load_checkpoint(directory, state, optimizer) if resume and directory else None
+    restored = restored_run(directory, resume, state, optimizer, meta)
     if restored is not None:
-        trained_as = [trajectory(c) for c in restored["configs"]]
-        if trained_as != [trajectory(c) for c in meta["configs"]] or (
-            restored["source"] != meta["source"]
-        ):
-            raise ConfigError(
-                f"the checkpoint in {directory} was made with other configs or another "
-                "activation source; resume with the same ones, or use a new directory"
-            )
         start, history = restored["step"], restored["history"]
     else:
         _init_decoder_bias(state, cfgs, source.batch(0), target)
@@ -233,6 +223,34 @@ def train(
         final.fold_input_scale_(source.scale(c.hook_name), source.scale(_target_hook(c)))
         trained[label] = final
     return TrainResult(trained, history)
+
+
+def restored_run(
+    directory: Path | None,
+    resume: bool,
+    state: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The checkpoint a resumed run continues from (loaded into ``state`` and ``optimizer``).
+
+    ``None`` for a fresh run, which refuses a directory that already holds one.
+    ``meta`` holds ``configs`` (dicts) and the ``source`` fingerprint; a checkpoint
+    made with other configs (beyond ``SCHEDULE_FIELDS``) or another source is refused.
+    """
+    if directory is not None and not resume:
+        refuse_existing_run(directory)
+    restored = load_checkpoint(directory, state, optimizer) if resume and directory else None
+    if restored is not None:
+        trained_as = [trajectory(c) for c in restored["configs"]]
+        if trained_as != [trajectory(c) for c in meta["configs"]] or (
+            restored["source"] != meta["source"]
+        ):
+            raise ConfigError(
+                f"the checkpoint in {directory} was made with other configs or another "
+                "activation source; resume with the same ones, or use a new directory"
+            )
+    return restored
 
 
 def run_labels(cfgs: Sequence[SAEConfig]) -> list[str]:

@@ -211,33 +211,16 @@ def _relative_to(folder: Path, name: str) -> str:
 def _read_layer(
     file: Path, layer: int, reads: str, writes: str, dtype: SAEDType, max_bytes: int
 ) -> SparseAutoencoder:
-    size = file.stat().st_size
-    if size > max_bytes:
-        raise ConfigError(f"{file}: {size} bytes exceeds max_file_bytes={max_bytes}")
-    tensors = read_safetensors(file)
-    unknown = sorted(set(tensors) - _TENSORS)
-    missing = sorted({"W_enc", "W_dec", "b_enc", "b_dec"} - set(tensors))
-    if unknown or missing:
-        raise ConfigError(
-            f"{file}: " + "; ".join(
-                ([f"unknown tensor(s) {unknown}"] if unknown else [])
-                + ([f"missing tensor(s) {missing}"] if missing else [])
-            )
-        )  # fmt: skip
+    tensors = read_bounded(file, max_bytes)
+    check_tensor_names(tensors, {"W_enc", "W_dec", "b_enc", "b_dec"}, _TENSORS, file)
     d_sae = _shape(tensors["b_enc"], file, "b_enc")[0]
     d_model = _shape(tensors["b_dec"], file, "b_dec")[0]
     expected = {
         "W_enc": (d_sae, d_model), "W_dec": (d_sae, d_model), "b_enc": (d_sae,),
         "b_dec": (d_model,), "W_skip": (d_model, d_model), THRESHOLD: (d_sae,),
     }  # fmt: skip
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise ShapeMismatchError(
-                f"{file}: {name} has shape {tuple(tensor.shape)}; b_enc and b_dec make "
-                f"d_sae={d_sae}, d_model={d_model}, so it must be {expected[name]}"
-            )
-        if not tensor.is_floating_point():
-            raise ConfigError(f"{file}: {name} is {tensor.dtype}, not a floating-point tensor")
+    check_tensor_shapes(tensors, expected, file, f"b_enc and b_dec make d_sae={d_sae}, "
+                        f"d_model={d_model}, so it must be")  # fmt: skip
     threshold = tensors.get(THRESHOLD)
     if threshold is not None and bool((threshold < 0).any()):
         # circuit-tracer's JumpReLU is x * (x > t): a negative t lets negative values through,
@@ -263,6 +246,39 @@ def _read_layer(
     sae = SparseAutoencoder(cfg)
     sae.load_state_dict({k: v.to(to).contiguous() for k, v in state.items()})
     return sae
+
+
+def read_bounded(file: Path, max_bytes: int) -> dict[str, Tensor]:
+    """The tensors of one safetensors file, refused unread when larger than ``max_bytes``."""
+    size = file.stat().st_size
+    if size > max_bytes:
+        raise ConfigError(f"{file}: {size} bytes exceeds max_file_bytes={max_bytes}")
+    return read_safetensors(file)
+
+
+def check_tensor_names(
+    tensors: dict[str, Tensor], required: set[str], allowed: set[str], file: Path
+) -> None:
+    """``ConfigError`` naming the unknown (not in ``allowed``) and missing tensors of ``file``."""
+    unknown = sorted(set(tensors) - allowed - required)
+    missing = sorted(required - set(tensors))
+    if unknown or missing:
+        parts = [f"unknown tensor(s) {unknown}"] if unknown else []
+        parts += [f"missing tensor(s) {missing}"] if missing else []
+        raise ConfigError(f"{file}: {'; '.join(parts)}")
+
+
+def check_tensor_shapes(
+    tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]], file: Path, why: str
+) -> None:
+    """Every tensor floating-point and of its expected shape (``why`` says whence it comes)."""
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ShapeMismatchError(
+                f"{file}: {name} has shape {tuple(tensor.shape)}; {why} {expected[name]}"
+            )
+        if not tensor.is_floating_point():
+            raise ConfigError(f"{file}: {name} is {tensor.dtype}, not a floating-point tensor")
 
 
 def _shape(tensor: Tensor, file: Path, name: str) -> tuple[int, ...]:

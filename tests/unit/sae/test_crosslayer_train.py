@@ -132,7 +132,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(
     for name, tensor in expected.items():
         assert torch.equal(tensor, got[name]), name
     assert resumed.history == whole.history
-    with pytest.raises(ConfigError, match="another config"):
+    with pytest.raises(ConfigError, match="other configs"):
         train_clt(cfg.replace(lr=1e-3), source, checkpoint_dir=tmp_path / "b", resume=True,
                   progress=False)  # fmt: skip
     with pytest.raises(CheckpointExistsError):

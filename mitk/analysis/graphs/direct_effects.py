@@ -76,16 +76,20 @@ class DirectEffects:
         The output is layer ``layers[i]``'s transcoder input at ``positions[i]``;
         ``layers[i] == n_layers`` means the final norm's output (logit targets).
         """
+        # in layer order, the transpose skips the targets below each layer
+        order = torch.argsort(layers, stable=True)
         out = directions.new_zeros(layers.shape[0], self.n_sources)
 
-        def sink(layer: int, g: Tensor) -> None:
-            self.sources.contract(out, layer, g)
+        def sink(layer: int, g: Tensor, start: int) -> None:
+            self.sources.contract(out[start:], layer, g)
 
         if self.transpose is not None:
-            self.transpose.grads(layers, positions, directions, sink)
+            self.transpose.grads(layers[order], positions[order], directions[order], sink)
         else:
-            self._autograd(layers, positions, directions, sink)
-        return out
+            self._autograd(layers[order], positions[order], directions[order], sink)
+        if bool((order == torch.arange(len(order), device=order.device)).all()):
+            return out
+        return out[torch.argsort(order)]
 
     def _autograd(self, layers: Tensor, positions: Tensor, directions: Tensor, sink: Sink) -> None:
         """The gradients by autograd: one batched backward from the targets' outputs."""
@@ -107,9 +111,9 @@ class DirectEffects:
         )
         if grad_writes is not None:
             for layer in range(self.n_layers):
-                sink(layer, grad_writes[:, layer])
+                sink(layer, grad_writes[:, layer], 0)
         if grad_embed is not None:
-            sink(-1, grad_embed)
+            sink(-1, grad_embed, 0)
 
 
 def _feature_writes(

@@ -68,6 +68,8 @@ class SourceVectors:
         token embeddings) on the first ``p`` positions; sources after them keep 0.
         """
         batch, p, _ = g.shape
+        if batch == 0:
+            return
         if layer == -1:
             out[:, self.token_start : self.token_start + p] = torch.einsum(
                 "bpd,pd->bp", g, self.embed[:p]

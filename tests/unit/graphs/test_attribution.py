@@ -139,3 +139,20 @@ def test_the_written_out_transpose_agrees_with_autograd(kind: str, reads: str, s
     torch.testing.assert_close(
         rows["transpose"] / scale, rows["autograd"] / scale, atol=1e-6, rtol=0
     )
+
+
+def test_targets_in_any_order_give_the_same_rows():
+    """The transpose skips targets below a layer when the batch is in layer order; shuffled,
+    it runs every target through every layer, and the rows must not change."""
+    built = model("gpt2")
+    layers = transcoders(built, skip=False)
+    state = prompt_state(built, layers, prompt())
+    features, activations = active_features(state)
+    effects = DirectEffects(built, layers, state, features, activations, "transpose")
+    gen = torch.Generator().manual_seed(2)
+    directions = torch.randn(len(features), built.cfg.d_model, generator=gen)
+    in_order = effects.rows(features[:, 0], features[:, 1], directions)
+    shuffle = torch.randperm(len(features), generator=gen)
+    shuffled = effects.rows(features[shuffle, 0], features[shuffle, 1], directions[shuffle])
+    torch.testing.assert_close(shuffled, in_order[shuffle], atol=1e-6, rtol=0)
+    assert in_order.abs().max() > 1e-2

@@ -19,8 +19,13 @@ _ROW_FLOOR = 1e-10
 
 def normalized(adjacency: Float[Tensor, "n m"], floor: float = _ROW_FLOOR) -> Float[Tensor, "n m"]:
     """``|A|`` with each row divided by its sum (at least ``floor``, so empty rows stay zero)."""
-    magnitude = adjacency.abs()
-    return magnitude / magnitude.sum(-1, keepdim=True).clamp_min(floor)
+    return normalize_(adjacency.abs(), floor)
+
+
+def normalize_(adjacency: Float[Tensor, "n m"], floor: float = _ROW_FLOOR) -> Float[Tensor, "n m"]:
+    """``normalized`` in place: one n x n matrix, not three (an uncapped graph's is gigabytes)."""
+    adjacency.abs_()
+    return adjacency.div_(adjacency.sum(-1, keepdim=True).clamp_min(floor))
 
 
 def influence(

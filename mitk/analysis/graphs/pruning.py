@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mitk.analysis.graphs.influence import influence, normalized
+from mitk.analysis.graphs.influence import influence, normalize_, normalized
 from mitk.analysis.graphs.nodes import AttributionGraph
 from mitk.shapes import Bool, Float
 
@@ -67,12 +67,14 @@ def prune_graph(
     scores = node_influence(graph)
     node_mask = scores >= _threshold(scores, node_threshold)
     node_mask[nodes.token_start :] = True  # tokens and logits always stay
-    pruned = graph.adjacency.clone()
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
-    share = normalized(pruned)
-    edge_scores = share * (influence(share, weights) + weights)[:, None]
+    # one n x n working matrix, changed in place: the pruned graph, its shares, the edge scores
+    edge_scores = graph.adjacency.clone()
+    edge_scores[~node_mask] = 0
+    edge_scores[:, ~node_mask] = 0
+    share = normalize_(edge_scores)
+    edge_scores = share.mul_((influence(share, weights) + weights)[:, None])
     edge_mask = edge_scores >= _threshold(edge_scores.flatten(), edge_threshold)
+    del edge_scores, share
     inner = slice(0, nodes.token_start)  # features and errors
     features = slice(0, nodes.n_features)
 
@@ -114,14 +116,49 @@ def _threshold(scores: Float[Tensor, " n"], keep: float) -> Tensor:
 
     Scores are non-negative; zeros add nothing to the running sum, so only the
     non-zero ones are sorted (most edges are zero), and a cut that falls past
-    them lands on a zero, as it would with the zeros sorted in.
+    them lands on a zero, as it would with the zeros sorted in. Beyond
+    ``SORTED_LIMIT`` non-zero scores (an uncapped graph's edges), see
+    ``_bucketed_threshold``.
     """
-    nonzero = scores[scores != 0]
+    nonzero = torch.cat([part[part != 0] for part in scores.split(_PART)])
     if nonzero.numel() == 0:
         return scores.new_zeros(())
+    if nonzero.numel() > SORTED_LIMIT:
+        return _bucketed_threshold(nonzero, keep, scores.numel())
     ranked = nonzero.sort(descending=True).values
     cumulative = ranked.cumsum(0) / ranked.sum()
     at = int(torch.searchsorted(cumulative, cumulative.new_tensor(keep)))
     if at < len(ranked):
         return ranked[at]
     return scores.new_zeros(()) if len(ranked) < scores.numel() else ranked[-1]
+
+
+SORTED_LIMIT = 1 << 26
+"""Non-zero scores sorted whole at most: past this, ``_bucketed_threshold`` finds the cut."""
+_PART = 1 << 24  # scores scanned this many at a time, so no n x n mask is ever allocated
+_BUCKET_SHIFT = 15  # float32 bits >> 15: sign, exponent and 8 mantissa bits, in value order
+
+
+def _bucketed_threshold(nonzero: Float[Tensor, " k"], keep: float, n_scores: int) -> Tensor:
+    """``_threshold`` without sorting every score: the same cut, summed in float64.
+
+    Positive float32 values order as their bit patterns do, so the top bits
+    bucket them in order; per-bucket sums (float64) find the bucket where the
+    running sum from the top crosses ``keep`` of the total, and only that
+    bucket's scores are sorted. A float32 running sum over hundreds of millions
+    of scores (what sorting them all would use) is further from exact.
+    """
+    buckets = nonzero.view(torch.int32) >> _BUCKET_SHIFT
+    sums = torch.zeros(int(buckets.max()) + 1, dtype=torch.float64, device=nonzero.device)
+    sums.index_add_(0, buckets, nonzero.double())
+    total = float(sums.sum())
+    from_top = sums.flip(0).cumsum(0)  # running sum over buckets, largest values first
+    crossing = int(torch.searchsorted(from_top, from_top.new_tensor(keep * total)))
+    if crossing >= len(from_top):  # rounding left the total just short: the smallest score
+        return nonzero.min() if len(nonzero) == n_scores else nonzero.new_zeros(())
+    bucket = len(sums) - 1 - crossing
+    above = float(from_top[crossing - 1]) if crossing > 0 else 0.0
+    inside = nonzero[buckets == bucket].double().sort(descending=True).values
+    cumulative = (above + inside.cumsum(0)) / total
+    at = min(int(torch.searchsorted(cumulative, cumulative.new_tensor(keep))), len(inside) - 1)
+    return inside[at].to(nonzero.dtype)

@@ -13,6 +13,7 @@ from mitk.analysis.graphs import (
     graph_scores,
     node_influence,
     prune_graph,
+    pruning,
 )
 
 
@@ -156,3 +157,22 @@ def test_a_cycle_is_reported():
     adjacency[3, 0] = 1.0
     with pytest.raises(RuntimeError, match="cycle"):
         node_influence(graph_of([(0, 0, 1)], 1, 1, adjacency, [1.0]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.8, 0.98])
+def test_the_bucketed_threshold_of_many_scores_is_the_sorted_cut(seed: int, keep: float):
+    """Past SORTED_LIMIT scores the cut is found by buckets: the same score as sorting all of
+    them and summing in float64, ties and values spread over many magnitudes included."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.exp(torch.randn(200_000, generator=gen) * 4)  # 1e-7 .. 1e7
+    scores[::7] = scores[3]  # ties
+    scores[::11] = 0.0
+    nonzero = scores[scores != 0]
+    ranked = nonzero.double().sort(descending=True).values
+    cumulative = ranked.cumsum(0) / ranked.sum()
+    expected = ranked[int(torch.searchsorted(cumulative, cumulative.new_tensor(keep)))]
+    got = pruning._bucketed_threshold(nonzero, keep, scores.numel())
+    assert float(got) == float(expected.float())
+    # and the in-memory cut, on few enough scores, agrees with both
+    assert float(pruning._threshold(scores, keep)) == float(got)

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"call {len(times)}: {times[-1]:.3f} s", flush=True)
     assert graph is not None
     nodes = graph.nodes
-    nonzero = int((graph.adjacency != 0).sum())
+    nonzero = sum(int(torch.count_nonzero(rows)) for rows in graph.adjacency.split(1024))
     print(f"nodes {nodes.n_nodes} ({nodes.n_features} features, {nodes.n_logits} logits), "
           f"non-zero edges {nonzero:,}")  # fmt: skip
     if args.rounds:

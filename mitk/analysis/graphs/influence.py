@@ -9,40 +9,81 @@ exactly zero.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
-from mitk.shapes import Float, Int
+from mitk.shapes import Bool, Float, Int
 
 _ROW_FLOOR = 1e-10
 
 
 def normalized(adjacency: Float[Tensor, "n m"], floor: float = _ROW_FLOOR) -> Float[Tensor, "n m"]:
     """``|A|`` with each row divided by its sum (at least ``floor``, so empty rows stay zero)."""
-    return normalize_(adjacency.abs(), floor)
+    magnitude = adjacency.abs()
+    return magnitude.div_(magnitude.sum(-1, keepdim=True).clamp_min(floor))
 
 
-def normalize_(adjacency: Float[Tensor, "n m"], floor: float = _ROW_FLOOR) -> Float[Tensor, "n m"]:
-    """``normalized`` in place: one n x n matrix, not three (an uncapped graph's is gigabytes)."""
-    adjacency.abs_()
-    return adjacency.div_(adjacency.sum(-1, keepdim=True).clamp_min(floor))
+class RowShares:
+    """``normalized(A * kept_rows * kept_cols)``, applied a block of rows at a time.
+
+    An uncapped graph's adjacency is gigabytes; its normalised copy would be as
+    large again. Each block is normalised as ``normalized`` would (the same
+    numbers); ``vecmat`` sums the blocks' products, so only a graph of more
+    than ``BLOCK_ROWS`` nodes differs from one product, in float rounding.
+    """
+
+    BLOCK_ROWS = 4096
+
+    def __init__(self, adjacency: Float[Tensor, "n n"], kept: Bool[Tensor, " n"] | None = None):
+        self.adjacency = adjacency
+        self.kept = None if kept is None else kept.to(adjacency.dtype)
+        self.row_sums = torch.cat([self._masked(start).sum(-1) for start in self._starts()])
+
+    def _starts(self) -> range:
+        return range(0, self.adjacency.shape[0], self.BLOCK_ROWS)
+
+    def _masked(self, start: int) -> Tensor:
+        rows = self.adjacency[start : start + self.BLOCK_ROWS].abs()
+        if self.kept is not None:
+            rows.mul_(self.kept[start : start + self.BLOCK_ROWS, None]).mul_(self.kept[None, :])
+        return rows
+
+    def blocks(self) -> Iterator[tuple[int, Float[Tensor, "block n"]]]:
+        """``(first row, normalised rows)`` for each block of rows, in order."""
+        for start in self._starts():
+            rows = self._masked(start)
+            scale = self.row_sums[start : start + rows.shape[0], None].clamp_min(_ROW_FLOOR)
+            yield start, rows.div_(scale)
+
+    def vecmat(self, vector: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
+        """``vector @ shares``."""
+        out = vector.new_zeros(self.adjacency.shape[1])
+        for start, rows in self.blocks():
+            out += vector[start : start + rows.shape[0]] @ rows
+        return out
+
+    def column_sums(self, columns: slice) -> Float[Tensor, " n"]:
+        """Each row's shares summed over ``columns``."""
+        return torch.cat([rows[:, columns].sum(-1) for _, rows in self.blocks()])
 
 
 def influence(
-    matrix: Float[Tensor, "n n"], weights: Float[Tensor, " n"], max_terms: int | None = None
+    shares: RowShares, weights: Float[Tensor, " n"], max_terms: int | None = None
 ) -> Float[Tensor, " n"]:
-    """``weights @ (M + M² + M³ + …)`` for a nilpotent ``M`` (a graph with no cycles).
+    """``weights @ (S + S² + S³ + …)`` for the shares ``S`` of a graph with no cycles.
 
     Raises if a term is still non-zero after ``max_terms`` (default: ``n``, the
     longest possible path), which only a cycle can cause.
     """
-    limit = matrix.shape[0] if max_terms is None else max_terms
-    term = weights @ matrix
+    limit = weights.shape[0] if max_terms is None else max_terms
+    term = shares.vecmat(weights)
     total = term.clone()
     for _ in range(limit):
         if not term.any():
             return total
-        term = term @ matrix
+        term = shares.vecmat(term)
         total += term
     if term.any():
         raise RuntimeError(f"influence did not vanish after {limit} terms: the graph has a cycle")

@@ -10,12 +10,13 @@ too, repeatedly, until nothing changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mitk.analysis.graphs.influence import influence, normalize_, normalized
+from mitk.analysis.graphs.influence import RowShares, influence
 from mitk.analysis.graphs.nodes import AttributionGraph
 from mitk.shapes import Bool, Float
 
@@ -52,7 +53,7 @@ def logit_weights(graph: AttributionGraph) -> Float[Tensor, " n_nodes"]:
 
 def node_influence(graph: AttributionGraph) -> Float[Tensor, " n_nodes"]:
     """Each node's influence on the logits: ``w (Â + Â² + …)`` with rows of ``|A|`` normalised."""
-    return influence(normalized(graph.adjacency), logit_weights(graph))
+    return influence(RowShares(graph.adjacency), logit_weights(graph))
 
 
 def prune_graph(
@@ -67,14 +68,10 @@ def prune_graph(
     scores = node_influence(graph)
     node_mask = scores >= _threshold(scores, node_threshold)
     node_mask[nodes.token_start :] = True  # tokens and logits always stay
-    # one n x n working matrix, changed in place: the pruned graph, its shares, the edge scores
-    edge_scores = graph.adjacency.clone()
-    edge_scores[~node_mask] = 0
-    edge_scores[:, ~node_mask] = 0
-    share = normalize_(edge_scores)
-    edge_scores = share.mul_((influence(share, weights) + weights)[:, None])
-    edge_mask = edge_scores >= _threshold(edge_scores.flatten(), edge_threshold)
-    del edge_scores, share
+    # shares and edge scores a block of rows at a time: an uncapped graph's are gigabytes
+    shares = RowShares(graph.adjacency, node_mask)
+    reach = influence(shares, weights) + weights
+    edge_mask = _edge_mask(shares, reach, edge_threshold)
     inner = slice(0, nodes.token_start)  # features and errors
     features = slice(0, nodes.n_features)
 
@@ -86,8 +83,8 @@ def prune_graph(
     drop_dangling()
     while not torch.equal(node_mask, before):  # each round may leave others dangling
         before = node_mask.clone()
-        edge_mask[~node_mask] = False
-        edge_mask[:, ~node_mask] = False
+        edge_mask &= node_mask[:, None]
+        edge_mask &= node_mask[None, :]
         drop_dangling()
     order = scores.argsort(descending=True)
     cumulative = torch.empty_like(scores)
@@ -99,20 +96,36 @@ def graph_scores(graph: AttributionGraph) -> GraphScores:
     """Circuit-tracer's replacement and completeness scores of an (unpruned) graph."""
     nodes = graph.nodes
     weights = logit_weights(graph)
-    share = normalized(graph.adjacency)
-    scores = influence(share, weights)
+    shares = RowShares(graph.adjacency)
+    scores = influence(shares, weights)
     errors = slice(nodes.error_start, nodes.token_start)
     from_tokens = scores[nodes.token_start : nodes.logit_start].sum()
     from_errors = scores[errors].sum()
     replacement = from_tokens / (from_tokens + from_errors)
-    not_error = 1 - share[:, errors].sum(-1)
+    not_error = 1 - shares.column_sums(errors)
     reach = scores + weights
     completeness = (not_error * reach).sum() / reach.sum()
     return GraphScores(float(replacement), float(completeness))
 
 
+def _edge_mask(shares: RowShares, reach: Float[Tensor, " n"], keep: float) -> Bool[Tensor, "n n"]:
+    """Edges whose score ``share * reach[target]`` is at least the cut keeping ``keep``."""
+
+    def scores() -> Iterator[Tensor]:
+        for start, rows in shares.blocks():
+            yield rows.mul_(reach[start : start + rows.shape[0], None])
+
+    cut = _threshold_of(scores, keep)
+    return torch.cat([block >= cut for block in scores()])
+
+
 def _threshold(scores: Float[Tensor, " n"], keep: float) -> Tensor:
-    """The smallest score among the top ones whose sum first reaches ``keep`` of the total.
+    """The smallest score among the top ones whose sum first reaches ``keep`` of the total."""
+    return _threshold_of(lambda: iter(scores.split(_PART)), keep)
+
+
+def _threshold_of(parts: Callable[[], Iterator[Tensor]], keep: float) -> Tensor:
+    """``_threshold`` of the scores ``parts()`` yields (called once per pass over them).
 
     Scores are non-negative; zeros add nothing to the running sum, so only the
     non-zero ones are sorted (most edges are zero), and a cut that falls past
@@ -120,45 +133,58 @@ def _threshold(scores: Float[Tensor, " n"], keep: float) -> Tensor:
     ``SORTED_LIMIT`` non-zero scores (an uncapped graph's edges), see
     ``_bucketed_threshold``.
     """
-    nonzero = torch.cat([part[part != 0] for part in scores.split(_PART)])
-    if nonzero.numel() == 0:
-        return scores.new_zeros(())
-    if nonzero.numel() > SORTED_LIMIT:
-        return _bucketed_threshold(nonzero, keep, scores.numel())
-    ranked = nonzero.sort(descending=True).values
+    n_nonzero, n_scores = 0, 0
+    for part in parts():
+        n_nonzero += int(torch.count_nonzero(part))
+        n_scores += part.numel()
+    if n_nonzero == 0:
+        return torch.zeros(())
+    if n_nonzero > SORTED_LIMIT:
+        return _bucketed_threshold(parts, keep, n_nonzero == n_scores)
+    ranked = torch.cat([part[part != 0] for part in parts()]).sort(descending=True).values
     cumulative = ranked.cumsum(0) / ranked.sum()
     at = int(torch.searchsorted(cumulative, cumulative.new_tensor(keep)))
     if at < len(ranked):
         return ranked[at]
-    return scores.new_zeros(()) if len(ranked) < scores.numel() else ranked[-1]
+    return ranked.new_zeros(()) if n_nonzero < n_scores else ranked[-1]
 
 
 SORTED_LIMIT = 1 << 26
 """Non-zero scores sorted whole at most: past this, ``_bucketed_threshold`` finds the cut."""
-_PART = 1 << 24  # scores scanned this many at a time, so no n x n mask is ever allocated
+_PART = 1 << 24  # scores scanned this many at a time
 _BUCKET_SHIFT = 15  # float32 bits >> 15: sign, exponent and 8 mantissa bits, in value order
 
 
-def _bucketed_threshold(nonzero: Float[Tensor, " k"], keep: float, n_scores: int) -> Tensor:
+def _bucketed_threshold(
+    parts: Callable[[], Iterator[Tensor]], keep: float, all_nonzero: bool
+) -> Tensor:
     """``_threshold`` without sorting every score: the same cut, summed in float64.
 
     Positive float32 values order as their bit patterns do, so the top bits
-    bucket them in order; per-bucket sums (float64) find the bucket where the
-    running sum from the top crosses ``keep`` of the total, and only that
-    bucket's scores are sorted. A float32 running sum over hundreds of millions
-    of scores (what sorting them all would use) is further from exact.
+    bucket them in order; per-bucket sums (float64, one pass over the parts)
+    find the bucket where the running sum from the top crosses ``keep`` of the
+    total, and a second pass sorts only that bucket's scores. (A float32 running
+    sum over hundreds of millions of scores, what sorting them all would use,
+    is further from exact.)
     """
-    buckets = nonzero.view(torch.int32) >> _BUCKET_SHIFT
-    sums = torch.zeros(int(buckets.max()) + 1, dtype=torch.float64, device=nonzero.device)
-    sums.index_add_(0, buckets, nonzero.double())
+    sums = torch.zeros(1 << (31 - _BUCKET_SHIFT), dtype=torch.float64)
+    smallest = float("inf")
+    for part in parts():
+        nonzero = part[part != 0]
+        if nonzero.numel():
+            sums.index_add_(0, nonzero.view(torch.int32) >> _BUCKET_SHIFT, nonzero.double())
+            smallest = min(smallest, float(nonzero.min()))
     total = float(sums.sum())
     from_top = sums.flip(0).cumsum(0)  # running sum over buckets, largest values first
     crossing = int(torch.searchsorted(from_top, from_top.new_tensor(keep * total)))
     if crossing >= len(from_top):  # rounding left the total just short: the smallest score
-        return nonzero.min() if len(nonzero) == n_scores else nonzero.new_zeros(())
+        return torch.tensor(smallest if all_nonzero else 0.0)
     bucket = len(sums) - 1 - crossing
     above = float(from_top[crossing - 1]) if crossing > 0 else 0.0
-    inside = nonzero[buckets == bucket].double().sort(descending=True).values
+    inside = torch.cat([
+        nonzero[(nonzero.view(torch.int32) >> _BUCKET_SHIFT) == bucket]
+        for nonzero in (part[part != 0] for part in parts())
+    ]).double().sort(descending=True).values  # fmt: skip
     cumulative = (above + inside.cumsum(0)) / total
     at = min(int(torch.searchsorted(cumulative, cumulative.new_tensor(keep))), len(inside) - 1)
-    return inside[at].to(nonzero.dtype)
+    return inside[at].float()

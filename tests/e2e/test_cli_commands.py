@@ -182,10 +182,11 @@ def test_bad_input_exits_2_naming_the_problem(args: list[str], message: str) -> 
 
 @pytest.mark.parametrize(
     "command",
-    [["dla"], ["circuits"], ["sae"], ["sae", "train"], ["sae", "eval"], ["dashboard"], ["models"]],
-)
+    [["dla"], ["circuits"], ["sae"], ["sae", "train"], ["sae", "eval"], ["dashboard"], ["models"],
+     ["graph"]],
+)  # fmt: skip
 def test_help(command: list[str]) -> None:
-    # in-process: the help text is typer's alone, so seven interpreter start-ups buy nothing
+    # in-process: the help text is typer's alone, so eight interpreter start-ups buy nothing
     done = CliRunner().invoke(app, [*command, "--help"])
     assert done.exit_code == 0 and "Usage" in done.output
     if command == ["sae", "train"]:

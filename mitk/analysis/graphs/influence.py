@@ -35,11 +35,16 @@ class RowShares:
     """
 
     BLOCK_ROWS = 4096
+    KEEP_BYTES = 1 << 30
+    """Shares of a matrix up to this size are computed once and kept; larger ones per use."""
 
     def __init__(self, adjacency: Float[Tensor, "n n"], kept: Bool[Tensor, " n"] | None = None):
         self.adjacency = adjacency
         self.kept = None if kept is None else kept.to(adjacency.dtype)
         self.row_sums = torch.cat([self._masked(start).sum(-1) for start in self._starts()])
+        self._kept_blocks: list[tuple[int, Tensor]] | None = None
+        if adjacency.numel() * adjacency.element_size() <= self.KEEP_BYTES:
+            self._kept_blocks = list(self._computed_blocks())
 
     def _starts(self) -> range:
         return range(0, self.adjacency.shape[0], self.BLOCK_ROWS)
@@ -51,7 +56,12 @@ class RowShares:
         return rows
 
     def blocks(self) -> Iterator[tuple[int, Float[Tensor, "block n"]]]:
-        """``(first row, normalised rows)`` for each block of rows, in order."""
+        """``(first row, normalised rows)`` for each block of rows, in order (read-only)."""
+        if self._kept_blocks is not None:
+            return iter(self._kept_blocks)
+        return self._computed_blocks()
+
+    def _computed_blocks(self) -> Iterator[tuple[int, Tensor]]:
         for start in self._starts():
             rows = self._masked(start)
             scale = self.row_sums[start : start + rows.shape[0], None].clamp_min(_ROW_FLOOR)

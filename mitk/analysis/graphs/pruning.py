@@ -113,7 +113,7 @@ def _edge_mask(shares: RowShares, reach: Float[Tensor, " n"], keep: float) -> Bo
 
     def scores() -> Iterator[Tensor]:
         for start, rows in shares.blocks():
-            yield rows.mul_(reach[start : start + rows.shape[0], None])
+            yield rows * reach[start : start + rows.shape[0], None]
 
     cut = _threshold_of(scores, keep)
     return torch.cat([block >= cut for block in scores()])

@@ -102,17 +102,19 @@ def oracle_threshold(scores: list[float], keep: float) -> float:
     seed=st.integers(0, 10_000),
     node_threshold=st.floats(0.3, 0.95),
     block_rows=st.sampled_from([3, 17, 4096]),
+    keep_blocks=st.booleans(),
 )
 def test_influence_pruning_and_scores_match_a_dense_oracle(
-    seed: int, node_threshold: float, block_rows: int
+    seed: int, node_threshold: float, block_rows: int, keep_blocks: bool
 ):
-    """Shares are taken a block of rows at a time (one block up to 4096 nodes); any block
-    size must give the oracle's influence, masks and scores."""
+    """Shares are taken a block of rows at a time (one block up to 4096 nodes), kept or
+    recomputed per use; any block size, either way, gives the oracle's influence and masks."""
     RowShares.BLOCK_ROWS = block_rows
+    RowShares.KEEP_BYTES = 1 << 30 if keep_blocks else 0
     try:
         check_against_the_oracle(seed, node_threshold)
     finally:
-        RowShares.BLOCK_ROWS = 4096
+        RowShares.BLOCK_ROWS, RowShares.KEEP_BYTES = 4096, 1 << 30
 
 
 def check_against_the_oracle(seed: int, node_threshold: float) -> None:

@@ -28,11 +28,12 @@ from mitk.sae.features import (
 from mitk.sae.files import load_sae, save_sae
 from mitk.sae.metrics import ReconstructionStats
 from mitk.sae.pretrained import PretrainedSAE, list_pretrained
+from mitk.sae.run_state import NonFiniteError
 from mitk.sae.sources import ActivationSource, TensorActivations
 from mitk.sae.splice import Splice, spliced
 from mitk.sae.store import ActivationStore
 from mitk.sae.synthetic import SparseDictionaryData, mean_max_cosine_similarity
-from mitk.sae.trainer import NonFiniteError, TrainResult, train
+from mitk.sae.trainer import TrainResult, train
 from mitk.sae.transcoder_sets import load_transcoder_set, save_transcoder_set
 
 __all__ = [

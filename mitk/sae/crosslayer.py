@@ -123,26 +123,26 @@ class CrossLayerTranscoder(nn.Module):
         self._check_stacked(latents, self.cfg.d_sae, "latents")
         return self.decode_layers([latents[layer] for layer in range(len(latents))])
 
+    def decode_layer(
+        self, layer: int, latents: Sequence[Tensor]
+    ) -> Float[Tensor, "*batch d_model"]:
+        """Layer ``layer``'s reconstruction: ``b_dec[layer]`` plus every earlier layer's writes.
+
+        ``latents[L]`` is layer L's ``[*batch, d_sae]``; only ``latents[0..layer]``
+        are read, so a forward pass can reconstruct a layer as soon as it is encoded.
+        """
+        out = self.b_dec[layer]
+        for source in range(layer + 1):
+            weight = self.W_dec[source][:, layer - source]
+            out = out + latents[source].to(weight.dtype) @ weight
+        return out
+
     def decode_layers(
         self, latents: Sequence[Tensor], upto: int | None = None
     ) -> Float[Tensor, "n_out *batch d_model"]:
-        """The reconstructions of layers ``0 .. upto - 1`` from the latents of those layers.
-
-        ``latents[L]`` is layer L's ``[*batch, d_sae]``; only the first ``upto``
-        (default all) are read, so a forward pass can reconstruct layer ``M`` as
-        soon as layers ``0..M`` are encoded.
-        """
+        """The reconstructions of layers ``0 .. upto - 1`` (default all), stacked."""
         upto = self.cfg.n_layers if upto is None else upto
-        lead = latents[0].shape[:-1]
-        out = [self.b_dec[layer].expand(*lead, self.cfg.d_model) for layer in range(upto)]
-        for layer in range(upto):
-            # one matmul per source layer: its latents into every slot up to upto - 1
-            dec = self.W_dec[layer][:, : upto - layer]
-            flat = latents[layer].to(dec.dtype) @ dec.reshape(dec.shape[0], -1)
-            written = flat.view(*lead, upto - layer, self.cfg.d_model)
-            for slot in range(upto - layer):
-                out[layer + slot] = out[layer + slot] + written[..., slot, :]
-        return torch.stack(out)
+        return torch.stack([self.decode_layer(layer, latents) for layer in range(upto)])
 
     def forward(
         self, x: Float[Tensor, "n_layers *batch d_model"]

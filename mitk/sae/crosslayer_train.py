@@ -41,9 +41,9 @@ from mitk.sae.codes import step as l0_step
 from mitk.sae.crosslayer import CrossLayerTranscoder
 from mitk.sae.crosslayer_config import CLTConfig
 from mitk.sae.metrics import ReconstructionStats
+from mitk.sae.run_state import check_finite, restored_run, write_csv_atomically
 from mitk.sae.schedule import lr_factor, warmup_factor
 from mitk.sae.sources import ActivationSource
-from mitk.sae.trainer import check_finite, restored_run, write_csv_atomically
 from mitk.shapes import Float
 
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import copy
-import csv
 from dataclasses import dataclass, field
-import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -19,14 +16,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mitk.atomic import atomic_write_text
-from mitk.checkpoint import (
-    CheckpointSchedule,
-    load_checkpoint,
-    refuse_existing_run,
-    save_checkpoint,
-)
-from mitk.errors import ConfigError, MitkError, ShapeMismatchError
+from mitk.checkpoint import CheckpointSchedule, save_checkpoint
+from mitk.errors import ConfigError, ShapeMismatchError
 from mitk.sae.autoencoder import SparseAutoencoder
 from mitk.sae.collapse import FLAG, CollapseError, CollapseWarning, collapse_verdict
 from mitk.sae.config import SAEConfig
@@ -34,17 +25,16 @@ from mitk.sae.distributed import World, current_world
 from mitk.sae.geometric_median import geometric_median
 from mitk.sae.losses import LossParts, sae_loss
 from mitk.sae.metrics import ReconstructionStats
+from mitk.sae.run_state import (
+    check_finite,
+    restored_run,
+    write_csv_atomically,
+)
 from mitk.sae.schedule import lr_factor, warmup_factor
 from mitk.sae.sources import ActivationSource, TensorActivations
 
 _log = logging.getLogger("mitk.sae")
 THRESHOLD_EMA = 0.99  # BatchTopK: smoothing of the inference-threshold estimate
-# config fields that change when checkpoints are written, not what is trained: a resume may differ
-SCHEDULE_FIELDS = ("checkpoint_every", "checkpoint_seconds")
-
-
-class NonFiniteError(MitkError, FloatingPointError):
-    """Activations or a loss were NaN/inf; training stopped and the last checkpoint was kept."""
 
 
 @dataclass
@@ -225,34 +215,6 @@ def train(
     return TrainResult(trained, history)
 
 
-def restored_run(
-    directory: Path | None,
-    resume: bool,
-    state: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    meta: dict[str, Any],
-) -> dict[str, Any] | None:
-    """The checkpoint a resumed run continues from (loaded into ``state`` and ``optimizer``).
-
-    ``None`` for a fresh run, which refuses a directory that already holds one.
-    ``meta`` holds ``configs`` (dicts) and the ``source`` fingerprint; a checkpoint
-    made with other configs (beyond ``SCHEDULE_FIELDS``) or another source is refused.
-    """
-    if directory is not None and not resume:
-        refuse_existing_run(directory)
-    restored = load_checkpoint(directory, state, optimizer) if resume and directory else None
-    if restored is not None:
-        trained_as = [trajectory(c) for c in restored["configs"]]
-        if trained_as != [trajectory(c) for c in meta["configs"]] or (
-            restored["source"] != meta["source"]
-        ):
-            raise ConfigError(
-                f"the checkpoint in {directory} was made with other configs or another "
-                "activation source; resume with the same ones, or use a new directory"
-            )
-    return restored
-
-
 def run_labels(cfgs: Sequence[SAEConfig]) -> list[str]:
     """Each config's label in results and metrics (see ``TrainResult``)."""
     bases = [
@@ -309,15 +271,6 @@ def _checkpoint_due(
     return bool(world.any_(late).any())
 
 
-def trajectory(config: dict[str, Any]) -> dict[str, Any]:
-    """A config dict without the checkpoint-schedule fields, which a resume may change.
-
-    Compared as JSON values, since a checkpoint's configs come back from JSON (tuples as lists).
-    """
-    kept = {k: v for k, v in config.items() if k not in SCHEDULE_FIELDS}
-    return dict(json.loads(json.dumps(kept)))
-
-
 def _bind_hooks(cfgs: list[SAEConfig], source: ActivationSource) -> list[SAEConfig]:
     """Give each config its hook and check widths, batch sizes and lengths agree."""
     reads = ", ".join(source.hook_names)
@@ -368,15 +321,6 @@ def _init_decoder_bias(
             sae.b_dec.copy_(geometric_median(x))
         elif c.b_dec_init == "mean":
             sae.b_dec.copy_(x.mean(0))
-
-
-def check_finite(value: Tensor, what: str, step: int, directory: Path | None) -> None:
-    """Raise ``NonFiniteError`` (naming ``what``, the step and the kept checkpoint) on NaN/inf."""
-    if bool(torch.isfinite(value).all()):
-        return
-    bad = int((~torch.isfinite(value)).sum())
-    kept = f"; the last checkpoint in {directory} is untouched" if directory else ""
-    raise NonFiniteError(f"{what} at step {step} hold {bad} NaN/inf value(s); stopped{kept}")
 
 
 @torch.no_grad()
@@ -454,12 +398,3 @@ class _Logger:
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
-
-
-def write_csv_atomically(path: Path, history: list[dict[str, Any]]) -> None:
-    """Write the metric history (one row per record, the first record's keys) atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())

@@ -16,6 +16,7 @@ A per-layer transcoder is the cross-layer case whose latents write one layer.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -84,8 +85,10 @@ class CrossLayer(Protocol):
 
     def encode_layer(self, layer: int, x: Tensor) -> Tensor: ...
 
+    def decode_layer(self, layer: int, latents: Sequence[Tensor]) -> Tensor: ...
 
-class Dictionaries:
+
+class Dictionaries(ABC):
     """A model's replacement dictionaries, per-layer or cross-layer, behind one interface.
 
     Layer ``L``'s latents read ``input_hook(L)``; latent ``f`` of layer ``L``
@@ -96,35 +99,35 @@ class Dictionaries:
     def __init__(self, n_layers: int, dtype: torch.dtype) -> None:
         self.n_layers, self.dtype = n_layers, dtype
 
+    @abstractmethod
     def input_hook(self, layer: int) -> str:
         """The full name of the hook layer ``layer``'s latents read."""
-        raise NotImplementedError
 
+    @abstractmethod
     def span(self, layer: int) -> int:
         """How many layers (``layer`` and those after it) layer ``layer``'s latents write."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pre_activations(
         self, layer: int, x: Float[Tensor, "*lead d_model"]
     ) -> Float[Tensor, "*lead d_sae"]:
         """``x W_enc + b``: what layer ``layer``'s activation reads (and graph edges target)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, layer: int, x: Float[Tensor, "*lead d_model"]) -> Float[Tensor, "*lead d_sae"]:
         """Layer ``layer``'s latent activations."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encoder_rows(self, layer: int, index: Int[Tensor, " n"]) -> Float[Tensor, "n d_model"]:
         """The encoder directions of latents ``index`` of layer ``layer``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decoder_rows(self, layer: int, index: Int[Tensor, " n"]) -> Float[Tensor, "n span d_model"]:
         """The decoder vectors of latents ``index`` of layer ``layer``, one per layer written."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, layer: int, latents: Sequence[Tensor]) -> Float[Tensor, "*lead d_model"]:
         """Layer ``layer``'s reconstruction (biases in, skip out) from ``latents[0..layer]``."""
-        raise NotImplementedError
 
     def skip_weight(self, layer: int) -> Float[Tensor, "d_model d_model"] | None:
         """A skip-transcoder's ``W_skip`` (``skip(x) = x W_skip^T``), else ``None``."""
@@ -199,10 +202,7 @@ class _CrossLayer(Dictionaries):
         return self.clt.W_dec[layer].detach()[index]
 
     def decode(self, layer: int, latents: Sequence[Tensor]) -> Tensor:
-        out = self.clt.b_dec[layer]
-        for source in range(layer + 1):
-            out = out + latents[source] @ self.clt.W_dec[source][:, layer - source]
-        return out
+        return self.clt.decode_layer(layer, latents)
 
 
 def dictionaries(model: HookedTransformer, transcoders: TranscoderSet) -> Dictionaries:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
@@ -13,7 +11,13 @@ from mitk.hooks import HookPoint
 from mitk.model.forward_context import ForwardContext
 from mitk.model.linear import affine
 from mitk.model.mlp import ACTIVATIONS
-from mitk.model.ssm.mixer import CHUNKED, SEQUENTIAL, causal_conv, padding_mask
+from mitk.model.ssm.mixer import (
+    CHUNKED,
+    SEQUENTIAL,
+    SelectiveMixer,
+    causal_conv,
+    padding_mask,
+)
 from mitk.model.ssm.scan import chunked_scan, sequential_scan
 from mitk.model.ssm.state import SSMState
 from mitk.shapes import Float
@@ -38,7 +42,7 @@ class GroupRMSNorm(nn.Module):
         return self.hook_normalized((grouped / scale).flatten(-2)) * self.w
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(SelectiveMixer):
     """Mamba-2's selective state-space mixer (see ``SSMConfig``); ``c = d_inner``, ``n = d_state``.
 
     Hooks: ``hook_in_proj [batch, pos, c + conv + heads]`` (gate, then ``x``/``B``/``C``
@@ -69,14 +73,7 @@ class Mamba2Mixer(nn.Module):
         self.norm = GroupRMSNorm(c, ssm.n_groups, cfg.norm_eps)
         self.W_out = nn.Parameter(torch.empty(c, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model)) if ssm.proj_bias else None
-        self.hook_in_proj = HookPoint()
-        self.hook_conv = HookPoint()
-        self.hook_dt = HookPoint()
-        self.hook_B = HookPoint()
-        self.hook_C = HookPoint()
-        self.hook_A = HookPoint(derived=True)
-        self.hook_ssm_state = HookPoint(derived=True)
-        self.hook_gated = HookPoint()
+        self._add_hook_points()
 
     @torch.no_grad()
     def init_ssm_parameters(self, gen: torch.Generator) -> None:
@@ -84,14 +81,7 @@ class Mamba2Mixer(nn.Module):
         ``[0.001, 0.1]`` through ``b_dt``."""
         self.A_log.copy_(torch.arange(1, self.ssm.n_heads + 1, dtype=torch.float32).log())
         self.D.fill_(1.0)
-        low, high = math.log(1e-3), math.log(1e-1)
-        dt = (torch.rand(self.b_dt.shape, generator=gen) * (high - low) + low).exp()
-        self.b_dt.copy_(dt + torch.log(-torch.expm1(-dt)))
-
-    @property
-    def name(self) -> str:
-        """Where this module sits in the model (``"blocks.3.mixer"``), from its hooks' names."""
-        return self.hook_gated.name.rpartition(".")[0]
+        self.init_dt_bias(self.b_dt, gen)
 
     @property
     def A(self) -> Float[Tensor, " heads"]:

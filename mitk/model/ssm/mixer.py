@@ -21,7 +21,34 @@ CHUNKED = "ssm: chunked scan"
 SEQUENTIAL = "ssm: sequential (a hook reads hook_A or hook_ssm_state)"
 
 
-class MambaMixer(nn.Module):
+class SelectiveMixer(nn.Module):
+    """What Mamba-1 and Mamba-2 mixers share: the hook points of the selective scan,
+    the time-step bias init, and the module's name."""
+
+    def _add_hook_points(self) -> None:
+        self.hook_in_proj = HookPoint()
+        self.hook_conv = HookPoint()
+        self.hook_dt = HookPoint()
+        self.hook_B = HookPoint()
+        self.hook_C = HookPoint()
+        self.hook_A = HookPoint(derived=True)
+        self.hook_ssm_state = HookPoint(derived=True)
+        self.hook_gated = HookPoint()
+
+    @staticmethod
+    def init_dt_bias(b_dt: Tensor, gen: torch.Generator) -> None:
+        """Time steps log-uniform in ``[0.001, 0.1]``: ``softplus(b_dt) == dt``."""
+        low, high = math.log(1e-3), math.log(1e-1)
+        dt = (torch.rand(b_dt.shape, generator=gen) * (high - low) + low).exp()
+        b_dt.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    @property
+    def name(self) -> str:
+        """Where this module sits in the model (``"blocks.3.mixer"``), from its hooks' names."""
+        return self.hook_gated.name.rpartition(".")[0]
+
+
+class MambaMixer(SelectiveMixer):
     """Mamba-1's selective state-space mixer (see ``SSMConfig`` for the computation).
 
     Hooks (``c = d_inner``, ``n = d_state``):
@@ -63,14 +90,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(c))
         self.W_out = nn.Parameter(torch.empty(c, cfg.d_model))
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model)) if ssm.proj_bias else None
-        self.hook_in_proj = HookPoint()
-        self.hook_conv = HookPoint()
-        self.hook_dt = HookPoint()
-        self.hook_B = HookPoint()
-        self.hook_C = HookPoint()
-        self.hook_A = HookPoint(derived=True)
-        self.hook_ssm_state = HookPoint(derived=True)
-        self.hook_gated = HookPoint()
+        self._add_hook_points()
 
     @torch.no_grad()
     def init_ssm_parameters(self, gen: torch.Generator) -> None:
@@ -79,14 +99,7 @@ class MambaMixer(nn.Module):
         n = self.ssm.d_state
         self.A_log.copy_(torch.arange(1, n + 1, dtype=torch.float32).log().expand_as(self.A_log))
         self.D.fill_(1.0)
-        low, high = math.log(1e-3), math.log(1e-1)
-        dt = (torch.rand(self.b_dt.shape, generator=gen) * (high - low) + low).exp()
-        self.b_dt.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(b_dt) == dt
-
-    @property
-    def name(self) -> str:
-        """Where this module sits in the model (``"blocks.3.mixer"``), from its hooks' names."""
-        return self.hook_gated.name.rpartition(".")[0]
+        self.init_dt_bias(self.b_dt, gen)
 
     @property
     def A(self) -> Float[Tensor, "d_inner d_state"]:

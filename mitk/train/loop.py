@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 import math
 from pathlib import Path
@@ -106,6 +107,45 @@ def train_language_model(
         start, history = meta["step"], meta["history"]
     schedule = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_seconds, cfg.steps, clock)
     model.train()
+    with deterministic_algorithms():
+        _steps(model, batch_fn, cfg, optimizer, start, history, directory, schedule, progress)
+    model.eval()
+    return history
+
+
+@contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` within the block, the caller's setting after.
+
+    Without it the CPU backward of an embedding lookup of more than about a thousand
+    ids sums repeated ids' gradients in an order that varies with the threads
+    (measured: two 2-thread runs on 64 x 64 tokens differed in ``W_E``), so a
+    resumed run would not equal an uninterrupted one. ``warn_only``: an op without
+    a deterministic kernel (on a GPU) warns rather than stopping the run.
+    """
+    was, was_warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn_only)
+
+
+def _steps(
+    model: HookedTransformer,
+    batch_fn: BatchFn,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    start: int,
+    history: list[dict[str, Any]],
+    directory: Path | None,
+    schedule: CheckpointSchedule,
+    progress: bool,
+) -> None:
+    """Steps ``start .. cfg.steps - 1``, appending to ``history`` and checkpointing."""
     bar = tqdm(range(start, cfg.steps), disable=not progress, desc="train", initial=start,
                total=cfg.steps)  # fmt: skip
     for step in bar:
@@ -130,5 +170,3 @@ def train_language_model(
             meta = {"step": done, "history": history, "train_config": asdict(cfg)}
             save_checkpoint(directory, model, optimizer, meta)
             schedule.written()
-    model.eval()
-    return history

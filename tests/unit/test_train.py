@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from mitk import HookedTransformer, TransformerConfig
+from mitk.errors import ShapeMismatchError
 from mitk.sequences import periodic_segments, repeated_random_tokens
 from mitk.train import NonFiniteLossError, TrainConfig, train_language_model
 from mitk.train.schedule import warmup_cosine
+from mitk.train.tied import tied_unembedding
+from tests.interrupted import KilledError
 
 CFG = TransformerConfig(d_model=16, n_layers=1, n_heads=2, d_vocab=20, n_ctx=24, d_mlp=32)
 
@@ -98,3 +102,51 @@ def test_probe_sequences_repeat_exactly() -> None:
     )
     with pytest.raises(ValueError, match="no period fits"):
         periodic_segments(1, 10, 50, torch.Generator(), min_period=8)
+
+
+def test_tied_unembedding_is_one_parameter_inside_and_a_copy_after() -> None:
+    model = HookedTransformer(CFG, seed=0)
+    tokens = batches(0).clamp(max=CFG.d_vocab - 2)  # the last id never appears as input
+    with tied_unembedding(model):
+        names = dict(model.named_parameters())
+        assert "unembed.W_U" not in names and "unembed.W_U" not in model.state_dict()
+        logits = model(tokens)
+        logits.logsumexp(-1).sum().backward()
+        grad = model.embed.W_E.grad
+        assert grad is not None and grad[-1].abs().sum() > 0  # reached only as the unembedding
+        with torch.no_grad():
+            model.embed.W_E.add_(1.0)
+        assert not torch.allclose(model(tokens), logits)
+        with torch.no_grad():
+            model.embed.W_E.sub_(1.0)
+    assert isinstance(model.unembed.W_U, torch.nn.Parameter)
+    assert torch.equal(model.unembed.W_U, model.embed.W_E.T)
+    assert model.unembed.W_U.data_ptr() != model.embed.W_E.data_ptr()  # untied: a copy
+    assert torch.allclose(model(tokens), logits.detach(), atol=1e-5)
+
+
+def test_tied_unembedding_unties_on_error_and_refuses_unequal_shapes() -> None:
+    model = HookedTransformer(CFG, seed=0)
+    with pytest.raises(KilledError), tied_unembedding(model):
+        raise KilledError
+    assert "unembed.W_U" in dict(model.named_parameters())
+    model.unembed.W_U = torch.nn.Parameter(torch.zeros(CFG.d_model, CFG.d_vocab + 1))
+    with pytest.raises(ShapeMismatchError, match="cannot tie W_U"), tied_unembedding(model):
+        pass
+
+
+def test_two_runs_are_bit_identical_with_threads_and_many_repeated_ids() -> None:
+    # an embedding backward over more than ~1000 ids used to sum in thread order
+    def run() -> list[torch.Tensor]:
+        model = HookedTransformer(CFG, seed=0)
+        train_language_model(
+            model,
+            lambda step: periodic_segments(96, 24, 20, torch.Generator().manual_seed(step)),
+            TrainConfig(steps=3, lr=1e-2, warmup=1),
+            progress=False,
+        )
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert torch.get_num_threads() >= 2 or os.cpu_count() == 1
+    assert all(torch.equal(a, b) for a, b in zip(run(), run(), strict=True))
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back

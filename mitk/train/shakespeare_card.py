@@ -146,7 +146,8 @@ def render(card: dict[str, Any]) -> str:
         f"- {cfg['n_layers']} layers, d_model {cfg['d_model']}, {cfg['n_heads']} query heads "
         f"sharing {cfg['n_key_value_heads']} key/value heads (d_head {cfg['d_head']}), "
         f"gated MLP ({cfg['act_fn']}, d_mlp {cfg['d_mlp']}), RMSNorm, rotary positions, "
-        f"no biases, untied embeddings; context {cfg['n_ctx']} tokens.",
+        f"no biases; context {cfg['n_ctx']} tokens. The unembedding was tied to the "
+        "embedding in training (`W_U = W_E^T`) and is stored untied, as mitk's format keeps both.",
         f"- {model['parameters']:,} parameters; `model.safetensors` is "
         f"{model['file_bytes'] / 1e6:.1f} MB (float16). The config says float32, so the "
         "weights load as float32 unless `dtype=` asks otherwise.",
@@ -168,17 +169,23 @@ def render(card: dict[str, Any]) -> str:
         "",
         "## Training",
         "",
-        f"- {run['steps']} AdamW steps of {run['batch']} windows (BOS + {cfg['n_ctx'] - 1} "
-        f"tokens at random offsets): {run['tokens_seen']:,} tokens seen, "
-        f"{run['tokens_seen'] / run['train_tokens']:.2f} epochs.",
-        f"- {run.get('repeated_rows', 0)} of the {run['batch']} rows of every batch hold "
-        "random segments twice each (BOS, then segments of ids drawn uniformly from the "
-        f"ordinary tokens, of lengths {low} to {high - 1}, each followed at once by itself), "
-        "to reward copying on this small budget; the induction measurement below uses "
-        "held-out passages of real text.",
+        f"- {run['steps']} AdamW steps. The first {run['copy_steps']} train copying alone: "
+        f"batches of {run['copy_shape'][0]} rows of {run['copy_shape'][1]} tokens, BOS and "
+        "then one segment of random ordinary-token ids repeated (period 4 to "
+        f"{(run['copy_shape'][1] - 1) // 2}), which grows the induction circuit in a few "
+        "hundred steps (`mitk.train.shakespeare_small.COPY_STEPS` says what did not).",
+        f"- The other {run['steps'] - run['copy_steps']} train on the plays: {run['batch']} "
+        f"windows of BOS + {cfg['n_ctx'] - 1} tokens at random offsets, "
+        f"{run['tokens_seen']:,} tokens seen, "
+        f"{run['tokens_seen'] / run['train_tokens']:.2f} epochs. "
+        f"{run.get('repeated_rows', 0)} of the {run['batch']} rows hold passages of the "
+        f"plays twice each (lengths {low} to {high - 1}, each followed at once by itself), so "
+        "that copying carries over to text; the induction measurement below uses held-out "
+        "passages.",
         f"- Peak lr {tc['lr']}, {tc['warmup']} warmup steps then cosine to 10%, weight decay "
         f"{tc['weight_decay']}, gradient clip {tc['grad_clip']}.",
-        f"- Wall time {run['seconds'] / 60:.1f} minutes on {run['threads']} CPU threads "
+        f"- Wall time {run['seconds'] / 60:.1f} minutes on {run['threads']} CPU "
+        f"thread{'s' if run['threads'] != 1 else ''} "
         f"(shared machine), torch {model['torch']}; final training loss "
         f"{run['final_train_loss']:.3f} nats/token.",
         "",

@@ -44,8 +44,17 @@ def build(
     split: Split, out: Path, checkpoints: Path | None = None, resume: bool = False
 ) -> HookedTransformer:
     return shakespeare_small.build(
-        out, checkpoints, resume, TINY, TRAIN, batch=2, repeated=1, progress=False, split=split
-    )
+        out,
+        checkpoints,
+        resume,
+        TINY,
+        TRAIN,
+        batch=2,
+        repeated=1,
+        copy_steps=2,
+        progress=False,
+        split=split,
+    )  # the kill at step 3 falls in the text steps, after the copy steps
 
 
 class KilledError(Exception):
@@ -89,11 +98,21 @@ def test_recipe_trains_saves_writes_the_card_and_resumes_bit_identically(
         assert torch.equal(a, b), name
 
 
-def test_batches_are_a_function_of_the_step_with_repeated_rows_first() -> None:
+def test_batches_copy_first_then_text_with_repeated_passages_first() -> None:
     stream = torch.arange(10, 2_000)
-    batches = shakespeare_small.batch_fn(stream, batch=4, seq_len=17, bos=0, seed=0, repeated=1)
+    batches = shakespeare_small.batch_fn(
+        stream, batch=4, seq_len=17, bos=0, seed=0, repeated=1, copy_ids=(3, 300),
+        copy_steps=2, repeat_lengths=(8, 9),
+    )  # fmt: skip
+    copies = batches(1)
+    assert copies.shape == (shakespeare_small.COPY_SHAPE[0], 17) and (copies[:, 0] == 0).all()
+    assert copies[:, 1:].min() >= 3 and copies[:, 1:].max() < 300
+    for row in copies[:, 1:]:  # one segment repeated: some period p has row[p:] == row[:-p]
+        assert any(torch.equal(row[p:], row[:-p]) for p in range(4, 9))
     rows = batches(5)
+    assert rows.shape == (4, 17)
     assert torch.equal(rows, batches(5)) and not torch.equal(rows, batches(6))
     assert (rows[:, 0] == 0).all()
-    assert torch.equal(rows[0, 9:], rows[0, 1:9])  # BOS, 8 tokens, the same 8 again
+    assert torch.equal(rows[0, 9:], rows[0, 1:9])  # BOS, an 8-token passage, the same again
+    assert (rows[0, 2:9] - rows[0, 1:8] == 1).all()  # ... which is a passage of the stream
     assert (rows[1:, 2:] - rows[1:, 1:-1] == 1).all()  # the others: plain windows of the text

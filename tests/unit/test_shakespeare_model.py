@@ -111,15 +111,6 @@ def test_held_out_loss_matches_the_card_and_beats_the_bigram(
     assert play["model_nats_per_token"] < play["bigram_nats_per_token"] - BIGRAM_MARGIN
 
 
-NO_INDUCTION_YET = pytest.mark.xfail(
-    strict=True,
-    reason="no induction has formed in the shipped weights (MODEL_CARD.md: the second copy of "
-    "a repeated passage is predicted no better than the first). Neither 2000 steps with "
-    "fixed-offset repeated passages nor 1500 with random-length random repeats (the recipe's "
-    "REPEATED_ROWS) grew it at d_model 128 and 4096 ids; when a run does, this marker must go",
-)
-
-
 def test_repeated_passage_losses_match_the_card(
     model: HookedTransformer, play: dict[str, Any], card: dict[str, Any]
 ) -> None:
@@ -130,7 +121,6 @@ def test_repeated_passage_losses_match_the_card(
     )
 
 
-@NO_INDUCTION_YET
 def test_induction_on_a_repeated_held_out_passage(
     model: HookedTransformer, play: dict[str, Any]
 ) -> None:
@@ -171,6 +161,5 @@ def test_detector_scores_match_the_card_and_find_previous_token_heads(
     assert detectors["previous_token"].max() > PREVIOUS_TOKEN_SCORE
 
 
-@NO_INDUCTION_YET
 def test_detectors_find_an_induction_head(detectors: Any) -> None:
     assert detectors["induction"].max() > 0.3

@@ -95,6 +95,10 @@ def _writes_at(
     blocks = [pick(cache[hook])[None] for _, hook in stream.embedding_hooks]
     per_prompt = lambda bias: bias.expand(rows.shape[0], -1)[None]  # noqa: E731
     for layer in range(stream.n_layers):
+        if layer in stream.mixer_layers:  # a state-space layer writes once, at any granularity
+            blocks.append(pick(cache[name("mixer_out", layer)])[None])
+            labels.append(f"{layer}_mixer_out")
+            continue
         if by == "head":
             z = pick(cache[name("z", layer)])  # [batch, head, d_head]
             blocks += [
@@ -153,7 +157,8 @@ def logit_attribution(
 ) -> Attribution:
     """Attribute each prompt's answer logit (minus the wrong answer's, if given) to components.
 
-    ``by="component"``: embeddings, each attention and MLP output; ``"head"``:
+    ``by="component"``: embeddings, each attention and MLP output (a state-space
+    layer's ``mixer_out``, whole at every granularity); ``"head"``:
     each head plus each layer's attention bias; ``"neuron"``: each MLP neuron
     plus each MLP's bias; ``"expert"`` (mixture-of-experts models): each routed
     expert of each MoE layer (zero where a token did not choose it) and its
@@ -174,6 +179,11 @@ def logit_attribution(
             "(by='expert'), not per neuron"
         )
     cache.stream.require_additive()
+    if by in ("head", "neuron") and len(cache.stream.mixer_layers) == cache.stream.n_layers:
+        raise UnsupportedModelError(
+            f"by={by!r}: every layer of this model is a state-space mixer, with no heads or "
+            "neurons; use by='component'"
+        )
     embed = cache["hook_embed"]
     batch, seq = embed.shape[0], embed.shape[1]
     rows, cols = torch.arange(batch), _positions(pos, batch, seq)

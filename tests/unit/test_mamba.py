@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from mitk import HookedTransformer, TransformerConfig
+from mitk.analysis.dla import logit_attribution
+from mitk.analysis.patching import activation_patch
 from mitk.config import SSMConfig
 from mitk.errors import ConfigError, UnknownHookError, UnsupportedModelError
 from mitk.hooks import name
 from mitk.model.kv_cache import KVCache
 from mitk.model.ssm import SSMState, chunked_scan
 from mitk.model.ssm.mixer import CHUNKED, SEQUENTIAL
+from tests.naive_patching import naive_patch
 
 VOCAB = 40
 C, N = 24, 5  # d_inner, d_state
@@ -144,6 +147,39 @@ def test_direct_logit_attribution_of_mixer_outputs_sums_to_the_logit_difference(
         attrs = torch.einsum("cbm,mb->cb", parts, direction)
     expected = logits[:, -1].gather(1, answer[:, None]) - logits[:, -1].gather(1, wrong[:, None])
     torch.testing.assert_close(attrs.sum(0), expected[:, 0], atol=1e-5, rtol=0)
+
+
+def test_logit_attribution_by_component_sums_to_the_logit_difference(
+    model: HookedTransformer,
+) -> None:
+    with torch.no_grad():
+        _, cache = model.run_with_cache(_tokens())
+    answer, wrong = torch.tensor([3, 5]), torch.tensor([7, 1])
+    attribution = logit_attribution(model, cache, answer, wrong, pos=-2)
+    assert attribution.labels == ["embed", "0_mixer_out", "1_mixer_out", "ln_final.b", "b_U"]
+    torch.testing.assert_close(attribution.total(), attribution.actual, atol=1e-5, rtol=0)
+    for by in ("head", "neuron"):
+        with pytest.raises(UnsupportedModelError, match=r"state-space mixer.*by='component'"):
+            logit_attribution(model, cache, answer, wrong, by=by)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "mixer_out", "gated"])
+def test_activation_patching_of_mixer_layers_equals_one_forward_per_cell(
+    model: HookedTransformer, site: str
+) -> None:
+    clean = _tokens(pos=7, seed=4)
+    corrupt = clean.clone()
+    corrupt[:, 2] = (corrupt[:, 2] + 5) % model.cfg.d_vocab
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1, 3] - logits[:, -1, 5]
+
+    with torch.no_grad():
+        result = activation_patch(model, clean, corrupt, metric, site, "pos")
+        expected = naive_patch(model, clean, corrupt, metric, site, 7)
+    torch.testing.assert_close(result.per_prompt, expected, atol=1e-5, rtol=0)
+    if site == "resid_pre":  # the one changed token, restored before any layer reads it
+        torch.testing.assert_close(result.per_prompt[:, 0, 2], result.clean, atol=1e-4, rtol=0)
 
 
 def test_attention_and_neuron_analyses_are_refused_by_name(model: HookedTransformer) -> None:

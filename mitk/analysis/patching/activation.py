@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mitk.analysis.patching.engine import BaseRun, Variant, run_variants
+from mitk.analysis.patching.engine import BaseRun, Variant, replays_from_start, run_variants
 from mitk.analysis.patching.pair import Direction, check_patch_inputs, run_pair
 from mitk.analysis.patching.sites import Granularity, site_for, unit_granularity
 from mitk.analysis.patching.uncertainty import bootstrap_interval, sign_flip_test
@@ -175,15 +175,17 @@ def activation_patch(
     downstream = range(first, n_layers)  # the wavefront reads keys/values of every later layer
     # past keys enter attention after rotation, so rotary models replay hook_rot_k
     key_kind = "rot_k" if model.cfg.positional == "rotary" else "k"
-    names = [name(kind, layer) for kind in ("resid_pre", key_kind, "v") for layer in downstream]
+    keyed = [] if replays_from_start(model) else downstream  # runs from 0 need no past keys
+    names = [name("resid_pre", layer) for layer in downstream]
+    names += [name(kind, layer) for kind in (key_kind, "v") for layer in keyed]
     names += [where.hook(layer) for layer in layers]
     runs = run_pair(model, clean_tokens, corrupted_tokens, metric, names, attention_mask)
     denoising = direction == "denoising"
     base_cache, source_cache = runs.base_and_source(direction)
     base = BaseRun(
         resid_pre={layer: base_cache[name("resid_pre", layer)] for layer in downstream},
-        keys={layer: base_cache[name(key_kind, layer)].transpose(1, 2) for layer in downstream},
-        values={layer: base_cache[name("v", layer)].transpose(1, 2) for layer in downstream},
+        keys={layer: base_cache[name(key_kind, layer)].transpose(1, 2) for layer in keyed},
+        values={layer: base_cache[name("v", layer)].transpose(1, 2) for layer in keyed},
         base_site={layer: base_cache[where.hook(layer)] for layer in layers},
         source_site={layer: source_cache[where.hook(layer)] for layer in layers},
         attention_mask=None if attention_mask is None else attention_mask.bool(),

@@ -198,6 +198,16 @@ def merge_small_groups(
     return buckets
 
 
+def replays_from_start(model: Any) -> bool:
+    """Whether every patched run must start at position 0: a recurrent layer (a state-space
+    mixer or linear attention) carries a state from the prefix, not keys and values that a
+    suffix-only run could be handed."""
+    cfg = model.cfg
+    return cfg.attention_type == "linear" or any(
+        cfg.is_ssm_layer(layer) for layer in range(cfg.n_layers)
+    )
+
+
 def run_variants(
     model: Any,
     base: BaseRun,
@@ -211,12 +221,14 @@ def run_variants(
     results = base.base_metric.expand(len(variants), batch).clone()
     # Hooks the caller attached (e.g. an ablation at some position) index absolute positions,
     # which a suffix-only run would shift: with any attached, every run starts at position 0.
-    foreign_hooks = any(point.has_hooks for point in model.hook_dict.values())
+    from_start = replays_from_start(model) or any(
+        point.has_hooks for point in model.hook_dict.values()
+    )
     groups: dict[int, list[int]] = defaultdict(list)
     for index, variant in enumerate(variants):
         start = first_changed_position(site, base, variant, model.cfg.causal)
         if start is not None:  # None: the patch writes what is already there
-            groups[0 if foreign_hooks else start].append(index)
+            groups[0 if from_start else start].append(index)
     with torch.no_grad():
         for start, members in merge_small_groups(groups, batch, seq):
             per_chunk = variants_per_chunk(model, batch, seq - start, memory_budget_bytes)

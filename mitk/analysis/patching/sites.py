@@ -37,6 +37,7 @@ class Site:
     unit: Literal["head", "expert"] = "head"
     """What ``head_axis`` indexes: attention heads, or a mixture of experts' experts."""
     moe_only: bool = False  # exists on mixture-of-experts layers only
+    ssm_only: bool = False  # exists on state-space (Mamba) layers only
 
     def hook(self, layer: int) -> str:
         """The hook name of this site at ``layer``."""
@@ -51,6 +52,11 @@ class Site:
     def layers(self, model: Any) -> list[int]:
         """The layers that have this site: MoE layers for router/expert sites, else all."""
         cfg = model.cfg
+        if self.ssm_only:
+            layers = [layer for layer in range(cfg.n_layers) if cfg.is_ssm_layer(layer)]
+            if not layers:
+                raise ValueError(f"this model has no state-space layer with site {self.short!r}")
+            return layers
         if not self.moe_only:
             return list(range(cfg.n_layers))
         layers = [layer for layer in range(cfg.n_layers) if cfg.is_moe_layer(layer)]
@@ -88,6 +94,9 @@ SITES: dict[str, Site] = {
         ),
         Site("expert_out", "expert_out", pos_axis=1, head_axis=2, unit="expert", moe_only=True),
         Site("shared_out", "shared_out", pos_axis=1, moe_only=True),
+        # state-space layers: the mixer's write and its gated output (what W_out reads)
+        Site("mixer_out", "mixer_out", pos_axis=1, ssm_only=True),
+        Site("gated", "gated", pos_axis=1, ssm_only=True),
     )
 }
 

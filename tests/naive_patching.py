@@ -1,0 +1,34 @@
+"""Activation patching the slow way, one forward per cell: the oracle the engine is tested by."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mitk.hooks import name
+
+
+def naive_patch(
+    model: Any,
+    clean: torch.Tensor,
+    corrupt: torch.Tensor,
+    metric: Callable[[torch.Tensor], torch.Tensor],
+    site: str,
+    n_pos: int,
+) -> torch.Tensor:
+    """``[batch, layer, pos]``: the corrupted run with one cell of ``site`` set to clean."""
+    _, clean_cache = model.run_with_cache(clean)
+    out = torch.zeros(clean.shape[0], model.cfg.n_layers, n_pos)
+    for layer in range(model.cfg.n_layers):
+        for pos in range(n_pos):
+
+            def put(act: torch.Tensor, hook: Any, layer: int = layer, pos: int = pos) -> Any:
+                act = act.clone()
+                act[:, pos] = clean_cache[name(site, layer)][:, pos]
+                return act
+
+            patched = model.run_with_hooks(corrupt, fwd_hooks=[(name(site, layer), put)])
+            out[:, layer, pos] = metric(patched)
+    return out

@@ -31,7 +31,7 @@ Positional = Literal["learned", "sinusoidal", "rotary", "alibi", "none"]
 RotaryStyle = Literal["neox", "gptj"]
 AttentionBackend = Literal["auto", "sdpa", "eager"]
 DType = Literal["float32", "float64", "float16", "bfloat16"]
-AttentionType = Literal["mha", "mla"]
+AttentionType = Literal["mha", "mla", "linear"]
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -152,7 +152,9 @@ class TransformerConfig(JsonConfig):
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (source checkpoint, training run); never read by the forward."""
     attention_type: AttentionType = "mha"
-    """``mha``: multi-head/grouped-query attention; ``mla``: DeepSeek-V2 latent attention.
+    """``mha``: multi-head/grouped-query attention; ``mla``: DeepSeek-V2 latent attention;
+    ``linear``: causal kernel linear attention (``elu + 1`` features; see
+    ``mitk.model.linear_attention``).
 
     With ``mla``, ``d_head`` is the query/key head width (non-rotary + rotary parts),
     ``rotary_dim`` its trailing rotary part, and the fields below apply."""
@@ -268,6 +270,24 @@ class TransformerConfig(JsonConfig):
         self._validate_variants()
         if self.attention_type == "mla":
             self._validate_mla()
+        if self.attention_type == "linear":
+            self._validate_linear()
+
+    def _validate_linear(self) -> None:
+        refused = {
+            "causal=False": not self.causal,
+            f"positional={self.positional!r}": self.positional in ("rotary", "alibi"),
+            "a sliding window": self.sliding_window > 0,
+            "attn_sinks": self.attn_sinks,
+            "attn_softcap": self.attn_softcap > 0,
+        }
+        found = [what for what, present in refused.items() if present]
+        if found:
+            raise ConfigError(
+                f"attention_type='linear' is causal, with positions added to the stream "
+                f"(learned, sinusoidal or none) and no window, sinks or soft-cap; got "
+                f"{', '.join(found)}"
+            )
 
     def _validate_variants(self) -> None:
         scaling = self.rotary_scaling

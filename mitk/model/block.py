@@ -9,6 +9,7 @@ from mitk.hooks import HookPoint
 from mitk.model.attention import Attention
 from mitk.model.forward_context import ForwardContext
 from mitk.model.latent_attention import LatentAttention
+from mitk.model.linear_attention import LinearAttention
 from mitk.model.mlp import MLP
 from mitk.model.moe import MixtureOfExperts
 from mitk.model.norms import make_norm
@@ -44,7 +45,9 @@ class TransformerBlock(nn.Module):
         self.layer = layer
         if cfg.pre_norms:
             self.ln1 = make_norm(cfg)
-        attention = LatentAttention if cfg.attention_type == "mla" else Attention
+        attention = {"mla": LatentAttention, "linear": LinearAttention}.get(
+            cfg.attention_type, Attention
+        )
         self.attn = attention(cfg, layer)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()

@@ -9,8 +9,12 @@ from torch import Tensor
 
 from mitk.errors import ShapeMismatchError
 from mitk.model.forward_context import PastKV
+from mitk.model.linear_attention import LinearAttentionState
 from mitk.model.ssm.state import SSMState
 from mitk.shapes import Bool, Float
+
+RECURRENT_STATES = (SSMState, LinearAttentionState)
+"""Layer states of constant size (no keys or values to list or to count positions by)."""
 
 
 class KVCacheEntry(NamedTuple):
@@ -76,7 +80,7 @@ class KVCache:
         return [
             KVCacheEntry(k.transpose(1, 2), v.transpose(1, 2))
             for k, v in (
-                kv for kv in self.layers if kv is not None and not isinstance(kv, SSMState)
+                kv for kv in self.layers if kv is not None and not isinstance(kv, RECURRENT_STATES)
             )
         ]
 
@@ -114,7 +118,7 @@ class KVCache:
         """Take the full (past + new) state each layer left in a finished forward, unless frozen.
 
         ``length`` is the number of positions seen so far (None: read from the keys);
-        a state-space layer's ``SSMState`` is the same size at any length.
+        a recurrent layer's state (``RECURRENT_STATES``) is the same size at any length.
         """
         if self.frozen:
             return
@@ -122,6 +126,7 @@ class KVCache:
             self.layers[layer] = kv
         self.key_valid = key_valid
         if length is None:
-            first = next((kv for kv in present.values() if not isinstance(kv, SSMState)), None)
+            keyed = (kv for kv in present.values() if not isinstance(kv, RECURRENT_STATES))
+            first = next(keyed, None)
             length = self._length if first is None else first[0].shape[2]
         self._length = length

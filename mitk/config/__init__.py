@@ -31,7 +31,7 @@ Positional = Literal["learned", "sinusoidal", "rotary", "alibi", "none"]
 RotaryStyle = Literal["neox", "gptj"]
 AttentionBackend = Literal["auto", "sdpa", "eager"]
 DType = Literal["float32", "float64", "float16", "bfloat16"]
-AttentionType = Literal["mha", "mla", "linear"]
+AttentionType = Literal["mha", "mla", "linear", "performer"]
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -154,10 +154,16 @@ class TransformerConfig(JsonConfig):
     attention_type: AttentionType = "mha"
     """``mha``: multi-head/grouped-query attention; ``mla``: DeepSeek-V2 latent attention;
     ``linear``: causal kernel linear attention (``elu + 1`` features; see
-    ``mitk.model.linear_attention``).
+    ``mitk.model.linear_attention``); ``performer``: the same with FAVOR+ random features
+    that approximate softmax attention (``performer_features``, ``performer_seed``).
 
     With ``mla``, ``d_head`` is the query/key head width (non-rotary + rotary parts),
     ``rotary_dim`` its trailing rotary part, and the fields below apply."""
+    performer_features: int = 256
+    """``performer``: random features per head (FAVOR+'s ``m``); more approximate softmax
+    attention more closely."""
+    performer_seed: int = 0
+    """``performer``: seed of the fixed random feature directions (each layer draws its own)."""
     q_lora_rank: int = 0
     """MLA: rank of the low-rank query path (``W_q_b(norm(W_q_a x))``); 0: one ``W_q_packed``."""
     kv_lora_rank: int = 0
@@ -270,7 +276,7 @@ class TransformerConfig(JsonConfig):
         self._validate_variants()
         if self.attention_type == "mla":
             self._validate_mla()
-        if self.attention_type == "linear":
+        if self.attention_type in ("linear", "performer"):
             self._validate_linear()
 
     def _validate_linear(self) -> None:
@@ -281,11 +287,12 @@ class TransformerConfig(JsonConfig):
             "attn_sinks": self.attn_sinks,
             "attn_softcap": self.attn_softcap > 0,
         }
+        refused["performer_features < 1"] = self.performer_features < 1
         found = [what for what, present in refused.items() if present]
         if found:
             raise ConfigError(
-                f"attention_type='linear' is causal, with positions added to the stream "
-                f"(learned, sinusoidal or none) and no window, sinks or soft-cap; got "
+                f"attention_type={self.attention_type!r} is causal, with positions added to the "
+                "stream (learned, sinusoidal or none) and no window, sinks or soft-cap; got "
                 f"{', '.join(found)}"
             )
 

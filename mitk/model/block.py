@@ -9,7 +9,7 @@ from mitk.hooks import HookPoint
 from mitk.model.attention import Attention
 from mitk.model.forward_context import ForwardContext
 from mitk.model.latent_attention import LatentAttention
-from mitk.model.linear_attention import LinearAttention
+from mitk.model.linear_attention import LinearAttention, PerformerAttention
 from mitk.model.mlp import MLP
 from mitk.model.moe import MixtureOfExperts
 from mitk.model.norms import make_norm
@@ -45,10 +45,8 @@ class TransformerBlock(nn.Module):
         self.layer = layer
         if cfg.pre_norms:
             self.ln1 = make_norm(cfg)
-        attention = {"mla": LatentAttention, "linear": LinearAttention}.get(
-            cfg.attention_type, Attention
-        )
-        self.attn = attention(cfg, layer)
+        kinds = {"mla": LatentAttention, "linear": LinearAttention, "performer": PerformerAttention}
+        self.attn = kinds.get(cfg.attention_type, Attention)(cfg, layer)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         if cfg.has_mlp:

@@ -19,7 +19,7 @@ or the backend is ``eager``. Both agree to float rounding.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,9 +42,9 @@ class LinearAttentionState(NamedTuple):
     ``present`` and in a ``KVCache``: constant size, whatever the sequence length.
     """
 
-    kv: Float[Tensor, "batch kv_head d_head d_head"]
+    kv: Float[Tensor, "batch kv_head features d_head"]
     """``S``: the sum of ``phi(k_s) v_s^T`` over the positions seen."""
-    k_sum: Float[Tensor, "batch kv_head d_head"]
+    k_sum: Float[Tensor, "batch kv_head features"]
     """``u``: the sum of ``phi(k_s)``, the normaliser's state."""
 
 
@@ -70,21 +70,27 @@ class LinearAttention(Attention):
         eager = eager_reason(backend, self.hook_attn_scores, self.hook_pattern)
         return eager if eager is not None else RECURRENT
 
+    def features(self, x: Tensor, queries: bool) -> Tensor:
+        """``phi`` of queries or keys ``[batch, pos, head, d_head]``: ``elu + 1`` here."""
+        return feature_map(x)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: ForwardContext) -> Tensor:
         """``[batch, pos, head, d]`` in; ``hook_z`` out; the state handed to ``ctx`` if kept."""
-        batch, pos, _, d_head = q.shape
+        batch, pos = q.shape[:2]
         kv_heads, group = self.cfg.n_key_value_heads, self.cfg.kv_group_size
-        # [batch, kv_head, group, pos, d] for queries, [batch, kv_head, pos, d] for keys/values
-        fq = feature_map(q).view(batch, pos, kv_heads, group, d_head).permute(0, 2, 3, 1, 4)
-        fk = feature_map(k).transpose(1, 2)
+        # [batch, kv_head, group, pos, f] for queries, [batch, kv_head, pos, f] for keys
+        fq = self.features(q, queries=True)
+        width = fq.shape[-1]
+        fq = fq.view(batch, pos, kv_heads, group, width).permute(0, 2, 3, 1, 4)
+        fk = self.features(k, queries=False).transpose(1, 2)
         v = v.transpose(1, 2)
         if ctx.mask.key_valid is not None:
             fk = fk * ctx.mask.key_valid[:, None, -pos:, None].to(fk.dtype)
         past = ctx.past.get(self.layer)
         if past is None:
             state = LinearAttentionState(
-                fk.new_zeros(batch, kv_heads, d_head, v.shape[-1]),
-                fk.new_zeros(batch, kv_heads, d_head),
+                fk.new_zeros(batch, kv_heads, width, v.shape[-1]),
+                fk.new_zeros(batch, kv_heads, width),
             )
         else:
             state = LinearAttentionState(*past)
@@ -148,3 +154,46 @@ def recurrent_form(
         outputs.append(numerator / norm.clamp_min(tiny)[..., None])
         state = _advanced(state, k_c, v_c)
     return torch.cat(outputs, dim=3), state
+
+
+class PerformerAttention(LinearAttention):
+    """Performer's FAVOR+ (Choromanski et al. 2021): linear attention whose features
+    approximate softmax attention, ``E[phi(q) . phi(k)] = exp(scale * q . k)``.
+
+    ``phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = sqrt(attn_scale) x`` and
+    ``W`` the ``m = cfg.performer_features`` rows of a fixed buffer ``W_features``:
+    blocks of orthogonal directions with Gaussian-distributed norms, drawn per layer
+    from ``cfg.performer_seed``. Queries subtract their largest exponent (it cancels
+    between numerator and normaliser); keys cannot, as their sums are carried as
+    state. The approximation error shrinks as ``m`` grows (about ``1 / sqrt(m)``).
+    """
+
+    def __init__(self, cfg: Any, layer: int) -> None:
+        super().__init__(cfg, layer)
+        gen = torch.Generator().manual_seed(cfg.performer_seed * 1_000_003 + layer)
+        self.W_features: Tensor
+        self.register_buffer(
+            "W_features", orthogonal_random_features(cfg.performer_features, cfg.d_head, gen)
+        )
+
+    def features(self, x: Tensor, queries: bool) -> Tensor:
+        """FAVOR+ features ``[batch, pos, head, m]`` of queries or keys."""
+        x = x * self.cfg.attn_scale**0.5
+        exponent = x @ self.W_features.T.to(x.dtype) - x.pow(2).sum(-1, keepdim=True) / 2
+        if queries:
+            exponent = exponent - exponent.amax(-1, keepdim=True).detach()
+        return exponent.exp() / self.W_features.shape[0] ** 0.5
+
+
+def orthogonal_random_features(
+    count: int, width: int, generator: torch.Generator
+) -> Float[Tensor, "count width"]:
+    """``count`` random directions in blocks of ``width`` orthogonal ones, each row's norm
+    distributed as a standard Gaussian vector's (so each row alone is Gaussian)."""
+    blocks = []
+    for start in range(0, count, width):
+        gaussian = torch.randn(width, width, generator=generator)
+        q, _ = torch.linalg.qr(gaussian)
+        blocks.append(q.T[: min(width, count - start)])
+    norms = torch.randn(count, width, generator=generator).norm(dim=1, keepdim=True)
+    return torch.cat(blocks) * norms

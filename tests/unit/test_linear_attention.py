@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import replace
+import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,9 +32,18 @@ CFG = TransformerConfig(
 )
 
 
+PERFORMER = replace(CFG, attention_type="performer", performer_features=48)
+
+
 @pytest.fixture(scope="module")
 def model() -> HookedTransformer:
     return HookedTransformer(CFG, seed=0).eval()
+
+
+@pytest.fixture(scope="module", params=["linear", "performer"])
+def either(request: pytest.FixtureRequest) -> HookedTransformer:
+    """A linear-attention model, then a Performer: what holds for both forms of both."""
+    return HookedTransformer(CFG if request.param == "linear" else PERFORMER, seed=0).eval()
 
 
 def _tokens(batch: int = 2, pos: int = 150, seed: int = 0) -> torch.Tensor:
@@ -64,8 +75,9 @@ def test_recurrent_form_matches_the_definition_through_the_hooks(model: HookedTr
 
 
 def test_explicit_and_recurrent_forms_agree_and_the_pattern_is_normalised(
-    model: HookedTransformer,
+    either: HookedTransformer,
 ) -> None:
+    model = either
     tokens = _tokens()
     recurrent = model(tokens)
     patterns: dict[str, torch.Tensor] = {}
@@ -82,7 +94,7 @@ def test_explicit_and_recurrent_forms_agree_and_the_pattern_is_normalised(
     assert torch.allclose(pattern.sum(-1), torch.ones(2, CFG.n_heads, 150), atol=1e-5)
     visible = torch.ones(150, 150, dtype=torch.bool).tril()
     assert (pattern[..., ~visible] == 0).all() and (pattern[..., visible] > 0).all()  # phi > 0
-    eager = HookedTransformer(replace(CFG, attention_backend="eager"), seed=0).eval()
+    eager = HookedTransformer(replace(model.cfg, attention_backend="eager"), seed=0).eval()
     assert torch.allclose(eager(tokens), recurrent, atol=1e-5)
 
 
@@ -98,7 +110,8 @@ def test_chunk_size_does_not_change_the_result(chunk: int) -> None:
     assert torch.allclose(after.kv, last.kv, atol=1e-4) and torch.allclose(after.k_sum, last.k_sum)
 
 
-def test_incremental_forward_carries_a_constant_size_state(model: HookedTransformer) -> None:
+def test_incremental_forward_carries_a_constant_size_state(either: HookedTransformer) -> None:
+    model = either
     tokens = _tokens(pos=40)
     full = model(tokens)
     cache = KVCache(CFG.n_layers)
@@ -113,7 +126,10 @@ def test_incremental_forward_carries_a_constant_size_state(model: HookedTransfor
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
-def test_generation_with_the_state_equals_rerunning_the_prefix(model: HookedTransformer) -> None:
+def test_generation_with_the_state_equals_rerunning_the_prefix(
+    either: HookedTransformer,
+) -> None:
+    model = either
     prompt = _tokens(batch=1, pos=12)
     cached = model.generate(prompt, max_new_tokens=10, do_sample=False, use_past_kv_cache=True,
                             stop_at_eos=False)  # fmt: skip
@@ -150,8 +166,9 @@ def test_activation_patching_replays_from_the_start_and_equals_one_forward_per_c
     torch.testing.assert_close(result.per_prompt, expected, atol=1e-5, rtol=0)
 
 
-def test_trains_on_copying() -> None:
-    model = HookedTransformer(replace(CFG, n_ctx=48, d_vocab=20), seed=0)
+@pytest.mark.parametrize("kind", ["linear", "performer"])
+def test_trains_on_copying(kind: str) -> None:
+    model = HookedTransformer(replace(CFG, n_ctx=48, d_vocab=20, attention_type=kind), seed=0)
     history = train_language_model(
         model,
         lambda step: periodic_segments(16, 48, 20, torch.Generator().manual_seed(step), 4, 8),
@@ -159,6 +176,49 @@ def test_trains_on_copying() -> None:
         progress=False,
     )
     assert history[-1]["loss"] < history[0]["loss"] - 0.3  # from uniform (ln 19) down
+
+
+def _causal_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    causal = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril()
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+
+
+def test_performer_error_against_softmax_attention_shrinks_with_more_features() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # moderate norms, as trained queries and keys have: the estimator's variance grows as
+    # exp(|q + k|^2 scale), and at unit-variance entries of width 16 it converges slowly
+    q, k = (torch.randn(4, 1, 64, 16, generator=gen) * 0.5 for _ in range(2))
+    v = torch.randn(4, 1, 64, 16, generator=gen)
+    exact = _causal_softmax_attention(q, k, v)
+    errors = []
+    for count in (8, 32, 128, 512):
+        per_seed = []
+        for seed in range(4):
+            cfg = replace(PERFORMER, d_model=16, d_head=16, n_heads=1, n_key_value_heads=1,
+                          performer_features=count, performer_seed=seed)  # fmt: skip
+            attn = HookedTransformer(cfg, seed=0).blocks[0].attn
+            fq = attn.features(q.transpose(1, 2), queries=True).transpose(1, 2)[:, :, None]
+            fk = attn.features(k.transpose(1, 2), queries=False).transpose(1, 2)
+            empty = LinearAttentionState(torch.zeros(4, 1, count, 16), torch.zeros(4, 1, count))
+            approx, _ = recurrent_form(fq, fk, v, empty)
+            per_seed.append((approx[:, :, 0] - exact).abs().mean().item())
+        errors.append(sum(per_seed) / len(per_seed))
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
+    # 64x the features: 1/sqrt(m) predicts 8x less error; the ratio of two estimates
+    # (numerator over normaliser) converges more slowly at small m: measured 3.8x
+    assert errors[-1] < errors[0] / 3, errors
+
+
+def test_performer_features_are_fixed_per_seed_and_saved(tmp_path: Path) -> None:
+    first, again = (HookedTransformer(PERFORMER, seed=s).blocks[1].attn for s in (0, 1))
+    assert torch.equal(first.W_features, again.W_features)  # the performer seed, not the init's
+    other = HookedTransformer(replace(PERFORMER, performer_seed=1), seed=0).blocks[1].attn
+    assert not torch.equal(first.W_features, other.W_features)
+    model = HookedTransformer(PERFORMER, seed=0)
+    tokens = _tokens(pos=20)
+    loaded = HookedTransformer.from_pretrained(model.save(tmp_path / "performer"))
+    assert torch.allclose(loaded(tokens), model(tokens), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -169,10 +229,11 @@ def test_trains_on_copying() -> None:
         {"causal": False},
         {"sliding_window": 8},
         {"attn_softcap": 30.0},
+        {"attention_type": "performer", "performer_features": 0},
     ],
 )
 def test_what_linear_attention_does_not_combine_with_is_refused(change: dict) -> None:
-    with pytest.raises(ConfigError, match="attention_type='linear'"):
+    with pytest.raises(ConfigError, match=r"attention_type='(linear|performer)'"):
         replace(CFG, **change)
 
 

@@ -32,3 +32,22 @@ def naive_patch(
             patched = model.run_with_hooks(corrupt, fwd_hooks=[(name(site, layer), put)])
             out[:, layer, pos] = metric(patched)
     return out
+
+
+def patched_both_ways(
+    model: Any, clean: torch.Tensor, changed: int, site: str
+) -> tuple[Any, torch.Tensor]:
+    """``activation_patch`` per position of ``site`` (a logit difference at the last position),
+    with ``clean``'s token at ``changed`` replaced in the corrupted prompt, and the oracle's."""
+    from mitk.analysis.patching import activation_patch
+
+    corrupt = clean.clone()
+    corrupt[:, changed] = (corrupt[:, changed] + 5) % model.cfg.d_vocab
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, -1, 3] - logits[:, -1, 5]
+
+    with torch.no_grad():
+        result = activation_patch(model, clean, corrupt, metric, site, "pos")
+        expected = naive_patch(model, clean, corrupt, metric, site, clean.shape[1])
+    return result, expected

@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from mitk import HookedTransformer, TransformerConfig
-from mitk.analysis.patching import activation_patch
 from mitk.errors import ConfigError
 from mitk.model.kv_cache import KVCache
 from mitk.model.linear_attention import RECURRENT, LinearAttentionState, recurrent_form
 from mitk.sequences import periodic_segments
 from mitk.train import TrainConfig, train_language_model
-from tests.naive_patching import naive_patch
+from tests.naive_patching import patched_both_ways
 
 CFG = TransformerConfig(
     d_model=32,
@@ -153,16 +152,7 @@ def test_left_padding_changes_nothing_for_the_real_tokens() -> None:
 def test_activation_patching_replays_from_the_start_and_equals_one_forward_per_cell(
     model: HookedTransformer, site: str
 ) -> None:
-    clean = _tokens(pos=9, seed=5)
-    corrupt = clean.clone()
-    corrupt[:, 3] = (corrupt[:, 3] + 7) % CFG.d_vocab
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, -1, 3] - logits[:, -1, 5]
-
-    with torch.no_grad():
-        result = activation_patch(model, clean, corrupt, metric, site, "pos")
-        expected = naive_patch(model, clean, corrupt, metric, site, 9)
+    result, expected = patched_both_ways(model, _tokens(pos=9, seed=5), 3, site)
     torch.testing.assert_close(result.per_prompt, expected, atol=1e-5, rtol=0)
 
 

@@ -7,14 +7,13 @@ import torch
 
 from mitk import HookedTransformer, TransformerConfig
 from mitk.analysis.dla import logit_attribution
-from mitk.analysis.patching import activation_patch
 from mitk.config import SSMConfig
 from mitk.errors import ConfigError, UnknownHookError, UnsupportedModelError
 from mitk.hooks import name
 from mitk.model.kv_cache import KVCache
 from mitk.model.ssm import SSMState, chunked_scan
 from mitk.model.ssm.mixer import CHUNKED, SEQUENTIAL
-from tests.naive_patching import naive_patch
+from tests.naive_patching import patched_both_ways
 
 VOCAB = 40
 C, N = 24, 5  # d_inner, d_state
@@ -167,16 +166,7 @@ def test_logit_attribution_by_component_sums_to_the_logit_difference(
 def test_activation_patching_of_mixer_layers_equals_one_forward_per_cell(
     model: HookedTransformer, site: str
 ) -> None:
-    clean = _tokens(pos=7, seed=4)
-    corrupt = clean.clone()
-    corrupt[:, 2] = (corrupt[:, 2] + 5) % model.cfg.d_vocab
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, -1, 3] - logits[:, -1, 5]
-
-    with torch.no_grad():
-        result = activation_patch(model, clean, corrupt, metric, site, "pos")
-        expected = naive_patch(model, clean, corrupt, metric, site, 7)
+    result, expected = patched_both_ways(model, _tokens(pos=7, seed=4), 2, site)
     torch.testing.assert_close(result.per_prompt, expected, atol=1e-5, rtol=0)
     if site == "resid_pre":  # the one changed token, restored before any layer reads it
         torch.testing.assert_close(result.per_prompt[:, 0, 2], result.clean, atol=1e-4, rtol=0)

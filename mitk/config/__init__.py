@@ -32,6 +32,7 @@ RotaryStyle = Literal["neox", "gptj"]
 AttentionBackend = Literal["auto", "sdpa", "eager"]
 DType = Literal["float32", "float64", "float16", "bfloat16"]
 AttentionType = Literal["mha", "mla", "linear", "performer"]
+SparsePattern = Literal["none", "strided", "fixed"]
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -159,6 +160,16 @@ class TransformerConfig(JsonConfig):
 
     With ``mla``, ``d_head`` is the query/key head width (non-rotary + rotary parts),
     ``rotary_dim`` its trailing rotary part, and the fields below apply."""
+    sparse_attention: SparsePattern = "none"
+    """Sparse Transformer patterns (Child et al. 2019), one mask for every head of every layer
+    (the union of the paper's two head types), on top of causality: ``strided``: the last
+    ``sparse_block`` positions and every ``sparse_block``-th one before; ``fixed``: the
+    query's own block of ``sparse_block`` positions and the last ``sparse_summary`` of
+    every block. Runs fused (as an SDPA mask); ``hook_pattern`` shows the zeros."""
+    sparse_block: int = 0
+    """``strided``/``fixed``: the stride or block length ``l``."""
+    sparse_summary: int = 1
+    """``fixed``: positions at the end of each block that every later query sees (``c``)."""
     performer_features: int = 256
     """``performer``: random features per head (FAVOR+'s ``m``); more approximate softmax
     attention more closely."""
@@ -278,6 +289,22 @@ class TransformerConfig(JsonConfig):
             self._validate_mla()
         if self.attention_type in ("linear", "performer"):
             self._validate_linear()
+        if self.sparse_attention != "none":
+            self._validate_sparse()
+
+    def _validate_sparse(self) -> None:
+        if not self.causal or self.attention_type != "mha":
+            raise ConfigError("sparse_attention needs causal=True and attention_type='mha'")
+        if self.sparse_block < 2:
+            raise ConfigError(
+                f"sparse_attention={self.sparse_attention!r} needs sparse_block >= 2, "
+                f"got {self.sparse_block}"
+            )
+        if not 1 <= self.sparse_summary <= self.sparse_block:
+            raise ConfigError(
+                f"sparse_summary must lie in [1, sparse_block={self.sparse_block}], "
+                f"got {self.sparse_summary}"
+            )
 
     def _validate_linear(self) -> None:
         refused = {
@@ -405,6 +432,7 @@ _CHOICES: dict[str, Any] = {
     "attention_type": AttentionType,
     "norm_position": NormPosition,
     "qk_norm": QKNorm,
+    "sparse_attention": SparsePattern,
 }
 
 __all__ = [

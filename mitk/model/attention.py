@@ -23,6 +23,7 @@ from mitk.model.norms import make_qk_norm
 from mitk.model.rotary import apply_rotary, rotary_angles
 from mitk.model.sinks import fused_with_sink, softmax_with_sink
 from mitk.model.softcap import soft_cap
+from mitk.model.sparse_patterns import sparse_allowed
 from mitk.shapes import Float
 
 Queries = Float[Tensor, "batch head pos d_head"]
@@ -258,7 +259,11 @@ class Attention(nn.Module):
 
     def _allowed(self, mask: AttentionMask, device: torch.device) -> Tensor | None:
         """Boolean ``[batch or 1, 1, q, k]`` visibility, or None when every key is visible."""
-        window = self.cfg.window_of(self.layer)
+        window, cfg = self.cfg.window_of(self.layer), self.cfg
+        if cfg.sparse_attention != "none":
+            pattern = sparse_allowed(cfg.sparse_attention, cfg.sparse_block, cfg.sparse_summary,
+                                     mask.q_len, mask.k_len, device)  # fmt: skip
+            return mask.dense(device, window) & pattern
         return mask.dense(device, window) if mask.restricts(window) else None
 
     def _bias(self, ctx: ForwardContext, device: torch.device) -> Tensor | None:
@@ -281,7 +286,8 @@ class Attention(nn.Module):
         if self.cfg.attn_sinks:  # config validation rules out a bias alongside
             allowed = self._allowed(mask, q.device)
             return fused_with_sink(q, k, v, allowed, self.sinks, self.cfg.attn_scale)
-        if mask.is_plain_causal and bias is None and not windowed:
+        sparse = self.cfg.sparse_attention != "none"
+        if mask.is_plain_causal and bias is None and not windowed and not sparse:
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=self.cfg.attn_scale, enable_gqa=gqa
             )

@@ -341,6 +341,13 @@ def _per_query_head(
 # --- refactor_factored_attn_matrices ------------------------------------------------------
 def _check_refactor_applies(model: Any) -> None:
     cfg = model.cfg
+    if cfg.attention_type in ("linear", "performer"):
+        # the refactoring keeps q . k, not phi(q) . phi(k)
+        raise UnsupportedModelError(
+            f"refactor_factored_attn_matrices keeps each head's q . k, which "
+            f"attention_type={cfg.attention_type!r} does not read: its weights come from "
+            "feature maps of q and k"
+        )
     if cfg.positional == "rotary":
         # as TransformerLens refuses: rotation makes the QK matrix depend on both positions
         raise UnsupportedModelError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 import itertools
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mitk import HookedTransformer, TransformerConfig
-from mitk.errors import ConfigError
+from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.kv_cache import KVCache
 from mitk.model.linear_attention import RECURRENT, LinearAttentionState, recurrent_form
 from mitk.sequences import periodic_segments
@@ -227,5 +228,22 @@ def test_what_linear_attention_does_not_combine_with_is_refused(change: dict) ->
         replace(CFG, **change)
 
 
+def test_weight_processing_keeps_the_output_or_is_refused(either: HookedTransformer) -> None:
+    tokens = _tokens(pos=20)
+    processed = copy.deepcopy(either)
+    processed.process_weights(fold_ln=True, center_writing_weights=True, fold_value_biases=True)
+    assert torch.allclose(
+        processed(tokens).log_softmax(-1), either(tokens).log_softmax(-1), atol=1e-5
+    )
+    with pytest.raises(UnsupportedModelError, match="feature maps of q and k"):
+        copy.deepcopy(either).process_weights(refactor_factored_attn_matrices=True)
+
+
 def test_config_round_trips() -> None:
     assert TransformerConfig.from_dict(CFG.to_dict()) == CFG
+
+
+def test_export_to_transformer_lens_is_refused_by_name(either: HookedTransformer) -> None:
+    pytest.importorskip("transformer_lens")
+    with pytest.raises(UnsupportedModelError, match=r"attention_type=.*softmax"):
+        either.to_transformer_lens()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mitk import HookedTransformer, TransformerConfig
-from mitk.errors import ConfigError
+from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.sparse_patterns import sparse_allowed
 
 CFG = TransformerConfig(
@@ -90,3 +90,9 @@ def test_generation_with_the_cache_sees_the_same_pattern() -> None:
 def test_bad_sparse_settings_are_refused(change: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         replace(CFG, **change)
+
+
+def test_export_to_transformer_lens_is_refused_by_name() -> None:
+    pytest.importorskip("transformer_lens")
+    with pytest.raises(UnsupportedModelError, match="sparse_attention='strided'"):
+        HookedTransformer(CFG, seed=0).to_transformer_lens()

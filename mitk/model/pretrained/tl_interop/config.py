@@ -225,7 +225,9 @@ def _check_tl_can_compute(cfg: TransformerConfig) -> None:
         raise refuse("has_lm_head" if cfg.final_norm else "final_norm",
                      "HookedTransformer is a language model with a final norm")  # fmt: skip
     if cfg.attention_type != "mha":
-        raise refuse("attention_type", "has no latent attention")
+        raise refuse("attention_type", "has dense softmax multi-head attention only")
+    if cfg.sparse_attention != "none":
+        raise refuse("sparse_attention", "has no Sparse Transformer masks")
     if cfg.embed_norm and (cfg.positional == "learned" or cfg.normalization != "layernorm"):
         raise refuse("embed_norm", "norms the token embedding alone, with a LayerNorm")
     if cfg.sandwich_norms and cfg.normalization != "rmsnorm":

@@ -122,8 +122,15 @@ class WeightViews:
 
         Row-vector convention: the (unscaled, bias-free) score of query input
         ``x_q`` on key input ``x_k`` is ``x_q @ QK @ x_kᵀ``. Key heads are
-        repeated to one per query head for grouped-query models.
+        repeated to one per query head for grouped-query models. Linear and
+        Performer attention raise ``UnsupportedModelError``: their weights are
+        ``phi(q) . phi(k)``, which no bilinear form gives.
         """
+        if self.cfg.attention_type in ("linear", "performer"):
+            raise UnsupportedModelError(
+                f"QK: attention_type={self.cfg.attention_type!r} weighs keys by "
+                "phi(q) . phi(k), not by a bilinear form of the inputs (OV still applies)"
+            )
         return FactoredMatrix(self.W_Q, self._per_query_head(self.W_K).mT)
 
     @property

@@ -247,3 +247,10 @@ def test_export_to_transformer_lens_is_refused_by_name(either: HookedTransformer
     pytest.importorskip("transformer_lens")
     with pytest.raises(UnsupportedModelError, match=r"attention_type=.*softmax"):
         either.to_transformer_lens()
+
+
+def test_qk_is_refused_and_ov_is_kept(either: HookedTransformer) -> None:
+    with pytest.raises(UnsupportedModelError, match=r"QK: attention_type=.*phi\(q\)"):
+        either.QK  # noqa: B018
+    # a head still writes pattern @ x @ OV (z = pattern @ v), so OV keeps its meaning
+    assert either.OV.shape == (CFG.n_layers, CFG.n_heads, CFG.d_model, CFG.d_model)

@@ -164,8 +164,10 @@ class PerformerAttention(LinearAttention):
     ``W`` the ``m = cfg.performer_features`` rows of a fixed buffer ``W_features``:
     blocks of orthogonal directions with Gaussian-distributed norms, drawn per layer
     from ``cfg.performer_seed``. Queries subtract their largest exponent (it cancels
-    between numerator and normaliser); keys cannot, as their sums are carried as
-    state. The approximation error shrinks as ``m`` grows (about ``1 / sqrt(m)``).
+    between numerator and normaliser, so ``hook_attn_scores`` shows the kernel up to
+    a factor per query; ``hook_pattern`` is exact); keys cannot, as their sums are
+    carried as state. The approximation error shrinks as ``m`` grows (about
+    ``1 / sqrt(m)``).
     """
 
     def __init__(self, cfg: Any, layer: int) -> None:

@@ -70,10 +70,11 @@ COPY_STEPS = 600
 """The first steps train on copying alone: ``COPY_SHAPE`` rows of random ids of the ordinary
 tokens, each row one segment repeated (``mitk.sequences.periodic_segments``, periods 4 to 31),
 with the unembedding tied to the embedding (``mitk.train.tied``). Tied, a copy of any token is
-the identity map, and the induction circuit forms in about 450 steps; untied, 600 steps of
-the same grew it for the 256 most frequent tokens only, and text training never grew it at
-all (1500 steps with random repeats and 2000 with repeated passages at a fixed offset left the
-second copy of a held-out passage no better predicted than the first)."""
+the identity map, and the induction circuit forms in about 450 steps. Untied, 600 steps of
+copies from the whole vocabulary (or its 1024 most frequent ids) grew nothing; copies of the
+256 most frequent grew a circuit that did not carry over to text; and text training alone
+never grew one (1500 steps with random repeats and 2000 with repeated passages at a fixed
+offset left the second copy of a held-out passage no better predicted than the first)."""
 COPY_SHAPE = (64, 64)
 """``(rows, length)`` of a copy batch: as many tokens as a text batch, in short rows so that
 every row repeats its segment several times."""

@@ -287,7 +287,7 @@ class TransformerConfig(JsonConfig):
         self._validate_variants()
         if self.attention_type == "mla":
             self._validate_mla()
-        if self.attention_type in ("linear", "performer"):
+        if self.kernel_attention:
             self._validate_linear()
         if self.sparse_attention != "none":
             self._validate_sparse()
@@ -313,8 +313,8 @@ class TransformerConfig(JsonConfig):
             "a sliding window": self.sliding_window > 0,
             "attn_sinks": self.attn_sinks,
             "attn_softcap": self.attn_softcap > 0,
+            "performer_features < 1": self.performer_features < 1,
         }
-        refused["performer_features < 1"] = self.performer_features < 1
         found = [what for what, present in refused.items() if present]
         if found:
             raise ConfigError(
@@ -413,6 +413,12 @@ class TransformerConfig(JsonConfig):
         if layer in (self.rotary_local_layers or ()):
             return self.rotary_local_base, None
         return self.rotary_base, self.rotary_scaling
+
+    @property
+    def kernel_attention(self) -> bool:
+        """Whether attention weighs keys by ``phi(q) . phi(k)`` (``linear``, ``performer``):
+        no bilinear QK form, and a recurrent state instead of keys and values."""
+        return self.attention_type in ("linear", "performer")
 
     @property
     def kv_group_size(self) -> int:

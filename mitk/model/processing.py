@@ -341,7 +341,7 @@ def _per_query_head(
 # --- refactor_factored_attn_matrices ------------------------------------------------------
 def _check_refactor_applies(model: Any) -> None:
     cfg = model.cfg
-    if cfg.attention_type in ("linear", "performer"):
+    if cfg.kernel_attention:
         # the refactoring keeps q . k, not phi(q) . phi(k)
         raise UnsupportedModelError(
             f"refactor_factored_attn_matrices keeps each head's q . k, which "

@@ -126,7 +126,7 @@ class WeightViews:
         Performer attention raise ``UnsupportedModelError``: their weights are
         ``phi(q) . phi(k)``, which no bilinear form gives.
         """
-        if self.cfg.attention_type in ("linear", "performer"):
+        if self.cfg.kernel_attention:
             raise UnsupportedModelError(
                 f"QK: attention_type={self.cfg.attention_type!r} weighs keys by "
                 "phi(q) . phi(k), not by a bilinear form of the inputs (OV still applies)"

@@ -203,9 +203,7 @@ def replays_from_start(model: Any) -> bool:
     mixer or linear attention) carries a state from the prefix, not keys and values that a
     suffix-only run could be handed."""
     cfg = model.cfg
-    return cfg.attention_type in ("linear", "performer") or any(
-        cfg.is_ssm_layer(layer) for layer in range(cfg.n_layers)
-    )
+    return cfg.kernel_attention or any(cfg.is_ssm_layer(layer) for layer in range(cfg.n_layers))
 
 
 def run_variants(

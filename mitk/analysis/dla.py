@@ -95,9 +95,10 @@ def _writes_at(
     blocks = [pick(cache[hook])[None] for _, hook in stream.embedding_hooks]
     per_prompt = lambda bias: bias.expand(rows.shape[0], -1)[None]  # noqa: E731
     for layer in range(stream.n_layers):
-        if layer in stream.mixer_layers:  # a state-space layer writes once, at any granularity
-            blocks.append(pick(cache[name("mixer_out", layer)])[None])
-            labels.append(f"{layer}_mixer_out")
+        if layer in stream.mixer_layers:  # a mixer layer's writes are whole, at any granularity
+            for kind in stream.mixer_writes:
+                blocks.append(pick(cache[name(kind, layer)])[None])
+                labels.append(f"{layer}_{kind}")
             continue
         if by == "head":
             z = pick(cache[name("z", layer)])  # [batch, head, d_head]
@@ -181,8 +182,8 @@ def logit_attribution(
     cache.stream.require_additive()
     if by in ("head", "neuron") and len(cache.stream.mixer_layers) == cache.stream.n_layers:
         raise UnsupportedModelError(
-            f"by={by!r}: every layer of this model is a state-space mixer, with no heads or "
-            "neurons; use by='component'"
+            f"by={by!r}: every layer of this model is a {cache.stream.mixer_kind} mixer, with no "
+            "heads or per-neuron writes; use by='component'"
         )
     embed = cache["hook_embed"]
     batch, seq = embed.shape[0], embed.shape[1]

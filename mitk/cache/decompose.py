@@ -88,7 +88,7 @@ def accumulated_resid(
     """
     n_layers = cache.stream.n_layers
     end = resolve_layer(layer, n_layers)
-    mixers = cache.stream.mixer_layers
+    mixers = cache.stream.mlp_less_layers
     _no_mlp_at_unembed(mlp_input, end, n_layers, mixers)
     pos = as_slice(pos_slice)
     labels: list[str] = []
@@ -135,7 +135,7 @@ def decompose_resid(
     stream = cache.stream
     stream.require_additive()
     end = resolve_layer(layer, stream.n_layers)
-    _no_mlp_at_unembed(mlp_input, end, stream.n_layers, stream.mixer_layers)
+    _no_mlp_at_unembed(mlp_input, end, stream.n_layers, stream.mlp_less_layers)
     pos = as_slice(pos_slice)
     incl_attn, incl_mlp = mode != "mlp", mode != "attn" and stream.has_mlp
     labels: list[str] = []
@@ -144,10 +144,11 @@ def decompose_resid(
         labels += [label for label, _ in stream.embedding_hooks]
         parts += [cache[hook] for _, hook in stream.embedding_hooks]
     for block in range(end + 1):
-        if block in stream.mixer_layers:
-            if mode == "all" and block < end:
-                labels.append(f"{block}_mixer_out")
-                parts.append(cache[name("mixer_out", block)])
+        if block in stream.mixer_layers:  # all of its writes, or the first before its MLP
+            writes = stream.mixer_writes if block < end else stream.mixer_writes[:-1]
+            for kind in writes if mode == "all" and (block < end or mlp_input) else ():
+                labels.append(f"{block}_{kind}")
+                parts.append(cache[name(kind, block)])
             continue
         if incl_attn and (block < end or mlp_input):
             labels.append(f"{block}_attn_out")
@@ -238,7 +239,7 @@ def _neurons_of(
 
 def _require_neurons(cache: ActivationCache) -> None:
     if not cache.stream.has_mlp:
-        kind = "state-space (Mamba)" if cache.stream.mixer_layers else "attention-only"
+        kind = cache.stream.mixer_kind if cache.stream.mixer_layers else "attention-only"
         raise UnsupportedModelError(f"this model is {kind}: it has no neurons")
 
 

@@ -55,20 +55,31 @@ class StreamWrites:
     mlp_reads: str = "resid_mid"
     """The hook kind holding the stream an MLP reads (``resid_pre`` in parallel blocks)."""
     mixer_layers: tuple[int, ...] = ()
-    """Layers whose one write is a state-space mixer's ``hook_mixer_out`` (no attention, no MLP)."""
+    """Layers with a recurrent mixer (``hook_mixer_out``) in place of attention: no heads."""
+    mixer_writes: tuple[str, ...] = ("mixer_out",)
+    """The hook kinds a mixer layer writes, in order: a Mamba layer's one mixer, or an RWKV
+    layer's time mixing then channel mixing (``("mixer_out", "mlp_out")``)."""
+    mixer_kind: str = "state-space"
+    """What the mixer layers are, for refusals."""
 
     def require_heads(self, layer: int) -> None:
         """Raise ``UnsupportedModelError`` if ``layer`` has no attention heads (a mixer layer)."""
         if layer in self.mixer_layers:
+            writes = " and ".join(f"blocks.{layer}.hook_{kind}" for kind in self.mixer_writes)
             raise UnsupportedModelError(
-                f"layer {layer} is a state-space (Mamba) layer: it has no attention heads; "
-                f"its write is blocks.{layer}.hook_mixer_out"
+                f"layer {layer} is a {self.mixer_kind} layer: it has no attention heads; "
+                f"its writes are {writes}"
             )
+
+    @property
+    def mlp_less_layers(self) -> tuple[int, ...]:
+        """Mixer layers with one write and no stream between sublayers (Mamba's)."""
+        return self.mixer_layers if len(self.mixer_writes) == 1 else ()
 
     def sublayer_writes(self, layer: int) -> tuple[str, ...]:
         """The hook kinds of ``layer``'s writes into the stream, in the order they are added."""
         if layer in self.mixer_layers:
-            return ("mixer_out",)
+            return self.mixer_writes
         return ("attn_out", "mlp_out") if self.has_mlp else ("attn_out",)
 
     def require_additive(self) -> None:

@@ -22,6 +22,7 @@ from mitk.config.json_config import (
 )
 from mitk.config.moe import MoEConfig
 from mitk.config.rotary_scaling import RotaryScaling, RotaryScalingKind
+from mitk.config.rwkv import RWKVConfig
 from mitk.config.ssm import SSMConfig
 from mitk.errors import ConfigError
 
@@ -204,6 +205,9 @@ class TransformerConfig(JsonConfig):
     ssm: SSMConfig | None = None
     """Selective state-space (Mamba) mixers: the layers it names have one mixer block
     (``resid + mixer(ln1(resid))``) instead of attention and MLP; None: none."""
+    rwkv: RWKVConfig | None = None
+    """RWKV-4 blocks in every layer: time mixing (``blocks.L.mixer``) in place of attention,
+    channel mixing (``blocks.L.mlp``, ``d_mlp`` wide) in place of the MLP; None: none."""
     device: str = field(default="cpu", compare=False)
     """Where the weights live (``"cpu"``, ``"cuda:0"``): a model is built there and keeps
     this up to date through ``model.to(...)``. Not part of ``==`` or of the saved JSON, so
@@ -343,13 +347,18 @@ class TransformerConfig(JsonConfig):
             raise ConfigError(f"moe layers must lie in [0, {self.n_layers}), got {self.moe.layers}")
         if self.ssm is not None:
             self._validate_ssm()
+        if self.rwkv is not None:
+            self._validate_rwkv()
         if not self.pre_norms and not (self.sandwich_norms and self.norm_position == "pre"):
             raise ConfigError("pre_norms=False needs sandwich_norms=True and norm_position='pre'")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
         """As ``JsonConfig.from_dict``; nested dicts become ``RotaryScaling``/``MoEConfig``."""
-        records = (("rotary_scaling", RotaryScaling), ("moe", MoEConfig), ("ssm", SSMConfig))
+        records = (
+            ("rotary_scaling", RotaryScaling), ("moe", MoEConfig), ("ssm", SSMConfig),
+            ("rwkv", RWKVConfig),
+        )  # fmt: skip
         for key, record in records:
             if isinstance(data.get(key), dict):
                 check_types(record, data[key], prefix=f"{key}.")
@@ -365,6 +374,26 @@ class TransformerConfig(JsonConfig):
             raise ConfigError("ssm mixers need plain pre-norm blocks")
         if self.moe is not None and self.ssm.layers is None:
             raise ConfigError("every layer is an ssm mixer, so there is no MLP for moe to replace")
+
+    def _validate_rwkv(self) -> None:
+        if not isinstance(self.rwkv, RWKVConfig):
+            raise ConfigError(f"rwkv must be an RWKVConfig or None, got {self.rwkv!r}")
+        refused = {
+            "ssm": self.ssm is not None,
+            "moe": self.moe is not None,
+            f"attention_type={self.attention_type!r}": self.attention_type != "mha",
+            f"positional={self.positional!r}": self.positional != "none",
+            f"normalization={self.normalization!r}": self.normalization != "layernorm",
+            "d_mlp=0": not self.has_mlp,
+            "other than plain pre-norm blocks": self.norm_position != "pre"
+            or not self.pre_norms or self.sandwich_norms or self.parallel_attn_mlp,
+        }  # fmt: skip
+        found = [what for what, present in refused.items() if present]
+        if found:
+            raise ConfigError(
+                "rwkv blocks are pre-LayerNorm time + channel mixing with no positions (the "
+                f"token shift orders the tokens); got {', '.join(found)}"
+            )
 
     def _validate_mla(self) -> None:
         for name in ("kv_lora_rank", "v_head_dim"):
@@ -397,6 +426,11 @@ class TransformerConfig(JsonConfig):
     def is_ssm_layer(self, layer: int) -> bool:
         """Whether ``layer``'s block is a state-space mixer (see ``ssm``)."""
         return self.ssm is not None and self.ssm.applies_to(layer)
+
+    def has_mixer(self, layer: int) -> bool:
+        """Whether ``layer`` mixes positions with a recurrent mixer (``blocks.L.mixer``, a
+        Mamba or RWKV time-mixing layer) instead of attention."""
+        return self.rwkv is not None or self.is_ssm_layer(layer)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether ``layer``'s MLP is a mixture of experts (see ``moe``)."""
@@ -443,7 +477,7 @@ _CHOICES: dict[str, Any] = {
 
 __all__ = [
     "ActFn", "AttentionBackend", "AttentionType", "DType", "JsonConfig", "MoEConfig",
-    "NormPosition", "Normalization", "Positional", "QKNorm", "RotaryScaling",
+    "NormPosition", "Normalization", "Positional", "QKNorm", "RWKVConfig", "RotaryScaling",
     "RotaryScalingKind", "RotaryStyle", "SSMConfig", "TransformerConfig", "check_choices",
     "check_positive_ints", "json_object", "loading_overrides", "torch_dtype",
 ]  # fmt: skip

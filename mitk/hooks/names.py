@@ -51,6 +51,8 @@ HookKind = Literal[
     "C",
     "ssm_state",
     "gated",
+    "wkv",
+    "wkv_state",
 ]
 
 _MODEL_LEVEL = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}
@@ -65,8 +67,8 @@ _MLP_LEVEL = {
     "pre", "pre_linear", "post", "router_logits", "expert_indices", "expert_weights",
     "expert_out", "shared_out",
 }  # fmt: skip
-# a state-space (Mamba) layer's mixer: mixer_out is its write, these its insides
-_MIXER_LEVEL = {"in_proj", "conv", "dt", "A", "B", "C", "ssm_state", "gated"}
+# a recurrent (Mamba, RWKV time-mixing) layer's mixer: mixer_out is its write, these its insides
+_MIXER_LEVEL = {"in_proj", "conv", "dt", "A", "B", "C", "ssm_state", "gated", "wkv", "wkv_state"}
 _NORM_LEVEL = {"scale", "normalized"}
 NORMS = ("ln1", "ln2")
 

@@ -13,7 +13,16 @@ from mitk.model.linear_attention import LinearAttention, PerformerAttention
 from mitk.model.mlp import MLP
 from mitk.model.moe import MixtureOfExperts
 from mitk.model.norms import make_norm
+from mitk.model.rwkv import RWKVBlock
+from mitk.model.ssm import MambaBlock
 from mitk.shapes import Float
+
+
+def block_class(cfg: TransformerConfig, layer: int) -> type[nn.Module]:
+    """The block ``layer`` is built from: RWKV, Mamba (a state-space mixer) or attention + MLP."""
+    if cfg.rwkv is not None:
+        return RWKVBlock
+    return MambaBlock if cfg.is_ssm_layer(layer) else TransformerBlock
 
 
 class TransformerBlock(nn.Module):

@@ -31,6 +31,7 @@ from mitk.model.attention import Attention
 from mitk.model.inputs import check_length
 from mitk.model.kv_cache import KVCache
 from mitk.model.rotary import cache_outlives_short_factors
+from mitk.model.rwkv import RWKVBlock
 from mitk.model.ssm import MambaBlock
 from mitk.shapes import Bool, Float, Int
 
@@ -185,8 +186,8 @@ def generate(
     if wanted == "str":
         model._require_tokenizer()  # fail before generating, not after
     check_length(tokens.shape[1] + max_new_tokens, model.cfg)  # learned positions run out
-    # a Mamba block carries its recurrent state in the cache in place of keys and values
-    carries = lambda b: isinstance(b, MambaBlock) or isinstance(b.attn, Attention)  # noqa: E731
+    # Mamba and RWKV blocks carry their recurrent state in the cache in place of keys and values
+    carries = lambda b: isinstance(b, MambaBlock | RWKVBlock) or isinstance(b.attn, Attention)  # noqa: E731
     if use_past_kv_cache and not all(carries(b) for b in model.blocks):
         raise UnsupportedModelError(
             "this model's attention has no key-value cache support; pass use_past_kv_cache=False"

@@ -10,10 +10,11 @@ from torch import Tensor
 from mitk.errors import ShapeMismatchError
 from mitk.model.forward_context import PastKV
 from mitk.model.linear_attention import LinearAttentionState
+from mitk.model.rwkv.state import RWKVState
 from mitk.model.ssm.state import SSMState
 from mitk.shapes import Bool, Float
 
-RECURRENT_STATES = (SSMState, LinearAttentionState)
+RECURRENT_STATES = (SSMState, LinearAttentionState, RWKVState)
 """Layer states of constant size (no keys or values to list or to count positions by)."""
 
 

@@ -24,10 +24,9 @@ GB = 1024**3
 
 def parameter_count(cfg: TransformerConfig) -> int:
     """Parameters a ``HookedTransformer`` built from ``cfg`` holds (counted on ``meta``)."""
-    from mitk.model.block import TransformerBlock
+    from mitk.model.block import block_class
     from mitk.model.embed import Embed, PosEmbed, TokenTypeEmbed, Unembed
     from mitk.model.norms import make_norm
-    from mitk.model.ssm import MambaBlock
 
     kinds = {layer: count for layer, count in _layer_kinds(cfg).items() if count}
     with torch.device("meta"):
@@ -39,8 +38,7 @@ def parameter_count(cfg: TransformerConfig) -> int:
         outer += [make_norm(cfg)] * (int(cfg.embed_norm) + int(cfg.final_norm))
         total = sum(_numel(m) for m in outer)
         for layer, count in kinds.items():
-            block = MambaBlock if cfg.is_ssm_layer(layer) else TransformerBlock
-            total += count * _numel(block(cfg, layer))
+            total += count * _numel(block_class(cfg, layer)(cfg, layer))
     return total
 
 

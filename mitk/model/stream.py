@@ -44,6 +44,12 @@ def decoder_stream_writes(model: Any) -> StreamWrites:
     moe_layers = tuple(i for i in range(cfg.n_layers) if cfg.is_moe_layer(i))
 
     def neuron_output(layer: int) -> tuple[Tensor, Tensor]:
+        if cfg.rwkv is not None:
+            raise UnsupportedModelError(
+                f"layer {layer} is an RWKV layer: channel mixing gates its summed write with "
+                f"sigmoid(receptance), so a neuron's write is not post * W_out; its write is "
+                f"blocks.{layer}.hook_mlp_out"
+            )
         if layer in moe_layers:
             raise UnsupportedModelError(
                 f"layer {layer}'s MLP is a mixture of experts: its writes are per expert "
@@ -67,7 +73,9 @@ def decoder_stream_writes(model: Any) -> StreamWrites:
         moe_layers=moe_layers,
         expert_output=expert_output,
         mlp_reads="resid_pre" if cfg.parallel_attn_mlp else "resid_mid",
-        mixer_layers=tuple(i for i in range(cfg.n_layers) if cfg.is_ssm_layer(i)),
+        mixer_layers=tuple(i for i in range(cfg.n_layers) if cfg.has_mixer(i)),
+        mixer_writes=("mixer_out", "mlp_out") if cfg.rwkv is not None else ("mixer_out",),
+        mixer_kind="RWKV" if cfg.rwkv is not None else "state-space",
     )
 
 

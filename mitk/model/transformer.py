@@ -18,7 +18,7 @@ from mitk.hooks import (
     layer_of,
 )
 from mitk.model import generation, processing
-from mitk.model.block import TransformerBlock
+from mitk.model.block import block_class
 from mitk.model.embed import Embed, PosEmbed, SinusoidalPosEmbed, TokenTypeEmbed, Unembed
 from mitk.model.executor import holding, run_blocks
 from mitk.model.forward_context import ForwardContext, PastKV
@@ -34,6 +34,7 @@ from mitk.model.loss import loss_from_logits, next_token_loss, next_token_losses
 from mitk.model.masks import AttentionMask
 from mitk.model.memory import ensure_fits
 from mitk.model.norms import make_norm
+from mitk.model.rwkv import RWKVBlock, rwkv_norm
 from mitk.model.ssm import MambaBlock
 from mitk.model.stream import decoder_stream_writes
 from mitk.model.tokenization import TextInterface
@@ -82,11 +83,12 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         if cfg.embed_norm:
             self.ln_embed = make_norm(cfg)
         self.blocks = nn.ModuleList(
-            MambaBlock(cfg, layer) if cfg.is_ssm_layer(layer) else TransformerBlock(cfg, layer)
-            for layer in range(cfg.n_layers)
+            block_class(cfg, layer)(cfg, layer) for layer in range(cfg.n_layers)
         )
         # BERT's encoder output is the last block's (post-norm) output: no final norm, no hooks
         self.ln_final = make_norm(cfg) if cfg.final_norm else nn.Identity()
+        if cfg.rwkv is not None and cfg.final_norm:  # its own epsilon, rescaled (RWKVConfig)
+            self.ln_final = rwkv_norm(cfg, cfg.n_layers, cfg.rwkv.final_norm_eps)
         self.unembed = Unembed(cfg)
         self.tokenizer = None
         self.set_tokenizer(tokenizer)
@@ -112,9 +114,11 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
                     else 0.02
                 )
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
-        for block in self.blocks:  # Mamba's decay rates, skip and time-step biases
+        for block in self.blocks:  # Mamba's and RWKV's decay rates, skips, biases, mixes
             if isinstance(block, MambaBlock):
                 block.mixer.init_ssm_parameters(gen)
+            elif isinstance(block, RWKVBlock):
+                block.init_rwkv_parameters()
 
     @classmethod
     def from_pretrained(
@@ -432,7 +436,8 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         """
         return [
             self._path_record.get(
-                (block.mixer if isinstance(block, MambaBlock) else block.attn).name, "not run"
+                (block.mixer if isinstance(block, MambaBlock | RWKVBlock) else block.attn).name,
+                "not run",
             )
             for block in self.blocks
         ]

@@ -200,10 +200,10 @@ def merge_small_groups(
 
 def replays_from_start(model: Any) -> bool:
     """Whether every patched run must start at position 0: a recurrent layer (a state-space
-    mixer or linear attention) carries a state from the prefix, not keys and values that a
-    suffix-only run could be handed."""
+    or RWKV mixer, or linear attention) carries a state from the prefix, not keys and values
+    that a suffix-only run could be handed."""
     cfg = model.cfg
-    return cfg.kernel_attention or any(cfg.is_ssm_layer(layer) for layer in range(cfg.n_layers))
+    return cfg.kernel_attention or any(cfg.has_mixer(layer) for layer in range(cfg.n_layers))
 
 
 def run_variants(

@@ -37,7 +37,7 @@ class Site:
     unit: Literal["head", "expert"] = "head"
     """What ``head_axis`` indexes: attention heads, or a mixture of experts' experts."""
     moe_only: bool = False  # exists on mixture-of-experts layers only
-    ssm_only: bool = False  # exists on state-space (Mamba) layers only
+    ssm_only: bool = False  # exists on recurrent mixer (Mamba, RWKV) layers that have the hook
 
     def hook(self, layer: int) -> str:
         """The hook name of this site at ``layer``."""
@@ -53,9 +53,9 @@ class Site:
         """The layers that have this site: MoE layers for router/expert sites, else all."""
         cfg = model.cfg
         if self.ssm_only:
-            layers = [layer for layer in range(cfg.n_layers) if cfg.is_ssm_layer(layer)]
+            layers = [layer for layer in range(cfg.n_layers) if self.hook(layer) in model.hook_dict]
             if not layers:
-                raise ValueError(f"this model has no state-space layer with site {self.short!r}")
+                raise ValueError(f"this model has no recurrent layer with site {self.short!r}")
             return layers
         if not self.moe_only:
             return list(range(cfg.n_layers))
@@ -94,9 +94,10 @@ SITES: dict[str, Site] = {
         ),
         Site("expert_out", "expert_out", pos_axis=1, head_axis=2, unit="expert", moe_only=True),
         Site("shared_out", "shared_out", pos_axis=1, moe_only=True),
-        # state-space layers: the mixer's write and its gated output (what W_out reads)
+        # recurrent mixers: the mixer's write and its gated output (what W_out reads)
         Site("mixer_out", "mixer_out", pos_axis=1, ssm_only=True),
         Site("gated", "gated", pos_axis=1, ssm_only=True),
+        Site("wkv", "wkv", pos_axis=1, ssm_only=True),  # RWKV: the average time mixing reads
     )
 }
 

@@ -54,6 +54,7 @@ from mitk.model.pretrained.olmoe import olmoe_config, olmoe_state_dict
 from mitk.model.pretrained.phi3 import phi3_config, phi3_state_dict
 from mitk.model.pretrained.qwen3 import qwen3_config, qwen3_state_dict
 from mitk.model.pretrained.qwen_moe import qwen_moe_config, qwen_moe_state_dict
+from mitk.model.pretrained.rwkv import rwkv_config, rwkv_state_dict
 from mitk.model.pretrained.smollm3 import smollm3_config, smollm3_state_dict
 from mitk.model.pretrained.stablelm import stablelm_config, stablelm_state_dict
 from mitk.model.pretrained.starcoder2 import starcoder2_config, starcoder2_state_dict
@@ -90,6 +91,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "qwen2_moe": (qwen_moe_config, qwen_moe_state_dict),
     "qwen3": (qwen3_config, qwen3_state_dict),
     "qwen3_moe": (qwen_moe_config, qwen_moe_state_dict),
+    "rwkv": (rwkv_config, rwkv_state_dict),
     "smollm3": (smollm3_config, smollm3_state_dict),
     "stablelm": (stablelm_config, stablelm_state_dict),
     "starcoder2": (starcoder2_config, starcoder2_state_dict),

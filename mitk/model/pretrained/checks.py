@@ -29,6 +29,7 @@ SIZE_FIELDS = frozenset({
     "qk_nope_head_dim", "v_head_dim", "decoder_sparse_step", "no_rope_layer_interval",
     "relative_attention_num_buckets", "relative_attention_max_distance",
     "original_max_position_embeddings", "sliding_window_pattern", "_sliding_window_pattern",
+    "attention_hidden_size", "context_length",
 })  # fmt: skip
 """Hugging Face fields holding a size or count: an int in ``[0, MAX_SIZE]`` (or null)."""
 POSITIVE_REALS = frozenset({

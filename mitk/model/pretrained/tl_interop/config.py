@@ -215,6 +215,8 @@ def _check_tl_can_compute(cfg: TransformerConfig) -> None:
 
     if cfg.ssm is not None:
         raise refuse("ssm", "HookedTransformer has no state-space (Mamba) layers")
+    if cfg.rwkv is not None:
+        raise refuse("rwkv", "HookedTransformer has no RWKV (time/channel-mixing) layers")
     if cfg.positional not in TL_POSITIONAL.values():
         raise refuse("positional", f"supports {sorted(TL_POSITIONAL.values())} positions")
     if cfg.token_types:

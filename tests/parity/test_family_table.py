@@ -27,6 +27,7 @@ from tests.checkpoints import gpt2_hf_model
 from tests.parity import test_hf_families as families
 from tests.parity.hf_moe_builders import MOE_FAMILIES
 from tests.parity.test_hf_mamba import _mamba, _mamba2
+from tests.parity.test_hf_rwkv import _build as _rwkv
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MARKER = "<!-- family table: checked by tests/parity/test_family_table.py -->"
@@ -73,6 +74,7 @@ REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "qwen2_moe": MOE_FAMILIES["qwen2-moe-shared-expert-dense-layer-0"],
     "qwen3": families.FAMILIES["qwen3-head-qk-norms"],
     "qwen3_moe": MOE_FAMILIES["qwen3-moe-normed-top-k-dense-layer-1"],
+    "rwkv": lambda: _rwkv("rwkv-rescaled"),
     "smollm3": families.FAMILIES["smollm3-nope-on-layer-1"],
     "stablelm": families.FAMILIES["stablelm-quarter-rotary-qkv-bias"],
     "starcoder2": families.FAMILIES["starcoder2-biased-window-4"],

@@ -25,7 +25,8 @@ CONFIG_CLASSES = {
     "mamba2": "Mamba2Config", "mistral": "MistralConfig",
     "mixtral": "MixtralConfig", "olmo2": "Olmo2Config", "olmoe": "OlmoeConfig",
     "phi3": "Phi3Config", "qwen2": "Qwen2Config", "qwen2_moe": "Qwen2MoeConfig",
-    "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig", "smollm3": "SmolLM3Config",
+    "qwen3": "Qwen3Config", "qwen3_moe": "Qwen3MoeConfig", "rwkv": "RwkvConfig",
+    "smollm3": "SmolLM3Config",
     "stablelm": "StableLmConfig", "starcoder2": "Starcoder2Config",
 }  # fmt: skip
 # settings the defaults leave out that these families need to name a top-k

@@ -11,8 +11,9 @@ from mitk.config import RWKVConfig
 from mitk.errors import ConfigError, UnknownHookError, UnsupportedModelError
 from mitk.hooks import name
 from mitk.model.kv_cache import KVCache
-from mitk.model.rwkv import RWKVState, WKVStates, wkv_readout, wkv_states
-from mitk.model.rwkv.time_mix import WKV_PATH
+from mitk.model.rwkv import RWKVState, chunked_wkv, wkv_readout, wkv_states
+from mitk.model.rwkv.time_mix import STATES_PATH, WKV_PATH
+import mitk.model.rwkv.wkv as wkv_module
 from mitk.model.rwkv.wkv import shifted_states
 from tests.naive_patching import patched_both_ways
 
@@ -56,31 +57,41 @@ def _reference_wkv(
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, None])
+@pytest.mark.parametrize("block", [5 * C * 2, None])  # blocks of 5 positions, or one block
 @pytest.mark.parametrize("scale", [1.0, 300.0])  # 300: e^k overflows fp32 and fp64 alike
-def test_chunked_wkv_equals_the_definition(chunk: int | None, scale: float) -> None:
+def test_chunked_wkv_equals_the_definition(
+    chunk: int | None, block: int | None, scale: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if block is not None:
+        monkeypatch.setattr(wkv_module, "BLOCK_ELEMENTS", block)
     gen = torch.Generator().manual_seed(0)
     b, pos = 2, 37
     k = torch.randn(b, pos, C, generator=gen) * scale
     v = torch.randn(b, pos, C, generator=gen)
     w = (torch.randn(C, generator=gen) * 2).exp()  # decays from e^-0.01 to e^-50 per step
     u = torch.randn(C, generator=gen) * scale / 10
+    out, last = chunked_wkv(k, v, w, u, chunk=chunk)
     after = wkv_states(k, v, w, chunk=chunk)
-    out = wkv_readout(shifted_states(after, None), k, v, u)
+    from_states = wkv_readout(shifted_states(after, None), k, v, u)
     expected = _reference_wkv(*(t.double() for t in (k, v, w, u)))
     assert bool(torch.isfinite(out).all())
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_states.double(), expected, atol=1e-5, rtol=1e-5)
+    for part, last_part in zip(after, last, strict=True):  # the same last state both ways
+        torch.testing.assert_close(part[:, -1], last_part, atol=1e-5, rtol=1e-5)
 
 
 def test_a_carried_state_continues_the_recurrence() -> None:
     gen = torch.Generator().manual_seed(1)
     k, v = torch.randn(2, 20, C, generator=gen) * 5, torch.randn(2, 20, C, generator=gen)
     w, u = torch.rand(C, generator=gen) * 3, torch.randn(C, generator=gen)
-    full = wkv_readout(shifted_states(wkv_states(k, v, w), None), k, v, u)
-    first = wkv_states(k[:, :7], v[:, :7], w, chunk=3)
-    carried = WKVStates(*(part[:, -1] for part in first))
-    rest = wkv_states(k[:, 7:], v[:, 7:], w, carried, chunk=4)
-    out = wkv_readout(shifted_states(rest, carried), k[:, 7:], v[:, 7:], u)
-    torch.testing.assert_close(out, full[:, 7:], atol=1e-5, rtol=1e-5)
+    full, _ = chunked_wkv(k, v, w, u)
+    _, carried = chunked_wkv(k[:, :7], v[:, :7], w, u, chunk=3)
+    rest, _ = chunked_wkv(k[:, 7:], v[:, 7:], w, u, carried, chunk=4)
+    torch.testing.assert_close(rest, full[:, 7:], atol=1e-5, rtol=1e-5)
+    after = wkv_states(k[:, 7:], v[:, 7:], w, carried, chunk=5)
+    from_states = wkv_readout(shifted_states(after, carried), k[:, 7:], v[:, 7:], u)
+    torch.testing.assert_close(from_states, full[:, 7:], atol=1e-5, rtol=1e-5)
 
 
 def test_every_hook_fires_with_its_shape(model: HookedTransformer) -> None:
@@ -116,8 +127,9 @@ def test_the_state_hook_holds_what_the_cache_carries(model: HookedTransformer) -
     with torch.no_grad():
         plain = model(tokens)
         hooked, cache = model.run_with_cache(tokens, names_filter=name("wkv_state", 1))
+        assert model.attention_paths() == [WKV_PATH, STATES_PATH]
         model(tokens, past_kv_cache=kv)
-    torch.testing.assert_close(hooked, plain, atol=0, rtol=0)
+    torch.testing.assert_close(hooked, plain, atol=1e-5, rtol=0)
     states = cache[name("wkv_state", 1)]
     assert states.shape == (2, 11, C, 3)
     assert isinstance(kv.layers[1], RWKVState)

@@ -14,7 +14,7 @@ from mitk.model.forward_context import ForwardContext
 from mitk.model.norms import LayerNorm, RMSNorm, make_norm
 from mitk.model.rwkv.channel_mix import ChannelMixer
 from mitk.model.rwkv.state import RWKVState
-from mitk.model.rwkv.time_mix import WKV_PATH, TimeMixer
+from mitk.model.rwkv.time_mix import STATES_PATH, WKV_PATH, TimeMixer
 from mitk.model.rwkv.wkv import WKVStates
 from mitk.model.ssm.mixer import padding_mask
 from mitk.shapes import Float
@@ -67,7 +67,8 @@ class RWKVBlock(nn.Module):
         resid = self.hook_resid_pre(resid)
         x = self._masked(self.ln1(resid), valid)
         state = None if past is None else WKVStates(*past.wkv.unbind(-1))
-        ctx.record_path(self.mixer.name, WKV_PATH)
+        keeps = self.mixer.hook_wkv_state.has_hooks
+        ctx.record_path(self.mixer.name, STATES_PATH if keeps else WKV_PATH)
         mixer_out, last_state = self.mixer(x, valid, None if past is None else past.shift[:, 0],
                                            state)  # fmt: skip
         mid = self.hook_resid_mid(resid + self.hook_mixer_out(mixer_out))

@@ -9,10 +9,17 @@ from mitk.config import RWKVConfig, TransformerConfig
 from mitk.hooks import HookPoint
 from mitk.model.linear import affine
 from mitk.model.rwkv.shift import blend, mix_ramp, token_shift
-from mitk.model.rwkv.wkv import WKVStates, shifted_states, wkv_readout, wkv_states
+from mitk.model.rwkv.wkv import (
+    WKVStates,
+    chunked_wkv,
+    shifted_states,
+    wkv_readout,
+    wkv_states,
+)
 from mitk.shapes import Float
 
 WKV_PATH = "rwkv: chunked wkv"
+STATES_PATH = "rwkv: chunked wkv, every state kept (a hook reads hook_wkv_state)"
 
 
 class TimeMixer(nn.Module):
@@ -89,13 +96,14 @@ class TimeMixer(nn.Module):
         if valid is not None:  # a padded key weighs e^EMPTY = 0
             kf = torch.where(valid.bool(), kf, torch.full_like(kf, -1e38))
         w, u = self.w.to(dtype), self.time_first.to(dtype)
-        after = wkv_states(kf, vf, w, state)
-        if self.hook_wkv_state.has_hooks:
-            after = WKVStates(*self.hook_wkv_state(torch.stack(after, -1)).unbind(-1))
-        wkv = wkv_readout(shifted_states(after, state), kf, vf, u)
-        wkv = self.hook_wkv(wkv.to(x.dtype))
-        gated = self.hook_gated(torch.sigmoid(r) * wkv)
-        last = WKVStates(*(part[:, -1] for part in after))
+        if self.hook_wkv_state.has_hooks:  # every state, read out after the hook had its say
+            stacked = self.hook_wkv_state(torch.stack(wkv_states(kf, vf, w, state), -1))
+            after = WKVStates(*stacked.unbind(-1))
+            averaged = wkv_readout(shifted_states(after, state), kf, vf, u)
+            last = WKVStates(*(part[:, -1] for part in after))
+        else:
+            averaged, last = chunked_wkv(kf, vf, w, u, state)
+        gated = self.hook_gated(torch.sigmoid(r) * self.hook_wkv(averaged.to(x.dtype)))
         return affine(gated, self.W_out, None), last
 
     @torch.no_grad()

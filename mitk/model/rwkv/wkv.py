@@ -7,15 +7,17 @@ With ``w = exp(time_decay) > 0`` and ``u = time_first`` (per channel), position 
 
 ``a`` and ``b`` overflow for large keys or long sequences, so a state is held as
 ``(num, den, log_scale)`` with ``a = num e^{log_scale}``, ``b = den e^{log_scale}``, and
-every combination of two states rescales both to the larger ``log_scale`` first (the
+every combination of states rescales them to the largest ``log_scale`` first (the
 running maximum of RWKV's reference code): only exponents ``<= 0`` are ever taken.
 
-``wkv_states`` gives the state after every position in chunks: ``K`` chunks of ``T``
-positions advance side by side from an empty state (``T`` steps, each one operation
-over all chunks), then ``K`` small steps carry the state across chunk boundaries, and
-each position's state is its chunk-local state merged with the carried one decayed to
-it. About ``2 sqrt(pos)`` Python-level steps instead of one per position, exact up to
-rounding, and memory of a few ``[batch, pos, d_attn]`` tensors.
+Both entry points work in chunks. A block of positions is cut into ``K`` chunks of ``T``
+(about ``sqrt(block)`` each); the chunks advance side by side from an empty state
+(``T`` steps, each one operation over all chunks), then ``K`` small steps carry the
+state across chunk boundaries, and each position combines its chunk-local state with
+the carried one decayed to it. Blocks run one after the other, small enough that their
+tensors stay in cache. ``chunked_wkv`` returns the outputs and the last state only;
+``wkv_states`` every position's state (what ``hook_wkv_state`` shows), read out by
+``wkv_readout``. Exact up to rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from mitk.shapes import Float
 EMPTY = -1e38
 """``log_scale`` of an empty state (and the key of a padded position): ``e^{EMPTY - x}``
 is 0 for any real ``x``, yet differences of two such values stay finite (no NaN)."""
+BLOCK_ELEMENTS = 256 * 768
+"""Entries (batch x positions x channels) of one block of ``chunked_wkv``: a few tensors fit
+a CPU's cache (256 positions of a 768-channel layer, one sequence)."""
 
 
 class WKVStates(NamedTuple):
@@ -60,6 +65,98 @@ def decayed(state: WKVStates, log_decay: Tensor) -> WKVStates:
     return WKVStates(state.num, state.den, state.log_scale + log_decay)
 
 
+class _Chunks(NamedTuple):
+    """One block cut into ``K`` chunks of ``T``, ``[batch, T, K, c]`` (``entering``: ``[batch,
+    1, K, c]``), after both passes."""
+
+    k: Tensor
+    v: Tensor
+    local: WKVStates
+    """Each chunk's own state (from empty) before or after each of its positions."""
+    entering: WKVStates
+    """The state entering each chunk from everything before it."""
+    last: WKVStates
+    """The state after the block's last real position, ``[batch, c]``."""
+
+
+def _chunked(
+    k: Tensor, v: Tensor, w: Tensor, state: WKVStates, chunk: int | None, before: bool
+) -> _Chunks:
+    """Both passes over one block (see the module docstring)."""
+    pos = k.shape[1]
+    T = min(pos, chunk or max(1, math.isqrt(pos)))
+    pad = -pos % T  # keys EMPTY, values 0: padded positions only decay the state
+    if pad:
+        k = F.pad(k, (0, 0, 0, pad), value=EMPTY)
+        v = F.pad(v, (0, 0, 0, pad))
+    K = (pos + pad) // T
+    ks, vs = (t.unflatten(1, (K, T)).transpose(1, 2) for t in (k, v))  # [batch, T, K, c]
+    # each chunk from empty, all chunks at once
+    current = WKVStates(vs[:, 0], torch.ones_like(vs[:, 0]), ks[:, 0])
+    local = [empty_state(ks[:, 0]), current] if before else [current]
+    for t in range(1, T):
+        new = WKVStates(vs[:, t], torch.ones_like(vs[:, t]), ks[:, t])
+        current = merge(decayed(current, -w), new)
+        local.append(current)
+    entering, carried = [], state
+    for c in range(K):
+        entering.append(carried)
+        carried = merge(decayed(carried, -T * w), WKVStates(*(part[:, c] for part in current)))
+    stacked = local[:T]  # before: the T states before each position; after: all T
+    return _Chunks(
+        ks,
+        vs,
+        WKVStates(*(torch.stack(parts, 1) for parts in zip(*stacked, strict=True))),
+        WKVStates(*(torch.stack(parts, 1)[:, None] for parts in zip(*entering, strict=True))),
+        decayed(carried, pad * w),  # undo the padded positions' decay
+    )
+
+
+def _steps(T: int, w: Tensor, first: int) -> Tensor:
+    """``-(first + t) w`` for ``t < T``, ``[1, T, 1, c]``: the decay from a chunk's start."""
+    return -torch.arange(first, first + T, dtype=w.dtype, device=w.device)[None, :, None, None] * w
+
+
+def _blocks(batch: int, pos: int, width: int) -> list[slice]:
+    size = max(1, BLOCK_ELEMENTS // max(batch * width, 1))
+    return [slice(start, min(start + size, pos)) for start in range(0, pos, size)]
+
+
+def chunked_wkv(
+    k: Float[Tensor, "batch pos d_attn"],
+    v: Float[Tensor, "batch pos d_attn"],
+    w: Float[Tensor, " d_attn"],
+    u: Float[Tensor, " d_attn"],
+    state: WKVStates | None = None,
+    chunk: int | None = None,
+) -> tuple[Float[Tensor, "batch pos d_attn"], WKVStates]:
+    """Every position's ``wkv_t``, and the state after the last position (``[batch, d_attn]``).
+
+    ``w`` is the per-step decay rate ``exp(time_decay)``, ``u`` the current position's
+    bonus ``time_first``; ``state`` the state before the first position (None: empty);
+    ``chunk`` the positions per chunk (None: about ``sqrt(block)``). Keys of ``EMPTY``
+    add nothing.
+    """
+    batch, pos, width = k.shape
+    state = empty_state(k[:, 0]) if state is None else state
+    out = torch.empty_like(v)
+    for part in _blocks(batch, pos, width):
+        chunks = _chunked(k[:, part], v[:, part], w, state, chunk, before=True)
+        T = chunks.k.shape[1]
+        carried = decayed(chunks.entering, _steps(T, w, 0))
+        local, bonus = chunks.local, u + chunks.k
+        scale = torch.maximum(torch.maximum(carried.log_scale, local.log_scale), bonus)
+        e_carried = (carried.log_scale - scale).exp_()
+        e_local = (local.log_scale - scale).exp_()
+        e_bonus = (bonus - scale).exp_()
+        num = e_carried * carried.num + e_local * local.num + e_bonus * chunks.v
+        den = e_carried * carried.den + e_local * local.den + e_bonus
+        y = (num / den).transpose(1, 2).flatten(1, 2)  # [batch, K * T, c]
+        out[:, part] = y[:, : part.stop - part.start]
+        state = chunks.last
+    return out, state
+
+
 def wkv_states(
     k: Float[Tensor, "batch pos d_attn"],
     v: Float[Tensor, "batch pos d_attn"],
@@ -67,43 +164,20 @@ def wkv_states(
     state: WKVStates | None = None,
     chunk: int | None = None,
 ) -> WKVStates:
-    """The state after each position, each part ``[batch, pos, d_attn]``.
-
-    ``w`` is the per-step decay rate ``exp(time_decay)``; ``state`` the state before the
-    first position (None: empty); ``chunk`` the positions per chunk (None: about
-    ``sqrt(pos)``, which balances the two loops). Keys of ``EMPTY`` add nothing.
-    """
+    """The state after each position, each part ``[batch, pos, d_attn]`` (see ``chunked_wkv``)."""
     batch, pos, width = k.shape
-    if state is None:
-        state = empty_state(k[:, 0])
-    if pos == 0:
+    state = empty_state(k[:, 0]) if state is None else state
+    parts = []
+    for part in _blocks(batch, pos, width):
+        chunks = _chunked(k[:, part], v[:, part], w, state, chunk, before=False)
+        T = chunks.k.shape[1]
+        after = merge(decayed(chunks.entering, _steps(T, w, 1)), chunks.local)
+        length = part.stop - part.start
+        parts.append(WKVStates(*(t.transpose(1, 2).flatten(1, 2)[:, :length] for t in after)))
+        state = chunks.last
+    if not parts:
         return WKVStates(*(t.new_zeros(batch, 0, width) for t in state))
-    T = min(pos, chunk or max(1, math.isqrt(pos)))
-    pad = -pos % T  # keys EMPTY, values 0: padded positions only decay the state
-    if pad:
-        k = F.pad(k, (0, 0, 0, pad), value=EMPTY)
-        v = F.pad(v, (0, 0, 0, pad))
-    K = (pos + pad) // T
-
-    def by_step(t: Tensor) -> Tensor:  # [batch, K * T, c] -> [batch, T, K, c]
-        return t.unflatten(1, (K, T)).transpose(1, 2)
-
-    ks, vs = by_step(k), by_step(v)
-    # each chunk from empty, all chunks at once: state after its first t + 1 positions
-    local = [WKVStates(vs[:, 0], torch.ones_like(vs[:, 0]), ks[:, 0])]
-    for t in range(1, T):
-        new = WKVStates(vs[:, t], torch.ones_like(vs[:, t]), ks[:, t])
-        local.append(merge(decayed(local[-1], -w), new))
-    chunk_ends = local[-1]  # [batch, K, c]
-    entering, carried = [], state
-    for c in range(K):  # the state entering each chunk
-        entering.append(carried)
-        carried = merge(decayed(carried, -T * w), WKVStates(*(part[:, c] for part in chunk_ends)))
-    into = WKVStates(*(torch.stack(parts, 1)[:, None] for parts in zip(*entering, strict=True)))
-    steps = torch.arange(1, T + 1, dtype=w.dtype, device=w.device)[None, :, None, None]
-    chunk_local = WKVStates(*(torch.stack(parts, 1) for parts in zip(*local, strict=True)))
-    after = merge(decayed(into, -steps * w), chunk_local)  # [batch, T, K, c]
-    return WKVStates(*(part.transpose(1, 2).flatten(1, 2)[:, :pos] for part in after))
+    return WKVStates(*(torch.cat(pieces, 1) for pieces in zip(*parts, strict=True)))
 
 
 def shifted_states(after: WKVStates, state: WKVStates | None) -> WKVStates:

@@ -1,4 +1,4 @@
-"""Mamba forward benchmark on a CPU: mitk's chunked scan against Hugging Face's CPU path.
+"""Mamba and RWKV forward benchmark on a CPU: mitk's chunked scans against Hugging Face's CPU path.
 
 ``--family mamba2`` runs the same comparison on a Mamba-2 model of the same width (24
 heads of 64 channels, d_state 128, one group), whose HF CPU path is its own chunked
@@ -17,6 +17,14 @@ sequence of 2048 tokens. Contenders:
   (``mamba_ssm``, ``causal_conv1d``) transformers runs its PyTorch fallback: the decays and
   inputs of every position at once, then a Python loop over positions.
 
+``--family rwkv`` runs it on an RWKV-4 model with rwkv-4-169m's layer shape (d_model 768,
+time mixing 768, channel mixing 3072) but 4 layers; HF's CPU path (``RwkvForCausalLM(tokens,
+use_cache=False)``, no CUDA kernel) runs its WKV recurrence as ``rwkv_linear_attention_cpu``,
+a loop over positions, and mitk's as ``mitk.model.rwkv.wkv`` (chunks of about ``sqrt(pos)``
+positions). Two more contenders time the WKV recurrence alone on layer 0's keys and values:
+``mitk wkv scan`` (``chunked_wkv``) and ``HF wkv scan``
+(``rwkv_linear_attention_cpu``); their outputs are checked against each other.
+
 Logits are checked against ``mitk chunked``'s first; contenders are interleaved in a
 shuffled order each round and the best of ``--rounds`` is compared (timing helpers shared
 with ``bench/forward.py``). Memory: the peak resident memory a call adds over what the
@@ -29,6 +37,7 @@ Run::
     python bench/ssm_scan.py                  # 2048 tokens, 3 rounds (a minute or two)
     python bench/ssm_scan.py --quick          # a tiny model, for a smoke run
     python bench/ssm_scan.py --rounds 5 --threads 2
+    python bench/ssm_scan.py --family rwkv --threads 1
 """
 
 from __future__ import annotations
@@ -67,12 +76,23 @@ FULL = Case("mamba-130m layers x4, 1x2048", 4, 768, 16, 4096, 2048)
 QUICK = Case("tiny 1x256", 2, 64, 8, 256, 256)
 FULL2 = Case("mamba2 d768 x4 (24 heads x 64, d_state 128), 1x2048", 4, 768, 128, 4096, 2048)
 QUICK2 = Case("mamba2 tiny 1x256", 2, 64, 16, 256, 256)
+FULL_RWKV = Case("rwkv-4-169m layers x4, 1x2048", 4, 768, 0, 4096, 2048)
+QUICK_RWKV = Case("rwkv tiny 1x256", 2, 64, 0, 256, 256)
+SCAN_REFERENCE = "mitk wkv scan"
 
 
 def hf_model(case: Case, family: str) -> Any:
     from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
     torch.manual_seed(SEED)
+    if family == "rwkv":
+        from transformers import RwkvConfig, RwkvForCausalLM
+
+        config = RwkvConfig(
+            vocab_size=case.d_vocab, hidden_size=case.d_model, num_hidden_layers=case.n_layers,
+            context_length=case.seq,
+        )  # fmt: skip
+        return RwkvForCausalLM(config).eval()
     sizes = {
         "vocab_size": case.d_vocab,
         "hidden_size": case.d_model,
@@ -95,22 +115,52 @@ def contenders_for(case: Case, family: str) -> list[Contender]:
         0, case.d_vocab, (1, case.seq), generator=torch.Generator().manual_seed(SEED)
     )
 
-    def state_hooked() -> Any:
-        return model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_ssm_state"))
+    state = "hook_wkv_state" if family == "rwkv" else "hook_ssm_state"
 
-    return [
+    def state_hooked() -> Any:
+        return model.run_with_cache(tokens, names_filter=lambda n: n.endswith(state))
+
+    contenders: list[Contender] = [
         ("mitk chunked", lambda: model(tokens)),
         ("mitk state-hooked", state_hooked),
         ("HF", lambda: hf(tokens, use_cache=False)),
     ]
+    return contenders + (wkv_contenders(hf, model, tokens) if family == "rwkv" else [])
+
+
+def wkv_contenders(hf: Any, model: Any, tokens: torch.Tensor) -> list[Contender]:
+    """The WKV recurrence alone, mitk's and HF's, on layer 0's keys and values."""
+    from transformers.models.rwkv.modeling_rwkv import rwkv_linear_attention_cpu
+
+    from mitk.model.rwkv import chunked_wkv
+
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.mixer.hook_k",
+                                                              "blocks.0.mixer.hook_v"])  # fmt: skip
+    k, v = cache["blocks.0.mixer.hook_k"].clone(), cache["blocks.0.mixer.hook_v"].clone()
+    attention = hf.rwkv.blocks[0].attention
+    decay, first = attention.time_decay.detach(), attention.time_first.detach()
+    w = decay.exp()
+
+    def mitk_scan() -> torch.Tensor:
+        return chunked_wkv(k, v, w, first)[0]
+
+    return [
+        (SCAN_REFERENCE, mitk_scan),
+        ("HF wkv scan", lambda: rwkv_linear_attention_cpu(decay, first, k, v)[0]),
+    ]
 
 
 def check_logits(contenders: list[Contender]) -> dict[str, float]:
-    """One (warm-up) call each; exits if any logits differ from ``mitk chunked``'s."""
+    """One (warm-up) call each; exits if any logits differ from ``mitk chunked``'s (a WKV
+    scan's outputs: from ``mitk wkv scan``'s)."""
     with torch.inference_mode():
         outputs = {name: logits_of(run()).float() for name, run in contenders}
-    reference = outputs["mitk chunked"]
-    diffs = {name: (out - reference).abs().max().item() for name, out in outputs.items()}
+
+    def reference(name: str) -> torch.Tensor:
+        return outputs[SCAN_REFERENCE if "wkv scan" in name else "mitk chunked"]
+
+    diffs = {name: (out - reference(name)).abs().max().item() for name, out in outputs.items()}
     for name, diff in diffs.items():
         if diff > PARITY_ATOL:
             raise SystemExit(f"{name}: logits differ from mitk chunked's by {diff:.2e}")
@@ -141,12 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="timed calls per contender")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
-    parser.add_argument("--family", choices=("mamba", "mamba2"), default="mamba")
+    parser.add_argument("--family", choices=("mamba", "mamba2", "rwkv"), default="mamba")
     args = parser.parse_args(argv)
-    if args.family == "mamba2":
-        case = QUICK2 if args.quick else FULL2
-    else:
-        case = QUICK if args.quick else FULL
+    cases = {"mamba": (QUICK, FULL), "mamba2": (QUICK2, FULL2), "rwkv": (QUICK_RWKV, FULL_RWKV)}
+    case = cases[args.family][0 if args.quick else 1]
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
     torch.set_num_threads(args.threads)
     print(f"case: {case.name}; rounds: {rounds}; threads: {args.threads}; "
@@ -169,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmitk chunked / HF (time): {ratio:.3f}x  target <= {TARGET:.2f}x  {status}")
     memory_ratio = memory["mitk chunked"] / max(memory["HF"], 1)
     print(f"mitk chunked / HF (added peak memory): {memory_ratio:.3f}x")
+    if SCAN_REFERENCE in times:
+        scan = min(times[SCAN_REFERENCE]) / min(times["HF wkv scan"])
+        print(f"{SCAN_REFERENCE} / HF wkv scan (time): {scan:.3f}x  target <= {TARGET:.2f}x  "
+              f"{'met' if scan <= TARGET else 'MISSED'}")  # fmt: skip
+        scan_memory = memory[SCAN_REFERENCE] / max(memory["HF wkv scan"], 1)
+        print(f"{SCAN_REFERENCE} / HF wkv scan (added peak memory): {scan_memory:.3f}x")
     return 0
 
 

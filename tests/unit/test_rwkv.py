@@ -284,3 +284,15 @@ def test_config_round_trips_and_validates() -> None:
         TransformerConfig(d_model=D, n_layers=1, n_heads=1, d_vocab=VOCAB, n_ctx=8,
                           rwkv=RWKVConfig(d_attn=C))  # fmt: skip
     assert name("wkv_state", 2) == "blocks.2.mixer.hook_wkv_state"
+
+
+def test_left_padded_generation_equals_each_prompt_alone(model: HookedTransformer) -> None:
+    short, long = _tokens(batch=1, pos=4, seed=5), _tokens(batch=1, pos=7, seed=6)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :3] = 0
+    greedy = {"do_sample": False, "stop_at_eos": False, "verbose": False}
+    together = model.generate(batch, 6, attention_mask=mask, **greedy)
+    for row, prompt in enumerate((short, long)):
+        alone = model.generate(prompt, 6, **greedy)
+        assert together[row, -6:].tolist() == alone[0, -6:].tolist()

@@ -55,6 +55,14 @@ class GraphShape:
                 "circuit discovery needs per-head q/k/v inputs; multi-head latent attention "
                 "computes keys and values from a shared latent"
             )
+        has_mixer = getattr(cfg, "has_mixer", lambda layer: False)
+        mixers = [layer for layer in range(cfg.n_layers) if has_mixer(layer)]
+        if mixers:
+            raise UnsupportedModelError(
+                f"circuit discovery's edges run between attention heads and MLPs; layers "
+                f"{mixers} are recurrent mixers (Mamba or RWKV), with no heads to send or "
+                "receive them: patch their writes (site 'mixer_out') instead"
+            )
         if getattr(cfg, "norm_position", "pre") == "post" or not getattr(cfg, "pre_norms", True):
             raise UnsupportedModelError(
                 "circuit discovery needs pre-norm blocks (each sublayer reads the raw stream sum)"

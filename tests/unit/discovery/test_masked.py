@@ -9,6 +9,7 @@ import torch
 from mitk import HookedTransformer, TransformerConfig
 from mitk.analysis.discovery import Circuit, EdgeGraph, Prompts, faithfulness
 from mitk.analysis.discovery.masked import MaskedRun
+from mitk.config import RWKVConfig, SSMConfig
 from mitk.errors import UnsupportedModelError
 from tests.unit.discovery.models import LastLogit, random_pair, tiny
 
@@ -134,4 +135,19 @@ def test_post_norm_models_are_refused() -> None:
         d_model=32, n_layers=2, n_heads=4, d_vocab=40, n_ctx=16, norm_position="post"
     )
     with pytest.raises(UnsupportedModelError):
+        EdgeGraph.of(HookedTransformer(cfg, seed=0))
+
+
+@pytest.mark.parametrize("mixer", ["mamba", "mamba-hybrid", "rwkv"])
+def test_models_with_recurrent_mixers_are_refused_by_name(mixer: str) -> None:
+    base: dict = dict(d_model=16, n_layers=2, n_heads=2, d_vocab=40, n_ctx=16, d_mlp=32,
+                      positional="none")  # fmt: skip
+    if mixer == "rwkv":
+        cfg = TransformerConfig(**base, rwkv=RWKVConfig(d_attn=16))
+    else:
+        layers = [1] if mixer == "mamba-hybrid" else None
+        ssm = SSMConfig(d_inner=32, d_state=4, d_conv=4, dt_rank=2, layers=layers)
+        cfg = TransformerConfig(**base, normalization="rmsnorm", ssm=ssm)
+    layers = r"\[1\]" if mixer == "mamba-hybrid" else r"\[0, 1\]"
+    with pytest.raises(UnsupportedModelError, match=f"layers {layers} are recurrent.*mixer_out"):
         EdgeGraph.of(HookedTransformer(cfg, seed=0))

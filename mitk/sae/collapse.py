@@ -67,8 +67,13 @@ def collapse_verdict(
 
 
 def _starved(cfg: SAEConfig, l0: float) -> bool:
-    """Fewer than one latent per row under a penalty: the sparsity term won."""
-    return not cfg.uses_k and l0 < 1.0
+    """Fewer than one latent per row under a penalty: the sparsity term won.
+
+    Where silent latents are resampled, the L0 of a starved run counts latents
+    that fire for a few steps after each resampling and fall silent again, so
+    any L0 with an FVU that stays near 1 is read as the penalty winning.
+    """
+    return not cfg.uses_k and (l0 < 1.0 or cfg.resample_interval > 0)
 
 
 def _l0_cause(cfg: SAEConfig, input_scale: float) -> str:

@@ -25,6 +25,7 @@ from mitk.sae.distributed import World, current_world
 from mitk.sae.geometric_median import geometric_median
 from mitk.sae.losses import LossParts, sae_loss
 from mitk.sae.metrics import ReconstructionStats
+from mitk.sae.resample import resample_due, resample_silent_
 from mitk.sae.run_state import (
     check_finite,
     restored_run,
@@ -73,10 +74,16 @@ class _TrainingState(nn.Module):
         for i, sae in enumerate(saes):
             # rows since each latent last fired, counted in optimiser steps
             self.register_buffer(f"idle_steps_{i}", torch.zeros(sae.cfg.d_sae, dtype=torch.long))
+            self.register_buffer(f"resampled_{i}", torch.zeros((), dtype=torch.long))
 
     def idle_steps(self, i: int) -> Tensor:
         idle: Tensor = getattr(self, f"idle_steps_{i}")
         return idle
+
+    def resampled(self, i: int) -> Tensor:
+        """Latents of dictionary ``i`` resampled so far (a count over the whole run)."""
+        count: Tensor = getattr(self, f"resampled_{i}")
+        return count
 
 
 def train(
@@ -184,10 +191,16 @@ def train(
             if c.batch_level_k:
                 _update_batch_threshold(sae, part.min_active, world)
         optimizer.step()
-        for sae, c in zip(state.models, cfgs, strict=True):
+        done = step + 1
+        for i, (sae, c) in enumerate(zip(state.models, cfgs, strict=True)):
             if c.unit_norm_decoder:
                 sae.normalize_decoder_()
-        done = step + 1
+            if resample_due(c, done):
+                x = batch[c.hook_name].to(target, sae.W_enc.dtype)  # the whole global batch,
+                y = batch[_target_hook(c)].to(target, sae.W_enc.dtype)  # so every rank agrees
+                seed = c.seed * 1_000_003 + done
+                count = resample_silent_(sae, state.idle_steps(i), x, y, optimizer, seed)
+                state.resampled(i).add_(count)
         logged = done % cfgs[0].log_every == 0 or done == total
         if logged:
             record = _record(done, cfgs, labels, parts, window, state, optimizer, world)
@@ -364,6 +377,7 @@ def _record(
                 (idle * c.batch_size >= c.dead_window).double().mean()
             ),
             f"{prefix}/dense_fraction": stats.dense_fraction(c.dense_threshold),
+            f"{prefix}/resampled": int(state.resampled(i)),
             f"{prefix}/lr": optimizer.param_groups[i]["lr"],
         })  # fmt: skip
     return record

@@ -73,14 +73,15 @@ class SAEConfig(JsonConfig):
     -1 means Gao et al.'s 10M rows, shortened to a tenth of the run (at least one
     batch) so short runs see their dead latents; never longer than the run."""
     resample_every: float = -1.0
-    """``relu``/``jumprelu``: fraction of the run between resamplings of silent latents
+    """``relu``/``jumprelu``/``gated``: fraction of the run between resamplings of silent latents
     (``mitk.sae.resample``, Bricken et al. 2023); 0 never resamples; -1 means 0.05
     (``resample_interval``).
 
     A JumpReLU latent that stops firing gets no gradient to start again; on
     ground truth a long run lost a fifth of its latents that way, and resampling
-    found most of the features they had missed (see the module). For ``relu`` it
-    helped the shortest run of ``bench/sae_defaults.py`` and changed no other."""
+    found most of the features they had missed (see the module). Gated latents
+    whose gate never opens are as stuck. On ``bench/sae_defaults.py``'s grid no
+    run of the three got worse, and the long runs gained most."""
     resample_until: float = 0.7
     """Last resampling no later than this fraction of the run, so that resampled latents
     have time to learn before the learning rate decays."""
@@ -316,7 +317,7 @@ class SAEConfig(JsonConfig):
         return self.total_tokens // self.batch_size
 
 
-RESAMPLED = ("relu", "jumprelu")
+RESAMPLED = ("relu", "jumprelu", "gated")
 """Architectures whose silent latents ``mitk.sae.resample`` can re-initialise."""
 DEAD_AFTER_TOKENS = 10_000_000
 """Gao et al.'s window for dead latents, the default for runs of 100M rows or more."""

@@ -1,10 +1,10 @@
 """Resampling silent latents: re-initialise them towards what the dictionary reconstructs worst.
 
 Bricken et al. ("Towards Monosemanticity", 2023) revive dead neurons by pointing them
-at inputs the SAE reconstructs badly. mitk does the same for the L1 and L0
-architectures (``relu``, ``jumprelu``), whose latents, once silent, get no gradient
-to find their way back: a JumpReLU latent below its threshold on every row learns
-nothing, and AuxK (the TopK families' cure) does not reach it through the threshold.
+at inputs the SAE reconstructs badly. mitk does the same for the penalised
+architectures (``relu``, ``jumprelu``, ``gated``), whose latents, once silent, get no
+gradient to find their way back: a JumpReLU latent below its threshold on every row, or
+a gated one whose gate never opens, learns nothing. (The TopK families have AuxK.)
 
 Measured on ground truth (``bench/sae_defaults.py``, 512 latents for 512 features,
 2M rows): without resampling a JumpReLU run ended with 96 latents firing on fewer
@@ -97,7 +97,8 @@ def resample_(
     reads = decoder if not cfg.is_transcoder else _unit(x[rows] - x.mean(0))
     sae.W_dec[latents] = decoder.to(sae.W_dec.dtype)
     sae.W_enc[:, latents] = (_unit(reads) * cfg.decoder_init_norm).T.to(sae.W_enc.dtype)
-    sae.b_enc[latents] = 0
+    for vector in _latent_vectors(sae):  # biases 0; gated's r_mag 0 is a magnitude scale of 1
+        vector[latents] = 0
     if cfg.architecture == "jumprelu":
         sae.log_threshold[latents] = torch.tensor(cfg.jumprelu_init_threshold).log()
     _clear_moments(sae, latents, optimizer)
@@ -108,6 +109,12 @@ def _unit(rows: Tensor) -> Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def _latent_vectors(sae: SparseAutoencoder) -> list[Tensor]:
+    """The ``[d_sae]`` biases and scales a fresh latent starts at 0 (the threshold aside)."""
+    names = ("b_gate", "b_mag", "r_mag") if sae.cfg.architecture == "gated" else ("b_enc",)
+    return [getattr(sae, name) for name in names]
+
+
 def _clear_moments(
     sae: SparseAutoencoder, latents: Tensor, optimizer: torch.optim.Optimizer
 ) -> None:
@@ -115,8 +122,8 @@ def _clear_moments(
     slices: list[tuple[Tensor, tuple[slice | Tensor, ...]]] = [
         (sae.W_dec, (latents,)),
         (sae.W_enc, (slice(None), latents)),
-        (sae.b_enc, (latents,)),
     ]
+    slices += [(vector, (latents,)) for vector in _latent_vectors(sae)]
     if sae.cfg.architecture == "jumprelu":
         slices.append((sae.log_threshold, (latents,)))
     for parameter, where in slices:

@@ -38,7 +38,7 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=-1, keepdim=True)
 
 
-@pytest.mark.parametrize("arch", ["jumprelu", "relu"])
+@pytest.mark.parametrize("arch", ["jumprelu", "relu", "gated"])
 def test_a_resampled_latent_is_a_fresh_one_pointing_at_a_badly_reconstructed_row(
     arch: str,
 ) -> None:
@@ -59,7 +59,9 @@ def test_a_resampled_latent_is_a_fresh_one_pointing_at_a_badly_reconstructed_row
         # parallel to the residual of one row of the batch
         assert float((residual_directions @ _unit(row)).max()) == pytest.approx(1.0, abs=1e-5)
         torch.testing.assert_close(sae.W_enc[:, j].detach(), row)  # an SAE's W_enc = W_dec^T
-    assert torch.all(sae.b_enc[latents] == 0)
+    vectors = ("b_gate", "b_mag", "r_mag") if arch == "gated" else ("b_enc",)
+    for name in vectors:
+        assert torch.all(getattr(sae, name)[latents] == 0), name
     if arch == "jumprelu":
         assert torch.allclose(sae.threshold[latents], torch.tensor(cfg.jumprelu_init_threshold))
     for parameter, where in ((sae.W_dec, (latents,)), (sae.W_enc, (slice(None), latents))):
@@ -70,7 +72,8 @@ def test_a_resampled_latent_is_a_fresh_one_pointing_at_a_badly_reconstructed_row
     after = sae.state_dict()
     assert torch.equal(after["W_dec"][rest], before["W_dec"][rest])
     assert torch.equal(after["W_enc"][:, rest], before["W_enc"][:, rest])
-    assert torch.equal(after["b_enc"][rest], before["b_enc"][rest])
+    for name in vectors:
+        assert torch.equal(after[name][rest], before[name][rest]), name
     assert torch.equal(after["b_dec"], before["b_dec"])
     assert optimizer.state[sae.W_dec]["exp_avg"][rest].abs().sum() > 0
 
@@ -120,8 +123,9 @@ def test_the_schedule_and_its_defaults() -> None:
     assert cfg.resample_interval == 10 and cfg.resample_window == 20  # 5% and 1% of the run
     due = [done for done in range(1, cfg.total_steps + 1) if resample_due(cfg, done)]
     assert due == list(range(10, 141, 10))  # never after 70% of the 200 steps
-    assert SAEConfig(d_in=8, d_sae=16, architecture="relu").resample_interval > 0
-    for arch in ("topk", "batchtopk", "gated", "matryoshka_batchtopk"):
+    for arch in ("relu", "gated"):
+        assert SAEConfig(d_in=8, d_sae=16, architecture=arch).resample_interval > 0
+    for arch in ("topk", "batchtopk", "matryoshka_batchtopk"):
         assert SAEConfig(d_in=8, d_sae=16, architecture=arch, k=2).resample_interval == 0
     off = SAEConfig(d_in=8, d_sae=16, architecture="jumprelu", resample_every=0)
     assert off.resample_interval == 0

@@ -22,7 +22,8 @@ real sparse structure, so an L1 SAE does become sparse as it trains, unlike Gaus
 Settings are matched: the same Adam betas, constant learning rate (no warm-up or decay on
 either side), the same L1 coefficient with no warm-up (both define the penalty as
 ``l1 * mean_rows sum_i f_i ||W_dec[i]||``), gradient norms clipped at 1, zero initial
-``b_dec``, decoder rows initialised at norm 0.1 for ReLU. Method differences that stay:
+``b_dec``, decoder rows initialised at norm 0.1 for ReLU, no resampling of silent latents
+(mitk's default for ReLU; SAELens has none). Method differences that stay:
 mitk keeps TopK decoder rows unit-norm (Gao et al.); SAELens 6 instead rescales the
 pre-activations by the decoder norms (``rescale_acts_by_decoder_norm``), and its AuxK
 differs (neither tool sees a dead latent in 60 steps, so AuxK is inactive on both sides).
@@ -211,6 +212,7 @@ def mitk_config(case: Case, arch: str, steps: int) -> SAEConfig:
         batch_size=case.batch,
         total_tokens=case.batch * steps,
         b_dec_init="zeros",
+        resample_every=0.0,  # SAELens does not resample silent latents
         log_every=10**9,
         checkpoint_every=10**9,
         seed=SEED,

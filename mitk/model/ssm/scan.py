@@ -86,9 +86,12 @@ def _scan_block(
     u = by_step(dt * x)[..., None] * by_step(B)[..., None, :]
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, h))
     if differentiable:  # autograd keeps every step: a new tensor per step
-        steps = [u[:, 0]]
+        # unbind, not u[:, t]: each indexing's backward would write a zero tensor the size
+        # of the whole block, T of them (quadratic); unbind's backward is one stack
+        inputs, decays = u.unbind(1), step_decay.unbind(1)
+        steps = [inputs[0]]
         for t in range(1, T):
-            steps.append(torch.addcmul(u[:, t], step_decay[:, t], steps[-1]))
+            steps.append(torch.addcmul(inputs[t], decays[t], steps[-1]))
         local = torch.stack(steps, 1)
         decay = (dt_steps.cumsum(1)[..., None] * A).exp_()  # from each chunk's start
     else:  # states and cumulative decays overwrite the inputs they are built from
@@ -97,9 +100,10 @@ def _scan_block(
             local[:, t].addcmul_(step_decay[:, t], local[:, t - 1])
             decay[:, t].mul_(decay[:, t - 1])
     entering = []
+    chunk_ends, chunk_decays = local[:, -1].unbind(1), decay[:, -1].unbind(1)
     for k in range(K):
         entering.append(h)
-        h = torch.addcmul(local[:, -1, k], decay[:, -1, k], h)
+        h = torch.addcmul(chunk_ends[k], chunk_decays[k], h)
     carried = torch.stack(entering, 1)[:, None]  # [batch, 1, K, d_inner, d_state]
     states = (
         torch.addcmul(local, decay, carried) if differentiable else local.addcmul_(decay, carried)

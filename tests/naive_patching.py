@@ -17,11 +17,14 @@ def naive_patch(
     metric: Callable[[torch.Tensor], torch.Tensor],
     site: str,
     n_pos: int,
+    layers: list[int] | None = None,
 ) -> torch.Tensor:
-    """``[batch, layer, pos]``: the corrupted run with one cell of ``site`` set to clean."""
+    """``[batch, layer, pos]``: the corrupted run with one cell of ``site`` set to clean, at
+    each of ``layers`` (None: every layer)."""
     _, clean_cache = model.run_with_cache(clean)
-    out = torch.zeros(clean.shape[0], model.cfg.n_layers, n_pos)
-    for layer in range(model.cfg.n_layers):
+    layers = list(range(model.cfg.n_layers)) if layers is None else layers
+    out = torch.zeros(clean.shape[0], len(layers), n_pos)
+    for row, layer in enumerate(layers):
         for pos in range(n_pos):
 
             def put(act: torch.Tensor, hook: Any, layer: int = layer, pos: int = pos) -> Any:
@@ -30,7 +33,7 @@ def naive_patch(
                 return act
 
             patched = model.run_with_hooks(corrupt, fwd_hooks=[(name(site, layer), put)])
-            out[:, layer, pos] = metric(patched)
+            out[:, row, pos] = metric(patched)
     return out
 
 
@@ -38,7 +41,8 @@ def patched_both_ways(
     model: Any, clean: torch.Tensor, changed: int, site: str
 ) -> tuple[Any, torch.Tensor]:
     """``activation_patch`` per position of ``site`` (a logit difference at the last position),
-    with ``clean``'s token at ``changed`` replaced in the corrupted prompt, and the oracle's."""
+    with ``clean``'s token at ``changed`` replaced in the corrupted prompt, and the oracle's
+    at the layers the engine patched (a hybrid's attention sites: its attention layers)."""
     from mitk.analysis.patching import activation_patch
 
     corrupt = clean.clone()
@@ -49,5 +53,5 @@ def patched_both_ways(
 
     with torch.no_grad():
         result = activation_patch(model, clean, corrupt, metric, site, "pos")
-        expected = naive_patch(model, clean, corrupt, metric, site, clean.shape[1])
+        expected = naive_patch(model, clean, corrupt, metric, site, clean.shape[1], result.layers)
     return result, expected

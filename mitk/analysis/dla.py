@@ -95,8 +95,13 @@ def _writes_at(
     blocks = [pick(cache[hook])[None] for _, hook in stream.embedding_hooks]
     per_prompt = lambda bias: bias.expand(rows.shape[0], -1)[None]  # noqa: E731
     for layer in range(stream.n_layers):
-        if layer in stream.mixer_layers:  # a mixer layer's writes are whole, at any granularity
+        if layer in stream.mixer_layers:  # a mixer's write is whole, at any granularity
             for kind in stream.mixer_writes:
+                if kind == "mlp_out" and by == "neuron" and stream.mixer_neurons:
+                    neuron_labels, neuron_blocks = _neuron_writes_at(cache, layer, pick)
+                    labels += neuron_labels
+                    blocks += neuron_blocks
+                    continue
                 blocks.append(pick(cache[name(kind, layer)])[None])
                 labels.append(f"{layer}_{kind}")
             continue
@@ -117,14 +122,23 @@ def _writes_at(
             labels += expert_labels
             blocks += expert_blocks
         elif by == "neuron":
-            post = pick(cache[name("post", layer)])  # [batch, d_mlp]
-            mlp_bias = per_prompt(output_bias(stream, layer, "mlp"))
-            blocks += [neuron_writes(stream, layer, post), mlp_bias]
-            labels += [f"L{layer}N{n}" for n in range(post.shape[1])] + [f"L{layer}_mlp_bias"]
+            neuron_labels, neuron_blocks = _neuron_writes_at(cache, layer, pick)
+            labels += neuron_labels
+            blocks += neuron_blocks
         else:
             blocks.append(pick(cache[name("mlp_out", layer)])[None])
             labels.append(f"{layer}_mlp_out")
     return labels, blocks
+
+
+def _neuron_writes_at(
+    cache: ActivationCache, layer: int, pick: Any
+) -> tuple[list[str], list[Tensor]]:
+    """Each neuron's write at ``layer``'s MLP, then the MLP's bias, at the picked positions."""
+    post = pick(cache[name("post", layer)])  # [batch, d_mlp]
+    bias = output_bias(cache.stream, layer, "mlp").expand(post.shape[0], -1)[None]
+    labels = [f"L{layer}N{n}" for n in range(post.shape[1])] + [f"L{layer}_mlp_bias"]
+    return labels, [neuron_writes(cache.stream, layer, post), bias]
 
 
 def _expert_writes_at(
@@ -158,10 +172,11 @@ def logit_attribution(
 ) -> Attribution:
     """Attribute each prompt's answer logit (minus the wrong answer's, if given) to components.
 
-    ``by="component"``: embeddings, each attention and MLP output (a state-space
+    ``by="component"``: embeddings, each attention and MLP output (a recurrent
     layer's ``mixer_out``, whole at every granularity); ``"head"``:
     each head plus each layer's attention bias; ``"neuron"``: each MLP neuron
-    plus each MLP's bias; ``"expert"`` (mixture-of-experts models): each routed
+    plus each MLP's bias (also the MLP after each mixer of a hybrid such as Bamba;
+    RWKV's gated channel mixing stays whole); ``"expert"`` (mixture-of-experts models): each routed
     expert of each MoE layer (zero where a token did not choose it) and its
     shared expert, other sublayers whole. Every variant ends with ``ln_final.b`` and ``b_U``,
     so the values sum to the actual logit (difference). ``pos`` is one
@@ -179,11 +194,15 @@ def logit_attribution(
             f"layers {list(moe_layers)} are mixtures of experts: their writes are per expert "
             "(by='expert'), not per neuron"
         )
-    cache.stream.require_additive()
-    if by in ("head", "neuron") and len(cache.stream.mixer_layers) == cache.stream.n_layers:
+    stream = cache.stream
+    stream.require_additive()
+    missing = {"head": "attention heads", "neuron": "per-neuron writes"}.get(by)
+    if by == "neuron" and stream.mixer_neurons:
+        missing = None  # the MLP after each mixer has neurons
+    if missing and len(stream.mixer_layers) == stream.n_layers:
         raise UnsupportedModelError(
-            f"by={by!r}: every layer of this model is a {cache.stream.mixer_kind} mixer, with no "
-            "heads or per-neuron writes; use by='component'"
+            f"by={by!r}: every layer of this model is a {stream.mixer_kind} mixer, with no "
+            f"{missing}; use by='component'"
         )
     embed = cache["hook_embed"]
     batch, seq = embed.shape[0], embed.shape[1]

@@ -59,6 +59,10 @@ class StreamWrites:
     mixer_writes: tuple[str, ...] = ("mixer_out",)
     """The hook kinds a mixer layer writes, in order: a Mamba layer's one mixer, or an RWKV
     layer's time mixing then channel mixing (``("mixer_out", "mlp_out")``)."""
+    mixer_neurons: bool = False
+    """A mixer layer's ``mlp_out`` is an ordinary MLP's, a sum of per-neuron writes
+    ``post * W_out`` (the MLP after each mixer of a Bamba-style hybrid; RWKV's channel
+    mixing gates its sum, so it is not)."""
     mixer_kind: str = "state-space"
     """What the mixer layers are, for refusals."""
 

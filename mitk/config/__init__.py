@@ -372,8 +372,13 @@ class TransformerConfig(JsonConfig):
             raise ConfigError(f"ssm layers must lie in [0, {self.n_layers}), got {self.ssm.layers}")
         if self.norm_position != "pre" or not self.pre_norms or self.sandwich_norms:
             raise ConfigError("ssm mixers need plain pre-norm blocks")
-        if self.moe is not None and self.ssm.layers is None:
+        if self.moe is not None and self.ssm.layers is None and not self.ssm.mlp:
             raise ConfigError("every layer is an ssm mixer, so there is no MLP for moe to replace")
+        if self.ssm.mlp and not self.has_mlp:
+            raise ConfigError("ssm mlp=True puts an MLP after each mixer, so it needs d_mlp > 0")
+        layers = range(self.n_layers)
+        if self.ssm.mlp and any(self.is_ssm_layer(i) and self.is_moe_layer(i) for i in layers):
+            raise ConfigError("a mixture of experts after an ssm mixer is not supported")
 
     def _validate_rwkv(self) -> None:
         if not isinstance(self.rwkv, RWKVConfig):

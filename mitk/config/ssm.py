@@ -51,6 +51,10 @@ class SSMConfig(JsonConfig):
     """``mamba2``: groups of heads sharing ``B`` and ``C`` (and one norm group each)."""
     layers: list[int] | None = None
     """Layers whose block is a mixer; None: every layer."""
+    mlp: bool = False
+    """Each mixer layer keeps an MLP after its mixer, ``resid + mixer(ln1(resid))`` then
+    ``+ mlp(ln2(...))`` (hybrids such as Bamba); False: the mixer is the layer's one write
+    (Mamba)."""
 
     def __post_init__(self) -> None:
         check_positive_ints(
@@ -62,6 +66,8 @@ class SSMConfig(JsonConfig):
                 f"ssm n_heads ({self.n_heads}) must divide d_inner ({self.d_inner}) and be a "
                 f"multiple of n_groups ({self.n_groups})"
             )
+        if not isinstance(self.mlp, bool):
+            raise ConfigError(f"ssm mlp must be a bool, got {self.mlp!r}")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ConfigError(f"ssm layers must be non-negative ints, got {self.layers!r}")
 

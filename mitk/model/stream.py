@@ -60,6 +60,8 @@ def decoder_stream_writes(model: Any) -> StreamWrites:
         return mlp.W_out, bias
 
     expert_output = _expert_output(blocks)
+    # RWKV's channel mixing, or an ordinary MLP after each Mamba mixer (hybrids such as Bamba)
+    mixer_mlp = cfg.rwkv is not None or (cfg.ssm is not None and cfg.ssm.mlp)
     return StreamWrites(
         n_layers=cfg.n_layers,
         n_heads=cfg.n_heads,
@@ -74,7 +76,8 @@ def decoder_stream_writes(model: Any) -> StreamWrites:
         expert_output=expert_output,
         mlp_reads="resid_pre" if cfg.parallel_attn_mlp else "resid_mid",
         mixer_layers=tuple(i for i in range(cfg.n_layers) if cfg.has_mixer(i)),
-        mixer_writes=("mixer_out", "mlp_out") if cfg.rwkv is not None else ("mixer_out",),
+        mixer_writes=("mixer_out", "mlp_out") if mixer_mlp else ("mixer_out",),
+        mixer_neurons=mixer_mlp and cfg.rwkv is None,
         mixer_kind="RWKV" if cfg.rwkv is not None else "state-space",
     )
 

@@ -50,21 +50,17 @@ class Site:
         return EXPERT_GRANULARITIES if self.unit == "expert" else GRANULARITIES
 
     def layers(self, model: Any) -> list[int]:
-        """The layers that have this site: MoE layers for router/expert sites, else all."""
+        """The layers that have this site's hook: MoE layers for router/expert sites; in a
+        hybrid, attention sites on its attention layers and mixer sites on its mixers."""
         cfg = model.cfg
-        if self.ssm_only:
-            layers = [layer for layer in range(cfg.n_layers) if self.hook(layer) in model.hook_dict]
-            if not layers:
-                raise ValueError(f"this model has no recurrent layer with site {self.short!r}")
-            return layers
-        if not self.moe_only:
-            return list(range(cfg.n_layers))
-        layers = [layer for layer in range(cfg.n_layers) if cfg.is_moe_layer(layer)]
-        if self.kind == "shared_out":
-            layers = [layer for layer in layers if self.hook(layer) in model.hook_dict]
-        if not layers:
-            raise ValueError(f"this model has no layer with site {self.short!r}")
-        return layers
+        layers = list(range(cfg.n_layers))
+        if self.moe_only:
+            layers = [layer for layer in layers if cfg.is_moe_layer(layer)]
+        found = [layer for layer in layers if self.hook(layer) in model.hook_dict]
+        if not found:
+            kind = "recurrent " if self.ssm_only else ""
+            raise ValueError(f"this model has no {kind}layer with site {self.short!r}")
+        return found
 
     def units(self, model: Any) -> int:
         """Size of ``head_axis``: experts, key-value heads (``k``/``v``) or query heads."""

@@ -1,8 +1,8 @@
-"""A state-space block: one mixer writing into the stream, ``resid + mixer(ln1(resid))``."""
+"""A state-space block: ``resid + mixer(ln1(resid))``, then in hybrids ``+ mlp(ln2(...))``."""
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import NoReturn, cast
 
 from torch import Tensor, nn
 
@@ -10,6 +10,7 @@ from mitk.config import TransformerConfig
 from mitk.errors import UnsupportedModelError
 from mitk.hooks import HookPoint
 from mitk.model.forward_context import ForwardContext
+from mitk.model.mlp import MLP
 from mitk.model.norms import make_norm
 from mitk.model.ssm.mamba2 import Mamba2Mixer
 from mitk.model.ssm.mixer import MambaMixer
@@ -17,13 +18,15 @@ from mitk.shapes import Float
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm Mamba block: no attention, no MLP; the mixer's write is ``hook_mixer_out``.
+    """Pre-norm Mamba block: no attention; the mixer's write is ``hook_mixer_out``.
 
     Hooks: ``hook_resid_pre``, ``ln1.hook_scale``/``hook_normalized``, the mixer's
     (``mixer.hook_*``, see ``MambaMixer`` and ``Mamba2Mixer``), ``hook_mixer_out`` and
-    ``hook_resid_post``.
-    Asking it for ``attn`` or ``mlp`` (an attention or neuron analysis of this
-    layer) raises ``UnsupportedModelError`` naming the layer kind.
+    ``hook_resid_post``. With ``cfg.ssm.mlp`` (hybrids such as Bamba) an MLP follows the
+    mixer as in a transformer block: ``hook_resid_mid`` (the stream after the mixer),
+    ``ln2.*``, ``mlp.hook_pre``/``hook_pre_linear``/``hook_post`` and ``hook_mlp_out``.
+    Asking it for ``attn`` (an attention analysis of this layer), or for ``mlp`` where it
+    has none, raises ``UnsupportedModelError`` naming the layer kind.
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
@@ -36,6 +39,14 @@ class MambaBlock(nn.Module):
         self.mixer: MambaMixer | Mamba2Mixer = mixer(cfg, layer)
         self.hook_resid_pre = HookPoint()
         self.hook_mixer_out = HookPoint()
+        self.has_mlp = cfg.ssm.mlp
+        if self.has_mlp:
+            self.hook_resid_mid = HookPoint()
+            self.ln2 = make_norm(cfg)
+            # what add_module does, minus its check that refuses a name a property holds:
+            # the ``mlp`` property below returns this module (or refuses where there is none)
+            self._modules["mlp"] = MLP(cfg)
+            self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
     def forward(
@@ -44,7 +55,11 @@ class MambaBlock(nn.Module):
         """One block; ``ctx`` carries the padding mask and any past state to the mixer."""
         resid = self.hook_resid_pre(resid)
         mixer_out = self.hook_mixer_out(self.mixer(self.ln1(resid), ctx))
-        return self.hook_resid_post(resid + mixer_out)
+        if not self.has_mlp:
+            return self.hook_resid_post(resid + mixer_out)
+        mid = self.hook_resid_mid(resid + mixer_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mid)))
+        return self.hook_resid_post(mid + mlp_out)
 
     @property
     def attn(self) -> NoReturn:
@@ -52,11 +67,14 @@ class MambaBlock(nn.Module):
         raise UnsupportedModelError(
             f"layer {self.layer} is a Mamba (selective state-space) layer: it has no attention "
             f"heads, patterns or QK/OV circuits; its write is blocks.{self.layer}.hook_mixer_out"
+            + (f" (then its MLP's, blocks.{self.layer}.hook_mlp_out)" if self.has_mlp else "")
         )
 
     @property
-    def mlp(self) -> NoReturn:
-        """Refused: a state-space layer has no MLP neurons."""
+    def mlp(self) -> MLP:
+        """The MLP after the mixer (``cfg.ssm.mlp``); refused where the layer has none."""
+        if self.has_mlp:
+            return cast(MLP, self._modules["mlp"])
         raise UnsupportedModelError(
             f"layer {self.layer} is a Mamba (selective state-space) layer: it has no MLP "
             f"neurons; its write is blocks.{self.layer}.hook_mixer_out"

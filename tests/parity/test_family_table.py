@@ -26,6 +26,7 @@ from mitk.model import supported_architectures
 from tests.checkpoints import gpt2_hf_model
 from tests.parity import test_hf_families as families
 from tests.parity.hf_moe_builders import MOE_FAMILIES
+from tests.parity.test_hf_bamba import _build as _bamba
 from tests.parity.test_hf_mamba import _mamba, _mamba2
 from tests.parity.test_hf_rwkv import _build as _rwkv
 
@@ -49,6 +50,7 @@ def _bert() -> nn.Module:
 
 
 REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
+    "bamba": lambda: _bamba("bamba"),
     "bert": _bert,
     "bloom": families.FAMILIES["bloom-alibi-8-heads"],
     "cohere": families.FAMILIES["cohere-parallel-shared-norm-interleaved"],

@@ -13,6 +13,7 @@ from mitk.atomic import atomic_write_text
 from mitk.config import TransformerConfig, loading_overrides
 from mitk.errors import ConfigError, MitkError, ModelFileError, UnsupportedModelError
 from mitk.model.memory import ensure_fits
+from mitk.model.pretrained.bamba import bamba_config, bamba_state_dict
 from mitk.model.pretrained.bert import bert_config, bert_state_dict
 from mitk.model.pretrained.bloom import bloom_config, bloom_state_dict
 from mitk.model.pretrained.checks import (
@@ -66,6 +67,7 @@ ConfigFn = Callable[..., TransformerConfig]
 StateFn = Callable[[dict[str, Tensor], TransformerConfig], dict[str, Tensor]]
 # Hugging Face ``model_type`` -> (config converter, state-dict converter)
 CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
+    "bamba": (bamba_config, bamba_state_dict),
     "bert": (bert_config, bert_state_dict),
     "bloom": (bloom_config, bloom_state_dict),
     "cohere": (cohere_config, cohere_state_dict),

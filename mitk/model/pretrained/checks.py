@@ -29,7 +29,8 @@ SIZE_FIELDS = frozenset({
     "qk_nope_head_dim", "v_head_dim", "decoder_sparse_step", "no_rope_layer_interval",
     "relative_attention_num_buckets", "relative_attention_max_distance",
     "original_max_position_embeddings", "sliding_window_pattern", "_sliding_window_pattern",
-    "attention_hidden_size", "context_length",
+    "attention_hidden_size", "context_length", "mamba_n_heads", "mamba_n_groups",
+    "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_chunk_size",
 })  # fmt: skip
 """Hugging Face fields holding a size or count: an int in ``[0, MAX_SIZE]`` (or null)."""
 POSITIVE_REALS = frozenset({
@@ -44,7 +45,7 @@ REALS = frozenset({
     "clip_qkv",
 })  # fmt: skip
 """Fields that must be finite numbers (or null)."""
-INT_LISTS = frozenset({"mlp_only_layers", "no_rope_layers"})
+INT_LISTS = frozenset({"mlp_only_layers", "no_rope_layers", "attn_layer_indices"})
 STR_LISTS = frozenset({"layer_types", "attention_types"})
 OBJECTS = frozenset({"rope_scaling", "rope_parameters"})
 

@@ -92,12 +92,7 @@ MAMBA2_FIELDS = frozenset({
 def mamba2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a Mamba-2 ``config.json``."""
     mappings.refuse_unknown_fields(hf, MAMBA2_FIELDS)
-    limit = hf.get("time_step_limit", (0.0, float("inf")))
-    if limit is not None and tuple(map(_number, limit)) != (0.0, float("inf")):
-        raise UnsupportedModelError(
-            f"mamba2 config field time_step_limit={limit!r} is not supported (Hugging Face "
-            "clamps dt with it on the prefill but not per generated token)"
-        )
+    check_time_step_limit(hf)
     d_model, heads = hf["hidden_size"], hf["num_heads"]
     d_inner = int(hf.get("expand", 2) * d_model)
     if hf.get("head_dim") is not None and heads * hf["head_dim"] != d_inner:
@@ -122,13 +117,25 @@ def mamba2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
 def mamba2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
     """Rename and transpose a ``Mamba2ForCausalLM`` (or bare ``Mamba2Model``) state dict."""
 
-    def grouped(sd: dict[str, Tensor], mixer: str, mk: str) -> dict[str, Tensor]:
-        return {
-            **mappings.norm(sd, f"{mixer}.norm", f"{mk}.norm", bias=False),
-            f"{mk}.b_dt": sd[f"{mixer}.dt_bias"],
-        }
+    return _ssm_state_dict(hf_state, cfg, mamba2_weights)
 
-    return _ssm_state_dict(hf_state, cfg, grouped)
+
+def mamba2_weights(sd: dict[str, Tensor], mixer: str, mk: str) -> dict[str, Tensor]:
+    """What a Mamba-2 mixer adds to ``mixer_weights``: its grouped norm and time-step bias."""
+    return {
+        **mappings.norm(sd, f"{mixer}.norm", f"{mk}.norm", bias=False),
+        f"{mk}.b_dt": sd[f"{mixer}.dt_bias"],
+    }
+
+
+def check_time_step_limit(hf: dict[str, Any]) -> None:
+    """Refuse a Mamba-2 ``time_step_limit`` other than the default (no clamp)."""
+    limit = hf.get("time_step_limit", (0.0, float("inf")))
+    if limit is not None and tuple(map(_number, limit)) != (0.0, float("inf")):
+        raise UnsupportedModelError(
+            f"{hf.get('model_type')} config field time_step_limit={limit!r} is not supported "
+            "(Hugging Face clamps dt with it on the prefill but not per generated token)"
+        )
 
 
 def _number(value: Any) -> float:
@@ -161,24 +168,32 @@ def _ssm_state_dict(
     mixer, mk_mixer)`` adds the rest of one layer's mixer."""
     sd = mappings.without_prefix(hf_state, "backbone.")
     assert cfg.ssm is not None
-    bias = cfg.ssm.proj_bias
     out = {
         **mappings.embeddings(sd, "embeddings"),
         **mappings.norm(sd, "norm_f", "ln_final", bias=False),
     }
     for hf, mk in mappings.layer_prefixes(cfg.n_layers, "layers.{}"):
-        mixer, mk_mixer = f"{hf}.mixer", f"{mk}.mixer"
         out |= {
             **mappings.norm(sd, f"{hf}.norm", f"{mk}.ln1", bias=False),
-            **mappings.linear(sd, f"{mixer}.in_proj", f"{mk_mixer}.W_in",
-                              f"{mk_mixer}.b_in" if bias else None),
-            **mappings.linear(sd, f"{mixer}.out_proj", f"{mk_mixer}.W_out",
-                              f"{mk_mixer}.b_out" if bias else None),
-            f"{mk_mixer}.W_conv": sd[f"{mixer}.conv1d.weight"][:, 0],
-            f"{mk_mixer}.A_log": sd[f"{mixer}.A_log"],
-            f"{mk_mixer}.D": sd[f"{mixer}.D"],
-            **variant_weights(sd, mixer, mk_mixer),
-        }  # fmt: skip
-        if cfg.ssm.conv_bias:
-            out[f"{mk_mixer}.b_conv"] = sd[f"{mixer}.conv1d.bias"]
+            **mixer_weights(sd, f"{hf}.mixer", f"{mk}.mixer", cfg.ssm, variant_weights),
+        }
+    return out
+
+
+def mixer_weights(
+    sd: dict[str, Tensor], mixer: str, mk: str, ssm: SSMConfig, variant_weights: MixerWeights
+) -> dict[str, Tensor]:
+    """HF mixer ``mixer``'s weights as mitk mixer ``mk``'s: the projections, convolution,
+    ``A_log`` and ``D`` both variants share, then ``variant_weights(sd, mixer, mk)``."""
+    bias = ssm.proj_bias
+    out = {
+        **mappings.linear(sd, f"{mixer}.in_proj", f"{mk}.W_in", f"{mk}.b_in" if bias else None),
+        **mappings.linear(sd, f"{mixer}.out_proj", f"{mk}.W_out", f"{mk}.b_out" if bias else None),
+        f"{mk}.W_conv": sd[f"{mixer}.conv1d.weight"][:, 0],
+        f"{mk}.A_log": sd[f"{mixer}.A_log"],
+        f"{mk}.D": sd[f"{mixer}.D"],
+        **variant_weights(sd, mixer, mk),
+    }
+    if ssm.conv_bias:
+        out[f"{mk}.b_conv"] = sd[f"{mixer}.conv1d.bias"]
     return out

@@ -2,7 +2,10 @@
 
 ``--family mamba2`` runs the same comparison on a Mamba-2 model of the same width (24
 heads of 64 channels, d_state 128, one group), whose HF CPU path is its own chunked
-(state-space-duality) PyTorch scan.
+(state-space-duality) PyTorch scan, ``mamba2_chunk_scan`` in chunks of the config's 256
+positions; mitk's is ``mitk.model.ssm.ssd.ssd_scan`` (chunks of 64). Two more contenders
+time that scan alone on layer 0's ``x``, ``dt``, ``B`` and ``C``: ``mitk ssd scan`` and
+``HF ssd scan`` (outputs checked against each other).
 
 The model is a random-weight ``MambaForCausalLM`` with mamba-130m's layer shape (d_model
 768, d_inner 1536, d_state 16, conv 4, dt rank 48) but 4 layers and a 4096-token
@@ -38,6 +41,7 @@ Run::
     python bench/ssm_scan.py --quick          # a tiny model, for a smoke run
     python bench/ssm_scan.py --rounds 5 --threads 2
     python bench/ssm_scan.py --family rwkv --threads 1
+    python bench/ssm_scan.py --family mamba2 --threads 1 --rounds 5 --no-state-hooked
 """
 
 from __future__ import annotations
@@ -78,7 +82,9 @@ FULL2 = Case("mamba2 d768 x4 (24 heads x 64, d_state 128), 1x2048", 4, 768, 128,
 QUICK2 = Case("mamba2 tiny 1x256", 2, 64, 16, 256, 256)
 FULL_RWKV = Case("rwkv-4-169m layers x4, 1x2048", 4, 768, 0, 4096, 2048)
 QUICK_RWKV = Case("rwkv tiny 1x256", 2, 64, 0, 256, 256)
-SCAN_REFERENCE = "mitk wkv scan"
+SCAN_PAIRS = {"rwkv": ("mitk wkv scan", "HF wkv scan"), "mamba2": ("mitk ssd scan", "HF ssd scan")}
+"""Per family, the contenders that time the recurrence alone: mitk's (the reference its
+peer's output is checked against) and Hugging Face's."""
 
 
 def hf_model(case: Case, family: str) -> Any:
@@ -106,7 +112,7 @@ def hf_model(case: Case, family: str) -> Any:
     return MambaForCausalLM(MambaConfig(**sizes)).eval()
 
 
-def contenders_for(case: Case, family: str) -> list[Contender]:
+def contenders_for(case: Case, family: str, with_states: bool = True) -> list[Contender]:
     import mitk
 
     hf = hf_model(case, family)
@@ -122,10 +128,14 @@ def contenders_for(case: Case, family: str) -> list[Contender]:
 
     contenders: list[Contender] = [
         ("mitk chunked", lambda: model(tokens)),
-        ("mitk state-hooked", state_hooked),
+        *([("mitk state-hooked", state_hooked)] if with_states else []),
         ("HF", lambda: hf(tokens, use_cache=False)),
     ]
-    return contenders + (wkv_contenders(hf, model, tokens) if family == "rwkv" else [])
+    if family == "rwkv":
+        contenders += wkv_contenders(hf, model, tokens)
+    elif family == "mamba2":
+        contenders += ssd_contenders(hf, model, tokens)
+    return contenders
 
 
 def wkv_contenders(hf: Any, model: Any, tokens: torch.Tensor) -> list[Contender]:
@@ -146,24 +156,53 @@ def wkv_contenders(hf: Any, model: Any, tokens: torch.Tensor) -> list[Contender]
         return chunked_wkv(k, v, w, first)[0]
 
     return [
-        (SCAN_REFERENCE, mitk_scan),
-        ("HF wkv scan", lambda: rwkv_linear_attention_cpu(decay, first, k, v)[0]),
+        (SCAN_PAIRS["rwkv"][0], mitk_scan),
+        (SCAN_PAIRS["rwkv"][1], lambda: rwkv_linear_attention_cpu(decay, first, k, v)[0]),
+    ]
+
+
+def ssd_contenders(hf: Any, model: Any, tokens: torch.Tensor) -> list[Contender]:
+    """The Mamba-2 scan alone, mitk's and HF's, on layer 0's ``x``, ``dt``, ``B`` and ``C``
+    (no initial state; the last state returned by both)."""
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    from mitk.model.ssm.ssd import ssd_scan
+
+    ssm = model.cfg.ssm
+    names = [f"blocks.0.mixer.hook_{site}" for site in ("conv", "dt", "B", "C")]
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+    conv, dt, B, C = (cache[name].clone() for name in names)
+    x = conv[..., : ssm.d_inner].unflatten(-1, (ssm.n_heads, -1)).contiguous()
+    mixer = hf.backbone.layers[0].mixer
+    A, chunk = -mixer.A_log.detach().exp(), mixer.chunk_size
+
+    def hf_scan() -> torch.Tensor:
+        return mamba2_chunk_scan(x, dt, A, B, C, chunk, return_final_states=True)[0]
+
+    return [
+        (SCAN_PAIRS["mamba2"][0], lambda: ssd_scan(x, dt, A, B, C, None)[0]),
+        (SCAN_PAIRS["mamba2"][1], hf_scan),
     ]
 
 
 def check_logits(contenders: list[Contender]) -> dict[str, float]:
-    """One (warm-up) call each; exits if any logits differ from ``mitk chunked``'s (a WKV
-    scan's outputs: from ``mitk wkv scan``'s)."""
+    """One (warm-up) call each; exits if any logits differ from ``mitk chunked``'s by more
+    than ``PARITY_ATOL``. A scan's outputs are compared with the mitk scan's of its pair in
+    ``SCAN_PAIRS``, relative to their largest magnitude (Mamba-2's run to ~1e3)."""
     with torch.inference_mode():
         outputs = {name: logits_of(run()).float() for name, run in contenders}
+    scans = {name: mine for mine, peer in SCAN_PAIRS.values() for name in (mine, peer)}
 
-    def reference(name: str) -> torch.Tensor:
-        return outputs[SCAN_REFERENCE if "wkv scan" in name else "mitk chunked"]
+    def diff(name: str, out: torch.Tensor) -> float:
+        reference = outputs[scans.get(name, "mitk chunked")]
+        scale = reference.abs().max().item() if name in scans else 1.0
+        return (out - reference).abs().max().item() / max(scale, 1.0)
 
-    diffs = {name: (out - reference(name)).abs().max().item() for name, out in outputs.items()}
-    for name, diff in diffs.items():
-        if diff > PARITY_ATOL:
-            raise SystemExit(f"{name}: logits differ from mitk chunked's by {diff:.2e}")
+    diffs = {name: diff(name, out) for name, out in outputs.items()}
+    for name, d in diffs.items():
+        if d > PARITY_ATOL:
+            raise SystemExit(f"{name}: outputs differ from the reference's by {d:.2e}")
     return diffs
 
 
@@ -192,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
     parser.add_argument("--family", choices=("mamba", "mamba2", "rwkv"), default="mamba")
+    parser.add_argument(
+        "--no-state-hooked",
+        action="store_true",
+        help="leave out 'mitk state-hooked' (Mamba-2's every-position states: ~9 GiB, ~30 s)",
+    )
     args = parser.parse_args(argv)
     cases = {"mamba": (QUICK, FULL), "mamba2": (QUICK2, FULL2), "rwkv": (QUICK_RWKV, FULL_RWKV)}
     case = cases[args.family][0 if args.quick else 1]
@@ -200,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"case: {case.name}; rounds: {rounds}; threads: {args.threads}; "
           f"torch {torch.__version__}")  # fmt: skip
     with no_network():
-        contenders = contenders_for(case, args.family)
+        contenders = contenders_for(case, args.family, not args.no_state_hooked)
         diffs = check_logits(contenders)
         print(f"loadavg before: {loadavg()}")
         start = time.perf_counter()
@@ -217,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmitk chunked / HF (time): {ratio:.3f}x  target <= {TARGET:.2f}x  {status}")
     memory_ratio = memory["mitk chunked"] / max(memory["HF"], 1)
     print(f"mitk chunked / HF (added peak memory): {memory_ratio:.3f}x")
-    if SCAN_REFERENCE in times:
-        scan = min(times[SCAN_REFERENCE]) / min(times["HF wkv scan"])
-        print(f"{SCAN_REFERENCE} / HF wkv scan (time): {scan:.3f}x  target <= {TARGET:.2f}x  "
+    mine, peer = SCAN_PAIRS.get(args.family, ("", ""))
+    if mine in times:
+        scan = min(times[mine]) / min(times[peer])
+        print(f"{mine} / {peer} (time): {scan:.3f}x  target <= {TARGET:.2f}x  "
               f"{'met' if scan <= TARGET else 'MISSED'}")  # fmt: skip
-        scan_memory = memory[SCAN_REFERENCE] / max(memory["HF wkv scan"], 1)
-        print(f"{SCAN_REFERENCE} / HF wkv scan (added peak memory): {scan_memory:.3f}x")
+        scan_memory = memory[mine] / max(memory[peer], 1)
+        print(f"{mine} / {peer} (added peak memory): {scan_memory:.3f}x")
     return 0
 
 

@@ -18,7 +18,8 @@ from mitk.model.ssm.mixer import (
     causal_conv,
     padding_mask,
 )
-from mitk.model.ssm.scan import chunked_scan, sequential_scan
+from mitk.model.ssm.scan import sequential_scan
+from mitk.model.ssm.ssd import ssd_scan
 from mitk.model.ssm.state import SSMState
 from mitk.shapes import Float
 
@@ -53,6 +54,8 @@ class Mamba2Mixer(SelectiveMixer):
     pos, c, n]`` (channels head by head; both built only when hooked, on the sequential
     path, as in ``MambaMixer``), ``hook_gated [batch, pos, c]`` (``(C·h + D x) *
     silu(gate)``, before the norm) and the norm's ``norm.hook_scale``/``hook_normalized``.
+    When neither ``hook_A`` nor ``hook_ssm_state`` is hooked, the scan runs in chunks as
+    matrix products (``ssd_scan``) and keeps no per-position state.
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
@@ -112,41 +115,27 @@ class Mamba2Mixer(SelectiveMixer):
         C = self.hook_C(C.unflatten(-1, (groups, n)))
         dt = self.hook_dt(F.softplus(dt_raw + self.b_dt))
         per_channel = c // heads
-        dt_c = dt.repeat_interleave(per_channel, dim=-1)  # [batch, pos, c]
         h0 = None if past is None else past[1]
         if self.hook_A.has_hooks or self.hook_ssm_state.has_hooks:
             ctx.record_path(self.name, SEQUENTIAL)
             decay = self.hook_A((dt * self.A).exp()).repeat_interleave(per_channel, dim=-1)
+            dt_c = dt.repeat_interleave(per_channel, dim=-1)  # [batch, pos, c]
             u = (dt_c * xs)[..., None] * _per_channel(B, c)
             states = self.hook_ssm_state(sequential_scan(decay[..., None].expand_as(u), u, h0))
             y = torch.einsum("btcn,btcn->btc", states, _per_channel(C, c))
             last = states[:, -1]
         else:
             ctx.record_path(self.name, CHUNKED)
-            y, last = self._chunked(xs, dt_c, B, C, h0)
+            by_head = xs.unflatten(-1, (heads, per_channel))
+            y, last = ssd_scan(
+                by_head, dt, self.A, B, C, None if h0 is None else h0.unflatten(1, (heads, -1))
+            )
+            y, last = y.flatten(-2), last.flatten(1, 2)
         D = self.D.repeat_interleave(per_channel)
         gated = self.hook_gated((y + xs * D) * F.silu(gate))
         if ctx.present is not None:
             ctx.present[self.layer] = SSMState(conv_state, last)
         return affine(self.norm(gated), self.W_out, self.b_out)
-
-    def _chunked(
-        self, xs: Tensor, dt_c: Tensor, B: Tensor, C: Tensor, h0: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """``chunked_scan`` once per group of heads (each group reads its own ``B``, ``C``)."""
-        c, groups, heads = self.ssm.d_inner, self.ssm.n_groups, self.ssm.n_heads
-        A = self.A.repeat_interleave(c // heads)[:, None].expand(c, self.ssm.d_state)
-        width = c // groups
-        ys, lasts = [], []
-        for g in range(groups):
-            part = slice(g * width, (g + 1) * width)
-            y, last = chunked_scan(
-                xs[..., part], dt_c[..., part], A[part], B[:, :, g], C[:, :, g],
-                None if h0 is None else h0[:, part],
-            )  # fmt: skip
-            ys.append(y)
-            lasts.append(last)
-        return torch.cat(ys, dim=-1), torch.cat(lasts, dim=1)
 
 
 def _per_channel(

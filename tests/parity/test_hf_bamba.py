@@ -169,6 +169,60 @@ def test_the_cache_carries_keys_on_attention_layers_and_a_state_on_mixers(pair: 
             assert entry is not None and entry[0].shape == kv_shape
 
 
+def test_left_padded_greedy_matches_hf_generate(tmp_path: Path) -> None:
+    hf = _sharpened(_hf("bamba"))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = HookedTransformer.from_pretrained(tmp_path)
+    tokens = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    tokens[0, :3] = 0
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = hf.generate(
+            tokens, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0
+        )
+    greedy = {"do_sample": False, "stop_at_eos": False, "verbose": False}
+    assert model.generate(tokens, 8, attention_mask=mask, **greedy).tolist() == expected.tolist()
+
+
+def test_the_carried_state_and_keys_equal_hf_cache(pair: Any) -> None:
+    """After a prompt, each mixer's convolution tail and state and each attention layer's
+    (rotated) keys and values are Hugging Face's."""
+    _, hf, model = pair
+    tokens = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    cache = KVCache(model.cfg.n_layers)
+    with torch.no_grad():
+        theirs = hf(tokens, use_cache=True).cache.layers
+        model(tokens, past_kv_cache=cache)
+    for layer, (ours, hf_layer) in enumerate(zip(cache.layers, theirs, strict=True)):
+        if model.cfg.is_ssm_layer(layer):  # HF holds its states by index; Bamba's is 0
+            assert isinstance(ours, SSMState)
+            conv, state = ours
+            torch.testing.assert_close(
+                conv, hf_layer.conv_states[0][..., 1:], atol=1e-5, rtol=0
+            )  # HF keeps d_conv inputs, the first of which no later step reads
+            torch.testing.assert_close(
+                state, hf_layer.recurrent_states[0].flatten(1, 2), atol=1e-5, rtol=0
+            )
+        else:
+            assert ours is not None
+            torch.testing.assert_close(ours[0], hf_layer.keys, atol=1e-5, rtol=0)
+            torch.testing.assert_close(ours[1], hf_layer.values, atol=1e-5, rtol=0)
+
+
+def test_state_hooks_leave_the_output_unchanged(pair: Any) -> None:
+    _, hf, model = pair
+    tokens, _ = token_batch(VOCAB, padded=False)
+    mixer = next(i for i in range(4) if model.cfg.is_ssm_layer(i))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        logits, cache = model.run_with_cache(tokens, names_filter=name("ssm_state", mixer))
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    assert cache[name("ssm_state", mixer)].shape == (3, 12, model.cfg.ssm.d_inner, 8)
+    assert model.attention_paths()[mixer].startswith("ssm: sequential")
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("attention_multiplier", 0.5), ("partial_rotary_factor", 1.0), ("use_mamba_kernels", True),

@@ -18,8 +18,9 @@ REQUIRED = {
     "03_activation_patching",
     "04_sparse_autoencoder",
     "05_attribution_graphs",
+    "06_induction_across_architectures",
 }
-CELL_TIMEOUT_S = 180  # a notebook takes seconds; this only stops a hung kernel
+CELL_TIMEOUT_S = 600  # 06 trains five models in one cell (~2 min); this only stops a hung kernel
 KERNEL = "mitk-test-kernel"
 
 # No warning filters here: with the environment ``kernel_env`` sets, the Jupyter stack

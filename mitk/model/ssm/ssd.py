@@ -30,11 +30,18 @@ Numerics: every exponent is a sum of ``a_k <= 0`` over a segment, summed directl
 cumulative sum of the masked ``[L, L]`` matrix of ``a``, or from the chunk's start), never
 as the difference of two running sums (which cancels) nor as a ratio of exponentials
 (which overflows): each factor lies in ``[0, 1]``, and underflow to 0 is the right limit.
+Decays below ``FLUSH_BELOW`` times the smallest normal float (~7.7e-34 in fp32) are set
+to exactly 0: fast-decaying heads make many such entries, and subnormal numbers, or the
+products of tiny decays with small inputs, run an order of magnitude slower on CPUs (the
+scan took 2.4x as long on a random Mamba-2 model's inputs). A term so dropped is below
+fp32's resolution of any output that is not itself ~1e-26 times its inputs' scale.
 Positions past the end that fill the last chunk have ``dt = 0`` and no input, so the
 state passes through them unchanged.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -44,6 +51,9 @@ from mitk.shapes import Float
 
 CHUNK = 64
 """Positions per chunk of ``ssd_scan``."""
+FLUSH_BELOW = 2.0**16
+"""Decays below this many times the smallest normal float (fp32's, or the input's if
+wider; ~7.7e-34 in fp32) are set to 0 (see the module's numerics note)."""
 BLOCK_STATES = 2**23
 """State entries per batch row of the chunk states a block keeps (32 MiB in fp32): blocks
 of chunks run one after the other, so memory does not grow with the sequence."""
@@ -78,67 +88,104 @@ def ssd_scan(
         part = slice(start, min(start + block, pos))
         y, h = _ssd_block(x[:, part], dt[:, part], A, B[:, part], C[:, part], h, chunk)
         outputs.append(y)
+    if len(outputs) == 1:
+        return outputs[0], h
     y = torch.cat(outputs, dim=1) if outputs else x.new_zeros(batch, 0, heads, head_dim)
     return y, h
 
 
 def segment_sums(a: Float[Tensor, "*lead L"]) -> Float[Tensor, "*lead L L"]:
-    """``out[..., t, j] = a[j+1] + ... + a[t]`` for ``j <= t`` (0 on the diagonal), ``-inf``
-    above it: each entry summed over its own segment, so ``exp`` of it is the decay."""
+    """``out[..., j, t] = a[j+1] + ... + a[t]`` for ``t >= j`` (0 on the diagonal), and 0
+    for ``t < j`` (an empty segment: callers mask it). Each entry is summed over its own
+    segment, so ``exp`` of it is the decay from just after ``j`` through ``t``."""
     L = a.shape[-1]
-    ones = torch.ones(L, L, dtype=torch.bool, device=a.device)
-    # column j holds a[k] in rows k > j; summing down the rows gives a[j+1] + ... + a[t]
-    sums = a[..., :, None].expand(*a.shape, L).masked_fill(~ones.tril(-1), 0).cumsum(-2)
-    return sums.masked_fill(~ones.tril(0), -torch.inf)
+    after = torch.ones(L, L, dtype=torch.bool, device=a.device).triu(1)  # k > j
+    # row j holds a[k] in the columns k > j; summing along the row gives a[j+1] + ... + a[t]
+    return a[..., None, :].expand(*a.shape, L).masked_fill(~after, 0).cumsum(-1)
 
 
 def _ssd_block(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, chunk: int
 ) -> tuple[Tensor, Tensor]:
-    """One block of ``ssd_scan``: its outputs ``[batch, P, heads, head_dim]`` and last state."""
+    """One block of ``ssd_scan``: its outputs ``[batch, P, heads, head_dim]`` and last state.
+
+    Layouts are chosen so that the products read the inputs where they lie: ``x``, ``B``
+    and ``C`` stay positions-major, states are held transposed, ``[d_state, width]`` per
+    group (``width``: the group's heads' channels side by side), so the chunk states and
+    their readout are each one product per chunk and group with no copy of their inputs;
+    only step 1 reads a heads-major copy of ``dt x``. Without autograd, the chunk states
+    are accumulated in place and the outputs written into one buffer.
+    """
     batch, P, heads, head_dim = x.shape
     groups, d_state = B.shape[2:]
     per_group = heads // groups
+    width = per_group * head_dim
     L = min(chunk, P)
     pad = -P % L
     if pad:  # dt = 0: no decay and no input, so the state passes the padding unchanged
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
     K = (P + pad) // L
-    # positions-major [batch, K, L, ...] views of the inputs; heads-major copies where the
-    # products need a head as a batch dimension
-    dt_h = dt.reshape(batch, K, L, heads).transpose(2, 3)  # [batch, K, heads, L]
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, h))
+    x_pm = x.reshape(batch, K, L, heads, head_dim)  # positions-major views
+    dt_pm = dt.reshape(batch, K, L, heads)
+    B_pm = B.reshape(batch, K, L, groups, d_state)
+    C_g = C.reshape(batch, K, L, groups, d_state).transpose(2, 3)  # [batch, K, groups, L, n]
+    dt_h = dt_pm.transpose(2, 3)  # [batch, K, heads, L]
     a = dt_h * A[:, None]
-    seg = segment_sums(a)  # [batch, K, heads, L, L]
-    from_start = a.cumsum(-1)  # seg(t, s-1): from the chunk's start through t
-    Bk = B.reshape(batch, K, L, groups, d_state).transpose(2, 3)  # [batch, K, groups, L, n]
-    Ck = C.reshape(batch, K, L, groups, d_state).transpose(2, 3)
-    xk = x.reshape(batch, K, L, heads, head_dim)
+    seg = _flushed(segment_sums(a))  # [batch, K, heads, j, t]
+    from_start = _flushed(a.cumsum(-1))  # seg(t, s-1): from the chunk's start through t
 
-    # 1. within each chunk: W = (C B^T) * e^seg * dt_j, then W X, per head
-    CB = Ck @ Bk.transpose(-1, -2)  # [batch, K, groups, L, L]
-    to_end = seg[..., -1, :].exp()  # e^seg(end, j), for step 2
-    W = seg.exp_().view(batch, K, groups, per_group, L, L) * CB[:, :, :, None]
-    W = W * dt_h.view(batch, K, groups, per_group, 1, L)
-    y = W.view(batch, K, heads, L, L) @ xk.transpose(2, 3)  # [batch, K, heads, L, head_dim]
+    # 1. within each chunk: y = W (dt x), W^T[j, t] = (B_j . C_t) e^seg(t, j), t >= j
+    to_end = seg[..., -1].exp()  # e^seg(end, j), for step 2 (before seg turns into W)
+    BC = (B_pm.transpose(2, 3) @ C_g.transpose(-1, -2)).triu_()  # [batch, K, groups, j, t]
+    if differentiable:
+        xdt = (x_pm * dt_pm[..., None]).transpose(2, 3)
+        WT = seg.exp().view(batch, K, groups, per_group, L, L) * BC[:, :, :, None]
+    else:
+        xdt = torch.empty(batch, K, heads, L, head_dim, dtype=x.dtype, device=x.device)
+        torch.mul(x_pm.transpose(2, 3), dt_h[..., None], out=xdt)  # one heads-major copy
+        WT = seg.exp_().view(batch, K, groups, per_group, L, L).mul_(BC[:, :, :, None])
+    y_within = WT.view(batch, K, heads, L, L).transpose(-1, -2) @ xdt  # [.., heads, L, hd]
 
-    # 2. the chunk's inputs, decayed to its end: Z = (x * e^seg(end, j) dt_j)^T B, per group
-    weighted = xk * (to_end * dt_h).transpose(2, 3)[..., None]  # [batch, K, L, heads, head_dim]
-    weighted = weighted.view(batch, K, L, groups, per_group * head_dim).transpose(2, 3)
-    Z = weighted.transpose(-1, -2) @ Bk  # [batch, K, groups, per_group * head_dim, n]
-    Z = Z.view(batch, K, heads, head_dim, d_state)
+    # 2. each chunk's inputs decayed to its end: Z^T = B^T (x dt e^seg(end, j)), per group
+    weighted = x_pm * (dt_pm * to_end.transpose(2, 3))[..., None]  # [batch, K, L, heads, hd]
+    weighted = weighted.view(batch, K, L, groups, width).transpose(2, 3)
+    B_T = B_pm.permute(0, 1, 3, 4, 2)  # [batch, K, groups, n, L]
+    h_T = h.reshape(batch, groups, width, d_state).transpose(-1, -2)  # [batch, groups, n, width]
 
-    # 3. across chunks: the state entering each chunk, one step per chunk
-    chunk_decay = from_start[..., -1].exp()  # [batch, K, heads]
-    entering = []
-    for k in range(K):
-        entering.append(h)
-        h = torch.addcmul(Z[:, k], chunk_decay[:, k, :, None, None], h)
-    H0 = torch.stack(entering, 1).view(batch, K, groups, per_group * head_dim, d_state)
+    # 3. across chunks: the state entering each chunk (slot k) and the last (slot K)
+    decay = from_start[..., -1].exp()  # e^seg(end, s-1): [batch, K, heads]
+    decay = decay.view(batch, K, groups, 1, per_group, 1).expand(-1, -1, -1, -1, -1, head_dim)
+    decay = decay.reshape(batch, K, groups, 1, width)
+    if differentiable:
+        Z_T = B_T @ weighted
+        states = [h_T]
+        for k in range(K):
+            states.append(torch.addcmul(Z_T[:, k], decay[:, k], states[-1]))
+        entering, last_T = torch.stack(states[:-1], 1), states[-1]
+    else:
+        slots = torch.empty(batch, K + 1, groups, d_state, width, dtype=x.dtype, device=x.device)
+        slots[:, 0] = h_T
+        torch.matmul(B_T, weighted, out=slots[:, 1:])
+        for k in range(K):
+            slots[:, k + 1].addcmul_(decay[:, k], slots[:, k])
+        entering, last_T = slots[:, :K], slots[:, K]
+    last = last_T.transpose(-1, -2).reshape(batch, heads, head_dim, d_state)
 
     # 4. the entering state read out at each position, decayed from the chunk's start
-    carried = (Ck @ H0.transpose(-1, -2)).view(batch, K, groups, L, per_group, head_dim)
-    carried = carried.permute(0, 1, 2, 4, 3, 5).reshape(batch, K, heads, L, head_dim)
-    y = torch.addcmul(y, carried, from_start.exp()[..., None])
-    y = y.transpose(2, 3).reshape(batch, K * L, heads, head_dim)
-    return y[:, :P], h
+    decay_in = from_start.exp().transpose(2, 3)[..., None]  # [batch, K, L, heads, 1]
+    if differentiable:
+        carried = (C_g @ entering).transpose(2, 3).reshape(batch, K, L, heads, head_dim)
+        y = torch.addcmul(y_within.transpose(2, 3), carried, decay_in)
+    else:
+        y = torch.empty(batch, K, L, heads, head_dim, dtype=x.dtype, device=x.device)
+        torch.matmul(C_g, entering, out=y.view(batch, K, L, groups, width).transpose(2, 3))
+        y.mul_(decay_in).add_(y_within.transpose(2, 3))
+    return y.reshape(batch, K * L, heads, head_dim)[:, :P], last
+
+
+def _flushed(log_decay: Tensor) -> Tensor:
+    """Log-decays below ``log(FLUSH_BELOW)`` set to ``-inf``: those decays become exactly 0."""
+    tiny = torch.finfo(torch.promote_types(log_decay.dtype, torch.float32)).tiny
+    return log_decay.masked_fill(log_decay < math.log(tiny * FLUSH_BELOW), -torch.inf)

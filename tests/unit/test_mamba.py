@@ -14,6 +14,10 @@ from mitk.model.kv_cache import KVCache
 from mitk.model.ssm import SSMState, chunked_scan
 from mitk.model.ssm.mixer import CHUNKED, SEQUENTIAL
 from tests.naive_patching import patched_both_ways
+from tests.recurrent_checks import (
+    assert_generation_runs_the_prefix_once,
+    state_shapes_after_incremental_run,
+)
 
 VOCAB = 40
 C, N = 24, 5  # d_inner, d_state
@@ -191,33 +195,12 @@ def test_attention_and_neuron_analyses_are_refused_by_name(model: HookedTransfor
 
 
 def test_incremental_forward_carries_a_constant_size_state(model: HookedTransformer) -> None:
-    tokens = _tokens(pos=14)
-    cache = KVCache(model.cfg.n_layers)
-    with torch.no_grad():
-        full = model(tokens)
-        parts = [model(tokens[:, :9], past_kv_cache=cache)]
-        shapes = [tuple(tuple(t.shape) for t in layer) for layer in cache.layers if layer]
-        for t in range(9, 14):
-            parts.append(model(tokens[:, t : t + 1], past_kv_cache=cache))
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=0)
-    assert cache.length == 14
-    assert all(isinstance(layer, SSMState) for layer in cache.layers)
-    assert [tuple(tuple(t.shape) for t in layer) for layer in cache.layers if layer] == shapes
+    shapes = state_shapes_after_incremental_run(model, _tokens(pos=14), SSMState)
     assert shapes[0] == ((2, C, 3), (2, C, N))
 
 
 def test_generation_with_the_state_equals_rerunning_the_prefix(model: HookedTransformer) -> None:
-    tokens = _tokens(pos=6)
-    seen: list[int] = []
-    hooks = [("hook_embed", lambda act, hook: seen.append(act.shape[1]))]
-    cached = model.generate(
-        tokens, 8, do_sample=False, stop_at_eos=False, verbose=False, fwd_hooks=hooks
-    )
-    assert seen == [6] + [1] * 7  # the prefix runs once; each later step feeds one token
-    rerun = model.generate(
-        tokens, 8, do_sample=False, stop_at_eos=False, verbose=False, use_past_kv_cache=False
-    )
-    assert torch.equal(cached, rerun)
+    assert_generation_runs_the_prefix_once(model, _tokens(pos=6))
 
 
 def test_left_padding_leaves_the_state_at_zero() -> None:

@@ -60,8 +60,9 @@ def test_ssd_scan_equals_the_recurrence_in_float64(
     torch.testing.assert_close(last.double(), last_ref, atol=2e-5, rtol=1e-5)
 
 
-def test_ssd_scan_gradients_equal_the_recurrences() -> None:
-    inputs = [t.double().requires_grad_() for t in _inputs(23, 1.0, seed=4)]
+@pytest.mark.parametrize("dt_scale", [1.0, 60.0])  # 60.0: decays flushed to 0, even in fp64
+def test_ssd_scan_gradients_equal_the_recurrences(dt_scale: float) -> None:
+    inputs = [t.double().requires_grad_() for t in _inputs(23, dt_scale, seed=4)]
     x, dt, A, B, C, h0 = inputs
     y, last = ssd_scan(x, dt, A, B, C, h0, chunk=5)
     weights = torch.randn_like(y), torch.randn_like(last)

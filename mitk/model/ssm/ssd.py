@@ -136,7 +136,8 @@ def _ssd_block(
     seg = _flushed(segment_sums(a))  # [batch, K, heads, j, t]
     from_start = _flushed(a.cumsum(-1))  # seg(t, s-1): from the chunk's start through t
 
-    # 1. within each chunk: y = W (dt x), W^T[j, t] = (B_j . C_t) e^seg(t, j), t >= j
+    # 1. within each chunk: y = W (dt x), W^T[j, t] = (B_j . C_t) e^seg(t, j) for t >= j
+    # (dt_j moves from W onto x, which step 2 reads scaled too)
     to_end = seg[..., -1].exp()  # e^seg(end, j), for step 2 (before seg turns into W)
     BC = (B_pm.transpose(2, 3) @ C_g.transpose(-1, -2)).triu_()  # [batch, K, groups, j, t]
     if differentiable:
@@ -186,6 +187,6 @@ def _ssd_block(
 
 
 def _flushed(log_decay: Tensor) -> Tensor:
-    """Log-decays below ``log(FLUSH_BELOW)`` set to ``-inf``: those decays become exactly 0."""
+    """Log-decays below ``log(FLUSH_BELOW * tiny)`` set to ``-inf``: those decays become 0."""
     tiny = torch.finfo(torch.promote_types(log_decay.dtype, torch.float32)).tiny
     return log_decay.masked_fill(log_decay < math.log(tiny * FLUSH_BELOW), -torch.inf)

@@ -20,6 +20,7 @@ from mitk.config.json_config import (
     check_positive_ints,
     json_object,
 )
+from mitk.config.longformer import LongformerConfig
 from mitk.config.moe import MoEConfig
 from mitk.config.rotary_scaling import RotaryScaling, RotaryScalingKind
 from mitk.config.rwkv import RWKVConfig
@@ -208,6 +209,14 @@ class TransformerConfig(JsonConfig):
     rwkv: RWKVConfig | None = None
     """RWKV-4 blocks in every layer: time mixing (``blocks.L.mixer``) in place of attention,
     channel mixing (``blocks.L.mlp``, ``d_mlp`` wide) in place of the MLP; None: none."""
+    longformer: LongformerConfig | None = None
+    """Longformer attention in every layer: a sliding window plus global tokens (picked per
+    input by ``forward``'s ``global_attention_mask``), which attend through projections of
+    their own; needs a bidirectional encoder with learned positions. None: dense attention."""
+    slot_positions: bool = False
+    """Position ids are sequence slots (``0..n-1``, padding counted), as Hugging Face numbers
+    them in BERT-style encoders; False: they count real tokens only. It matters where padded
+    tokens reach real ones (Nyströmformer's landmarks and convolution)."""
     device: str = field(default="cpu", compare=False)
     """Where the weights live (``"cpu"``, ``"cuda:0"``): a model is built there and keeps
     this up to date through ``model.to(...)``. Not part of ``==`` or of the saved JSON, so
@@ -349,6 +358,8 @@ class TransformerConfig(JsonConfig):
             self._validate_ssm()
         if self.rwkv is not None:
             self._validate_rwkv()
+        if self.longformer is not None:
+            self._validate_longformer()
         if not self.pre_norms and not (self.sandwich_norms and self.norm_position == "pre"):
             raise ConfigError("pre_norms=False needs sandwich_norms=True and norm_position='pre'")
 
@@ -357,7 +368,7 @@ class TransformerConfig(JsonConfig):
         """As ``JsonConfig.from_dict``; nested dicts become ``RotaryScaling``/``MoEConfig``."""
         records = (
             ("rotary_scaling", RotaryScaling), ("moe", MoEConfig), ("ssm", SSMConfig),
-            ("rwkv", RWKVConfig),
+            ("rwkv", RWKVConfig), ("longformer", LongformerConfig),
         )  # fmt: skip
         for key, record in records:
             if isinstance(data.get(key), dict):
@@ -398,6 +409,35 @@ class TransformerConfig(JsonConfig):
             raise ConfigError(
                 "rwkv blocks are pre-LayerNorm time + channel mixing with no positions (the "
                 f"token shift orders the tokens); got {', '.join(found)}"
+            )
+
+    def _validate_longformer(self) -> None:
+        if not isinstance(self.longformer, LongformerConfig):
+            raise ConfigError(
+                f"longformer must be a LongformerConfig or None, got {self.longformer!r}"
+            )
+        if len(self.longformer.attention_window) != self.n_layers:
+            raise ConfigError(
+                f"longformer attention_window needs one width per layer ({self.n_layers}), "
+                f"got {self.longformer.attention_window}"
+            )
+        refused = {
+            "causal=True": self.causal,
+            f"attention_type={self.attention_type!r}": self.attention_type != "mha",
+            f"positional={self.positional!r}": self.positional in ("rotary", "alibi"),
+            "grouped-query attention": self.n_key_value_heads != self.n_heads,
+            "sliding_window": self.sliding_window > 0,
+            "sparse_attention": self.sparse_attention != "none",
+            "attn_sinks": self.attn_sinks,
+            "attn_softcap": self.attn_softcap > 0,
+            "qk_norm": self.qk_norm != "none",
+            "ssm or rwkv layers": self.ssm is not None or self.rwkv is not None,
+        }
+        found = [what for what, present in refused.items() if present]
+        if found:
+            raise ConfigError(
+                "longformer attention is bidirectional multi-head attention with positions "
+                f"added to the stream and no other mask, bias or norm; got {', '.join(found)}"
             )
 
     def _validate_mla(self) -> None:
@@ -481,7 +521,8 @@ _CHOICES: dict[str, Any] = {
 }
 
 __all__ = [
-    "ActFn", "AttentionBackend", "AttentionType", "DType", "JsonConfig", "MoEConfig",
+    "ActFn", "AttentionBackend", "AttentionType", "DType", "JsonConfig", "LongformerConfig",
+    "MoEConfig",
     "NormPosition", "Normalization", "Positional", "QKNorm", "RWKVConfig", "RotaryScaling",
     "RotaryScalingKind", "RotaryStyle", "SSMConfig", "TransformerConfig", "check_choices",
     "check_positive_ints", "json_object", "loading_overrides", "torch_dtype",

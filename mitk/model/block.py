@@ -10,6 +10,7 @@ from mitk.model.attention import Attention
 from mitk.model.forward_context import ForwardContext
 from mitk.model.latent_attention import LatentAttention
 from mitk.model.linear_attention import LinearAttention, PerformerAttention
+from mitk.model.longformer_attention import LongformerAttention
 from mitk.model.mlp import MLP
 from mitk.model.moe import MixtureOfExperts
 from mitk.model.norms import make_norm
@@ -55,7 +56,10 @@ class TransformerBlock(nn.Module):
         if cfg.pre_norms:
             self.ln1 = make_norm(cfg)
         kinds = {"mla": LatentAttention, "linear": LinearAttention, "performer": PerformerAttention}
-        self.attn = kinds.get(cfg.attention_type, Attention)(cfg, layer)
+        attn_class = kinds.get(cfg.attention_type, Attention)
+        if cfg.longformer is not None:
+            attn_class = LongformerAttention
+        self.attn = attn_class(cfg, layer)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         if cfg.has_mlp:

@@ -42,6 +42,8 @@ class ForwardContext:
       forces that layer's explicit path, like a hook on it.
     - ``cross``/``cross_valid``: the encoder output cross-attention reads and
       its ``[batch, enc_pos]`` real-token mask (None: nothing padded).
+    - ``global_tokens``: ``[batch, pos]``, True at tokens with global attention
+      (Longformer's ``global_attention_mask``); None: none.
     - ``paths``: filled during the pass: attention module name -> ``"sdpa"`` or
       ``"eager: <why>"``.
     - ``memo``: tensors every layer would otherwise rebuild (rotary angles,
@@ -57,6 +59,7 @@ class ForwardContext:
     held: Mapping[str, Tensor] = field(default_factory=dict)
     cross: Tensor | None = None
     cross_valid: Tensor | None = None
+    global_tokens: Tensor | None = None
     paths: dict[str, str] = field(default_factory=dict)
     memo: dict[str, Tensor | None] = field(default_factory=dict, repr=False)
 

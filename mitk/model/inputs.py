@@ -82,6 +82,39 @@ def checked_attention_mask(mask: object, shape: tuple[int, int]) -> Tensor | Non
     return None if bool(mask.all()) else mask
 
 
+def global_tokens_of(
+    global_attention_mask: object,
+    cfg: TransformerConfig,
+    shape: tuple[int, int],
+    key_valid: Tensor | None,
+) -> Tensor | None:
+    """Longformer's ``[batch, pos]`` global tokens (True), or None when there is none.
+
+    Hugging Face multiplies the mask by ``attention_mask``, so a padded position is
+    never global; models without ``cfg.longformer`` refuse the argument.
+    """
+    if global_attention_mask is None:
+        return None
+    if cfg.longformer is None:
+        raise ValueError("global_attention_mask given, but this model has no Longformer attention")
+    if not isinstance(global_attention_mask, Tensor):
+        raise ShapeMismatchError(
+            f"global_attention_mask must be a tensor, got {type(global_attention_mask).__name__}"
+        )
+    mask = global_attention_mask[None] if global_attention_mask.ndim == 1 else global_attention_mask
+    if tuple(mask.shape) != shape:
+        raise ShapeMismatchError(
+            f"global_attention_mask has shape {tuple(mask.shape)} but the input is {shape} "
+            "[batch, pos]"
+        )
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ShapeMismatchError("global_attention_mask must hold only 0 (local) and 1 (global)")
+    mask = mask.bool().to(cfg.device)
+    if key_valid is not None:
+        mask = mask & key_valid.to(mask.device)
+    return mask if bool(mask.any()) else None
+
+
 def checked_residual(resid: object, cfg: TransformerConfig) -> Tensor:
     """A ``[batch, pos, d_model]`` float tensor to start a forward from mid-model."""
     if not isinstance(resid, Tensor) or not resid.is_floating_point():

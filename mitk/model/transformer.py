@@ -28,6 +28,7 @@ from mitk.model.inputs import (
     checked_attention_mask,
     checked_residual,
     checked_tokens,
+    global_tokens_of,
 )
 from mitk.model.kv_cache import KVCache
 from mitk.model.loss import loss_from_logits, next_token_loss, next_token_losses
@@ -202,6 +203,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
         past_kv_cache: KVCache | None = None,
         hold: Mapping[str, Tensor] | None = None,
+        global_attention_mask: Int[Tensor, "batch pos"] | None = None,
     ) -> ForwardOutput:
         """Run the model.
 
@@ -234,6 +236,9 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         - ``hold``: hook name -> value that replaces that activation for this
           pass (e.g. frozen attention patterns or norm scales for a linearised
           run); a held pattern runs that layer's explicit attention path.
+        - ``global_attention_mask``: ``[batch, pos]``, 1 at tokens with global
+          attention, for Longformer models (``cfg.longformer``); padded positions
+          are never global.
         - A bare encoder (``cfg.has_lm_head=False``) refuses logits and losses.
         """
         cfg = self.cfg
@@ -272,6 +277,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
             pos, key_valid, start=first, stop=last, past=past, held=hold,
             keep_state=past_kv_cache is not None,
             past_len=None if past_kv_cache is None else past_kv_cache.length,
+            global_tokens=global_tokens_of(global_attention_mask, cfg, (batch, pos), key_valid),
         )  # fmt: skip
         with holding(self.hook_dict, ctx.held):
             if input_tokens is not None:
@@ -352,6 +358,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         held: Mapping[str, Tensor] | None = None,
         keep_state: bool = False,
         past_len: int | None = None,
+        global_tokens: Bool[Tensor, "batch pos"] | None = None,
     ) -> ForwardContext:
         """The context of one pass of ``q_len`` new positions after any ``past`` state.
 
@@ -361,6 +368,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         ``keep_state=True`` collects each layer's full state in ``ctx.present``.
         ``past_len`` counts the past positions (None: read from the keys in ``past``;
         a state-space layer's state does not say how many positions it has seen).
+        ``global_tokens`` marks Longformer's global tokens (see ``global_tokens_of``).
         """
         past = dict(past or {})
         if past_len is None:
@@ -375,6 +383,7 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
             past=past,
             present={} if keep_state else None,
             held=dict(held or {}),
+            global_tokens=global_tokens,
         )
 
     def run_blocks(

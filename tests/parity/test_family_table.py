@@ -27,6 +27,7 @@ from tests.checkpoints import gpt2_hf_model
 from tests.parity import test_hf_families as families
 from tests.parity.hf_moe_builders import MOE_FAMILIES
 from tests.parity.test_hf_bamba import _build as _bamba
+from tests.parity.test_hf_longformer import _build as _longformer
 from tests.parity.test_hf_mamba import _mamba, _mamba2
 from tests.parity.test_hf_rwkv import _build as _rwkv
 
@@ -65,6 +66,7 @@ REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "gptj": families.FAMILIES["gptj-interleaved-partial-rotary"],
     "granite": families.FAMILIES["granite-multipliers-gqa"],
     "llama": families.FAMILIES["llama-gqa"],
+    "longformer": _longformer,
     "mamba": _mamba,
     "mamba2": lambda: _mamba2(num_heads=8, head_dim=8),
     "mistral": families.FAMILIES["mistral-window-4"],

@@ -42,6 +42,7 @@ from mitk.model.pretrained.granite import granite_config, granite_state_dict
 from mitk.model.pretrained.hub import looks_like_repo_id, resolve_repo
 from mitk.model.pretrained.legacy import upgrade_native_state
 from mitk.model.pretrained.llama import llama_config, llama_state_dict
+from mitk.model.pretrained.longformer import longformer_config, longformer_state_dict
 from mitk.model.pretrained.mamba import (
     mamba2_config,
     mamba2_state_dict,
@@ -82,6 +83,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "gptj": (gptj_config, gptj_state_dict),
     "granite": (granite_config, granite_state_dict),
     "llama": (llama_config, llama_state_dict),
+    "longformer": (longformer_config, longformer_state_dict),
     "mamba": (mamba_config, mamba_state_dict),
     "mamba2": (mamba2_config, mamba2_state_dict),
     "mistral": (llama_config, llama_state_dict),

@@ -57,6 +57,49 @@ class LongformerAttention(Attention):
         assert cfg.longformer is not None
         self.window = cfg.longformer.one_sided(layer)
 
+    # --- TransformerLens-shaped views of the global projections -------------------------
+    def _global_w(self, which: int) -> Tensor:
+        width = self.cfg.n_heads * self.cfg.d_head
+        cols = self.W_qkv_global[:, which * width : (which + 1) * width]
+        return cols.view(self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head).permute(1, 0, 2)
+
+    def _global_b(self, which: int) -> Tensor:
+        width = self.cfg.n_heads * self.cfg.d_head
+        if self.b_qkv_global is None:
+            return self.W_qkv_global.new_zeros(self.cfg.n_heads, self.cfg.d_head)
+        return self.b_qkv_global[which * width : (which + 1) * width].view(self.cfg.n_heads, -1)
+
+    @property
+    def W_Q_global(self) -> Tensor:
+        """``[head, d_model, d_head]``: the global tokens' query projection (``query_global``)."""
+        return self._global_w(0)
+
+    @property
+    def W_K_global(self) -> Tensor:
+        """``[head, d_model, d_head]``: the keys global queries read (``key_global``)."""
+        return self._global_w(1)
+
+    @property
+    def W_V_global(self) -> Tensor:
+        """``[head, d_model, d_head]``: the values global queries read (``value_global``)."""
+        return self._global_w(2)
+
+    @property
+    def b_Q_global(self) -> Tensor:
+        """``[head, d_head]``"""
+        return self._global_b(0)
+
+    @property
+    def b_K_global(self) -> Tensor:
+        """``[head, d_head]``"""
+        return self._global_b(1)
+
+    @property
+    def b_V_global(self) -> Tensor:
+        """``[head, d_head]``"""
+        return self._global_b(2)
+
+    # --- forward ----------------------------------------------------------------------
     def _heads(self, x: Tensor, w: Tensor, b: Tensor | None) -> tuple[Heads, Heads, Heads]:
         batch, pos, _ = x.shape
         qkv = affine(x, w, b).view(batch, pos, 3 * self.cfg.n_heads, self.cfg.d_head)

@@ -279,3 +279,15 @@ def test_unknown_field_and_wrong_weight_shape_are_refused(tmp_path: Path) -> Non
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelFileError):
         HookedTransformer.from_pretrained(tmp_path)
+
+
+def test_global_weight_views_are_hf_projections(
+    tiny: tuple[torch.nn.Module, HookedTransformer],
+) -> None:
+    hf, model = tiny
+    attn, ref = model.blocks[1].attn, hf.encoder.layer[1].attention.self
+    for which in ("Q", "K", "V"):
+        linear = getattr(ref, {"Q": "query", "K": "key", "V": "value"}[which] + "_global")
+        weight = getattr(attn, f"W_{which}_global")  # [head, d_model, d_head]
+        torch.testing.assert_close(weight.permute(1, 0, 2).flatten(1), linear.weight.T)
+        torch.testing.assert_close(getattr(attn, f"b_{which}_global").flatten(), linear.bias)

@@ -22,6 +22,7 @@ from mitk.config.json_config import (
 )
 from mitk.config.longformer import LongformerConfig
 from mitk.config.moe import MoEConfig
+from mitk.config.nystrom import NystromConfig
 from mitk.config.rotary_scaling import RotaryScaling, RotaryScalingKind
 from mitk.config.rwkv import RWKVConfig
 from mitk.config.ssm import SSMConfig
@@ -217,6 +218,9 @@ class TransformerConfig(JsonConfig):
     """Position ids are sequence slots (``0..n-1``, padding counted), as Hugging Face numbers
     them in BERT-style encoders; False: they count real tokens only. It matters where padded
     tokens reach real ones (Nyströmformer's landmarks and convolution)."""
+    nystrom: NystromConfig | None = None
+    """Nyströmformer attention in every layer (landmarks, an iterative pseudo-inverse and a
+    convolution skip on the values; see ``NystromConfig``); None: exact attention."""
     device: str = field(default="cpu", compare=False)
     """Where the weights live (``"cpu"``, ``"cuda:0"``): a model is built there and keeps
     this up to date through ``model.to(...)``. Not part of ``==`` or of the saved JSON, so
@@ -358,6 +362,8 @@ class TransformerConfig(JsonConfig):
             self._validate_ssm()
         if self.rwkv is not None:
             self._validate_rwkv()
+        if self.nystrom is not None:
+            self._validate_nystrom()
         if self.longformer is not None:
             self._validate_longformer()
         if not self.pre_norms and not (self.sandwich_norms and self.norm_position == "pre"):
@@ -369,6 +375,7 @@ class TransformerConfig(JsonConfig):
         records = (
             ("rotary_scaling", RotaryScaling), ("moe", MoEConfig), ("ssm", SSMConfig),
             ("rwkv", RWKVConfig), ("longformer", LongformerConfig),
+            ("nystrom", NystromConfig),
         )  # fmt: skip
         for key, record in records:
             if isinstance(data.get(key), dict):
@@ -438,6 +445,28 @@ class TransformerConfig(JsonConfig):
             raise ConfigError(
                 "longformer attention is bidirectional multi-head attention with positions "
                 f"added to the stream and no other mask, bias or norm; got {', '.join(found)}"
+            )
+
+    def _validate_nystrom(self) -> None:
+        if not isinstance(self.nystrom, NystromConfig):
+            raise ConfigError(f"nystrom must be a NystromConfig or None, got {self.nystrom!r}")
+        refused = {
+            "causal=True": self.causal,
+            f"attention_type={self.attention_type!r}": self.attention_type != "mha",
+            "grouped key/value heads": self.n_key_value_heads != self.n_heads,
+            f"positional={self.positional!r}": self.positional in ("rotary", "alibi"),
+            "a sliding window": self.sliding_window > 0,
+            f"sparse_attention={self.sparse_attention!r}": self.sparse_attention != "none",
+            "attn_sinks": self.attn_sinks,
+            "attn_softcap": self.attn_softcap > 0,
+            "qk_norm": self.qk_norm != "none",
+            "ssm or rwkv mixers": self.ssm is not None or self.rwkv is not None,
+        }
+        found = [what for what, present in refused.items() if present]
+        if found:
+            raise ConfigError(
+                "nystrom attention is bidirectional multi-head attention with positions added "
+                f"to the stream and no window, sinks, soft-cap or q/k norms; got {', '.join(found)}"
             )
 
     def _validate_mla(self) -> None:

@@ -14,6 +14,7 @@ from mitk.model.longformer_attention import LongformerAttention
 from mitk.model.mlp import MLP
 from mitk.model.moe import MixtureOfExperts
 from mitk.model.norms import make_norm
+from mitk.model.nystrom_attention import NystromAttention
 from mitk.model.rwkv import RWKVBlock
 from mitk.model.ssm import MambaBlock
 from mitk.shapes import Float
@@ -57,6 +58,8 @@ class TransformerBlock(nn.Module):
             self.ln1 = make_norm(cfg)
         kinds = {"mla": LatentAttention, "linear": LinearAttention, "performer": PerformerAttention}
         attn_class = kinds.get(cfg.attention_type, Attention)
+        if cfg.nystrom is not None:
+            attn_class = NystromAttention
         if cfg.longformer is not None:
             attn_class = LongformerAttention
         self.attn = attn_class(cfg, layer)

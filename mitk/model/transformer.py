@@ -408,6 +408,9 @@ class HookedTransformer(HookedModule, WeightViews, TextInterface, TransformerLen
         if self.cfg.positional in ("learned", "sinusoidal"):
             # positions follow any past ones and skip padding: the mask's key slots, last q_len
             positions = ctx.mask.positions(tokens.device)[:, -tokens.shape[1] :]
+            if self.cfg.slot_positions:  # Hugging Face's arange, padding counted
+                k_len = ctx.mask.k_len
+                positions = torch.arange(k_len - tokens.shape[1], k_len, device=tokens.device)[None]
             pos_embed = self.pos_embed.at(positions).to(resid.dtype)
             resid = resid + self.hook_pos_embed(_per_row(pos_embed, resid, self.hook_pos_embed))
         if self.cfg.token_types:

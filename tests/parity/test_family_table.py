@@ -29,6 +29,7 @@ from tests.parity.hf_moe_builders import MOE_FAMILIES
 from tests.parity.test_hf_bamba import _build as _bamba
 from tests.parity.test_hf_longformer import _build as _longformer
 from tests.parity.test_hf_mamba import _mamba, _mamba2
+from tests.parity.test_hf_nystromformer import hf_model as _nystromformer
 from tests.parity.test_hf_rwkv import _build as _rwkv
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -71,6 +72,7 @@ REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "mamba2": lambda: _mamba2(num_heads=8, head_dim=8),
     "mistral": families.FAMILIES["mistral-window-4"],
     "mixtral": MOE_FAMILIES["mixtral-top2-of-4"],
+    "nystromformer": lambda: _nystromformer(landmarks=2, taps=3),
     "olmo2": families.FAMILIES["olmo2-post-norms-projection-qk-norms"],
     "olmoe": MOE_FAMILIES["olmoe-top3-unnormed"],
     "phi3": families.FAMILIES["phi3-packed-gqa"],

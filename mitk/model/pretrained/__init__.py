@@ -51,6 +51,10 @@ from mitk.model.pretrained.mamba import (
 )
 from mitk.model.pretrained.mixtral import mixtral_config, mixtral_state_dict
 from mitk.model.pretrained.neox import neox_config, neox_state_dict
+from mitk.model.pretrained.nystromformer import (
+    nystromformer_config,
+    nystromformer_state_dict,
+)
 from mitk.model.pretrained.olmo2 import olmo2_config, olmo2_state_dict
 from mitk.model.pretrained.olmoe import olmoe_config, olmoe_state_dict
 from mitk.model.pretrained.phi3 import phi3_config, phi3_state_dict
@@ -88,6 +92,7 @@ CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "mamba2": (mamba2_config, mamba2_state_dict),
     "mistral": (llama_config, llama_state_dict),
     "mixtral": (mixtral_config, mixtral_state_dict),
+    "nystromformer": (nystromformer_config, nystromformer_state_dict),
     "olmo2": (olmo2_config, olmo2_state_dict),
     "olmoe": (olmoe_config, olmoe_state_dict),
     "phi3": (phi3_config, phi3_state_dict),

@@ -31,6 +31,7 @@ SIZE_FIELDS = frozenset({
     "original_max_position_embeddings", "sliding_window_pattern", "_sliding_window_pattern",
     "attention_hidden_size", "context_length", "mamba_n_heads", "mamba_n_groups",
     "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_chunk_size",
+    "num_landmarks", "segment_means_seq_len", "conv_kernel_size",
 })  # fmt: skip
 """Hugging Face fields holding a size or count: an int in ``[0, MAX_SIZE]`` (or null)."""
 POSITIVE_REALS = frozenset({

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from typing_extensions import Self
 
+from mitk.config.block_sparse import BlockSparseConfig
 from mitk.config.field_types import check_sizes, check_types
 from mitk.config.json_config import (
     JsonConfig,
@@ -221,6 +222,9 @@ class TransformerConfig(JsonConfig):
     nystrom: NystromConfig | None = None
     """Nyströmformer attention in every layer (landmarks, an iterative pseudo-inverse and a
     convolution skip on the values; see ``NystromConfig``); None: exact attention."""
+    block_sparse: BlockSparseConfig | None = None
+    """BigBird's block-sparse attention in every layer (window, global and random blocks;
+    see ``BlockSparseConfig``); None: dense attention."""
     device: str = field(default="cpu", compare=False)
     """Where the weights live (``"cpu"``, ``"cuda:0"``): a model is built there and keeps
     this up to date through ``model.to(...)``. Not part of ``==`` or of the saved JSON, so
@@ -364,6 +368,8 @@ class TransformerConfig(JsonConfig):
             self._validate_rwkv()
         if self.nystrom is not None:
             self._validate_nystrom()
+        if self.block_sparse is not None:
+            self._validate_block_sparse()
         if self.longformer is not None:
             self._validate_longformer()
         if not self.pre_norms and not (self.sandwich_norms and self.norm_position == "pre"):
@@ -376,6 +382,7 @@ class TransformerConfig(JsonConfig):
             ("rotary_scaling", RotaryScaling), ("moe", MoEConfig), ("ssm", SSMConfig),
             ("rwkv", RWKVConfig), ("longformer", LongformerConfig),
             ("nystrom", NystromConfig),
+            ("block_sparse", BlockSparseConfig),
         )  # fmt: skip
         for key, record in records:
             if isinstance(data.get(key), dict):
@@ -467,6 +474,30 @@ class TransformerConfig(JsonConfig):
             raise ConfigError(
                 "nystrom attention is bidirectional multi-head attention with positions added "
                 f"to the stream and no window, sinks, soft-cap or q/k norms; got {', '.join(found)}"
+            )
+
+    def _validate_block_sparse(self) -> None:
+        if not isinstance(self.block_sparse, BlockSparseConfig):
+            raise ConfigError(
+                f"block_sparse must be a BlockSparseConfig or None, got {self.block_sparse!r}"
+            )
+        refused = {
+            "causal=True": self.causal,
+            f"attention_type={self.attention_type!r}": self.attention_type != "mha",
+            "grouped key/value heads": self.n_key_value_heads != self.n_heads,
+            f"positional={self.positional!r}": self.positional in ("rotary", "alibi"),
+            "a sliding window": self.sliding_window > 0,
+            f"sparse_attention={self.sparse_attention!r}": self.sparse_attention != "none",
+            "attn_sinks": self.attn_sinks,
+            "attn_softcap": self.attn_softcap > 0,
+            "nystrom": self.nystrom is not None,
+            "ssm or rwkv mixers": self.ssm is not None or self.rwkv is not None,
+        }
+        found = [what for what, present in refused.items() if present]
+        if found:
+            raise ConfigError(
+                "block_sparse attention is bidirectional multi-head attention with positions "
+                f"added to the stream and no window, sinks or soft-cap; got {', '.join(found)}"
             )
 
     def _validate_mla(self) -> None:

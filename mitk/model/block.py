@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from mitk.config import TransformerConfig
 from mitk.hooks import HookPoint
 from mitk.model.attention import Attention
+from mitk.model.block_sparse_attention import BlockSparseAttention
 from mitk.model.forward_context import ForwardContext
 from mitk.model.latent_attention import LatentAttention
 from mitk.model.linear_attention import LinearAttention, PerformerAttention
@@ -60,6 +61,8 @@ class TransformerBlock(nn.Module):
         attn_class = kinds.get(cfg.attention_type, Attention)
         if cfg.nystrom is not None:
             attn_class = NystromAttention
+        if cfg.block_sparse is not None:
+            attn_class = BlockSparseAttention
         if cfg.longformer is not None:
             attn_class = LongformerAttention
         self.attn = attn_class(cfg, layer)

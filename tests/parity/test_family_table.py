@@ -27,6 +27,7 @@ from tests.checkpoints import gpt2_hf_model
 from tests.parity import test_hf_families as families
 from tests.parity.hf_moe_builders import MOE_FAMILIES
 from tests.parity.test_hf_bamba import _build as _bamba
+from tests.parity.test_hf_big_bird import hf_model as _big_bird
 from tests.parity.test_hf_longformer import _build as _longformer
 from tests.parity.test_hf_mamba import _mamba, _mamba2
 from tests.parity.test_hf_nystromformer import hf_model as _nystromformer
@@ -54,6 +55,7 @@ def _bert() -> nn.Module:
 REPRESENTATIVES: dict[str, Callable[[], nn.Module]] = {
     "bamba": lambda: _bamba("bamba"),
     "bert": _bert,
+    "big_bird": _big_bird,
     "bloom": families.FAMILIES["bloom-alibi-8-heads"],
     "cohere": families.FAMILIES["cohere-parallel-shared-norm-interleaved"],
     "deepseek_v2": MOE_FAMILIES["deepseek-v2-moe-shared-scaled"],

@@ -17,7 +17,8 @@ from mitk.errors import UnsupportedModelError
 from mitk.model.pretrained import CONVERTERS
 
 CONFIG_CLASSES = {
-    "bamba": "BambaConfig", "bert": "BertConfig", "bloom": "BloomConfig", "cohere": "CohereConfig",
+    "bamba": "BambaConfig", "bert": "BertConfig", "big_bird": "BigBirdConfig",
+    "bloom": "BloomConfig", "cohere": "CohereConfig",
     "deepseek_v2": "DeepseekV2Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
     "gemma3_text": "Gemma3TextConfig", "gpt2": "GPT2Config", "gpt_neo": "GPTNeoConfig",
     "gpt_neox": "GPTNeoXConfig", "gpt_oss": "GptOssConfig", "gptj": "GPTJConfig",

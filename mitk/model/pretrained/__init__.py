@@ -15,6 +15,7 @@ from mitk.errors import ConfigError, MitkError, ModelFileError, UnsupportedModel
 from mitk.model.memory import ensure_fits
 from mitk.model.pretrained.bamba import bamba_config, bamba_state_dict
 from mitk.model.pretrained.bert import bert_config, bert_state_dict
+from mitk.model.pretrained.big_bird import big_bird_config, big_bird_state_dict
 from mitk.model.pretrained.bloom import bloom_config, bloom_state_dict
 from mitk.model.pretrained.checks import (
     check_hf_fields,
@@ -74,6 +75,7 @@ StateFn = Callable[[dict[str, Tensor], TransformerConfig], dict[str, Tensor]]
 CONVERTERS: dict[str, tuple[ConfigFn, StateFn]] = {
     "bamba": (bamba_config, bamba_state_dict),
     "bert": (bert_config, bert_state_dict),
+    "big_bird": (big_bird_config, big_bird_state_dict),
     "bloom": (bloom_config, bloom_state_dict),
     "cohere": (cohere_config, cohere_state_dict),
     "deepseek_v2": (deepseek_config, deepseek_state_dict),

@@ -31,7 +31,8 @@ SIZE_FIELDS = frozenset({
     "original_max_position_embeddings", "sliding_window_pattern", "_sliding_window_pattern",
     "attention_hidden_size", "context_length", "mamba_n_heads", "mamba_n_groups",
     "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_chunk_size",
-    "num_landmarks", "segment_means_seq_len", "conv_kernel_size",
+    "num_landmarks", "segment_means_seq_len", "conv_kernel_size", "block_size",
+    "num_random_blocks",
 })  # fmt: skip
 """Hugging Face fields holding a size or count: an int in ``[0, MAX_SIZE]`` (or null)."""
 POSITIVE_REALS = frozenset({

@@ -213,3 +213,20 @@ def test_native_configs_round_trip_and_refuse_what_does_not_apply() -> None:
         NystromConfig(num_landmarks=4, segment_means_seq_len=16, conv_kernel_size=4)
     with pytest.raises(ConfigError, match="random_blocks"):
         BlockSparseConfig(block_size=4, random_blocks=-1)
+
+
+def test_head_results_sum_to_the_attention_output_on_the_blocked_path(tiny: Built) -> None:
+    _, model, _ = tiny
+    tokens, mask = _batch(42)
+    wanted = ("attn.hook_result", "hook_attn_out")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            tokens,
+            attention_mask=mask,
+            return_type="hidden",
+            names_filter=lambda n: n.endswith(wanted),
+        )
+    assert model.attention_paths() == ["block_sparse: blocked"] * 2
+    for layer, block in enumerate(model.blocks):
+        heads = cache[f"blocks.{layer}.attn.hook_result"].sum(2) + block.attn.b_O
+        assert (heads - cache[f"blocks.{layer}.hook_attn_out"]).abs().max() < 1e-5

@@ -211,3 +211,20 @@ def test_config_fields_refused_by_name(landmark: Built) -> None:
         nystromformer_config({**hf_cfg, "made_up_switch": True})
     with pytest.raises(UnsupportedModelError, match="inv_coeff_init_option"):
         nystromformer_config({**hf_cfg, "inv_coeff_init_option": True})
+
+
+def test_head_results_sum_to_the_attention_output_on_the_factored_path(landmark: Built) -> None:
+    _, model, _ = landmark
+    tokens, mask = _batch()
+    wanted = ("attn.hook_result", "hook_attn_out")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(
+            tokens,
+            attention_mask=mask,
+            return_type="hidden",
+            names_filter=lambda n: n.endswith(wanted),
+        )
+    assert model.attention_paths() == ["nystrom: factored"] * 2
+    for layer, block in enumerate(model.blocks):
+        heads = cache[f"blocks.{layer}.attn.hook_result"].sum(2) + block.attn.b_O
+        assert (heads - cache[f"blocks.{layer}.hook_attn_out"]).abs().max() < 1e-5

@@ -58,16 +58,20 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Hoo
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Three rows of 23 tokens (about 6 windows of 4), right-padded to 17 and 9, with globals."""
-    tokens = torch.randint(3, VOCAB, (3, 23), generator=torch.Generator().manual_seed(1))
+    """Four rows of 23 tokens (about 6 windows of 4) with globals: right padding to 17 and
+    9 tokens, and left padding of 5 (RoBERTa's positions skip pad ids, as mitk's skip the mask).
+    """
+    tokens = torch.randint(3, VOCAB, (4, 23), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(tokens)
     mask[1, 17:] = 0
     mask[2, 9:] = 0
+    mask[3, :5] = 0
     tokens[mask == 0] = PAD  # RoBERTa counts positions over the tokens that are not the pad id
     glob = torch.zeros_like(tokens)
     glob[0, [0, 11, 12]] = 1  # the first token, and two in the middle next to each other
     glob[1, 3] = 1
     glob[2, [0, 20]] = 1  # 20 is padding: never global (Hugging Face multiplies the masks)
+    glob[3, [2, 5, 22]] = 1  # 2 is padding; 5 the first real token
     return tokens, mask, glob
 
 

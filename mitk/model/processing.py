@@ -99,6 +99,15 @@ def process_weights(
     if model.cfg.attention_type == "mla":
         # every step rewrites W_qkv/W_O, which latent attention does not have
         raise UnsupportedModelError("weight processing does not support latent attention (MLA)")
+    rewriting_qkv = [s for s in STEPS if asked[s] and s not in ("center_writing_weights",
+                                                                  "center_unembed")]  # fmt: skip
+    if model.cfg.longformer is not None and rewriting_qkv:
+        # these rewrite W_qkv (ln1's weight, b_V, the QK basis) but not W_qkv_global, which
+        # reads ln1 too and mixes the global rows' values
+        raise UnsupportedModelError(
+            f"{', '.join(rewriting_qkv)} would rewrite the local projections but not "
+            "Longformer's global ones (W_qkv_global); centring steps are supported"
+        )
     if model.cfg.norm_position == "post":
         # every step assumes norms read an additive stream (pre-norm); post-norm norms rewrite it
         raise UnsupportedModelError("weight processing needs a pre-norm model, not post-norm")

@@ -26,6 +26,9 @@ HookKind = Literal[
     "k_normed",
     "rot_q",
     "rot_k",
+    "q_global",
+    "k_global",
+    "v_global",
     "attn_scores",
     "pattern",
     "sink_prob",
@@ -57,10 +60,11 @@ HookKind = Literal[
 
 _MODEL_LEVEL = {"embed": "hook_embed", "pos_embed": "hook_pos_embed"}
 _BLOCK_LEVEL = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mixer_out"}
-# kv_latent exists on latent-attention (MLA) layers only, q/k_normed with cfg.qk_norm only
+# kv_latent exists on latent-attention (MLA) layers only, q/k_normed with cfg.qk_norm only,
+# the *_global projections on Longformer layers only
 _ATTN_LEVEL = {
     "q", "k", "v", "q_normed", "k_normed", "rot_q", "rot_k", "attn_scores", "pattern", "z",
-    "result", "kv_latent", "sink_prob",
+    "result", "kv_latent", "sink_prob", "q_global", "k_global", "v_global",
 }  # fmt: skip
 # the router/expert kinds exist on mixture-of-experts layers only (shared_out with a shared expert)
 _MLP_LEVEL = {

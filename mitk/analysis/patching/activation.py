@@ -20,6 +20,7 @@ from mitk.analysis.patching.pair import Direction, check_patch_inputs, run_pair
 from mitk.analysis.patching.sites import Granularity, site_for, unit_granularity
 from mitk.analysis.patching.uncertainty import bootstrap_interval, sign_flip_test
 from mitk.hooks import name
+from mitk.model.inputs import global_tokens_of
 from mitk.shapes import Float, Int
 
 AXES: dict[str, tuple[str, ...]] = {
@@ -146,6 +147,7 @@ def activation_patch(
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     layers: list[int] | None = None,
     memory_budget_gb: float = 2.0,
+    global_attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> PatchResult:
     """Patch ``site`` at every layer (and position / head, per ``per``) and record ``metric``.
 
@@ -163,6 +165,9 @@ def activation_patch(
     hooked tensors keep ``n_key_value_heads`` under grouped-query attention),
     so patching one changes the keys or values every query head of its group
     reads; ``q``, ``z`` and ``pattern`` index query heads.
+
+    Longformer models take the prompts' shared ``global_attention_mask``; their
+    ``q_global``/``k_global``/``v_global`` sites are the global projections.
     """
     check_patch_inputs(clean_tokens, corrupted_tokens, attention_mask, direction)
     where = site_for(site, per)
@@ -179,9 +184,12 @@ def activation_patch(
     names = [name("resid_pre", layer) for layer in downstream]
     names += [name(kind, layer) for kind in (key_kind, "v") for layer in keyed]
     names += [where.hook(layer) for layer in layers]
-    runs = run_pair(model, clean_tokens, corrupted_tokens, metric, names, attention_mask)
+    runs = run_pair(model, clean_tokens, corrupted_tokens, metric, names, attention_mask,
+                    global_attention_mask)  # fmt: skip
     denoising = direction == "denoising"
     base_cache, source_cache = runs.base_and_source(direction)
+    valid = None if attention_mask is None else attention_mask.bool()
+    global_tokens = global_tokens_of(global_attention_mask, model.cfg, (batch, seq), valid)
     base = BaseRun(
         resid_pre={layer: base_cache[name("resid_pre", layer)] for layer in downstream},
         keys={layer: base_cache[name(key_kind, layer)].transpose(1, 2) for layer in keyed},
@@ -192,6 +200,7 @@ def activation_patch(
         answer_pos=runs.answer_pos,
         base_logits=runs.corrupt_logits if denoising else runs.clean_logits,
         base_metric=runs.corrupt_metric if denoising else runs.clean_metric,
+        global_tokens=global_tokens,
     )
     n_heads = where.units(model)  # heads, or experts
     as_heads = unit_granularity(per)

@@ -58,6 +58,7 @@ class BaseRun:
     answer_pos: Int[Tensor, " batch"] | None
     base_logits: Tensor  # [batch, d_vocab] at answer_pos, or [batch, pos, d_vocab]
     base_metric: Float[Tensor, " batch"]
+    global_tokens: Tensor | None = None  # Longformer's global tokens, [batch, pos]
 
 
 def _region(site: Site, variant: Variant, ndim: int) -> tuple[Any, ...]:
@@ -137,7 +138,12 @@ def _run_wavefront(
         if start > 0:  # the unchanged prefix: its keys and values are the base run's
             past[layer] = (base.keys[layer][:, :, :start].repeat(copies, 1, 1, 1),
                            base.values[layer][:, :, :start].repeat(copies, 1, 1, 1))  # fmt: skip
-        ctx = model.forward_context(seq - start, key_valid, start=layer, stop=layer + 1, past=past)
+        extra = {}
+        if base.global_tokens is not None:  # only Longformer models take (and need) them
+            extra["global_tokens"] = base.global_tokens.repeat(copies, 1)
+        ctx = model.forward_context(
+            seq - start, key_valid, start=layer, stop=layer + 1, past=past, **extra
+        )
         with model.hooks(fwd_hooks=hooks):
             x = model.run_blocks(x, ctx)
     assert x is not None

@@ -71,17 +71,22 @@ def run_pair(
     metric: Any,
     names: Sequence[str],
     mask: Tensor | None,
+    global_mask: Tensor | None = None,
 ) -> PairRuns:
-    """Run both prompts caching ``names`` and compute both baselines (``prepare`` sees clean)."""
+    """Run both prompts caching ``names`` and compute both baselines (``prepare`` sees clean).
+
+    ``global_mask`` is a Longformer's ``global_attention_mask``, shared by both prompts.
+    """
+    extra = {} if global_mask is None else {"global_attention_mask": global_mask}
     batch, seq = clean.shape
     fn, answer_pos = metric_fn(metric, batch, seq)
     with torch.no_grad():
         names = sorted(set(names))
         clean_logits, clean_cache = model.run_with_cache(
-            clean, attention_mask=mask, names_filter=names
+            clean, attention_mask=mask, names_filter=names, **extra
         )
         corrupt_logits, corrupt_cache = model.run_with_cache(
-            corrupted, attention_mask=mask, names_filter=names
+            corrupted, attention_mask=mask, names_filter=names, **extra
         )
     if answer_pos is not None:
         rows = torch.arange(batch, device=clean_logits.device)

@@ -83,6 +83,10 @@ SITES: dict[str, Site] = {
         Site("k", "k", pos_axis=1, head_axis=2, kv_heads=True),
         Site("v", "v", pos_axis=1, head_axis=2, kv_heads=True),
         Site("pattern", "pattern", pos_axis=2, head_axis=1),  # pos = query position
+        # Longformer: the global tokens' own projections (at every position)
+        Site("q_global", "q_global", pos_axis=1, head_axis=2),
+        Site("k_global", "k_global", pos_axis=1, head_axis=2),
+        Site("v_global", "v_global", pos_axis=1, head_axis=2),
         Site("post", "post", pos_axis=1),  # MLP neuron activations
         # mixture-of-experts layers: router logits and each expert's write, per expert
         Site(

@@ -20,8 +20,10 @@ import torch
 from mitk import HookedTransformer
 from mitk.analysis.dla import logit_attribution
 from mitk.errors import ModelFileError, UnsupportedModelError
+from tests.op_shapes import created_shapes, has_square
 
 TOL = 1e-4
+Shape = tuple[int, ...]
 VOCAB, PAD = 97, 1
 
 
@@ -179,20 +181,18 @@ def test_pattern_is_the_sparse_pattern_hf_uses(
         assert torch.all(g_rows > 0)
 
 
-def _shapes_in(
-    model: HookedTransformer, tokens: torch.Tensor, glob: torch.Tensor
-) -> list[list[int]]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        model(tokens, global_attention_mask=glob, return_type="hidden")
-    return [list(s) for event in prof.events() for s in event.input_shapes if s]
+def _created(model: HookedTransformer, tokens: torch.Tensor, glob: torch.Tensor) -> list[Shape]:
+    """Every tensor shape an operator returned during a fused forward (``tests.op_shapes``)."""
+    with torch.no_grad():
+        return created_shapes(
+            lambda: model(tokens, global_attention_mask=glob, return_type="hidden")
+        )
 
 
 def test_fused_path_builds_no_pos_by_pos_tensor(
     tiny: tuple[torch.nn.Module, HookedTransformer],
 ) -> None:
-    """Every op's inputs (torch.profiler) have at most one axis as long as the sequence.
+    """No tensor the forward creates has two axes as long as the sequence.
 
     With a pattern hook the explicit path runs and the same check finds the dense
     ``[batch, head, pos, pos]`` scores, so the check can fail.
@@ -203,13 +203,14 @@ def test_fused_path_builds_no_pos_by_pos_tensor(
     glob = torch.zeros_like(tokens)
     glob[0, [0, 30]] = 1
 
-    def dense(shapes: list[list[int]]) -> list[list[int]]:
+    def dense(shapes: list[Shape]) -> list[Shape]:
         return [s for s in shapes if sum(dim >= n for dim in s) >= 2]
 
-    assert not dense(_shapes_in(model, tokens, glob))
+    fused = _created(model, tokens, glob)
+    assert not dense(fused) and not has_square(fused, n)
     assert model.attention_paths()[0].startswith("sdpa: banded")
     with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: p)]):
-        assert [1, 4, n, n] in dense(_shapes_in(model, tokens, glob))
+        assert (1, 4, n, n) in dense(_created(model, tokens, glob))
 
 
 def test_held_pattern_reproduces_the_run_and_heads_sum_to_attn_out(
@@ -244,6 +245,8 @@ def test_bare_encoder_refusals_as_for_bert(tiny: tuple[torch.nn.Module, HookedTr
     with pytest.raises(UnsupportedModelError, match="post-norm"):
         logit_attribution(model, cache, answer_tokens=1)
     with pytest.raises(UnsupportedModelError, match="post-norm"):
+        model.process_weights(center_writing_weights=True)
+    with pytest.raises(UnsupportedModelError, match="W_qkv_global"):
         model.process_weights(fold_ln=True)
 
 

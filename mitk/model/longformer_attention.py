@@ -110,8 +110,12 @@ class LongformerAttention(Attention):
         self, x: Float[Tensor, "batch pos d_model"], ctx: ForwardContext
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attend from every position of ``x`` (an encoder: no past state)."""
-        if self.layer in ctx.past:
-            raise UnsupportedModelError("Longformer attention is bidirectional: it has no cache")
+        if self.layer in ctx.past or ctx.present is not None:
+            # every key sees later positions too: a cache of earlier keys would go stale
+            raise UnsupportedModelError(
+                "Longformer attention is bidirectional: it keeps no key-value cache "
+                "(generate with use_past_kv_cache=False)"
+            )
         q, k, v = self._heads(x, self.W_qkv, self.b_qkv)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         hooks = (self.hook_q_global, self.hook_k_global, self.hook_v_global)

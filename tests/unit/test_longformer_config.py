@@ -106,3 +106,16 @@ def test_dla_of_a_pre_norm_longformer_sums_to_the_logit(by: str) -> None:
     expected = logits[:, -1].gather(1, answers[:, None])[:, 0]
     expected = expected - logits[:, -1].gather(1, wrong[:, None])[:, 0]
     torch.testing.assert_close(result.total(), expected, atol=1e-4, rtol=0)
+
+
+def test_generation_refuses_the_cache_and_reruns_without_it() -> None:
+    """A bidirectional layer's keys change with every new token: no stale cache is kept."""
+    model = HookedTransformer(_cfg(), seed=0).eval()
+    tokens = torch.randint(0, 20, (1, 5), generator=torch.Generator().manual_seed(0))
+    greedy = {"max_new_tokens": 2, "verbose": False, "stop_at_eos": False, "do_sample": False}
+    with pytest.raises(UnsupportedModelError, match="no key-value cache"):
+        model.generate(tokens, **greedy)
+    out = model.generate(tokens, use_past_kv_cache=False, **greedy)
+    with torch.no_grad():
+        first = model(tokens)[0, -1].argmax()
+    assert out.shape == (1, 7) and out[0, 5] == first

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from typing_extensions import Self
 
+from mitk.config import variant_checks
 from mitk.config.block_sparse import BlockSparseConfig
 from mitk.config.field_types import check_sizes, check_types
 from mitk.config.json_config import (
@@ -307,42 +308,11 @@ class TransformerConfig(JsonConfig):
         check_choices(self, _CHOICES)
         self._validate_variants()
         if self.attention_type == "mla":
-            self._validate_mla()
+            variant_checks.check_mla(self)
         if self.kernel_attention:
-            self._validate_linear()
+            variant_checks.check_kernel_attention(self)
         if self.sparse_attention != "none":
-            self._validate_sparse()
-
-    def _validate_sparse(self) -> None:
-        if not self.causal or self.attention_type != "mha":
-            raise ConfigError("sparse_attention needs causal=True and attention_type='mha'")
-        if self.sparse_block < 2:
-            raise ConfigError(
-                f"sparse_attention={self.sparse_attention!r} needs sparse_block >= 2, "
-                f"got {self.sparse_block}"
-            )
-        if not 1 <= self.sparse_summary <= self.sparse_block:
-            raise ConfigError(
-                f"sparse_summary must lie in [1, sparse_block={self.sparse_block}], "
-                f"got {self.sparse_summary}"
-            )
-
-    def _validate_linear(self) -> None:
-        refused = {
-            "causal=False": not self.causal,
-            f"positional={self.positional!r}": self.positional in ("rotary", "alibi"),
-            "a sliding window": self.sliding_window > 0,
-            "attn_sinks": self.attn_sinks,
-            "attn_softcap": self.attn_softcap > 0,
-            "performer_features < 1": self.performer_features < 1,
-        }
-        found = [what for what, present in refused.items() if present]
-        if found:
-            raise ConfigError(
-                f"attention_type={self.attention_type!r} is causal, with positions added to the "
-                "stream (learned, sinusoidal or none) and no window, sinks or soft-cap; got "
-                f"{', '.join(found)}"
-            )
+            variant_checks.check_sparse_patterns(self)
 
     def _validate_variants(self) -> None:
         scaling = self.rotary_scaling
@@ -363,15 +333,12 @@ class TransformerConfig(JsonConfig):
         ):
             raise ConfigError(f"moe layers must lie in [0, {self.n_layers}), got {self.moe.layers}")
         if self.ssm is not None:
-            self._validate_ssm()
+            variant_checks.check_ssm(self)
         if self.rwkv is not None:
-            self._validate_rwkv()
-        if self.nystrom is not None:
-            self._validate_nystrom()
-        if self.block_sparse is not None:
-            self._validate_block_sparse()
-        if self.longformer is not None:
-            self._validate_longformer()
+            variant_checks.check_rwkv(self)
+        for kind, record in ENCODER_ATTENTION.items():
+            if getattr(self, kind) is not None:
+                variant_checks.check_encoder_attention(self, kind, record)
         if not self.pre_norms and not (self.sandwich_norms and self.norm_position == "pre"):
             raise ConfigError("pre_norms=False needs sandwich_norms=True and norm_position='pre'")
 
@@ -389,133 +356,6 @@ class TransformerConfig(JsonConfig):
                 check_types(record, data[key], prefix=f"{key}.")
                 data = {**data, key: record.from_dict(data[key])}
         return super().from_dict(data)
-
-    def _validate_ssm(self) -> None:
-        if not isinstance(self.ssm, SSMConfig):
-            raise ConfigError(f"ssm must be an SSMConfig or None, got {self.ssm!r}")
-        if not all(0 <= i < self.n_layers for i in self.ssm.layers or ()):
-            raise ConfigError(f"ssm layers must lie in [0, {self.n_layers}), got {self.ssm.layers}")
-        if self.norm_position != "pre" or not self.pre_norms or self.sandwich_norms:
-            raise ConfigError("ssm mixers need plain pre-norm blocks")
-        if self.moe is not None and self.ssm.layers is None and not self.ssm.mlp:
-            raise ConfigError("every layer is an ssm mixer, so there is no MLP for moe to replace")
-        if self.ssm.mlp and not self.has_mlp:
-            raise ConfigError("ssm mlp=True puts an MLP after each mixer, so it needs d_mlp > 0")
-        layers = range(self.n_layers)
-        if self.ssm.mlp and any(self.is_ssm_layer(i) and self.is_moe_layer(i) for i in layers):
-            raise ConfigError("a mixture of experts after an ssm mixer is not supported")
-
-    def _validate_rwkv(self) -> None:
-        if not isinstance(self.rwkv, RWKVConfig):
-            raise ConfigError(f"rwkv must be an RWKVConfig or None, got {self.rwkv!r}")
-        refused = {
-            "ssm": self.ssm is not None,
-            "moe": self.moe is not None,
-            f"attention_type={self.attention_type!r}": self.attention_type != "mha",
-            f"positional={self.positional!r}": self.positional != "none",
-            f"normalization={self.normalization!r}": self.normalization != "layernorm",
-            "d_mlp=0": not self.has_mlp,
-            "other than plain pre-norm blocks": self.norm_position != "pre"
-            or not self.pre_norms or self.sandwich_norms or self.parallel_attn_mlp,
-        }  # fmt: skip
-        found = [what for what, present in refused.items() if present]
-        if found:
-            raise ConfigError(
-                "rwkv blocks are pre-LayerNorm time + channel mixing with no positions (the "
-                f"token shift orders the tokens); got {', '.join(found)}"
-            )
-
-    def _validate_longformer(self) -> None:
-        if not isinstance(self.longformer, LongformerConfig):
-            raise ConfigError(
-                f"longformer must be a LongformerConfig or None, got {self.longformer!r}"
-            )
-        if len(self.longformer.attention_window) != self.n_layers:
-            raise ConfigError(
-                f"longformer attention_window needs one width per layer ({self.n_layers}), "
-                f"got {self.longformer.attention_window}"
-            )
-        refused = {
-            "causal=True": self.causal,
-            f"attention_type={self.attention_type!r}": self.attention_type != "mha",
-            f"positional={self.positional!r}": self.positional in ("rotary", "alibi"),
-            "grouped-query attention": self.n_key_value_heads != self.n_heads,
-            "sliding_window": self.sliding_window > 0,
-            "sparse_attention": self.sparse_attention != "none",
-            "attn_sinks": self.attn_sinks,
-            "attn_softcap": self.attn_softcap > 0,
-            "qk_norm": self.qk_norm != "none",
-            "ssm or rwkv layers": self.ssm is not None or self.rwkv is not None,
-        }
-        found = [what for what, present in refused.items() if present]
-        if found:
-            raise ConfigError(
-                "longformer attention is bidirectional multi-head attention with positions "
-                f"added to the stream and no other mask, bias or norm; got {', '.join(found)}"
-            )
-
-    def _validate_nystrom(self) -> None:
-        if not isinstance(self.nystrom, NystromConfig):
-            raise ConfigError(f"nystrom must be a NystromConfig or None, got {self.nystrom!r}")
-        refused = {
-            "causal=True": self.causal,
-            f"attention_type={self.attention_type!r}": self.attention_type != "mha",
-            "grouped key/value heads": self.n_key_value_heads != self.n_heads,
-            f"positional={self.positional!r}": self.positional in ("rotary", "alibi"),
-            "a sliding window": self.sliding_window > 0,
-            f"sparse_attention={self.sparse_attention!r}": self.sparse_attention != "none",
-            "attn_sinks": self.attn_sinks,
-            "attn_softcap": self.attn_softcap > 0,
-            "qk_norm": self.qk_norm != "none",
-            "ssm or rwkv mixers": self.ssm is not None or self.rwkv is not None,
-        }
-        found = [what for what, present in refused.items() if present]
-        if found:
-            raise ConfigError(
-                "nystrom attention is bidirectional multi-head attention with positions added "
-                f"to the stream and no window, sinks, soft-cap or q/k norms; got {', '.join(found)}"
-            )
-
-    def _validate_block_sparse(self) -> None:
-        if not isinstance(self.block_sparse, BlockSparseConfig):
-            raise ConfigError(
-                f"block_sparse must be a BlockSparseConfig or None, got {self.block_sparse!r}"
-            )
-        refused = {
-            "causal=True": self.causal,
-            f"attention_type={self.attention_type!r}": self.attention_type != "mha",
-            "grouped key/value heads": self.n_key_value_heads != self.n_heads,
-            f"positional={self.positional!r}": self.positional in ("rotary", "alibi"),
-            "a sliding window": self.sliding_window > 0,
-            f"sparse_attention={self.sparse_attention!r}": self.sparse_attention != "none",
-            "attn_sinks": self.attn_sinks,
-            "attn_softcap": self.attn_softcap > 0,
-            "nystrom": self.nystrom is not None,
-            "ssm or rwkv mixers": self.ssm is not None or self.rwkv is not None,
-        }
-        found = [what for what, present in refused.items() if present]
-        if found:
-            raise ConfigError(
-                "block_sparse attention is bidirectional multi-head attention with positions "
-                f"added to the stream and no window, sinks or soft-cap; got {', '.join(found)}"
-            )
-
-    def _validate_mla(self) -> None:
-        for name in ("kv_lora_rank", "v_head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"attention_type='mla' needs a positive {name}")
-        if self.q_lora_rank < 0:
-            raise ConfigError(
-                f"q_lora_rank must be >= 0 (0: a plain W_q_packed), got {self.q_lora_rank}"
-            )
-        if self.positional != "rotary" or self.rotary_dim >= self.d_head:
-            # the decoupled rotary key is a trailing part of each query/key head
-            raise ConfigError(
-                "attention_type='mla' needs positional='rotary' and rotary_dim < d_head "
-                f"(got {self.positional!r}, rotary_dim={self.rotary_dim}, d_head={self.d_head})"
-            )
-        if self.n_key_value_heads != self.n_heads:
-            raise ConfigError("attention_type='mla' up-projects one key/value head per query head")
 
     @property
     def has_mlp(self) -> bool:
@@ -567,6 +407,12 @@ class TransformerConfig(JsonConfig):
 
 _SIZES = ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx", "d_head", "d_mlp", "token_types")
 """Fields refused above ``field_types.MAX_SIZE``: no real model is that large in any of them."""
+ENCODER_ATTENTION: dict[str, type] = {
+    "longformer": LongformerConfig,
+    "nystrom": NystromConfig,
+    "block_sparse": BlockSparseConfig,
+}
+"""The attention kinds that replace bidirectional attention's computation, and their records."""
 _CHOICES: dict[str, Any] = {
     "act_fn": ActFn,
     "normalization": Normalization,

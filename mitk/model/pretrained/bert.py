@@ -67,7 +67,8 @@ def bert_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict
     for hf, mk in mappings.layer_prefixes(cfg.n_layers, "encoder.layer.{}"):
         qkv = [f"{hf}.attention.self.{which}" for which in ("query", "key", "value")]
         out |= {
-            **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=True),
+            # BigBird's checkpoints may leave the q/k/v biases out (use_bias=False)
+            **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=cfg.attn_qkv_bias),
             **mappings.attn_out(sd, f"{hf}.attention.output.dense", f"{mk}.attn", bias=True),
             # post-norm: ln1 follows attention, ln2 the MLP
             **mappings.block_norms(sd, hf, mk, ("attention.output.LayerNorm", "output.LayerNorm")),

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
-
 from mitk.config import TransformerConfig
 from mitk.config.block_sparse import BlockSparseConfig
 from mitk.errors import UnsupportedModelError
@@ -53,22 +51,5 @@ def big_bird_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     )
 
 
-def big_bird_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:
-    """Rename and transpose a ``BigBirdModel`` (or a head model's ``bert.``) state dict."""
-    sd = mappings.without_prefix(hf_state, "bert.")
-    out = {
-        **mappings.embeddings(
-            sd, "embeddings.word_embeddings", position="embeddings.position_embeddings", heads=()
-        ),
-        "token_type_embed.W_token_type": sd["embeddings.token_type_embeddings.weight"],
-        **mappings.norm(sd, "embeddings.LayerNorm", "ln_embed"),
-    }
-    for hf, mk in mappings.layer_prefixes(cfg.n_layers, "encoder.layer.{}"):
-        qkv = [f"{hf}.attention.self.{which}" for which in ("query", "key", "value")]
-        out |= {
-            **mappings.separate_qkv(sd, qkv, f"{mk}.attn", bias=cfg.attn_qkv_bias),
-            **mappings.attn_out(sd, f"{hf}.attention.output.dense", f"{mk}.attn", bias=True),
-            **mappings.block_norms(sd, hf, mk, ("attention.output.LayerNorm", "output.LayerNorm")),
-            **mappings.mlp(sd, f"{hf}.intermediate.dense", f"{hf}.output.dense", f"{mk}.mlp"),
-        }
-    return out
+big_bird_state_dict = bert.bert_state_dict
+"""A ``BigBirdModel`` state dict is laid out as BERT's (``use_bias`` read into the config)."""

@@ -21,6 +21,7 @@ from mitk import HookedTransformer
 from mitk.analysis.dla import logit_attribution
 from mitk.errors import ModelFileError, UnsupportedModelError
 from tests.op_shapes import created_shapes, has_square
+from tests.parity.head_results import assert_head_results_sum_to_attn_out
 
 TOL = 1e-4
 VOCAB = 61
@@ -218,15 +219,4 @@ def test_native_configs_round_trip_and_refuse_what_does_not_apply() -> None:
 def test_head_results_sum_to_the_attention_output_on_the_blocked_path(tiny: Built) -> None:
     _, model, _ = tiny
     tokens, mask = _batch(42)
-    wanted = ("attn.hook_result", "hook_attn_out")
-    with torch.no_grad():
-        _, cache = model.run_with_cache(
-            tokens,
-            attention_mask=mask,
-            return_type="hidden",
-            names_filter=lambda n: n.endswith(wanted),
-        )
-    assert model.attention_paths() == ["block_sparse: blocked"] * 2
-    for layer, block in enumerate(model.blocks):
-        heads = cache[f"blocks.{layer}.attn.hook_result"].sum(2) + block.attn.b_O
-        assert (heads - cache[f"blocks.{layer}.hook_attn_out"]).abs().max() < 1e-5
+    assert_head_results_sum_to_attn_out(model, tokens, mask, "block_sparse: blocked")

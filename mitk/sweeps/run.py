@@ -29,7 +29,8 @@ class SweepRun:
     out: Path
     fingerprint: str
     resumed: bool
-    """True when ``out`` already held this sweep (finished units were skipped)."""
+    """True when ``out`` already held this sweep (finished units were skipped); under
+    torchrun only rank 0 knows, the other ranks say False."""
     stats: RunStats
     n_units: int
     """Work units of the whole sweep, all shards together."""
@@ -91,9 +92,17 @@ def run_sweep(
     started = time.perf_counter()
     sweep = prepare(spec, Path(pairs_dir), model)  # every input check; nothing has run yet
     store = ChunkStore(Path(out))
-    resumed = store.claim(sweep.fingerprint, sweep.manifest())
     if where.launched:
+        # rank 0 writes the manifest alone; the others, after the barrier, check it is this
+        # sweep's. Claiming side by side raced: one rank cleared the other's half-written
+        # manifest, or read its ledger before the rename (CI saw "manifest.json: missing")
         join_ranks()
+        resumed = store.claim(sweep.fingerprint, sweep.manifest()) if where.is_main else False
+        wait_for_ranks()
+        if not where.is_main:
+            store.claim(sweep.fingerprint, sweep.manifest())
+    else:
+        resumed = store.claim(sweep.fingerprint, sweep.manifest())
     stats = run_units(sweep, store, where, not (progress and where.is_main), max_units)
     timing = {"load_seconds": sweep.load_seconds, "total_seconds": time.perf_counter() - started}
     store.write_timing(where.label(), {**asdict(stats), **timing})

@@ -66,7 +66,7 @@ SAELENS_CLASSES = {
         "MatryoshkaBatchTopKTrainingSAEConfig",
     ),
 }
-TUNED_LRS = (3e-4, 1e-3, 3e-3)
+TUNED_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,8 @@ class SAEConfig(JsonConfig):
     dense_threshold: float = 0.1
     """A latent firing on more than this fraction of rows counts as dense (metrics)."""
     lr: float = -1.0
-    """Peak Adam learning rate; -1 scales it with the dictionary size (``default_lr``), three
-    times higher for ``jumprelu`` (``JUMPRELU_LR_SCALE``)."""
+    """Peak Adam learning rate; -1 scales it with the dictionary size and the input width
+    (``default_lr``), twice that for ``relu`` (``LR_SCALE``)."""
     adam_beta1: float = 0.9
     """Adam's first-moment decay."""
     adam_beta2: float = 0.999
@@ -275,12 +275,11 @@ class SAEConfig(JsonConfig):
 
     @property
     def peak_lr(self) -> float:
-        """The learning rate training uses: ``lr``, or when it is -1 ``default_lr(d_sae)``
-        (times ``JUMPRELU_LR_SCALE`` for ``jumprelu``, still capped at ``LR_CAP``)."""
+        """The learning rate training uses: ``lr``, or when it is -1 ``default_lr(d_sae, d_in)``
+        times the architecture's ``LR_SCALE``, still capped at ``LR_CAP``."""
         if self.lr != -1.0:
             return self.lr
-        scale = JUMPRELU_LR_SCALE if self.architecture == "jumprelu" else 1.0
-        return min(LR_CAP, default_lr(self.d_sae) * scale)
+        return min(LR_CAP, default_lr(self.d_sae, self.d_in) * LR_SCALE.get(self.architecture, 1.0))
 
     @property
     def l1_weight(self) -> float:
@@ -326,31 +325,37 @@ RESAMPLED = ("relu", "jumprelu", "gated")
 """Architectures whose silent latents ``mitk.sae.resample`` can re-initialise."""
 DEAD_AFTER_TOKENS = 10_000_000
 """Gao et al.'s window for dead latents, the default for runs of 100M rows or more."""
-LR_REFERENCE = (2e-4, 2**14)
-"""Gao et al. (2024): learning rate 2e-4 at 16,384 latents, scaling as ``1/sqrt(d_sae)``."""
+LR_REFERENCE = (2e-4, 2**14, 768)
+"""Gao et al. (2024): learning rate 2e-4 at 16,384 latents, scaling as ``1/sqrt(d_sae)``;
+mitk anchors it at GPT-2 small's width, 768 inputs."""
 LR_CAP = 1e-2
 """The largest default learning rate, for tiny dictionaries."""
-JUMPRELU_LR_SCALE = 3.0
-"""JumpReLU's default learning rate is this times ``default_lr``.
+LR_SCALE = {"relu": 2.0}
+"""Per-architecture factors on ``default_lr`` (1 where absent).
 
-Measured on ``bench/sae_defaults.py``'s ground truth (with resampling): at ``default_lr``
-the short runs stayed far from the dictionary (mean max cosine 0.873 and 0.766 at 0.4M and
-0.6M rows), which 3x reaches (0.967, 0.965) while the long runs keep theirs (0.984, 0.986
-at 1.5M and 2M rows); 2x fell between. Its thresholds, learnt in log space through the
-straight-through estimator's narrow band, move too slowly for short runs at the TopK rate."""
+Measured on ``bench/sae_defaults.py``'s ground truth (with resampling): plain L1 SAEs
+kept improving up to about twice the rule's rate (96 inputs, 512 features, 2M rows:
+mean max cosine 0.87 at the rule, 0.91 at twice it), where TopK, BatchTopK, JumpReLU and
+gated SAEs were at or near their best at the rule itself."""
 
 
-def default_lr(d_sae: int) -> float:
-    """The learning rate for a dictionary of ``d_sae`` latents: ``2e-4 * sqrt(2**14 / d_sae)``.
+def default_lr(d_sae: int, d_in: int = LR_REFERENCE[2]) -> float:
+    """The learning rate for ``d_sae`` latents over ``d_in`` inputs:
+    ``2e-4 * sqrt(2**14 / d_sae) * sqrt(768 / d_in)``, capped at 1e-2.
 
     Gao et al. ("Scaling and evaluating sparse autoencoders", 2024) fit the best
     learning rate of TopK SAEs as falling with the square root of the number of
     latents; mitk applies the same rule to every architecture (Adam's step size
-    per latent is what it controls, whatever picks the active latents), capped
-    at 1e-2 for tiny dictionaries.
+    per latent is what it controls, whatever picks the active latents). The
+    width factor keeps Adam's step the same size relative to the weights: an
+    entry of a unit-norm row over ``d_in`` inputs is about ``1/sqrt(d_in)``,
+    and Adam moves every entry by about the learning rate, so a narrow input
+    needs a larger rate for the same relative step. On ``bench/sae_defaults.py``'s
+    grid (24 to 96 inputs) the best TopK rates were 3 to 4 times the
+    768-input rule, as the factor predicts (2.8 to 5.7).
     """
-    base, at = LR_REFERENCE
-    return min(LR_CAP, base * math.sqrt(at / d_sae))
+    base, at_latents, at_width = LR_REFERENCE
+    return min(LR_CAP, base * math.sqrt(at_latents / d_sae) * math.sqrt(at_width / d_in))
 
 
 _NON_NEGATIVE = ("l1_coefficient", "l0_coefficient", "aux_coefficient", "grad_clip",

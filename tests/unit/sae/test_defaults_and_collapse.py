@@ -14,14 +14,19 @@ from mitk.sae.collapse import CollapseError, CollapseWarning, collapse_verdict, 
 from mitk.sae.config import default_lr
 
 
-def test_learning_rate_follows_the_square_root_rule() -> None:
-    assert default_lr(2**14) == pytest.approx(2e-4)
+def test_learning_rate_follows_the_square_root_rules() -> None:
+    assert default_lr(2**14) == pytest.approx(2e-4)  # Gao et al.'s point, at 768 inputs
     assert default_lr(2**16) == pytest.approx(1e-4)
     assert default_lr(2**12) == pytest.approx(4e-4)
+    assert default_lr(2**14, d_in=3072) == pytest.approx(1e-4)  # 4x wider, half the rate
+    assert default_lr(2**14, d_in=192) == pytest.approx(4e-4)
     assert default_lr(4) == 1e-2  # capped for toy dictionaries
-    cfg = SAEConfig(d_in=16, d_sae=2**14)
+    cfg = SAEConfig(d_in=768, d_sae=2**14, architecture="topk")
     assert cfg.lr == -1.0 and cfg.peak_lr == pytest.approx(2e-4)
     assert cfg.replace(d_sae=2**16).peak_lr == pytest.approx(1e-4)  # replace rescales
+    assert SAEConfig(d_in=3072, d_sae=2**14, architecture="topk").peak_lr == pytest.approx(1e-4)
+    assert cfg.replace(architecture="relu").peak_lr == pytest.approx(4e-4)  # LR_SCALE
+    assert cfg.replace(architecture="relu", d_sae=16).peak_lr == 1e-2  # the cap still holds
     assert cfg.replace(lr=5e-4).peak_lr == 5e-4
     assert SAEConfig.from_json(cfg.to_json()) == cfg
 

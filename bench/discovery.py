@@ -10,12 +10,18 @@ transformer-lens 3.9 (the version in .venv) has no edge attribution patching: it
   embeddings interpolated from corrupted to clean and one backward per integration step,
   gradients read at every ``hook_{q,k,v}_input``, ``hook_mlp_in`` and the final residual, and
   scores ``(clean - corrupted sender output) . mean gradient``. Its scores are checked against
-  mitk's (``eap_ig(on="inputs", ablation="resample")``) before anything is timed.
+  mitk's (``eap_ig(on="inputs", ablation="resample")``) before anything is timed. mitk is
+  given the metric as a mitk user writes it, ``logit_diff(ANSWER, WRONG)`` (the same
+  numbers; it tells mitk that only the last position is read, so only that one is
+  unembedded); the reference reads ``model(tokens)[:, -1]`` as the EAP-IG code does.
 - ACDC: ``naive ACDC``, the same criterion (KL to the full model; threshold: a share of the
   all-ablated run's KL) trying one edge per forward, in ACDC's order (receivers from the
-  logits back, senders latest first), on mitk's masked run; against ``mitk acdc``, which
-  tries all of a receiver's edges in one batched forward. Both run at layer granularity (a
-  head-level ACDC on a 12-layer model is thousands of forwards: hours on a CPU). Their
+  logits back, senders latest first), on mitk's masked run running every block for every
+  edge (``reuse_clean_prefix=False``: the published algorithm's cost); against ``mitk acdc``,
+  which tries all of a receiver's edges in one batched forward that starts at the
+  receiver's block from the clean residual stream (nothing below it is ablated yet). Both
+  run at layer granularity (a head-level ACDC on a 12-layer model is thousands of forwards:
+  hours on a CPU). Their
   circuits are reported (size, KL, overlap); they may differ slightly, because the order in
   which edges are tried differs.
 
@@ -199,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     import mitk
     from mitk.analysis.discovery import Circuit, EdgeGraph, Prompts, acdc, eap_ig
     from mitk.analysis.discovery.masked import MaskedRun
+    from mitk.analysis.patching import logit_diff
 
     print(f"case: {case}\nthreads: {torch.get_num_threads()}  rounds: {rounds}")
     print(f"loadavg before: {loadavg()}")
@@ -214,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts, metric = Prompts(clean, corrupted), LogitDiff()
 
     def mitk_eap() -> Any:
-        return eap_ig(model, prompts, metric, ig_steps=case.ig_steps, on="inputs")
+        return eap_ig(
+            model, prompts, logit_diff(ANSWER, WRONG), ig_steps=case.ig_steps, on="inputs"
+        )
 
     ours, theirs = mitk_eap().scores, tl_eap_ig(tl, clean, corrupted, case.ig_steps)
     scale = float(theirs.abs().max())
@@ -236,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     short = Prompts(clean[:, : case.acdc_seq], corrupted[:, : case.acdc_seq])
     graph = EdgeGraph.of(model, "layers")
-    run = MaskedRun(model, graph, short, metric, "resample")
+    run = MaskedRun(model, graph, short, metric, "resample", reuse_clean_prefix=False)
     with torch.no_grad():
         threshold = case.acdc_threshold * float(run.kl(run.keep_all(0.0)).mean())
     print(f"ACDC threshold (KL): {threshold:.4g}")

@@ -76,22 +76,28 @@ def as_prompts(data: Any) -> Prompts:
 
 def run_senders(
     model: Any, graph: EdgeGraph, tokens: Tensor, attention_mask: Tensor | None
-) -> tuple[Float[Tensor, "sender batch pos d_model"], Float[Tensor, "batch pos d_vocab"]]:
-    """Every head-level sender's write into the residual stream on a plain run, and its logits."""
+) -> tuple[
+    Float[Tensor, "sender batch pos d_model"],
+    Float[Tensor, "batch pos d_vocab"],
+    Float[Tensor, "layer batch pos d_model"],
+]:
+    """Every head-level sender's write into the residual stream on a plain run, its logits,
+    and the residual stream entering each block."""
     shape = graph.shape
-    names = [name("resid_pre", 0)] + [name("z", L) for L in range(shape.n_layers)]
+    resid_names = [name("resid_pre", L) for L in range(shape.n_layers)]
+    names = resid_names + [name("z", L) for L in range(shape.n_layers)]
     names += [name("mlp_out", L) for L in range(shape.n_layers)] if shape.has_mlp else []
     with torch.no_grad():
         logits, cache = model.run_with_cache(
             tokens, attention_mask=attention_mask, names_filter=names
         )
-        out = [cache[names[0]][None]]
+        out = [cache[resid_names[0]][None]]
         for L in range(shape.n_layers):
             W_O = model.blocks[L].attn.W_O
             out.append(torch.einsum("bphd,hdm->hbpm", cache[name("z", L)], W_O))
             if shape.has_mlp:
                 out.append(cache[name("mlp_out", L)][None])
-        return torch.cat(out), logits
+        return torch.cat(out), logits, torch.stack([cache[n] for n in resid_names])
 
 
 def sender_outputs(
@@ -146,10 +152,23 @@ class MaskedRun:
     a callable from logits ``[batch, pos, d_vocab]`` to ``[batch]``.
     ``full`` and ``empty`` are the metric per prompt with every edge kept and
     with every edge ablated; ``clean_outputs`` every sender's clean write.
+
+    ``reuse_clean_prefix``: a run whose masks ablate nothing below layer L
+    (ACDC at a receiver of layer L) starts at block L from the clean residual
+    stream, with the clean sender outputs below it; the result is the same
+    as running every block. False runs every block (the published algorithms'
+    cost, for benchmarks).
     """
 
     def __init__(
-        self, model: Any, graph: EdgeGraph, data: Any, metric: Any, ablation: Ablation = "mean"
+        self,
+        model: Any,
+        graph: EdgeGraph,
+        data: Any,
+        metric: Any,
+        ablation: Ablation = "mean",
+        *,
+        reuse_clean_prefix: bool = True,
     ) -> None:
         self.model, self.graph = model, graph.fine
         self.prompts = as_prompts(data)
@@ -161,11 +180,13 @@ class MaskedRun:
         )
         self.batch, self.seq = clean.shape
         self.fn, self.answer_pos = metric_fn(metric, self.batch, self.seq)
-        self.ablation = ablation
+        self.ablation, self.reuse_clean_prefix = ablation, reuse_clean_prefix
         corrupted = self.prompts.corrupted
         source = Prompts(clean, None if corrupted is None else corrupted.to(device), self.mask)
         self.ablated = ablated_outputs(model, self.graph, source, ablation)
-        self.clean_outputs, logits = run_senders(model, self.graph, clean, self.mask)
+        self.clean_outputs, logits, self.clean_resid = run_senders(
+            model, self.graph, clean, self.mask
+        )
         with torch.no_grad():
             picked = self._at_answer(logits)
             if isinstance(metric, PositionMetric):
@@ -178,6 +199,30 @@ class MaskedRun:
         """The metric per prompt with every edge ablated."""
         with torch.no_grad():
             return self.metric(self.keep_all(0.0))[0]
+
+    @cached_property
+    def clean_deltas(self) -> Float[Tensor, "sender batch pos d_model"]:
+        """``out_s - ablated_s`` of every sender on the clean run."""
+        return self.clean_outputs - self.ablated
+
+    @cached_property
+    def _receiver_layers(self) -> Tensor:
+        layers = [node.layer for node in self.graph.fine_receivers]
+        return torch.tensor(layers, device=self.tokens.device)
+
+    def first_changed_layer(self, keep: Tensor) -> int:
+        """The lowest block whose input any mask in ``keep`` changes (0 when unsure).
+
+        Edges the graph does not have are ignored (their senders come later).
+        """
+        if not self.reuse_clean_prefix or keep.requires_grad:
+            return 0
+        last = self.graph.shape.n_layers - 1  # the logits' receiver is read after it
+        present = self.graph.present.to(keep.device)
+        touched = ((keep < 1) & present).flatten(0, -2).any(0)  # per receiver
+        if not bool(touched.any()):
+            return last
+        return min(int(self._receiver_layers[touched].min()), last)
 
     # --- masks -------------------------------------------------------------------------
     def keep_all(self, value: float, variants: int = 1) -> Float[Tensor, "variant sender receiver"]:
@@ -207,11 +252,19 @@ class MaskedRun:
         input (its gradient is each receiver input's gradient).
         """
         n = keep.shape[0]
-        hooks = _MaskHooks(self, keep, embed_alpha, probe).specs()
-        tokens = self.tokens.repeat(n, 1)
+        changes_inputs = embed_alpha is not None or probe is not None
+        start = 0 if changes_inputs else self.first_changed_layer(keep)
+        hooks = _MaskHooks(self, keep, embed_alpha, probe, start).specs()
         mask = None if self.mask is None else self.mask.repeat(n, 1)
+        start_at = {} if start == 0 else {"start_at_layer": start}
+        stream = self.tokens if start == 0 else self.clean_resid[start]
         with self.model.hooks(fwd_hooks=hooks):
-            hidden = self.model(tokens, attention_mask=mask, return_type="hidden")
+            hidden = self.model(
+                stream.repeat(n, *[1] * (stream.dim() - 1)),
+                attention_mask=mask,
+                return_type="hidden",
+                **start_at,
+            )
         picked = self._at_answer(hidden)  # [rows, d_model] at the answers, else [rows, pos, ...]
         # the unembedding takes [batch, pos, d_model]: answer rows get a length-1 position axis
         logits = (
@@ -266,12 +319,20 @@ class _MaskHooks:
     """The forward hooks of one masked forward (state lives here, never on the model)."""
 
     def __init__(
-        self, run: MaskedRun, keep: Tensor, alpha: Tensor | None, probe: Tensor | None
+        self,
+        run: MaskedRun,
+        keep: Tensor,
+        alpha: Tensor | None,
+        probe: Tensor | None,
+        start: int = 0,
     ) -> None:
-        self.run, self.shape = run, run.graph.shape
+        self.run, self.shape, self.start = run, run.graph.shape, start
         self.n = keep.shape[0]
         self.drop = 1.0 - keep.to(run.tokens.device, torch.float32)  # [V, (P,) S, R]
         self.positional = keep.dim() == 4
+        # every edge kept without a gradient (EAP-IG on inputs): nothing is removed, so the
+        # per-receiver sums over senders, a forward and a backward as large as the model's, go
+        self.nothing_removed = not keep.requires_grad and not bool(self.drop.any())
         self.alpha, self.probe = alpha, probe
         self.deltas = _Deltas()
         self.stream: dict[int, Tensor] = {}
@@ -281,12 +342,14 @@ class _MaskHooks:
             self.receivers.setdefault((node.layer, node.kind), []).append(r)
         senders = run.graph.fine_senders
         self.sender_start = {(n.layer, n.kind): i for i, n in reversed(list(enumerate(senders)))}
+        # below the first block run, every sender wrote what it wrote on the clean run
+        self.n_clean = self.sender_start[(start, "head")] if start else 0
 
     def specs(self) -> list[tuple[str, Callable[[Tensor, HookPoint], Tensor | None]]]:
         shape = self.shape
         specs: list[tuple[str, Callable[[Tensor, HookPoint], Tensor | None]]] = []
         last = shape.n_layers - 1
-        for L in range(shape.n_layers):
+        for L in range(self.start, shape.n_layers):
             specs.append((name("resid_pre", L), self._resid_pre(L)))
             specs += [(name(c, L), self._qkv(L, c)) for c in ("q", "k", "v")]
             specs.append((name("z", L), self._z(L)))
@@ -301,17 +364,29 @@ class _MaskHooks:
     # --- the ablated part of the edges into a group of receivers -------------------------
     def _removed(self, receivers: list[int], like: Tensor) -> Tensor:
         """``sum_s drop[s, r] * delta_s`` for each receiver, ``[V*B, pos, n, d_model]``."""
-        deltas = self.deltas.stacked()  # [S', V, B|1 ..., P, M] as [S', V, B, P, M]
-        s = deltas.shape[0]
-        drop = self.drop[..., :s, receivers]
-        pattern = "svbpm,vpsn->vbpnm" if self.positional else "svbpm,vsn->vbpnm"
-        removed = torch.einsum(pattern, deltas, drop).flatten(0, 1)
+        if self.nothing_removed:
+            if self.probe is None:
+                return like.new_zeros(()).expand(*like.shape[:2], len(receivers), like.shape[-1])
+            return -self.probe[:, :, receivers].to(like.dtype)
+        s0, removed = self.n_clean, torch.zeros((), device=like.device)
+        if self.deltas.chunks:
+            deltas = self.deltas.stacked()  # [S', V, B|1 ..., P, M] as [S', V, B, P, M]
+            drop = self.drop[..., s0 : s0 + deltas.shape[0], receivers]
+            pattern = "svbpm,vpsn->vbpnm" if self.positional else "svbpm,vsn->vbpnm"
+            removed = torch.einsum(pattern, deltas, drop)
+        if s0:  # senders below the first block run, the same in every variant
+            pattern = "sbpm,vpsn->vbpnm" if self.positional else "sbpm,vsn->vbpnm"
+            clean = self.run.clean_deltas[:s0]
+            removed = removed + torch.einsum(pattern, clean, self.drop[..., :s0, receivers])
+        removed = removed.flatten(0, 1)
         if self.probe is not None:
             removed = removed - self.probe[:, :, receivers]
         return removed.to(like.dtype)
 
     def _add_delta(self, out: Tensor, index: int) -> None:
         """Record senders ``index..`` given their outputs ``[n, V*B, pos, m]``."""
+        if self.nothing_removed:
+            return
         n = out.shape[0]
         ablated = self.run.ablated[index : index + n, None]  # [n, 1, B|1, P, M]
         per_variant = out.view(n, self.n, -1, *out.shape[2:])
@@ -336,6 +411,8 @@ class _MaskHooks:
 
     def _qkv(self, L: int, channel: str) -> Callable[[Tensor, HookPoint], Tensor]:
         def hook(act: Tensor, point: HookPoint) -> Tensor:
+            if self.nothing_removed and self.probe is None:
+                return act  # the model's own q/k/v are the answer
             block = self.run.model.blocks[L]
             stream = self.stream[L][:, :, None, :]
             x = stream - self._removed(self.receivers[(L, channel)], stream)

@@ -151,3 +151,34 @@ def test_models_with_recurrent_mixers_are_refused_by_name(mixer: str) -> None:
     layers = r"\[1\]" if mixer == "mamba-hybrid" else r"\[0, 1\]"
     with pytest.raises(UnsupportedModelError, match=f"layers {layers} are recurrent.*mixer_out"):
         EdgeGraph.of(HookedTransformer(cfg, seed=0))
+
+
+def _spare_below(graph: EdgeGraph, mask: torch.Tensor, layer: int) -> torch.Tensor:
+    """``mask`` with every edge into a receiver below ``layer`` kept."""
+    spared = mask.clone()
+    below = [r for r, node in enumerate(graph.fine_receivers) if node.layer < layer]
+    spared[..., below] = 1.0
+    return spared
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ablation", ["mean", "resample"])
+@pytest.mark.parametrize("positional", [False, True])
+def test_starting_at_the_first_changed_block_changes_nothing(
+    kind: str, ablation: str, positional: bool
+) -> None:
+    """Masks that ablate nothing below block L run from L on the clean stream, same logits."""
+    model, prompts = tiny(kind), random_pair()
+    graph = EdgeGraph.of(model).fine
+    fast = MaskedRun(model, graph, prompts, LastLogit(), ablation)
+    slow = MaskedRun(model, graph, prompts, LastLogit(), ablation, reuse_clean_prefix=False)
+    gen = torch.Generator().manual_seed(7)
+    for layer in range(1, model.cfg.n_layers + 1):
+        shape = (3, prompts.clean.shape[1], *graph.present.shape) if positional else (
+            3, *graph.present.shape)  # fmt: skip
+        keep = _spare_below(graph, torch.rand(shape, generator=gen), layer)
+        assert fast.first_changed_layer(keep) == min(layer, model.cfg.n_layers - 1)
+        with torch.no_grad():
+            together = fast.logits(keep), slow.logits(keep)
+        torch.testing.assert_close(*together, atol=1e-5, rtol=0)
+        assert slow.first_changed_layer(keep) == 0

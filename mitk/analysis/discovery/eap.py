@@ -71,13 +71,18 @@ def _input_scores(
     grads = torch.zeros(run.batch, run.seq, n_receivers, d_model, device=run.tokens.device)
     for chunk in _chunks(alphas, per):
         n = chunk.numel()
-        probe = torch.zeros(n * run.batch, run.seq, n_receivers, d_model, device=grads.device)
-        probe.requires_grad_(True)
+        probes = {
+            group: torch.zeros(n * run.batch, run.seq, len(receivers), d_model,
+                               device=grads.device, requires_grad=True)
+            for group, receivers in run.receiver_groups.items()
+        }  # fmt: skip
         with torch.enable_grad():
             keep = run.keep_all(1.0, n)
-            run.metric(keep, embed_alpha=chunk.to(grads), probe=probe).sum().backward()
-        assert probe.grad is not None
-        grads += probe.grad.view(n, run.batch, *grads.shape[1:]).sum(0)
+            run.metric(keep, embed_alpha=chunk.to(grads), probe=probes).sum().backward()
+        for group, receivers in run.receiver_groups.items():
+            grad = probes[group].grad
+            assert grad is not None
+            grads[:, :, receivers] += grad.view(n, run.batch, *grad.shape[1:]).sum(0)
     pattern = "sbpm,bprm->psr" if positional else "sbpm,bprm->sr"
     return torch.einsum(pattern, delta, grads) / (alphas.numel() * run.batch)
 

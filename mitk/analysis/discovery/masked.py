@@ -37,6 +37,8 @@ from mitk.hooks import HookPoint, name
 from mitk.shapes import Float, Int
 
 Ablation = Literal["mean", "resample", "zero"]
+Group = tuple[int, str]
+"""A block's receivers of one kind: ``(layer, "q" | "k" | "v" | "mlp" | "logits")``."""
 ABLATIONS: tuple[str, ...] = ("mean", "resample", "zero")
 
 
@@ -206,6 +208,14 @@ class MaskedRun:
         return self.clean_outputs - self.ablated
 
     @cached_property
+    def receiver_groups(self) -> dict[Group, list[int]]:
+        """The fine receivers' indices by group, in the order the forward reaches them."""
+        groups: dict[Group, list[int]] = {}
+        for r, node in enumerate(self.graph.fine_receivers):
+            groups.setdefault((node.layer, node.kind), []).append(r)
+        return groups
+
+    @cached_property
     def _receiver_layers(self) -> Tensor:
         layers = [node.layer for node in self.graph.fine_receivers]
         return torch.tensor(layers, device=self.tokens.device)
@@ -243,13 +253,15 @@ class MaskedRun:
         self,
         keep: Float[Tensor, "variant *seq sender receiver"],
         embed_alpha: Float[Tensor, " variant"] | None = None,
-        probe: Float[Tensor, "variant_batch seq receiver d_model"] | None = None,
+        probe: dict[Group, Float[Tensor, "variant_batch seq group_receiver d_model"]] | None = None,
     ) -> Float[Tensor, "variant batch *answer d_vocab"]:
         """Logits of each mask's run (at the metric's answer positions when it has them).
 
         ``embed_alpha`` moves the embeddings from their ablated value (0) to
-        the clean one (1) per variant; ``probe`` is added to every receiver's
-        input (its gradient is each receiver input's gradient).
+        the clean one (1) per variant; ``probe[group]`` is added to the inputs of
+        that group's receivers (``receiver_groups``), so its gradient is theirs.
+        One tensor per group: indexing one large probe per group would make
+        autograd zero-fill a probe-sized gradient for every group.
         """
         n = keep.shape[0]
         changes_inputs = embed_alpha is not None or probe is not None
@@ -323,7 +335,7 @@ class _MaskHooks:
         run: MaskedRun,
         keep: Tensor,
         alpha: Tensor | None,
-        probe: Tensor | None,
+        probe: dict[Group, Tensor] | None,
         start: int = 0,
     ) -> None:
         self.run, self.shape, self.start = run, run.graph.shape, start
@@ -337,9 +349,7 @@ class _MaskHooks:
         self.deltas = _Deltas()
         self.stream: dict[int, Tensor] = {}
         self.offset: dict[int, Tensor] = {}
-        self.receivers: dict[tuple[int, str], list[int]] = {}
-        for r, node in enumerate(run.graph.fine_receivers):
-            self.receivers.setdefault((node.layer, node.kind), []).append(r)
+        self.receivers = run.receiver_groups
         senders = run.graph.fine_senders
         self.sender_start = {(n.layer, n.kind): i for i, n in reversed(list(enumerate(senders)))}
         # below the first block run, every sender wrote what it wrote on the clean run
@@ -361,14 +371,15 @@ class _MaskHooks:
                 specs.append((name("resid_post", L), self._resid_post(L)))
         return specs
 
-    # --- the ablated part of the edges into a group of receivers -------------------------
-    def _removed(self, receivers: list[int], like: Tensor) -> Tensor:
-        """``sum_s drop[s, r] * delta_s`` for each receiver, ``[V*B, pos, n, d_model]``."""
+    # --- the inputs of a group of receivers ---------------------------------------------
+    def _receiver_input(self, group: Group, stream: Tensor) -> Tensor:
+        """What ``group``'s receivers read, ``[V*B, pos, n, d_model]`` (or broadcastable to it):
+        ``stream [V*B, pos, 1, d_model]`` less ``sum_s drop[s, r] * delta_s``, plus the probe."""
+        probe = None if self.probe is None else self.probe[group].to(stream.dtype)
         if self.nothing_removed:
-            if self.probe is None:
-                return like.new_zeros(()).expand(*like.shape[:2], len(receivers), like.shape[-1])
-            return -self.probe[:, :, receivers].to(like.dtype)
-        s0, removed = self.n_clean, torch.zeros((), device=like.device)
+            return stream if probe is None else stream + probe
+        receivers = self.receivers[group]
+        s0, removed = self.n_clean, torch.zeros((), device=stream.device)
         if self.deltas.chunks:
             deltas = self.deltas.stacked()  # [S', V, B|1 ..., P, M] as [S', V, B, P, M]
             drop = self.drop[..., s0 : s0 + deltas.shape[0], receivers]
@@ -378,10 +389,8 @@ class _MaskHooks:
             pattern = "sbpm,vpsn->vbpnm" if self.positional else "sbpm,vsn->vbpnm"
             clean = self.run.clean_deltas[:s0]
             removed = removed + torch.einsum(pattern, clean, self.drop[..., :s0, receivers])
-        removed = removed.flatten(0, 1)
-        if self.probe is not None:
-            removed = removed - self.probe[:, :, receivers]
-        return removed.to(like.dtype)
+        x = stream - removed.flatten(0, 1).to(stream.dtype)
+        return x if probe is None else x + probe
 
     def _add_delta(self, out: Tensor, index: int) -> None:
         """Record senders ``index..`` given their outputs ``[n, V*B, pos, m]``."""
@@ -415,7 +424,7 @@ class _MaskHooks:
                 return act  # the model's own q/k/v are the answer
             block = self.run.model.blocks[L]
             stream = self.stream[L][:, :, None, :]
-            x = stream - self._removed(self.receivers[(L, channel)], stream)
+            x = self._receiver_input((L, channel), stream)
             W = {"q": block.attn.W_Q, "k": block.attn.W_K, "v": block.attn.W_V}[channel]
             b = {"q": block.attn.b_Q, "k": block.attn.b_K, "v": block.attn.b_V}[channel]
             return (torch.einsum("bphm,hmd->bphd", block.ln1(x), W) + b).to(act.dtype)
@@ -430,7 +439,7 @@ class _MaskHooks:
         return hook
 
     def _mlp_input(self, L: int, stream: Tensor) -> Tensor:
-        x = stream - self._removed(self.receivers[(L, "mlp")], stream[:, :, None])[:, :, 0]
+        x = self._receiver_input((L, "mlp"), stream[:, :, None])[:, :, 0]
         self.offset[L] = stream - x
         return x
 
@@ -448,10 +457,7 @@ class _MaskHooks:
             if L in self.offset:  # the MLP read a changed stream; the residual keeps the real one
                 resid = resid + self.offset.pop(L)
             if self.shape.n_layers - 1 == L:
-                resid = (
-                    resid
-                    - self._removed(self.receivers[(L + 1, "logits")], resid[:, :, None])[:, :, 0]
-                )
+                resid = self._receiver_input((L + 1, "logits"), resid[:, :, None])[:, :, 0]
             return resid
 
         return hook

@@ -115,7 +115,8 @@ def _try_receiver(
     """One round for receiver ``r``: returns the new mask, its score and the senders left to try."""
     singles = keep[None].repeat(len(candidates), 1, 1)
     singles[torch.arange(len(candidates)), candidates, r] = 0.0
-    increase = score(singles).cpu() - current
+    single_scores = score(singles).cpu()
+    increase = single_scores - current
     effects[candidates, r] = increase
     order = increase.argsort().tolist()
     removable = [candidates[i] for i in order if increase[i] < threshold]
@@ -124,7 +125,10 @@ def _try_receiver(
     prefixes = keep[None].repeat(len(removable), 1, 1)
     for k in range(len(removable)):
         prefixes[k:, removable[k], r] = 0.0
-    values = score(prefixes).cpu().tolist()
+    # the first prefix is the best single removal, already scored
+    values = [float(single_scores[order[0]])]
+    if len(removable) > 1:
+        values += score(prefixes[1:]).cpu().tolist()
     accepted, previous = 0, current
     for value in values:
         if value - previous >= threshold:

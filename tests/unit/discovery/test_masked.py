@@ -182,3 +182,19 @@ def test_starting_at_the_first_changed_block_changes_nothing(
             together = fast.logits(keep), slow.logits(keep)
         torch.testing.assert_close(*together, atol=1e-5, rtol=0)
         assert slow.first_changed_layer(keep) == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_masks_without_gradients_equal_the_gradient_path(kind: str) -> None:
+    """Without gradients a layer mask shares one input across a layer's heads and writes
+    sender outputs into a buffer; with them every head reads its own input, from a list."""
+    model, prompts = tiny(kind), random_pair()
+    graph = EdgeGraph.of(model, "layers")
+    run = MaskedRun(model, graph, prompts, LastLogit(), "resample")
+    coarse = torch.stack([Circuit.random(graph, n, seed=n).mask() for n in (3, 9, 20)])
+    keep = graph.fine_mask(coarse.float())
+    with torch.no_grad():
+        fast = run.logits(keep)
+    with torch.enable_grad():
+        slow = run.logits(keep.clone().requires_grad_(True)).detach()
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)

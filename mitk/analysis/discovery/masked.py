@@ -131,12 +131,13 @@ def ablated_outputs(
 
 
 class _Deltas:
-    """``out_s - ablated_s`` of the senders so far, ``[sender, variant, batch, pos, d_model]``.
+    """``out_s - ablated_s`` of the senders so far, in the order they write.
 
-    Without gradients they are written into one buffer as they arrive: concatenating the
-    list again at every group of receivers copied all earlier senders each time (15% of an
-    ACDC run). With gradients the list is concatenated, as autograd cannot see through
-    writes into a buffer that earlier receivers already read.
+    Without gradients they are written as they arrive into one buffer laid out
+    ``[variant, sender, batch * pos * d_model]``, so a group's removal sum is one batched
+    matmul over a view (a growing concatenation copied all earlier senders again at every
+    group of receivers, 15% of an ACDC run). With gradients the chunks are concatenated, as
+    autograd cannot see through writes into a buffer that earlier receivers already read.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -145,23 +146,31 @@ class _Deltas:
         self._stacked: Tensor | None = None
         self._buffer: Tensor | None = None
 
-    def add(self, chunk: Tensor) -> None:
-        n = chunk.shape[0]
+    def add(self, chunk: Float[Tensor, "sender variant batch pos d_model"]) -> None:
+        n, variants = chunk.shape[:2]
         if not torch.is_grad_enabled():
             if self._buffer is None:
-                self._buffer = chunk.new_empty((self.capacity, *chunk.shape[1:]))
-            self._buffer[self.count : self.count + n] = chunk
+                self._bpm = chunk.shape[2:]
+                self._buffer = chunk.new_empty((variants, self.capacity, chunk[0, 0].numel()))
+            self._buffer[:, self.count : self.count + n] = chunk.flatten(2).transpose(0, 1)
         else:
             self.chunks.append(chunk)
             self._stacked = None
         self.count += n
 
-    def stacked(self) -> Tensor:
+    def contract(self, drop: Tensor, positional: bool) -> Float[Tensor, "variant b p n d_model"]:
+        """``sum_s drop[v, (p,) s, n] * delta_s[v, b, p, m]`` over the senders so far."""
         if self._buffer is not None:
-            return self._buffer[: self.count]
+            deltas = self._buffer[:, : self.count]  # [V, S', B*P*M], each slab contiguous
+            if not positional:
+                out = torch.bmm(drop.transpose(1, 2).to(deltas.dtype), deltas)
+                return out.view(out.shape[0], out.shape[1], *self._bpm).permute(0, 2, 3, 1, 4)
+            shaped = deltas.view(*deltas.shape[:2], *self._bpm)
+            return torch.einsum("vsbpm,vpsn->vbpnm", shaped, drop)
         if self._stacked is None:
             self._stacked = torch.cat(self.chunks)
-        return self._stacked
+        pattern = "svbpm,vpsn->vbpnm" if positional else "svbpm,vsn->vbpnm"
+        return torch.einsum(pattern, self._stacked, drop)
 
 
 class MaskedRun:
@@ -370,6 +379,7 @@ class _MaskHooks:
         self.keep_grad = keep.requires_grad
         self.stream: dict[int, Tensor] = {}
         self.offset: dict[int, Tensor] = {}
+        self.qkv_inputs: dict[int, dict[str, Tensor]] = {}
         self.receivers = run.receiver_groups
         senders = run.graph.fine_senders
         self.sender_start = {(n.layer, n.kind): i for i, n in reversed(list(enumerate(senders)))}
@@ -397,26 +407,36 @@ class _MaskHooks:
     def _receiver_input(self, group: Group, stream: Tensor) -> Tensor:
         """What ``group``'s receivers read, ``[V*B, pos, n, d_model]`` (or broadcastable to it):
         ``stream [V*B, pos, 1, d_model]`` less ``sum_s drop[s, r] * delta_s``, plus the probe."""
-        probe = None if self.probe is None else self.probe[group].to(stream.dtype)
+        return self._receiver_inputs([group], stream)[0]
+
+    def _receiver_inputs(self, groups: list[Group], stream: Tensor) -> list[Tensor]:
+        """``_receiver_input`` of groups that read the same stream, from one pass over the
+        senders (a layer's q, k and v: the removal sums are bound by reading the deltas)."""
+        probes = [None if self.probe is None else self.probe[g].to(stream.dtype) for g in groups]
         if self.nothing_removed:
-            return stream if probe is None else stream + probe
-        receivers = self.receivers[group]
-        if probe is None and not self.keep_grad and len(receivers) > 1:
-            columns = self.drop[..., receivers]
-            if bool((columns == columns[..., :1]).all()):  # e.g. every head of a layer edge
-                receivers = receivers[:1]  # one input serves them all: [V*B, pos, 1, d_model]
+            return [stream if p is None else stream + p for p in probes]
+        columns = [self._columns(g) for g in groups]
+        receivers = [r for group in columns for r in group]
         s0, removed = self.n_clean, torch.zeros((), device=stream.device)
         if self.deltas.count:
-            deltas = self.deltas.stacked()  # [S', V, B|1 ..., P, M] as [S', V, B, P, M]
-            drop = self.drop[..., s0 : s0 + deltas.shape[0], receivers]
-            pattern = "svbpm,vpsn->vbpnm" if self.positional else "svbpm,vsn->vbpnm"
-            removed = torch.einsum(pattern, deltas, drop)
+            drop = self.drop[..., s0 : s0 + self.deltas.count, receivers]
+            removed = self.deltas.contract(drop, self.positional)
         if s0:  # senders below the first block run, the same in every variant
             pattern = "sbpm,vpsn->vbpnm" if self.positional else "sbpm,vsn->vbpnm"
             clean = self.run.clean_deltas[:s0]
             removed = removed + torch.einsum(pattern, clean, self.drop[..., :s0, receivers])
-        x = stream - removed.flatten(0, 1).to(stream.dtype)
-        return x if probe is None else x + probe
+        parts = removed.flatten(0, 1).to(stream.dtype).split([len(c) for c in columns], dim=2)
+        inputs = [stream - part for part in parts]
+        return [x if p is None else x + p for x, p in zip(inputs, probes, strict=True)]
+
+    def _columns(self, group: Group) -> list[int]:
+        """The receivers of ``group`` whose inputs differ: one when a mask treats all alike."""
+        receivers = self.receivers[group]
+        if self.probe is None and not self.keep_grad and len(receivers) > 1:
+            columns = self.drop[..., receivers]
+            if bool((columns == columns[..., :1]).all()):  # e.g. every head of a layer edge
+                return receivers[:1]  # one input serves them all: [V*B, pos, 1, d_model]
+        return receivers
 
     def _add_delta(self, out: Tensor, index: int) -> None:
         """Record senders ``index..`` given their outputs ``[n, V*B, pos, m]``."""
@@ -449,8 +469,11 @@ class _MaskHooks:
             if self.nothing_removed and self.probe is None:
                 return act  # the model's own q/k/v are the answer
             block = self.run.model.blocks[L]
-            stream = self.stream[L][:, :, None, :]
-            x = self._receiver_input((L, channel), stream)
+            if L not in self.qkv_inputs:  # all three at the first of them: one pass
+                stream = self.stream[L][:, :, None, :]
+                inputs = self._receiver_inputs([(L, c) for c in "qkv"], stream)
+                self.qkv_inputs[L] = dict(zip("qkv", inputs, strict=True))
+            x = self.qkv_inputs[L].pop(channel)
             W = {"q": block.attn.W_Q, "k": block.attn.W_K, "v": block.attn.W_V}[channel]
             b = {"q": block.attn.b_Q, "k": block.attn.b_K, "v": block.attn.b_V}[channel]
             if x.shape[2] == 1:  # one input for every head

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 import math
+from types import MappingProxyType
 from typing import Any, Literal
 
 from mitk.config import JsonConfig, check_choices, check_positive_ints
@@ -330,7 +332,7 @@ LR_REFERENCE = (2e-4, 2**14, 768)
 mitk anchors it at GPT-2 small's width, 768 inputs."""
 LR_CAP = 1e-2
 """The largest default learning rate, for tiny dictionaries."""
-LR_SCALE = {"relu": 2.0}
+LR_SCALE: Mapping[str, float] = MappingProxyType({"relu": 2.0})
 """Per-architecture factors on ``default_lr`` (1 where absent).
 
 Measured on ``bench/sae_defaults.py``'s ground truth (with resampling): plain L1 SAEs

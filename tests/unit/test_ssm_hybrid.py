@@ -3,6 +3,8 @@ layout): hooks, stream identities, DLA, patching, refusals, generation and the c
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -170,3 +172,30 @@ def test_config_round_trips_and_validates() -> None:
         _config(d_mlp=0)
     with pytest.raises(ConfigError, match="mixture of experts after an ssm mixer"):
         _config(moe=MoEConfig(n_experts=4, top_k=2, d_expert=8, layers=[1, 2]))
+
+
+BAMBA = {"hidden_size": 64, "mamba_n_heads": 8, "num_hidden_layers": 2, "vocab_size": 50,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 128,
+         "max_position_embeddings": 64}  # fmt: skip
+MAMBA2 = {"hidden_size": 64, "num_heads": 8, "num_hidden_layers": 2, "vocab_size": 50}
+
+
+@pytest.mark.parametrize(
+    ("family", "hf", "head_dim", "names"),
+    [
+        ("bamba", BAMBA, "mamba_d_head", "bamba mamba_n_heads * mamba_d_head"),
+        ("mamba2", MAMBA2, "head_dim", "mamba2 num_heads * head_dim"),
+    ],
+)
+def test_mamba2_mixers_refuse_heads_that_do_not_tile_the_width(
+    family: str, hf: dict, head_dim: str, names: str
+) -> None:
+    """One Mamba-2 mixer builder serves both families: 8 heads of 16 tile 2 * 64."""
+    from mitk.model.pretrained.bamba import bamba_config
+    from mitk.model.pretrained.mamba import mamba2_config
+
+    convert = {"bamba": bamba_config, "mamba2": mamba2_config}[family]
+    ssm = convert({**hf, head_dim: 16}).ssm
+    assert ssm is not None and (ssm.variant, ssm.n_heads, ssm.d_inner) == ("mamba2", 8, 128)
+    with pytest.raises(UnsupportedModelError, match=re.escape(f"{names} (8 * 4) must equal")):
+        convert({**hf, head_dim: 4})

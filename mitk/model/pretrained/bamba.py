@@ -20,7 +20,12 @@ from torch import Tensor
 from mitk.config import SSMConfig, TransformerConfig
 from mitk.errors import ConfigError, UnsupportedModelError
 from mitk.model.pretrained import mappings, rope
-from mitk.model.pretrained.mamba import check_time_step_limit, mamba2_weights, mixer_weights
+from mitk.model.pretrained.mamba import (
+    check_time_step_limit,
+    mamba2_mixer,
+    mamba2_weights,
+    mixer_weights,
+)
 
 KNOWN_FIELDS = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -70,23 +75,16 @@ def _mixer_config(hf: dict[str, Any]) -> SSMConfig:
         raise ConfigError(
             f"bamba attn_layer_indices must be layers in [0, {n_layers}), got {attention!r}"
         )
-    d_inner = hf.get("mamba_expand", 2) * hf["hidden_size"]
-    heads = hf.get("mamba_n_heads", 128)
     d_head = hf.get("mamba_d_head", "auto")
-    if d_head != "auto" and d_head * heads != d_inner:
-        raise UnsupportedModelError(
-            f"bamba mamba_n_heads * mamba_d_head ({heads} * {d_head}) must equal "
-            f"mamba_expand * hidden_size ({d_inner})"
-        )
-    return SSMConfig(
-        d_inner=d_inner,
+    return mamba2_mixer(
+        "bamba mamba_n_heads * mamba_d_head",
+        d_inner=hf.get("mamba_expand", 2) * hf["hidden_size"],
+        heads=hf.get("mamba_n_heads", 128),
+        head_dim=None if d_head == "auto" else d_head,
         d_state=hf.get("mamba_d_state", 256),
         d_conv=hf.get("mamba_d_conv", 4),
-        dt_rank=1,  # unused: Mamba-2's dt comes straight from the input projection
-        conv_bias=bool(hf.get("mamba_conv_bias", True)),
-        proj_bias=bool(hf.get("mamba_proj_bias", False)),
-        variant="mamba2",
-        n_heads=heads,
+        conv_bias=hf.get("mamba_conv_bias", True),
+        proj_bias=hf.get("mamba_proj_bias", False),
         n_groups=hf.get("mamba_n_groups", 1),
         layers=[i for i in range(n_layers) if i not in attention],
         mlp=True,

@@ -93,25 +93,53 @@ def mamba2_config(hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
     """TransformerConfig equivalent to a Mamba-2 ``config.json``."""
     mappings.refuse_unknown_fields(hf, MAMBA2_FIELDS)
     check_time_step_limit(hf)
-    d_model, heads = hf["hidden_size"], hf["num_heads"]
-    d_inner = int(hf.get("expand", 2) * d_model)
-    if hf.get("head_dim") is not None and heads * hf["head_dim"] != d_inner:
-        raise UnsupportedModelError(
-            f"mamba2 num_heads * head_dim ({heads} * {hf['head_dim']}) must equal "
-            f"expand * hidden_size ({d_inner})"
-        )
-    ssm = SSMConfig(
-        d_inner=d_inner,
+    ssm = mamba2_mixer(
+        "mamba2 num_heads * head_dim",
+        d_inner=int(hf.get("expand", 2) * hf["hidden_size"]),
+        heads=hf["num_heads"],
+        head_dim=hf.get("head_dim"),
         d_state=hf.get("state_size", 128),
         d_conv=hf.get("conv_kernel", 4),
-        dt_rank=1,  # unused: Mamba-2's dt comes straight from the input projection
-        conv_bias=bool(hf.get("use_conv_bias", True)),
-        proj_bias=bool(hf.get("use_bias", False)),
-        variant="mamba2",
-        n_heads=heads,
+        conv_bias=hf.get("use_conv_bias", True),
+        proj_bias=hf.get("use_bias", False),
         n_groups=hf.get("n_groups", 1),
     )
     return _ssm_model_config(hf, "mamba2", ssm, overrides)
+
+
+def mamba2_mixer(
+    heads_times_head_dim: str,
+    *,
+    d_inner: int,
+    heads: int,
+    head_dim: int | None,
+    d_state: int,
+    d_conv: int,
+    conv_bias: Any,
+    proj_bias: Any,
+    n_groups: int,
+    **more: Any,
+) -> SSMConfig:
+    """A Mamba-2 mixer's config from the values a Hugging Face config gives (Mamba-2's own
+    names or Bamba's); ``heads_times_head_dim`` names the two fields in the error when
+    ``heads * head_dim`` is not ``d_inner``; ``more`` goes to ``SSMConfig`` (layers, mlp)."""
+    if head_dim is not None and heads * head_dim != d_inner:
+        raise UnsupportedModelError(
+            f"{heads_times_head_dim} ({heads} * {head_dim}) must equal the mixer width "
+            f"expand * hidden_size ({d_inner})"
+        )
+    return SSMConfig(
+        d_inner=d_inner,
+        d_state=d_state,
+        d_conv=d_conv,
+        dt_rank=1,  # unused: Mamba-2's dt comes straight from the input projection
+        conv_bias=bool(conv_bias),
+        proj_bias=bool(proj_bias),
+        variant="mamba2",
+        n_heads=heads,
+        n_groups=n_groups,
+        **more,
+    )
 
 
 def mamba2_state_dict(hf_state: dict[str, Tensor], cfg: TransformerConfig) -> dict[str, Tensor]:

@@ -111,12 +111,16 @@ def graph_scores(graph: AttributionGraph) -> GraphScores:
 def _edge_mask(shares: RowShares, reach: Float[Tensor, " n"], keep: float) -> Bool[Tensor, "n n"]:
     """Edges whose score ``share * reach[target]`` is at least the cut keeping ``keep``."""
 
-    def scores() -> Iterator[Tensor]:
+    def scored() -> Iterator[tuple[int, Tensor]]:
         for start, rows in shares.blocks():
-            yield rows * reach[start : start + rows.shape[0], None]
+            yield start, rows * reach[start : start + rows.shape[0], None]
 
-    cut = _threshold_of(scores, keep)
-    return torch.cat([block >= cut for block in scores()])
+    cut = _threshold_of(lambda: (block for _, block in scored()), keep)
+    n = reach.shape[0]
+    mask = torch.empty((n, shares.adjacency.shape[1]), dtype=torch.bool, device=reach.device)
+    for start, block in scored():
+        torch.ge(block, cut, out=mask[start : start + block.shape[0]])  # no list, no second copy
+    return mask
 
 
 def _threshold(scores: Float[Tensor, " n"], keep: float) -> Tensor:
@@ -152,6 +156,7 @@ def _threshold_of(parts: Callable[[], Iterator[Tensor]], keep: float) -> Tensor:
 SORTED_LIMIT = 1 << 26
 """Non-zero scores sorted whole at most: past this, ``_bucketed_threshold`` finds the cut."""
 _PART = 1 << 24  # scores scanned this many at a time
+_PIECE = 1 << 22  # and bucketed this many at a time
 _BUCKET_SHIFT = 15  # float32 bits >> 15: sign, exponent and 8 mantissa bits, in value order
 
 
@@ -170,10 +175,11 @@ def _bucketed_threshold(
     sums = torch.zeros(1 << (31 - _BUCKET_SHIFT), dtype=torch.float64)
     smallest = float("inf")
     for part in parts():
-        nonzero = part[part != 0]
-        if nonzero.numel():
-            sums.index_add_(0, nonzero.view(torch.int32) >> _BUCKET_SHIFT, nonzero.double())
-            smallest = min(smallest, float(nonzero.min()))
+        for piece in part.reshape(-1).split(_PIECE):  # bounds the float64 and index copies
+            nonzero = piece[piece != 0]
+            if nonzero.numel():
+                sums.index_add_(0, nonzero.view(torch.int32) >> _BUCKET_SHIFT, nonzero.double())
+                smallest = min(smallest, float(nonzero.min()))
     total = float(sums.sum())
     from_top = sums.flip(0).cumsum(0)  # running sum over buckets, largest values first
     crossing = int(torch.searchsorted(from_top, from_top.new_tensor(keep * total)))
@@ -182,8 +188,8 @@ def _bucketed_threshold(
     bucket = len(sums) - 1 - crossing
     above = float(from_top[crossing - 1]) if crossing > 0 else 0.0
     inside = torch.cat([
-        nonzero[(nonzero.view(torch.int32) >> _BUCKET_SHIFT) == bucket]
-        for nonzero in (part[part != 0] for part in parts())
+        piece[(piece != 0) & ((piece.view(torch.int32) >> _BUCKET_SHIFT) == bucket)]
+        for part in parts() for piece in part.reshape(-1).split(_PIECE)
     ]).double().sort(descending=True).values  # fmt: skip
     cumulative = (above + inside.cumsum(0)) / total
     at = min(int(torch.searchsorted(cumulative, cumulative.new_tensor(keep))), len(inside) - 1)

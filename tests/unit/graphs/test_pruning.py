@@ -180,7 +180,9 @@ def test_a_cycle_is_reported():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("keep", [0.1, 0.5, 0.8, 0.98])
-def test_the_bucketed_threshold_of_many_scores_is_the_sorted_cut(seed: int, keep: float):
+def test_the_bucketed_threshold_of_many_scores_is_the_sorted_cut(
+    seed: int, keep: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Past SORTED_LIMIT scores the cut is found by buckets: the same score as sorting all of
     them and summing in float64, ties and values spread over many magnitudes included."""
     gen = torch.Generator().manual_seed(seed)
@@ -193,5 +195,9 @@ def test_the_bucketed_threshold_of_many_scores_is_the_sorted_cut(seed: int, keep
     expected = ranked[int(torch.searchsorted(cumulative, cumulative.new_tensor(keep)))]
     got = pruning._bucketed_threshold(lambda: iter(scores.split(30_000)), keep, all_nonzero=False)
     assert float(got) == float(expected.float())
+    # parts are bucketed a piece at a time; pieces that cut parts unevenly change nothing
+    monkeypatch.setattr(pruning, "_PIECE", 7_001)
+    split = pruning._bucketed_threshold(lambda: iter(scores.split(30_000)), keep, False)
+    assert float(split) == float(got)
     # and the in-memory cut, on few enough scores, agrees with both
     assert float(pruning._threshold(scores, keep)) == float(got)

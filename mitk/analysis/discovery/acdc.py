@@ -8,13 +8,11 @@ divergence of the circuit's next-token distribution from the full model's
 the drop of the metric. A receiver whose node sends nowhere any more is
 dropped with all its inputs (they cannot matter).
 
-Batched: the single-edge removals into one receiver run as one forward;
-candidates below the threshold are then accepted greedily, smallest effect
-first, by evaluating all their prefixes in one more forward and keeping the
-longest prefix whose every step stays under the threshold; the first edge
-that fails is kept and the rest are tried again. The result matches ACDC's
-one-edge-at-a-time rule in what is accepted, with the order within a
-receiver by effect rather than by sender.
+Senders are tried latest first, as in ACDC, and the circuit is the one the
+one-edge-at-a-time algorithm finds. Batched: since most removals are
+accepted, each forward scores the prefixes of the next few removals at once
+(``_try_receiver``), and a forward starts at the receiver's block from the
+clean residual stream, as nothing below it is ablated yet.
 """
 
 from __future__ import annotations
@@ -94,11 +92,8 @@ def acdc(
         if owners[r] and not bool(keep[owners[r]].any()):  # its node sends nowhere: drop it
             keep[:, r] = 0.0
             continue
-        candidates = keep[:, r].nonzero().flatten().tolist()
-        while candidates:
-            keep, current, candidates = _try_receiver(
-                score, keep, current, r, candidates, threshold, effects
-            )
+        senders = keep[:, r].nonzero().flatten().tolist()[::-1]  # latest first, as ACDC
+        keep, current = _try_receiver(score, keep, current, r, senders, threshold, effects)
     circuit = Circuit.from_mask(graph, keep.cpu() > 0)
     return DiscoveryResult(circuit, with_nan(graph, effects), f"acdc[{criterion}, {threshold}]")
 
@@ -108,35 +103,39 @@ def _try_receiver(
     keep: Tensor,
     current: float,
     r: int,
-    candidates: list[int],
+    senders: list[int],
     threshold: float,
     effects: Tensor,
-) -> tuple[Tensor, float, list[int]]:
-    """One round for receiver ``r``: returns the new mask, its score and the senders left to try."""
-    singles = keep[None].repeat(len(candidates), 1, 1)
-    singles[torch.arange(len(candidates)), candidates, r] = 0.0
-    single_scores = score(singles).cpu()
-    increase = single_scores - current
-    effects[candidates, r] = increase
-    order = increase.argsort().tolist()
-    removable = [candidates[i] for i in order if increase[i] < threshold]
-    if not removable:
-        return keep, current, []
-    prefixes = keep[None].repeat(len(removable), 1, 1)
-    for k in range(len(removable)):
-        prefixes[k:, removable[k], r] = 0.0
-    # the first prefix is the best single removal, already scored
-    values = [float(single_scores[order[0]])]
-    if len(removable) > 1:
-        values += score(prefixes[1:]).cpu().tolist()
-    accepted, previous = 0, current
-    for value in values:
-        if value - previous >= threshold:
-            break
-        accepted, previous = accepted + 1, value
-    if accepted:
-        keep = prefixes[accepted - 1].clone()
-        current = values[accepted - 1]
-    tried = set(removable[: accepted + 1])  # the first failing edge stays, tested against this
-    rest = [s for s in candidates if s not in tried and s in removable]
-    return keep, current, rest
+) -> tuple[Tensor, float]:
+    """ACDC's loop over the edges into receiver ``r``, in ``senders``' order, batched.
+
+    Removing an edge is tried against the circuit as it stands after every earlier
+    decision. Each forward speculates that the next few decisions go as the last one
+    did and scores those trials at once: after a removal, the prefixes of the next
+    removals; after an edge stayed, the next single removals. Trials after the first
+    decision that breaks the run assumed otherwise and are thrown away. The batch
+    doubles while decisions repeat and starts again at one when they change, so a
+    receiver costs little more than one mask per edge however its decisions fall.
+    Returns the new mask and its score.
+    """
+    tried, size, removing = 0, 2, True
+    while tried < len(senders):
+        batch = senders[tried : tried + size]
+        trials = keep[None].repeat(len(batch), 1, 1)
+        trials[torch.arange(len(batch)), batch, r] = 0.0  # each trial removes its own edge
+        if removing:  # and, speculatively, every earlier one in the batch
+            for k, s in enumerate(batch):
+                trials[k:, s, r] = 0.0
+        values = score(trials).cpu().tolist()
+        size *= 2
+        for k, value in enumerate(values):
+            effects[batch[k], r] = value - current
+            removed = value - current < threshold
+            if removed:
+                keep, current = trials[k], value
+            if removed != removing:  # the later trials assumed the other outcome
+                tried, size, removing = tried + k + 1, 1, removed
+                break
+        else:
+            tried += len(batch)
+    return keep, current

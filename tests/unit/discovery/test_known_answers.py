@@ -42,7 +42,9 @@ def _eap(on: str) -> Callable[[Any, Any, Any], DiscoveryResult]:
 METHODS: dict[str, Callable[[Any, Any, Any], DiscoveryResult]] = {
     "eap_ig_inputs": _eap("inputs"),
     "eap_ig_activations": _eap("activations"),
-    "acdc": lambda model, data, metric: acdc(model, data, metric, threshold=0.05),
+    # ACDC's own order (latest sender first): 0.05 keeps 20 edges recovering 0.88; 0.04 keeps
+    # 22 recovering 0.93
+    "acdc": lambda model, data, metric: acdc(model, data, metric, threshold=0.04),
     "edge_pruning": lambda model, data, metric: edge_pruning(
         model, data, metric, sparsity=5.0, steps=150
     ),

@@ -66,7 +66,7 @@ def _activation_scores(
 def _input_scores(
     run: MaskedRun, alphas: Tensor, per: int, positional: bool
 ) -> Float[Tensor, "*pos sender receiver"]:
-    delta = run.clean_outputs - run.ablated  # [S, B, P, M]
+    delta = run.clean_deltas.float()  # [S, B, P, M]; the gradients sum in float32
     n_receivers, d_model = run.graph.present.shape[1], run.model.cfg.d_model
     grads = torch.zeros(run.batch, run.seq, n_receivers, d_model, device=run.tokens.device)
     for chunk in _chunks(alphas, per):

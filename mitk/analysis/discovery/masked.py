@@ -166,11 +166,11 @@ class _Deltas:
                 out = torch.bmm(drop.transpose(1, 2).to(deltas.dtype), deltas)
                 return out.view(out.shape[0], out.shape[1], *self._bpm).permute(0, 2, 3, 1, 4)
             shaped = deltas.view(*deltas.shape[:2], *self._bpm)
-            return torch.einsum("vsbpm,vpsn->vbpnm", shaped, drop)
+            return torch.einsum("vsbpm,vpsn->vbpnm", shaped, drop.to(deltas.dtype))
         if self._stacked is None:
             self._stacked = torch.cat(self.chunks)
         pattern = "svbpm,vpsn->vbpnm" if positional else "svbpm,vsn->vbpnm"
-        return torch.einsum(pattern, self._stacked, drop)
+        return torch.einsum(pattern, self._stacked, drop.to(self._stacked.dtype))
 
 
 class MaskedRun:
@@ -424,7 +424,8 @@ class _MaskHooks:
         if s0:  # senders below the first block run, the same in every variant
             pattern = "sbpm,vpsn->vbpnm" if self.positional else "sbpm,vsn->vbpnm"
             clean = self.run.clean_deltas[:s0]
-            removed = removed + torch.einsum(pattern, clean, self.drop[..., :s0, receivers])
+            drop = self.drop[..., :s0, receivers].to(clean.dtype)
+            removed = removed + torch.einsum(pattern, clean, drop)
         parts = removed.flatten(0, 1).to(stream.dtype).split([len(c) for c in columns], dim=2)
         inputs = [stream - part for part in parts]
         return [x if p is None else x + p for x, p in zip(inputs, probes, strict=True)]

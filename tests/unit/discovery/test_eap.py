@@ -169,3 +169,14 @@ def test_a_positional_curve_counts_edges_at_every_position_and_ends_at_the_full_
     assert curve.random[-1] == pytest.approx(1.0)  # every edge at every position: the model
     with pytest.raises(ValueError, match="sender, receiver"):
         Circuit.top(result.graph, result.scores[:, :2], 3)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 0.03), (torch.float64, 1e-5)])
+@pytest.mark.parametrize("on", ["inputs", "activations"])
+def test_eap_ig_runs_in_the_model_dtype(dtype: torch.dtype, tolerance: float, on: str) -> None:
+    prompts, metric = random_pair(), LastLogit(3)
+    reference = eap_ig(tiny("mha"), prompts, metric, ig_steps=2, on=on).scores  # type: ignore[arg-type]
+    scores = eap_ig(tiny("mha").to(dtype), prompts, metric, ig_steps=2, on=on).scores  # type: ignore[arg-type]
+    assert scores.dtype == torch.float32
+    scale = float(reference.nan_to_num().abs().max())
+    torch.testing.assert_close(scores, reference, atol=tolerance * scale, rtol=0, equal_nan=True)

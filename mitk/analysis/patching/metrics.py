@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mitk.analysis.patching.kl import NextTokenReference
 from mitk.shapes import Float, Int
 
 
@@ -85,17 +86,15 @@ class Prob(LogProb):
 class KLToClean(PositionMetric):
     """``KL(clean || patched)`` of the next-token distributions, per prompt (0 when identical)."""
 
-    clean_log_probs: Tensor | None = field(default=None, repr=False)
+    clean: NextTokenReference | None = field(default=None, repr=False)
 
     def prepare(self, clean_logits: Float[Tensor, "batch d_vocab"]) -> None:
-        self.clean_log_probs = clean_logits.float().log_softmax(-1)
+        self.clean = NextTokenReference(clean_logits)
 
     def __call__(self, logits: Float[Tensor, "batch d_vocab"]) -> Float[Tensor, " batch"]:
-        if self.clean_log_probs is None:
+        if self.clean is None:
             raise RuntimeError("KLToClean needs prepare(clean_logits) first")
-        clean = self.clean_log_probs
-        patched = logits.float().log_softmax(-1)
-        return (clean.exp() * (clean - patched)).sum(-1)
+        return self.clean.kl(logits)
 
 
 def logit_diff(answer: Any, wrong: Any, pos: Any = -1) -> LogitDiff:

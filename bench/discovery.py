@@ -14,16 +14,31 @@ transformer-lens 3.9 (the version in .venv) has no edge attribution patching: it
   given the metric as a mitk user writes it, ``logit_diff(ANSWER, WRONG)`` (the same
   numbers; it tells mitk that only the last position is read, so only that one is
   unembedded); the reference reads ``model(tokens)[:, -1]`` as the EAP-IG code does.
-- ACDC: ``naive ACDC``, the same criterion (KL to the full model; threshold: a share of the
-  all-ablated run's KL) trying one edge per forward, in ACDC's order (receivers from the
-  logits back, senders latest first), on mitk's masked run running every block for every
-  edge (``reuse_clean_prefix=False``: the published algorithm's cost); against ``mitk acdc``,
-  which tries all of a receiver's edges in one batched forward that starts at the
-  receiver's block from the clean residual stream (nothing below it is ablated yet). Both
-  run at layer granularity (a head-level ACDC on a 12-layer model is thousands of forwards:
-  hours on a CPU). Their
-  circuits are reported (size, KL, overlap); they may differ slightly, because the order in
-  which edges are tried differs.
+- ACDC, all at layer granularity (a head-level ACDC on a 12-layer model is thousands of
+  forwards: hours on a CPU), one criterion (KL of the circuit's next-token distribution from
+  the full model's, averaged over positions and prompts; threshold: a share of the
+  all-ablated run's KL; resample ablation from the corrupted prompts) and ACDC's order
+  (receivers from the logits back, senders latest first; a node that sends nowhere any more
+  is dropped with its inputs). Contenders:
+
+  - ``mitk acdc``: tries a receiver's edges several at a time in one batched forward that
+    starts at the receiver's block from the clean residual stream (nothing below it is
+    ablated yet);
+  - ``naive ACDC``: an algorithm-level baseline on mitk's own engine, one edge per forward,
+    the masked run running every block for every edge (``reuse_clean_prefix=False``: the
+    published algorithm's cost without its framework);
+  - ``TL ACDC reference``: the stand-in for a transformer-lens implementation, since the
+    published ACDC code (Conmy et al. 2023) is built on TransformerLens hooks. It is written
+    that way here: one full ``HookedTransformer`` forward per edge tried, sender hooks
+    (``hook_embed`` + ``hook_pos_embed``, ``hook_attn_out``, ``hook_mlp_out``) recording each
+    sender's output in that run, receiver hooks (``hook_attn_in`` with ``use_attn_in``, one
+    copy per head, each corrected alike; ``hook_mlp_in``; the last ``hook_resid_post``, read
+    only by the final norm) subtracting ``output - corrupted output`` for every removed edge
+    into them, the corrupted outputs cached from one run on the corrupted prompts. No mitk
+    code runs inside it; it toggles the TL model's settings for its calls and restores them.
+
+  The three circuits must be identical (checked before anything is timed, with each one's
+  KL through mitk's masked run).
 
 Model: a random-weight GPT-2-small-shaped checkpoint (12 layers, d_model 768, 12 heads, vocab
 50257) written by ``bench/forward.py``'s ``save_checkpoint``; prompts are random tokens,
@@ -182,6 +197,88 @@ def naive_acdc(run: Any, graph: Any, threshold: float) -> Any:
     return keep
 
 
+def layer_nodes(n_layers: int) -> tuple[list[str], list[str], Tensor]:
+    """Layer-level senders, receivers and ``present[s, r]`` (s writes before r reads)."""
+    senders = ["embed"] + [f"L{L}_{part}" for L in range(n_layers) for part in ("attn", "mlp")]
+    receivers = [*senders[1:], "logits"]
+    # sender j writes at step j of the forward, receiver i reads at step i + 1
+    return senders, receivers, torch.ones(len(senders), len(receivers), dtype=torch.bool).triu()
+
+
+def tl_acdc(model: Any, clean: Tensor, corrupted: Tensor, threshold: float) -> tuple[Tensor, float]:
+    """ACDC on TL hooks, one forward per edge tried: the kept ``[sender, receiver]`` mask, its KL.
+
+    As the published ACDC code runs: sender hooks record each sender's output in this very
+    run, receiver hooks subtract, for each removed edge, (that output - the sender's output
+    on the corrupted prompt); the hooks stay installed and read the current mask.
+    """
+    n = model.cfg.n_layers
+    senders, receivers, present = layer_nodes(n)
+    sender_of = {"hook_embed": 0, "hook_pos_embed": 0}  # embed = token + position embedding
+    for L in range(n):
+        sender_of[f"blocks.{L}.hook_attn_out"] = 1 + 2 * L
+        sender_of[f"blocks.{L}.hook_mlp_out"] = 2 + 2 * L
+    receiver_of = {f"blocks.{n - 1}.hook_resid_post": 2 * n}  # only the final norm reads it
+    for L in range(n):
+        receiver_of[f"blocks.{L}.hook_attn_in"] = 2 * L
+        receiver_of[f"blocks.{L}.hook_mlp_in"] = 2 * L + 1
+    keep = present.clone()
+    out: dict[int, Tensor] = {}
+
+    def record(act: Tensor, hook: Any) -> None:
+        s = sender_of[hook.name]
+        out[s] = out[s] + act if s in out else act
+
+    def patch(act: Tensor, hook: Any) -> Tensor | None:
+        r = receiver_of[hook.name]
+        removed = (present[:, r] & ~keep[:, r]).nonzero().flatten().tolist()
+        if not removed:
+            return None
+        delta = sum(out[s] - corrupt[s] for s in removed)
+        return act - (delta[:, :, None] if act.dim() == 4 else delta)  # attn_in: every head
+
+    # TL feeds attention from the split q/k/v inputs (the EAP reference's setting) over
+    # hook_attn_in when both are on, so split is off here; per-head results would only cost time
+    settings = dict(
+        use_split_qkv_input=False, use_attn_result=False, use_attn_in=True, use_hook_mlp_in=True
+    )
+    saved = {k: getattr(model.cfg, k) for k in settings}
+    for k, v in settings.items():
+        setattr(model.cfg, k, v)
+    try:
+        with torch.no_grad():
+            with model.hooks(fwd_hooks=[(h, record) for h in sender_of]):
+                model(corrupted)
+            corrupt = dict(out)
+            log_p = model(clean).float().log_softmax(-1)
+            p = log_p.exp()
+
+            def kl() -> float:  # KL(full || circuit), averaged over prompts and positions
+                out.clear()
+                log_q = model(clean).float().log_softmax(-1)
+                return float((p * (log_p - log_q)).sum(-1).mean())
+
+            hooks = [(h, record) for h in sender_of] + [(h, patch) for h in receiver_of]
+            with model.hooks(fwd_hooks=hooks):
+                current = kl()
+                for r in reversed(range(len(receivers))):
+                    node = senders.index(receivers[r]) if receivers[r] in senders else None
+                    if node is not None and not keep[node].any():  # it sends nowhere: drop it
+                        keep[:, r] = False
+                        continue
+                    for s in reversed(keep[:, r].nonzero().flatten().tolist()):  # latest first
+                        keep[s, r] = False
+                        value = kl()
+                        if value - current < threshold:
+                            current = value
+                        else:
+                            keep[s, r] = True
+    finally:
+        for k, v in saved.items():
+            setattr(model.cfg, k, v)
+    return keep, current
+
+
 def best_of(rounds: int, contenders: dict[str, Any]) -> dict[str, float]:
     """Best wall time per contender, calls interleaved in a shuffled order each round."""
     order, best = random.Random(SEED), {name: float("inf") for name in contenders}
@@ -249,7 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         threshold = case.acdc_threshold * float(run.kl(run.keep_all(0.0)).mean())
     print(f"ACDC threshold (KL): {threshold:.4g}")
+    senders, receivers, present = layer_nodes(case.model.n_layers)
+    if (senders, receivers) != (list(graph.senders), list(graph.receivers)) or not torch.equal(
+        present, graph.present
+    ):
+        raise SystemExit("the TL reference's layer graph differs from mitk's")
     found: dict[str, Any] = {}
+    own_kl: dict[str, float] = {}  # the TL reference's KL of its circuit, on its own hooks
 
     def batched() -> None:
         result = acdc(model, short, metric, threshold, granularity="layers")
@@ -258,22 +361,40 @@ def main(argv: list[str] | None = None) -> int:
     def naive() -> None:
         found["naive"] = Circuit.from_mask(graph, naive_acdc(run, graph, threshold) > 0)
 
-    timed = {"mitk acdc (batched)": batched, "naive ACDC (one edge per forward)": naive}
+    def reference() -> None:
+        keep, own_kl["TL"] = tl_acdc(tl, short.clean, short.corrupted, threshold)
+        found["TL"] = Circuit.from_mask(graph, keep)
+
+    timed = {
+        "mitk acdc (batched)": batched,
+        "naive ACDC (one edge per forward)": naive,
+        "TL ACDC reference": reference,
+    }
+    for contender in timed.values():  # the circuits, checked before anything is timed
+        contender()
+    for name, circuit in found.items():
+        with torch.no_grad():
+            kl = float(run.kl(graph.fine_mask(circuit.mask()[None].to(torch.float32))).mean())
+        own = f" (on TL hooks {own_kl[name]:.4g})" if name in own_kl else ""
+        print(
+            f"acdc {name}: {len(circuit)} of {graph.n_edges} layer edges, KL to full {kl:.4g}{own}"
+        )
+    for other in ("naive", "TL"):
+        precision, recall = found["mitk"].precision_recall(found[other])
+        print(f"mitk circuit vs {other}: precision {precision:.2f}, recall {recall:.2f}")
+    if any(found[other] != found["mitk"] for other in ("naive", "TL")):
+        raise SystemExit("the ACDC circuits differ")
     acdc_times = best_of(rounds, timed)
 
     print(f"\n{'contender':<36} {'best s':>9}")
     for name, seconds in {**eap, **acdc_times}.items():
         print(f"{name:<36} {seconds:>9.3f}")
-    for name, circuit in found.items():
-        with torch.no_grad():
-            kl = float(run.kl(graph.fine_mask(circuit.mask()[None].to(torch.float32))).mean())
-        print(f"acdc {name}: {len(circuit)} of {graph.n_edges} layer edges, KL to full {kl:.4g}")
-    overlap = found["mitk"].precision_recall(found["naive"])
-    print(f"mitk circuit vs naive: precision {overlap[0]:.2f}, recall {overlap[1]:.2f}")
     print("\nratios (best times)")
     print(f"TL EAP-IG reference / mitk eap_ig: {eap_ratio:.2f}x")
-    acdc_ratio = acdc_times["naive ACDC (one edge per forward)"] / acdc_times["mitk acdc (batched)"]
-    print(f"naive ACDC / mitk acdc: {acdc_ratio:.2f}x")
+    mitk_acdc = acdc_times["mitk acdc (batched)"]
+    naive_ratio = acdc_times["naive ACDC (one edge per forward)"] / mitk_acdc
+    print(f"naive ACDC / mitk acdc: {naive_ratio:.2f}x")
+    print(f"TL ACDC reference / mitk acdc: {acdc_times['TL ACDC reference'] / mitk_acdc:.2f}x")
     print(f"loadavg after: {loadavg()}")
     return 0
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from mitk.analysis.discovery.graph import EdgeGraph
-from mitk.analysis.discovery.masked_hooks import MaskHooks
+from mitk.analysis.discovery.masked_hooks import MaskHooks, SenderLayout
 from mitk.analysis.patching.engine import bytes_per_token, metric_fn
 from mitk.analysis.patching.kl import NextTokenReference
 from mitk.analysis.patching.metrics import PositionMetric
@@ -171,6 +171,7 @@ class MaskedRun:
         corrupted = self.prompts.corrupted
         source = Prompts(clean, None if corrupted is None else corrupted.to(device), self.mask)
         self.ablated = ablated_outputs(model, self.graph, source, ablation)
+        self._layouts: dict[bool, SenderLayout] = {}
         self.clean_outputs, logits, self.clean_resid = run_senders(
             model, self.graph, clean, self.mask
         )
@@ -191,6 +192,12 @@ class MaskedRun:
     def clean_deltas(self) -> Float[Tensor, "sender batch pos d_model"]:
         """``out_s - ablated_s`` of every sender on the clean run."""
         return self.clean_outputs - self.ablated
+
+    def sender_layout(self, per_head: bool) -> SenderLayout:
+        """How hooks record sender writes: every head apart, or each layer's heads as one."""
+        if per_head not in self._layouts:
+            self._layouts[per_head] = SenderLayout.of(self, per_head)
+        return self._layouts[per_head]
 
     @cached_property
     def receiver_groups(self) -> dict[Group, list[int]]:

@@ -9,6 +9,7 @@ equation the hooks implement.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +20,50 @@ from mitk.shapes import Float
 
 if TYPE_CHECKING:
     from mitk.analysis.discovery.masked import Group, MaskedRun
+
+
+@dataclass(frozen=True)
+class SenderLayout:
+    """How a forward records sender writes: every head apart, or each layer's heads as one.
+
+    Without gradients, a mask that treats every head of a layer alike (a layer-granularity
+    mask: ACDC and faithfulness at layer granularity) needs only the sum of their writes, so
+    the forward records one sender per layer's heads instead of one per head: 12x fewer
+    deltas to write and contract on a GPT-2-sized layer. ``start[(layer, "head" | "mlp")]``
+    is a block's first recorded sender; ``rows`` is each recorded sender's row of a
+    head-level mask and ``expand`` each head-level sender's row that stands for it.
+    """
+
+    start: dict[tuple[int, str], int]
+    rows: Tensor
+    expand: Tensor
+    ablated: Float[Tensor, "sender batch_or_1 pos d_model"]
+    clean_deltas: Float[Tensor, "sender batch pos d_model"]
+    per_head: bool
+
+    @classmethod
+    def of(cls, run: MaskedRun, per_head: bool) -> SenderLayout:
+        """The layout of ``run``'s senders, per head or per layer."""
+        kinds = [(node.layer, node.kind) for node in run.graph.fine_senders]
+        keys: list[object] = list(range(len(kinds))) if per_head else list(kinds)
+        order = list(dict.fromkeys(keys))  # recorded senders, in the order they write
+        device = run.ablated.device
+        index = torch.tensor([order.index(key) for key in keys], device=device)
+        rows = torch.tensor([keys.index(key) for key in order], device=device)
+        start: dict[tuple[int, str], int] = {}
+        for i, kind in enumerate(kinds):
+            start.setdefault(kind, int(index[i]))
+        members = torch.zeros(len(order), len(keys), device=device)
+        members[index, torch.arange(len(keys), device=device)] = 1.0
+
+        def summed(outputs: Tensor) -> Tensor:
+            if per_head:
+                return outputs
+            return torch.einsum("rs,s...->r...", members.to(outputs.dtype), outputs)
+
+        return cls(
+            start, rows, rows[index], summed(run.ablated), summed(run.clean_deltas), per_head
+        )
 
 
 class _Deltas:
@@ -77,22 +122,26 @@ class MaskHooks:
     ) -> None:
         self.run, self.shape, self.start = run, run.graph.shape, start
         self.n = keep.shape[0]
-        self.drop = 1.0 - keep.to(run.tokens.device, torch.float32)  # [V, (P,) S, R]
+        drop = 1.0 - keep.to(run.tokens.device, torch.float32)  # [V, (P,) S, R]
         self.positional = keep.dim() == 4
+        # no gradient needs each edge or each receiver apart: senders and receivers that a
+        # mask treats alike may share one write and one input
+        self.shared = not keep.requires_grad and probe is None
         # every edge kept without a gradient (EAP-IG on inputs): nothing is removed, so the
         # per-receiver sums over senders, a forward and a backward as large as the model's, go
-        self.nothing_removed = not keep.requires_grad and not bool(self.drop.any())
+        self.nothing_removed = not keep.requires_grad and not bool(drop.any())
         self.alpha, self.probe = alpha, probe
-        self.keep_grad = keep.requires_grad
         self.stream: dict[int, Tensor] = {}
         self.offset: dict[int, Tensor] = {}
         self.qkv_inputs: dict[int, dict[str, Tensor]] = {}
         self.receivers = run.receiver_groups
-        senders = run.graph.fine_senders
-        self.sender_start = {(n.layer, n.kind): i for i, n in reversed(list(enumerate(senders)))}
+        merged = run.sender_layout(per_head=False)
+        heads_alike = self.shared and bool((drop == drop[..., merged.expand, :]).all())
+        self.senders = merged if heads_alike else run.sender_layout(per_head=True)
+        self.drop = drop[..., self.senders.rows, :] if heads_alike else drop
         # below the first block run, every sender wrote what it wrote on the clean run
-        self.n_clean = self.sender_start[(start, "head")] if start else 0
-        self.deltas = _Deltas(len(senders) - self.n_clean)
+        self.n_clean = self.senders.start[(start, "head")] if start else 0
+        self.deltas = _Deltas(len(self.senders.rows) - self.n_clean)
 
     def specs(self) -> list[tuple[str, Callable[[Tensor, HookPoint], Tensor | None]]]:
         shape = self.shape
@@ -130,7 +179,7 @@ class MaskHooks:
             removed = self.deltas.contract(drop, self.positional)
         if s0:  # senders below the first block run, the same in every variant
             pattern = "sbpm,vpsn->vbpnm" if self.positional else "sbpm,vsn->vbpnm"
-            clean = self.run.clean_deltas[:s0]
+            clean = self.senders.clean_deltas[:s0]
             drop = self.drop[..., :s0, receivers].to(clean.dtype)
             removed = removed + torch.einsum(pattern, clean, drop)
         parts = removed.flatten(0, 1).to(stream.dtype).split([len(c) for c in columns], dim=2)
@@ -140,7 +189,7 @@ class MaskHooks:
     def _columns(self, group: Group) -> list[int]:
         """The receivers of ``group`` whose inputs differ: one when a mask treats all alike."""
         receivers = self.receivers[group]
-        if self.probe is None and not self.keep_grad and len(receivers) > 1:
+        if self.shared and len(receivers) > 1:
             columns = self.drop[..., receivers]
             if bool((columns == columns[..., :1]).all()):  # e.g. every head of a layer edge
                 return receivers[:1]  # one input serves them all: [V*B, pos, 1, d_model]
@@ -151,7 +200,7 @@ class MaskHooks:
         if self.nothing_removed:
             return
         n = out.shape[0]
-        ablated = self.run.ablated[index : index + n, None]  # [n, 1, B|1, P, M]
+        ablated = self.senders.ablated[index : index + n, None]  # [n, 1, B|1, P, M]
         per_variant = out.view(n, self.n, -1, *out.shape[2:])
         self.deltas.add(per_variant - ablated.to(out.dtype))
 
@@ -160,7 +209,7 @@ class MaskHooks:
         def hook(resid: Tensor, point: HookPoint) -> Tensor:
             if L == 0:
                 if self.alpha is not None:  # interpolate the embeddings from ablated to clean
-                    ablated = self.run.ablated[0].to(resid.dtype)
+                    ablated = self.senders.ablated[0].to(resid.dtype)
                     shaped = resid.view(self.n, -1, *resid.shape[1:])
                     alpha = self.alpha.to(resid)[:, None, None, None]
                     resid = (ablated + alpha * (shaped - ablated)).flatten(0, 1)
@@ -192,8 +241,12 @@ class MaskHooks:
 
     def _z(self, L: int) -> Callable[[Tensor, HookPoint], None]:
         def hook(z: Tensor, point: HookPoint) -> None:
-            writes = torch.einsum("bphd,hdm->hbpm", z, self.run.model.blocks[L].attn.W_O)
-            self._add_delta(writes, self.sender_start[(L, "head")])
+            W_O = self.run.model.blocks[L].attn.W_O
+            if self.senders.per_head:
+                writes = torch.einsum("bphd,hdm->hbpm", z, W_O)
+            else:  # one write for all the layer's heads: the output projection
+                writes = torch.einsum("bphd,hdm->bpm", z, W_O)[None]
+            self._add_delta(writes, self.senders.start[(L, "head")])
 
         return hook
 
@@ -207,7 +260,7 @@ class MaskHooks:
 
     def _mlp_out(self, L: int) -> Callable[[Tensor, HookPoint], None]:
         def hook(out: Tensor, point: HookPoint) -> None:
-            self._add_delta(out[None], self.sender_start[(L, "mlp")])
+            self._add_delta(out[None], self.senders.start[(L, "mlp")])
 
         return hook
 

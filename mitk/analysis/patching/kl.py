@@ -1,24 +1,19 @@
 """KL divergence from a fixed next-token distribution, for scoring many runs against one.
 
 With ``p`` the reference distribution (logits ``c``), ``q`` another (logits
-``z``), ``d = z - c`` and any shift ``t``::
+``z``), ``d = z - c`` and ``t = max_v d_v``::
 
     log p_v - log q_v = -d_v + (LSE(z) - LSE(c)),   LSE(z) - LSE(c) = log sum_v p_v e^{d_v}
-    KL(p || q) = log sum_v p_v e^{d_v} - sum_v p_v d_v
-               = t + log1p(sum_v p_v expm1(d_v - t)) - sum_v p_v d_v
+    KL(p || q) = t + log sum_v p_v e^{d_v - t} - sum_v p_v d_v
 
-No log-softmax of the full vocabulary is written (on a 50k-token vocabulary
-that and the textbook ``sum p (log p - log q)`` were most of the KL's time).
-Every sum's terms vanish as the runs get close, so float32 keeps the digits
-that thresholds on small KLs need, and identical logits give exactly 0.
-``t = max_v d_v`` keeps ``expm1`` from overflowing and is about 0 for close
-runs. Where ``sum p e^{d - t}`` is small (far runs: the mass ``q`` takes is
-where ``p`` has little), ``log1p`` of a sum near -1 would lose digits, so
-those rows take ``log sum p e^{d - t}`` directly. (``LSE(z) - sum p z + sum
-p log p`` instead cancels at the entropy's scale: 1e-5 error on a KL of 1e-3
-over 50k tokens, measured; a plain ``log sum p e^d`` is off by float32's
-rounding of ``sum p``, 3e-6 there.) The sums divide by ``sum p`` as float32
-holds it, so ``p`` is a distribution.
+No log-softmax of the full vocabulary is written, and both sums are over
+differences, which vanish as the runs get close. The sums divide by ``sum p``
+as float32 holds it (so ``p`` is a distribution; without that, its rounding
+alone put 3e-6 on every KL over 50k tokens). Measured against float64 over
+50k tokens, the error is 4e-7 on KLs of 5e-5 to 1e-3 and 1e-6 on a KL of 4.5,
+at or under the float32 textbook sum's. Writing the KL as
+``LSE(z) - sum p z + sum p log p`` instead cancels at the entropy's scale
+(1e-5 error on a KL of 1e-3). ``t`` keeps the exponentials from overflowing.
 
 Reference probabilities below float32's normal range are set to 0:
 multiplying subnormal numbers is about 100x slower on CPUs, and such a term
@@ -56,16 +51,9 @@ class NextTokenReference:
         p = self.probs.reshape(-1, vocab)
         d = (logits.float() - self.logits).reshape(-1, p.shape[0], vocab)
         expected = torch.einsum("vnk,nk->vn", d, p) / self.total
-        top = d.amax(-1, keepdim=True)  # no overflow in expm1; about 0 for close runs
+        top = d.amax(-1, keepdim=True)
         tracked = torch.is_grad_enabled() and d.requires_grad
-        moved = (d - top).expm1() if tracked else d.sub_(top).expm1_()  # d is ours: reuse it
-        share = torch.einsum("vnk,nk->vn", moved, p) / self.total  # sum p e^{d-t} / sum p - 1
-        far = share < -0.5
-        log_mass = torch.log1p(share)
-        if bool(far.any()):  # log1p near -1 loses digits; these rows take the log directly
-            v, n = far.nonzero(as_tuple=True)
-            again = logits.float().reshape(d.shape)[v, n] - self.logits.reshape(-1, vocab)[n]
-            direct = ((again - top[v, n]).exp() * p[n]).sum(-1) / self.total[n]
-            log_mass = log_mass.index_put((v, n), direct.log())
-        kl = top[..., 0] + log_mass - expected
+        scaled = (d - top).exp() if tracked else d.sub_(top).exp_()  # d is ours: reuse it
+        mass = torch.einsum("vnk,nk->vn", scaled, p) / self.total
+        kl = top[..., 0] + mass.log() - expected
         return kl.clamp_min(0.0).view(logits.shape[:-1])

@@ -84,7 +84,10 @@ class Prob(LogProb):
 
 @dataclass
 class KLToClean(PositionMetric):
-    """``KL(clean || patched)`` of the next-token distributions, per prompt (0 when identical)."""
+    """``KL(clean || patched)`` of the next-token distributions, per prompt.
+
+    0 when identical, to float32 rounding (a few 1e-7); see ``mitk.analysis.patching.kl``.
+    """
 
     clean: NextTokenReference | None = field(default=None, repr=False)
 

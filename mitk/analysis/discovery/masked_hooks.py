@@ -133,6 +133,7 @@ class MaskHooks:
         self.alpha, self.probe = alpha, probe
         self.stream: dict[int, Tensor] = {}
         self.offset: dict[int, Tensor] = {}
+        self.attn_offset: dict[int, Tensor] = {}  # layers whose attention read its input whole
         self.qkv_inputs: dict[int, dict[str, Tensor]] = {}
         self.receivers = run.receiver_groups
         merged = run.sender_layout(per_head=False)
@@ -151,6 +152,7 @@ class MaskHooks:
             specs.append((name("resid_pre", L), self._resid_pre(L)))
             specs += [(name(c, L), self._qkv(L, c)) for c in ("q", "k", "v")]
             specs.append((name("z", L), self._z(L)))
+            specs.append((name("attn_out", L), self._attn_out(L)))
             if shape.has_mlp:
                 if not shape.parallel_attn_mlp:
                     specs.append((name("resid_mid", L), self._mlp_in(L)))
@@ -217,13 +219,19 @@ class MaskHooks:
             self.stream[L] = resid
             if self.shape.has_mlp and self.shape.parallel_attn_mlp:
                 return self._mlp_input(L, resid)
+            if self._one_attention_input(L):
+                # the attention reads it whole (no q/k/v recomputed); the stream is restored
+                # where the attention's output is added
+                x = self._receiver_input((L, "q"), resid[:, :, None])[:, :, 0]
+                self.attn_offset[L] = resid - x
+                return x
             return resid
 
         return hook
 
     def _qkv(self, L: int, channel: str) -> Callable[[Tensor, HookPoint], Tensor]:
         def hook(act: Tensor, point: HookPoint) -> Tensor:
-            if self.nothing_removed and self.probe is None:
+            if (self.nothing_removed and self.probe is None) or L in self.attn_offset:
                 return act  # the model's own q/k/v are the answer
             block = self.run.model.blocks[L]
             if L not in self.qkv_inputs:  # all three at the first of them: one pass
@@ -247,6 +255,21 @@ class MaskHooks:
             else:  # one write for all the layer's heads: the output projection
                 writes = torch.einsum("bphd,hdm->bpm", z, W_O)[None]
             self._add_delta(writes, self.senders.start[(L, "head")])
+
+        return hook
+
+    def _one_attention_input(self, L: int) -> bool:
+        """Whether every q/k/v receiver of block ``L`` reads the same input under every mask
+        (a layer mask without gradients), in a block whose attention alone reads resid_pre."""
+        if not self.shared or self.nothing_removed or self.shape.parallel_attn_mlp:
+            return False
+        columns = self.drop[..., [r for c in "qkv" for r in self.receivers[(L, c)]]]
+        return bool((columns == columns[..., :1]).all())
+
+    def _attn_out(self, L: int) -> Callable[[Tensor, HookPoint], Tensor]:
+        def hook(out: Tensor, point: HookPoint) -> Tensor:
+            offset = self.attn_offset.get(L)
+            return out if offset is None else out + offset
 
         return hook
 

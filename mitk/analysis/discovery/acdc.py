@@ -9,7 +9,8 @@ the drop of the metric. A receiver whose node sends nowhere any more is
 dropped with all its inputs (they cannot matter).
 
 Senders are tried latest first, as in ACDC, and the circuit is the one the
-one-edge-at-a-time algorithm finds. Batched: since most removals are
+one-edge-at-a-time algorithm finds. With ``positional=True`` each edge is
+tried at each position. Batched: since most removals are
 accepted, each forward scores the prefixes of the next few removals at once
 (``_try_receiver``), and a forward starts at the receiver's block from the
 clean residual stream, as nothing below it is ablated yet.
@@ -69,12 +70,16 @@ def acdc(
     criterion: Criterion = "kl",
     ablation: Ablation = "resample",
     granularity: Granularity = "heads",
+    positional: bool = False,
     memory_budget_gb: float = 2.0,
 ) -> DiscoveryResult:
     """Prune the graph by ACDC; the circuit is what survives, scores are the last effects measured.
 
     An edge's score is how much the criterion worsened when it was last tried
     (removed edges score below ``threshold``; edges of dropped nodes score 0).
+    ``positional``: every edge is tried at every position (scores and circuit
+    ``[pos, sender, receiver]``; senders latest first, each at its positions last
+    first), and a node is dropped at the positions where it sends nowhere.
     """
     if criterion not in ("kl", "metric"):
         raise ValueError(f"criterion must be 'kl' or 'metric', got {criterion!r}")
@@ -83,19 +88,24 @@ def acdc(
     graph = EdgeGraph.of(model, granularity)
     run = MaskedRun(model, graph, data, metric, ablation)
     score = _Scorer(run, graph, criterion, memory_budget_gb)
-    device = run.tokens.device
-    keep = graph.present.float().to(device)
-    effects = torch.zeros(graph.present.shape)
+    keep = graph.present.float().to(run.tokens.device)
+    if positional:
+        keep = keep.expand(run.seq, *keep.shape).clone()
+    effects = torch.zeros(keep.shape)
     current = float(score(keep[None])[0])
     owners = _owners(graph)
     for r in reversed(range(len(graph.receivers))):
-        if owners[r] and not bool(keep[owners[r]].any()):  # its node sends nowhere: drop it
-            keep[:, r] = 0.0
-            continue
-        senders = keep[:, r].nonzero().flatten().tolist()[::-1]  # latest first, as ACDC
-        keep, current = _try_receiver(score, keep, current, r, senders, threshold, effects)
+        if owners[r]:  # where its node sends nowhere, nothing it reads can matter: drop it
+            sends = keep[..., owners[r], :].flatten(-2).any(-1)  # [] or [pos]
+            keep[..., r] *= sends[..., None]
+        # latest sender first, as ACDC; at positions, the last first
+        cells = sorted(keep[..., r].nonzero().tolist(), key=lambda c: c[::-1], reverse=True)
+        keep, current = _try_receiver(score, keep, current, r, cells, threshold, effects)
     circuit = Circuit.from_mask(graph, keep.cpu() > 0)
-    return DiscoveryResult(circuit, with_nan(graph, effects), f"acdc[{criterion}, {threshold}]")
+    where = ", positional" if positional else ""
+    return DiscoveryResult(
+        circuit, with_nan(graph, effects), f"acdc[{criterion}, {threshold}{where}]"
+    )
 
 
 def _try_receiver(
@@ -103,12 +113,13 @@ def _try_receiver(
     keep: Tensor,
     current: float,
     r: int,
-    senders: list[int],
+    cells: list[list[int]],
     threshold: float,
     effects: Tensor,
 ) -> tuple[Tensor, float]:
-    """ACDC's loop over the edges into receiver ``r``, in ``senders``' order, batched.
+    """ACDC's loop over the edges into receiver ``r``, in ``cells``' order, batched.
 
+    A cell is an edge's index in ``keep[..., r]``: ``[sender]``, or ``[pos, sender]``.
     Removing an edge is tried against the circuit as it stands after every earlier
     decision. Each forward speculates that the next few decisions go as the last one
     did and scores those trials at once: after a removal, the prefixes of the next
@@ -119,17 +130,18 @@ def _try_receiver(
     Returns the new mask and its score.
     """
     tried, size, removing = 0, 2, True
-    while tried < len(senders):
-        batch = senders[tried : tried + size]
-        trials = keep[None].repeat(len(batch), 1, 1)
-        trials[torch.arange(len(batch)), batch, r] = 0.0  # each trial removes its own edge
-        if removing:  # and, speculatively, every earlier one in the batch
-            for k, s in enumerate(batch):
-                trials[k:, s, r] = 0.0
+    while tried < len(cells):
+        batch = [tuple(cell) for cell in cells[tried : tried + size]]
+        trials = keep[None].repeat(len(batch), *[1] * keep.dim())
+        for k, cell in enumerate(batch):
+            trials[(k, *cell, r)] = 0.0  # each trial removes its own edge
+            if removing:  # and, speculatively, every later trial removes it too
+                later: tuple[slice | int, ...] = (slice(k, None), *cell, r)
+                trials[later] = 0.0
         values = score(trials).cpu().tolist()
         size *= 2
         for k, value in enumerate(values):
-            effects[batch[k], r] = value - current
+            effects[(*batch[k], r)] = value - current
             removed = value - current < threshold
             if removed:
                 keep, current = trials[k], value

@@ -58,12 +58,15 @@ def edge_pruning(
     granularity: Granularity = "heads",
     init: float = 3.0,
     seed: int = 0,
+    positional: bool = False,
 ) -> DiscoveryResult:
     """Learn which edges to keep; returns the circuit and each edge's learned log-odds.
 
     ``sparsity`` weighs the L0 penalty against the objective: larger gives
     smaller circuits. ``init`` is the starting log-odds (3: nearly every gate
-    open, so training starts from the full model).
+    open, so training starts from the full model). ``positional``: a gate per
+    edge and position (scores and circuit ``[pos, sender, receiver]``; the
+    penalty is the share of all of them open).
     """
     if objective not in ("kl", "metric"):
         raise ValueError(f"objective must be 'kl' or 'metric', got {objective!r}")
@@ -73,6 +76,8 @@ def edge_pruning(
     run = MaskedRun(model, graph, data, metric, ablation)
     device = run.tokens.device
     present = graph.present.float().to(device)
+    if positional:
+        present = present.expand(run.seq, *present.shape)
     log_alpha = torch.full(present.shape, float(init), device=device, requires_grad=True)
     optimiser = torch.optim.Adam([log_alpha], lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -96,4 +101,7 @@ def edge_pruning(
     final = _gates(log_alpha.detach(), None)
     circuit = Circuit.from_mask(graph, (final > 0.5).cpu())
     scores = with_nan(graph, log_alpha.detach())
-    return DiscoveryResult(circuit, scores, f"edge_pruning[{objective}, sparsity={sparsity}]")
+    where = ", positional" if positional else ""
+    return DiscoveryResult(
+        circuit, scores, f"edge_pruning[{objective}, sparsity={sparsity}{where}]"
+    )

@@ -33,14 +33,16 @@ class NextTokenReference:
     """The reference distribution; ``kl(logits)`` is KL(reference || softmax(logits))."""
 
     def __init__(self, logits: Float[Tensor, "*shape d_vocab"]) -> None:
-        self.logits = logits.detach().float()
+        # float32 at least (bfloat16 logits are read as float32); float64 stays float64
+        self.logits = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
         probs = self.logits.softmax(-1)
         self.probs = probs.masked_fill(probs < torch.finfo(probs.dtype).tiny, 0.0)
-        self.total = self.probs.sum(-1, dtype=torch.float64).float().reshape(-1)
+        self.total = self.probs.sum(-1, dtype=torch.float64).to(probs.dtype).reshape(-1)
 
     def kl(self, logits: Float[Tensor, "*lead_and_shape d_vocab"]) -> Float[Tensor, "..."]:
         """KL per distribution: ``logits`` is the reference's shape, with any leading axes.
 
+        In the reference's precision: float32, or float64 for a float64 reference.
         Differentiable in ``logits``. Rounding below 0 is clamped (a KL is never negative).
         """
         shape, vocab = self.probs.shape, self.probs.shape[-1]
@@ -49,7 +51,7 @@ class NextTokenReference:
                 f"logits {tuple(logits.shape)} do not end in the reference's shape {tuple(shape)}"
             )
         p = self.probs.reshape(-1, vocab)
-        d = (logits.float() - self.logits).reshape(-1, p.shape[0], vocab)
+        d = (logits.to(self.logits.dtype) - self.logits).reshape(-1, p.shape[0], vocab)
         expected = torch.einsum("vnk,nk->vn", d, p) / self.total
         top = d.amax(-1, keepdim=True)
         tracked = torch.is_grad_enabled() and d.requires_grad

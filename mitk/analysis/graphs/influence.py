@@ -32,6 +32,11 @@ class RowShares:
     large again. Each block is normalised as ``normalized`` would (the same
     numbers); ``vecmat`` sums the blocks' products, so only a graph of more
     than ``BLOCK_ROWS`` nodes differs from one product, in float rounding.
+
+    Blocks computed per use are written into one buffer, allocated once: a
+    fresh block each time (hundreds of megabytes, dozens of passes for one
+    ``influence``) is mapped and unmapped by the allocator and faults its pages
+    in again on every use, which costs more system time than the arithmetic.
     """
 
     BLOCK_ROWS = 4096
@@ -41,31 +46,45 @@ class RowShares:
     def __init__(self, adjacency: Float[Tensor, "n n"], kept: Bool[Tensor, " n"] | None = None):
         self.adjacency = adjacency
         self.kept = None if kept is None else kept.to(adjacency.dtype)
-        self.row_sums = torch.cat([self._masked(start).sum(-1) for start in self._starts()])
+        n, m = adjacency.shape
+        self._buffer = adjacency.new_empty((min(self.BLOCK_ROWS, n), m))
+        self.row_sums = torch.cat(
+            [self._masked(start, self._buffer).sum(-1) for start in self._starts()]
+        )
         self._kept_blocks: list[tuple[int, Tensor]] | None = None
         if adjacency.numel() * adjacency.element_size() <= self.KEEP_BYTES:
-            self._kept_blocks = list(self._computed_blocks())
+            self._kept_blocks = [
+                (start, self._normalised(start, torch.empty_like(self._rows(start))))
+                for start in self._starts()
+            ]
 
     def _starts(self) -> range:
         return range(0, self.adjacency.shape[0], self.BLOCK_ROWS)
 
-    def _masked(self, start: int) -> Tensor:
-        rows = self.adjacency[start : start + self.BLOCK_ROWS].abs()
+    def _rows(self, start: int) -> Tensor:
+        return self.adjacency[start : start + self.BLOCK_ROWS]
+
+    def _masked(self, start: int, out: Tensor) -> Tensor:
+        """``|A| * kept`` of the block from row ``start``, written into the head of ``out``."""
+        rows = self._rows(start)
+        rows = torch.abs(rows, out=out[: rows.shape[0]])
         if self.kept is not None:
             rows.mul_(self.kept[start : start + self.BLOCK_ROWS, None]).mul_(self.kept[None, :])
         return rows
 
+    def _normalised(self, start: int, out: Tensor) -> Tensor:
+        rows = self._masked(start, out)
+        return rows.div_(self.row_sums[start : start + rows.shape[0], None].clamp_min(_ROW_FLOOR))
+
     def blocks(self) -> Iterator[tuple[int, Float[Tensor, "block n"]]]:
-        """``(first row, normalised rows)`` for each block of rows, in order (read-only)."""
+        """``(first row, normalised rows)`` for each block of rows, in order (read-only).
+
+        The rows may be a view of a buffer that the next block overwrites: use
+        each block before asking for the next, and copy what must outlive it.
+        """
         if self._kept_blocks is not None:
             return iter(self._kept_blocks)
-        return self._computed_blocks()
-
-    def _computed_blocks(self) -> Iterator[tuple[int, Tensor]]:
-        for start in self._starts():
-            rows = self._masked(start)
-            scale = self.row_sums[start : start + rows.shape[0], None].clamp_min(_ROW_FLOOR)
-            yield start, rows.div_(scale)
+        return ((start, self._normalised(start, self._buffer)) for start in self._starts())
 
     def vecmat(self, vector: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
         """``vector @ shares``."""

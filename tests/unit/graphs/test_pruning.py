@@ -201,3 +201,45 @@ def test_the_bucketed_threshold_of_many_scores_is_the_sorted_cut(
     assert float(split) == float(got)
     # and the in-memory cut, on few enough scores, agrees with both
     assert float(pruning._threshold(scores, keep)) == float(got)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("sorted_limit", [1 << 26, 10])
+def test_blocks_computed_into_one_reused_buffer_give_the_one_block_masks(
+    seed: int, sorted_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recomputed blocks are written into one buffer (the next block overwrites the last),
+    and the edge scores into another: each block is still the dense shares' rows, and the
+    influence and edge mask are bit for bit those of one block, sorted or bucketed cut."""
+    graph = random_graph(seed, per_slot=5)
+    n, adjacency = graph.nodes.n_nodes, graph.adjacency.float()  # buckets read float32 bits
+    kept = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.8
+    kept[graph.nodes.token_start :] = True  # as prune_graph keeps them
+    weights = pruning.logit_weights(graph).float()
+    monkeypatch.setattr(pruning, "SORTED_LIMIT", sorted_limit)
+
+    def influence_and_edges(block_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(RowShares, "BLOCK_ROWS", block_rows)
+        monkeypatch.setattr(RowShares, "KEEP_BYTES", 0)
+        shares = RowShares(adjacency, kept)
+        reach = pruning.influence(shares, weights) + weights
+        return reach, pruning._edge_mask(shares, reach, 0.9)
+
+    monkeypatch.setattr(RowShares, "BLOCK_ROWS", 7)
+    monkeypatch.setattr(RowShares, "KEEP_BYTES", 0)
+    shares = RowShares(adjacency, kept)
+    masked = adjacency.abs() * kept[:, None] * kept[None, :]
+    dense = masked / masked.sum(-1, keepdim=True).clamp_min(1e-10)
+    pointers = set()
+    for start, rows in shares.blocks():
+        pointers.add(rows.data_ptr())
+        assert torch.equal(rows, dense[start : start + rows.shape[0]])  # before the next
+    assert len(pointers) == 1 and n > 7
+    one_reach, one_edges = influence_and_edges(n)
+    for block_rows in (1, 7):
+        reach, edges = influence_and_edges(block_rows)
+        torch.testing.assert_close(reach, one_reach)  # the blocks' sums round apart
+        assert torch.equal(
+            pruning._edge_mask(RowShares(adjacency, kept), one_reach, 0.9), one_edges
+        )
+        assert edges.any() and not edges.all()

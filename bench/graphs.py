@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     pruned = prune_graph(graph)
     scores = graph_scores(graph)
-    kept = f"{int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum()):,} edges"
+    kept = f"{pruned.kept_nodes} nodes, {pruned.kept_edges:,} edges"
     print(f"prune + scores: {time.perf_counter() - start:.3f} s; kept {kept}; replacement "
           f"{scores.replacement:.3f}, completeness {scores.completeness:.3f}")  # fmt: skip
     print(f"loadavg after: {loadavg()}")

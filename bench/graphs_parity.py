@@ -162,14 +162,14 @@ def compare(ct_graph: Any, graph: Any) -> bool:
           f"{float(prob.max()):.2e}")  # fmt: skip
     print(f"adjacency {tuple(ours.shape)}: max |diff| {float(diff.max()):.3e} at "
           f"{divmod(worst, ours.shape[1])} (max |edge| {float(theirs.abs().max()):.3e}); "
-          f"non-zero edges mitk {int((ours != 0).sum()):,}, "
-          f"circuit-tracer {int((theirs != 0).sum()):,}")  # fmt: skip
+          f"non-zero edges mitk {int(torch.count_nonzero(ours)):,}, "
+          f"circuit-tracer {int(torch.count_nonzero(theirs)):,}")  # fmt: skip
     pruned, ct_pruned = prune_graph(graph), ct_prune_graph(ct_graph)
     same_nodes = torch.equal(pruned.node_mask, ct_pruned.node_mask)
-    edge_diff = int((pruned.edge_mask != ct_pruned.edge_mask).sum())
-    print(f"pruned (0.8, 0.98): nodes {int(pruned.node_mask.sum())} vs "
-          f"{int(ct_pruned.node_mask.sum())} (same: {same_nodes}); edges "
-          f"{int(pruned.edge_mask.sum()):,} vs {int(ct_pruned.edge_mask.sum()):,} "
+    edge_diff = int(torch.count_nonzero(pruned.edge_mask != ct_pruned.edge_mask))
+    print(f"pruned (0.8, 0.98): nodes {pruned.kept_nodes} vs "
+          f"{int(torch.count_nonzero(ct_pruned.node_mask))} (same: {same_nodes}); edges "
+          f"{pruned.kept_edges:,} vs {int(torch.count_nonzero(ct_pruned.edge_mask)):,} "
           f"({edge_diff} differ)")  # fmt: skip
     scores = graph_scores(graph)
     ct_replacement, ct_completeness = compute_graph_scores(ct_graph)

@@ -27,13 +27,23 @@ class GraphPruning:
 
     ``cumulative_scores[i]`` is the share of all node influence held by the
     nodes at least as influential as node ``i`` (what the node threshold cuts).
-    Count kept edges with ``torch.count_nonzero(edge_mask)``: ``edge_mask.sum()``
-    makes an int64 copy, 8 bytes per edge (17 GB for 46,723 nodes).
+    ``kept_edges`` counts without copying: ``edge_mask.sum()`` makes an int64
+    copy, 8 bytes per edge (17 GB for 46,723 nodes).
     """
 
     node_mask: Bool[Tensor, " n_nodes"]
     edge_mask: Bool[Tensor, "n_nodes n_nodes"]
     cumulative_scores: Float[Tensor, " n_nodes"]
+
+    @property
+    def kept_nodes(self) -> int:
+        """How many nodes are kept."""
+        return int(torch.count_nonzero(self.node_mask))
+
+    @property
+    def kept_edges(self) -> int:
+        """How many edges are kept."""
+        return int(torch.count_nonzero(self.edge_mask))
 
 
 @dataclass(frozen=True)

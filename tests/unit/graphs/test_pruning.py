@@ -149,6 +149,8 @@ def check_against_the_oracle(seed: int, node_threshold: float) -> None:
     result = prune_graph(graph, node_threshold=node_threshold)
     assert result.node_mask.tolist() == keep.tolist()
     assert torch.equal(result.edge_mask & keep[:, None] & keep[None, :], edges)
+    assert result.kept_nodes == int(keep.sum())
+    assert result.kept_edges == int(result.edge_mask.long().sum())
 
     errors = slice(nodes.error_start, nodes.token_start)
     from_tokens = influence[nodes.token_start : nodes.logit_start].sum()

@@ -10,10 +10,10 @@ dropped with all its inputs (they cannot matter).
 
 Senders are tried latest first, as in ACDC, and the circuit is the one the
 one-edge-at-a-time algorithm finds. With ``positional=True`` each edge is
-tried at each position. Batched: since most removals are
-accepted, each forward scores the prefixes of the next few removals at once
-(``_try_receiver``), and a forward starts at the receiver's block from the
-clean residual stream, as nothing below it is ablated yet.
+tried at each position. Batched: each forward scores several trials,
+speculating that the next decisions go as the last one did
+(``_try_receiver``), and starts at the receiver's block from the clean
+residual stream, as nothing below it is ablated yet.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 import os
 from pathlib import Path
@@ -178,23 +179,43 @@ def tl_eap_ig(model: Any, clean: Tensor, corrupted: Tensor, steps: int) -> Tenso
     return torch.einsum("sbpm,bprm->sr", clean_out - corrupt_out, g) / (steps * clean.shape[0])
 
 
-def naive_acdc(run: Any, graph: Any, threshold: float) -> Any:
-    """ACDC, one edge per forward (KL to the full model), receivers backwards, latest first."""
-    keep = graph.present.float()
-
-    def kl(mask: Tensor) -> float:
-        with torch.no_grad():
-            return float(run.kl(graph.fine_mask(mask[None])).mean())
-
+def one_edge_acdc(
+    senders: list[str],
+    receivers: list[str],
+    present: Tensor,
+    kl: Callable[[Tensor], float],
+    threshold: float,
+) -> tuple[Tensor, float]:
+    """ACDC one edge per forward, the loop both references run: receivers from the logits
+    back, senders latest first, a receiver whose node sends nowhere any more dropped with its
+    inputs. ``kl(keep)`` scores the bool ``[sender, receiver]`` mask; returns the kept mask
+    and its KL."""
+    keep = present.clone()
     current = kl(keep)
-    for r in reversed(range(len(graph.receivers))):
+    for r in reversed(range(len(receivers))):
+        node = senders.index(receivers[r]) if receivers[r] in senders else None
+        if node is not None and not keep[node].any():  # it sends nowhere: drop it
+            keep[:, r] = False
+            continue
         for s in reversed(keep[:, r].nonzero().flatten().tolist()):
-            trial = keep.clone()
-            trial[s, r] = 0.0
-            value = kl(trial)
+            keep[s, r] = False
+            value = kl(keep)
             if value - current < threshold:
-                keep, current = trial, value
-    return keep
+                current = value
+            else:
+                keep[s, r] = True
+    return keep, current
+
+
+def naive_acdc(run: Any, graph: Any, threshold: float) -> Tensor:
+    """ACDC on mitk's masked run, one edge per forward (KL to the full model)."""
+
+    def kl(keep: Tensor) -> float:
+        with torch.no_grad():
+            return float(run.kl(graph.fine_mask(keep.float()[None])).mean())
+
+    senders, receivers = list(graph.senders), list(graph.receivers)
+    return one_edge_acdc(senders, receivers, graph.present, kl, threshold)[0]
 
 
 def layer_nodes(n_layers: int) -> tuple[list[str], list[str], Tensor]:
@@ -222,7 +243,7 @@ def tl_acdc(model: Any, clean: Tensor, corrupted: Tensor, threshold: float) -> t
     for L in range(n):
         receiver_of[f"blocks.{L}.hook_attn_in"] = 2 * L
         receiver_of[f"blocks.{L}.hook_mlp_in"] = 2 * L + 1
-    keep = present.clone()
+    mask = {"keep": present}  # the mask being scored, read by the receiver hooks
     out: dict[int, Tensor] = {}
 
     def record(act: Tensor, hook: Any) -> None:
@@ -231,7 +252,7 @@ def tl_acdc(model: Any, clean: Tensor, corrupted: Tensor, threshold: float) -> t
 
     def patch(act: Tensor, hook: Any) -> Tensor | None:
         r = receiver_of[hook.name]
-        removed = (present[:, r] & ~keep[:, r]).nonzero().flatten().tolist()
+        removed = (present[:, r] & ~mask["keep"][:, r]).nonzero().flatten().tolist()
         if not removed:
             return None
         delta = sum(out[s] - corrupt[s] for s in removed)
@@ -253,30 +274,18 @@ def tl_acdc(model: Any, clean: Tensor, corrupted: Tensor, threshold: float) -> t
             log_p = model(clean).float().log_softmax(-1)
             p = log_p.exp()
 
-            def kl() -> float:  # KL(full || circuit), averaged over prompts and positions
+            def kl(keep: Tensor) -> float:  # KL(full || circuit), over prompts and positions
+                mask["keep"] = keep
                 out.clear()
                 log_q = model(clean).float().log_softmax(-1)
                 return float((p * (log_p - log_q)).sum(-1).mean())
 
             hooks = [(h, record) for h in sender_of] + [(h, patch) for h in receiver_of]
             with model.hooks(fwd_hooks=hooks):
-                current = kl()
-                for r in reversed(range(len(receivers))):
-                    node = senders.index(receivers[r]) if receivers[r] in senders else None
-                    if node is not None and not keep[node].any():  # it sends nowhere: drop it
-                        keep[:, r] = False
-                        continue
-                    for s in reversed(keep[:, r].nonzero().flatten().tolist()):  # latest first
-                        keep[s, r] = False
-                        value = kl()
-                        if value - current < threshold:
-                            current = value
-                        else:
-                            keep[s, r] = True
+                return one_edge_acdc(senders, receivers, present, kl, threshold)
     finally:
         for k, v in saved.items():
             setattr(model.cfg, k, v)
-    return keep, current
 
 
 def best_of(rounds: int, contenders: dict[str, Any]) -> dict[str, float]:

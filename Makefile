@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 # two workers: the machines CI runs on have two cores, and the HF parity suite is large
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --durations=25
 
 .PHONY: demo test test-tl4 install-ct bench-graphs-parity lint install install-test docs clean
 
